@@ -1,0 +1,441 @@
+//! Data stage: corpora and queries from JSONL, tokenisation, windowing into training sequences.
+//!
+//! A corpus line is one document, `{"text": ...}` or pre-tokenised `{"ids": [...]}`. A document
+//! longer than `max_len` tokens is cut into consecutive windows; each window is one training
+//! sequence with the stable id `LINE:WINDOW` (LINE counts from 1 like an editor, WINDOW from 0).
+//! Blank lines are skipped (they still count for LINE).
+
+use crate::error::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Loads `tokenizer.json` from a model directory on first use: a pre-tokenised corpus and
+/// queries need no tokenizer at all.
+pub struct LazyTokenizer {
+    path: PathBuf,
+    loaded: Option<tokenizers::Tokenizer>,
+}
+
+impl LazyTokenizer {
+    pub fn new(model_dir: &Path) -> Self {
+        LazyTokenizer {
+            path: model_dir.join("tokenizer.json"),
+            loaded: None,
+        }
+    }
+
+    /// Whether `tokenizer.json` exists (decoding text for reports is optional).
+    pub fn available(&self) -> bool {
+        self.loaded.is_some() || self.path.exists()
+    }
+
+    pub fn get(&mut self, needed_by: &str) -> Result<&tokenizers::Tokenizer> {
+        if self.loaded.is_none() {
+            if !self.path.exists() {
+                return Err(Error::input(format!(
+                    "{needed_by} holds text, so the model's tokenizer is needed, but {} does not exist (pre-tokenise with `ids` / `prompt_ids`+`completion_ids`, or add tokenizer.json)",
+                    self.path.display()
+                )));
+            }
+            let tok = tokenizers::Tokenizer::from_file(&self.path).map_err(|e| {
+                Error::input(format!(
+                    "{}: cannot load tokenizer: {e}",
+                    self.path.display()
+                ))
+            })?;
+            self.loaded = Some(tok);
+        }
+        Ok(self.loaded.as_ref().expect("loaded above"))
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&mut self, text: &str, needed_by: &str) -> Result<Vec<u32>> {
+        let tok = self.get(needed_by)?;
+        let enc = tok
+            .encode(text, false)
+            .map_err(|e| Error::input(format!("{needed_by}: tokenizer failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, or `None` when there is no tokenizer.
+    pub fn decode(&mut self, ids: &[u32]) -> Option<String> {
+        if !self.available() {
+            return None;
+        }
+        self.get("decoding").ok()?.decode(ids, false).ok()
+    }
+}
+
+/// One training sequence: a window of one document.
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    /// `LINE:WINDOW`.
+    pub id: String,
+    pub ids: Vec<u32>,
+}
+
+/// A corpus cut into training sequences, in corpus order.
+#[derive(Debug, Clone)]
+pub struct Corpus {
+    pub path: PathBuf,
+    pub sequences: Vec<Sequence>,
+    pub n_documents: usize,
+    /// SHA-256 of the file's bytes.
+    pub sha256: String,
+}
+
+impl Corpus {
+    pub fn n_tokens(&self) -> usize {
+        self.sequences.iter().map(|s| s.ids.len()).sum()
+    }
+}
+
+/// One query: the completion whose −log p given the prompt is measured.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub id: String,
+    pub prompt_ids: Vec<u32>,
+    pub completion_ids: Vec<u32>,
+    pub prompt: Option<String>,
+    pub completion: Option<String>,
+}
+
+/// Reads `path` line by line as JSON objects; `f(line_number, object)` for each non-blank line.
+fn for_each_json_line(
+    path: &Path,
+    mut f: impl FnMut(usize, &serde_json::Map<String, serde_json::Value>) -> Result<()>,
+) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let sha = hex(&Sha256::digest(&bytes));
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| Error::input(format!("{}: not valid UTF-8: {e}", path.display())))?;
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            Error::input(format!("{}:{line_no}: malformed JSON: {e}", path.display()))
+        })?;
+        let obj = value.as_object().ok_or_else(|| {
+            Error::input(format!(
+                "{}:{line_no}: expected a JSON object",
+                path.display()
+            ))
+        })?;
+        f(line_no, obj)?;
+    }
+    Ok(sha)
+}
+
+fn ids_field(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    field: &str,
+    at: &str,
+    vocab_size: usize,
+) -> Result<Option<Vec<u32>>> {
+    let Some(v) = obj.get(field) else {
+        return Ok(None);
+    };
+    let arr = v.as_array().ok_or_else(|| {
+        Error::input(format!(
+            "{at}: field `{field}` must be an array of token ids"
+        ))
+    })?;
+    let mut ids = Vec::with_capacity(arr.len());
+    for (k, x) in arr.iter().enumerate() {
+        let id = x
+            .as_u64()
+            .filter(|&i| (i as usize) < vocab_size)
+            .ok_or_else(|| {
+                Error::input(format!(
+                    "{at}: field `{field}`[{k}] = {x} is not a token id in 0..{vocab_size}"
+                ))
+            })?;
+        ids.push(id as u32);
+    }
+    Ok(Some(ids))
+}
+
+fn text_field<'a>(
+    obj: &'a serde_json::Map<String, serde_json::Value>,
+    field: &str,
+    at: &str,
+) -> Result<Option<&'a str>> {
+    match obj.get(field) {
+        None => Ok(None),
+        Some(v) => v
+            .as_str()
+            .map(Some)
+            .ok_or_else(|| Error::input(format!("{at}: field `{field}` must be a string"))),
+    }
+}
+
+fn check_vocab(ids: &[u32], vocab_size: usize, at: &str) -> Result<()> {
+    match ids.iter().find(|&&i| i as usize >= vocab_size) {
+        Some(bad) => Err(Error::input(format!(
+            "{at}: the tokenizer produced id {bad}, outside the model's vocabulary of {vocab_size}: tokenizer.json does not match the model"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Reads a JSONL corpus and cuts each document into windows of at most `max_len` tokens.
+pub fn read_corpus(
+    path: &Path,
+    tokenizer: &mut LazyTokenizer,
+    max_len: usize,
+    vocab_size: usize,
+) -> Result<Corpus> {
+    if max_len == 0 {
+        return Err(Error::input("--max-len must be at least 1"));
+    }
+    let mut sequences = Vec::new();
+    let mut n_documents = 0;
+    let sha256 = for_each_json_line(path, |line, obj| {
+        let at = format!("{}:{line}", path.display());
+        let ids = if let Some(ids) = ids_field(obj, "ids", &at, vocab_size)? {
+            ids
+        } else if let Some(text) = text_field(obj, "text", &at)? {
+            let ids = tokenizer.encode(text, &at)?;
+            check_vocab(&ids, vocab_size, &at)?;
+            ids
+        } else {
+            return Err(Error::input(format!(
+                "{at}: missing field `text` (or pre-tokenised `ids`)"
+            )));
+        };
+        n_documents += 1;
+        for (w, window) in ids.chunks(max_len).enumerate() {
+            sequences.push(Sequence {
+                id: format!("{line}:{w}"),
+                ids: window.to_vec(),
+            });
+        }
+        Ok(())
+    })?;
+    if sequences.is_empty() {
+        return Err(Error::input(format!(
+            "{}: the corpus holds no tokens (every line is blank or empty)",
+            path.display()
+        )));
+    }
+    Ok(Corpus {
+        path: path.to_path_buf(),
+        sequences,
+        n_documents,
+        sha256,
+    })
+}
+
+/// Reads a JSONL query file. Token ids are `encode(prompt) ++ encode(completion)`, each encoded
+/// separately, so the completion boundary is exact.
+pub fn read_queries(
+    path: &Path,
+    tokenizer: &mut LazyTokenizer,
+    max_positions: usize,
+    vocab_size: usize,
+) -> Result<(Vec<Query>, String)> {
+    let mut queries: Vec<Query> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let sha = for_each_json_line(path, |line, obj| {
+        let at = format!("{}:{line}", path.display());
+        let id = match obj.get("id") {
+            None | Some(serde_json::Value::Null) => line.to_string(),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            Some(_) => {
+                return Err(Error::input(format!(
+                    "{at}: field `id` must be a string or number"
+                )))
+            }
+        };
+        if !seen.insert(id.clone()) {
+            return Err(Error::input(format!("{at}: duplicate query id `{id}`")));
+        }
+        let (prompt_ids, completion_ids, prompt, completion) = match (
+            ids_field(obj, "prompt_ids", &at, vocab_size)?,
+            ids_field(obj, "completion_ids", &at, vocab_size)?,
+        ) {
+            (Some(p), Some(c)) => (p, c, None, None),
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(Error::input(format!(
+                    "{at}: pre-tokenised queries need both `prompt_ids` and `completion_ids`"
+                )))
+            }
+            (None, None) => {
+                let prompt = text_field(obj, "prompt", &at)?
+                    .ok_or_else(|| Error::input(format!("{at}: missing field `prompt`")))?;
+                let completion = text_field(obj, "completion", &at)?
+                    .ok_or_else(|| Error::input(format!("{at}: missing field `completion`")))?;
+                let p = tokenizer.encode(prompt, &at)?;
+                let c = tokenizer.encode(completion, &at)?;
+                check_vocab(&p, vocab_size, &at)?;
+                check_vocab(&c, vocab_size, &at)?;
+                (p, c, Some(prompt.to_string()), Some(completion.to_string()))
+            }
+        };
+        if completion_ids.is_empty() {
+            return Err(Error::input(format!(
+                "{at}: field `completion` is empty: there is nothing to measure"
+            )));
+        }
+        if prompt_ids.is_empty() {
+            return Err(Error::input(format!(
+                "{at}: field `prompt` is empty: the first completion token needs a preceding token"
+            )));
+        }
+        let len = prompt_ids.len() + completion_ids.len();
+        if len > max_positions {
+            return Err(Error::input(format!(
+                "{at}: prompt + completion is {len} tokens, longer than the model's context of {max_positions}"
+            )));
+        }
+        queries.push(Query {
+            id,
+            prompt_ids,
+            completion_ids,
+            prompt,
+            completion,
+        });
+        Ok(())
+    })?;
+    if queries.is_empty() {
+        return Err(Error::input(format!("{}: no queries", path.display())));
+    }
+    Ok((queries, sha))
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a file's bytes, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("infl-data-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn no_tokenizer() -> LazyTokenizer {
+        LazyTokenizer::new(Path::new("/nonexistent-model-dir"))
+    }
+
+    #[test]
+    fn windows_get_stable_ids() {
+        let p = write("c1.jsonl", "{\"ids\": [1,2,3,4,5]}\n\n{\"ids\": [6]}\n");
+        let c = read_corpus(&p, &mut no_tokenizer(), 2, 10).unwrap();
+        let ids: Vec<_> = c
+            .sequences
+            .iter()
+            .map(|s| (s.id.as_str(), s.ids.clone()))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("1:0", vec![1, 2]),
+                ("1:1", vec![3, 4]),
+                ("1:2", vec![5]),
+                ("3:0", vec![6])
+            ]
+        );
+        assert_eq!(c.n_documents, 2);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let p = write("c2.jsonl", "{\"ids\": [1]}\n{\"txt\": \"x\"}\n");
+        let e = read_corpus(&p, &mut no_tokenizer(), 4, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c2.jsonl:2") && e.contains("`text`"), "{e}");
+
+        let p = write("c3.jsonl", "{\"ids\": [1]}\n{\"ids\": [1, 99]}\n");
+        let e = read_corpus(&p, &mut no_tokenizer(), 4, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c3.jsonl:2") && e.contains("`ids`[1]"), "{e}");
+
+        let p = write("c4.jsonl", "{\"ids\": [1]\n");
+        let e = read_corpus(&p, &mut no_tokenizer(), 4, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("c4.jsonl:1") && e.contains("malformed JSON"),
+            "{e}"
+        );
+
+        let p = write("c5.jsonl", "{\"text\": \"hello\"}\n");
+        let e = read_corpus(&p, &mut no_tokenizer(), 4, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
+
+        let p = write(
+            "q1.jsonl",
+            "{\"prompt_ids\": [1], \"completion_ids\": []}\n",
+        );
+        let e = read_queries(&p, &mut no_tokenizer(), 8, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("q1.jsonl:1") && e.contains("empty"), "{e}");
+
+        let p = write("q2.jsonl", "{\"prompt\": \"a\"}\n");
+        let e = read_queries(&p, &mut no_tokenizer(), 8, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("q2.jsonl:1") && e.contains("`completion`"),
+            "{e}"
+        );
+
+        let p = write(
+            "q3.jsonl",
+            "{\"prompt_ids\": [1,2,3], \"completion_ids\": [4,5,6]}\n",
+        );
+        let e = read_queries(&p, &mut no_tokenizer(), 5, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("longer than the model's context"), "{e}");
+
+        let p = write("c6.jsonl", "\n\n");
+        let e = read_corpus(&p, &mut no_tokenizer(), 4, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no tokens"), "{e}");
+    }
+
+    #[test]
+    fn query_ids_default_to_line_numbers() {
+        let p = write(
+            "q4.jsonl",
+            "{\"prompt_ids\": [1], \"completion_ids\": [2]}\n{\"id\": \"x\", \"prompt_ids\": [1], \"completion_ids\": [2, 3]}\n",
+        );
+        let (q, _) = read_queries(&p, &mut no_tokenizer(), 8, 10).unwrap();
+        assert_eq!(q[0].id, "1");
+        assert_eq!(q[1].id, "x");
+        assert_eq!(q[1].completion_ids, vec![2, 3]);
+    }
+}

@@ -1,0 +1,113 @@
+//! Files that leave the process: atomic writes (temp file + rename) and safetensors.
+
+use crate::error::{Error, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Writes `bytes` to `path` atomically: a crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_sibling(path);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::Other(e.to_string()))?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::input(format!("{}: {e}", path.display())))
+}
+
+/// Creates `dir` (and parents) if needed.
+pub fn ensure_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// A tensor to be written: row-major data.
+pub enum OwnedTensor {
+    F32(Vec<usize>, Vec<f32>),
+    F64(Vec<usize>, Vec<f64>),
+}
+
+impl OwnedTensor {
+    fn view(&self) -> Result<TensorView<'_>> {
+        let (dtype, shape, bytes): (Dtype, &Vec<usize>, &[u8]) = match self {
+            OwnedTensor::F32(s, v) => (Dtype::F32, s, bytemuck_f32(v)),
+            OwnedTensor::F64(s, v) => (Dtype::F64, s, bytemuck_f64(v)),
+        };
+        TensorView::new(dtype, shape.clone(), bytes).map_err(|e| Error::Other(e.to_string()))
+    }
+}
+
+fn bytemuck_f32(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8; little-endian hosts only
+    // (safetensors is little-endian), which `cfg` below enforces.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+fn bytemuck_f64(v: &[f64]) -> &[u8] {
+    // SAFETY: as above.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("infl writes safetensors (little-endian) by reinterpreting memory; big-endian hosts are not supported");
+
+/// Writes named tensors to a safetensors file atomically, with string metadata in its header.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, OwnedTensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.view()?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::Other(e.to_string()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads every tensor of a safetensors file as f64 (f32 and f64 on disk), with shapes.
+/// Tensors read back: name → (shape, row-major values).
+pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+pub fn read_safetensors(path: &Path) -> Result<TensorMap> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::input(format!("{}: not a safetensors file: {e}", path.display())))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let data = view.data();
+        let values: Vec<f64> = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect(),
+            Dtype::F64 => data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+            other => {
+                return Err(Error::input(format!(
+                    "{}: tensor `{name}` has dtype {other:?}; expected F32 or F64",
+                    path.display()
+                )))
+            }
+        };
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}

@@ -1,0 +1,23 @@
+//! # infl
+//!
+//! Which training sequences made a language model produce a given completion? `infl` answers
+//! with EK-FAC influence functions (Grosse et al. 2023), exactly as the reference implementation
+//! in the literature (kronfluence) defines them, as a Rust library and a single binary.
+//!
+//! The pipeline, one module per stage, data flowing one way:
+//! [`data`] (corpus, queries, tokenizer) → [`model`] (forward/backward with layer taps (a, g))
+//! → [`curvature`] (A, S, eigenbases, Λ) → [`influence`] (inverse-Hessian-vector products,
+//! scores) → [`results`] (top-k JSONL, dense safetensors). [`workflow`] runs the stages as
+//! file-to-file jobs (`infl fit`, `infl score`).
+
+pub mod curvature;
+pub mod data;
+pub mod error;
+pub mod influence;
+pub mod io;
+pub mod linalg;
+pub mod model;
+pub mod results;
+pub mod workflow;
+
+pub use error::{Error, Result};

@@ -1,0 +1,737 @@
+//! GPT-2 (Hugging Face `GPT2LMHeadModel` checkpoints), with candle autograd.
+//!
+//! Taps: every tracked linear computes `y = a W + b + probe`, where `probe` is a zero `Var`
+//! of the output's shape. After the backward pass the probe's gradient is exactly
+//! g = ∂L/∂y, and `a` is kept from the forward pass. Layer norm, softmax and GELU are composed
+//! from elementary ops because candle's fused versions have no backward (they would silently
+//! cut the graph); `tests::every_probe_receives_a_gradient` fails if any tap goes missing.
+
+use super::{
+    loss_head, Labels, LayerTap, ModuleSelection, TapBatch, TapModel, TokenBatch, TrackedLayer,
+};
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The fields of a GPT-2 `config.json` that change the computation.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    #[serde(default = "default_true")]
+    pub scale_attn_weights: bool,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default)]
+    pub reorder_and_upcast_attn: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_activation() -> String {
+    "gelu_new".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Gpt2Config {
+    fn d_inner(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| Err(Error::input(format!("{}: {msg}", path.display())));
+        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+            return bad(format!(
+                "n_embd ({}) must be a positive multiple of n_head ({})",
+                self.n_embd, self.n_head
+            ));
+        }
+        if !matches!(
+            self.activation_function.as_str(),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu" | "relu"
+        ) {
+            return bad(format!(
+                "activation_function `{}` is not supported (gelu_new, gelu_pytorch_tanh, gelu, relu)",
+                self.activation_function
+            ));
+        }
+        if self.scale_attn_by_inverse_layer_idx || self.reorder_and_upcast_attn {
+            return bad(
+                "scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// A Conv1D layer as GPT-2 stores it: weight `[in, out]`, `y = x W + b`.
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+    /// Index among the tracked layers, if tracked.
+    tap: Option<usize>,
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    c_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+}
+
+/// A GPT-2 language model with tied (or explicit) LM head.
+pub struct Gpt2 {
+    config: Gpt2Config,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Tensor,
+    tracked: Vec<TrackedLayer>,
+    n_parameters: usize,
+    device: Device,
+}
+
+/// What one forward pass keeps for the taps.
+struct Forward {
+    logits: Tensor,
+    inputs: Vec<Tensor>,
+}
+
+impl Gpt2 {
+    /// Loads `config.json` and `model.safetensors` (or a sharded index) from `dir`.
+    pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config: Gpt2Config = serde_json::from_str(&text).map_err(|e| {
+            Error::input(format!(
+                "{}: not a valid GPT-2 config: {e}",
+                config_path.display()
+            ))
+        })?;
+        config.validate(&config_path)?;
+        let weights = Weights::open(dir)?;
+        Self::from_weights(config, &weights, modules)
+    }
+
+    /// Builds a model from named tensors (checkpoint names, with or without `transformer.`).
+    fn from_weights(config: Gpt2Config, w: &Weights, modules: ModuleSelection) -> Result<Self> {
+        let prefix = if w.contains("transformer.wte.weight") {
+            "transformer."
+        } else {
+            ""
+        };
+        let (d, v, p, di) = (
+            config.n_embd,
+            config.vocab_size,
+            config.n_positions,
+            config.d_inner(),
+        );
+        let n_parameters = std::cell::Cell::new(0usize);
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = w.get(&format!("{prefix}{name}"), shape)?;
+            n_parameters.set(n_parameters.get() + t.elem_count());
+            Ok(t)
+        };
+        let wte = get("wte.weight", &[v, d])?;
+        let wpe = get("wpe.weight", &[p, d])?;
+        let ln = |name: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: get(&format!("{name}.weight"), &[d])?,
+                bias: get(&format!("{name}.bias"), &[d])?,
+                eps: config.layer_norm_epsilon,
+            })
+        };
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        let mut tracked = Vec::new();
+        for i in 0..config.n_layer {
+            let ln_1 = ln(&format!("h.{i}.ln_1"))?;
+            let ln_2 = ln(&format!("h.{i}.ln_2"))?;
+            let mut conv =
+                |local: &str, d_in: usize, d_out: usize, kind: ModuleSelection| -> Result<Conv1D> {
+                    let name = format!("h.{i}.{local}");
+                    let keep = modules == ModuleSelection::All || modules == kind;
+                    let tap = keep.then(|| {
+                        tracked.push(TrackedLayer {
+                            name: format!("{prefix}{name}"),
+                            d_in,
+                            d_out,
+                            has_bias: true,
+                        });
+                        tracked.len() - 1
+                    });
+                    Ok(Conv1D {
+                        weight: get(&format!("{name}.weight"), &[d_in, d_out])?,
+                        bias: get(&format!("{name}.bias"), &[d_out])?,
+                        tap,
+                    })
+                };
+            let c_attn = conv("attn.c_attn", d, 3 * d, ModuleSelection::Attn)?;
+            let c_proj = conv("attn.c_proj", d, d, ModuleSelection::Attn)?;
+            let c_fc = conv("mlp.c_fc", d, di, ModuleSelection::Mlp)?;
+            let mlp_proj = conv("mlp.c_proj", di, d, ModuleSelection::Mlp)?;
+            blocks.push(Block {
+                ln_1,
+                c_attn,
+                c_proj,
+                ln_2,
+                c_fc,
+                mlp_proj,
+            });
+        }
+        let ln_f = ln("ln_f")?;
+        let lm_head = if w.contains("lm_head.weight") {
+            w.get("lm_head.weight", &[v, d])?
+        } else {
+            wte.clone()
+        };
+        Ok(Gpt2 {
+            config,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            tracked,
+            n_parameters: n_parameters.get(),
+            device: Device::Cpu,
+        })
+    }
+
+    pub fn config(&self) -> &Gpt2Config {
+        &self.config
+    }
+
+    /// A randomly initialised model (GPT-2's N(0, 0.02) init, layer norms at identity plus
+    /// noise so that every parameter matters), for tests and benchmarks.
+    pub fn random(config: Gpt2Config, seed: u64, modules: ModuleSelection) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut tensors = HashMap::new();
+        let mut add = |name: String, shape: Vec<usize>, mean: f32, std: f32| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n)
+                .map(|_| {
+                    // Box–Muller from two uniforms.
+                    let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
+                    mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                })
+                .collect();
+            tensors.insert(name, (shape, data));
+        };
+        let (d, di) = (config.n_embd, config.d_inner());
+        add("wte.weight".into(), vec![config.vocab_size, d], 0.0, 0.1);
+        add("wpe.weight".into(), vec![config.n_positions, d], 0.0, 0.05);
+        for i in 0..config.n_layer {
+            for ln in ["ln_1", "ln_2"] {
+                add(format!("h.{i}.{ln}.weight"), vec![d], 1.0, 0.1);
+                add(format!("h.{i}.{ln}.bias"), vec![d], 0.0, 0.1);
+            }
+            for (name, din, dout) in [
+                ("attn.c_attn", d, 3 * d),
+                ("attn.c_proj", d, d),
+                ("mlp.c_fc", d, di),
+                ("mlp.c_proj", di, d),
+            ] {
+                add(format!("h.{i}.{name}.weight"), vec![din, dout], 0.0, 0.2);
+                add(format!("h.{i}.{name}.bias"), vec![dout], 0.0, 0.05);
+            }
+        }
+        add("ln_f.weight".into(), vec![d], 1.0, 0.1);
+        add("ln_f.bias".into(), vec![d], 0.0, 0.1);
+        let weights = Weights::Owned(
+            tensors
+                .into_iter()
+                .map(|(k, (shape, data))| Ok((k, Tensor::from_vec(data, shape, &Device::Cpu)?)))
+                .collect::<Result<_>>()?,
+        );
+        Self::from_weights(config, &weights, modules)
+    }
+
+    /// Writes the model as a Hugging Face checkpoint directory (config.json, model.safetensors).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        t.insert("wte.weight".into(), self.wte.clone());
+        t.insert("wpe.weight".into(), self.wpe.clone());
+        for (i, b) in self.blocks.iter().enumerate() {
+            for (name, ln) in [("ln_1", &b.ln_1), ("ln_2", &b.ln_2)] {
+                t.insert(format!("h.{i}.{name}.weight"), ln.weight.clone());
+                t.insert(format!("h.{i}.{name}.bias"), ln.bias.clone());
+            }
+            for (name, c) in [
+                ("attn.c_attn", &b.c_attn),
+                ("attn.c_proj", &b.c_proj),
+                ("mlp.c_fc", &b.c_fc),
+                ("mlp.c_proj", &b.mlp_proj),
+            ] {
+                t.insert(format!("h.{i}.{name}.weight"), c.weight.clone());
+                t.insert(format!("h.{i}.{name}.bias"), c.bias.clone());
+            }
+        }
+        t.insert("ln_f.weight".into(), self.ln_f.weight.clone());
+        t.insert("ln_f.bias".into(), self.ln_f.bias.clone());
+        let st = dir.join("model.safetensors");
+        candle_core::safetensors::save(&t, &st)?;
+        let mut config =
+            serde_json::to_value(&self.config).map_err(|e| Error::Other(e.to_string()))?;
+        config["model_type"] = "gpt2".into();
+        config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+        let text =
+            serde_json::to_string_pretty(&config).map_err(|e| Error::Other(e.to_string()))?;
+        let path = dir.join("config.json");
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Forward pass over a right-padded batch. `probes[i]` is added to the output of tracked
+    /// layer i (`[B*T, d_out]`). Returns the logits `[B, T, V]` and each tracked layer's input.
+    fn forward(
+        &self,
+        ids: &[Vec<u32>],
+        padded_len: usize,
+        probes: &[Tensor],
+    ) -> candle_core::Result<Forward> {
+        let (b, t) = (ids.len(), padded_len);
+        let (d, h) = (self.config.n_embd, self.config.n_head);
+        let hd = d / h;
+        let flat: Vec<u32> = ids
+            .iter()
+            .flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(0, t - s.len())))
+            .collect();
+        let ids_t = Tensor::from_vec(flat, b * t, &self.device)?;
+        let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+        let pos_t = Tensor::from_vec(pos, b * t, &self.device)?;
+        let mut x = (self.wte.index_select(&ids_t, 0)? + self.wpe.index_select(&pos_t, 0)?)?;
+
+        // Causal mask: padding sits to the right of every real token, so causality alone keeps
+        // real positions from seeing padding.
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
+        let scale = if self.config.scale_attn_weights {
+            1.0 / (hd as f64).sqrt()
+        } else {
+            1.0
+        };
+
+        let mut inputs = vec![None; self.tracked.len()];
+        let mut linear = |layer: &Conv1D, a: &Tensor| -> candle_core::Result<Tensor> {
+            let y = a.matmul(&layer.weight)?.broadcast_add(&layer.bias)?;
+            match layer.tap {
+                Some(i) => {
+                    inputs[i] = Some(a.clone());
+                    y + &probes[i]
+                }
+                None => Ok(y),
+            }
+        };
+        for block in &self.blocks {
+            let hidden = block.ln_1.forward(&x)?;
+            let qkv = linear(&block.c_attn, &hidden)?.reshape((b, t, 3, h, hd))?;
+            let heads = |k: usize| -> candle_core::Result<Tensor> {
+                qkv.narrow(2, k, 1)?
+                    .squeeze(2)?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+            // Softmax is shift-invariant, so the detached max changes no gradient.
+            let max = scores.max_keepdim(D::Minus1)?.detach();
+            let e = scores.broadcast_sub(&max)?.exp()?;
+            let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+            let attn = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * t, d))?;
+            x = (x + linear(&block.c_proj, &attn)?)?;
+            let hidden = block.ln_2.forward(&x)?;
+            let pre = linear(&block.c_fc, &hidden)?;
+            let act = self.activation(&pre)?;
+            x = (x + linear(&block.mlp_proj, &act)?)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        let logits = x
+            .matmul(&self.lm_head.t()?)?
+            .reshape((b, t, self.config.vocab_size))?;
+        let inputs = inputs
+            .into_iter()
+            .map(|i| i.expect("every tracked layer is in a block"))
+            .collect();
+        Ok(Forward { logits, inputs })
+    }
+
+    fn activation(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.config.activation_function.as_str() {
+            "gelu" => x.gelu_erf(),
+            "relu" => x.relu(),
+            // gelu_new: 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³))), composed so that its
+            // backward is exact (candle's fused gelu backward uses rounded constants).
+            _ => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * c)?;
+                (x * 0.5)? * (inner.tanh()? + 1.0)?
+            }
+        }
+    }
+
+    fn zero_probes(&self, rows: usize) -> candle_core::Result<Vec<Var>> {
+        self.tracked
+            .iter()
+            .map(|l| Var::zeros((rows, l.d_out), DType::F32, &self.device))
+            .collect()
+    }
+
+    /// Logits, padded length and the probes' gradients for a batch (exposed to tests through
+    /// [`TapModel::taps`]; the probe values are inputs so finite differences can perturb them).
+    fn run(
+        &self,
+        batch: &TokenBatch,
+        labels: Labels,
+        probes: &[Var],
+    ) -> Result<(TapBatch, Vec<Tensor>)> {
+        let t = batch.max_len();
+        let probe_tensors: Vec<Tensor> = probes.iter().map(|p| p.as_tensor().clone()).collect();
+        let fwd = self.forward(&batch.ids, t, &probe_tensors)?;
+        let logits = fwd.logits.flatten_all()?.to_vec1::<f32>()?;
+        let (dlogits, losses) = loss_head(&logits, self.config.vocab_size, t, batch, labels);
+        let dlogits = Tensor::from_vec(dlogits, fwd.logits.shape(), &self.device)?;
+        // d/dlogits of Σ logits ⊙ C is C: one backward yields the gradient of the summed loss.
+        let surrogate = (&fwd.logits * &dlogits)?.sum_all()?;
+        let grads = surrogate.backward()?;
+        let real_rows: Vec<u32> = batch
+            .ids
+            .iter()
+            .enumerate()
+            .flat_map(|(b, s)| (0..s.len()).map(move |i| (b * t + i) as u32))
+            .collect();
+        let real_rows = Tensor::from_vec(real_rows.clone(), real_rows.len(), &self.device)?;
+        let mut layers = Vec::with_capacity(self.tracked.len());
+        let mut raw_g = Vec::with_capacity(self.tracked.len());
+        for (i, probe) in probes.iter().enumerate() {
+            let g = grads.get(probe).ok_or_else(|| {
+                Error::Other(format!(
+                    "internal: no gradient reached tracked layer {} (the autograd graph is cut)",
+                    self.tracked[i].name
+                ))
+            })?;
+            raw_g.push(g.clone());
+            let a = fwd.inputs[i]
+                .index_select(&real_rows, 0)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let g = g
+                .index_select(&real_rows, 0)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            layers.push(LayerTap { a, g });
+        }
+        let taps = TapBatch {
+            seq_lens: batch.ids.iter().map(Vec::len).collect(),
+            losses,
+            layers,
+        };
+        Ok((taps, raw_g))
+    }
+}
+
+impl TapModel for Gpt2 {
+    fn architecture(&self) -> &str {
+        "gpt2"
+    }
+
+    fn tracked(&self) -> &[TrackedLayer] {
+        &self.tracked
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.n_positions
+    }
+
+    fn n_parameters(&self) -> usize {
+        self.n_parameters
+    }
+
+    fn taps(&self, batch: &TokenBatch, labels: Labels) -> Result<TapBatch> {
+        let rows = batch.len() * batch.max_len();
+        let probes = self.zero_probes(rows)?;
+        Ok(self.run(batch, labels, &probes)?.0)
+    }
+
+    fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let probes: Vec<Tensor> = self
+            .zero_probes(ids.len())?
+            .iter()
+            .map(|p| p.as_tensor().clone())
+            .collect();
+        let fwd = self.forward(&[ids.to_vec()], ids.len(), &probes)?;
+        Ok(fwd.logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// Checkpoint tensors: memory-mapped safetensors (single file or sharded), or owned tensors.
+enum Weights {
+    Mapped {
+        files: candle_core::safetensors::MmapedSafetensors,
+        names: std::collections::HashSet<String>,
+        source: String,
+    },
+    Owned(HashMap<String, Tensor>),
+}
+
+impl Weights {
+    fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let (paths, source) = if single.exists() {
+            (vec![single.clone()], single.display().to_string())
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::input(format!("{}: invalid JSON: {e}", index.display())))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    Error::input(format!("{}: field `weight_map` missing", index.display()))
+                })?;
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
+            files.sort();
+            files.dedup();
+            (
+                files.iter().map(|f| dir.join(f)).collect(),
+                index.display().to_string(),
+            )
+        } else {
+            return Err(Error::input(format!(
+                "{}: no model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not read; convert with `save_pretrained(safe_serialization=True)`)",
+                dir.display()
+            )));
+        };
+        for p in &paths {
+            if !p.exists() {
+                return Err(Error::input(format!(
+                    "{source}: weight file {} is missing",
+                    p.display()
+                )));
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody
+        // truncating a checkpoint while it is being read.
+        let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&paths) }
+            .map_err(|e| Error::input(format!("{source}: not a readable safetensors file: {e}")))?;
+        let names = files.tensors().into_iter().map(|(n, _)| n).collect();
+        Ok(Weights::Mapped {
+            files,
+            names,
+            source,
+        })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            Weights::Mapped { names, .. } => names.contains(name),
+            Weights::Owned(m) => m.contains_key(name),
+        }
+    }
+
+    /// Loads tensor `name` as f32 and checks its shape against the config.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (t, source) = match self {
+            Weights::Mapped {
+                files,
+                names,
+                source,
+            } => {
+                if !names.contains(name) {
+                    return Err(Error::input(format!(
+                        "{source}: tensor `{name}` is missing"
+                    )));
+                }
+                (files.load(name, &Device::Cpu)?, source.as_str())
+            }
+            Weights::Owned(m) => (
+                m.get(name)
+                    .cloned()
+                    .ok_or_else(|| Error::input(format!("tensor `{name}` is missing")))?,
+                "in-memory weights",
+            ),
+        };
+        if t.dims() != shape {
+            return Err(Error::input(format!(
+                "{source}: tensor `{name}` has shape {:?} but config.json implies {:?}",
+                t.dims(),
+                shape
+            )));
+        }
+        Ok(t.to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn tiny_config() -> Gpt2Config {
+        Gpt2Config {
+            vocab_size: 23,
+            n_positions: 16,
+            n_embd: 8,
+            n_layer: 2,
+            n_head: 2,
+            n_inner: None,
+            layer_norm_epsilon: 1e-5,
+            activation_function: "gelu_new".into(),
+            scale_attn_weights: true,
+            scale_attn_by_inverse_layer_idx: false,
+            reorder_and_upcast_attn: false,
+        }
+    }
+
+    fn batch() -> TokenBatch {
+        TokenBatch::training(&[(0, &[1, 5, 7, 2, 9, 11]), (1, &[3, 4, 22])])
+    }
+
+    #[test]
+    fn every_probe_receives_a_nonzero_gradient() {
+        let model = Gpt2::random(tiny_config(), 1, ModuleSelection::All).unwrap();
+        assert_eq!(model.tracked().len(), 8);
+        let taps = model.taps(&batch(), Labels::Data).unwrap();
+        assert_eq!(taps.seq_lens, vec![6, 3]);
+        for (l, tap) in model.tracked().iter().zip(&taps.layers) {
+            assert_eq!(tap.a.len(), 9 * l.d_in);
+            assert_eq!(tap.g.len(), 9 * l.d_out);
+            let norm: f32 = tap.g.iter().map(|x| x * x).sum();
+            assert!(norm > 1e-12, "layer {} got no gradient", l.name);
+        }
+    }
+
+    /// g = ∂L/∂y checked against finite differences of the loss in the probes.
+    #[test]
+    fn taps_match_finite_differences() {
+        let model = Gpt2::random(tiny_config(), 2, ModuleSelection::All).unwrap();
+        let batch = batch();
+        let t = batch.max_len();
+        let rows = batch.len() * t;
+        let probes = model.zero_probes(rows).unwrap();
+        let (_, raw_g) = model.run(&batch, Labels::Data, &probes).unwrap();
+        let loss_at = |layer: usize, idx: usize, eps: f32| -> f64 {
+            let probes: Vec<Var> = model.zero_probes(rows).unwrap();
+            let mut v = vec![0f32; rows * model.tracked[layer].d_out];
+            v[idx] = eps;
+            probes[layer]
+                .set(
+                    &Tensor::from_vec(v, (rows, model.tracked[layer].d_out), &Device::Cpu).unwrap(),
+                )
+                .unwrap();
+            let (taps, _) = model.run(&batch, Labels::Data, &probes).unwrap();
+            taps.losses.iter().sum()
+        };
+        let mut checked = 0;
+        for (layer, g) in raw_g.iter().enumerate() {
+            let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let d_out = model.tracked[layer].d_out;
+            // Rows 0 and 4 of the first sequence; rows 1 and 2 of the second (2 is its last token,
+            // which predicts nothing: g = 0).
+            for row in [0usize, 4, t + 1, t + 2] {
+                for col in [0, d_out / 2, d_out - 1] {
+                    let idx = row * d_out + col;
+                    // Central differences with one Richardson step (error O(h⁴)); the
+                    // random model is strongly curved, so plain O(h²) needs tiny steps that f32
+                    // rounding then spoils.
+                    let central = |h: f32| {
+                        (loss_at(layer, idx, h) - loss_at(layer, idx, -h)) / (2.0 * h as f64)
+                    };
+                    let fd = (4.0 * central(2e-3) - central(4e-3)) / 3.0;
+                    let err = (fd - g[idx] as f64).abs();
+                    assert!(
+                        err < 2e-3 * (1.0 + g[idx].abs() as f64),
+                        "layer {layer} row {row} col {col}: autograd {} vs finite differences {fd}",
+                        g[idx]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 8 * 4 * 3);
+    }
+
+    /// Padding rows never influence real rows: taps of a sequence alone equal its taps in a
+    /// padded batch.
+    #[test]
+    fn taps_do_not_depend_on_padding() {
+        let model = Gpt2::random(tiny_config(), 3, ModuleSelection::All).unwrap();
+        let alone = model
+            .taps(&TokenBatch::training(&[(1, &[3, 4, 22])]), Labels::Data)
+            .unwrap();
+        let padded = model.taps(&batch(), Labels::Data).unwrap();
+        for (l, (x, y)) in alone.layers.iter().zip(&padded.layers).enumerate() {
+            let d_out = model.tracked[l].d_out;
+            let tail = &y.g[6 * d_out..];
+            for (p, q) in x.g.iter().zip(tail) {
+                assert!(
+                    (p - q).abs() <= 1e-5 * (1.0 + p.abs()),
+                    "layer {l}: {p} vs {q}"
+                );
+            }
+        }
+        assert!((alone.losses[0] - padded.losses[1]).abs() < 1e-5);
+    }
+
+    #[test]
+    fn save_then_load_round_trips() {
+        let model = Gpt2::random(tiny_config(), 4, ModuleSelection::Mlp).unwrap();
+        let dir = std::env::temp_dir().join(format!("infl-gpt2-rt-{}", std::process::id()));
+        model.save(&dir).unwrap();
+        let back = Gpt2::load(&dir, ModuleSelection::Mlp).unwrap();
+        assert_eq!(back.tracked(), model.tracked());
+        assert_eq!(
+            model.logits(&[1, 2, 3]).unwrap(),
+            back.logits(&[1, 2, 3]).unwrap()
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,301 @@
+//! Model stage: loads a checkpoint and, for a batch of token sequences, yields per tracked linear
+//! layer the pair (a, g): the layer's inputs and the gradients of the loss with respect to its
+//! outputs, for every real (non-padding) token. Nothing downstream ever sees an architecture.
+
+pub mod gpt2;
+
+use crate::error::{Error, Result};
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+
+/// One tracked linear layer `y = W a + b`, named by its checkpoint name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TrackedLayer {
+    pub name: String,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub has_bias: bool,
+}
+
+impl TrackedLayer {
+    /// Width of the homogeneous input `[a, 1]` (the 1 only when the layer has a bias).
+    pub fn d_in_h(&self) -> usize {
+        self.d_in + usize::from(self.has_bias)
+    }
+}
+
+/// Which tracked layers to keep.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ModuleSelection {
+    All,
+    Mlp,
+    Attn,
+}
+
+/// A batch of token sequences, right-padded to a common length by the model.
+#[derive(Debug, Clone)]
+pub struct TokenBatch {
+    /// The sequences' token ids (unpadded).
+    pub ids: Vec<Vec<u32>>,
+    /// For each sequence and each position t, whether the cross-entropy of predicting token t+1
+    /// from position t enters the loss. Length = sequence length (the last entry is always false).
+    pub loss_positions: Vec<Vec<bool>>,
+    /// A stable index per sequence (its position in the corpus or query file); seeds the labels
+    /// sampled for the true Fisher so that they do not depend on batching.
+    pub stable_index: Vec<u64>,
+}
+
+impl TokenBatch {
+    /// Training sequences: every next-token prediction counts.
+    pub fn training(seqs: &[(u64, &[u32])]) -> Self {
+        let ids: Vec<Vec<u32>> = seqs.iter().map(|(_, s)| s.to_vec()).collect();
+        let loss_positions = ids
+            .iter()
+            .map(|s| (0..s.len()).map(|t| t + 1 < s.len()).collect())
+            .collect();
+        TokenBatch {
+            ids,
+            loss_positions,
+            stable_index: seqs.iter().map(|(i, _)| *i).collect(),
+        }
+    }
+
+    /// Queries: only the predictions of completion tokens count (−log p(completion | prompt)).
+    pub fn queries(queries: &[(u64, &[u32], &[u32])]) -> Self {
+        let mut ids = Vec::new();
+        let mut loss_positions = Vec::new();
+        for (_, prompt, completion) in queries {
+            let mut s = prompt.to_vec();
+            s.extend_from_slice(completion);
+            let p = prompt.len();
+            loss_positions.push(
+                (0..s.len())
+                    .map(|t| t + 1 >= p && t + 1 < s.len())
+                    .collect(),
+            );
+            ids.push(s);
+        }
+        TokenBatch {
+            ids,
+            loss_positions,
+            stable_index: queries.iter().map(|(i, _, _)| *i).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.ids.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    pub fn n_tokens(&self) -> usize {
+        self.ids.iter().map(Vec::len).sum()
+    }
+}
+
+/// Where the labels of the loss come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Labels {
+    /// The data's next tokens (training loss, query measurement, empirical Fisher).
+    Data,
+    /// Labels drawn from the model's own predictive distribution (the true Fisher / GGN).
+    /// The draw for sequence `stable_index` and position t depends only on (seed, pass,
+    /// stable_index, t), never on batching.
+    Sampled { seed: u64, pass: u64 },
+}
+
+/// The taps of one tracked layer for a batch: rows are the real tokens of the batch's
+/// sequences, concatenated in batch order (row-major, `n_tokens × d`).
+#[derive(Debug, Clone)]
+pub struct LayerTap {
+    pub a: Vec<f32>,
+    pub g: Vec<f32>,
+}
+
+/// Everything the curvature and influence stages need from one batch.
+#[derive(Debug, Clone)]
+pub struct TapBatch {
+    pub seq_lens: Vec<usize>,
+    /// The (summed) loss of each sequence under the labels used.
+    pub losses: Vec<f64>,
+    /// One entry per tracked layer, in [`TapModel::tracked`] order.
+    pub layers: Vec<LayerTap>,
+}
+
+impl TapBatch {
+    /// Row offsets of each sequence in the layers' `a`/`g` matrices.
+    pub fn offsets(&self) -> Vec<usize> {
+        let mut o = Vec::with_capacity(self.seq_lens.len() + 1);
+        o.push(0);
+        for l in &self.seq_lens {
+            o.push(o.last().copied().unwrap_or(0) + l);
+        }
+        o
+    }
+}
+
+/// A causal LM that exposes (a, g) for its tracked linear layers.
+pub trait TapModel: Send + Sync {
+    /// Architecture name as in config.json (`gpt2`).
+    fn architecture(&self) -> &str;
+    fn tracked(&self) -> &[TrackedLayer];
+    fn vocab_size(&self) -> usize;
+    fn max_positions(&self) -> usize;
+    fn n_parameters(&self) -> usize;
+    /// Forward and backward on one batch: per tracked layer, a and g of every real token.
+    fn taps(&self, batch: &TokenBatch, labels: Labels) -> Result<TapBatch>;
+    /// Logits of one sequence, `[len, vocab]` row-major (for parity checks and greedy decoding).
+    fn logits(&self, ids: &[u32]) -> Result<Vec<f32>>;
+}
+
+/// Loads the model in `dir` (a Hugging Face checkpoint directory), keeping `modules`.
+pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| {
+        Error::input(format!(
+            "{}: cannot read the model's config.json ({e}); --model must be a Hugging Face checkpoint directory",
+            config_path.display()
+        ))
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::input(format!("{}: invalid JSON: {e}", config_path.display())))?;
+    let model_type = value
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| {
+            Error::input(format!(
+                "{}: field `model_type` is missing or not a string",
+                config_path.display()
+            ))
+        })?;
+    match model_type {
+        "gpt2" => Ok(Box::new(gpt2::Gpt2::load(dir, modules)?)),
+        other => Err(Error::input(format!(
+            "{}: model_type `{other}` is not supported (supported: gpt2)",
+            config_path.display()
+        ))),
+    }
+}
+
+/// Per-position loss weights and labels → the gradient of the summed cross-entropy with respect
+/// to the logits, `dL/dlogits = Σ_t w_t (softmax(z_t) − onehot(y_t))`, and the per-sequence
+/// losses. Computed in f64 so that the surrogate backward starts from exact values.
+pub(crate) fn loss_head(
+    logits: &[f32],
+    vocab: usize,
+    padded_len: usize,
+    batch: &TokenBatch,
+    labels: Labels,
+) -> (Vec<f32>, Vec<f64>) {
+    let mut dlogits = vec![0f32; logits.len()];
+    let mut losses = vec![0f64; batch.len()];
+    let mut probs = vec![0f64; vocab];
+    for (b, ids) in batch.ids.iter().enumerate() {
+        let mut rng = match labels {
+            Labels::Sampled { seed, pass } => Some(rand_chacha::ChaCha8Rng::seed_from_u64(mix(
+                mix(seed, pass),
+                batch.stable_index[b],
+            ))),
+            Labels::Data => None,
+        };
+        for t in 0..ids.len() {
+            // One draw per position keeps the random stream aligned whatever the mask is.
+            let u: f64 = rng.as_mut().map_or(0.0, |r| r.random::<f64>());
+            if !batch.loss_positions[b][t] {
+                continue;
+            }
+            let row = (b * padded_len + t) * vocab;
+            let z = &logits[row..row + vocab];
+            let m = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+            let mut sum = 0f64;
+            for (p, &x) in probs.iter_mut().zip(z) {
+                *p = (x as f64 - m).exp();
+                sum += *p;
+            }
+            let log_sum = sum.ln();
+            for p in probs.iter_mut() {
+                *p /= sum;
+            }
+            let y = if rng.is_some() {
+                sample_index(&probs, u)
+            } else {
+                ids[t + 1] as usize
+            };
+            losses[b] += -(z[y] as f64 - m - log_sum);
+            let d = &mut dlogits[row..row + vocab];
+            for (dv, &p) in d.iter_mut().zip(&probs) {
+                *dv = p as f32;
+            }
+            d[y] = (probs[y] - 1.0) as f32;
+        }
+    }
+    (dlogits, losses)
+}
+
+/// Inverse-CDF draw from a probability vector with a uniform `u ∈ [0, 1)`.
+fn sample_index(probs: &[f64], u: f64) -> usize {
+    let mut acc = 0.0;
+    for (i, &p) in probs.iter().enumerate() {
+        acc += p;
+        if u < acc {
+            return i;
+        }
+    }
+    // Rounding left `acc` a hair below 1: take the last token with non-zero probability.
+    probs.iter().rposition(|&p| p > 0.0).unwrap_or(0)
+}
+
+/// SplitMix64 finaliser: decorrelates (seed, index) pairs into RNG seeds.
+fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b
+        .wrapping_add(0x9E37_79B9_7F4A_7C15)
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_loss_positions_cover_exactly_the_completion() {
+        let b = TokenBatch::queries(&[(0, &[1, 2, 3], &[4, 5])]);
+        // positions 2 (predicts 4) and 3 (predicts 5)
+        assert_eq!(b.loss_positions[0], vec![false, false, true, true, false]);
+    }
+
+    #[test]
+    fn loss_head_matches_hand_computed_cross_entropy() {
+        // One sequence [0, 1], vocab 2, logits at position 0 = [0, ln 3] → p = [1/4, 3/4].
+        let batch = TokenBatch::training(&[(0, &[0, 1])]);
+        let logits = vec![0.0, 3f32.ln(), 5.0, 5.0];
+        let (d, losses) = loss_head(&logits, 2, 2, &batch, Labels::Data);
+        assert!((losses[0] - (4.0f64 / 3.0).ln()).abs() < 1e-6);
+        assert!((d[0] - 0.25).abs() < 1e-6 && (d[1] + 0.25).abs() < 1e-6);
+        assert_eq!(&d[2..], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn sampled_labels_follow_the_model_distribution() {
+        let probs = [0.1, 0.6, 0.3];
+        let mut counts = [0usize; 3];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..30000 {
+            counts[sample_index(&probs, rng.random::<f64>())] += 1;
+        }
+        for (c, p) in counts.iter().zip(probs) {
+            assert!((*c as f64 / 30000.0 - p).abs() < 0.01, "{counts:?}");
+        }
+    }
+}
