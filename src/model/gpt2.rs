@@ -425,7 +425,7 @@ impl Gpt2 {
         batch: &TokenBatch,
         labels: Labels,
         probes: &[Var],
-    ) -> Result<(TapBatch, Vec<Tensor>)> {
+    ) -> Result<(TapBatch, candle_core::backprop::GradStore)> {
         let t = batch.max_len();
         let probe_tensors: Vec<Tensor> = probes.iter().map(|p| p.as_tensor().clone()).collect();
         let fwd = self.forward(&batch.ids, t, &probe_tensors)?;
@@ -443,7 +443,6 @@ impl Gpt2 {
             .collect();
         let real_rows = Tensor::from_vec(real_rows.clone(), real_rows.len(), &self.device)?;
         let mut layers = Vec::with_capacity(self.tracked.len());
-        let mut raw_g = Vec::with_capacity(self.tracked.len());
         for (i, probe) in probes.iter().enumerate() {
             let g = grads.get(probe).ok_or_else(|| {
                 Error::Other(format!(
@@ -451,7 +450,6 @@ impl Gpt2 {
                     self.tracked[i].name
                 ))
             })?;
-            raw_g.push(g.clone());
             let a = fwd.inputs[i]
                 .index_select(&real_rows, 0)?
                 .flatten_all()?
@@ -467,7 +465,7 @@ impl Gpt2 {
             losses,
             layers,
         };
-        Ok((taps, raw_g))
+        Ok((taps, grads))
     }
 }
 
@@ -657,7 +655,11 @@ mod tests {
         let t = batch.max_len();
         let rows = batch.len() * t;
         let probes = model.zero_probes(rows).unwrap();
-        let (_, raw_g) = model.run(&batch, Labels::Data, &probes).unwrap();
+        let (_, grads) = model.run(&batch, Labels::Data, &probes).unwrap();
+        let raw_g: Vec<Tensor> = probes
+            .iter()
+            .map(|p| grads.get(p).unwrap().clone())
+            .collect();
         let loss_at = |layer: usize, idx: usize, eps: f32| -> f64 {
             let probes: Vec<Var> = model.zero_probes(rows).unwrap();
             let mut v = vec![0f32; rows * model.tracked[layer].d_out];
@@ -733,5 +735,106 @@ mod tests {
             back.logits(&[1, 2, 3]).unwrap()
         );
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Identity-strategy scores from the taps equal dot products of per-sequence weight
+    /// gradients computed by autograd on the weights themselves.
+    #[test]
+    fn identity_scores_equal_autograd_weight_gradient_dot_products() {
+        use crate::curvature::{Factors, LayerFactors, Silent, Strategy};
+        use crate::data::{Query, Sequence};
+        use crate::influence::{precondition_queries, score_dense, Damping, Preconditioner};
+
+        let mut model = Gpt2::random(tiny_config(), 5, ModuleSelection::All).unwrap();
+        let mut params: Vec<(Var, Var)> = Vec::new();
+        for block in model.blocks.iter_mut() {
+            for conv in [
+                &mut block.c_attn,
+                &mut block.c_proj,
+                &mut block.c_fc,
+                &mut block.mlp_proj,
+            ] {
+                let (w, b) = (
+                    Var::from_tensor(&conv.weight).unwrap(),
+                    Var::from_tensor(&conv.bias).unwrap(),
+                );
+                conv.weight = w.as_tensor().clone();
+                conv.bias = b.as_tensor().clone();
+                params.push((w, b));
+            }
+        }
+        let grad_of = |batch: &TokenBatch| -> Vec<f64> {
+            let probes = model.zero_probes(batch.len() * batch.max_len()).unwrap();
+            let (_, grads) = model.run(batch, Labels::Data, &probes).unwrap();
+            params
+                .iter()
+                .flat_map(|(w, b)| {
+                    let w = grads
+                        .get(w)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    let b = grads.get(b).unwrap().to_vec1::<f32>().unwrap();
+                    w.into_iter().chain(b).map(f64::from)
+                })
+                .collect()
+        };
+        let train: Vec<Sequence> = [vec![1u32, 5, 7, 2, 9], vec![3, 4, 22, 8], vec![6, 6, 1]]
+            .into_iter()
+            .enumerate()
+            .map(|(k, ids)| Sequence {
+                id: format!("{k}:0"),
+                ids,
+            })
+            .collect();
+        let queries: Vec<Query> = [(vec![2u32, 3], vec![4u32, 5]), (vec![7, 8, 9], vec![1])]
+            .into_iter()
+            .enumerate()
+            .map(|(k, (p, c))| Query {
+                id: k.to_string(),
+                prompt_ids: p,
+                completion_ids: c,
+                prompt: None,
+                completion: None,
+            })
+            .collect();
+
+        let factors = Factors {
+            strategy: Strategy::Identity,
+            layers: model
+                .tracked()
+                .iter()
+                .map(|l| LayerFactors {
+                    layer: l.clone(),
+                    n_tokens: 0,
+                    n_sequences: 0,
+                    covariance: None,
+                    eigen: None,
+                    lambda: None,
+                })
+                .collect(),
+        };
+        let pre = Preconditioner::new(&factors, Damping::Heuristic).unwrap();
+        let pq = precondition_queries(&model, &queries, &pre, 2, &Silent).unwrap();
+        let scores = score_dense(&model, &pq, &train, 2, &Silent).unwrap();
+
+        for (qi, q) in queries.iter().enumerate() {
+            let gq = grad_of(&TokenBatch::queries(&[(
+                0,
+                &q.prompt_ids,
+                &q.completion_ids,
+            )]));
+            for (n, s) in train.iter().enumerate() {
+                let gn = grad_of(&TokenBatch::training(&[(0, &s.ids)]));
+                let want: f64 = gq.iter().zip(&gn).map(|(a, b)| a * b).sum();
+                let got = scores[qi][n];
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "query {qi}, train {n}: taps give {got}, autograd weight gradients give {want}"
+                );
+            }
+        }
     }
 }
