@@ -39,6 +39,30 @@ enum Command {
     Score(ScoreArgs),
     /// Run fit and score on the bundled tiny model and corpus, and print the top sequences.
     Demo(DemoArgs),
+    /// Time fit and score against one plain forward+backward over the same tokens; peak memory.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Checkpoint directory [default: the bundled tiny model].
+    #[arg(long, value_name = "DIR", requires = "train", requires = "queries")]
+    model: Option<PathBuf>,
+    /// Training corpus [default: the bundled demo corpus].
+    #[arg(long, value_name = "CORPUS")]
+    train: Option<PathBuf>,
+    /// Queries [default: the bundled demo queries].
+    #[arg(long, value_name = "QUERIES")]
+    queries: Option<PathBuf>,
+    /// Window length [default: the model's context length].
+    #[arg(long, value_name = "N")]
+    max_len: Option<usize>,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    batch_size: usize,
+    /// Where the benchmark writes its scratch files.
+    #[arg(long, default_value = "infl-bench", value_name = "DIR")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -177,7 +201,8 @@ pub fn run() -> Result<()> {
                 );
             }
         }
-        Command::Demo(a) => crate::cli::demo(a, &progress, cli.quiet)?,
+        Command::Demo(a) => demo(a, &progress, cli.quiet)?,
+        Command::Bench(a) => bench(a, &progress)?,
     }
     Ok(())
 }
@@ -260,8 +285,9 @@ mod bundled {
     pub const QUERIES: &[u8] = include_bytes!("../assets/demo/queries.jsonl");
 }
 
-fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
-    let model = a.out.join("model");
+/// Writes the bundled model, corpus and queries under `dir`; returns their paths.
+fn unpack_bundled(dir: &std::path::Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let model = dir.join("model");
     std::fs::create_dir_all(&model).with_context(|| format!("creating {}", model.display()))?;
     for (name, bytes) in [
         ("config.json", bundled::CONFIG),
@@ -270,10 +296,15 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
     ] {
         infl::io::write_atomic(&model.join(name), bytes)?;
     }
-    let corpus = a.out.join("corpus.jsonl");
-    let queries = a.out.join("queries.jsonl");
+    let corpus = dir.join("corpus.jsonl");
+    let queries = dir.join("queries.jsonl");
     infl::io::write_atomic(&corpus, bundled::CORPUS)?;
     infl::io::write_atomic(&queries, bundled::QUERIES)?;
+    Ok((model, corpus, queries))
+}
+
+fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
+    let (model, corpus, queries) = unpack_bundled(&a.out)?;
     if !quiet {
         eprintln!(
             "infl demo: a 2-layer GPT-2 trained on {} bundled documents; files in {}",
@@ -345,4 +376,111 @@ fn query_texts(path: &std::path::Path) -> Result<Vec<(String, String)>> {
             (s("prompt"), s("completion"))
         })
         .collect())
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB, where /proc tells it.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
+    use infl::curvature::{for_each_batch, Silent};
+    use infl::model::Labels;
+    use std::time::Instant;
+
+    let (model_dir, corpus, queries) = match (a.model, a.train, a.queries) {
+        (Some(m), Some(t), Some(q)) => (m, t, q),
+        _ => unpack_bundled(&a.out)?,
+    };
+    let model = infl::model::load(&model_dir, ModuleSelection::All)?;
+    let max_len = a.max_len.unwrap_or(model.max_positions());
+    let mut tok = infl::data::LazyTokenizer::new(&model_dir);
+    let data = infl::data::read_corpus(&corpus, &mut tok, max_len, model.vocab_size())?;
+    let n_tokens = data.n_tokens() as f64;
+    let n_queries = infl::data::read_queries(
+        &queries,
+        &mut tok,
+        model.max_positions(),
+        model.vocab_size(),
+    )?
+    .0
+    .len();
+
+    // Baseline: one forward+backward over every training token, taps extracted and dropped.
+    let t0 = Instant::now();
+    for_each_batch(
+        model.as_ref(),
+        &data.sequences,
+        a.batch_size,
+        Labels::Data,
+        &Silent,
+        "baseline",
+        |_, _| Ok(()),
+    )?;
+    let base = t0.elapsed().as_secs_f64();
+
+    let factors = a.out.join("factors");
+    let t0 = Instant::now();
+    let fit = FitJob {
+        model: model_dir.clone(),
+        train: corpus.clone(),
+        out: factors.clone(),
+        modules: ModuleSelection::All,
+        max_len: Some(max_len),
+        options: FitOptions {
+            strategy: Strategy::Ekfac,
+            fisher: Fisher::Sampled,
+            batch_size: a.batch_size,
+            seed: 0,
+        },
+    };
+    workflow::fit(&fit, progress)?;
+    let fit_s = t0.elapsed().as_secs_f64();
+
+    let t0 = Instant::now();
+    let score = ScoreJob {
+        model: model_dir,
+        factors,
+        train: corpus,
+        queries,
+        out: a.out.join("results"),
+        damping: Damping::Heuristic,
+        top_k: 10,
+        dense: false,
+        batch_size: a.batch_size,
+        max_len: Some(max_len),
+    };
+    workflow::score(&score, progress)?;
+    let score_s = t0.elapsed().as_secs_f64();
+
+    println!(
+        "infl bench: {} parameters, {} training tokens, {} queries, batch {}",
+        model.n_parameters(),
+        n_tokens,
+        n_queries,
+        a.batch_size
+    );
+    println!(
+        "{:<34} {:>10} {:>14} {:>10}",
+        "pass", "seconds", "tokens/s", "× fwd+bwd"
+    );
+    for (name, secs) in [
+        ("forward+backward (baseline)", base),
+        ("fit ekfac (2 passes + eigh)", fit_s),
+        ("score (queries + 1 pass)", score_s),
+    ] {
+        println!(
+            "{name:<34} {secs:>10.3} {:>14.0} {:>10.2}",
+            n_tokens / secs,
+            secs / base
+        );
+    }
+    match peak_rss_mib() {
+        Some(m) => println!("peak memory (VmHWM): {m:.0} MiB"),
+        None => println!("peak memory: not available on this platform"),
+    }
+    Ok(())
 }
