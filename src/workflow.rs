@@ -26,16 +26,11 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     pub fn of(dir: &Path, model: &dyn TapModel) -> Result<Self> {
-        let mut weights = Vec::new();
-        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        names.sort();
-        for p in &names {
-            weights.push(data::sha256_file(p)?);
-        }
+        let (files, _) = model::weight_files(dir)?;
+        let weights = files
+            .iter()
+            .map(|p| data::sha256_file(p))
+            .collect::<Result<Vec<_>>>()?;
         Ok(ModelInfo {
             path: dir.display().to_string(),
             architecture: model.architecture().to_string(),

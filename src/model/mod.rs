@@ -186,6 +186,39 @@ pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
     }
 }
 
+/// The safetensors files holding a checkpoint's weights (one file, or the shards of
+/// `model.safetensors.index.json`), and a description of where they came from for messages.
+pub fn weight_files(dir: &Path) -> Result<(Vec<std::path::PathBuf>, String)> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.exists() {
+        return Ok((vec![single.clone()], single.display().to_string()));
+    }
+    if !index.exists() {
+        return Err(Error::input(format!(
+            "{}: no model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not read; convert with `save_pretrained(safe_serialization=True)`)",
+            dir.display()
+        )));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::input(format!("{}: invalid JSON: {e}", index.display())))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::input(format!("{}: field `weight_map` missing", index.display())))?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok((
+        files.iter().map(|f| dir.join(f)).collect(),
+        index.display().to_string(),
+    ))
+}
+
 /// Per-position loss weights and labels → the gradient of the summed cross-entropy with respect
 /// to the logits, `dL/dlogits = Σ_t w_t (softmax(z_t) − onehot(y_t))`, and the per-sequence
 /// losses. Computed in f64 so that the surrogate backward starts from exact values.
