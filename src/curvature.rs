@@ -92,7 +92,15 @@ pub fn for_each_batch(
             .collect();
         let batch = TokenBatch::training(&refs);
         let taps = model.taps(&batch, labels)?;
-        check_finite(&taps, |k| chunk[k].id.clone(), what)?;
+        if let Err(e) = check_finite(&taps, |k| chunk[k].id.clone(), what) {
+            // Padding shares attention with real tokens, so one broken sequence can poison its
+            // whole batch: rerun each alone to name the one at fault.
+            for (k, r) in refs.iter().enumerate() {
+                let alone = model.taps(&TokenBatch::training(std::slice::from_ref(r)), labels)?;
+                check_finite(&alone, |_| chunk[k].id.clone(), what)?;
+            }
+            return Err(e);
+        }
         visit(start, &taps)?;
         progress.advance(batch.n_tokens() as u64);
     }

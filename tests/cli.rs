@@ -334,6 +334,84 @@ fn bad_input_is_reported_with_file_line_and_field() {
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("wte.weight") && err.contains("shape"), "{err}");
 
+    // A missing weight tensor is named.
+    let missing = dir.join("missing");
+    Gpt2::random(config(8), 1, ModuleSelection::All)
+        .unwrap()
+        .save(&missing)
+        .unwrap();
+    let mut t = infl::io::read_safetensors(&missing.join("model.safetensors")).unwrap();
+    t.remove("h.1.mlp.c_fc.bias");
+    let tensors: Vec<(String, infl::io::OwnedTensor)> = t
+        .into_iter()
+        .map(|(k, (shape, v))| {
+            (
+                k,
+                infl::io::OwnedTensor::F32(shape, v.iter().map(|&x| x as f32).collect()),
+            )
+        })
+        .collect();
+    infl::io::write_safetensors(&missing.join("model.safetensors"), &tensors, None).unwrap();
+    let out = infl(&[
+        "fit",
+        "--model",
+        &s(&missing),
+        "--train",
+        &s(&corpus),
+        "--out",
+        &s(&dir.join("f")),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("h.1.mlp.c_fc.bias") && err.contains("missing"),
+        "{err}"
+    );
+
+    // A non-finite loss names the sequence and exits 5.
+    let nan = dir.join("nan");
+    Gpt2::random(config(8), 1, ModuleSelection::All)
+        .unwrap()
+        .save(&nan)
+        .unwrap();
+    let mut t = infl::io::read_safetensors(&nan.join("model.safetensors")).unwrap();
+    // Position 5 embeds to NaN: only sequences longer than 5 tokens break.
+    let (shape, wpe) = t.remove("wpe.weight").unwrap();
+    let mut wpe: Vec<f32> = wpe.iter().map(|&x| x as f32).collect();
+    wpe[5 * shape[1]] = f32::NAN;
+    let mut tensors: Vec<(String, infl::io::OwnedTensor)> = t
+        .into_iter()
+        .map(|(k, (shape, v))| {
+            (
+                k,
+                infl::io::OwnedTensor::F32(shape, v.iter().map(|&x| x as f32).collect()),
+            )
+        })
+        .collect();
+    tensors.push(("wpe.weight".into(), infl::io::OwnedTensor::F32(shape, wpe)));
+    infl::io::write_safetensors(&nan.join("model.safetensors"), &tensors, None).unwrap();
+    let nan_corpus = dir.join("nan.jsonl");
+    std::fs::write(
+        &nan_corpus,
+        "{\"ids\": [1, 2, 3]}\n{\"ids\": [5, 4, 6, 7, 8, 9]}\n",
+    )
+    .unwrap();
+    let out = infl(&[
+        "fit",
+        "--model",
+        &s(&nan),
+        "--train",
+        &s(&nan_corpus),
+        "--out",
+        &s(&dir.join("f")),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("sequence 2:0") && err.contains("non-finite"),
+        "{err}"
+    );
+
     // Usage errors exit 2 (clap).
     let out = infl(&["fit", "--model"]);
     assert_eq!(out.status.code(), Some(2));
@@ -348,7 +426,11 @@ fn demo_runs_on_the_bundled_model_and_finds_the_facts() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("query element_zorbium"), "{stdout}");
     // The one document stating the fact is the top source of its query (measured: rank 1).
     let top: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("results/top_k.jsonl"))
@@ -356,7 +438,16 @@ fn demo_runs_on_the_bundled_model_and_finds_the_facts() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let first = top.iter().find(|e| e["query_id"] == "element_zorbium").unwrap();
-    assert!(first["text"].as_str().unwrap().contains("Imre Valk discovered the element zorbium"), "{first}");
+    let first = top
+        .iter()
+        .find(|e| e["query_id"] == "element_zorbium")
+        .unwrap();
+    assert!(
+        first["text"]
+            .as_str()
+            .unwrap()
+            .contains("Imre Valk discovered the element zorbium"),
+        "{first}"
+    );
     assert!(dir.join("results/scores.safetensors").exists());
 }
