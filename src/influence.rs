@@ -386,11 +386,31 @@ pub fn layer_token_scores(
             let gu = linalg::mul(g, u.as_ref());
             let av = linalg::mul(a.as_ref(), v.as_ref());
             let n_q = u.ncols() / rank;
-            Mat::from_fn(n, n_q, |t, q| {
-                (q * rank..(q + 1) * rank)
-                    .map(|r| gu[(t, r)] * av[(t, r)])
-                    .sum()
-            })
+            // Column sweeps over contiguous memory: out[:, q] = Σ_{r ∈ q's block} gu[:, r] ∘ av[:, r].
+            let mut out = Mat::<f32>::zeros(n, n_q);
+            for q in 0..n_q {
+                let dst = out
+                    .col_mut(q)
+                    .try_as_col_major_mut()
+                    .expect("owned column")
+                    .as_slice_mut();
+                for r in q * rank..(q + 1) * rank {
+                    let g = gu
+                        .col(r)
+                        .try_as_col_major()
+                        .expect("owned column")
+                        .as_slice();
+                    let a = av
+                        .col(r)
+                        .try_as_col_major()
+                        .expect("owned column")
+                        .as_slice();
+                    for ((d, x), y) in dst.iter_mut().zip(g).zip(a) {
+                        *d += x * y;
+                    }
+                }
+            }
+            out
         }
     }
 }
