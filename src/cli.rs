@@ -37,6 +37,8 @@ enum Command {
     Fit(FitArgs),
     /// Score the influence of every training sequence on every query.
     Score(ScoreArgs),
+    /// Build a BM25 index over a corpus's token ids for `score --prefilter`.
+    Index(IndexArgs),
     /// Each training sequence's influence on its own loss (outliers, mislabelled data).
     SelfInfluence(SelfInfluenceArgs),
     /// Run fit and score on the bundled tiny model and corpus, and print the top sequences.
@@ -167,6 +169,28 @@ struct ScoreArgs {
     /// in the damped inverse-Fisher metric (RelatIF-style).
     #[arg(long, value_enum, default_value = "none")]
     normalize: Normalize,
+    /// Score only each query's N best BM25 matches (over token ids) from --index: the paper's
+    /// TF-IDF pre-filter for corpora too large to score whole.
+    #[arg(long, value_name = "N", requires = "index")]
+    prefilter: Option<usize>,
+    /// An index built by `infl index` from the same corpus and --max-len.
+    #[arg(long, value_name = "INDEX", requires = "prefilter")]
+    index: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct IndexArgs {
+    /// Training corpus (JSONL), as given to `infl score --train`.
+    corpus: PathBuf,
+    /// The checkpoint whose tokenizer and vocabulary define the token ids.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Output directory for the index.
+    #[arg(long, value_name = "INDEX")]
+    out: PathBuf,
+    /// Window length, as `score` will use it [default: the model's context length].
+    #[arg(long, value_name = "N")]
+    max_len: Option<usize>,
 }
 
 #[derive(Clone, Copy)]
@@ -271,6 +295,9 @@ pub fn run() -> Result<()> {
                 per_layer: a.per_layer,
                 per_token: a.per_token,
                 normalize: a.normalize,
+                prefilter: a
+                    .prefilter
+                    .map(|n| (n, a.index.clone().unwrap_or_default())),
             };
             let s = workflow::score(&job, &progress)?;
             if !cli.quiet {
@@ -280,6 +307,23 @@ pub fn run() -> Result<()> {
                     s.meta.corpus.n_sequences,
                     s.seconds,
                     job.out.display()
+                );
+            }
+        }
+        Command::Index(a) => {
+            let started = std::time::Instant::now();
+            let model = infl::model::load(&a.model, ModuleSelection::All)?;
+            let max_len = a.max_len.unwrap_or(model.max_positions());
+            let mut tok = infl::data::LazyTokenizer::new(&a.model);
+            let index =
+                infl::index::Bm25Index::build(&a.corpus, &mut tok, max_len, model.vocab_size())?;
+            index.save(&a.out)?;
+            if !cli.quiet {
+                eprintln!(
+                    "indexed {} sequences in {:.1}s → {}",
+                    index.n_sequences(),
+                    started.elapsed().as_secs_f64(),
+                    a.out.display()
                 );
             }
         }
@@ -454,6 +498,7 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
         per_layer: true,
         per_token: true,
         normalize: Normalize::None,
+        prefilter: None,
     };
     let s = workflow::score(&score, progress)?;
     let texts = query_texts(&queries)?;
@@ -595,6 +640,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         per_layer: false,
         per_token: false,
         normalize: Normalize::None,
+        prefilter: None,
     };
     let score_s = workflow::score(
         &score_job(queries.clone(), corpus.clone(), Some(32), "results"),
@@ -726,6 +772,7 @@ fn rss_child(
         per_layer: false,
         per_token: false,
         normalize: Normalize::None,
+        prefilter: None,
     };
     let s = workflow::score(&job, &Bars::new(true))?;
     std::fs::remove_file(&big)?;

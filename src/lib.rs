@@ -13,6 +13,7 @@
 pub mod curvature;
 pub mod data;
 pub mod error;
+pub mod index;
 pub mod influence;
 pub mod io;
 pub mod linalg;

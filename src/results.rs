@@ -187,18 +187,23 @@ impl ScoreAccumulator {
     }
 
     /// Adds one batch: `parts[ℓ]` is layer ℓ's `[n_queries, n_seq]` scores for `seqs`, whose
-    /// first sequence has corpus index `start`; `scale[q][n]` (cosine normalisation) multiplies
-    /// every part when given.
+    /// corpus indices are `indices`; `scale[q][n]` (cosine normalisation) multiplies every part
+    /// when given; with `allowed`, query q only counts the sequences in `allowed[q]` (its
+    /// pre-filtered candidates).
     pub fn add(
         &mut self,
-        start: usize,
+        indices: &[usize],
         seqs: &[Sequence],
         parts: &[Mat<f32>],
         scale: Option<&[Vec<f64>]>,
+        allowed: Option<&[std::collections::HashSet<usize>]>,
     ) -> Result<()> {
         let mut rows: Vec<Vec<f32>> = vec![Vec::with_capacity(seqs.len()); self.summaries.len()];
         for (q, summary) in self.summaries.iter_mut().enumerate() {
             for (n, seq) in seqs.iter().enumerate() {
+                if allowed.is_some_and(|a| !a[q].contains(&indices[n])) {
+                    continue;
+                }
                 let factor = scale.map_or(1.0, |s| s[q][n]);
                 let per_layer: Vec<f64> = parts.iter().map(|p| p[(q, n)] as f64 * factor).collect();
                 let score: f64 = per_layer.iter().sum();
@@ -225,7 +230,7 @@ impl ScoreAccumulator {
                     *abs += part.abs();
                 }
                 let make = || Candidate {
-                    index: start + n,
+                    index: indices[n],
                     sequence_id: seq.id.clone(),
                     ids: seq.ids.clone(),
                     score,
@@ -233,7 +238,7 @@ impl ScoreAccumulator {
                 };
                 offer(&mut summary.top, self.k, score, |a, b| a > b, make);
                 let make = || Candidate {
-                    index: start + n,
+                    index: indices[n],
                     sequence_id: seq.id.clone(),
                     ids: seq.ids.clone(),
                     score,
@@ -426,7 +431,8 @@ mod tests {
             let seqs: Vec<Sequence> = (start..start + chunk.len()).map(seq).collect();
             let l0 = Mat::from_fn(1, chunk.len(), |_, n| chunk[n] * 0.25);
             let l1 = Mat::from_fn(1, chunk.len(), |_, n| chunk[n] * 0.75);
-            acc.add(start, &seqs, &[l0, l1], None).unwrap();
+            let idx: Vec<usize> = (start..start + chunk.len()).collect();
+            acc.add(&idx, &seqs, &[l0, l1], None, None).unwrap();
         }
         let s = &acc.summaries[0];
         assert_eq!(
@@ -453,16 +459,18 @@ mod tests {
         let mut acc = ScoreAccumulator::new(2, 1, 1, Some(DenseWriter::new(&dir, 2).unwrap()));
         let seqs: Vec<Sequence> = (0..3).map(seq).collect();
         acc.add(
-            0,
+            &[0, 1],
             &seqs[..2],
             &[Mat::from_fn(2, 2, |q, n| (q * 10 + n) as f32)],
+            None,
             None,
         )
         .unwrap();
         acc.add(
-            2,
+            &[2],
             &seqs[2..],
             &[Mat::from_fn(2, 1, |q, _| (q * 10 + 2) as f32)],
+            None,
             None,
         )
         .unwrap();

@@ -172,6 +172,8 @@ pub struct ScoreJob {
     /// Split each top/bottom-k score over the sequence's tokens.
     pub per_token: bool,
     pub normalize: Normalize,
+    /// Score only each query's N best BM25 candidates from this index (`infl index`).
+    pub prefilter: Option<(usize, PathBuf)>,
 }
 
 /// What the reported score is.
@@ -220,6 +222,8 @@ pub struct ScoresMeta {
     pub normalize: Normalize,
     pub per_layer: bool,
     pub per_token: bool,
+    /// N candidates per query kept by the BM25 pre-filter (null = every sequence scored).
+    pub prefilter: Option<usize>,
     pub top_k: usize,
     pub dense: bool,
     pub batch_size: usize,
@@ -365,6 +369,36 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         progress,
     )?;
 
+    // Pre-filter: each query keeps its N best lexical matches; the pass computes gradients
+    // only for the union.
+    let allowed: Option<Vec<std::collections::HashSet<usize>>> = match &job.prefilter {
+        None => None,
+        Some((n, dir)) => {
+            if job.dense {
+                return Err(Error::input(
+                    "--dense and --prefilter do not go together: a pre-filtered run scores only each query's candidates",
+                ));
+            }
+            let index = crate::index::Bm25Index::open(dir)?;
+            index.check(dir, &job.train, max_len)?;
+            if *n >= index.n_sequences() {
+                eprintln!(
+                    "warning: --prefilter {n} is not smaller than the corpus ({} sequences): every sequence is scored",
+                    index.n_sequences()
+                );
+            }
+            Some(
+                queries
+                    .iter()
+                    .map(|q| index.candidates(q, *n).into_iter().collect())
+                    .collect(),
+            )
+        }
+    };
+    let union: Option<std::collections::HashSet<usize>> = allowed
+        .as_ref()
+        .map(|a| a.iter().flatten().copied().collect());
+
     io::ensure_dir(&job.out)?;
     let dense = if job.dense {
         Some(results::DenseWriter::new(&job.out, queries.len())?)
@@ -404,9 +438,16 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         model.vocab_size(),
         job.batch_size.max(1) * CHUNK_BATCHES,
         |chunk| {
+            let indices: Vec<usize> = (seen..seen + chunk.len())
+                .filter(|i| union.as_ref().is_none_or(|u| u.contains(i)))
+                .collect();
+            let kept: Vec<data::Sequence> = match &union {
+                None => chunk.to_vec(),
+                Some(_) => indices.iter().map(|&i| chunk[i - seen].clone()).collect(),
+            };
             curvature::run_batches(
                 model.as_ref(),
-                chunk,
+                &kept,
                 seen,
                 job.batch_size,
                 crate::model::Labels::Data,
@@ -420,10 +461,11 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                         .collect();
                     let n = taps.seq_lens.len();
                     acc.add(
-                        seen + start,
-                        &chunk[start..start + n],
+                        &indices[start..start + n],
+                        &kept[start..start + n],
                         &parts,
                         scale(taps).as_deref(),
+                        allowed.as_deref(),
                     )
                 },
             )?;
@@ -505,6 +547,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         normalize: job.normalize,
         per_layer: job.per_layer,
         per_token: job.per_token,
+        prefilter: job.prefilter.as_ref().map(|p| p.0),
         top_k: job.top_k,
         dense: job.dense,
         batch_size: job.batch_size,
@@ -670,7 +713,8 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
                         writeln!(all, "{line}").map_err(|e| Error::io(&tmp, e))?;
                     }
                     let part = faer::Mat::from_fn(1, n, |_, k| own[k] as f32);
-                    acc.add(seen + start, &chunk[start..start + n], &[part], None)
+                    let idx: Vec<usize> = (seen + start..seen + start + n).collect();
+                    acc.add(&idx, &chunk[start..start + n], &[part], None, None)
                 },
             )?;
             seen += chunk.len();
@@ -706,6 +750,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         normalize: Normalize::None,
         per_layer: false,
         per_token: false,
+        prefilter: None,
         top_k: job.top_k,
         dense: false,
         batch_size: job.batch_size,

@@ -630,3 +630,129 @@ fn scoring_options_agree_with_exact_references() {
         assert!((cos[qi * n + column(d)] - 1.0).abs() < 1e-4);
     }
 }
+
+#[test]
+fn prefilter_scores_only_candidates_and_checks_its_index() {
+    let dir = scratch("prefilter");
+    let (model, corpus, queries) = fixture(&dir, 31);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (factors, index) = (dir.join("factors"), dir.join("index"));
+    ok(&[
+        "fit",
+        "--model",
+        &s(&model),
+        "--train",
+        &s(&corpus),
+        "--out",
+        &s(&factors),
+        "--fisher",
+        "empirical",
+    ]);
+    ok(&[
+        "index",
+        &s(&corpus),
+        "--model",
+        &s(&model),
+        "--out",
+        &s(&index),
+    ]);
+    let run = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = dir.join(name);
+        let mut args = vec![
+            "score",
+            "--model",
+            &s(&model),
+            "--factors",
+            &s(&factors),
+            "--train",
+            &s(&corpus),
+            "--queries",
+            &s(&queries),
+            "--out",
+            &s(&out),
+            "--top-k",
+            "5",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|x| x.to_string()));
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        std::fs::read_to_string(out.join("top_k.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let exact = run("exact", &[]);
+    // A filter as large as the corpus changes nothing.
+    let all = run("all", &["--prefilter", "1000", "--index", &s(&index)]);
+    assert_eq!(
+        exact
+            .iter()
+            .map(|e| (&e["query_id"], &e["sequence_id"]))
+            .collect::<Vec<_>>(),
+        all.iter()
+            .map(|e| (&e["query_id"], &e["sequence_id"]))
+            .collect::<Vec<_>>()
+    );
+    // Two candidates per query: at most two sequences listed per query and direction, each with
+    // the score it has in the exact run.
+    let two = run("two", &["--prefilter", "2", "--index", &s(&index)]);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("exact/meta.json")).unwrap())
+            .unwrap();
+    for q in meta["queries"]["ids"].as_array().unwrap() {
+        let listed: Vec<&serde_json::Value> = two
+            .iter()
+            .filter(|e| &e["query_id"] == q && e["direction"] == "top")
+            .collect();
+        assert!(
+            !listed.is_empty() && listed.len() <= 2,
+            "{q}: {}",
+            listed.len()
+        );
+    }
+    let dense_bad = infl(&[
+        "score",
+        "--model",
+        &s(&model),
+        "--factors",
+        &s(&factors),
+        "--train",
+        &s(&corpus),
+        "--queries",
+        &s(&queries),
+        "--out",
+        &s(&dir.join("x")),
+        "--prefilter",
+        "2",
+        "--index",
+        &s(&index),
+        "--dense",
+    ]);
+    assert_eq!(dense_bad.status.code(), Some(3));
+    // An index of another corpus is refused.
+    let other = dir.join("other.jsonl");
+    std::fs::write(&other, "{\"ids\": [1, 2, 3]}\n").unwrap();
+    let out = infl(&[
+        "score",
+        "--model",
+        &s(&model),
+        "--factors",
+        &s(&factors),
+        "--train",
+        &s(&other),
+        "--queries",
+        &s(&queries),
+        "--out",
+        &s(&dir.join("x")),
+        "--prefilter",
+        "2",
+        "--index",
+        &s(&index),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("another corpus"), "{err}");
+}

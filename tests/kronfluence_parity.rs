@@ -69,6 +69,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             per_layer: false,
             per_token: false,
             normalize: infl::workflow::Normalize::None,
+            prefilter: None,
         },
         &Silent,
     )
