@@ -66,6 +66,19 @@ impl CorpusInfo {
     }
 }
 
+impl CorpusInfo {
+    fn streamed(path: &Path, stats: &data::CorpusStats, max_len: usize) -> Self {
+        CorpusInfo {
+            path: path.display().to_string(),
+            sha256: stats.sha256.clone(),
+            max_len,
+            n_documents: stats.n_documents,
+            n_sequences: stats.n_sequences,
+            n_tokens: stats.n_tokens,
+        }
+    }
+}
+
 /// `meta.json` of a factors directory.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FactorsMeta {
@@ -232,6 +245,64 @@ pub struct ScoresMeta {
     pub queries: QueriesInfo,
     pub factors: FactorsRef,
     pub score_convention: String,
+}
+
+impl ScoresMeta {
+    /// The provenance every scores-like output shares; options default to off.
+    #[allow(clippy::too_many_arguments)]
+    fn base(
+        kind: &str,
+        convention: &str,
+        fmeta: &FactorsMeta,
+        model: ModelInfo,
+        preconditioner: &Preconditioner,
+        tracked: &[crate::model::TrackedLayer],
+        corpus: CorpusInfo,
+        (damping, batch_size, top_k): (Damping, usize, usize),
+        factors_dir: &Path,
+    ) -> Self {
+        let layers: Vec<String> = tracked.iter().map(|l| l.name.clone()).collect();
+        ScoresMeta {
+            tool: "infl".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            kind: kind.into(),
+            strategy: fmeta.strategy,
+            fisher: fmeta.fisher,
+            modules: fmeta.modules,
+            damping,
+            damping_per_layer: layers
+                .iter()
+                .cloned()
+                .zip(preconditioner.damping.iter().copied())
+                .collect(),
+            layers,
+            query_rank: None,
+            normalize: Normalize::None,
+            per_layer: false,
+            per_token: false,
+            prefilter: None,
+            top_k,
+            dense: false,
+            batch_size,
+            model,
+            corpus,
+            queries: QueriesInfo {
+                path: String::new(),
+                sha256: String::new(),
+                ids: vec!["self".into()],
+                prompts: vec![None],
+                completions: vec![None],
+                losses: vec![],
+                self_influence: vec![],
+            },
+            factors: FactorsRef {
+                path: factors_dir.display().to_string(),
+                factors_sha256: fmeta.factors_sha256.clone(),
+                fitted_on: fmeta.corpus.clone(),
+            },
+            score_convention: convention.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -521,38 +592,13 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         &query_ids,
         stats.n_sequences,
     )?;
-    let corpus = CorpusInfo {
-        path: job.train.display().to_string(),
-        sha256: stats.sha256.clone(),
-        max_len,
-        n_documents: stats.n_documents,
-        n_sequences: stats.n_sequences,
-        n_tokens: stats.n_tokens,
-    };
     let meta = ScoresMeta {
-        tool: "infl".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        kind: "scores".into(),
-        strategy: fmeta.strategy,
-        fisher: fmeta.fisher,
-        modules: fmeta.modules,
-        damping: job.damping,
-        damping_per_layer: layer_names
-            .iter()
-            .cloned()
-            .zip(preconditioner.damping.iter().copied())
-            .collect(),
-        layers: layer_names,
         query_rank: job.query_rank,
         normalize: job.normalize,
         per_layer: job.per_layer,
         per_token: job.per_token,
         prefilter: job.prefilter.as_ref().map(|p| p.0),
-        top_k: job.top_k,
         dense: job.dense,
-        batch_size: job.batch_size,
-        model: model_info,
-        corpus,
         queries: QueriesInfo {
             path: job.queries.display().to_string(),
             sha256: queries_sha,
@@ -562,12 +608,17 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
             losses: pq.losses.clone(),
             self_influence: pq.self_influence.clone(),
         },
-        factors: FactorsRef {
-            path: job.factors.display().to_string(),
-            factors_sha256: fmeta.factors_sha256.clone(),
-            fitted_on: fmeta.corpus.clone(),
-        },
-        score_convention: SCORE_CONVENTION.into(),
+        ..ScoresMeta::base(
+            "scores",
+            SCORE_CONVENTION,
+            &fmeta,
+            model_info,
+            &preconditioner,
+            &tracked,
+            CorpusInfo::streamed(&job.train, &stats, max_len),
+            (job.damping, job.batch_size, job.top_k),
+            &job.factors,
+        )
     };
     io::write_json(&job.out.join(META_FILE), &meta)?;
     Ok(ScoreSummary {
@@ -731,54 +782,17 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     let top = results::entries(&acc.summaries, &ids, &mut tok, false, None);
     results::write_top_k(&job.out.join("top_k.jsonl"), &top)?;
     results::write_distribution(&job.out.join("distribution.json"), &acc.summaries, &ids)?;
-    let layer_names: Vec<String> = tracked.iter().map(|l| l.name.clone()).collect();
-    let meta = ScoresMeta {
-        tool: "infl".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        kind: "self-influence".into(),
-        strategy: fmeta.strategy,
-        fisher: fmeta.fisher,
-        modules: fmeta.modules,
-        damping: job.damping,
-        damping_per_layer: layer_names
-            .iter()
-            .cloned()
-            .zip(preconditioner.damping.iter().copied())
-            .collect(),
-        layers: layer_names,
-        query_rank: None,
-        normalize: Normalize::None,
-        per_layer: false,
-        per_token: false,
-        prefilter: None,
-        top_k: job.top_k,
-        dense: false,
-        batch_size: job.batch_size,
-        model: model_info,
-        corpus: CorpusInfo {
-            path: job.train.display().to_string(),
-            sha256: stats.sha256,
-            max_len,
-            n_documents: stats.n_documents,
-            n_sequences: stats.n_sequences,
-            n_tokens: stats.n_tokens,
-        },
-        queries: QueriesInfo {
-            path: String::new(),
-            sha256: String::new(),
-            ids,
-            prompts: vec![None],
-            completions: vec![None],
-            losses: vec![],
-            self_influence: vec![],
-        },
-        factors: FactorsRef {
-            path: job.factors.display().to_string(),
-            factors_sha256: fmeta.factors_sha256.clone(),
-            fitted_on: fmeta.corpus.clone(),
-        },
-        score_convention: "I(z,z) = sum over tracked layers of <(F+λI)^-1 ∇L_z, ∇L_z> (≥ 0)".into(),
-    };
+    let meta = ScoresMeta::base(
+        "self-influence",
+        "I(z,z) = sum over tracked layers of <(F+λI)^-1 ∇L_z, ∇L_z> (≥ 0)",
+        &fmeta,
+        model_info,
+        &preconditioner,
+        &tracked,
+        CorpusInfo::streamed(&job.train, &stats, max_len),
+        (job.damping, job.batch_size, job.top_k),
+        &job.factors,
+    );
     io::write_json(&job.out.join(META_FILE), &meta)?;
     Ok(ScoreSummary {
         summaries: acc.summaries,
