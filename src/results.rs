@@ -98,6 +98,60 @@ impl Largest {
     }
 }
 
+/// Buckets per doubling of the magnitude sketch: a bucket spans a factor 2^(1/16), so any
+/// quantile read from it is within 4.4% (relative) of the exact one.
+pub const SKETCH_BUCKETS_PER_OCTAVE: f64 = 16.0;
+
+/// A mergeable sketch of score magnitudes: counts per logarithmic bucket, separately for
+/// positive and negative scores. Two sketches merge by adding counts (shards, corpora).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct MagnitudeSketch {
+    /// bucket → count, bucket b holding |x| in [2^(b/16), 2^((b+1)/16)).
+    pub positive: std::collections::BTreeMap<i32, u64>,
+    pub negative: std::collections::BTreeMap<i32, u64>,
+    pub zeros: u64,
+}
+
+impl MagnitudeSketch {
+    fn bucket(x: f64) -> i32 {
+        (x.abs().log2() * SKETCH_BUCKETS_PER_OCTAVE).floor() as i32
+    }
+
+    pub fn push(&mut self, x: f64) {
+        if x > 0.0 {
+            *self.positive.entry(Self::bucket(x)).or_default() += 1;
+        } else if x < 0.0 {
+            *self.negative.entry(Self::bucket(x)).or_default() += 1;
+        } else {
+            self.zeros += 1;
+        }
+    }
+
+    pub fn merge(&mut self, other: &MagnitudeSketch) {
+        for (b, c) in &other.positive {
+            *self.positive.entry(*b).or_default() += c;
+        }
+        for (b, c) in &other.negative {
+            *self.negative.entry(*b).or_default() += c;
+        }
+        self.zeros += other.zeros;
+    }
+
+    /// The magnitude below which a fraction `q` of the positive scores lie (bucket midpoint).
+    pub fn positive_quantile(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.positive.values().sum();
+        let target = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (b, c) in &self.positive {
+            seen += c;
+            if seen >= target {
+                return Some(2f64.powf((*b as f64 + 0.5) / SKETCH_BUCKETS_PER_OCTAVE));
+            }
+        }
+        None
+    }
+}
+
 /// Everything kept about one query's scores.
 #[derive(Debug, Clone)]
 pub struct QuerySummary {
@@ -117,6 +171,7 @@ pub struct QuerySummary {
     pub abs_per_layer: Vec<f64>,
     tail_pos: Largest,
     tail_neg: Largest,
+    pub sketch: MagnitudeSketch,
 }
 
 /// Inserts into a list kept sorted by `better`, at most `k` long.
@@ -154,6 +209,7 @@ impl QuerySummary {
             abs_per_layer: vec![0.0; n_layers],
             tail_pos: Largest::new(TAIL_SIZE),
             tail_neg: Largest::new(TAIL_SIZE),
+            sketch: MagnitudeSketch::default(),
         }
     }
 
@@ -218,6 +274,7 @@ impl ScoreAccumulator {
                     summary.sum_neg += score;
                     summary.tail_neg.push(-score);
                 }
+                summary.sketch.push(score);
                 summary.min = summary.min.min(score);
                 summary.max = summary.max.max(score);
                 for ((total, abs), part) in summary
@@ -380,6 +437,7 @@ pub fn write_distribution(
                 "query_id": id, "count": s.count, "sum": s.sum, "sum_sq": s.sum_sq,
                 "sum_pos": s.sum_pos, "sum_neg": s.sum_neg, "min": s.min, "max": s.max,
                 "tail_pos": s.tail_pos(), "tail_neg": s.tail_neg(),
+                "sketch": s.sketch,
             })
         })
         .collect();
@@ -450,6 +508,33 @@ mod tests {
         assert_eq!(s.tail_pos(), vec![2.5, 2.0, 1.0, 0.5]);
         assert_eq!(s.tail_neg(), vec![3.0, 1.0]);
         assert!((s.total_per_layer[1] - 1.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn magnitude_sketch_quantiles_are_within_a_bucket_and_merge() {
+        // |x| = 1.01^i for i in 0..1000, split over two sketches.
+        let values: Vec<f64> = (0..1000).map(|i| 1.01f64.powi(i)).collect();
+        let (mut a, mut b) = (MagnitudeSketch::default(), MagnitudeSketch::default());
+        for (i, v) in values.iter().enumerate() {
+            if i % 2 == 0 {
+                a.push(*v)
+            } else {
+                b.push(*v)
+            }
+        }
+        a.push(-3.0);
+        a.push(0.0);
+        a.merge(&b);
+        assert_eq!(a.positive.values().sum::<u64>(), 1000);
+        assert_eq!((a.negative.values().sum::<u64>(), a.zeros), (1, 1));
+        for q in [0.1, 0.5, 0.9, 0.99] {
+            let exact = values[(q * 1000.0f64).ceil() as usize - 1];
+            let got = a.positive_quantile(q).unwrap();
+            assert!(
+                (got / exact).log2().abs() <= 1.0 / 16.0,
+                "q {q}: {got} vs {exact}"
+            );
+        }
     }
 
     #[test]
