@@ -67,10 +67,15 @@ struct BenchArgs {
     /// Where the benchmark writes its scratch files.
     #[arg(long, default_value = "infl-bench", value_name = "DIR")]
     out: PathBuf,
-    /// Queries per scoring pass in the query-batching measurement (the bundled queries,
-    /// repeated under new ids).
-    #[arg(long, default_value_t = 50, value_name = "N")]
-    batch_queries: usize,
+    /// Query counts of the query-batching measurement: each count shares one scoring pass
+    /// (the queries repeated under new ids), at rank 32 and at full rank.
+    #[arg(
+        long,
+        default_value = "1,10,50",
+        value_delimiter = ',',
+        value_name = "N,M,.."
+    )]
+    query_counts: Vec<usize>,
     /// Corpus sizes (multiples of the base corpus) at which peak memory of a streamed scoring
     /// run is measured, each in its own process.
     #[arg(
@@ -650,26 +655,29 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
     .seconds;
 
     // Query batching: many queries share one pass over the training data.
-    let many = a.out.join("queries-many.jsonl");
     let text = std::fs::read_to_string(&queries)?;
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let mut out = String::new();
-    for i in 0..a.batch_queries {
-        let mut v: serde_json::Value = serde_json::from_str(lines[i % lines.len()])?;
-        v["id"] = format!("q{i}").into();
-        out.push_str(&format!("{v}\n"));
+    let mut batching = Vec::new();
+    for &count in &a.query_counts {
+        let many = a.out.join(format!("queries-{count}.jsonl"));
+        let mut out = String::new();
+        for i in 0..count {
+            let mut v: serde_json::Value = serde_json::from_str(lines[i % lines.len()])?;
+            v["id"] = format!("q{i}").into();
+            out.push_str(&format!("{v}\n"));
+        }
+        infl::io::write_atomic(&many, out.as_bytes())?;
+        for (rank, label) in [(Some(32), "rank 32"), (None, "full rank")] {
+            let job = score_job(
+                many.clone(),
+                corpus.clone(),
+                rank,
+                &format!("results-{count}"),
+            );
+            let secs = workflow::score(&job, progress)?.pass_seconds;
+            batching.push((format!("scoring pass, {count} queries, {label}"), secs));
+        }
     }
-    infl::io::write_atomic(&many, out.as_bytes())?;
-    let k32 = workflow::score(
-        &score_job(many.clone(), corpus.clone(), Some(32), "results-k32"),
-        progress,
-    )?
-    .pass_seconds;
-    let full = workflow::score(
-        &score_job(many, corpus.clone(), None, "results-full"),
-        progress,
-    )?
-    .pass_seconds;
 
     base = base.min(baseline()?).min(baseline()?);
     println!(
@@ -683,17 +691,15 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         "{:<44} {:>10} {:>12} {:>10}",
         "pass", "seconds", "tokens/s", "× fwd+bwd"
     );
-    let nq = a.batch_queries;
-    for (name, secs) in [
+    let rows = [
         ("forward+backward (baseline)".to_string(), base),
         ("fit ekfac (2 passes + eigh)".to_string(), fit_s),
         (
             format!("score, {n_queries} queries, rank 32 (end to end)"),
             score_s,
         ),
-        (format!("scoring pass, {nq} queries, rank 32"), k32),
-        (format!("scoring pass, {nq} queries, full rank"), full),
-    ] {
+    ];
+    for (name, secs) in rows.into_iter().chain(batching) {
         println!(
             "{name:<44} {secs:>10.3} {:>12.0} {:>10.2}",
             n_tokens / secs,
