@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use infl::curvature::{Fisher, FitOptions, Progress, Strategy};
 use infl::influence::Damping;
 use infl::model::ModuleSelection;
-use infl::workflow::{self, FitJob, ScoreJob};
+use infl::workflow::{self, FitJob, Normalize, ScoreJob, SelfInfluenceJob};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -37,6 +37,8 @@ enum Command {
     Fit(FitArgs),
     /// Score the influence of every training sequence on every query.
     Score(ScoreArgs),
+    /// Each training sequence's influence on its own loss (outliers, mislabelled data).
+    SelfInfluence(SelfInfluenceArgs),
     /// Run fit and score on the bundled tiny model and corpus, and print the top sequences.
     Demo(DemoArgs),
     /// Time fit and score against one plain forward+backward over the same tokens; peak memory.
@@ -96,6 +98,23 @@ struct BenchArgs {
     /// Where the benchmark writes its scratch files.
     #[arg(long, default_value = "infl-bench", value_name = "DIR")]
     out: PathBuf,
+    /// Queries per scoring pass in the query-batching measurement (the bundled queries,
+    /// repeated under new ids).
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    batch_queries: usize,
+    /// Corpus sizes (multiples of the base corpus) at which peak memory of a streamed scoring
+    /// run is measured, each in its own process.
+    #[arg(
+        long,
+        default_value = "1,10,100",
+        value_delimiter = ',',
+        value_name = "X,Y,.."
+    )]
+    rss_scales: Vec<usize>,
+    /// Internal: run one scoring job on the corpus repeated this many times and print its
+    /// peak memory (used by the parent bench to measure each size in a fresh process).
+    #[arg(long, hide = true)]
+    rss_child: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -164,6 +183,65 @@ struct ScoreArgs {
     /// Window length for the corpus [default: the one the factors were fitted with].
     #[arg(long, value_name = "N")]
     max_len: Option<usize>,
+    /// Compress each query's preconditioned gradient to rank k per layer (truncated SVD), so
+    /// scoring costs O(k (d_in + d_out)) per token and layer; `full` is exact. Exact anyway
+    /// where k reaches a layer's rank.
+    #[arg(long, default_value = "32", value_name = "k|full", value_parser = parse_rank)]
+    query_rank: QueryRank,
+    /// Also write each top/bottom score's parts per tracked layer, and per-layer totals over
+    /// the whole corpus (layers.json).
+    #[arg(long)]
+    per_layer: bool,
+    /// Also split each top/bottom score over the training sequence's tokens (one more small
+    /// pass over those sequences).
+    #[arg(long)]
+    per_token: bool,
+    /// `none`: raw influence. `cosine`: I(q,z)/sqrt(I(q,q)·I(z,z)), unit-normalised gradients
+    /// in the damped inverse-Fisher metric (RelatIF-style).
+    #[arg(long, value_enum, default_value = "none")]
+    normalize: Normalize,
+}
+
+#[derive(Clone, Copy)]
+struct QueryRank(Option<usize>);
+
+fn parse_rank(s: &str) -> std::result::Result<QueryRank, String> {
+    if s == "full" {
+        return Ok(QueryRank(None));
+    }
+    match s.parse::<usize>() {
+        Ok(k) if k > 0 => Ok(QueryRank(Some(k))),
+        _ => Err(format!("`{s}` is neither `full` nor a positive rank")),
+    }
+}
+
+#[derive(clap::Args)]
+struct SelfInfluenceArgs {
+    /// The checkpoint directory the factors were fitted on.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// A factors directory written by `infl fit`.
+    #[arg(long, value_name = "FACTORS")]
+    factors: PathBuf,
+    /// Training corpus (JSONL).
+    #[arg(long, value_name = "CORPUS")]
+    train: PathBuf,
+    /// Output directory: self_influence.jsonl (every sequence), top_k.jsonl, distribution.json,
+    /// meta.json.
+    #[arg(long, value_name = "RESULTS")]
+    out: PathBuf,
+    /// Damping: `heuristic` (0.1 × mean(Λ) per layer) or a number.
+    #[arg(long, default_value = "heuristic", value_name = "heuristic|X")]
+    damping: Damping,
+    /// How many of the highest and lowest sequences to list.
+    #[arg(long, default_value_t = 20, value_name = "K")]
+    top_k: usize,
+    /// Sequences per forward/backward batch.
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    batch_size: usize,
+    /// Window length [default: the one the factors were fitted with].
+    #[arg(long, value_name = "N")]
+    max_len: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -222,12 +300,37 @@ pub fn run() -> Result<()> {
                 dense: a.dense,
                 batch_size: a.batch_size,
                 max_len: a.max_len,
+                query_rank: a.query_rank.0,
+                per_layer: a.per_layer,
+                per_token: a.per_token,
+                normalize: a.normalize,
             };
             let s = workflow::score(&job, &progress)?;
             if !cli.quiet {
                 eprintln!(
                     "scored {} queries × {} training sequences in {:.1}s → {}",
                     s.meta.queries.ids.len(),
+                    s.meta.corpus.n_sequences,
+                    s.seconds,
+                    job.out.display()
+                );
+            }
+        }
+        Command::SelfInfluence(a) => {
+            let job = SelfInfluenceJob {
+                model: a.model,
+                factors: a.factors,
+                train: a.train,
+                out: a.out,
+                damping: a.damping,
+                top_k: a.top_k,
+                batch_size: a.batch_size,
+                max_len: a.max_len,
+            };
+            let s = workflow::self_influence(&job, &progress)?;
+            if !cli.quiet {
+                eprintln!(
+                    "self-influence of {} training sequences in {:.1}s → {}",
                     s.meta.corpus.n_sequences,
                     s.seconds,
                     job.out.display()
@@ -280,16 +383,21 @@ impl Progress for Bars {
         if self.quiet {
             return;
         }
-        let bar = indicatif::ProgressBar::with_draw_target(
-            Some(total_tokens),
-            indicatif::ProgressDrawTarget::stderr(),
-        );
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
+        // A streamed pass does not know its length up front (total 0): count without a bar.
+        let (len, template) = if total_tokens == 0 {
+            (None, "{msg:>16} {pos} tokens  {per_sec}  {elapsed}")
+        } else {
+            (
+                Some(total_tokens),
                 "{msg:>16} [{bar:30}] {pos}/{len} tokens  {per_sec}  ETA {eta}",
             )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        };
+        let bar =
+            indicatif::ProgressBar::with_draw_target(len, indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         bar.set_message(what.to_string());
         if let Ok(mut b) = self.bar.lock() {
@@ -415,6 +523,10 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
         dense: true,
         batch_size: 8,
         max_len: None,
+        query_rank: None,
+        per_layer: true,
+        per_token: true,
+        normalize: Normalize::None,
     };
     let s = workflow::score(&score, progress)?;
     let texts = query_texts(&queries)?;
@@ -424,7 +536,12 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
             "\nquery {qid}: {prompt:?} → {completion:?}   (−log p = {:.2})",
             s.meta.queries.losses[qi]
         );
-        for e in s.top.iter().filter(|e| &e.query_id == qid).take(a.top_k) {
+        for e in s
+            .top
+            .iter()
+            .filter(|e| &e.query_id == qid && e.direction == "top")
+            .take(a.top_k)
+        {
             let text = e.text.as_deref().unwrap_or("").replace('\n', " ");
             let short: String = text.chars().take(90).collect();
             println!(
@@ -477,6 +594,19 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
     };
     let model = infl::model::load(&model_dir, ModuleSelection::All)?;
     let max_len = a.max_len.or(default_len).unwrap_or(model.max_positions());
+    let factors = a.out.join("factors");
+    if let Some(scale) = a.rss_child {
+        return rss_child(
+            scale,
+            &model_dir,
+            &factors,
+            &corpus,
+            &queries,
+            max_len,
+            a.batch_size,
+            &a.out,
+        );
+    }
     let mut tok = infl::data::LazyTokenizer::new(&model_dir);
     let data = infl::data::read_corpus(&corpus, &mut tok, max_len, model.vocab_size())?;
     let n_tokens = data.n_tokens() as f64;
@@ -506,7 +636,6 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         base = base.min(t0.elapsed().as_secs_f64());
     }
 
-    let factors = a.out.join("factors");
     let t0 = Instant::now();
     let fit = FitJob {
         model: model_dir.clone(),
@@ -524,21 +653,49 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
     workflow::fit(&fit, progress)?;
     let fit_s = t0.elapsed().as_secs_f64();
 
-    let t0 = Instant::now();
-    let score = ScoreJob {
-        model: model_dir,
-        factors,
-        train: corpus,
+    let score_job = |queries: PathBuf, train: PathBuf, rank: Option<usize>, out: &str| ScoreJob {
+        model: model_dir.clone(),
+        factors: factors.clone(),
+        train,
         queries,
-        out: a.out.join("results"),
+        out: a.out.join(out),
         damping: Damping::Heuristic,
         top_k: 10,
         dense: false,
         batch_size: a.batch_size,
         max_len: Some(max_len),
+        query_rank: rank,
+        per_layer: false,
+        per_token: false,
+        normalize: Normalize::None,
     };
-    workflow::score(&score, progress)?;
-    let score_s = t0.elapsed().as_secs_f64();
+    let score_s = workflow::score(
+        &score_job(queries.clone(), corpus.clone(), Some(32), "results"),
+        progress,
+    )?
+    .seconds;
+
+    // Query batching: many queries share one pass over the training data.
+    let many = a.out.join("queries-many.jsonl");
+    let text = std::fs::read_to_string(&queries)?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut out = String::new();
+    for i in 0..a.batch_queries {
+        let mut v: serde_json::Value = serde_json::from_str(lines[i % lines.len()])?;
+        v["id"] = format!("q{i}").into();
+        out.push_str(&format!("{v}\n"));
+    }
+    infl::io::write_atomic(&many, out.as_bytes())?;
+    let k32 = workflow::score(
+        &score_job(many.clone(), corpus.clone(), Some(32), "results-k32"),
+        progress,
+    )?
+    .pass_seconds;
+    let full = workflow::score(
+        &score_job(many, corpus.clone(), None, "results-full"),
+        progress,
+    )?
+    .pass_seconds;
 
     println!(
         "infl bench: {} parameters, {} training tokens, {} queries, batch {}",
@@ -548,23 +705,109 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         a.batch_size
     );
     println!(
-        "{:<34} {:>10} {:>14} {:>10}",
+        "{:<44} {:>10} {:>12} {:>10}",
         "pass", "seconds", "tokens/s", "× fwd+bwd"
     );
+    let nq = a.batch_queries;
     for (name, secs) in [
-        ("forward+backward (baseline)", base),
-        ("fit ekfac (2 passes + eigh)", fit_s),
-        ("score (queries + 1 pass)", score_s),
+        ("forward+backward (baseline)".to_string(), base),
+        ("fit ekfac (2 passes + eigh)".to_string(), fit_s),
+        (
+            format!("score, {n_queries} queries, rank 32 (end to end)"),
+            score_s,
+        ),
+        (format!("scoring pass, {nq} queries, rank 32"), k32),
+        (format!("scoring pass, {nq} queries, full rank"), full),
     ] {
         println!(
-            "{name:<34} {secs:>10.3} {:>14.0} {:>10.2}",
+            "{name:<44} {secs:>10.3} {:>12.0} {:>10.2}",
             n_tokens / secs,
             secs / base
         );
     }
     match peak_rss_mib() {
-        Some(m) => println!("peak memory (VmHWM): {m:.0} MiB"),
+        Some(m) => println!("peak memory of this process (VmHWM): {m:.0} MiB"),
         None => println!("peak memory: not available on this platform"),
     }
+
+    // Peak memory against corpus size, each size in a fresh process (VmHWM never goes down).
+    let exe = std::env::current_exe()?;
+    for scale in &a.rss_scales {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--quiet",
+                "bench",
+                "--rss-child",
+                &scale.to_string(),
+                "--batch-size",
+                &a.batch_size.to_string(),
+                "--out",
+            ])
+            .arg(&a.out)
+            .args(["--model"])
+            .arg(&model_dir)
+            .args(["--train"])
+            .arg(&corpus)
+            .args(["--queries"])
+            .arg(&queries)
+            .args(["--max-len", &max_len.to_string()])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bench child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(())
+}
+
+/// One streamed scoring run on the corpus repeated `scale` times; prints its peak memory.
+#[allow(clippy::too_many_arguments)]
+fn rss_child(
+    scale: usize,
+    model: &std::path::Path,
+    factors: &std::path::Path,
+    corpus: &std::path::Path,
+    queries: &std::path::Path,
+    max_len: usize,
+    batch_size: usize,
+    out: &std::path::Path,
+) -> Result<()> {
+    let big = out.join(format!("corpus-x{scale}.jsonl"));
+    {
+        use std::io::Write;
+        let text = std::fs::read(corpus)?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big)?);
+        for _ in 0..scale {
+            f.write_all(&text)?;
+        }
+        f.flush()?;
+    }
+    let job = ScoreJob {
+        model: model.to_path_buf(),
+        factors: factors.to_path_buf(),
+        train: big.clone(),
+        queries: queries.to_path_buf(),
+        out: out.join(format!("results-x{scale}")),
+        damping: Damping::Heuristic,
+        top_k: 10,
+        dense: false,
+        batch_size,
+        max_len: Some(max_len),
+        query_rank: Some(32),
+        per_layer: false,
+        per_token: false,
+        normalize: Normalize::None,
+    };
+    let s = workflow::score(&job, &Bars::new(true))?;
+    std::fs::remove_file(&big)?;
+    println!(
+        "corpus ×{scale:<4} {:>9} sequences {:>10} tokens  peak memory (VmHWM) {:>6.0} MiB  ({:.1}s)",
+        s.meta.corpus.n_sequences,
+        s.meta.corpus.n_tokens,
+        peak_rss_mib().unwrap_or(f64::NAN),
+        s.seconds
+    );
     Ok(())
 }

@@ -71,7 +71,7 @@ impl Progress for Silent {
 }
 
 /// Runs the model over `seqs` in batches and hands each batch's taps to `visit`, checking that
-/// losses and gradients are finite (naming the sequence when they are not).
+/// losses and gradients are finite (naming the sequence when they are not), as one progress bar.
 pub fn for_each_batch(
     model: &dyn TapModel,
     seqs: &[Sequence],
@@ -79,16 +79,36 @@ pub fn for_each_batch(
     labels: Labels,
     progress: &dyn Progress,
     what: &str,
-    mut visit: impl FnMut(usize, &TapBatch) -> Result<()>,
+    visit: impl FnMut(usize, &TapBatch) -> Result<()>,
 ) -> Result<()> {
     let total: usize = seqs.iter().map(|s| s.ids.len()).sum();
     progress.begin(what, total as u64);
-    for (chunk_no, chunk) in seqs.chunks(batch_size.max(1)).enumerate() {
-        let start = chunk_no * batch_size.max(1);
+    run_batches(model, seqs, 0, batch_size, labels, progress, what, visit)?;
+    progress.end();
+    Ok(())
+}
+
+/// The loop of [`for_each_batch`] without beginning or ending a progress bar, for passes that
+/// stream the corpus chunk by chunk. Sequence `k` of `seqs` has the stable index `first + k`
+/// (seeding sampled labels); `visit` receives the batch's offset within `seqs`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_batches(
+    model: &dyn TapModel,
+    seqs: &[Sequence],
+    first: usize,
+    batch_size: usize,
+    labels: Labels,
+    progress: &dyn Progress,
+    what: &str,
+    mut visit: impl FnMut(usize, &TapBatch) -> Result<()>,
+) -> Result<()> {
+    let size = batch_size.max(1);
+    for (chunk_no, chunk) in seqs.chunks(size).enumerate() {
+        let start = chunk_no * size;
         let refs: Vec<(u64, &[u32])> = chunk
             .iter()
             .enumerate()
-            .map(|(k, s)| ((start + k) as u64, s.ids.as_slice()))
+            .map(|(k, s)| ((first + start + k) as u64, s.ids.as_slice()))
             .collect();
         let batch = TokenBatch::training(&refs);
         let taps = model.taps(&batch, labels)?;
@@ -104,7 +124,6 @@ pub fn for_each_batch(
         visit(start, &taps)?;
         progress.advance(batch.n_tokens() as u64);
     }
-    progress.end();
     Ok(())
 }
 

@@ -101,20 +101,37 @@ pub struct Query {
 }
 
 /// Reads `path` line by line as JSON objects; `f(line_number, object)` for each non-blank line.
+/// Streams: memory does not grow with the file. Returns the SHA-256 of the file's bytes.
 fn for_each_json_line(
     path: &Path,
     mut f: impl FnMut(usize, &serde_json::Map<String, serde_json::Value>) -> Result<()>,
 ) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let sha = hex(&Sha256::digest(&bytes));
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|e| Error::input(format!("{}: not valid UTF-8: {e}", path.display())))?;
-    for (i, line) in text.lines().enumerate() {
-        let line_no = i + 1;
-        if line.trim().is_empty() {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut hasher = Sha256::new();
+    let mut line = Vec::new();
+    let mut line_no = 0;
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&line);
+        line_no += 1;
+        let text = std::str::from_utf8(&line).map_err(|e| {
+            Error::input(format!(
+                "{}:{line_no}: not valid UTF-8: {e}",
+                path.display()
+            ))
+        })?;
+        if text.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
             Error::input(format!("{}:{line_no}: malformed JSON: {e}", path.display()))
         })?;
         let obj = value.as_object().ok_or_else(|| {
@@ -125,7 +142,7 @@ fn for_each_json_line(
         })?;
         f(line_no, obj)?;
     }
-    Ok(sha)
+    Ok(hex(&hasher.finalize()))
 }
 
 fn ids_field(
@@ -180,18 +197,31 @@ fn check_vocab(ids: &[u32], vocab_size: usize, at: &str) -> Result<()> {
     }
 }
 
-/// Reads a JSONL corpus and cuts each document into windows of at most `max_len` tokens.
-pub fn read_corpus(
+/// What a streamed pass over a corpus saw.
+#[derive(Debug, Clone)]
+pub struct CorpusStats {
+    pub n_documents: usize,
+    pub n_sequences: usize,
+    pub n_tokens: usize,
+    pub sha256: String,
+}
+
+/// Streams a JSONL corpus, cutting each document into windows of at most `max_len` tokens, and
+/// hands them to `f` in chunks of about `chunk` sequences (in corpus order). Memory holds one
+/// chunk, whatever the corpus size.
+pub fn stream_corpus(
     path: &Path,
     tokenizer: &mut LazyTokenizer,
     max_len: usize,
     vocab_size: usize,
-) -> Result<Corpus> {
+    chunk: usize,
+    mut f: impl FnMut(&[Sequence]) -> Result<()>,
+) -> Result<CorpusStats> {
     if max_len == 0 {
         return Err(Error::input("--max-len must be at least 1"));
     }
-    let mut sequences = Vec::new();
-    let mut n_documents = 0;
+    let mut pending: Vec<Sequence> = Vec::new();
+    let (mut n_documents, mut n_sequences, mut n_tokens) = (0, 0, 0);
     let sha256 = for_each_json_line(path, |line, obj| {
         let at = format!("{}:{line}", path.display());
         let ids = if let Some(ids) = ids_field(obj, "ids", &at, vocab_size)? {
@@ -206,25 +236,54 @@ pub fn read_corpus(
             )));
         };
         n_documents += 1;
+        n_tokens += ids.len();
         for (w, window) in ids.chunks(max_len).enumerate() {
-            sequences.push(Sequence {
+            pending.push(Sequence {
                 id: format!("{line}:{w}"),
                 ids: window.to_vec(),
             });
+            n_sequences += 1;
+        }
+        if pending.len() >= chunk.max(1) {
+            f(&pending)?;
+            pending.clear();
         }
         Ok(())
     })?;
-    if sequences.is_empty() {
+    if !pending.is_empty() {
+        f(&pending)?;
+    }
+    if n_sequences == 0 {
         return Err(Error::input(format!(
             "{}: the corpus holds no tokens (every line is blank or empty)",
             path.display()
         )));
     }
+    Ok(CorpusStats {
+        n_documents,
+        n_sequences,
+        n_tokens,
+        sha256,
+    })
+}
+
+/// Reads a whole JSONL corpus into memory (token ids only), cut into windows.
+pub fn read_corpus(
+    path: &Path,
+    tokenizer: &mut LazyTokenizer,
+    max_len: usize,
+    vocab_size: usize,
+) -> Result<Corpus> {
+    let mut sequences = Vec::new();
+    let stats = stream_corpus(path, tokenizer, max_len, vocab_size, 1024, |chunk| {
+        sequences.extend_from_slice(chunk);
+        Ok(())
+    })?;
     Ok(Corpus {
         path: path.to_path_buf(),
         sequences,
-        n_documents,
-        sha256,
+        n_documents: stats.n_documents,
+        sha256: stats.sha256,
     })
 }
 

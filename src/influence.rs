@@ -148,19 +148,22 @@ impl Preconditioner {
 
 /// Summed per-sequence gradients `G_n = Σ_t g_t ā_tᵀ` (`d_out × d_in_h`) of one layer, written as
 /// columns (column-major `vec(G_n)`) of a `(d_out·d_in_h) × n_seq` matrix.
-fn sequence_gradients(layer: &TrackedLayer, taps: &TapBatch, index: usize) -> Mat<f32> {
+pub fn sequence_gradients(layer: &TrackedLayer, taps: &TapBatch, index: usize) -> Mat<f32> {
     let offsets = taps.offsets();
     let n = offsets[offsets.len() - 1];
     let tap = &taps.layers[index];
     let a = linalg::homogeneous(&tap.a, n, layer.d_in, layer.has_bias);
     let g = linalg::rows(&tap.g, n, layer.d_out);
-    let dim = layer.d_out * layer.d_in_h();
-    let n_seq = taps.seq_lens.len();
-    let mut buf = vec![0f32; dim * n_seq];
+    let (d_out, d_in_h) = (layer.d_out, layer.d_in_h());
+    let mut out = Mat::<f32>::zeros(d_out * d_in_h, taps.seq_lens.len());
     for (k, w) in offsets.windows(2).enumerate() {
         let (s, e) = (w[0], w[1]);
-        let col = &mut buf[k * dim..(k + 1) * dim];
-        let dst = faer::MatMut::from_column_major_slice_mut(col, layer.d_out, layer.d_in_h());
+        let col = out
+            .col_mut(k)
+            .try_as_col_major_mut()
+            .expect("owned column is contiguous")
+            .as_slice_mut();
+        let dst = faer::MatMut::from_column_major_slice_mut(col, d_out, d_in_h);
         linalg::mul_into(
             dst,
             g.subrows(s, e - s).transpose(),
@@ -168,31 +171,107 @@ fn sequence_gradients(layer: &TrackedLayer, taps: &TapBatch, index: usize) -> Ma
             false,
         );
     }
-    Mat::from_fn(dim, n_seq, |i, j| buf[j * dim + i])
+    out
 }
 
-/// Per-query preconditioned gradients, one `n_queries × (d_out·d_in_h)` matrix per layer
-/// (row q = column-major vec(P_q)).
+/// Column `k` of an owned matrix, viewed as a `rows × cols` column-major matrix.
+fn column_as_matrix(m: &Mat<f32>, k: usize, rows: usize, cols: usize) -> MatRef<'_, f32> {
+    let col = m
+        .col(k)
+        .try_as_col_major()
+        .expect("owned column is contiguous")
+        .as_slice();
+    MatRef::from_column_major_slice(col, rows, cols)
+}
+
+/// The preconditioned query gradients of one layer.
+pub enum LayerQueries {
+    /// `[d_out·d_in_h, n_queries]`: column q = column-major vec(P_q). Exact.
+    Full(Mat<f32>),
+    /// Rank-k factors `P_q ≈ (U_q Σ_q) V_qᵀ`, stacked over queries: `u` is `d_out × (n_q·k)`,
+    /// `v` is `d_in_h × (n_q·k)`; query q owns columns `q·k .. (q+1)·k` (zero-padded when the
+    /// layer's rank is below k). Scores never form a training gradient: Σ_t (g_tᵀ U Σ)(Vᵀ ā_t).
+    LowRank {
+        u: Mat<f32>,
+        v: Mat<f32>,
+        rank: usize,
+    },
+}
+
+/// Per-query preconditioned gradients for every tracked layer.
 pub struct PreconditionedQueries {
-    pub per_layer: Vec<Mat<f32>>,
+    pub per_layer: Vec<LayerQueries>,
     /// −log p(completion | prompt) of each query.
     pub losses: Vec<f64>,
+    /// ⟨P_q, G_q⟩ summed over layers: the query's squared norm in the damped inverse-Fisher
+    /// metric (before any rank truncation), for cosine normalisation.
+    pub self_influence: Vec<f64>,
 }
 
-/// Computes and preconditions the measurement gradient of every query.
+impl PreconditionedQueries {
+    pub fn len(&self) -> usize {
+        self.losses.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.losses.is_empty()
+    }
+}
+
+/// Truncated SVD `P ≈ (U Σ)_k V_kᵀ`, written into the query's block of columns.
+fn low_rank_into(
+    p: MatRef<'_, f32>,
+    k: usize,
+    u: &mut Mat<f32>,
+    v: &mut Mat<f32>,
+    q: usize,
+) -> Result<()> {
+    let svd = p.thin_svd().map_err(|e| {
+        Error::Other(format!(
+            "SVD of a preconditioned query gradient failed: {e:?}"
+        ))
+    })?;
+    let s = svd.S();
+    let mut order: Vec<usize> = (0..s.dim()).collect();
+    order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
+    for (slot, &r) in order.iter().take(k).enumerate() {
+        let col = q * k + slot;
+        for i in 0..p.nrows() {
+            u[(i, col)] = svd.U()[(i, r)] * s[r];
+        }
+        for j in 0..p.ncols() {
+            v[(j, col)] = svd.V()[(j, r)];
+        }
+    }
+    Ok(())
+}
+
+/// Computes and preconditions the measurement gradient of every query; with `rank = Some(k)`
+/// each P_q is compressed to rank k per layer (exact when k ≥ the layer's rank).
 pub fn precondition_queries(
     model: &dyn TapModel,
     queries: &[Query],
     preconditioner: &Preconditioner,
     batch_size: usize,
+    rank: Option<usize>,
     progress: &dyn Progress,
 ) -> Result<PreconditionedQueries> {
     let tracked = model.tracked();
-    let mut per_layer: Vec<Mat<f32>> = tracked
+    let n_q = queries.len();
+    let rank = rank.filter(|&k| tracked.iter().any(|l| k < l.d_out.min(l.d_in_h())));
+    let mut per_layer: Vec<LayerQueries> = tracked
         .iter()
-        .map(|l| Mat::zeros(queries.len(), l.d_out * l.d_in_h()))
+        .map(|l| match rank {
+            None => LayerQueries::Full(Mat::zeros(l.d_out * l.d_in_h(), n_q)),
+            Some(k) => LayerQueries::LowRank {
+                u: Mat::zeros(l.d_out, n_q * k),
+                v: Mat::zeros(l.d_in_h(), n_q * k),
+                rank: k,
+            },
+        })
         .collect();
-    let mut losses = Vec::with_capacity(queries.len());
+    let mut losses = Vec::with_capacity(n_q);
+    let mut self_influence = vec![0f64; n_q];
     let total: usize = queries
         .iter()
         .map(|q| q.prompt_ids.len() + q.completion_ids.len())
@@ -222,20 +301,26 @@ pub fn precondition_queries(
         for (index, l) in tracked.iter().enumerate() {
             let grads = sequence_gradients(l, &taps, index);
             for k in 0..chunk.len() {
-                let g = faer::MatRef::from_column_major_slice(
-                    grads
-                        .col(k)
-                        .try_as_col_major()
-                        .expect("owned column is contiguous")
-                        .as_slice(),
-                    l.d_out,
-                    l.d_in_h(),
-                );
+                let q = start + k;
+                let g = column_as_matrix(&grads, k, l.d_out, l.d_in_h());
                 let p = preconditioner.apply(index, g);
-                let row = &mut per_layer[index];
+                let mut dot = 0f64;
                 for j in 0..p.ncols() {
                     for i in 0..p.nrows() {
-                        row[(start + k, i + j * p.nrows())] = p[(i, j)];
+                        dot += p[(i, j)] as f64 * g[(i, j)] as f64;
+                    }
+                }
+                self_influence[q] += dot;
+                match &mut per_layer[index] {
+                    LayerQueries::Full(stack) => {
+                        for j in 0..p.ncols() {
+                            for i in 0..p.nrows() {
+                                stack[(i + j * p.nrows(), q)] = p[(i, j)];
+                            }
+                        }
+                    }
+                    LayerQueries::LowRank { u, v, rank } => {
+                        low_rank_into(p.as_ref(), *rank, u, v, q)?
                     }
                 }
             }
@@ -243,10 +328,118 @@ pub fn precondition_queries(
         progress.advance(batch.n_tokens() as u64);
     }
     progress.end();
-    Ok(PreconditionedQueries { per_layer, losses })
+    Ok(PreconditionedQueries {
+        per_layer,
+        losses,
+        self_influence,
+    })
 }
 
-/// Dense influence scores `[n_queries][n_train]` (f64 accumulation over layers).
+/// Scores of one layer for a batch of training sequences: `[n_queries, n_seq]`.
+pub fn layer_scores(
+    layer: &TrackedLayer,
+    index: usize,
+    queries: &LayerQueries,
+    taps: &TapBatch,
+) -> Mat<f32> {
+    match queries {
+        LayerQueries::Full(stack) => {
+            let grads = sequence_gradients(layer, taps, index);
+            linalg::mul(stack.transpose(), grads.as_ref())
+        }
+        LayerQueries::LowRank { .. } => {
+            let tokens = layer_token_scores(layer, index, queries, taps);
+            let offsets = taps.offsets();
+            Mat::from_fn(tokens.ncols(), taps.seq_lens.len(), |q, n| {
+                (offsets[n]..offsets[n + 1]).map(|t| tokens[(t, q)]).sum()
+            })
+        }
+    }
+}
+
+/// Per-token parts of one layer's scores, `[n_tokens, n_queries]`: `g_tᵀ P_q ā_t`. Summed
+/// over a sequence's tokens they give [`layer_scores`] exactly (same representation of P_q).
+pub fn layer_token_scores(
+    layer: &TrackedLayer,
+    index: usize,
+    queries: &LayerQueries,
+    taps: &TapBatch,
+) -> Mat<f32> {
+    let n = taps.seq_lens.iter().sum();
+    let tap = &taps.layers[index];
+    let a = linalg::homogeneous(&tap.a, n, layer.d_in, layer.has_bias);
+    let g = linalg::rows(&tap.g, n, layer.d_out);
+    match queries {
+        LayerQueries::Full(stack) => {
+            let n_q = stack.ncols();
+            let mut out = Mat::<f32>::zeros(n, n_q);
+            for q in 0..n_q {
+                let p = column_as_matrix(stack, q, layer.d_out, layer.d_in_h());
+                let ap = linalg::mul(a.as_ref(), p.transpose());
+                for t in 0..n {
+                    out[(t, q)] = (0..layer.d_out).map(|o| ap[(t, o)] * g[(t, o)]).sum();
+                }
+            }
+            out
+        }
+        LayerQueries::LowRank { u, v, rank } => {
+            let gu = linalg::mul(g, u.as_ref());
+            let av = linalg::mul(a.as_ref(), v.as_ref());
+            let n_q = u.ncols() / rank;
+            // Column sweeps over contiguous memory: out[:, q] = Σ_{r ∈ q's block} gu[:, r] ∘ av[:, r].
+            let mut out = Mat::<f32>::zeros(n, n_q);
+            for q in 0..n_q {
+                let dst = out
+                    .col_mut(q)
+                    .try_as_col_major_mut()
+                    .expect("owned column")
+                    .as_slice_mut();
+                for r in q * rank..(q + 1) * rank {
+                    let g = gu
+                        .col(r)
+                        .try_as_col_major()
+                        .expect("owned column")
+                        .as_slice();
+                    let a = av
+                        .col(r)
+                        .try_as_col_major()
+                        .expect("owned column")
+                        .as_slice();
+                    for ((d, x), y) in dst.iter_mut().zip(g).zip(a) {
+                        *d += x * y;
+                    }
+                }
+            }
+            out
+        }
+    }
+}
+
+/// `⟨P_z, G_z⟩` summed over layers for each sequence of a batch: each training sequence's
+/// influence on its own loss (also its squared norm in the inverse-Fisher metric).
+pub fn batch_self_influence(
+    tracked: &[TrackedLayer],
+    preconditioner: &Preconditioner,
+    taps: &TapBatch,
+) -> Vec<f64> {
+    let mut out = vec![0f64; taps.seq_lens.len()];
+    for (index, l) in tracked.iter().enumerate() {
+        let grads = sequence_gradients(l, taps, index);
+        for (k, o) in out.iter_mut().enumerate() {
+            let g = column_as_matrix(&grads, k, l.d_out, l.d_in_h());
+            let p = preconditioner.apply(index, g);
+            for j in 0..p.ncols() {
+                for i in 0..p.nrows() {
+                    *o += p[(i, j)] as f64 * g[(i, j)] as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Dense influence scores `[n_queries][n_train]` (f64 accumulation over layers), in memory.
+/// For tests and small corpora; `infl score` streams through [`crate::results`] instead.
 pub fn score_dense(
     model: &dyn TapModel,
     queries: &PreconditionedQueries,
@@ -254,9 +447,8 @@ pub fn score_dense(
     batch_size: usize,
     progress: &dyn Progress,
 ) -> Result<Vec<Vec<f64>>> {
-    let n_q = queries.losses.len();
     let tracked = model.tracked();
-    let mut scores = vec![vec![0f64; train.len()]; n_q];
+    let mut scores = vec![vec![0f64; train.len()]; queries.len()];
     for_each_batch(
         model,
         train,
@@ -266,10 +458,9 @@ pub fn score_dense(
         "scoring pass",
         |start, taps| {
             for (index, l) in tracked.iter().enumerate() {
-                let grads = sequence_gradients(l, taps, index);
-                let part = linalg::mul(queries.per_layer[index].as_ref(), grads.as_ref());
+                let part = layer_scores(l, index, &queries.per_layer[index], taps);
                 for (q, row) in scores.iter_mut().enumerate() {
-                    for k in 0..grads.ncols() {
+                    for k in 0..part.ncols() {
                         row[start + k] += part[(q, k)] as f64;
                     }
                 }

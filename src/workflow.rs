@@ -165,6 +165,26 @@ pub struct ScoreJob {
     pub batch_size: usize,
     /// Window length; `None` = the one the factors were fitted with.
     pub max_len: Option<usize>,
+    /// Compress each preconditioned query gradient to this rank per layer (`None` = exact).
+    pub query_rank: Option<usize>,
+    /// Write per-layer parts (top/bottom-k) and per-layer totals (layers.json).
+    pub per_layer: bool,
+    /// Split each top/bottom-k score over the sequence's tokens.
+    pub per_token: bool,
+    pub normalize: Normalize,
+}
+
+/// What the reported score is.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    /// The influence I(q, z) itself.
+    None,
+    /// I(q, z) / sqrt(I(q, q) · I(z, z)): cosine of the two gradients in the damped
+    /// inverse-Fisher metric (RelatIF-style; bounded by 1 in magnitude).
+    Cosine,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -172,8 +192,13 @@ pub struct QueriesInfo {
     pub path: String,
     pub sha256: String,
     pub ids: Vec<String>,
+    /// Prompt and completion text (null for pre-tokenised queries).
+    pub prompts: Vec<Option<String>>,
+    pub completions: Vec<Option<String>>,
     /// −log p(completion | prompt) per query, in nats.
     pub losses: Vec<f64>,
+    /// I(q, q): the query gradient's squared norm in the damped inverse-Fisher metric.
+    pub self_influence: Vec<f64>,
 }
 
 /// `meta.json` of a results directory.
@@ -188,6 +213,13 @@ pub struct ScoresMeta {
     pub damping: Damping,
     /// λ actually used per tracked layer.
     pub damping_per_layer: Vec<(String, f64)>,
+    /// Tracked layer names, in the order of every per-layer array.
+    pub layers: Vec<String>,
+    /// Rank of the compressed query gradients (null = exact).
+    pub query_rank: Option<usize>,
+    pub normalize: Normalize,
+    pub per_layer: bool,
+    pub per_token: bool,
     pub top_k: usize,
     pub dense: bool,
     pub batch_size: usize,
@@ -234,26 +266,41 @@ pub fn open_factors(dir: &Path) -> Result<FactorsMeta> {
 }
 
 pub struct ScoreSummary {
-    pub scores: Vec<Vec<f64>>,
+    pub summaries: Vec<results::QuerySummary>,
     pub top: Vec<results::TopEntry>,
     pub meta: ScoresMeta,
     pub seconds: f64,
+    /// Time of the pass over the training corpus alone.
+    pub pass_seconds: f64,
 }
 
-pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
-    let started = std::time::Instant::now();
-    let fmeta = open_factors(&job.factors)?;
-    let model = model::load(&job.model, fmeta.modules)?;
-    let model_info = ModelInfo::of(&job.model, model.as_ref())?;
+/// Model, factors and preconditioner, checked to belong together.
+struct Prepared {
+    fmeta: FactorsMeta,
+    model: Box<dyn TapModel>,
+    model_info: ModelInfo,
+    preconditioner: Preconditioner,
+    max_len: usize,
+}
+
+fn prepare(
+    model_dir: &Path,
+    factors_dir: &Path,
+    damping: Damping,
+    max_len: Option<usize>,
+) -> Result<Prepared> {
+    let fmeta = open_factors(factors_dir)?;
+    let model = model::load(model_dir, fmeta.modules)?;
+    let model_info = ModelInfo::of(model_dir, model.as_ref())?;
     if model_info.weights_sha256 != fmeta.model.weights_sha256
         || model_info.config_sha256 != fmeta.model.config_sha256
     {
         return Err(Error::Mismatch(format!(
             "the factors in {} were fitted on another model ({}, weights sha256 {}…), not on {} (weights sha256 {}…); rerun `infl fit` with this model",
-            job.factors.display(),
+            factors_dir.display(),
             fmeta.model.path,
             &fmeta.model.weights_sha256[..12],
-            job.model.display(),
+            model_dir.display(),
             &model_info.weights_sha256[..12]
         )));
     }
@@ -269,14 +316,38 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         )));
     }
     let factors = Factors::from_file(
-        &job.factors.join(FACTORS_FILE),
+        &factors_dir.join(FACTORS_FILE),
         fmeta.strategy,
         model.tracked(),
     )?;
-    let preconditioner = Preconditioner::new(&factors, job.damping)?;
-
-    let max_len = job.max_len.unwrap_or(fmeta.corpus.max_len);
+    let preconditioner = Preconditioner::new(&factors, damping)?;
+    let max_len = max_len.unwrap_or(fmeta.corpus.max_len);
     check_max_len(max_len, model.as_ref())?;
+    Ok(Prepared {
+        fmeta,
+        model,
+        model_info,
+        preconditioner,
+        max_len,
+    })
+}
+
+/// Sequences per streamed chunk, in batches.
+const CHUNK_BATCHES: usize = 16;
+
+pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
+    let started = std::time::Instant::now();
+    if job.query_rank == Some(0) {
+        return Err(Error::input("--query-rank must be at least 1 (or `full`)"));
+    }
+    let Prepared {
+        fmeta,
+        model,
+        model_info,
+        preconditioner,
+        max_len,
+    } = prepare(&job.model, &job.factors, job.damping, job.max_len)?;
+    let tracked = model.tracked().to_vec();
     let mut tok = LazyTokenizer::new(&job.model);
     let (queries, queries_sha) = data::read_queries(
         &job.queries,
@@ -284,34 +355,138 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         model.max_positions(),
         model.vocab_size(),
     )?;
-    let corpus = data::read_corpus(&job.train, &mut tok, max_len, model.vocab_size())?;
-
+    let query_ids: Vec<String> = queries.iter().map(|q| q.id.clone()).collect();
     let pq = influence::precondition_queries(
         model.as_ref(),
         &queries,
         &preconditioner,
         job.batch_size,
-        progress,
-    )?;
-    let scores = influence::score_dense(
-        model.as_ref(),
-        &pq,
-        &corpus.sequences,
-        job.batch_size,
+        job.query_rank,
         progress,
     )?;
 
     io::ensure_dir(&job.out)?;
-    let top = results::top_entries(&scores, &queries, &corpus, job.top_k, &mut tok);
+    let dense = if job.dense {
+        Some(results::DenseWriter::new(&job.out, queries.len())?)
+    } else {
+        None
+    };
+    let mut acc = results::ScoreAccumulator::new(queries.len(), tracked.len(), job.top_k, dense);
+    let cosine = job.normalize == Normalize::Cosine;
+    let scale = |taps: &crate::model::TapBatch| -> Option<Vec<Vec<f64>>> {
+        cosine.then(|| {
+            let own = influence::batch_self_influence(&tracked, &preconditioner, taps);
+            pq.self_influence
+                .iter()
+                // A zero gradient (a one-token sequence predicts nothing) has no direction:
+                // its cosine is 0, not 0/0.
+                .map(|sq| {
+                    own.iter()
+                        .map(|sz| {
+                            if sq * sz > 0.0 {
+                                1.0 / (sq * sz).sqrt()
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+    };
+    progress.begin("scoring pass", 0);
+    let pass_started = std::time::Instant::now();
+    let mut seen = 0usize;
+    let stats = data::stream_corpus(
+        &job.train,
+        &mut tok,
+        max_len,
+        model.vocab_size(),
+        job.batch_size.max(1) * CHUNK_BATCHES,
+        |chunk| {
+            curvature::run_batches(
+                model.as_ref(),
+                chunk,
+                seen,
+                job.batch_size,
+                crate::model::Labels::Data,
+                progress,
+                "scoring pass",
+                |start, taps| {
+                    let parts: Vec<_> = tracked
+                        .iter()
+                        .enumerate()
+                        .map(|(i, l)| influence::layer_scores(l, i, &pq.per_layer[i], taps))
+                        .collect();
+                    let n = taps.seq_lens.len();
+                    acc.add(
+                        seen + start,
+                        &chunk[start..start + n],
+                        &parts,
+                        scale(taps).as_deref(),
+                    )
+                },
+            )?;
+            seen += chunk.len();
+            Ok(())
+        },
+    )?;
+    progress.end();
+    let pass_seconds = pass_started.elapsed().as_secs_f64();
+    if job.top_k > stats.n_sequences {
+        eprintln!(
+            "warning: --top-k {} exceeds the {} training sequences; every sequence is listed",
+            job.top_k, stats.n_sequences
+        );
+    }
+
+    let token_parts = if job.per_token {
+        Some(token_pass(
+            model.as_ref(),
+            &acc.summaries,
+            &pq,
+            job.batch_size,
+            &mut tok,
+            |taps| scale(taps),
+        )?)
+    } else {
+        None
+    };
+    let top = results::entries(
+        &acc.summaries,
+        &query_ids,
+        &mut tok,
+        job.per_layer,
+        token_parts.as_ref(),
+    );
     results::write_top_k(&job.out.join("top_k.jsonl"), &top)?;
-    if job.dense {
-        results::write_dense(
-            &job.out.join("scores.safetensors"),
-            &scores,
-            &queries,
-            &corpus,
+    results::write_distribution(
+        &job.out.join("distribution.json"),
+        &acc.summaries,
+        &query_ids,
+    )?;
+    let layer_names: Vec<String> = tracked.iter().map(|l| l.name.clone()).collect();
+    if job.per_layer {
+        results::write_layers(
+            &job.out.join("layers.json"),
+            &acc.summaries,
+            &query_ids,
+            &layer_names,
         )?;
     }
+    acc.finish_dense(
+        &job.out.join("scores.safetensors"),
+        &query_ids,
+        stats.n_sequences,
+    )?;
+    let corpus = CorpusInfo {
+        path: job.train.display().to_string(),
+        sha256: stats.sha256.clone(),
+        max_len,
+        n_documents: stats.n_documents,
+        n_sequences: stats.n_sequences,
+        n_tokens: stats.n_tokens,
+    };
     let meta = ScoresMeta {
         tool: "infl".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -320,30 +495,251 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         fisher: fmeta.fisher,
         modules: fmeta.modules,
         damping: job.damping,
-        damping_per_layer: names.iter().map(|n| n.to_string()).zip(preconditioner.damping.iter().copied()).collect(),
+        damping_per_layer: layer_names
+            .iter()
+            .cloned()
+            .zip(preconditioner.damping.iter().copied())
+            .collect(),
+        layers: layer_names,
+        query_rank: job.query_rank,
+        normalize: job.normalize,
+        per_layer: job.per_layer,
+        per_token: job.per_token,
         top_k: job.top_k,
         dense: job.dense,
         batch_size: job.batch_size,
         model: model_info,
-        corpus: CorpusInfo::of(&corpus, max_len),
+        corpus,
         queries: QueriesInfo {
             path: job.queries.display().to_string(),
             sha256: queries_sha,
-            ids: queries.iter().map(|q| q.id.clone()).collect(),
+            ids: query_ids,
+            prompts: queries.iter().map(|q| q.prompt.clone()).collect(),
+            completions: queries.iter().map(|q| q.completion.clone()).collect(),
             losses: pq.losses.clone(),
+            self_influence: pq.self_influence.clone(),
         },
         factors: FactorsRef {
             path: job.factors.display().to_string(),
             factors_sha256: fmeta.factors_sha256.clone(),
             fitted_on: fmeta.corpus.clone(),
         },
-        score_convention: "I(q,z) = sum over tracked layers of <(F+λI)^-1 ∇f_q, ∇L_z>; f_q = -log p(completion|prompt) summed over completion tokens, L_z = summed next-token cross-entropy of z; positive = training on z lowers f_q (z supports the completion); not divided by the number of training sequences".into(),
+        score_convention: SCORE_CONVENTION.into(),
     };
     io::write_json(&job.out.join(META_FILE), &meta)?;
     Ok(ScoreSummary {
-        scores,
+        summaries: acc.summaries,
         top,
         meta,
         seconds: started.elapsed().as_secs_f64(),
+        pass_seconds,
+    })
+}
+
+const SCORE_CONVENTION: &str = "I(q,z) = sum over tracked layers of <(F+λI)^-1 ∇f_q, ∇L_z>; f_q = -log p(completion|prompt) summed over completion tokens, L_z = summed next-token cross-entropy of z; positive = training on z lowers f_q (z supports the completion); not divided by the number of training sequences";
+
+/// Second, small pass over the top/bottom sequences of every query: each score split over the
+/// sequence's tokens, `Σ_ℓ g_tᵀ P_{q,ℓ} ā_t` for token t (the position whose output predicts
+/// token t+1). Keyed by (query, corpus index).
+fn token_pass(
+    model: &dyn TapModel,
+    summaries: &[results::QuerySummary],
+    pq: &influence::PreconditionedQueries,
+    batch_size: usize,
+    tok: &mut LazyTokenizer,
+    scale: impl Fn(&crate::model::TapBatch) -> Option<Vec<Vec<f64>>>,
+) -> Result<std::collections::HashMap<(usize, usize), Vec<results::TokenPart>>> {
+    let mut wanted: std::collections::BTreeMap<usize, (String, Vec<u32>)> = Default::default();
+    for s in summaries {
+        for c in s.top.iter().chain(&s.bottom) {
+            wanted
+                .entry(c.index)
+                .or_insert_with(|| (c.sequence_id.clone(), c.ids.clone()));
+        }
+    }
+    let indices: Vec<usize> = wanted.keys().copied().collect();
+    let seqs: Vec<data::Sequence> = wanted
+        .into_values()
+        .map(|(id, ids)| data::Sequence { id, ids })
+        .collect();
+    let tracked = model.tracked();
+    let mut out = std::collections::HashMap::new();
+    let mut token_text = |id: u32| tok.decode(&[id]).unwrap_or_else(|| format!("<{id}>"));
+    let mut texts: Vec<Vec<String>> = Vec::with_capacity(seqs.len());
+    for s in &seqs {
+        texts.push(s.ids.iter().map(|&i| token_text(i)).collect());
+    }
+    curvature::for_each_batch(
+        model,
+        &seqs,
+        batch_size,
+        crate::model::Labels::Data,
+        &curvature::Silent,
+        "per-token pass",
+        |start, taps| {
+            let offsets = taps.offsets();
+            let mut total: Option<faer::Mat<f32>> = None;
+            for (i, l) in tracked.iter().enumerate() {
+                let part = influence::layer_token_scores(l, i, &pq.per_layer[i], taps);
+                total = Some(match total {
+                    None => part,
+                    Some(t) => t + part,
+                });
+            }
+            let total = total.expect("at least one tracked layer");
+            let factors = scale(taps);
+            for n in 0..taps.seq_lens.len() {
+                for q in 0..pq.len() {
+                    let f = factors.as_ref().map_or(1.0, |s| s[q][n]);
+                    let parts = (offsets[n]..offsets[n + 1])
+                        .zip(&texts[start + n])
+                        .map(|(t, text)| results::TokenPart {
+                            text: text.clone(),
+                            score: total[(t, q)] as f64 * f,
+                        })
+                        .collect();
+                    out.insert((q, indices[start + n]), parts);
+                }
+            }
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+/// Settings of `infl self-influence`.
+#[derive(Debug, Clone)]
+pub struct SelfInfluenceJob {
+    pub model: PathBuf,
+    pub factors: PathBuf,
+    pub train: PathBuf,
+    pub out: PathBuf,
+    pub damping: Damping,
+    pub top_k: usize,
+    pub batch_size: usize,
+    pub max_len: Option<usize>,
+}
+
+/// Each training sequence's influence on its own loss, I(z, z) = ⟨(F+λI)⁻¹∇L_z, ∇L_z⟩: large
+/// values flag outliers and mislabelled data. Writes `self_influence.jsonl` (every sequence, in
+/// corpus order), `top_k.jsonl` (query id `self`: the highest and lowest), `distribution.json`
+/// and `meta.json`.
+pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result<ScoreSummary> {
+    use std::io::Write;
+    let started = std::time::Instant::now();
+    let Prepared {
+        fmeta,
+        model,
+        model_info,
+        preconditioner,
+        max_len,
+    } = prepare(&job.model, &job.factors, job.damping, job.max_len)?;
+    let tracked = model.tracked().to_vec();
+    let mut tok = LazyTokenizer::new(&job.model);
+    io::ensure_dir(&job.out)?;
+    let all_path = job.out.join("self_influence.jsonl");
+    let tmp = job
+        .out
+        .join(format!(".self_influence.jsonl.tmp-{}", std::process::id()));
+    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut all = std::io::BufWriter::new(file);
+    let mut acc = results::ScoreAccumulator::new(1, 1, job.top_k, None);
+    progress.begin("self-influence", 0);
+    let pass_started = std::time::Instant::now();
+    let mut seen = 0usize;
+    let stats = data::stream_corpus(
+        &job.train,
+        &mut tok,
+        max_len,
+        model.vocab_size(),
+        job.batch_size.max(1) * CHUNK_BATCHES,
+        |chunk| {
+            curvature::run_batches(
+                model.as_ref(),
+                chunk,
+                seen,
+                job.batch_size,
+                crate::model::Labels::Data,
+                progress,
+                "self-influence",
+                |start, taps| {
+                    let own = influence::batch_self_influence(&tracked, &preconditioner, taps);
+                    let n = own.len();
+                    for (k, v) in own.iter().enumerate() {
+                        let line = serde_json::json!({"sequence_id": chunk[start + k].id, "self_influence": v});
+                        writeln!(all, "{line}").map_err(|e| Error::io(&tmp, e))?;
+                    }
+                    let part = faer::Mat::from_fn(1, n, |_, k| own[k] as f32);
+                    acc.add(seen + start, &chunk[start..start + n], &[part], None)
+                },
+            )?;
+            seen += chunk.len();
+            Ok(())
+        },
+    )?;
+    progress.end();
+    all.into_inner()
+        .map_err(|e| Error::io(&tmp, e.into_error()))?
+        .sync_all()
+        .map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &all_path).map_err(|e| Error::io(&all_path, e))?;
+    let ids = vec!["self".to_string()];
+    let top = results::entries(&acc.summaries, &ids, &mut tok, false, None);
+    results::write_top_k(&job.out.join("top_k.jsonl"), &top)?;
+    results::write_distribution(&job.out.join("distribution.json"), &acc.summaries, &ids)?;
+    let layer_names: Vec<String> = tracked.iter().map(|l| l.name.clone()).collect();
+    let meta = ScoresMeta {
+        tool: "infl".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        kind: "self-influence".into(),
+        strategy: fmeta.strategy,
+        fisher: fmeta.fisher,
+        modules: fmeta.modules,
+        damping: job.damping,
+        damping_per_layer: layer_names
+            .iter()
+            .cloned()
+            .zip(preconditioner.damping.iter().copied())
+            .collect(),
+        layers: layer_names,
+        query_rank: None,
+        normalize: Normalize::None,
+        per_layer: false,
+        per_token: false,
+        top_k: job.top_k,
+        dense: false,
+        batch_size: job.batch_size,
+        model: model_info,
+        corpus: CorpusInfo {
+            path: job.train.display().to_string(),
+            sha256: stats.sha256,
+            max_len,
+            n_documents: stats.n_documents,
+            n_sequences: stats.n_sequences,
+            n_tokens: stats.n_tokens,
+        },
+        queries: QueriesInfo {
+            path: String::new(),
+            sha256: String::new(),
+            ids,
+            prompts: vec![None],
+            completions: vec![None],
+            losses: vec![],
+            self_influence: vec![],
+        },
+        factors: FactorsRef {
+            path: job.factors.display().to_string(),
+            factors_sha256: fmeta.factors_sha256.clone(),
+            fitted_on: fmeta.corpus.clone(),
+        },
+        score_convention: "I(z,z) = sum over tracked layers of <(F+λI)^-1 ∇L_z, ∇L_z> (≥ 0)".into(),
+    };
+    io::write_json(&job.out.join(META_FILE), &meta)?;
+    Ok(ScoreSummary {
+        summaries: acc.summaries,
+        top,
+        meta,
+        seconds: started.elapsed().as_secs_f64(),
+        pass_seconds: pass_started.elapsed().as_secs_f64(),
     })
 }

@@ -165,18 +165,26 @@ fn outputs_record_provenance_and_top_k() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 3 * 4);
+    // Per query: the 4 most positive, then the 4 most negative.
+    assert_eq!(lines.len(), 3 * 4 * 2);
     assert_eq!(lines[0]["query_id"], "a");
     assert_eq!(lines[0]["rank"], 1);
+    assert_eq!(lines[0]["direction"], "top");
+    assert_eq!(lines[4]["direction"], "bottom");
     assert_eq!(
-        lines[8]["query_id"], "3",
+        lines[16]["query_id"], "3",
         "queries without an id are named by their line"
     );
-    let scores: Vec<f64> = lines[..4]
+    let top: Vec<f64> = lines[..4]
         .iter()
         .map(|l| l["score"].as_f64().unwrap())
         .collect();
-    assert!(scores.windows(2).all(|w| w[0] >= w[1]));
+    assert!(top.windows(2).all(|w| w[0] >= w[1]));
+    let bottom: Vec<f64> = lines[4..8]
+        .iter()
+        .map(|l| l["score"].as_f64().unwrap())
+        .collect();
+    assert!(bottom.windows(2).all(|w| w[0] <= w[1]) && bottom[0] < top[3]);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(results.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["strategy"], "ekfac");
@@ -450,4 +458,175 @@ fn demo_runs_on_the_bundled_model_and_finds_the_facts() {
         "{first}"
     );
     assert!(dir.join("results/scores.safetensors").exists());
+}
+
+/// Low-rank queries, per-layer and per-token parts, self-influence and cosine normalisation,
+/// each against an exact counterpart.
+#[test]
+fn scoring_options_agree_with_exact_references() {
+    let dir = scratch("options");
+    let (model, corpus, _) = fixture(&dir, 21);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    // Queries made from training sequences: prompt = first token, completion = the rest, so
+    // the measurement is exactly the sequence's training loss and I(q, z) = I(z, z).
+    let seqs: Vec<Vec<u64>> = std::fs::read_to_string(&corpus)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
+        })
+        .collect();
+    let picked = [1usize, 4, 9]; // documents of 8, 10 and 7 tokens: one window each
+    let mut q = String::new();
+    for &d in &picked {
+        assert!(seqs[d].len() <= 12 && seqs[d].len() >= 2);
+        q.push_str(&format!(
+            "{{\"id\": \"z{d}\", \"prompt_ids\": {:?}, \"completion_ids\": {:?}}}\n",
+            &seqs[d][..1],
+            &seqs[d][1..]
+        ));
+    }
+    let queries = dir.join("self_queries.jsonl");
+    std::fs::write(&queries, q).unwrap();
+    let factors = dir.join("factors");
+    ok(&[
+        "fit",
+        "--model",
+        &s(&model),
+        "--train",
+        &s(&corpus),
+        "--out",
+        &s(&factors),
+        "--fisher",
+        "empirical",
+    ]);
+    let score = |name: &str, extra: &[&str]| -> (Vec<usize>, Vec<f64>) {
+        let out = dir.join(name);
+        let mut args = vec![
+            "score".to_string(),
+            "--model".into(),
+            s(&model),
+            "--factors".into(),
+            s(&factors),
+            "--train".into(),
+            s(&corpus),
+            "--queries".into(),
+            s(&queries),
+            "--out".into(),
+            s(&out),
+            "--dense".into(),
+            "--top-k".into(),
+            "3".into(),
+        ];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        read_scores(&out.join("scores.safetensors"))
+    };
+    let (shape, full) = score(
+        "full",
+        &["--query-rank", "full", "--per-layer", "--per-token"],
+    );
+    let n = shape[1];
+    let scale = full.iter().fold(0f64, |m, x| m.max(x.abs()));
+
+    // Rank 9 reaches every layer's rank (d_in + 1 = 9 or d_out = 8): exact.
+    let (_, k9) = score("k9", &["--query-rank", "9"]);
+    for (a, b) in full.iter().zip(&k9) {
+        assert!((a - b).abs() <= 1e-4 * scale, "rank 9 {b} vs full {a}");
+    }
+    // Rank 1 is an approximation: different, but still correlated.
+    let (_, k1) = score("k1", &["--query-rank", "1"]);
+    let worst = full
+        .iter()
+        .zip(&k1)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst > 1e-3 * scale, "rank 1 should not be exact");
+
+    // Per-layer and per-token parts sum to the score.
+    let top = std::fs::read_to_string(dir.join("full/top_k.jsonl")).unwrap();
+    for line in top.lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        let score = e["score"].as_f64().unwrap();
+        let layers: f64 = e["per_layer"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum();
+        let tokens: f64 = e["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["score"].as_f64().unwrap())
+            .sum();
+        assert!(
+            (layers - score).abs() <= 1e-5 * scale,
+            "per-layer parts {layers} vs score {score}"
+        );
+        assert!(
+            (tokens - score).abs() <= 1e-4 * scale,
+            "per-token parts {tokens} vs score {score}"
+        );
+    }
+    let layers: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("full/layers.json")).unwrap())
+            .unwrap();
+    for (qi, lq) in layers["queries"].as_array().unwrap().iter().enumerate() {
+        let total: f64 = lq["total_per_layer"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum();
+        let row: f64 = full[qi * n..(qi + 1) * n].iter().sum();
+        assert!(
+            (total - row).abs() <= 1e-4 * scale * n as f64,
+            "layer totals {total} vs row sum {row}"
+        );
+    }
+
+    // Self-influence equals I(q, z) for the query made from z.
+    let si = dir.join("self");
+    ok(&[
+        "self-influence",
+        "--model",
+        &s(&model),
+        "--factors",
+        &s(&factors),
+        "--train",
+        &s(&corpus),
+        "--out",
+        &s(&si),
+    ]);
+    let own: Vec<f64> = std::fs::read_to_string(si.join("self_influence.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["self_influence"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(own.len(), n);
+    // Column of document d: documents before it with > 12 tokens took two windows.
+    let column = |d: usize| (0..d).map(|e| seqs[e].len().div_ceil(12)).sum::<usize>();
+    for (qi, &d) in picked.iter().enumerate() {
+        let (a, b) = (full[qi * n + column(d)], own[column(d)]);
+        assert!(
+            b > 0.0 && (a - b).abs() <= 1e-4 * b,
+            "I(q,z) {a} vs self-influence {b}"
+        );
+    }
+
+    // Cosine: bounded by 1, and exactly 1 between a sequence and the query made from it.
+    let (_, cos) = score("cos", &["--query-rank", "full", "--normalize", "cosine"]);
+    assert!(cos.iter().all(|c| c.abs() <= 1.0 + 1e-4));
+    for (qi, &d) in picked.iter().enumerate() {
+        assert!((cos[qi * n + column(d)] - 1.0).abs() < 1e-4);
+    }
 }

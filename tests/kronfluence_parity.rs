@@ -62,14 +62,23 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             out: dir.join(format!("results-{strategy:?}")),
             damping: Damping::Heuristic,
             top_k: 5,
-            dense: false,
+            dense: true,
             batch_size: 16,
             max_len: None,
+            query_rank: None,
+            per_layer: false,
+            per_token: false,
+            normalize: infl::workflow::Normalize::None,
         },
         &Silent,
     )
-    .unwrap()
-    .scores
+    .unwrap();
+    let t =
+        read_safetensors(&dir.join(format!("results-{strategy:?}/scores.safetensors"))).unwrap();
+    let (shape, v) = &t["scores"];
+    (0..shape[0])
+        .map(|q| v[q * shape[1]..(q + 1) * shape[1]].to_vec())
+        .collect()
 }
 
 #[test]

@@ -788,7 +788,7 @@ mod tests {
                 .collect(),
         };
         let pre = Preconditioner::new(&factors, Damping::Heuristic).unwrap();
-        let pq = precondition_queries(&model, &queries, &pre, 2, &Silent).unwrap();
+        let pq = precondition_queries(&model, &queries, &pre, 2, None, &Silent).unwrap();
         let scores = score_dense(&model, &pq, &train, 2, &Silent).unwrap();
 
         for (qi, q) in queries.iter().enumerate() {
