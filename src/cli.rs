@@ -438,11 +438,11 @@ fn report(a: ReportArgs, quiet: bool) -> Result<()> {
         for t in &s.tails {
             match &t.fit {
                 Ok(f) => eprintln!(
-                    "{}: tail α = {:.3} ± {:.3} above {:.4e} ({} values), p = {}; {}",
+                    "{}: tail α = {:.3} ± {:.3} above x_min = {} ({} values), p = {}; {}",
                     t.query_id,
                     f.alpha,
                     f.alpha_se,
-                    f.x_min,
+                    infl::report::fmt_score(f.x_min),
                     f.n_tail,
                     f.p_value
                         .map(|p| format!("{p:.3}"))

@@ -132,6 +132,8 @@ pub struct Results {
     pub queries: Vec<QueryInfo>,
     pub queries_sha256: Option<String>,
     pub strategy: String,
+    /// Score normalisation (`none`, `cosine`), when recorded.
+    pub normalize: Option<String>,
     pub model: String,
     pub corpus: String,
     pub corpus_sha256: Option<String>,
@@ -326,6 +328,7 @@ impl Results {
                         .unwrap_or_else(|| v.to_string())
                 })
                 .unwrap_or_else(|| "unknown".into()),
+            normalize: text("normalize"),
             model: text("model.path").unwrap_or_else(|| "unknown model".into()),
             corpus: text("corpus.path").unwrap_or_else(|| "unknown corpus".into()),
             corpus_sha256: text("corpus.sha256"),
@@ -590,6 +593,22 @@ th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums;
 .cols{display:grid;gap:12px}.col{min-width:0}
 "#;
 
+/// The |part| at which token colours saturate: the 95th percentile of the query's token parts
+/// (one outsized token would otherwise leave every other one white).
+pub fn colour_scale(magnitudes: &mut [f64]) -> f64 {
+    if magnitudes.is_empty() {
+        return 0.0;
+    }
+    magnitudes.sort_by(f64::total_cmp);
+    let i = ((magnitudes.len() - 1) as f64 * 0.95).round() as usize;
+    let p = magnitudes[i];
+    if p > 0.0 {
+        p
+    } else {
+        magnitudes[magnitudes.len() - 1]
+    }
+}
+
 /// Background colour of a token part: red for positive, blue for negative, stronger with |s|.
 pub fn token_colour(score: f64, scale: f64) -> String {
     if scale.is_nan() || scale <= 0.0 || !score.is_finite() || score == 0.0 {
@@ -670,10 +689,14 @@ pub fn render(results: &Results, tails: &[TailAnalysis], missing: &[String]) -> 
     );
     let _ = write!(
         h,
-        "<h1>Influence report</h1><div class=\"sub\">results <code>{}</code> · model <code>{}</code> · strategy <b>{}</b> · corpus <code>{}</code>{}</div>",
+        "<h1>Influence report</h1><div class=\"sub\">results <code>{}</code> · model <code>{}</code> · strategy <b>{}</b>{} · corpus <code>{}</code>{}</div>",
         escape(&results.dir.display().to_string()),
         escape(&results.model),
         escape(&results.strategy),
+        match results.normalize.as_deref() {
+            Some(n) if n != "none" => format!(" · scores normalised: <b>{}</b>", escape(n)),
+            _ => String::new(),
+        },
         escape(&results.corpus),
         results
             .n_sequences
@@ -684,7 +707,7 @@ pub fn render(results: &Results, tails: &[TailAnalysis], missing: &[String]) -> 
         "<p class=\"legend\">A score I(q, z) &gt; 0 means training on sequence z lowers −log p(completion | prompt): z supports the completion. \
          Token colours: <span class=\"swatch\" style=\"background:rgba(220,38,38,.85)\"></span> positive part \
          <span class=\"swatch\" style=\"background:rgba(37,99,235,.85)\"></span> negative part (hover a token for its part; \
-         the parts of a sequence sum to its score; colour ∝ √|part|, scaled per query).</p>",
+         the parts of a sequence sum to its score; colour ∝ √|part|, saturating at the 95th percentile of the query's |parts|).</p>",
     );
     if !missing.is_empty() {
         h.push_str("<div class=\"note\" id=\"missing\"><b>Not in these results:</b><ul>");
@@ -796,13 +819,14 @@ fn render_query(
 
     let top = r.entries(&q.id, Direction::Top);
     let bottom = r.entries(&q.id, Direction::Bottom);
-    let scale = top
+    let mut mags: Vec<f64> = top
         .iter()
         .chain(&bottom)
         .flat_map(|e| e.tokens.iter().flatten())
         .map(|t| t.score.abs())
         .filter(|x| x.is_finite())
-        .fold(0.0, f64::max);
+        .collect();
+    let scale = colour_scale(&mut mags);
     let has_tokens = top.iter().chain(&bottom).any(|e| e.tokens.is_some());
     let any = !(top.is_empty() && bottom.is_empty());
     if any && !has_tokens {
@@ -904,7 +928,7 @@ fn render_layers(h: &mut String, r: &Results, qi: usize, q: &QueryInfo) {
             &t.total_per_layer,
             Some(&t.abs_per_layer),
         ));
-        h.push_str("<div class=\"legend\">Bars: each layer's part of the scores summed over all training sequences; outline: the sum of |part|.</div>");
+        h.push_str("<div class=\"legend\">Signed total: each layer's part of the scores summed over all training sequences. Σ |part|: the sum of the parts' magnitudes (own scale), how much each layer moves the scores either way.</div>");
         return;
     }
     let top = r.entries(&q.id, Direction::Top);
@@ -930,31 +954,68 @@ fn render_layers(h: &mut String, r: &Results, qi: usize, q: &QueryInfo) {
 // ---------------------------------------------------------------------------------------------
 // SVG
 
-/// A horizontal diverging bar chart: one bar per layer, positive red to the right of zero,
-/// negative blue to the left; `abs` (≥ |value|) drawn as an outline when given.
-pub fn layer_svg(names: &[String], values: &[f64], abs: Option<&[f64]>) -> String {
-    let (w, label_w, row, top) = (560.0, 170.0, 16.0, 24.0);
-    let plot_w = w - label_w - 70.0;
-    let n = names.len().min(values.len());
-    let height = top + row * n as f64 + 26.0;
-    let finite = |x: &f64| x.is_finite();
-    let mut lo = values.iter().copied().filter(finite).fold(0.0, f64::min);
-    let mut hi = values.iter().copied().filter(finite).fold(0.0, f64::max);
-    if let Some(a) = abs {
-        hi = hi.max(a.iter().copied().filter(finite).fold(0.0, f64::max));
-        if lo < 0.0 {
-            lo = lo.min(-hi);
+/// Drops the dotted prefix every name shares (`transformer.`), for shorter chart labels.
+fn strip_common_prefix(names: &[String]) -> Vec<String> {
+    let first = match names.first() {
+        Some(f) if names.len() > 1 => f,
+        _ => return names.to_vec(),
+    };
+    let mut cut = 0;
+    for (i, _) in first.match_indices('.') {
+        let prefix = &first[..=i];
+        if names
+            .iter()
+            .all(|n| n.starts_with(prefix) && n.len() > prefix.len())
+        {
+            cut = i + 1;
+        } else {
+            break;
         }
     }
+    names.iter().map(|n| n[cut..].to_string()).collect()
+}
+
+/// A horizontal bar chart, one row per layer: the signed `values` diverging from zero (red
+/// positive, blue negative) and, when given, `abs` (Σ|part|) as grey bars in a second panel
+/// with its own scale.
+pub fn layer_svg(names: &[String], values: &[f64], abs: Option<&[f64]>) -> String {
+    let labels = strip_common_prefix(names);
+    let (label_w, row, top) = (130.0, 16.0, 30.0);
+    let signed_w = if abs.is_some() { 170.0 } else { 300.0 };
+    let value_w = 62.0;
+    let abs_w = 110.0;
+    let w = label_w + signed_w + value_w + if abs.is_some() { abs_w + value_w } else { 0.0 };
+    let n = names.len().min(values.len());
+    let height = top + row * n as f64 + 24.0;
+    let finite = |x: &f64| x.is_finite();
+    let lo = values.iter().copied().filter(finite).fold(0.0, f64::min);
+    let mut hi = values.iter().copied().filter(finite).fold(0.0, f64::max);
     if hi - lo <= 0.0 {
         hi = 1.0;
     }
-    let x = |v: f64| label_w + (v - lo) / (hi - lo) * plot_w;
+    let x = |v: f64| label_w + (v - lo) / (hi - lo) * signed_w;
+    let abs_x0 = label_w + signed_w + value_w;
+    let abs_max = abs
+        .map(|a| a.iter().copied().filter(finite).fold(0.0, f64::max))
+        .filter(|m| *m > 0.0)
+        .unwrap_or(1.0);
     let mut s = String::new();
     let _ = write!(
         s,
         "<svg class=\"chart layers\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" viewBox=\"0 0 {w} {height}\" font-family=\"system-ui,sans-serif\" font-size=\"11\" role=\"img\" aria-label=\"influence per layer\">"
     );
+    let _ = write!(
+        s,
+        "<text x=\"{:.1}\" y=\"14\" text-anchor=\"middle\" fill=\"#1f2328\" font-weight=\"600\">signed total</text>",
+        label_w + signed_w / 2.0
+    );
+    if abs.is_some() {
+        let _ = write!(
+            s,
+            "<text x=\"{:.1}\" y=\"14\" text-anchor=\"middle\" fill=\"#1f2328\" font-weight=\"600\">Σ |part|</text>",
+            abs_x0 + abs_w / 2.0
+        );
+    }
     let _ = write!(
         s,
         "<line x1=\"{0:.1}\" y1=\"{1}\" x2=\"{0:.1}\" y2=\"{2}\" stroke=\"#57606a\"/>",
@@ -967,22 +1028,12 @@ pub fn layer_svg(names: &[String], values: &[f64], abs: Option<&[f64]>) -> Strin
         let v = values[i];
         let _ = write!(
             s,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#1f2328\">{}</text>",
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#1f2328\"><title>{}</title>{}</text>",
             label_w - 6.0,
             y + row * 0.72,
-            escape(&short(&names[i], 28))
+            escape(&names[i]),
+            escape(&short(&labels[i], 22))
         );
-        if let Some(a) = abs.and_then(|a| a.get(i)).filter(|a| a.is_finite()) {
-            let _ = write!(
-                s,
-                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"none\" stroke=\"#8c959f\" stroke-dasharray=\"2 2\"><title>Σ|part| {}</title></rect>",
-                x(0.0),
-                y + 2.0,
-                (x(*a) - x(0.0)).max(0.0),
-                row - 4.0,
-                escape(&fmt_score(*a))
-            );
-        }
         if v.is_finite() {
             let (x0, x1) = if v >= 0.0 {
                 (x(0.0), x(v))
@@ -1002,22 +1053,43 @@ pub fn layer_svg(names: &[String], values: &[f64], abs: Option<&[f64]>) -> Strin
             let _ = write!(
                 s,
                 "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"#57606a\" font-size=\"10\">{}</text>",
-                x(hi) + 4.0,
+                label_w + signed_w + 4.0,
                 y + row * 0.72,
                 escape(&fmt_score(v))
             );
         }
+        if let Some(a) = abs.and_then(|a| a.get(i)).filter(|a| a.is_finite()) {
+            let _ = write!(
+                s,
+                "<rect x=\"{abs_x0:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#8c959f\"><title>{}: Σ|part| {}</title></rect><text x=\"{:.1}\" y=\"{:.1}\" fill=\"#57606a\" font-size=\"10\">{}</text>",
+                y + 3.0,
+                (a / abs_max * abs_w).max(0.5),
+                row - 6.0,
+                escape(&names[i]),
+                escape(&fmt_score(*a)),
+                abs_x0 + abs_w + 4.0,
+                y + row * 0.72,
+                escape(fmt_score(*a).trim_start_matches('+'))
+            );
+        }
     }
     let base = top + row * n as f64 + 16.0;
-    let ticks = if lo < 0.0 {
-        vec![lo, 0.0, hi]
-    } else {
-        vec![0.0, hi]
-    };
+    // Ticks at the ends, and at zero where it does not crowd them.
+    let mut ticks = vec![lo, hi];
+    if (x(0.0) - x(lo)).min(x(hi) - x(0.0)) >= 40.0 {
+        ticks.push(0.0);
+    }
     for v in ticks {
+        let anchor = if v == lo {
+            "start"
+        } else if v == hi {
+            "end"
+        } else {
+            "middle"
+        };
         let _ = write!(
             s,
-            "<text x=\"{:.1}\" y=\"{base:.1}\" text-anchor=\"middle\" fill=\"#57606a\" font-size=\"10\">{}</text>",
+            "<text x=\"{:.1}\" y=\"{base:.1}\" text-anchor=\"{anchor}\" fill=\"#57606a\" font-size=\"10\">{}</text>",
             x(v),
             escape(&fmt_score(v))
         );
@@ -1159,38 +1231,72 @@ pub fn survival_svg(d: &Distribution, fit: Option<&PowerLawFit>) -> String {
             h - b
         );
     }
-    // Legend.
-    let lx = w - r - 150.0;
+    // Legend, lower left: a survival curve on log-log axes leaves that corner empty.
+    let lx = l + 6.0;
+    let lh = if fit.is_some() { 56.0 } else { 40.0 };
+    let t = h - b - lh - 6.0;
     let _ = write!(
         s,
-        "<g font-size=\"11\"><rect x=\"{lx:.1}\" y=\"{:.1}\" width=\"144\" height=\"{}\" fill=\"#fff\" fill-opacity=\"0.9\" stroke=\"#d0d7de\"/>\
+        "<g font-size=\"11\"><rect x=\"{lx:.1}\" y=\"{:.1}\" width=\"144\" height=\"{lh}\" fill=\"#fff\" fill-opacity=\"0.9\" stroke=\"#d0d7de\"/>\
          <circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#dc2626\"/><text x=\"{:.1}\" y=\"{:.1}\">positive scores</text>\
          <circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#2563eb\"/><text x=\"{:.1}\" y=\"{:.1}\">|negative scores|</text>",
-        t + 6.0,
-        if fit.is_some() { 56 } else { 40 },
+        t,
         lx + 12.0,
-        t + 20.0,
+        t + 14.0,
         lx + 22.0,
-        t + 24.0,
+        t + 18.0,
         lx + 12.0,
-        t + 36.0,
+        t + 30.0,
         lx + 22.0,
-        t + 40.0
+        t + 34.0
     );
     if let Some(f) = fit {
         let _ = write!(
             s,
             "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#1f2328\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\">fit α = {:.2} ± {:.2}</text>",
             lx + 5.0,
-            t + 52.0,
+            t + 46.0,
             lx + 19.0,
-            t + 52.0,
+            t + 46.0,
             lx + 22.0,
-            t + 56.0,
+            t + 50.0,
             f.alpha,
             f.alpha_se
         );
     }
     s.push_str("</g></svg>");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_numbers() {
+        let names: Vec<String> = ["transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_attn"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            strip_common_prefix(&names),
+            vec!["0.mlp.c_fc", "1.attn.c_attn"]
+        );
+        assert_eq!(
+            strip_common_prefix(&names[..1]),
+            vec!["transformer.h.0.mlp.c_fc"]
+        );
+        assert_eq!(fmt_score(1234.5678), "+1235");
+        assert_eq!(fmt_score(-0.012345), "-0.01235");
+        assert_eq!(fmt_score(2.5e-5), "+2.500e-5");
+        assert_eq!(
+            escape("<a href='x'>&\"</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
+        );
+        // 20 magnitudes 1..=20: the 95th percentile (index round(19 · 0.95) = 18) is 19.
+        let mut m: Vec<f64> = (1..=20).rev().map(f64::from).collect();
+        assert_eq!(colour_scale(&mut m), 19.0);
+        assert_eq!(token_colour(1.0, 0.0), "transparent");
+        assert_eq!(token_colour(-19.0, 19.0), "rgba(37,99,235,0.850)");
+        assert_eq!(token_colour(100.0, 19.0), "rgba(220,38,38,0.850)");
+    }
 }
