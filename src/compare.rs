@@ -304,11 +304,16 @@ pub fn render_html(cmp: &Comparison, results: &[Results]) -> String {
             "<div class=\"cols\" style=\"grid-template-columns:repeat({cols},minmax(0,1fr))\">"
         );
         for (i, t) in tops.iter().enumerate() {
+            let name = Path::new(&cmp.runs[i].dir)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| cmp.runs[i].dir.clone());
             let _ = write!(
                 h,
-                "<div class=\"col\"><h3>{}: {}</h3>",
+                "<div class=\"col\"><h3>{}: {} <span class=\"sub\">({})</span></h3>",
                 (b'A' + (i % 26) as u8) as char,
-                escape(&cmp.runs[i].model)
+                escape(&name),
+                escape(&cmp.runs[i].strategy)
             );
             for e in t {
                 let shared = seen.get(e.sequence_id.as_str()).copied().unwrap_or(0) > 1;

@@ -589,7 +589,7 @@ th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums;
 .note{background:#fff8c5;border:1px solid #d4a72c66;border-radius:6px;padding:6px 10px;font-size:13px;margin:6px 0}
 .stat{font-size:13px;margin:4px 0}.legend{font-size:12px;color:#57606a}
 .swatch{display:inline-block;width:40px;height:10px;vertical-align:middle;border-radius:2px}
-.shared{outline:2px solid #8250df;outline-offset:-2px}
+.col .seq{padding:6px 8px;margin:4px 0;border:2px solid transparent;border-radius:6px}.col .seq.shared{border-color:#8250df;background:#fbf8ff}
 .cols{display:grid;gap:12px}.col{min-width:0}
 "#;
 

@@ -815,3 +815,95 @@ fn report_renders_in_headless_chromium() {
     );
     eprintln!("screenshot: {}", shot.display());
 }
+
+// ---------------------------------------------------------------------------------------------
+// On the real pipeline's output
+
+#[test]
+fn report_and_compare_read_what_infl_score_writes() {
+    let dir = scratch("pipeline");
+    let demo = dir.join("demo");
+    let out = infl(&[
+        "--quiet",
+        "demo",
+        "--out",
+        demo.to_str().unwrap(),
+        "--top-k",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = |name: &str| demo.join(name).to_str().unwrap().to_string();
+    let full = dir.join("full");
+    let out = infl(&[
+        "--quiet",
+        "score",
+        "--model",
+        &p("model"),
+        "--factors",
+        &p("factors"),
+        "--train",
+        &p("corpus.jsonl"),
+        "--queries",
+        &p("queries.jsonl"),
+        "--out",
+        full.to_str().unwrap(),
+        "--top-k",
+        "3",
+        "--per-layer",
+        "--per-token",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let r = Results::open(&full).unwrap();
+    assert!(r.missing().is_empty(), "{:?}", r.missing());
+    assert!(r
+        .queries
+        .iter()
+        .all(|q| q.prompt.is_some() && q.loss.is_some()));
+    for e in &r.entries {
+        let t: f64 = e
+            .tokens
+            .as_ref()
+            .expect("tokens with --per-token")
+            .iter()
+            .map(|t| t.score)
+            .sum();
+        assert!(
+            (t - e.score).abs() <= 1e-3 * e.score.abs().max(1.0),
+            "{t} vs {}",
+            e.score
+        );
+    }
+    let html = dir.join("report.html");
+    let s = report::write_report(&full, &html, &fit_opts(20)).unwrap();
+    assert_eq!(s.tails.len(), r.queries.len());
+    let text = std::fs::read_to_string(&html).unwrap();
+    assert_eq!(
+        text.matches("<section class=\"query\"").count(),
+        r.queries.len()
+    );
+    assert_eq!(
+        text.matches("<svg class=\"chart layers\"").count(),
+        r.queries.len()
+    );
+    assert!(text.contains("<span class=\"tok\""));
+
+    // The demo's own results (dense, no parts) against these: same queries, same corpus.
+    let cmp = compare::run(&[demo.join("results"), full.clone()], None, None).unwrap();
+    assert_eq!(cmp.pairs.len(), r.queries.len());
+    for p in &cmp.pairs {
+        assert_eq!(p.k, 3);
+        assert_eq!(
+            p.shared, 3,
+            "the same factors give the same top sequences: {p:?}"
+        );
+    }
+}
