@@ -63,6 +63,9 @@ struct ReportArgs {
     /// Seed of the bootstrap.
     #[arg(long, default_value_t = 0, value_name = "S")]
     seed: u64,
+    /// Longer sequences show this many tokens around their largest part.
+    #[arg(long, default_value_t = 400, value_name = "N")]
+    max_tokens: usize,
 }
 
 #[derive(clap::Args)]
@@ -429,6 +432,7 @@ fn report(a: ReportArgs, quiet: bool) -> Result<()> {
             seed: a.seed,
             ..Default::default()
         },
+        max_tokens: a.max_tokens,
     };
     let s = infl::report::write_report(&a.results, &a.out, &opts)?;
     if !quiet {

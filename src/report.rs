@@ -482,6 +482,17 @@ fn read_dense(path: &Path, n_queries: usize) -> Result<Option<Vec<Vec<f64>>>> {
 #[derive(Debug, Clone, Copy)]
 pub struct ReportOptions {
     pub fit: powerlaw::FitOptions,
+    /// Longer sequences show this many tokens around their largest part (keeps the file small).
+    pub max_tokens: usize,
+}
+
+impl Default for ReportOptions {
+    fn default() -> Self {
+        ReportOptions {
+            fit: powerlaw::FitOptions::default(),
+            max_tokens: 400,
+        }
+    }
 }
 
 /// The tail analysis of one query.
@@ -528,7 +539,7 @@ pub fn write_report(results_dir: &Path, out: &Path, opts: &ReportOptions) -> Res
         .map(|d| analyse(d, &opts.fit))
         .collect();
     let missing = results.missing();
-    let html = render(&results, &tails, &missing);
+    let html = render(&results, &tails, &missing, opts.max_tokens);
     io::write_atomic(out, html.as_bytes())?;
     Ok(ReportSummary {
         tails,
@@ -623,9 +634,13 @@ pub fn token_colour(score: f64, scale: f64) -> String {
     }
 }
 
-fn render_tokens(html: &mut String, tokens: &[TokenPart], scale: f64) {
+fn render_tokens(html: &mut String, tokens: &[TokenPart], scale: f64, max_tokens: usize) {
+    let (start, end) = token_window(tokens, max_tokens);
     html.push_str("<div class=\"tokens\">");
-    for t in tokens {
+    if start > 0 {
+        html.push('…');
+    }
+    for t in &tokens[start..end] {
         let _ = write!(
             html,
             "<span class=\"tok\" style=\"background:{}\" title=\"{}\" data-score=\"{}\">{}</span>",
@@ -635,10 +650,46 @@ fn render_tokens(html: &mut String, tokens: &[TokenPart], scale: f64) {
             escape(&t.text)
         );
     }
+    if end < tokens.len() {
+        html.push('…');
+    }
     html.push_str("</div>");
+    if end - start < tokens.len() {
+        let _ = write!(
+            html,
+            "<div class=\"legend\">tokens {}–{} of {} shown, around the largest part (`infl report --max-tokens` shows more)</div>",
+            start + 1,
+            end,
+            tokens.len()
+        );
+    }
 }
 
-fn render_entries(html: &mut String, entries: &[&Entry], scale: f64, layers: Option<&[String]>) {
+/// The window of at most `max` tokens centred on the largest |part|.
+pub fn token_window(tokens: &[TokenPart], max: usize) -> (usize, usize) {
+    let n = tokens.len();
+    let max = max.max(1);
+    if n <= max {
+        return (0, n);
+    }
+    // The first of the largest |parts| (max_by would return the last).
+    let mut peak = 0;
+    for (i, t) in tokens.iter().enumerate() {
+        if t.score.abs() > tokens[peak].score.abs() {
+            peak = i;
+        }
+    }
+    let start = peak.saturating_sub(max / 2).min(n - max);
+    (start, start + max)
+}
+
+fn render_entries(
+    html: &mut String,
+    entries: &[&Entry],
+    scale: f64,
+    layers: Option<&[String]>,
+    max_tokens: usize,
+) {
     for e in entries {
         let _ = write!(
             html,
@@ -665,7 +716,7 @@ fn render_entries(html: &mut String, entries: &[&Entry], scale: f64, layers: Opt
         }
         html.push_str("</div>");
         match (&e.tokens, &e.text) {
-            (Some(t), _) => render_tokens(html, t, scale),
+            (Some(t), _) => render_tokens(html, t, scale, max_tokens),
             (None, Some(text)) => {
                 let _ = write!(html, "<div class=\"plain\">{}</div>", escape(text));
             }
@@ -678,7 +729,12 @@ fn render_entries(html: &mut String, entries: &[&Entry], scale: f64, layers: Opt
 }
 
 /// Renders the whole report.
-pub fn render(results: &Results, tails: &[TailAnalysis], missing: &[String]) -> String {
+pub fn render(
+    results: &Results,
+    tails: &[TailAnalysis],
+    missing: &[String],
+    max_tokens: usize,
+) -> String {
     let mut h = String::with_capacity(1 << 16);
     let _ = write!(
         h,
@@ -736,7 +792,7 @@ pub fn render(results: &Results, tails: &[TailAnalysis], missing: &[String]) -> 
     h.push_str("</table></div>");
 
     for (qi, q) in results.queries.iter().enumerate() {
-        render_query(&mut h, results, qi, q, tails.get(qi));
+        render_query(&mut h, results, qi, q, tails.get(qi), max_tokens);
     }
     let _ = writeln!(
         h,
@@ -780,6 +836,7 @@ fn render_query(
     qi: usize,
     q: &QueryInfo,
     tail: Option<&TailAnalysis>,
+    max_tokens: usize,
 ) {
     let _ = write!(
         h,
@@ -840,7 +897,7 @@ fn render_query(
     if top.is_empty() {
         h.push_str("<div class=\"note\">No top sequences recorded for this query.</div>");
     }
-    render_entries(h, &top, scale, r.layers.as_deref());
+    render_entries(h, &top, scale, r.layers.as_deref(), max_tokens);
     let _ = write!(
         h,
         "<h3>Most negatively influential sequences (bottom {})</h3>",
@@ -849,7 +906,7 @@ fn render_query(
     if bottom.is_empty() {
         h.push_str("<div class=\"note\">No bottom sequences recorded: rerun `infl score` with this version of infl.</div>");
     }
-    render_entries(h, &bottom, scale, r.layers.as_deref());
+    render_entries(h, &bottom, scale, r.layers.as_deref(), max_tokens);
     h.push_str("<p class=\"sub\"><a href=\"#index\">↑ index</a></p></section>");
 }
 
@@ -1298,5 +1355,14 @@ mod tests {
         assert_eq!(token_colour(1.0, 0.0), "transparent");
         assert_eq!(token_colour(-19.0, 19.0), "rgba(37,99,235,0.850)");
         assert_eq!(token_colour(100.0, 19.0), "rgba(220,38,38,0.850)");
+        let toks: Vec<TokenPart> = (0..10)
+            .map(|i| TokenPart {
+                text: i.to_string(),
+                score: if i == 8 { -5.0 } else { 1.0 },
+            })
+            .collect();
+        assert_eq!(token_window(&toks, 20), (0, 10));
+        assert_eq!(token_window(&toks, 4), (6, 10)); // peak 8: 6..10, clamped at the end
+        assert_eq!(token_window(&toks[..6], 2), (0, 2)); // all equal: the first is the peak
     }
 }

@@ -338,6 +338,7 @@ fn fit_opts(bootstrap: usize) -> ReportOptions {
             bootstrap,
             ..Default::default()
         },
+        ..Default::default()
     }
 }
 
