@@ -1133,7 +1133,7 @@ pub fn layer_svg(names: &[String], values: &[f64], abs: Option<&[f64]>) -> Strin
     let base = top + row * n as f64 + 16.0;
     // Ticks at the ends, and at zero where it does not crowd them.
     let mut ticks = vec![lo, hi];
-    if (x(0.0) - x(lo)).min(x(hi) - x(0.0)) >= 40.0 {
+    if (x(0.0) - x(lo)).min(x(hi) - x(0.0)) >= 60.0 {
         ticks.push(0.0);
     }
     for v in ticks {
