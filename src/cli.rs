@@ -45,6 +45,42 @@ enum Command {
     Demo(DemoArgs),
     /// Time fit and score against one plain forward+backward over the same tokens; peak memory.
     Bench(BenchArgs),
+    /// Write a self-contained HTML report of a results directory (opens from disk, no network).
+    Report(ReportArgs),
+    /// Compare results of the same queries (other models or strategies): top-k overlap, rank correlation.
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// A results directory written by `infl score`.
+    #[arg(value_name = "RESULTS")]
+    results: PathBuf,
+    /// The HTML file to write.
+    #[arg(long, default_value = "report.html", value_name = "FILE")]
+    out: PathBuf,
+    /// Bootstrap samples of the power-law goodness-of-fit p-value (0: none).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    bootstrap: usize,
+    /// Seed of the bootstrap.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    seed: u64,
+    /// Longer sequences show this many tokens around their largest part.
+    #[arg(long, default_value_t = 400, value_name = "N")]
+    max_tokens: usize,
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    /// Two or more results directories scored on the same queries.
+    #[arg(value_name = "RESULTS", num_args = 2.., required = true)]
+    results: Vec<PathBuf>,
+    /// Also write a side-by-side HTML view.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Also write the numbers as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -355,6 +391,11 @@ pub fn run() -> Result<()> {
         }
         Command::Demo(a) => demo(a, &progress, cli.quiet)?,
         Command::Bench(a) => bench(a, &progress)?,
+        Command::Report(a) => report(a, cli.quiet)?,
+        Command::Compare(a) => {
+            let cmp = infl::compare::run(&a.results, a.out.as_deref(), a.json.as_deref())?;
+            print!("{}", cmp.table());
+        }
     }
     Ok(())
 }
@@ -431,6 +472,42 @@ impl Progress for Bars {
             }
         }
     }
+}
+
+fn report(a: ReportArgs, quiet: bool) -> Result<()> {
+    let opts = infl::report::ReportOptions {
+        fit: infl::powerlaw::FitOptions {
+            bootstrap: a.bootstrap,
+            seed: a.seed,
+            ..Default::default()
+        },
+        max_tokens: a.max_tokens,
+    };
+    let s = infl::report::write_report(&a.results, &a.out, &opts)?;
+    if !quiet {
+        for m in &s.missing {
+            eprintln!("note: missing {m}");
+        }
+        for t in &s.tails {
+            match &t.fit {
+                Ok(f) => eprintln!(
+                    "{}: tail α = {:.3} ± {:.3} above x_min = {} ({} values), p = {}; {}",
+                    t.query_id,
+                    f.alpha,
+                    f.alpha_se,
+                    infl::report::fmt_score(f.x_min),
+                    f.n_tail,
+                    f.p_value
+                        .map(|p| format!("{p:.3}"))
+                        .unwrap_or_else(|| "–".into()),
+                    t.half
+                ),
+                Err(e) => eprintln!("{}: no tail fit ({e}); {}", t.query_id, t.half),
+            }
+        }
+        eprintln!("wrote {} ({} KiB)", a.out.display(), s.bytes / 1024);
+    }
+    Ok(())
 }
 
 /// Window length the bundled model was trained with (scripts/make_fixture.py).

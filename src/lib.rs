@@ -8,8 +8,10 @@
 //! [`data`] (corpus, queries, tokenizer) → [`model`] (forward/backward with layer taps (a, g))
 //! → [`curvature`] (A, S, eigenbases, Λ) → [`influence`] (inverse-Hessian-vector products,
 //! scores) → [`results`] (top-k JSONL, dense safetensors). [`workflow`] runs the stages as
-//! file-to-file jobs (`infl fit`, `infl score`).
+//! file-to-file jobs (`infl fit`, `infl score`); [`report`] (with [`powerlaw`] for the heavy
+//! tail) and [`compare`] turn results directories into HTML a person reads.
 
+pub mod compare;
 pub mod curvature;
 pub mod data;
 pub mod error;
@@ -18,6 +20,8 @@ pub mod influence;
 pub mod io;
 pub mod linalg;
 pub mod model;
+pub mod powerlaw;
+pub mod report;
 pub mod results;
 pub mod workflow;
 
