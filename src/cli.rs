@@ -604,10 +604,13 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
             );
         }
     }
+    let html = a.out.join("report.html");
+    infl::report::write_report(&a.out.join("results"), &html, &Default::default())?;
     if !quiet {
         eprintln!(
-            "\nfull results: {}/results (top_k.jsonl, scores.safetensors, meta.json)",
-            a.out.display()
+            "\nfull results: {}/results (top_k.jsonl, scores.safetensors, meta.json); open {} in a browser",
+            a.out.display(),
+            html.display()
         );
     }
     Ok(())

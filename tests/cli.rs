@@ -458,6 +458,8 @@ fn demo_runs_on_the_bundled_model_and_finds_the_facts() {
         "{first}"
     );
     assert!(dir.join("results/scores.safetensors").exists());
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(html.contains("element_zorbium") && html.contains("<svg"));
 }
 
 /// Low-rank queries, per-layer and per-token parts, self-influence and cosine normalisation,
