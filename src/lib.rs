@@ -14,6 +14,7 @@ pub mod curvature;
 pub mod data;
 pub mod error;
 pub mod influence;
+pub mod inspect;
 pub mod io;
 pub mod linalg;
 pub mod model;

@@ -348,7 +348,11 @@ fn demo_runs_on_the_bundled_model_and_finds_the_facts() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("query element_zorbium"), "{stdout}");
     // The one document stating the fact is the top source of its query (measured: rank 1).
     let top: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("results/top_k.jsonl"))
@@ -356,7 +360,16 @@ fn demo_runs_on_the_bundled_model_and_finds_the_facts() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let first = top.iter().find(|e| e["query_id"] == "element_zorbium").unwrap();
-    assert!(first["text"].as_str().unwrap().contains("Imre Valk discovered the element zorbium"), "{first}");
+    let first = top
+        .iter()
+        .find(|e| e["query_id"] == "element_zorbium")
+        .unwrap();
+    assert!(
+        first["text"]
+            .as_str()
+            .unwrap()
+            .contains("Imre Valk discovered the element zorbium"),
+        "{first}"
+    );
     assert!(dir.join("results/scores.safetensors").exists());
 }

@@ -42,6 +42,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             train: fixture("corpus_ids.jsonl"),
             out: factors.clone(),
             modules: ModuleSelection::All,
+            memory_check: true,
             max_len: Some(48),
             options: FitOptions {
                 strategy,
@@ -65,6 +66,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             dense: false,
             batch_size: 16,
             max_len: None,
+            memory_check: true,
         },
         &Silent,
     )
@@ -165,6 +167,7 @@ fn factors_match_kronfluence() {
             train: fixture("corpus_ids.jsonl"),
             out: out.clone(),
             modules: ModuleSelection::All,
+            memory_check: true,
             max_len: Some(48),
             options: FitOptions {
                 strategy: Strategy::Ekfac,
