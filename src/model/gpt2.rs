@@ -498,8 +498,13 @@ impl TapModel for Gpt2 {
         Ok(self.run(batch, labels, &probes)?.0)
     }
 
-    fn attention_shape(&self) -> (usize, usize) {
-        (self.config.n_layer, self.config.n_head)
+    fn block_shape(&self) -> super::BlockShape {
+        super::BlockShape {
+            layers: self.config.n_layer,
+            heads: self.config.n_head,
+            hidden: self.config.n_embd,
+            intermediate: self.config.d_inner(),
+        }
     }
 
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {

@@ -306,11 +306,13 @@ impl TapModel for GptNeoX {
         Ok(self.run(batch, labels, &probes)?.0)
     }
 
-    fn attention_shape(&self) -> (usize, usize) {
-        (
-            self.config.num_hidden_layers,
-            self.config.num_attention_heads,
-        )
+    fn block_shape(&self) -> super::BlockShape {
+        super::BlockShape {
+            layers: self.config.num_hidden_layers,
+            heads: self.config.num_attention_heads,
+            hidden: self.config.hidden_size,
+            intermediate: self.config.intermediate_size,
+        }
     }
 
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {

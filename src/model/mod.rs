@@ -148,6 +148,15 @@ impl TapBatch {
     }
 }
 
+/// Sizes of a transformer's blocks (all zero when unknown).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockShape {
+    pub layers: usize,
+    pub heads: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+}
+
 /// A causal LM that exposes (a, g) for its tracked linear layers.
 pub trait TapModel: Send + Sync {
     /// Architecture name as in config.json (`gpt2`).
@@ -160,9 +169,9 @@ pub trait TapModel: Send + Sync {
     fn taps(&self, batch: &TokenBatch, labels: Labels) -> Result<TapBatch>;
     /// Logits of one sequence, `[len, vocab]` row-major (for parity checks and greedy decoding).
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>>;
-    /// (transformer blocks, attention heads), for memory estimates of the attention maps.
-    fn attention_shape(&self) -> (usize, usize) {
-        (0, 0)
+    /// The transformer's shape, for memory estimates of the autograd graph.
+    fn block_shape(&self) -> BlockShape {
+        BlockShape::default()
     }
 }
 
