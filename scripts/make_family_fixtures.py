@@ -14,7 +14,7 @@ GGUF fixtures (written with the `gguf` package, gguf-py):
     does it (rows of attn_q / attn_k permuted for ggml's rotary layout), with a small byte-level
     BPE tokenizer in the metadata; its reference logits are those of the HF Llama fixture.
 
-Run with the environment of scripts/requirements-fixture.txt plus `gguf==0.19.0`:
+Run with the environment of scripts/requirements-fixture.txt (gguf==0.19.0 included):
     python scripts/make_family_fixtures.py
 """
 import json
