@@ -45,6 +45,9 @@ enum Command {
     Demo(DemoArgs),
     /// Time fit and score against one plain forward+backward over the same tokens; peak memory.
     Bench(BenchArgs),
+    /// Describe a model (architecture, parameters, tracked layers) and estimate the memory and
+    /// time fit and score will need, before running them.
+    Inspect(InspectArgs),
     /// Write a self-contained HTML report of a results directory (opens from disk, no network).
     Report(ReportArgs),
     /// Compare results of the same queries (other models or strategies): top-k overlap, rank correlation.
@@ -81,6 +84,28 @@ struct CompareArgs {
     /// Also write the numbers as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// Checkpoint directory (config.json + safetensors) or a llama.cpp .gguf file.
+    #[arg(long, value_name = "DIR|FILE")]
+    model: PathBuf,
+    /// Sequences per batch the estimate assumes.
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    batch_size: usize,
+    /// Window length the estimate assumes [default: min(model context length, 512)].
+    #[arg(long, value_name = "N")]
+    max_len: Option<usize>,
+    /// Which linear layers to track.
+    #[arg(long, value_enum, default_value = "all")]
+    modules: ModuleSelection,
+    /// Number of queries the score estimate assumes.
+    #[arg(long, default_value_t = 1, value_name = "Q")]
+    queries: u64,
+    /// Skip the one-batch timing probe (memory estimate only).
+    #[arg(long)]
+    no_probe: bool,
 }
 
 #[derive(clap::Args)]
@@ -158,6 +183,9 @@ struct FitArgs {
     /// Seed of the labels sampled for the true Fisher.
     #[arg(long, default_value_t = 0, value_name = "S")]
     seed: u64,
+    /// Start even if the memory estimate exceeds the memory available.
+    #[arg(long = "no-memory-check", action = clap::ArgAction::SetFalse)]
+    memory_check: bool,
 }
 
 #[derive(clap::Args)]
@@ -193,6 +221,9 @@ struct ScoreArgs {
     /// Window length for the corpus [default: the one the factors were fitted with].
     #[arg(long, value_name = "N")]
     max_len: Option<usize>,
+    /// Start even if the memory estimate exceeds the memory available.
+    #[arg(long = "no-memory-check", action = clap::ArgAction::SetFalse)]
+    memory_check: bool,
     /// Compress each query's preconditioned gradient to rank k per layer (truncated SVD), so
     /// scoring costs O(k (d_in + d_out)) per token and layer; `full` is exact. Exact anyway
     /// where k reaches a layer's rank.
@@ -299,6 +330,7 @@ pub fn run() -> Result<()> {
                 train: a.train,
                 out: a.out,
                 modules: a.modules,
+                memory_check: a.memory_check,
                 max_len: a.max_len,
                 options: FitOptions {
                     strategy: a.strategy,
@@ -339,6 +371,7 @@ pub fn run() -> Result<()> {
                 prefilter: a
                     .prefilter
                     .map(|n| (n, a.index.clone().unwrap_or_default())),
+                memory_check: a.memory_check,
             };
             let s = workflow::score(&job, &progress)?;
             if !cli.quiet {
@@ -396,7 +429,50 @@ pub fn run() -> Result<()> {
             let cmp = infl::compare::run(&a.results, a.out.as_deref(), a.json.as_deref())?;
             print!("{}", cmp.table());
         }
+        Command::Inspect(a) => inspect(a, cli.quiet)?,
     }
+    Ok(())
+}
+
+fn inspect(a: InspectArgs, quiet: bool) -> Result<()> {
+    use infl::inspect;
+    let model = infl::model::load(&a.model, a.modules)?;
+    let max_len = a.max_len.unwrap_or(model.max_positions().min(512));
+    if max_len == 0 || max_len > model.max_positions() || a.batch_size == 0 {
+        anyhow::bail!(infl::Error::input(format!(
+            "--max-len must be between 1 and {} and --batch-size at least 1",
+            model.max_positions()
+        )));
+    }
+    let e = inspect::estimate(model.as_ref(), a.batch_size, max_len);
+    let fits = inspect::mem_available().is_none_or(|m| e.fit_total() < m);
+    let probe = if a.no_probe {
+        None
+    } else if !fits {
+        if !quiet {
+            eprintln!("skipping the timing probe: the estimate exceeds the memory available");
+        }
+        None
+    } else {
+        if !quiet {
+            eprintln!(
+                "probing one batch of {} × {max_len} tokens (taps, a one-batch fit, a one-query score)…",
+                a.batch_size
+            );
+        }
+        Some(inspect::probe(model.as_ref(), a.batch_size, max_len)?)
+    };
+    print!(
+        "{}",
+        inspect::report(
+            &a.model,
+            model.as_ref(),
+            a.batch_size,
+            max_len,
+            a.queries,
+            probe.as_ref()
+        )
+    );
     Ok(())
 }
 
@@ -555,6 +631,7 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
         train: corpus.clone(),
         out: factors.clone(),
         modules: ModuleSelection::All,
+        memory_check: true,
         // The bundled model was trained on 48-token windows; positions past 48 are untrained.
         max_len: Some(BUNDLED_WINDOW),
         options: FitOptions {
@@ -581,6 +658,7 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
         per_token: true,
         normalize: Normalize::None,
         prefilter: None,
+        memory_check: true,
     };
     let s = workflow::score(&score, progress)?;
     let texts = query_texts(&queries)?;
@@ -700,6 +778,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         train: corpus.clone(),
         out: factors.clone(),
         modules: ModuleSelection::All,
+        memory_check: true,
         max_len: Some(max_len),
         options: FitOptions {
             strategy: Strategy::Ekfac,
@@ -727,6 +806,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         per_token: false,
         normalize: Normalize::None,
         prefilter: None,
+        memory_check: true,
     };
     let score_s = workflow::score(
         &score_job(queries.clone(), corpus.clone(), Some(32), "results"),
@@ -861,6 +941,7 @@ fn rss_child(
         per_token: false,
         normalize: Normalize::None,
         prefilter: None,
+        memory_check: true,
     };
     let s = workflow::score(&job, &Bars::new(true))?;
     std::fs::remove_file(&big)?;

@@ -9,17 +9,26 @@ use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-/// Loads `tokenizer.json` from a model directory on first use: a pre-tokenised corpus and
-/// queries need no tokenizer at all.
+/// Loads the model's tokenizer on first use (`tokenizer.json` of a checkpoint directory, or the
+/// vocabulary in a GGUF file's metadata): a pre-tokenised corpus and queries need none at all.
 pub struct LazyTokenizer {
     path: PathBuf,
+    /// The tokenizer is built from a GGUF file's metadata rather than read from tokenizer.json.
+    gguf: bool,
     loaded: Option<tokenizers::Tokenizer>,
 }
 
 impl LazyTokenizer {
-    pub fn new(model_dir: &Path) -> Self {
+    /// `model` is a checkpoint directory or a `.gguf` file.
+    pub fn new(model: &Path) -> Self {
+        let gguf = crate::model::gguf::is_gguf(model);
         LazyTokenizer {
-            path: model_dir.join("tokenizer.json"),
+            path: if gguf {
+                model.to_path_buf()
+            } else {
+                model.join("tokenizer.json")
+            },
+            gguf,
             loaded: None,
         }
     }
@@ -37,12 +46,16 @@ impl LazyTokenizer {
                     self.path.display()
                 )));
             }
-            let tok = tokenizers::Tokenizer::from_file(&self.path).map_err(|e| {
-                Error::input(format!(
-                    "{}: cannot load tokenizer: {e}",
-                    self.path.display()
-                ))
-            })?;
+            let tok = if self.gguf {
+                crate::model::gguf::tokenizer(&self.path)?
+            } else {
+                tokenizers::Tokenizer::from_file(&self.path).map_err(|e| {
+                    Error::input(format!(
+                        "{}: cannot load tokenizer: {e}",
+                        self.path.display()
+                    ))
+                })?
+            };
             self.loaded = Some(tok);
         }
         Ok(self.loaded.as_ref().expect("loaded above"))

@@ -17,6 +17,7 @@ pub mod data;
 pub mod error;
 pub mod index;
 pub mod influence;
+pub mod inspect;
 pub mod io;
 pub mod linalg;
 pub mod model;

@@ -25,7 +25,19 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// `dir` is a checkpoint directory (config.json and weight files hashed) or a GGUF file
+    /// (the file holds config and weights: both hashes are its hash).
     pub fn of(dir: &Path, model: &dyn TapModel) -> Result<Self> {
+        if model::gguf::is_gguf(dir) {
+            let sha = data::sha256_file(dir)?;
+            return Ok(ModelInfo {
+                path: dir.display().to_string(),
+                architecture: model.architecture().to_string(),
+                config_sha256: sha.clone(),
+                weights_sha256: sha,
+                n_parameters: model.n_parameters(),
+            });
+        }
         let (files, _) = model::weight_files(dir)?;
         let weights = files
             .iter()
@@ -105,6 +117,8 @@ pub struct FitJob {
     /// Window length; `None` = the model's context length.
     pub max_len: Option<usize>,
     pub options: FitOptions,
+    /// Refuse to start when the memory estimate ([`crate::inspect`]) exceeds MemAvailable.
+    pub memory_check: bool,
 }
 
 /// Summary of a finished fit, for printing.
@@ -122,6 +136,20 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     check_max_len(max_len, model.as_ref())?;
     let mut tok = LazyTokenizer::new(&job.model);
     let corpus = data::read_corpus(&job.train, &mut tok, max_len, model.vocab_size())?;
+    if job.memory_check {
+        let longest = corpus
+            .sequences
+            .iter()
+            .map(|s| s.ids.len())
+            .max()
+            .unwrap_or(1);
+        let e = crate::inspect::estimate(model.as_ref(), job.options.batch_size, longest);
+        crate::inspect::check_memory(
+            "infl fit",
+            e.fit_total(),
+            "use a smaller --batch-size or --max-len, or --modules mlp",
+        )?;
+    }
     let model_info = ModelInfo::of(&job.model, model.as_ref())?;
     let factors = curvature::fit(model.as_ref(), &corpus.sequences, &job.options, progress)?;
 
@@ -178,6 +206,8 @@ pub struct ScoreJob {
     pub batch_size: usize,
     /// Window length; `None` = the one the factors were fitted with.
     pub max_len: Option<usize>,
+    /// Refuse to start when the memory estimate ([`crate::inspect`]) exceeds MemAvailable.
+    pub memory_check: bool,
     /// Compress each preconditioned query gradient to this rank per layer (`None` = exact).
     pub query_rank: Option<usize>,
     /// Write per-layer parts (top/bottom-k) and per-layer totals (layers.json).
@@ -431,6 +461,22 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         model.vocab_size(),
     )?;
     let query_ids: Vec<String> = queries.iter().map(|q| q.id.clone()).collect();
+    if job.memory_check {
+        // Scoring streams the corpus: no term grows with it (n_train = 0 in the estimate).
+        let longest = queries
+            .iter()
+            .map(|q| q.prompt_ids.len() + q.completion_ids.len())
+            .chain([max_len])
+            .max()
+            .unwrap_or(1);
+        let e = crate::inspect::estimate(model.as_ref(), job.batch_size, longest);
+        crate::inspect::check_memory(
+            "infl score",
+            e.score_total(queries.len() as u64, 0),
+            "score fewer queries per run, or use a smaller --batch-size",
+        )?;
+    }
+
     let pq = influence::precondition_queries(
         model.as_ref(),
         &queries,

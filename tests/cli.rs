@@ -758,3 +758,109 @@ fn prefilter_scores_only_candidates_and_checks_its_index() {
     assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(err.contains("another corpus"), "{err}");
 }
+
+/// The new families run through the unchanged fit/score pipeline from the command line, GGUF
+/// included (text queries use the tokenizer built from the GGUF metadata), and `inspect`
+/// describes them.
+#[test]
+fn other_families_fit_score_and_inspect() {
+    let dir = scratch("families");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
+    let corpus = dir.join("corpus.jsonl");
+    std::fs::write(
+        &corpus,
+        "{\"ids\": [1, 5, 9, 33, 2, 60, 17]}\n{\"ids\": [7, 7, 50, 22]}\n{\"ids\": [3, 4, 22, 8, 9]}\n",
+    )
+    .unwrap();
+    let queries = dir.join("queries.jsonl");
+    std::fs::write(
+        &queries,
+        "{\"prompt_ids\": [1, 5], \"completion_ids\": [9, 33]}\n",
+    )
+    .unwrap();
+    for model in ["gpt_neox_parallel", "qwen2", "tiny_llama.gguf"] {
+        let m = root.join(model);
+        let m = m.to_str().unwrap();
+        let f = dir.join(format!("f-{model}"));
+        let r = dir.join(format!("r-{model}"));
+        ok(&[
+            "fit",
+            "--quiet",
+            "--model",
+            m,
+            "--train",
+            corpus.to_str().unwrap(),
+            "--out",
+            f.to_str().unwrap(),
+            "--fisher",
+            "empirical",
+            "--max-len",
+            "8",
+        ]);
+        ok(&[
+            "score",
+            "--quiet",
+            "--model",
+            m,
+            "--factors",
+            f.to_str().unwrap(),
+            "--train",
+            corpus.to_str().unwrap(),
+            "--queries",
+            queries.to_str().unwrap(),
+            "--out",
+            r.to_str().unwrap(),
+        ]);
+        let top = std::fs::read_to_string(r.join("top_k.jsonl")).unwrap();
+        // One query, three sequences: all three at each end (top, then bottom).
+        assert_eq!(top.lines().count(), 6, "{top}");
+        let out = infl(&[
+            "inspect",
+            "--model",
+            m,
+            "--batch-size",
+            "2",
+            "--max-len",
+            "8",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("FIT TOTAL") && text.contains("tokens/s"),
+            "{text}"
+        );
+    }
+    // Text queries through the GGUF's own tokenizer.
+    let gguf = root.join("tiny_llama.gguf");
+    let text_queries = dir.join("text_queries.jsonl");
+    std::fs::write(
+        &text_queries,
+        "{\"prompt\": \"the cat\", \"completion\": \" sat in the hat\"}\n",
+    )
+    .unwrap();
+    ok(&[
+        "score",
+        "--quiet",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--factors",
+        dir.join("f-tiny_llama.gguf").to_str().unwrap(),
+        "--train",
+        corpus.to_str().unwrap(),
+        "--queries",
+        text_queries.to_str().unwrap(),
+        "--out",
+        dir.join("r-text").to_str().unwrap(),
+    ]);
+    // An unknown model_type is a clear input error (exit code 3).
+    let bad = dir.join("bad-model");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("config.json"), "{\"model_type\": \"mamba\"}").unwrap();
+    let out = infl(&["inspect", "--model", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mamba"));
+}

@@ -42,6 +42,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             train: fixture("corpus_ids.jsonl"),
             out: factors.clone(),
             modules: ModuleSelection::All,
+            memory_check: true,
             max_len: Some(48),
             options: FitOptions {
                 strategy,
@@ -70,6 +71,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             per_token: false,
             normalize: infl::workflow::Normalize::None,
             prefilter: None,
+            memory_check: true,
         },
         &Silent,
     )
@@ -175,6 +177,7 @@ fn factors_match_kronfluence() {
             train: fixture("corpus_ids.jsonl"),
             out: out.clone(),
             modules: ModuleSelection::All,
+            memory_check: true,
             max_len: Some(48),
             options: FitOptions {
                 strategy: Strategy::Ekfac,

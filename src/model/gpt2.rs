@@ -6,6 +6,7 @@
 //! from elementary ops because candle's fused versions have no backward (they would silently
 //! cut the graph); `tests::every_probe_receives_a_gradient` fails if any tap goes missing.
 
+use super::weights::Weights;
 use super::{
     loss_head, Labels, LayerTap, ModuleSelection, TapBatch, TapModel, TokenBatch, TrackedLayer,
 };
@@ -273,11 +274,12 @@ impl Gpt2 {
         }
         add("ln_f.weight".into(), vec![d], 1.0, 0.1);
         add("ln_f.bias".into(), vec![d], 0.0, 0.1);
-        let weights = Weights::Owned(
+        let weights = Weights::owned(
             tensors
                 .into_iter()
                 .map(|(k, (shape, data))| Ok((k, Tensor::from_vec(data, shape, &Device::Cpu)?)))
                 .collect::<Result<_>>()?,
+            "random weights",
         );
         Self::from_weights(config, &weights, modules)
     }
@@ -496,6 +498,15 @@ impl TapModel for Gpt2 {
         Ok(self.run(batch, labels, &probes)?.0)
     }
 
+    fn block_shape(&self) -> super::BlockShape {
+        super::BlockShape {
+            layers: self.config.n_layer,
+            heads: self.config.n_head,
+            hidden: self.config.n_embd,
+            intermediate: self.config.d_inner(),
+        }
+    }
+
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let probes: Vec<Tensor> = self
             .zero_probes(ids.len())?
@@ -504,79 +515,6 @@ impl TapModel for Gpt2 {
             .collect();
         let fwd = self.forward(&[ids.to_vec()], ids.len(), &probes)?;
         Ok(fwd.logits.flatten_all()?.to_vec1::<f32>()?)
-    }
-}
-
-/// Checkpoint tensors: memory-mapped safetensors (single file or sharded), or owned tensors.
-enum Weights {
-    Mapped {
-        files: candle_core::safetensors::MmapedSafetensors,
-        names: std::collections::HashSet<String>,
-        source: String,
-    },
-    Owned(HashMap<String, Tensor>),
-}
-
-impl Weights {
-    fn open(dir: &Path) -> Result<Self> {
-        let (paths, source) = super::weight_files(dir)?;
-        for p in &paths {
-            if !p.exists() {
-                return Err(Error::input(format!(
-                    "{source}: weight file {} is missing",
-                    p.display()
-                )));
-            }
-        }
-        // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody
-        // truncating a checkpoint while it is being read.
-        let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&paths) }
-            .map_err(|e| Error::input(format!("{source}: not a readable safetensors file: {e}")))?;
-        let names = files.tensors().into_iter().map(|(n, _)| n).collect();
-        Ok(Weights::Mapped {
-            files,
-            names,
-            source,
-        })
-    }
-
-    fn contains(&self, name: &str) -> bool {
-        match self {
-            Weights::Mapped { names, .. } => names.contains(name),
-            Weights::Owned(m) => m.contains_key(name),
-        }
-    }
-
-    /// Loads tensor `name` as f32 and checks its shape against the config.
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let (t, source) = match self {
-            Weights::Mapped {
-                files,
-                names,
-                source,
-            } => {
-                if !names.contains(name) {
-                    return Err(Error::input(format!(
-                        "{source}: tensor `{name}` is missing"
-                    )));
-                }
-                (files.load(name, &Device::Cpu)?, source.as_str())
-            }
-            Weights::Owned(m) => (
-                m.get(name)
-                    .cloned()
-                    .ok_or_else(|| Error::input(format!("tensor `{name}` is missing")))?,
-                "in-memory weights",
-            ),
-        };
-        if t.dims() != shape {
-            return Err(Error::input(format!(
-                "{source}: tensor `{name}` has shape {:?} but config.json implies {:?}",
-                t.dims(),
-                shape
-            )));
-        }
-        Ok(t.to_dtype(DType::F32)?)
     }
 }
 

@@ -2,7 +2,12 @@
 //! layer the pair (a, g): the layer's inputs and the gradients of the loss with respect to its
 //! outputs, for every real (non-padding) token. Nothing downstream ever sees an architecture.
 
+pub mod gguf;
 pub mod gpt2;
+pub mod gpt_neox;
+pub mod llama;
+pub(crate) mod ops;
+pub mod weights;
 
 use crate::error::{Error, Result};
 use rand::{Rng, SeedableRng};
@@ -143,6 +148,15 @@ impl TapBatch {
     }
 }
 
+/// Sizes of a transformer's blocks (all zero when unknown).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockShape {
+    pub layers: usize,
+    pub heads: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+}
+
 /// A causal LM that exposes (a, g) for its tracked linear layers.
 pub trait TapModel: Send + Sync {
     /// Architecture name as in config.json (`gpt2`).
@@ -155,10 +169,24 @@ pub trait TapModel: Send + Sync {
     fn taps(&self, batch: &TokenBatch, labels: Labels) -> Result<TapBatch>;
     /// Logits of one sequence, `[len, vocab]` row-major (for parity checks and greedy decoding).
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>>;
+    /// The transformer's shape, for memory estimates of the autograd graph.
+    fn block_shape(&self) -> BlockShape {
+        BlockShape::default()
+    }
 }
 
-/// Loads the model in `dir` (a Hugging Face checkpoint directory), keeping `modules`.
+/// Loads the model at `dir` (a Hugging Face checkpoint directory, or a llama.cpp `.gguf` file),
+/// keeping `modules`.
 pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
+    if gguf::is_gguf(dir) {
+        if !dir.is_file() {
+            return Err(Error::input(format!(
+                "{}: no such GGUF file",
+                dir.display()
+            )));
+        }
+        return Ok(Box::new(gguf::load(dir, modules)?));
+    }
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| {
         Error::input(format!(
@@ -179,8 +207,10 @@ pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
         })?;
     match model_type {
         "gpt2" => Ok(Box::new(gpt2::Gpt2::load(dir, modules)?)),
+        "gpt_neox" => Ok(Box::new(gpt_neox::GptNeoX::load(dir, modules)?)),
+        "llama" | "mistral" | "qwen2" => Ok(Box::new(llama::Llama::load(dir, modules)?)),
         other => Err(Error::input(format!(
-            "{}: model_type `{other}` is not supported (supported: gpt2)",
+            "{}: model_type `{other}` is not supported (supported: gpt2, gpt_neox, llama, mistral, qwen2, and llama GGUF files)",
             config_path.display()
         ))),
     }

@@ -1,0 +1,468 @@
+//! `infl inspect`: what a model is (architecture, parameters, tracked layers with shapes) and
+//! what fitting and scoring it will cost, before anything runs: memory from the factor and
+//! activation sizes, time from a one-batch probe. `fit` and `score` check the same memory
+//! estimate against the memory available and refuse to start when it does not fit.
+//!
+//! The memory model follows what the stages actually hold (src/curvature.rs, src/influence.rs):
+//! * fit, covariance pass: A and S sums in f64, then per layer the normalised f64 copy and its
+//!   eigendecomposition, the f32 covariances and eigenvectors kept;
+//! * fit, eigenvalue pass: the f32 eigenvectors and covariances plus Λ sums in f64 (d_out × d_in_h),
+//!   the final f32 Λ, and the copies made to write factors.safetensors;
+//! * score: eigenvectors and (Λ+λ)⁻¹ in f32, one preconditioned gradient per query and layer
+//!   (n_queries × Σ d_out·d_in_h × 4 bytes), per-sequence gradients of one batch and layer;
+//! * both: the f32 weights and the autograd graph of one batch (activations, attention
+//!   probabilities, logits and their gradient).
+
+use crate::curvature::{self, Fisher, FitOptions, Silent, Strategy};
+use crate::data::{Query, Sequence};
+use crate::error::{Error, Result};
+use crate::influence::{self, Damping, Preconditioner};
+use crate::model::{TapModel, TokenBatch};
+
+/// Bytes needed by each part of a run, for one model, batch size and window length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryEstimate {
+    pub weights: u64,
+    /// Autograd graph of one batch of `batch_size × max_len` tokens.
+    pub activations: u64,
+    /// Factor state held by `fit` at its peak.
+    pub fit_factors: u64,
+    /// Size of factors.safetensors.
+    pub factor_file: u64,
+    /// Preconditioner held by `score`.
+    pub score_preconditioner: u64,
+    /// Preconditioned gradients of one query (all tracked layers).
+    pub per_query: u64,
+    /// Per-sequence gradients of one batch for the largest layer, during scoring.
+    pub score_batch: u64,
+}
+
+impl MemoryEstimate {
+    /// Peak bytes of `infl fit`.
+    pub fn fit_total(&self) -> u64 {
+        self.weights + self.activations + self.fit_factors
+    }
+
+    /// Peak bytes of `infl score` with `n_queries` queries and `n_train` training sequences.
+    /// Reading factors.safetensors holds its bytes and an f64 copy of every tensor (3× the
+    /// file), and the parsed factors stay alive next to the preconditioner (checked against
+    /// SmolLM2-135M: estimate 11.8 GiB, measured peak 11.6 GiB).
+    pub fn score_total(&self, n_queries: u64, n_train: u64) -> u64 {
+        self.weights
+            + self.activations
+            + self.score_preconditioner
+            + 3 * self.factor_file
+            + n_queries * self.per_query
+            + self.score_batch
+            + n_queries * n_train * 8
+    }
+}
+
+/// The memory estimate for `model` with batches of `batch_size` windows of `max_len` tokens.
+pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> MemoryEstimate {
+    let tracked = model.tracked();
+    let sq = |x: usize| (x as u64) * (x as u64);
+    let cov: u64 = tracked.iter().map(|l| sq(l.d_in_h()) + sq(l.d_out)).sum();
+    let max_cov: u64 = tracked
+        .iter()
+        .map(|l| sq(l.d_in_h()) + sq(l.d_out))
+        .max()
+        .unwrap_or(0);
+    let lam: u64 = tracked.iter().map(|l| (l.d_out * l.d_in_h()) as u64).sum();
+    let max_lam: u64 = tracked
+        .iter()
+        .map(|l| (l.d_out * l.d_in_h()) as u64)
+        .max()
+        .unwrap_or(0);
+    let eigvals: u64 = tracked.iter().map(|l| (l.d_in_h() + l.d_out) as u64).sum();
+    let factor_file = 4 * (2 * cov + lam) + 8 * eigvals;
+    // Covariance pass: f64 sums + f32 covariances and eigenvectors + one layer's f64 copies and
+    // eigh workspace. Eigenvalue pass: f32 state + f64 and f32 Λ. End: the tensors to write.
+    let cov_phase = 8 * cov + 8 * cov + 32 * max_cov;
+    let lambda_phase = 8 * cov + 12 * lam;
+    let write_phase = 8 * cov + 4 * lam + factor_file;
+    let fit_factors = cov_phase.max(lambda_phase).max(write_phase);
+
+    let tokens = (batch_size * max_len) as u64;
+    let widths: u64 = tracked.iter().map(|l| (l.d_in + l.d_out) as u64).sum();
+    let shape = model.block_shape();
+    // Floats per token kept by the autograd graph, and as many again for the gradients the
+    // backward pass stores: per block about 40 hidden-wide tensors (norms, projections, rotary,
+    // residuals), 14 MLP-wide ones (projections, activation) and 6 attention maps per head;
+    // calibrated against the measured peak of SmolLM2-135M (`infl inspect` prints both).
+    let graph = if shape.layers > 0 {
+        2 * shape.layers as u64
+            * (40 * shape.hidden as u64
+                + 14 * shape.intermediate as u64
+                + 6 * shape.heads as u64 * max_len as u64)
+    } else {
+        12 * widths
+    };
+    // The (a, g) copies handed to the curvature stage.
+    let taps = 2 * widths;
+    // Logits, their copy, dL/dlogits (vector and tensor), the surrogate product.
+    let logits = tokens * model.vocab_size() as u64 * 5;
+    let activations = 4 * (tokens * (graph + taps) + logits);
+    MemoryEstimate {
+        weights: 4 * model.n_parameters() as u64,
+        activations,
+        fit_factors,
+        factor_file,
+        score_preconditioner: 4 * (cov + lam),
+        per_query: 4 * lam,
+        score_batch: 4 * batch_size as u64 * max_lam,
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes (None where it cannot be read).
+pub fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuses to start `what` when `need` bytes exceed the memory available.
+pub fn check_memory(what: &str, need: u64, hint: &str) -> Result<()> {
+    if let Some(avail) = mem_available() {
+        if need > avail {
+            return Err(Error::input(format!(
+                "{what} would need about {} but only {} is available (MemAvailable); {hint}, or pass --no-memory-check to try anyway (`infl inspect` shows the breakdown)",
+                human(need),
+                human(avail)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `1.23 GiB`-style sizes.
+pub fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = bytes as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < units.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{x:.2} {}", units[u])
+    }
+}
+
+/// Measured costs of one batch.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub tokens: usize,
+    /// One forward + backward with taps.
+    pub taps_seconds: f64,
+    /// A whole EK-FAC fit (both passes, eigendecompositions) on the probe batch.
+    pub fit_seconds: f64,
+    /// The eigendecompositions alone (one per factor), part of `fit_seconds`.
+    pub eigh_seconds: f64,
+    /// Scoring the probe batch against one query (identity preconditioner).
+    pub score_seconds: f64,
+    /// Peak memory growth measured during the taps of the batch (Linux: the resident-set
+    /// high-water mark reset through /proc/self/clear_refs), to compare with the estimate.
+    pub taps_peak_bytes: Option<u64>,
+}
+
+impl Probe {
+    /// Fit time for `n_tokens` training tokens: eigendecompositions once, the rest per token.
+    pub fn fit_estimate(&self, n_tokens: u64) -> f64 {
+        let per_token = (self.fit_seconds - self.eigh_seconds).max(0.0) / self.tokens as f64;
+        self.eigh_seconds + per_token * n_tokens as f64
+    }
+
+    /// Scoring time for `n_tokens` training tokens and one query.
+    pub fn score_estimate(&self, n_tokens: u64) -> f64 {
+        self.score_seconds / self.tokens as f64 * n_tokens as f64
+    }
+}
+
+/// Deterministic pseudo-random token ids (the probe's cost does not depend on them).
+fn probe_sequences(vocab: usize, batch_size: usize, max_len: usize) -> Vec<Sequence> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    (0..batch_size)
+        .map(|k| Sequence {
+            id: format!("probe:{k}"),
+            ids: (0..max_len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state % vocab as u64) as u32
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Runs one batch of taps, a one-batch fit and a one-batch score, timing each.
+pub fn probe(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Result<Probe> {
+    let seqs = probe_sequences(model.vocab_size(), batch_size, max_len);
+    let refs: Vec<(u64, &[u32])> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as u64, s.ids.as_slice()))
+        .collect();
+    let before = reset_peak_rss();
+    let started = std::time::Instant::now();
+    model.taps(&TokenBatch::training(&refs), crate::model::Labels::Data)?;
+    let taps_seconds = started.elapsed().as_secs_f64();
+    let taps_peak_bytes = before.and_then(|b| Some(status_bytes("VmHWM:")?.saturating_sub(b)));
+
+    let started = std::time::Instant::now();
+    let options = FitOptions {
+        strategy: Strategy::Ekfac,
+        fisher: Fisher::Empirical,
+        batch_size,
+        seed: 0,
+    };
+    curvature::fit(model, &seqs, &options, &Silent)?;
+    let fit_seconds = started.elapsed().as_secs_f64();
+
+    let started = std::time::Instant::now();
+    for l in model.tracked() {
+        for n in [l.d_in_h(), l.d_out] {
+            let m = faer::Mat::<f64>::from_fn(n, n, |i, j| {
+                if i == j {
+                    2.0 + i as f64
+                } else {
+                    1.0 / (1.0 + i as f64 + j as f64)
+                }
+            });
+            crate::linalg::eigh(&m).map_err(Error::Other)?;
+        }
+    }
+    let eigh_seconds = started.elapsed().as_secs_f64();
+
+    let identity = curvature::Factors {
+        strategy: Strategy::Identity,
+        layers: model
+            .tracked()
+            .iter()
+            .map(|l| curvature::LayerFactors {
+                layer: l.clone(),
+                n_tokens: 0,
+                n_sequences: 0,
+                covariance: None,
+                eigen: None,
+                lambda: None,
+            })
+            .collect(),
+    };
+    let pre = Preconditioner::new(&identity, Damping::Heuristic)?;
+    let half = max_len.div_ceil(2).max(1);
+    let query = Query {
+        id: "probe".into(),
+        prompt_ids: seqs[0].ids[..half.min(seqs[0].ids.len() - 1).max(1)].to_vec(),
+        completion_ids: seqs[0].ids[half.min(seqs[0].ids.len() - 1).max(1)..].to_vec(),
+        prompt: None,
+        completion: None,
+    };
+    let started = std::time::Instant::now();
+    let pq = influence::precondition_queries(model, &[query], &pre, 1, None, &Silent)?;
+    influence::score_dense(model, &pq, &seqs, batch_size, &Silent)?;
+    let score_seconds = started.elapsed().as_secs_f64();
+    Ok(Probe {
+        tokens: batch_size * max_len,
+        taps_seconds,
+        fit_seconds,
+        eigh_seconds,
+        score_seconds,
+        taps_peak_bytes,
+    })
+}
+
+/// A `kB` field of /proc/self/status, in bytes.
+fn status_bytes(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets the resident-set high-water mark to the current RSS and returns that RSS.
+fn reset_peak_rss() -> Option<u64> {
+    std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    status_bytes("VmRSS:")
+}
+
+/// The text `infl inspect` prints.
+pub fn report(
+    model_path: &std::path::Path,
+    model: &dyn TapModel,
+    batch_size: usize,
+    max_len: usize,
+    n_queries: u64,
+    probe_result: Option<&Probe>,
+) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let tracked = model.tracked();
+    let tracked_params: usize = tracked
+        .iter()
+        .map(|l| l.d_out * l.d_in + if l.has_bias { l.d_out } else { 0 })
+        .sum();
+    let _ = writeln!(s, "model         {}", model_path.display());
+    let _ = writeln!(s, "architecture  {}", model.architecture());
+    let _ = writeln!(
+        s,
+        "parameters    {} total, {} in {} tracked layers ({:.1}%)",
+        model.n_parameters(),
+        tracked_params,
+        tracked.len(),
+        100.0 * tracked_params as f64 / model.n_parameters().max(1) as f64
+    );
+    let _ = writeln!(
+        s,
+        "vocabulary    {}; context length {}",
+        model.vocab_size(),
+        model.max_positions()
+    );
+    let _ = writeln!(s, "\ntracked layers (d_out × d_in, + bias):");
+    let width = tracked.iter().map(|l| l.name.len()).max().unwrap_or(0);
+    for l in tracked {
+        let _ = writeln!(
+            s,
+            "  {:width$}  {:>6} × {:<6}{}",
+            l.name,
+            l.d_out,
+            l.d_in,
+            if l.has_bias { " + bias" } else { "" },
+        );
+    }
+    let e = estimate(model, batch_size, max_len);
+    let _ = writeln!(
+        s,
+        "\nmemory estimate (batch {batch_size} × {max_len} tokens):"
+    );
+    let row = |s: &mut String, what: &str, b: u64| {
+        let _ = writeln!(s, "  {what:<44} {:>12}", human(b));
+    };
+    row(&mut s, "weights (f32)", e.weights);
+    row(&mut s, "activations + logits of one batch", e.activations);
+    row(&mut s, "fit: factor state at its peak", e.fit_factors);
+    row(&mut s, "factors.safetensors", e.factor_file);
+    row(
+        &mut s,
+        "score: preconditioner (Q's, 1/(Λ+λ))",
+        e.score_preconditioner,
+    );
+    row(
+        &mut s,
+        "score: preconditioned gradients per query",
+        e.per_query,
+    );
+    row(&mut s, "FIT TOTAL", e.fit_total());
+    row(
+        &mut s,
+        &format!("SCORE TOTAL ({n_queries} queries, scores aside)"),
+        e.score_total(n_queries, 0),
+    );
+    match mem_available() {
+        Some(a) => row(&mut s, "available now (MemAvailable)", a),
+        None => {
+            let _ = writeln!(s, "  available memory unknown (/proc/meminfo unreadable)");
+        }
+    }
+    match probe_result {
+        Some(p) => {
+            let _ = writeln!(s, "\ntime (one-batch probe of {} tokens):", p.tokens);
+            let _ = writeln!(
+                s,
+                "  forward + backward with taps   {:.2} s ({:.0} tokens/s)",
+                p.taps_seconds,
+                p.tokens as f64 / p.taps_seconds
+            );
+            if let Some(b) = p.taps_peak_bytes {
+                let _ = writeln!(
+                    s,
+                    "  measured peak memory growth of the taps: {} (estimate above: {})",
+                    human(b),
+                    human(e.activations)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "  EK-FAC fit of the batch        {:.2} s (eigendecompositions {:.2} s of it)",
+                p.fit_seconds, p.eigh_seconds
+            );
+            let _ = writeln!(
+                s,
+                "  scoring the batch, 1 query     {:.2} s ({:.0} tokens/s)",
+                p.score_seconds,
+                p.tokens as f64 / p.score_seconds
+            );
+            for n in [100_000u64, 1_000_000] {
+                let _ = writeln!(
+                    s,
+                    "  estimate for {n} training tokens: fit {:.0} s, score {:.0} s per query batch",
+                    p.fit_estimate(n),
+                    p.score_estimate(n)
+                );
+            }
+        }
+        None => {
+            let _ = writeln!(s, "\ntime: not probed");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gpt2::{Gpt2, Gpt2Config};
+    use crate::model::ModuleSelection;
+
+    fn tiny() -> Gpt2 {
+        let c: Gpt2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 23, "n_positions": 16, "n_embd": 8, "n_layer": 2, "n_head": 2
+        }))
+        .unwrap();
+        Gpt2::random(c, 1, ModuleSelection::All).unwrap()
+    }
+
+    #[test]
+    fn estimate_counts_factor_sizes_exactly() {
+        let m = tiny();
+        let e = estimate(&m, 4, 16);
+        // Per block: c_attn 24×(8+1), c_proj 8×9, c_fc 32×9, c_proj 8×33.
+        let lam: u64 = 2 * (24 * 9 + 8 * 9 + 32 * 9 + 8 * 33);
+        assert_eq!(e.per_query, 4 * lam);
+        let cov: u64 = 2 * ((81 + 576) + (81 + 64) + (81 + 1024) + (33 * 33 + 64));
+        assert_eq!(e.score_preconditioner, 4 * (cov + lam));
+        assert_eq!(e.weights, 4 * m.n_parameters() as u64);
+        // Activations grow with the batch.
+        assert!(estimate(&m, 8, 16).activations > e.activations);
+        assert!(e.score_total(3, 10) - e.score_total(0, 10) == 3 * e.per_query + 3 * 10 * 8);
+    }
+
+    #[test]
+    fn memory_check_refuses_the_impossible() {
+        let err = check_memory("fit", u64::MAX / 2, "use a smaller --batch-size")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--no-memory-check") && err.contains("fit"),
+            "{err}"
+        );
+        check_memory("fit", 1, "").unwrap();
+    }
+
+    #[test]
+    fn probe_runs_and_reports() {
+        let m = tiny();
+        let p = probe(&m, 2, 8).unwrap();
+        assert!(p.taps_seconds > 0.0 && p.fit_seconds > 0.0 && p.score_seconds > 0.0);
+        let text = report(std::path::Path::new("tiny"), &m, 2, 8, 1, Some(&p));
+        assert!(
+            text.contains("h.1.mlp.c_proj") && text.contains("FIT TOTAL"),
+            "{text}"
+        );
+    }
+}
