@@ -173,6 +173,10 @@ struct FitArgs {
     /// Which linear layers of the blocks to track (attention qkv/out, MLP in/out).
     #[arg(long, value_enum, default_value = "all")]
     modules: ModuleSelection,
+    /// Track only these layers, by checkpoint name (comma-separated, within --modules; see
+    /// `infl inspect` for the names), e.g. `transformer.h.0.mlp.c_fc,transformer.h.1.mlp.c_fc`.
+    #[arg(long, value_delimiter = ',', value_name = "NAME,..")]
+    layers: Option<Vec<String>>,
     /// Documents longer than this many tokens are cut into consecutive windows
     /// [default: the model's context length].
     #[arg(long, value_name = "N")]
@@ -330,6 +334,7 @@ pub fn run() -> Result<()> {
                 train: a.train,
                 out: a.out,
                 modules: a.modules,
+                layers: a.layers,
                 memory_check: a.memory_check,
                 max_len: a.max_len,
                 options: FitOptions {
@@ -631,6 +636,7 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
         train: corpus.clone(),
         out: factors.clone(),
         modules: ModuleSelection::All,
+        layers: None,
         memory_check: true,
         // The bundled model was trained on 48-token windows; positions past 48 are untrained.
         max_len: Some(BUNDLED_WINDOW),
@@ -778,6 +784,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         train: corpus.clone(),
         out: factors.clone(),
         modules: ModuleSelection::All,
+        layers: None,
         memory_check: true,
         max_len: Some(max_len),
         options: FitOptions {

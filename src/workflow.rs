@@ -104,6 +104,9 @@ pub struct FactorsMeta {
     pub model: ModelInfo,
     pub corpus: CorpusInfo,
     pub layers: Vec<std::collections::HashMap<String, serde_json::Value>>,
+    /// The explicit layer list of `fit --layers`, if one was given.
+    #[serde(default)]
+    pub selected_layers: Option<Vec<String>>,
     pub factors_sha256: String,
 }
 
@@ -114,6 +117,8 @@ pub struct FitJob {
     pub train: PathBuf,
     pub out: PathBuf,
     pub modules: ModuleSelection,
+    /// Track only these layers (checkpoint names), within `modules`.
+    pub layers: Option<Vec<String>>,
     /// Window length; `None` = the model's context length.
     pub max_len: Option<usize>,
     pub options: FitOptions,
@@ -131,7 +136,10 @@ pub struct FitSummary {
 
 pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     let started = std::time::Instant::now();
-    let model = model::load(&job.model, job.modules)?;
+    let mut model = model::load(&job.model, job.modules)?;
+    if let Some(names) = &job.layers {
+        model = model::select_layers(model, names)?;
+    }
     let max_len = job.max_len.unwrap_or(model.max_positions());
     check_max_len(max_len, model.as_ref())?;
     let mut tok = LazyTokenizer::new(&job.model);
@@ -170,6 +178,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
             .into_iter()
             .map(|m| m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
             .collect(),
+        selected_layers: job.layers.clone(),
         factors_sha256: data::sha256_file(&st_path)?,
     };
     // meta.json last: it vouches for the safetensors file by hash.
@@ -395,7 +404,10 @@ fn prepare(
     max_len: Option<usize>,
 ) -> Result<Prepared> {
     let fmeta = open_factors(factors_dir)?;
-    let model = model::load(model_dir, fmeta.modules)?;
+    let mut model = model::load(model_dir, fmeta.modules)?;
+    if let Some(names) = &fmeta.selected_layers {
+        model = model::select_layers(model, names)?;
+    }
     let model_info = ModelInfo::of(model_dir, model.as_ref())?;
     if model_info.weights_sha256 != fmeta.model.weights_sha256
         || model_info.config_sha256 != fmeta.model.config_sha256

@@ -864,3 +864,70 @@ fn other_families_fit_score_and_inspect() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("mamba"));
 }
+
+#[test]
+fn an_explicit_layer_list_restricts_fit_and_score() {
+    let dir = scratch("layers");
+    let (model, corpus, queries) = fixture(&dir, 41);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let chosen = "h.0.mlp.c_fc,h.1.attn.c_proj";
+    let factors = dir.join("factors");
+    ok(&[
+        "fit",
+        "--model",
+        &s(&model),
+        "--train",
+        &s(&corpus),
+        "--out",
+        &s(&factors),
+        "--layers",
+        chosen,
+        "--fisher",
+        "empirical",
+    ]);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(factors.join("meta.json")).unwrap()).unwrap();
+    let names: Vec<&str> = meta["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["h.0.mlp.c_fc", "h.1.attn.c_proj"]);
+    let out = dir.join("r");
+    ok(&[
+        "score",
+        "--model",
+        &s(&model),
+        "--factors",
+        &s(&factors),
+        "--train",
+        &s(&corpus),
+        "--queries",
+        &s(&queries),
+        "--out",
+        &s(&out),
+        "--per-layer",
+    ]);
+    let top = std::fs::read_to_string(out.join("top_k.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(top.lines().next().unwrap()).unwrap();
+    assert_eq!(first["per_layer"].as_array().unwrap().len(), 2);
+
+    let bad = infl(&[
+        "fit",
+        "--model",
+        &s(&model),
+        "--train",
+        &s(&corpus),
+        "--out",
+        &s(&dir.join("x")),
+        "--layers",
+        "h.9.mlp.c_fc",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("h.9.mlp.c_fc") && err.contains("available"),
+        "{err}"
+    );
+}

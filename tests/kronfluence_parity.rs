@@ -42,6 +42,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             train: fixture("corpus_ids.jsonl"),
             out: factors.clone(),
             modules: ModuleSelection::All,
+            layers: None,
             memory_check: true,
             max_len: Some(48),
             options: FitOptions {
@@ -177,6 +178,7 @@ fn factors_match_kronfluence() {
             train: fixture("corpus_ids.jsonl"),
             out: out.clone(),
             modules: ModuleSelection::All,
+            layers: None,
             memory_check: true,
             max_len: Some(48),
             options: FitOptions {

@@ -175,6 +175,71 @@ pub trait TapModel: Send + Sync {
     }
 }
 
+/// A model restricted to some of its tracked layers, chosen by checkpoint name.
+struct SelectedLayers {
+    inner: Box<dyn TapModel>,
+    keep: Vec<usize>,
+    tracked: Vec<TrackedLayer>,
+}
+
+impl TapModel for SelectedLayers {
+    fn architecture(&self) -> &str {
+        self.inner.architecture()
+    }
+    fn tracked(&self) -> &[TrackedLayer] {
+        &self.tracked
+    }
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn max_positions(&self) -> usize {
+        self.inner.max_positions()
+    }
+    fn n_parameters(&self) -> usize {
+        self.inner.n_parameters()
+    }
+    fn taps(&self, batch: &TokenBatch, labels: Labels) -> Result<TapBatch> {
+        let mut all = self.inner.taps(batch, labels)?;
+        let mut layers: Vec<Option<LayerTap>> = all.layers.drain(..).map(Some).collect();
+        all.layers = self
+            .keep
+            .iter()
+            .map(|&i| layers[i].take().expect("kept indices are distinct"))
+            .collect();
+        Ok(all)
+    }
+    fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.inner.logits(ids)
+    }
+    fn block_shape(&self) -> BlockShape {
+        self.inner.block_shape()
+    }
+}
+
+/// Keeps only the tracked layers named in `names` (checkpoint names, in the model's order);
+/// an unknown name is an error listing the available ones. The inner model still runs every
+/// tap; only the chosen layers reach curvature and influence.
+pub fn select_layers(model: Box<dyn TapModel>, names: &[String]) -> Result<Box<dyn TapModel>> {
+    for n in names {
+        if !model.tracked().iter().any(|l| &l.name == n) {
+            let available: Vec<&str> = model.tracked().iter().map(|l| l.name.as_str()).collect();
+            return Err(Error::input(format!(
+                "--layers: `{n}` is not a tracked layer of this model (with the chosen --modules); available: {}",
+                available.join(", ")
+            )));
+        }
+    }
+    let keep: Vec<usize> = (0..model.tracked().len())
+        .filter(|&i| names.contains(&model.tracked()[i].name))
+        .collect();
+    let tracked = keep.iter().map(|&i| model.tracked()[i].clone()).collect();
+    Ok(Box::new(SelectedLayers {
+        inner: model,
+        keep,
+        tracked,
+    }))
+}
+
 /// Loads the model at `dir` (a Hugging Face checkpoint directory, or a llama.cpp `.gguf` file),
 /// keeping `modules`.
 pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
