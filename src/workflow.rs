@@ -473,21 +473,25 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         model.vocab_size(),
     )?;
     let query_ids: Vec<String> = queries.iter().map(|q| q.id.clone()).collect();
-    if job.memory_check {
-        // Scoring streams the corpus: no term grows with it (n_train = 0 in the estimate).
-        let longest = queries
-            .iter()
-            .map(|q| q.prompt_ids.len() + q.completion_ids.len())
-            .chain([max_len])
-            .max()
-            .unwrap_or(1);
+    // Scoring streams the corpus, so no term of the estimate grows with it (n_train = 0); the
+    // activation term depends on the longest sequence, which is re-checked as chunks arrive.
+    let check_memory = |longest: usize| -> Result<()> {
+        if !job.memory_check {
+            return Ok(());
+        }
         let e = crate::inspect::estimate(model.as_ref(), job.batch_size, longest);
         crate::inspect::check_memory(
             "infl score",
             e.score_total(queries.len() as u64, 0),
             "score fewer queries per run, or use a smaller --batch-size",
-        )?;
-    }
+        )
+    };
+    let mut checked_len = queries
+        .iter()
+        .map(|q| q.prompt_ids.len() + q.completion_ids.len())
+        .max()
+        .unwrap_or(1);
+    check_memory(checked_len)?;
 
     let pq = influence::precondition_queries(
         model.as_ref(),
@@ -567,6 +571,11 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         model.vocab_size(),
         job.batch_size.max(1) * CHUNK_BATCHES,
         |chunk| {
+            let longest = chunk.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+            if longest > checked_len {
+                check_memory(longest)?;
+                checked_len = longest;
+            }
             let indices: Vec<usize> = (seen..seen + chunk.len())
                 .filter(|i| union.as_ref().is_none_or(|u| u.contains(i)))
                 .collect();
