@@ -931,3 +931,49 @@ fn an_explicit_layer_list_restricts_fit_and_score() {
         "{err}"
     );
 }
+
+/// A long-context model scoring short documents: the memory check follows the sequences
+/// actually streamed, not the context length (which once made score refuse everything).
+#[test]
+fn memory_check_follows_the_streamed_sequences_not_the_context() {
+    let dir = scratch("longctx");
+    let model = dir.join("model");
+    let mut cfg = config(8);
+    cfg.n_positions = 200_000;
+    Gpt2::random(cfg, 5, ModuleSelection::All)
+        .unwrap()
+        .save(&model)
+        .unwrap();
+    let corpus = dir.join("corpus.jsonl");
+    std::fs::write(&corpus, "{\"ids\": [1, 2, 3, 4]}\n{\"ids\": [5, 6, 7]}\n").unwrap();
+    let queries = dir.join("queries.jsonl");
+    std::fs::write(
+        &queries,
+        "{\"prompt_ids\": [1, 2], \"completion_ids\": [3]}\n",
+    )
+    .unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let factors = dir.join("factors");
+    ok(&[
+        "fit",
+        "--model",
+        &s(&model),
+        "--train",
+        &s(&corpus),
+        "--out",
+        &s(&factors),
+    ]);
+    ok(&[
+        "score",
+        "--model",
+        &s(&model),
+        "--factors",
+        &s(&factors),
+        "--train",
+        &s(&corpus),
+        "--queries",
+        &s(&queries),
+        "--out",
+        &s(&dir.join("r")),
+    ]);
+}
