@@ -7,11 +7,9 @@
 //! cut the graph); `tests::every_probe_receives_a_gradient` fails if any tap goes missing.
 
 use super::weights::Weights;
-use super::{
-    loss_head, Labels, LayerTap, ModuleSelection, TapBatch, TapModel, TokenBatch, TrackedLayer,
-};
+use super::{ops::Forward, Labels, ModuleSelection, TapBatch, TapModel, TokenBatch, TrackedLayer};
 use crate::error::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var, D};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -125,12 +123,6 @@ pub struct Gpt2 {
     tracked: Vec<TrackedLayer>,
     n_parameters: usize,
     device: Device,
-}
-
-/// What one forward pass keeps for the taps.
-struct Forward {
-    logits: Tensor,
-    inputs: Vec<Tensor>,
 }
 
 impl Gpt2 {
@@ -414,10 +406,7 @@ impl Gpt2 {
     }
 
     fn zero_probes(&self, rows: usize) -> candle_core::Result<Vec<Var>> {
-        self.tracked
-            .iter()
-            .map(|l| Var::zeros((rows, l.d_out), DType::F32, &self.device))
-            .collect()
+        super::ops::zero_probes(&self.tracked, rows)
     }
 
     /// Logits, padded length and the probes' gradients for a batch (exposed to tests through
@@ -428,46 +417,14 @@ impl Gpt2 {
         labels: Labels,
         probes: &[Var],
     ) -> Result<(TapBatch, candle_core::backprop::GradStore)> {
-        let t = batch.max_len();
-        let probe_tensors: Vec<Tensor> = probes.iter().map(|p| p.as_tensor().clone()).collect();
-        let fwd = self.forward(&batch.ids, t, &probe_tensors)?;
-        let logits = fwd.logits.flatten_all()?.to_vec1::<f32>()?;
-        let (dlogits, losses) = loss_head(&logits, self.config.vocab_size, t, batch, labels);
-        let dlogits = Tensor::from_vec(dlogits, fwd.logits.shape(), &self.device)?;
-        // d/dlogits of Σ logits ⊙ C is C: one backward yields the gradient of the summed loss.
-        let surrogate = (&fwd.logits * &dlogits)?.sum_all()?;
-        let grads = surrogate.backward()?;
-        let real_rows: Vec<u32> = batch
-            .ids
-            .iter()
-            .enumerate()
-            .flat_map(|(b, s)| (0..s.len()).map(move |i| (b * t + i) as u32))
-            .collect();
-        let real_rows = Tensor::from_vec(real_rows.clone(), real_rows.len(), &self.device)?;
-        let mut layers = Vec::with_capacity(self.tracked.len());
-        for (i, probe) in probes.iter().enumerate() {
-            let g = grads.get(probe).ok_or_else(|| {
-                Error::Other(format!(
-                    "internal: no gradient reached tracked layer {} (the autograd graph is cut)",
-                    self.tracked[i].name
-                ))
-            })?;
-            let a = fwd.inputs[i]
-                .index_select(&real_rows, 0)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let g = g
-                .index_select(&real_rows, 0)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            layers.push(LayerTap { a, g });
-        }
-        let taps = TapBatch {
-            seq_lens: batch.ids.iter().map(Vec::len).collect(),
-            losses,
-            layers,
-        };
-        Ok((taps, grads))
+        super::ops::run_taps(
+            &self.tracked,
+            self.config.vocab_size,
+            batch,
+            labels,
+            probes,
+            |ids, t, p| self.forward(ids, t, p),
+        )
     }
 }
 
@@ -508,13 +465,7 @@ impl TapModel for Gpt2 {
     }
 
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let probes: Vec<Tensor> = self
-            .zero_probes(ids.len())?
-            .iter()
-            .map(|p| p.as_tensor().clone())
-            .collect();
-        let fwd = self.forward(&[ids.to_vec()], ids.len(), &probes)?;
-        Ok(fwd.logits.flatten_all()?.to_vec1::<f32>()?)
+        super::ops::single_logits(&self.tracked, ids, |ids, t, p| self.forward(ids, t, p))
     }
 }
 
