@@ -27,6 +27,11 @@ struct Cli {
     #[arg(long, short, global = true)]
     quiet: bool,
 
+    /// Batches run at once on this machine (data-parallel over sequences) [default: every
+    /// core]. Results do not depend on it.
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +57,64 @@ enum Command {
     Report(ReportArgs),
     /// Compare results of the same queries (other models or strategies): top-k overlap, rank correlation.
     Compare(CompareArgs),
+    /// Merge the shards of a sharded `fit` or `score` (`--shard i/N`) exactly into final files.
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args)]
+#[command(
+    long_about = "Merge the shards of a sharded `fit` or `score` exactly.\n\n\
+A sharded fit runs in two rounds when the strategy is ekfac:\n  \
+1. `infl fit --shard i/N --out F` on every shard (covariance pass), then `infl merge F`\n     \
+(adds the shards' sums, computes the eigenbases once);\n  \
+2. the same `infl fit --shard i/N --out F` on every shard again (eigenvalue pass), then\n     \
+`infl merge F` (adds Λ's sums, writes factors.safetensors and meta.json).\n\
+kfac and diagonal need one round, identity none. A sharded score needs one: every shard\n\
+`infl score --shard i/N --out R`, then `infl merge R` (top-k and summaries merged, the dense\n\
+matrix reassembled in corpus order)."
+)]
+struct MergeArgs {
+    /// The --out directory the shards wrote to (a factors or a results directory).
+    #[arg(value_name = "DIR")]
+    dir: PathBuf,
+}
+
+/// `--shard`, shared by fit and score.
+#[derive(clap::Args)]
+struct ShardArgs {
+    /// Run only shard i of N of the corpus: sequence k (0-based, corpus order) belongs to shard
+    /// k mod N. `auto` takes index and count from a Slurm array task
+    /// (SLURM_ARRAY_TASK_ID/MIN/STEP/COUNT); `auto/N` takes the index from JOB_COMPLETION_INDEX
+    /// (Kubernetes Indexed Job) or Slurm. Combine the shards with `infl merge`.
+    #[arg(long, value_name = "i/N|auto|auto/N")]
+    shard: Option<String>,
+    /// Save the pass's state every M sequences [default: every 15 minutes]; rerunning the same
+    /// command after a crash or kill resumes from it, with identical results.
+    #[arg(long, value_name = "M")]
+    checkpoint_every: Option<usize>,
+    /// Discard saved state in --out instead of resuming from it.
+    #[arg(long)]
+    fresh: bool,
+}
+
+impl ShardArgs {
+    fn shard(&self) -> Result<infl::shard::Shard> {
+        Ok(match &self.shard {
+            None => infl::shard::Shard::WHOLE,
+            Some(s) => infl::shard::Shard::parse(s)?,
+        })
+    }
+
+    fn policy(&self) -> infl::curvature::CheckpointPolicy {
+        infl::curvature::CheckpointPolicy {
+            every_sequences: self.checkpoint_every,
+            every_seconds: if self.checkpoint_every.is_some() {
+                f64::INFINITY
+            } else {
+                900.0
+            },
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -190,6 +253,8 @@ struct FitArgs {
     /// Start even if the memory estimate exceeds the memory available.
     #[arg(long = "no-memory-check", action = clap::ArgAction::SetFalse)]
     memory_check: bool,
+    #[command(flatten)]
+    sharding: ShardArgs,
 }
 
 #[derive(clap::Args)]
@@ -252,6 +317,8 @@ struct ScoreArgs {
     /// An index built by `infl index` from the same corpus and --max-len.
     #[arg(long, value_name = "INDEX", requires = "prefilter")]
     index: Option<PathBuf>,
+    #[command(flatten)]
+    sharding: ShardArgs,
 }
 
 #[derive(clap::Args)]
@@ -326,6 +393,12 @@ struct DemoArgs {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            anyhow::bail!(infl::Error::input("--threads must be at least 1"));
+        }
+        infl::shard::set_threads(n);
+    }
     let progress = Bars::new(cli.quiet);
     match cli.command {
         Command::Fit(a) => {
@@ -337,6 +410,9 @@ pub fn run() -> Result<()> {
                 layers: a.layers,
                 memory_check: a.memory_check,
                 max_len: a.max_len,
+                shard: a.sharding.shard()?,
+                checkpoint: a.sharding.policy(),
+                fresh: a.sharding.fresh,
                 options: FitOptions {
                     strategy: a.strategy,
                     fisher: a.fisher,
@@ -346,15 +422,7 @@ pub fn run() -> Result<()> {
             };
             let s = workflow::fit(&job, &progress)?;
             if !cli.quiet {
-                eprintln!(
-                    "fitted {:?} factors for {} layers on {} sequences ({} tokens) in {:.1}s → {}",
-                    job.options.strategy,
-                    s.n_layers,
-                    s.n_sequences,
-                    s.n_tokens,
-                    s.seconds,
-                    job.out.display()
-                );
+                eprintln!("{} ({:.1}s)", s.message, s.seconds);
             }
         }
         Command::Score(a) => {
@@ -376,17 +444,14 @@ pub fn run() -> Result<()> {
                 prefilter: a
                     .prefilter
                     .map(|n| (n, a.index.clone().unwrap_or_default())),
+                shard: a.sharding.shard()?,
+                checkpoint: a.sharding.policy(),
+                fresh: a.sharding.fresh,
                 memory_check: a.memory_check,
             };
             let s = workflow::score(&job, &progress)?;
             if !cli.quiet {
-                eprintln!(
-                    "scored {} queries × {} training sequences in {:.1}s → {}",
-                    s.meta.queries.ids.len(),
-                    s.meta.corpus.n_sequences,
-                    s.seconds,
-                    job.out.display()
-                );
+                eprintln!("{} ({:.1}s)", s.message, s.seconds);
             }
         }
         Command::Index(a) => {
@@ -435,6 +500,12 @@ pub fn run() -> Result<()> {
             print!("{}", cmp.table());
         }
         Command::Inspect(a) => inspect(a, cli.quiet)?,
+        Command::Merge(a) => {
+            let out = workflow::merge(&a.dir)?;
+            if !cli.quiet {
+                eprintln!("{}", out.message);
+            }
+        }
     }
     Ok(())
 }
@@ -640,6 +711,9 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
         memory_check: true,
         // The bundled model was trained on 48-token windows; positions past 48 are untrained.
         max_len: Some(BUNDLED_WINDOW),
+        shard: infl::shard::Shard::WHOLE,
+        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+        fresh: false,
         options: FitOptions {
             strategy: a.strategy,
             fisher: Fisher::Sampled,
@@ -664,6 +738,9 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
         per_token: true,
         normalize: Normalize::None,
         prefilter: None,
+        shard: infl::shard::Shard::WHOLE,
+        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+        fresh: false,
         memory_check: true,
     };
     let s = workflow::score(&score, progress)?;
@@ -787,6 +864,9 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         layers: None,
         memory_check: true,
         max_len: Some(max_len),
+        shard: infl::shard::Shard::WHOLE,
+        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+        fresh: false,
         options: FitOptions {
             strategy: Strategy::Ekfac,
             fisher: Fisher::Sampled,
@@ -813,6 +893,9 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         per_token: false,
         normalize: Normalize::None,
         prefilter: None,
+        shard: infl::shard::Shard::WHOLE,
+        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+        fresh: false,
         memory_check: true,
     };
     let score_s = workflow::score(
@@ -948,6 +1031,9 @@ fn rss_child(
         per_token: false,
         normalize: Normalize::None,
         prefilter: None,
+        shard: infl::shard::Shard::WHOLE,
+        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+        fresh: false,
         memory_check: true,
     };
     let s = workflow::score(&job, &Bars::new(true))?;

@@ -100,29 +100,78 @@ pub fn run_batches(
     labels: Labels,
     progress: &dyn Progress,
     what: &str,
+    visit: impl FnMut(usize, &TapBatch) -> Result<()>,
+) -> Result<()> {
+    let indices: Vec<u64> = (0..seqs.len()).map(|k| (first + k) as u64).collect();
+    run_indexed(
+        model, seqs, &indices, batch_size, labels, progress, what, visit,
+    )
+}
+
+/// [`run_batches`] with each sequence's stable index given (a shard's sequences are not
+/// contiguous). Batches are cut from `seqs` in order, [`crate::shard::threads`] of them run at
+/// once, and `visit` sees them in order: results do not depend on the thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn run_indexed(
+    model: &dyn TapModel,
+    seqs: &[Sequence],
+    indices: &[u64],
+    batch_size: usize,
+    labels: Labels,
+    progress: &dyn Progress,
+    what: &str,
     mut visit: impl FnMut(usize, &TapBatch) -> Result<()>,
 ) -> Result<()> {
     let size = batch_size.max(1);
-    for (chunk_no, chunk) in seqs.chunks(size).enumerate() {
-        let start = chunk_no * size;
-        let refs: Vec<(u64, &[u32])> = chunk
-            .iter()
-            .enumerate()
-            .map(|(k, s)| ((first + start + k) as u64, s.ids.as_slice()))
-            .collect();
-        let batch = TokenBatch::training(&refs);
-        let taps = model.taps(&batch, labels)?;
-        if let Err(e) = check_finite(&taps, |k| chunk[k].id.clone(), what) {
-            // Padding shares attention with real tokens, so one broken sequence can poison its
-            // whole batch: rerun each alone to name the one at fault.
-            for (k, r) in refs.iter().enumerate() {
-                let alone = model.taps(&TokenBatch::training(std::slice::from_ref(r)), labels)?;
-                check_finite(&alone, |_| chunk[k].id.clone(), what)?;
+    let batches: Vec<TokenBatch> = seqs
+        .chunks(size)
+        .zip(indices.chunks(size))
+        .map(|(chunk, idx)| {
+            let refs: Vec<(u64, &[u32])> = chunk
+                .iter()
+                .zip(idx)
+                .map(|(s, &i)| (i, s.ids.as_slice()))
+                .collect();
+            TokenBatch::training(&refs)
+        })
+        .collect();
+    let threads = crate::shard::threads().max(1);
+    for (group_no, group) in batches.chunks(threads).enumerate() {
+        let results: Vec<Result<TapBatch>> = if group.len() == 1 {
+            vec![model.taps(&group[0], labels)]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = group
+                    .iter()
+                    .map(|b| scope.spawn(move || model.taps(b, labels)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::Other(format!("{what}: a worker thread panicked")))
+                        })
+                    })
+                    .collect()
+            })
+        };
+        for (k, (batch, taps)) in group.iter().zip(results).enumerate() {
+            let start = (group_no * threads + k) * size;
+            let chunk = &seqs[start..start + batch.len()];
+            let taps = taps?;
+            if let Err(e) = check_finite(&taps, |j| chunk[j].id.clone(), what) {
+                // Padding shares attention with real tokens, so one broken sequence can poison
+                // its whole batch: rerun each alone to name the one at fault.
+                for (j, s) in chunk.iter().enumerate() {
+                    let one = [(batch.stable_index[j], s.ids.as_slice())];
+                    let alone = model.taps(&TokenBatch::training(&one), labels)?;
+                    check_finite(&alone, |_| s.id.clone(), what)?;
+                }
+                return Err(e);
             }
-            return Err(e);
+            visit(start, &taps)?;
+            progress.advance(batch.n_tokens() as u64);
         }
-        visit(start, &taps)?;
-        progress.advance(batch.n_tokens() as u64);
     }
     Ok(())
 }
@@ -188,8 +237,356 @@ pub struct Factors {
     pub layers: Vec<LayerFactors>,
 }
 
-/// Fits the factors of `options.strategy` over `seqs`: a covariance pass (KFAC, EK-FAC), the
-/// eigendecompositions, then a Λ pass (EK-FAC, diagonal).
+/// The two passes over the data of a fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pass {
+    /// Sums of ā āᵀ and g gᵀ over tokens (KFAC, EK-FAC).
+    Covariance,
+    /// Sums of squared per-sequence gradients, in the eigenbasis (EK-FAC) or not (diagonal).
+    Eigenvalue,
+}
+
+impl Pass {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pass::Covariance => "covariance",
+            Pass::Eigenvalue => "eigenvalue",
+        }
+    }
+
+    /// Sampled labels are drawn afresh for each pass, as kronfluence does.
+    fn label_pass(self) -> u64 {
+        match self {
+            Pass::Covariance => 0,
+            Pass::Eigenvalue => 1,
+        }
+    }
+}
+
+impl Strategy {
+    /// The passes a fit of this strategy runs, in order.
+    pub fn passes(self) -> Vec<Pass> {
+        let mut p = Vec::new();
+        if self.needs_covariance() {
+            p.push(Pass::Covariance);
+        }
+        if self.needs_lambda() {
+            p.push(Pass::Eigenvalue);
+        }
+        p
+    }
+}
+
+/// The running sums of one pass: never means, so that shards and resumed runs add exactly.
+#[derive(Debug, Clone)]
+pub struct PassSums {
+    pub pass: Pass,
+    /// Covariance: `[Σāāᵀ, Σggᵀ]` per tracked layer, in order; eigenvalue: one `Σ (Q_Sᵀ G Q_A)^∘2`
+    /// (or `Σ G^∘2`) per tracked layer.
+    pub sums: Vec<Mat<f64>>,
+    pub n_tokens: u64,
+    pub n_sequences: u64,
+}
+
+impl PassSums {
+    pub fn zeros(pass: Pass, tracked: &[TrackedLayer]) -> Self {
+        let sums = match pass {
+            Pass::Covariance => tracked
+                .iter()
+                .flat_map(|l| {
+                    [
+                        Mat::zeros(l.d_in_h(), l.d_in_h()),
+                        Mat::zeros(l.d_out, l.d_out),
+                    ]
+                })
+                .collect(),
+            Pass::Eigenvalue => tracked
+                .iter()
+                .map(|l| Mat::zeros(l.d_out, l.d_in_h()))
+                .collect(),
+        };
+        PassSums {
+            pass,
+            sums,
+            n_tokens: 0,
+            n_sequences: 0,
+        }
+    }
+
+    /// Adds another shard's sums.
+    pub fn add(&mut self, other: &PassSums) {
+        for (a, b) in self.sums.iter_mut().zip(&other.sums) {
+            *a += b;
+        }
+        self.n_tokens += other.n_tokens;
+        self.n_sequences += other.n_sequences;
+    }
+
+    fn names(pass: Pass, tracked: &[TrackedLayer]) -> Vec<String> {
+        match pass {
+            Pass::Covariance => tracked
+                .iter()
+                .flat_map(|l| [format!("{}.A_sum", l.name), format!("{}.S_sum", l.name)])
+                .collect(),
+            Pass::Eigenvalue => tracked
+                .iter()
+                .map(|l| format!("{}.lambda_sum", l.name))
+                .collect(),
+        }
+    }
+
+    /// f64 tensors `{layer}.A_sum`, `{layer}.S_sum` or `{layer}.lambda_sum`, and `counts`
+    /// (`[tokens, sequences]`).
+    pub fn to_tensors(&self, tracked: &[TrackedLayer]) -> Vec<(String, OwnedTensor)> {
+        let mut out: Vec<(String, OwnedTensor)> = Self::names(self.pass, tracked)
+            .into_iter()
+            .zip(&self.sums)
+            .map(|(n, m)| {
+                (
+                    n,
+                    OwnedTensor::F64(vec![m.nrows(), m.ncols()], linalg::to_row_major(m.as_ref())),
+                )
+            })
+            .collect();
+        out.push((
+            "counts".into(),
+            OwnedTensor::F64(vec![2], vec![self.n_tokens as f64, self.n_sequences as f64]),
+        ));
+        out
+    }
+
+    /// Reads back [`PassSums::to_tensors`]; `what` names the source in messages.
+    pub fn from_tensors(
+        mut t: crate::io::TensorMap,
+        pass: Pass,
+        tracked: &[TrackedLayer],
+        what: &str,
+    ) -> Result<Self> {
+        let mut zero = Self::zeros(pass, tracked);
+        for (name, m) in Self::names(pass, tracked).iter().zip(zero.sums.iter_mut()) {
+            let (shape, v) = t
+                .remove(name)
+                .ok_or_else(|| Error::Mismatch(format!("{what}: tensor `{name}` is missing")))?;
+            if shape != [m.nrows(), m.ncols()] {
+                return Err(Error::Mismatch(format!(
+                    "{what}: tensor `{name}` has shape {shape:?}, expected [{}, {}]",
+                    m.nrows(),
+                    m.ncols()
+                )));
+            }
+            let c = m.ncols();
+            *m = Mat::from_fn(m.nrows(), c, |i, j| v[i * c + j]);
+        }
+        let (_, counts) = t
+            .remove("counts")
+            .ok_or_else(|| Error::Mismatch(format!("{what}: tensor `counts` is missing")))?;
+        zero.n_tokens = counts.first().copied().unwrap_or(0.0) as u64;
+        zero.n_sequences = counts.get(1).copied().unwrap_or(0.0) as u64;
+        Ok(zero)
+    }
+}
+
+/// Adds one batch's taps to the running sums of `state.pass`. For the eigenvalue pass,
+/// `bases[ℓ]` is layer ℓ's eigenbasis (EK-FAC) or `None` (diagonal: the original basis).
+pub fn accumulate(
+    state: &mut PassSums,
+    tracked: &[TrackedLayer],
+    bases: &[Option<&Eigenbasis>],
+    taps: &TapBatch,
+) {
+    let offsets = taps.offsets();
+    let n = offsets[offsets.len() - 1];
+    state.n_tokens += n as u64;
+    state.n_sequences += taps.seq_lens.len() as u64;
+    match state.pass {
+        Pass::Covariance => {
+            for ((l, tap), pair) in tracked
+                .iter()
+                .zip(&taps.layers)
+                .zip(state.sums.chunks_mut(2))
+            {
+                let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
+                linalg::add_gram(&mut pair[0], a.as_ref());
+                linalg::add_gram(&mut pair[1], linalg::rows(&tap.g, n, l.d_out));
+            }
+        }
+        Pass::Eigenvalue => {
+            for (((l, tap), sum), basis) in tracked
+                .iter()
+                .zip(&taps.layers)
+                .zip(state.sums.iter_mut())
+                .zip(bases)
+            {
+                let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
+                let g = linalg::rows(&tap.g, n, l.d_out);
+                // Rotate the tokens first: (g Q_S)ᵀ (ā Q_A) = Q_Sᵀ G Q_A, cheaper when the
+                // sequences are shorter than the layer is wide.
+                let (g_rot, a_rot) = match basis {
+                    Some(b) => (
+                        linalg::mul(g, b.q_s.as_ref()),
+                        linalg::mul(a.as_ref(), b.q_a.as_ref()),
+                    ),
+                    None => (g.to_owned(), a),
+                };
+                let mut r = Mat::<f32>::zeros(l.d_out, l.d_in_h());
+                for w in offsets.windows(2) {
+                    let (s, e) = (w[0], w[1]);
+                    linalg::mul_into(
+                        r.as_mut(),
+                        g_rot.as_ref().subrows(s, e - s).transpose(),
+                        a_rot.as_ref().subrows(s, e - s),
+                        false,
+                    );
+                    for j in 0..r.ncols() {
+                        for i in 0..r.nrows() {
+                            let x = r[(i, j)] as f64;
+                            sum[(i, j)] += x * x;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// When a long pass saves its state.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    /// After at least this many sequences since the last save.
+    pub every_sequences: Option<usize>,
+    /// Or after this much time since the last save.
+    pub every_seconds: f64,
+}
+
+impl CheckpointPolicy {
+    pub const NEVER: CheckpointPolicy = CheckpointPolicy {
+        every_sequences: None,
+        every_seconds: f64::INFINITY,
+    };
+}
+
+/// Runs `state.pass` over `seqs[position..]` (stable indices `indices`), adding to `state`.
+/// `save(state, position)` is called at batch boundaries as `policy` asks; resuming from a
+/// saved (state, position) gives bit-identical sums, because batches are cut from `position`
+/// (a batch boundary) and added in the same order.
+#[allow(clippy::too_many_arguments)]
+pub fn run_pass(
+    model: &dyn TapModel,
+    options: &FitOptions,
+    seqs: &[Sequence],
+    indices: &[u64],
+    bases: &[Option<&Eigenbasis>],
+    state: &mut PassSums,
+    position: usize,
+    policy: CheckpointPolicy,
+    progress: &dyn Progress,
+    mut save: impl FnMut(&PassSums, usize) -> Result<()>,
+) -> Result<()> {
+    let labels = match options.fisher {
+        Fisher::Empirical => Labels::Data,
+        Fisher::Sampled => Labels::Sampled {
+            seed: options.seed,
+            pass: state.pass.label_pass(),
+        },
+    };
+    let tracked = model.tracked().to_vec();
+    let rest = &seqs[position..];
+    let what = format!("{} pass", state.pass.name());
+    progress.begin(&what, rest.iter().map(|s| s.ids.len() as u64).sum());
+    let mut last_save = (position, std::time::Instant::now());
+    run_indexed(
+        model,
+        rest,
+        &indices[position..],
+        options.batch_size,
+        labels,
+        progress,
+        &what,
+        |start, taps| {
+            accumulate(state, &tracked, bases, taps);
+            let done = position + start + taps.seq_lens.len();
+            let due = policy
+                .every_sequences
+                .is_some_and(|m| done - last_save.0 >= m)
+                || last_save.1.elapsed().as_secs_f64() >= policy.every_seconds;
+            if due && done < seqs.len() {
+                save(state, done)?;
+                last_save = (done, std::time::Instant::now());
+            }
+            Ok(())
+        },
+    )?;
+    progress.end();
+    Ok(())
+}
+
+/// Normalised covariances and their eigendecompositions from the (merged) covariance sums:
+/// the factors of a KFAC fit, and the bases of an EK-FAC one.
+pub fn eigendecompose(tracked: &[TrackedLayer], cov: &PassSums) -> Result<Vec<LayerFactors>> {
+    let norm = 1.0 / cov.n_tokens.max(1) as f64;
+    tracked
+        .iter()
+        .zip(cov.sums.chunks(2))
+        .map(|(l, pair)| {
+            let scaled = |m: &Mat<f64>| Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] * norm);
+            let (a, s) = (scaled(&pair[0]), scaled(&pair[1]));
+            let eig = |m: &Mat<f64>, which: &str| {
+                linalg::eigh(m).map_err(|e| Error::Other(format!("layer {} {which}: {e}", l.name)))
+            };
+            let (eigvals_a, q_a) = eig(&a, "A")?;
+            let (eigvals_s, q_s) = eig(&s, "S")?;
+            Ok(LayerFactors {
+                layer: l.clone(),
+                n_tokens: cov.n_tokens,
+                n_sequences: cov.n_sequences,
+                covariance: Some((linalg::to_f32(&a), linalg::to_f32(&s))),
+                eigen: Some(Eigenbasis {
+                    eigvals_a,
+                    q_a: linalg::to_f32(&q_a),
+                    eigvals_s,
+                    q_s: linalg::to_f32(&q_s),
+                }),
+                lambda: None,
+            })
+        })
+        .collect()
+}
+
+/// Sets Λ of each layer from the (merged) eigenvalue sums, normalised per sequence.
+pub fn set_lambda(layers: &mut [LayerFactors], lam: &PassSums) {
+    let norm = 1.0 / lam.n_sequences.max(1) as f64;
+    for (lf, sum) in layers.iter_mut().zip(&lam.sums) {
+        lf.n_tokens = lam.n_tokens;
+        lf.n_sequences = lam.n_sequences;
+        lf.lambda = Some(Mat::from_fn(sum.nrows(), sum.ncols(), |i, j| {
+            (sum[(i, j)] * norm) as f32
+        }));
+    }
+}
+
+/// Factors with no curvature (the identity strategy), or before any pass.
+pub fn empty_factors(
+    tracked: &[TrackedLayer],
+    n_tokens: u64,
+    n_sequences: u64,
+) -> Vec<LayerFactors> {
+    tracked
+        .iter()
+        .map(|l| LayerFactors {
+            layer: l.clone(),
+            n_tokens,
+            n_sequences,
+            covariance: None,
+            eigen: None,
+            lambda: None,
+        })
+        .collect()
+}
+
+/// Fits the factors of `options.strategy` over `seqs` in one process, with no checkpoints: a
+/// covariance pass (KFAC, EK-FAC), the eigendecompositions, then an eigenvalue pass (EK-FAC,
+/// diagonal). `infl fit` runs the same passes shardable and resumable ([`crate::workflow`]).
 pub fn fit(
     model: &dyn TapModel,
     seqs: &[Sequence],
@@ -202,133 +599,27 @@ pub fn fit(
             "no tracked layers: --modules selected nothing",
         ));
     }
-    let labels = |pass| match options.fisher {
-        Fisher::Empirical => Labels::Data,
-        Fisher::Sampled => Labels::Sampled {
-            seed: options.seed,
-            pass,
-        },
-    };
+    let indices: Vec<u64> = (0..seqs.len() as u64).collect();
     let n_tokens: u64 = seqs.iter().map(|s| s.ids.len() as u64).sum();
-    let mut layers: Vec<LayerFactors> = tracked
-        .iter()
-        .map(|l| LayerFactors {
-            layer: l.clone(),
-            n_tokens,
-            n_sequences: seqs.len() as u64,
-            covariance: None,
-            eigen: None,
-            lambda: None,
-        })
-        .collect();
-
-    if options.strategy.needs_covariance() {
-        let mut sums: Vec<(Mat<f64>, Mat<f64>)> = tracked
-            .iter()
-            .map(|l| {
-                (
-                    Mat::zeros(l.d_in_h(), l.d_in_h()),
-                    Mat::zeros(l.d_out, l.d_out),
-                )
-            })
-            .collect();
-        for_each_batch(
-            model,
-            seqs,
-            options.batch_size,
-            labels(0),
-            progress,
-            "covariance pass",
-            |_, taps| {
-                let n = taps.seq_lens.iter().sum();
-                for ((l, tap), (a_sum, s_sum)) in
-                    tracked.iter().zip(&taps.layers).zip(sums.iter_mut())
-                {
-                    let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
-                    linalg::add_gram(a_sum, a.as_ref());
-                    linalg::add_gram(s_sum, linalg::rows(&tap.g, n, l.d_out));
-                }
-                Ok(())
-            },
-        )?;
-        for (lf, (a_sum, s_sum)) in layers.iter_mut().zip(sums) {
-            let norm = 1.0 / n_tokens as f64;
-            let a = Mat::from_fn(a_sum.nrows(), a_sum.ncols(), |i, j| a_sum[(i, j)] * norm);
-            let s = Mat::from_fn(s_sum.nrows(), s_sum.ncols(), |i, j| s_sum[(i, j)] * norm);
-            let eig = |m: &Mat<f64>, which: &str| {
-                linalg::eigh(m)
-                    .map_err(|e| Error::Other(format!("layer {} {which}: {e}", lf.layer.name)))
-            };
-            let (eigvals_a, q_a) = eig(&a, "A")?;
-            let (eigvals_s, q_s) = eig(&s, "S")?;
-            lf.eigen = Some(Eigenbasis {
-                eigvals_a,
-                q_a: linalg::to_f32(&q_a),
-                eigvals_s,
-                q_s: linalg::to_f32(&q_s),
-            });
-            lf.covariance = Some((linalg::to_f32(&a), linalg::to_f32(&s)));
-        }
-    }
-
-    if options.strategy.needs_lambda() {
-        let mut sums: Vec<Mat<f64>> = tracked
-            .iter()
-            .map(|l| Mat::zeros(l.d_out, l.d_in_h()))
-            .collect();
+    let mut layers = empty_factors(&tracked, n_tokens, seqs.len() as u64);
+    for pass in options.strategy.passes() {
+        let mut state = PassSums::zeros(pass, &tracked);
         let bases: Vec<Option<&Eigenbasis>> = layers.iter().map(|l| l.eigen.as_ref()).collect();
-        for_each_batch(
+        run_pass(
             model,
+            options,
             seqs,
-            options.batch_size,
-            labels(1),
+            &indices,
+            &bases,
+            &mut state,
+            0,
+            CheckpointPolicy::NEVER,
             progress,
-            "eigenvalue pass",
-            |_, taps| {
-                let offsets = taps.offsets();
-                let n = offsets[offsets.len() - 1];
-                for (((l, tap), sum), basis) in tracked
-                    .iter()
-                    .zip(&taps.layers)
-                    .zip(sums.iter_mut())
-                    .zip(&bases)
-                {
-                    let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
-                    let g = linalg::rows(&tap.g, n, l.d_out);
-                    // Rotate the tokens first: (g Q_S)ᵀ (ā Q_A) = Q_Sᵀ G Q_A, cheaper when the
-                    // sequences are shorter than the layer is wide.
-                    let (g_rot, a_rot) = match basis {
-                        Some(b) => (
-                            linalg::mul(g, b.q_s.as_ref()),
-                            linalg::mul(a.as_ref(), b.q_a.as_ref()),
-                        ),
-                        None => (g.to_owned(), a),
-                    };
-                    let mut r = Mat::<f32>::zeros(l.d_out, l.d_in_h());
-                    for w in offsets.windows(2) {
-                        let (s, e) = (w[0], w[1]);
-                        linalg::mul_into(
-                            r.as_mut(),
-                            g_rot.as_ref().subrows(s, e - s).transpose(),
-                            a_rot.as_ref().subrows(s, e - s),
-                            false,
-                        );
-                        for j in 0..r.ncols() {
-                            for i in 0..r.nrows() {
-                                let x = r[(i, j)] as f64;
-                                sum[(i, j)] += x * x;
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            },
+            |_, _| Ok(()),
         )?;
-        for (lf, sum) in layers.iter_mut().zip(sums) {
-            let norm = 1.0 / seqs.len() as f64;
-            lf.lambda = Some(Mat::from_fn(sum.nrows(), sum.ncols(), |i, j| {
-                (sum[(i, j)] * norm) as f32
-            }));
+        match pass {
+            Pass::Covariance => layers = eigendecompose(&tracked, &state)?,
+            Pass::Eigenvalue => set_lambda(&mut layers, &state),
         }
     }
     Ok(Factors {
@@ -375,15 +666,24 @@ impl Factors {
 
     /// Reads factors written by [`Factors::to_tensors`] for the given layers.
     pub fn from_file(path: &Path, strategy: Strategy, layers: &[TrackedLayer]) -> Result<Factors> {
-        let mut t = crate::io::read_safetensors(path)?;
+        let t = crate::io::read_safetensors(path)?;
+        Self::from_tensors(t, strategy, layers, &path.display().to_string())
+    }
+
+    /// [`Factors::from_file`] from tensors already read; `what` names their source in messages.
+    pub fn from_tensors(
+        mut t: crate::io::TensorMap,
+        strategy: Strategy,
+        layers: &[TrackedLayer],
+        what: &str,
+    ) -> Result<Factors> {
         let mut take = |name: &str, shape: &[usize]| -> Result<Vec<f64>> {
-            let (s, v) = t.remove(name).ok_or_else(|| {
-                Error::Mismatch(format!("{}: tensor `{name}` is missing", path.display()))
-            })?;
+            let (s, v) = t
+                .remove(name)
+                .ok_or_else(|| Error::Mismatch(format!("{what}: tensor `{name}` is missing")))?;
             if s != shape {
                 return Err(Error::Mismatch(format!(
-                    "{}: tensor `{name}` has shape {s:?}, the model's layer needs {shape:?}",
-                    path.display()
+                    "{what}: tensor `{name}` has shape {s:?}, the model's layer needs {shape:?}"
                 )));
             }
             Ok(v)

@@ -80,14 +80,28 @@ pub fn write_safetensors(
     write_atomic(path, &bytes)
 }
 
+/// The bytes of a safetensors file holding `tensors` (for checkpoints, hashed before writing).
+pub fn safetensors_bytes(tensors: &[(String, OwnedTensor)]) -> Result<Vec<u8>> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.view()?)))
+        .collect::<Result<_>>()?;
+    safetensors::serialize(views, None).map_err(|e| Error::Other(e.to_string()))
+}
+
 /// Reads every tensor of a safetensors file as f64 (f32 and f64 on disk), with shapes.
 /// Tensors read back: name → (shape, row-major values).
 pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f64>)>;
 
 pub fn read_safetensors(path: &Path) -> Result<TensorMap> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::input(format!("{}: not a safetensors file: {e}", path.display())))?;
+    parse_safetensors(&bytes, &path.display().to_string())
+}
+
+/// [`read_safetensors`] from bytes in memory; `what` names their source in messages.
+pub fn parse_safetensors(bytes: &[u8], what: &str) -> Result<TensorMap> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::input(format!("{what}: not a safetensors file: {e}")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let data = view.data();
@@ -102,8 +116,7 @@ pub fn read_safetensors(path: &Path) -> Result<TensorMap> {
                 .collect(),
             other => {
                 return Err(Error::input(format!(
-                    "{}: tensor `{name}` has dtype {other:?}; expected F32 or F64",
-                    path.display()
+                    "{what}: tensor `{name}` has dtype {other:?}; expected F32 or F64"
                 )))
             }
         };

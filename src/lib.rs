@@ -11,6 +11,7 @@
 //! file-to-file jobs (`infl fit`, `infl score`); [`report`] (with [`powerlaw`] for the heavy
 //! tail) and [`compare`] turn results directories into HTML a person reads.
 
+pub mod checkpoint;
 pub mod compare;
 pub mod curvature;
 pub mod data;
@@ -24,6 +25,7 @@ pub mod model;
 pub mod powerlaw;
 pub mod report;
 pub mod results;
+pub mod shard;
 pub mod workflow;
 
 pub use error::{Error, Result};

@@ -44,7 +44,7 @@ pub struct TopEntry {
 }
 
 /// A training sequence kept in a top or bottom list.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Candidate {
     /// Position in the corpus (column of the dense matrix).
     pub index: usize,
@@ -69,8 +69,9 @@ impl Ord for Total {
     }
 }
 
-/// Keeps the `cap` largest values seen.
-#[derive(Debug, Clone, Default)]
+/// Keeps the `cap` largest values seen. Saved as the list of values (cap [`TAIL_SIZE`]).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(into = "Vec<f64>", from = "Vec<f64>")]
 struct Largest {
     cap: usize,
     heap: BinaryHeap<Reverse<Total>>,
@@ -95,6 +96,52 @@ impl Largest {
         let mut v: Vec<f64> = self.heap.iter().map(|r| r.0 .0).collect();
         v.sort_by(|a, b| b.total_cmp(a));
         v
+    }
+}
+
+impl From<Largest> for Vec<f64> {
+    fn from(l: Largest) -> Self {
+        l.descending()
+    }
+}
+
+impl From<Vec<f64>> for Largest {
+    fn from(v: Vec<f64>) -> Self {
+        let mut l = Largest::new(TAIL_SIZE);
+        for x in v {
+            l.push(x);
+        }
+        l
+    }
+}
+
+/// JSON has no infinities: the running min and max of an empty summary are saved as strings.
+mod extended_f64 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Finite(f64),
+        Named(String),
+    }
+
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if x.is_finite() {
+            Repr::Finite(*x)
+        } else {
+            Repr::Named(x.to_string())
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Finite(x) => Ok(x),
+            Repr::Named(n) => n
+                .parse()
+                .map_err(|_| serde::de::Error::custom(format!("`{n}` is not a number"))),
+        }
     }
 }
 
@@ -152,15 +199,18 @@ impl MagnitudeSketch {
     }
 }
 
-/// Everything kept about one query's scores.
-#[derive(Debug, Clone)]
+/// Everything kept about one query's scores. Summaries of disjoint parts of a corpus merge
+/// exactly ([`QuerySummary::merge`]); saved as JSON for checkpoints and shards.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QuerySummary {
     pub count: u64,
     pub sum: f64,
     pub sum_sq: f64,
     pub sum_pos: f64,
     pub sum_neg: f64,
+    #[serde(with = "extended_f64")]
     pub min: f64,
+    #[serde(with = "extended_f64")]
     pub max: f64,
     /// Most positive first.
     pub top: Vec<Candidate>,
@@ -213,6 +263,45 @@ impl QuerySummary {
         }
     }
 
+    /// Adds the summary of a disjoint part of the corpus. Top and bottom lists keep the order a
+    /// single pass gives: by score, ties by corpus position.
+    pub fn merge(&mut self, other: &QuerySummary, k: usize) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.sum_sq += other.sum_sq;
+        self.sum_pos += other.sum_pos;
+        self.sum_neg += other.sum_neg;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        for (a, b) in self.total_per_layer.iter_mut().zip(&other.total_per_layer) {
+            *a += b;
+        }
+        for (a, b) in self.abs_per_layer.iter_mut().zip(&other.abs_per_layer) {
+            *a += b;
+        }
+        for x in other.tail_pos.heap.iter() {
+            self.tail_pos.push(x.0 .0);
+        }
+        for x in other.tail_neg.heap.iter() {
+            self.tail_neg.push(x.0 .0);
+        }
+        self.sketch.merge(&other.sketch);
+        let combine = |mine: &mut Vec<Candidate>, theirs: &[Candidate], descending: bool| {
+            mine.extend(theirs.iter().cloned());
+            mine.sort_by(|a, b| {
+                let by_score = if descending {
+                    b.score.total_cmp(&a.score)
+                } else {
+                    a.score.total_cmp(&b.score)
+                };
+                by_score.then(a.index.cmp(&b.index))
+            });
+            mine.truncate(k);
+        };
+        combine(&mut self.top, &other.top, true);
+        combine(&mut self.bottom, &other.bottom, false);
+    }
+
     /// Largest positive scores, descending.
     pub fn tail_pos(&self) -> Vec<f64> {
         self.tail_pos.descending()
@@ -239,6 +328,23 @@ impl ScoreAccumulator {
                 .collect(),
             k,
             dense,
+        }
+    }
+
+    /// Continues from saved summaries (a resumed pass).
+    pub fn resume(summaries: Vec<QuerySummary>, k: usize, dense: Option<DenseWriter>) -> Self {
+        ScoreAccumulator {
+            summaries,
+            k,
+            dense,
+        }
+    }
+
+    /// Flushes the dense rows to disk (before a checkpoint records how many columns they hold).
+    pub fn flush(&mut self) -> Result<()> {
+        match self.dense.as_mut() {
+            Some(d) => d.flush(),
+            None => Ok(()),
         }
     }
 
@@ -341,6 +447,45 @@ impl DenseWriter {
         Ok(DenseWriter { parts })
     }
 
+    /// Row files at fixed paths holding `columns` columns already (a resumed pass): anything
+    /// written after the last checkpoint is cut off.
+    pub fn resume(paths: Vec<PathBuf>, columns: u64) -> Result<Self> {
+        let mut parts = Vec::with_capacity(paths.len());
+        for p in paths {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .map_err(|e| Error::io(&p, e))?;
+            let have = f.metadata().map_err(|e| Error::io(&p, e))?.len();
+            if have < columns * 4 {
+                return Err(Error::Mismatch(format!(
+                    "{}: holds {} scores, its checkpoint says {columns}; rerun with --fresh",
+                    p.display(),
+                    have / 4
+                )));
+            }
+            f.set_len(columns * 4).map_err(|e| Error::io(&p, e))?;
+            parts.push((p, std::io::BufWriter::new(f)));
+        }
+        Ok(DenseWriter { parts })
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        for (p, w) in self.parts.iter_mut() {
+            w.flush().map_err(|e| Error::io(p.as_path(), e))?;
+            w.get_ref()
+                .sync_data()
+                .map_err(|e| Error::io(p.as_path(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Closes the row files, keeping them (a shard's part of the dense matrix).
+    pub fn close(mut self) -> Result<()> {
+        self.flush()
+    }
+
     fn append(&mut self, rows: &[Vec<f32>]) -> Result<()> {
         for ((p, w), row) in self.parts.iter_mut().zip(rows) {
             for x in row {
@@ -383,6 +528,64 @@ impl DenseWriter {
         }
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     }
+}
+
+/// Writes the dense `[n_queries, n_train]` matrix from shards' row files: `rows[i][q]` holds
+/// shard i's scores for query q, for the sequences k ≡ i (mod N) in corpus order. Reads and
+/// writes one value at a time per shard; never holds a row.
+pub fn write_dense_from_shards(
+    path: &Path,
+    query_ids: &[String],
+    rows: &[Vec<PathBuf>],
+    n_train: usize,
+) -> Result<()> {
+    use std::io::Read;
+    let n_q = query_ids.len();
+    let n_shards = rows.len();
+    let header = serde_json::json!({
+        "__metadata__": {
+            "query_ids": serde_json::to_string(query_ids).unwrap_or_default(),
+            "columns": "training sequences in corpus order (ids LINE:WINDOW as in top_k.jsonl)",
+        },
+        "scores": {"dtype": "F32", "shape": [n_q, n_train], "data_offsets": [0, n_q * n_train * 4]},
+    });
+    let mut header = serde_json::to_vec(&header).map_err(|e| Error::Other(e.to_string()))?;
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let tmp = path.with_file_name(format!(".scores.safetensors.tmp-{}", std::process::id()));
+    {
+        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut out = std::io::BufWriter::new(f);
+        let io_err = |e| Error::io(&tmp, e);
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io_err)?;
+        out.write_all(&header).map_err(io_err)?;
+        for q in 0..n_q {
+            let mut readers = rows
+                .iter()
+                .map(|r| {
+                    let p = &r[q];
+                    std::fs::File::open(p)
+                        .map(std::io::BufReader::new)
+                        .map_err(|e| Error::io(p, e))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut value = [0u8; 4];
+            for k in 0..n_train {
+                let i = k % n_shards;
+                readers[i].read_exact(&mut value).map_err(|e| {
+                    Error::Mismatch(format!(
+                        "{}: ends before sequence {k} ({e}); the shard is incomplete",
+                        rows[i][q].display()
+                    ))
+                })?;
+                out.write_all(&value).map_err(io_err)?;
+            }
+        }
+        out.flush().map_err(io_err)?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// `top_k.jsonl` lines for every query: the top block, then the bottom block.

@@ -2,13 +2,15 @@
 //! factors directory, `score` reads it back and refuses factors that belong to another model or
 //! other settings. Every output records what made it.
 
-use crate::curvature::{self, Factors, Fisher, FitOptions, Progress, Strategy};
+use crate::checkpoint;
+use crate::curvature::{self, CheckpointPolicy, Factors, Fisher, FitOptions, Progress, Strategy};
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
 use crate::influence::{self, Damping, Preconditioner};
 use crate::io;
 use crate::model::{self, ModuleSelection, TapModel};
 use crate::results;
+use crate::shard::Shard;
 use std::path::{Path, PathBuf};
 
 pub const FACTORS_FILE: &str = "factors.safetensors";
@@ -124,14 +126,68 @@ pub struct FitJob {
     pub options: FitOptions,
     /// Refuse to start when the memory estimate ([`crate::inspect`]) exceeds MemAvailable.
     pub memory_check: bool,
+    /// Which part of the corpus this process fits ([`Shard::WHOLE`] = all of it).
+    pub shard: Shard,
+    /// When the passes save their state for resumption.
+    pub checkpoint: CheckpointPolicy,
+    /// Discard any saved state in `out` instead of resuming from it.
+    pub fresh: bool,
 }
 
-/// Summary of a finished fit, for printing.
+/// Summary of a fit invocation, for printing.
 pub struct FitSummary {
     pub n_sequences: usize,
     pub n_tokens: usize,
     pub n_layers: usize,
     pub seconds: f64,
+    /// factors.safetensors and meta.json are written (false: a shard's pass is done and waits
+    /// for `infl merge`).
+    pub finished: bool,
+    /// What happened and what to run next.
+    pub message: String,
+}
+
+/// Intermediate state of a fit or score (pass sums, shard results, checkpoints), inside its
+/// output directory; removed once the final files are written.
+pub const WORK_DIR: &str = "work";
+
+/// What every shard of a fit records for `infl merge`, which has no model at hand.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct FitTemplate {
+    strategy: Strategy,
+    fisher: Fisher,
+    modules: ModuleSelection,
+    options: FitOptions,
+    model: ModelInfo,
+    corpus: CorpusInfo,
+    selected_layers: Option<Vec<String>>,
+    tracked: Vec<crate::model::TrackedLayer>,
+    shards: usize,
+}
+
+impl FitTemplate {
+    /// What shards and resumed runs must agree on: everything but paths.
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({
+            "stage": "fit",
+            "options": self.options,
+            "modules": self.modules,
+            "selected_layers": self.selected_layers,
+            "tracked": self.tracked,
+            "model_config_sha256": self.model.config_sha256,
+            "model_weights_sha256": self.model.weights_sha256,
+            "corpus_sha256": self.corpus.sha256,
+            "max_len": self.corpus.max_len,
+            "shards": self.shards,
+        })
+    }
+}
+
+const FIT_TEMPLATE_FILE: &str = "fit.json";
+const EIGEN_STATE: &str = "eigenbasis";
+
+fn pass_stem(pass: curvature::Pass, shard: Shard) -> String {
+    format!("{}.{}", pass.name(), shard.tag())
 }
 
 pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
@@ -139,6 +195,11 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     let mut model = model::load(&job.model, job.modules)?;
     if let Some(names) = &job.layers {
         model = model::select_layers(model, names)?;
+    }
+    if model.tracked().is_empty() {
+        return Err(Error::input(
+            "no tracked layers: --modules selected nothing",
+        ));
     }
     let max_len = job.max_len.unwrap_or(model.max_positions());
     check_max_len(max_len, model.as_ref())?;
@@ -158,36 +219,282 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
             "use a smaller --batch-size or --max-len, or --modules mlp",
         )?;
     }
-    let model_info = ModelInfo::of(&job.model, model.as_ref())?;
-    let factors = curvature::fit(model.as_ref(), &corpus.sequences, &job.options, progress)?;
+    let tracked = model.tracked().to_vec();
+    let template = FitTemplate {
+        strategy: job.options.strategy,
+        fisher: job.options.fisher,
+        modules: job.modules,
+        options: job.options.clone(),
+        model: ModelInfo::of(&job.model, model.as_ref())?,
+        corpus: CorpusInfo::of(&corpus, max_len),
+        selected_layers: job.layers.clone(),
+        tracked: tracked.clone(),
+        shards: job.shard.count,
+    };
+    let settings = template.settings();
+    let work = job.out.join(WORK_DIR);
+    if job.fresh && work.exists() {
+        std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    }
+    io::ensure_dir(&work)?;
+    io::write_json(&work.join(FIT_TEMPLATE_FILE), &template)?;
 
-    io::ensure_dir(&job.out)?;
-    let st_path = job.out.join(FACTORS_FILE);
+    // This shard's sequences, with their corpus-wide numbers (which seed sampled labels).
+    let (indices, seqs): (Vec<u64>, Vec<data::Sequence>) = corpus
+        .sequences
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| job.shard.owns(*k))
+        .map(|(k, s)| (k as u64, s.clone()))
+        .unzip();
+    let summary = |finished: bool, message: String| FitSummary {
+        n_sequences: seqs.len(),
+        n_tokens: seqs.iter().map(|s| s.ids.len()).sum(),
+        n_layers: tracked.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        finished,
+        message,
+    };
+    loop {
+        let eigen = checkpoint::load(&work, EIGEN_STATE, &settings)?;
+        let pass = match job
+            .options
+            .strategy
+            .passes()
+            .into_iter()
+            .find(|p| *p == curvature::Pass::Eigenvalue || eigen.is_none())
+        {
+            Some(p) => p,
+            // Nothing left to run over the data (identity; KFAC once merged).
+            None => {
+                let out = merge_factors(&job.out)?;
+                return Ok(summary(out.finished, out.message));
+            }
+        };
+        let bases: Vec<crate::curvature::LayerFactors> = match &eigen {
+            Some((_, bytes)) => {
+                Factors::from_tensors(
+                    io::parse_safetensors(bytes, EIGEN_STATE)?,
+                    Strategy::Kfac,
+                    &tracked,
+                    EIGEN_STATE,
+                )?
+                .layers
+            }
+            None => Vec::new(),
+        };
+        let basis_refs: Vec<Option<&curvature::Eigenbasis>> = (0..tracked.len())
+            .map(|i| bases.get(i).and_then(|l| l.eigen.as_ref()))
+            .collect();
+        let stem = pass_stem(pass, job.shard);
+        let (mut state, position, complete) = match checkpoint::load(&work, &stem, &settings)? {
+            Some((m, bytes)) => (
+                curvature::PassSums::from_tensors(
+                    io::parse_safetensors(&bytes, &m.file)?,
+                    pass,
+                    &tracked,
+                    &m.file,
+                )?,
+                m.position as usize,
+                m.complete,
+            ),
+            None => (curvature::PassSums::zeros(pass, &tracked), 0, false),
+        };
+        if !complete {
+            if position > 0 {
+                eprintln!(
+                    "resuming the {} pass of shard {} at sequence {position} of {}",
+                    pass.name(),
+                    job.shard,
+                    seqs.len()
+                );
+            }
+            let save = |state: &curvature::PassSums, done: usize, complete: bool| {
+                let bytes = io::safetensors_bytes(&state.to_tensors(&tracked))?;
+                checkpoint::save(
+                    &work,
+                    &stem,
+                    "safetensors",
+                    &bytes,
+                    &settings,
+                    done as u64,
+                    complete,
+                )
+            };
+            curvature::run_pass(
+                model.as_ref(),
+                &job.options,
+                &seqs,
+                &indices,
+                &basis_refs,
+                &mut state,
+                position,
+                job.checkpoint,
+                progress,
+                |s, done| save(s, done, false),
+            )?;
+            save(&state, seqs.len(), true)?;
+        }
+        if !job.shard.is_whole() {
+            return Ok(summary(
+                false,
+                format!(
+                    "{} pass of shard {} {}; when all {} shards are done, run `infl merge {}`",
+                    pass.name(),
+                    job.shard,
+                    if complete { "was already done" } else { "done" },
+                    job.shard.count,
+                    job.out.display()
+                ),
+            ));
+        }
+        let out = merge_factors(&job.out)?;
+        if out.finished {
+            return Ok(summary(true, out.message));
+        }
+    }
+}
+
+/// What `infl merge` did.
+pub struct MergeOutcome {
+    /// The final files are written.
+    pub finished: bool,
+    pub message: String,
+}
+
+/// Adds the shards' sums of the pending pass of the fit in `out` exactly: after the covariance
+/// pass, the eigendecompositions (once, for every shard of the next pass); after the last
+/// pass, factors.safetensors and meta.json. Refuses missing, unfinished or mismatched shards.
+pub fn merge_factors(out: &Path) -> Result<MergeOutcome> {
+    let work = out.join(WORK_DIR);
+    let template_path = work.join(FIT_TEMPLATE_FILE);
+    if !template_path.exists() {
+        return Err(Error::input(format!(
+            "{}: no fit in progress here (no {WORK_DIR}/{FIT_TEMPLATE_FILE}); run `infl fit --shard i/N --out {}` first",
+            out.display(),
+            out.display()
+        )));
+    }
+    let template: FitTemplate = io::read_json(&template_path)?;
+    let settings = template.settings();
+    let tracked = &template.tracked;
+    let n = template.shards;
+    let gather = |pass: curvature::Pass| -> Result<curvature::PassSums> {
+        let mut total = curvature::PassSums::zeros(pass, tracked);
+        let mut missing = Vec::new();
+        for i in 0..n {
+            let stem = pass_stem(pass, Shard { index: i, count: n });
+            match checkpoint::load(&work, &stem, &settings)? {
+                Some((m, bytes)) if m.complete => total.add(&curvature::PassSums::from_tensors(
+                    io::parse_safetensors(&bytes, &m.file)?,
+                    pass,
+                    tracked,
+                    &m.file,
+                )?),
+                Some((m, _)) => missing.push(format!("{i} (at sequence {})", m.position)),
+                None => missing.push(format!("{i} (not started)")),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(Error::input(format!(
+                "{}: the {} pass is not finished on shard(s) {} of {n}; run `infl fit --shard i/{n}` for them first",
+                out.display(),
+                pass.name(),
+                missing.join(", ")
+            )));
+        }
+        Ok(total)
+    };
+    let strategy = template.strategy;
+    let eigen = checkpoint::load(&work, EIGEN_STATE, &settings)?;
+    let passes = strategy.passes();
+    let mut layers = match &eigen {
+        Some((_, bytes)) => {
+            Factors::from_tensors(
+                io::parse_safetensors(bytes, EIGEN_STATE)?,
+                Strategy::Kfac,
+                tracked,
+                EIGEN_STATE,
+            )?
+            .layers
+        }
+        None => curvature::empty_factors(
+            tracked,
+            template.corpus.n_tokens as u64,
+            template.corpus.n_sequences as u64,
+        ),
+    };
+    if passes.contains(&curvature::Pass::Covariance) && eigen.is_none() {
+        let cov = gather(curvature::Pass::Covariance)?;
+        layers = curvature::eigendecompose(tracked, &cov)?;
+        if passes.contains(&curvature::Pass::Eigenvalue) {
+            let kfac = Factors {
+                strategy: Strategy::Kfac,
+                layers,
+            };
+            let bytes = io::safetensors_bytes(&kfac.to_tensors())?;
+            checkpoint::save(
+                &work,
+                EIGEN_STATE,
+                "safetensors",
+                &bytes,
+                &settings,
+                0,
+                true,
+            )?;
+            for i in 0..n {
+                let stem = pass_stem(curvature::Pass::Covariance, Shard { index: i, count: n });
+                checkpoint::discard(&work, &stem)?;
+            }
+            return Ok(MergeOutcome {
+                finished: false,
+                message: format!(
+                    "merged the covariance pass of {n} shard(s) and computed the eigenbases; now run the eigenvalue pass: the same `infl fit` on every shard, then `infl merge {}` again",
+                    out.display()
+                ),
+            });
+        }
+    } else if passes.contains(&curvature::Pass::Eigenvalue) {
+        let lam = gather(curvature::Pass::Eigenvalue)?;
+        curvature::set_lambda(&mut layers, &lam);
+    }
+    let factors = Factors { strategy, layers };
+    let st_path = out.join(FACTORS_FILE);
     io::write_safetensors(&st_path, &factors.to_tensors(), None)?;
     let meta = FactorsMeta {
         tool: "infl".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         kind: "factors".into(),
-        strategy: job.options.strategy,
-        fisher: job.options.fisher,
-        modules: job.modules,
-        options: job.options.clone(),
-        model: model_info,
-        corpus: CorpusInfo::of(&corpus, max_len),
+        strategy,
+        fisher: template.fisher,
+        modules: template.modules,
+        options: template.options.clone(),
+        model: template.model.clone(),
+        corpus: template.corpus.clone(),
         layers: curvature::layer_summary(&factors)
             .into_iter()
             .map(|m| m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
             .collect(),
-        selected_layers: job.layers.clone(),
+        selected_layers: template.selected_layers.clone(),
         factors_sha256: data::sha256_file(&st_path)?,
     };
     // meta.json last: it vouches for the safetensors file by hash.
-    io::write_json(&job.out.join(META_FILE), &meta)?;
-    Ok(FitSummary {
-        n_sequences: corpus.sequences.len(),
-        n_tokens: corpus.n_tokens(),
-        n_layers: factors.layers.len(),
-        seconds: started.elapsed().as_secs_f64(),
+    io::write_json(&out.join(META_FILE), &meta)?;
+    std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    Ok(MergeOutcome {
+        finished: true,
+        message: format!(
+            "fitted {strategy:?} factors for {} layers on {} sequences ({} tokens){} → {}",
+            tracked.len(),
+            template.corpus.n_sequences,
+            template.corpus.n_tokens,
+            if n > 1 {
+                format!(", merged from {n} shards")
+            } else {
+                String::new()
+            },
+            out.display()
+        ),
     })
 }
 
@@ -226,6 +533,12 @@ pub struct ScoreJob {
     pub normalize: Normalize,
     /// Score only each query's N best BM25 candidates from this index (`infl index`).
     pub prefilter: Option<(usize, PathBuf)>,
+    /// Which part of the corpus this process scores ([`Shard::WHOLE`] = all of it).
+    pub shard: Shard,
+    /// When the scoring pass saves its state for resumption.
+    pub checkpoint: CheckpointPolicy,
+    /// Discard any saved state in `out` instead of resuming from it.
+    pub fresh: bool,
 }
 
 /// What the reported score is.
@@ -386,6 +699,8 @@ pub struct ScoreSummary {
     pub seconds: f64,
     /// Time of the pass over the training corpus alone.
     pub pass_seconds: f64,
+    /// What happened and what to run next.
+    pub message: String,
 }
 
 /// Model, factors and preconditioner, checked to belong together.
@@ -532,13 +847,65 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         .as_ref()
         .map(|a| a.iter().flatten().copied().collect());
 
-    io::ensure_dir(&job.out)?;
-    let dense = if job.dense {
-        Some(results::DenseWriter::new(&job.out, queries.len())?)
+    if job.per_token && !job.shard.is_whole() {
+        return Err(Error::input(
+            "--per-token does not go with --shard: the per-token pass needs the merged top-k; run it unsharded (it reads only the top and bottom sequences)",
+        ));
+    }
+    let settings = serde_json::json!({
+        "stage": "score",
+        "model_config_sha256": model_info.config_sha256,
+        "model_weights_sha256": model_info.weights_sha256,
+        "factors_sha256": fmeta.factors_sha256,
+        "corpus_sha256": data::sha256_file(&job.train)?,
+        "queries_sha256": queries_sha,
+        "max_len": max_len,
+        "damping": job.damping,
+        "top_k": job.top_k,
+        "dense": job.dense,
+        "batch_size": job.batch_size,
+        "query_rank": job.query_rank,
+        "per_layer": job.per_layer,
+        "normalize": job.normalize,
+        "prefilter": job.prefilter.as_ref().map(|p| p.0),
+        "shards": job.shard.count,
+    });
+    let work = job.out.join(WORK_DIR);
+    if job.fresh && work.exists() {
+        std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    }
+    io::ensure_dir(&work)?;
+    io::write_json(
+        &work.join(SCORE_TEMPLATE_FILE),
+        &ScoreTemplate {
+            settings: settings.clone(),
+            shards: job.shard.count,
+            top_k: job.top_k,
+        },
+    )?;
+    let stem = format!("score.{}", job.shard.tag());
+    let dense_paths = dense_row_paths(&work, job.shard, queries.len());
+    let (saved, position, complete) = match checkpoint::load(&work, &stem, &settings)? {
+        Some((m, bytes)) => (
+            Some(parse_score_state(&bytes, &m.file)?),
+            m.position as usize,
+            m.complete,
+        ),
+        None => (None, 0, false),
+    };
+    let mut dense_columns = saved.as_ref().map_or(0, |s| s.dense_columns);
+    let dense = if job.dense && !complete {
+        Some(results::DenseWriter::resume(
+            dense_paths.clone(),
+            dense_columns,
+        )?)
     } else {
         None
     };
-    let mut acc = results::ScoreAccumulator::new(queries.len(), tracked.len(), job.top_k, dense);
+    let mut acc = match saved {
+        Some(s) => results::ScoreAccumulator::resume(s.summaries, job.top_k, dense),
+        None => results::ScoreAccumulator::new(queries.len(), tracked.len(), job.top_k, dense),
+    };
     let cosine = job.normalize == Normalize::Cosine;
     let scale = |taps: &crate::model::TapBatch| -> Option<Vec<Vec<f64>>> {
         cosine.then(|| {
@@ -561,9 +928,37 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                 .collect()
         })
     };
+    let save = |acc: &results::ScoreAccumulator,
+                dense_columns: u64,
+                done: usize,
+                meta: Option<&ScoresMeta>| {
+        let state = ScoreStateRef {
+            summaries: &acc.summaries,
+            dense_columns,
+            meta,
+        };
+        let bytes = serde_json::to_vec(&state).map_err(|e| Error::Other(e.to_string()))?;
+        checkpoint::save(
+            &work,
+            &stem,
+            "json",
+            &bytes,
+            &settings,
+            done as u64,
+            meta.is_some(),
+        )
+    };
+    if position > 0 && !complete {
+        eprintln!(
+            "resuming the scoring pass of shard {} at corpus sequence {position}",
+            job.shard
+        );
+    }
     progress.begin("scoring pass", 0);
     let pass_started = std::time::Instant::now();
     let mut seen = 0usize;
+    let mut last_save = (0usize, std::time::Instant::now());
+    let mut scored = 0usize;
     let stats = data::stream_corpus(
         &job.train,
         &mut tok,
@@ -571,22 +966,27 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         model.vocab_size(),
         job.batch_size.max(1) * CHUNK_BATCHES,
         |chunk| {
+            let first = seen;
+            seen += chunk.len();
+            if complete || seen <= position {
+                return Ok(());
+            }
             let longest = chunk.iter().map(|s| s.ids.len()).max().unwrap_or(0);
             if longest > checked_len {
                 check_memory(longest)?;
                 checked_len = longest;
             }
-            let indices: Vec<usize> = (seen..seen + chunk.len())
+            let indices: Vec<usize> = (first.max(position)..seen)
+                .filter(|&i| job.shard.owns(i))
                 .filter(|i| union.as_ref().is_none_or(|u| u.contains(i)))
                 .collect();
-            let kept: Vec<data::Sequence> = match &union {
-                None => chunk.to_vec(),
-                Some(_) => indices.iter().map(|&i| chunk[i - seen].clone()).collect(),
-            };
-            curvature::run_batches(
+            let kept: Vec<data::Sequence> =
+                indices.iter().map(|&i| chunk[i - first].clone()).collect();
+            let stable: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
+            curvature::run_indexed(
                 model.as_ref(),
                 &kept,
-                seen,
+                &stable,
                 job.batch_size,
                 crate::model::Labels::Data,
                 progress,
@@ -604,11 +1004,24 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                         &parts,
                         scale(taps).as_deref(),
                         allowed.as_deref(),
-                    )
+                    )?;
+                    if job.dense {
+                        dense_columns += n as u64;
+                    }
+                    scored += n;
+                    let due = job
+                        .checkpoint
+                        .every_sequences
+                        .is_some_and(|m| scored - last_save.0 >= m)
+                        || last_save.1.elapsed().as_secs_f64() >= job.checkpoint.every_seconds;
+                    if due {
+                        acc.flush()?;
+                        save(&acc, dense_columns, indices[start + n - 1] + 1, None)?;
+                        last_save = (scored, std::time::Instant::now());
+                    }
+                    Ok(())
                 },
-            )?;
-            seen += chunk.len();
-            Ok(())
+            )
         },
     )?;
     progress.end();
@@ -619,11 +1032,66 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
             job.top_k, stats.n_sequences
         );
     }
-
+    if !complete {
+        acc.flush()?;
+        let meta = ScoresMeta {
+            query_rank: job.query_rank,
+            normalize: job.normalize,
+            per_layer: job.per_layer,
+            per_token: job.per_token,
+            prefilter: job.prefilter.as_ref().map(|p| p.0),
+            dense: job.dense,
+            queries: QueriesInfo {
+                path: job.queries.display().to_string(),
+                sha256: queries_sha.clone(),
+                ids: query_ids.clone(),
+                prompts: queries.iter().map(|q| q.prompt.clone()).collect(),
+                completions: queries.iter().map(|q| q.completion.clone()).collect(),
+                losses: pq.losses.clone(),
+                self_influence: pq.self_influence.clone(),
+            },
+            ..ScoresMeta::base(
+                "scores",
+                SCORE_CONVENTION,
+                &fmeta,
+                model_info.clone(),
+                &preconditioner,
+                &tracked,
+                CorpusInfo::streamed(&job.train, &stats, max_len),
+                (job.damping, job.batch_size, job.top_k),
+                &job.factors,
+            )
+        };
+        save(&acc, dense_columns, stats.n_sequences, Some(&meta))?;
+    }
+    drop(acc);
+    if !job.shard.is_whole() {
+        let state = checkpoint::load(&work, &stem, &settings)?
+            .ok_or_else(|| Error::Other(format!("{stem}: saved state vanished")))?;
+        let state = parse_score_state(&state.1, &state.0.file)?;
+        let meta = state
+            .meta
+            .ok_or_else(|| Error::Other(format!("{stem}: complete state without meta")))?;
+        return Ok(ScoreSummary {
+            summaries: state.summaries,
+            top: Vec::new(),
+            meta,
+            seconds: started.elapsed().as_secs_f64(),
+            pass_seconds,
+            message: format!(
+                "scoring pass of shard {} {}; when all {} shards are done, run `infl merge {}`",
+                job.shard,
+                if complete { "was already done" } else { "done" },
+                job.shard.count,
+                job.out.display()
+            ),
+        });
+    }
+    let merged = gather_scores(&job.out)?;
     let token_parts = if job.per_token {
         Some(token_pass(
             model.as_ref(),
-            &acc.summaries,
+            &merged.summaries,
             &pq,
             job.batch_size,
             &mut tok,
@@ -632,68 +1100,179 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
     } else {
         None
     };
-    let top = results::entries(
-        &acc.summaries,
-        &query_ids,
-        &mut tok,
-        job.per_layer,
-        token_parts.as_ref(),
-    );
-    results::write_top_k(&job.out.join("top_k.jsonl"), &top)?;
-    results::write_distribution(
-        &job.out.join("distribution.json"),
-        &acc.summaries,
-        &query_ids,
-    )?;
-    let layer_names: Vec<String> = tracked.iter().map(|l| l.name.clone()).collect();
-    if job.per_layer {
-        results::write_layers(
-            &job.out.join("layers.json"),
-            &acc.summaries,
-            &query_ids,
-            &layer_names,
-        )?;
-    }
-    acc.finish_dense(
-        &job.out.join("scores.safetensors"),
-        &query_ids,
-        stats.n_sequences,
-    )?;
-    let meta = ScoresMeta {
-        query_rank: job.query_rank,
-        normalize: job.normalize,
-        per_layer: job.per_layer,
-        per_token: job.per_token,
-        prefilter: job.prefilter.as_ref().map(|p| p.0),
-        dense: job.dense,
-        queries: QueriesInfo {
-            path: job.queries.display().to_string(),
-            sha256: queries_sha,
-            ids: query_ids,
-            prompts: queries.iter().map(|q| q.prompt.clone()).collect(),
-            completions: queries.iter().map(|q| q.completion.clone()).collect(),
-            losses: pq.losses.clone(),
-            self_influence: pq.self_influence.clone(),
-        },
-        ..ScoresMeta::base(
-            "scores",
-            SCORE_CONVENTION,
-            &fmeta,
-            model_info,
-            &preconditioner,
-            &tracked,
-            CorpusInfo::streamed(&job.train, &stats, max_len),
-            (job.damping, job.batch_size, job.top_k),
-            &job.factors,
-        )
-    };
-    io::write_json(&job.out.join(META_FILE), &meta)?;
+    let top = write_scores(&job.out, &merged, token_parts.as_ref())?;
     Ok(ScoreSummary {
-        summaries: acc.summaries,
+        summaries: merged.summaries,
         top,
-        meta,
+        meta: merged.meta,
         seconds: started.elapsed().as_secs_f64(),
         pass_seconds,
+        message: format!(
+            "scored {} queries × {} training sequences → {}",
+            query_ids.len(),
+            stats.n_sequences,
+            job.out.display()
+        ),
+    })
+}
+
+const SCORE_TEMPLATE_FILE: &str = "score.json";
+
+/// What every shard of a score records for `infl merge`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct ScoreTemplate {
+    settings: serde_json::Value,
+    shards: usize,
+    top_k: usize,
+}
+
+/// The saved state of a shard's scoring pass (a checkpoint, or complete with `meta`).
+#[derive(serde::Serialize)]
+struct ScoreStateRef<'a> {
+    summaries: &'a [results::QuerySummary],
+    dense_columns: u64,
+    meta: Option<&'a ScoresMeta>,
+}
+
+#[derive(serde::Deserialize)]
+struct ScoreState {
+    summaries: Vec<results::QuerySummary>,
+    dense_columns: u64,
+    meta: Option<ScoresMeta>,
+}
+
+fn parse_score_state(bytes: &[u8], what: &str) -> Result<ScoreState> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        Error::Mismatch(format!(
+            "{what}: unreadable scoring state ({e}); rerun with --fresh"
+        ))
+    })
+}
+
+fn dense_row_paths(work: &Path, shard: Shard, n_queries: usize) -> Vec<PathBuf> {
+    (0..n_queries)
+        .map(|q| work.join(format!("dense.{}.q{q}.f32", shard.tag())))
+        .collect()
+}
+
+/// The shards' scoring states of a results directory, merged.
+struct MergedScores {
+    summaries: Vec<results::QuerySummary>,
+    meta: ScoresMeta,
+    dense_rows: Vec<Vec<PathBuf>>,
+    shards: usize,
+}
+
+fn gather_scores(out: &Path) -> Result<MergedScores> {
+    let work = out.join(WORK_DIR);
+    let template: ScoreTemplate = io::read_json(&work.join(SCORE_TEMPLATE_FILE))?;
+    let n = template.shards;
+    let mut merged: Option<(Vec<results::QuerySummary>, ScoresMeta)> = None;
+    let mut missing = Vec::new();
+    for i in 0..n {
+        let shard = Shard { index: i, count: n };
+        let stem = format!("score.{}", shard.tag());
+        match checkpoint::load(&work, &stem, &template.settings)? {
+            Some((m, bytes)) if m.complete => {
+                let state = parse_score_state(&bytes, &m.file)?;
+                let meta = state.meta.ok_or_else(|| {
+                    Error::Mismatch(format!("{}: complete state without meta", m.file))
+                })?;
+                merged = Some(match merged {
+                    None => (state.summaries, meta),
+                    Some((mut all, first)) => {
+                        for (a, b) in all.iter_mut().zip(&state.summaries) {
+                            a.merge(b, template.top_k);
+                        }
+                        (all, first)
+                    }
+                });
+            }
+            Some((m, _)) => missing.push(format!("{i} (at corpus sequence {})", m.position)),
+            None => missing.push(format!("{i} (not started)")),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::input(format!(
+            "{}: the scoring pass is not finished on shard(s) {} of {n}; run `infl score --shard i/{n}` for them first",
+            out.display(),
+            missing.join(", ")
+        )));
+    }
+    let (summaries, meta) = merged.ok_or_else(|| Error::input("no shards to merge"))?;
+    let n_queries = meta.queries.ids.len();
+    Ok(MergedScores {
+        dense_rows: (0..n)
+            .map(|i| dense_row_paths(&work, Shard { index: i, count: n }, n_queries))
+            .collect(),
+        summaries,
+        meta,
+        shards: n,
+    })
+}
+
+/// Writes a results directory from merged summaries: top_k.jsonl, distribution.json,
+/// layers.json, scores.safetensors, then meta.json (last), and removes the work state.
+fn write_scores(
+    out: &Path,
+    merged: &MergedScores,
+    token_parts: Option<&std::collections::HashMap<(usize, usize), Vec<results::TokenPart>>>,
+) -> Result<Vec<results::TopEntry>> {
+    let meta = &merged.meta;
+    let query_ids = &meta.queries.ids;
+    let mut tok = LazyTokenizer::new(Path::new(&meta.model.path));
+    let top = results::entries(
+        &merged.summaries,
+        query_ids,
+        &mut tok,
+        meta.per_layer,
+        token_parts,
+    );
+    results::write_top_k(&out.join("top_k.jsonl"), &top)?;
+    results::write_distribution(&out.join("distribution.json"), &merged.summaries, query_ids)?;
+    if meta.per_layer {
+        results::write_layers(
+            &out.join("layers.json"),
+            &merged.summaries,
+            query_ids,
+            &meta.layers,
+        )?;
+    }
+    if meta.dense {
+        results::write_dense_from_shards(
+            &out.join("scores.safetensors"),
+            query_ids,
+            &merged.dense_rows,
+            meta.corpus.n_sequences,
+        )?;
+    }
+    io::write_json(&out.join(META_FILE), meta)?;
+    let work = out.join(WORK_DIR);
+    std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    Ok(top)
+}
+
+/// Merges the shards of a sharded score into a results directory.
+pub struct ScoresMerged {
+    pub outcome: MergeOutcome,
+    pub top: Vec<results::TopEntry>,
+}
+
+pub fn merge_scores(out: &Path) -> Result<ScoresMerged> {
+    let merged = gather_scores(out)?;
+    let top = write_scores(out, &merged, None)?;
+    Ok(ScoresMerged {
+        outcome: MergeOutcome {
+            finished: true,
+            message: format!(
+                "merged the scores of {} queries × {} training sequences from {} shard(s) → {}",
+                merged.meta.queries.ids.len(),
+                merged.meta.corpus.n_sequences,
+                merged.shards,
+                out.display()
+            ),
+        },
+        top,
     })
 }
 
@@ -867,5 +1446,21 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         meta,
         seconds: started.elapsed().as_secs_f64(),
         pass_seconds: pass_started.elapsed().as_secs_f64(),
+        message: String::new(),
     })
+}
+
+/// `infl merge DIR`: merges the shards of the fit or score whose `--out` was `DIR`.
+pub fn merge(dir: &Path) -> Result<MergeOutcome> {
+    let work = dir.join(WORK_DIR);
+    if work.join(FIT_TEMPLATE_FILE).exists() {
+        return merge_factors(dir);
+    }
+    if work.join(SCORE_TEMPLATE_FILE).exists() {
+        return merge_scores(dir).map(|m| m.outcome);
+    }
+    Err(Error::input(format!(
+        "{}: nothing to merge (no {WORK_DIR}/ with the state of a sharded `infl fit` or `infl score`)",
+        dir.display()
+    )))
 }
