@@ -134,7 +134,8 @@ pub fn discard(dir: &Path, stem: &str) -> Result<()> {
     Ok(())
 }
 
-fn differing_keys(old: &serde_json::Value, new: &serde_json::Value) -> String {
+/// Names the top-level keys in which two settings objects differ.
+pub fn differing_keys(old: &serde_json::Value, new: &serde_json::Value) -> String {
     match (old.as_object(), new.as_object()) {
         (Some(o), Some(n)) => {
             let mut keys: Vec<&str> = o

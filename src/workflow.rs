@@ -237,6 +237,11 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
         std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
     }
     io::ensure_dir(&work)?;
+    check_same_job(
+        &work.join(FIT_TEMPLATE_FILE),
+        &settings,
+        |t: FitTemplate| t.settings(),
+    )?;
     io::write_json(&work.join(FIT_TEMPLATE_FILE), &template)?;
 
     // This shard's sequences, with their corpus-wide numbers (which seed sampled labels).
@@ -353,6 +358,27 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
             return Ok(summary(true, out.message));
         }
     }
+}
+
+/// Refuses to add to a work directory that another job (other settings, or another shard
+/// count) started: its shards would not merge.
+fn check_same_job<T: serde::de::DeserializeOwned>(
+    template: &Path,
+    settings: &serde_json::Value,
+    settings_of: impl Fn(T) -> serde_json::Value,
+) -> Result<()> {
+    if !template.exists() {
+        return Ok(());
+    }
+    let theirs = settings_of(io::read_json(template)?);
+    if &theirs != settings {
+        return Err(Error::Mismatch(format!(
+            "{}: a run with other settings ({}) left its state here; rerun with those settings, or with --fresh to discard it",
+            template.display(),
+            checkpoint::differing_keys(&theirs, settings)
+        )));
+    }
+    Ok(())
 }
 
 /// What `infl merge` did.
@@ -875,6 +901,11 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
     }
     io::ensure_dir(&work)?;
+    check_same_job(
+        &work.join(SCORE_TEMPLATE_FILE),
+        &settings,
+        |t: ScoreTemplate| t.settings,
+    )?;
     io::write_json(
         &work.join(SCORE_TEMPLATE_FILE),
         &ScoreTemplate {

@@ -1,0 +1,487 @@
+//! Scale-out: shards run as separate processes merge to the single run; a run killed with
+//! SIGKILL mid-pass resumes to byte-identical output; the thread count changes nothing; bad
+//! checkpoints and incomplete merges are refused.
+
+use infl::model::gpt2::{Gpt2, Gpt2Config};
+use infl::model::ModuleSelection;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("infl-scale-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A random GPT-2 and a pre-tokenised corpus of 61 documents (some cut into two windows).
+fn fixture(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let model = dir.join("model");
+    let config = Gpt2Config {
+        vocab_size: 37,
+        n_positions: 16,
+        n_embd: 12,
+        n_layer: 2,
+        n_head: 2,
+        n_inner: None,
+        layer_norm_epsilon: 1e-5,
+        activation_function: "gelu_new".into(),
+        scale_attn_weights: true,
+        scale_attn_by_inverse_layer_idx: false,
+        reorder_and_upcast_attn: false,
+    };
+    Gpt2::random(config, 3, ModuleSelection::All)
+        .unwrap()
+        .save(&model)
+        .unwrap();
+    let mut corpus = String::new();
+    for d in 0..61u32 {
+        let len = 2 + (d * 11 % 23) as usize;
+        let ids: Vec<u32> = (0..len as u32)
+            .map(|t| (d * 7 + t * 5 + t * t) % 37)
+            .collect();
+        corpus.push_str(&format!("{{\"ids\": {ids:?}}}\n"));
+    }
+    let corpus_path = dir.join("corpus.jsonl");
+    std::fs::write(&corpus_path, corpus).unwrap();
+    let queries = dir.join("queries.jsonl");
+    std::fs::write(
+        &queries,
+        "{\"id\": \"a\", \"prompt_ids\": [1, 2, 3], \"completion_ids\": [4, 5]}\n\
+         {\"id\": \"b\", \"prompt_ids\": [9], \"completion_ids\": [10, 11, 12]}\n",
+    )
+    .unwrap();
+    (model, corpus_path, queries)
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_infl"));
+    c.arg("--quiet");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("the infl binary runs")
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "infl {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Largest |x − y| / max|x| over every tensor of two safetensors files with the same names.
+fn max_rel_diff(a: &Path, b: &Path) -> f64 {
+    max_rel_diff_where(a, b, |_| true)
+}
+
+/// [`max_rel_diff`] over the tensors whose name passes `keep`.
+fn max_rel_diff_where(a: &Path, b: &Path, keep: impl Fn(&str) -> bool) -> f64 {
+    let ta = infl::io::read_safetensors(a).unwrap();
+    let tb = infl::io::read_safetensors(b).unwrap();
+    assert_eq!(
+        ta.keys().collect::<std::collections::BTreeSet<_>>(),
+        tb.keys().collect::<std::collections::BTreeSet<_>>()
+    );
+    let mut worst = 0f64;
+    for (name, (shape, x)) in ta.iter().filter(|(n, _)| keep(n)) {
+        let (shape_b, y) = &tb[name];
+        assert_eq!(shape, shape_b, "{name}");
+        let scale = x.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+        for (u, v) in x.iter().zip(y) {
+            worst = worst.max((u - v).abs() / scale);
+        }
+    }
+    worst
+}
+
+fn top_ids(path: &Path) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["query_id"].as_str().unwrap().to_string(),
+                v["direction"].as_str().unwrap().to_string(),
+                v["sequence_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn fit_args<'a>(
+    model: &'a Path,
+    corpus: &'a Path,
+    out: &'a Path,
+    strategy: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "fit",
+        "--model",
+        s(model),
+        "--train",
+        s(corpus),
+        "--out",
+        s(out),
+        "--strategy",
+        strategy,
+        "--max-len",
+        "16",
+        "--batch-size",
+        "4",
+    ]
+}
+
+/// Runs `args` once per shard, all N processes at the same time.
+fn shards(args: &[&str], n: usize) {
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            let spec = format!("{i}/{n}");
+            bin()
+                .args(args)
+                .args(["--shard", &spec])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "shard of {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn three_shard_processes_merge_to_the_single_run() {
+    let dir = scratch("shards");
+    let (model, corpus, queries) = fixture(&dir);
+    for strategy in ["ekfac", "diagonal", "kfac"] {
+        let single = dir.join(format!("single-{strategy}"));
+        ok(&fit_args(&model, &corpus, &single, strategy));
+        let sharded = dir.join(format!("sharded-{strategy}"));
+        let args = fit_args(&model, &corpus, &sharded, strategy);
+        shards(&args, 3);
+        let merged = ok(&["merge", s(&sharded)]);
+        if strategy == "ekfac" {
+            // The eigenvalue pass needs the merged eigenbases: a second round.
+            assert!(!sharded.join("factors.safetensors").exists());
+            assert!(String::from_utf8_lossy(&merged.stderr).is_empty()); // --quiet
+            shards(&args, 3);
+            ok(&["merge", s(&sharded)]);
+        }
+        // A, S, their eigenvalues and Λ agree to f32 rounding. Eigenvectors are another
+        // matter: a perturbation δ of A turns those of eigenvalues a gap g apart by ≈ δ/g, and
+        // the summation order alone (other batches) perturbs A by ~1e-7; so they get a looser
+        // bound here, and the scores they produce are compared below.
+        let (a, b) = (
+            single.join("factors.safetensors"),
+            sharded.join("factors.safetensors"),
+        );
+        let d = max_rel_diff_where(&a, &b, |n| !n.contains(".Q_"));
+        assert!(d < 1e-6, "{strategy}: sharded factors differ by {d:e}");
+        let dq = max_rel_diff_where(&a, &b, |n| n.contains(".Q_"));
+        assert!(
+            dq < 1e-3,
+            "{strategy}: sharded eigenvectors differ by {dq:e}"
+        );
+        assert!(!sharded.join("work").exists(), "work state removed");
+    }
+
+    // Scores of 3 shards merged = the single run: dense matrix, top-k order, summaries.
+    let factors = dir.join("single-ekfac");
+    let score_args = |out: &Path| -> Vec<String> {
+        [
+            "score",
+            "--model",
+            s(&model),
+            "--factors",
+            s(&factors),
+            "--train",
+            s(&corpus),
+            "--queries",
+            s(&queries),
+            "--out",
+            s(out),
+            "--dense",
+            "--top-k",
+            "5",
+            "--batch-size",
+            "4",
+            "--per-layer",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let single = dir.join("scores-single");
+    let a = score_args(&single);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let sharded = dir.join("scores-sharded");
+    let b = score_args(&sharded);
+    shards(&b.iter().map(String::as_str).collect::<Vec<_>>(), 3);
+    ok(&["merge", s(&sharded)]);
+    let d = max_rel_diff(
+        &single.join("scores.safetensors"),
+        &sharded.join("scores.safetensors"),
+    );
+    assert!(d < 1e-6, "sharded dense scores differ by {d:e}");
+    // Scores through the factors of the sharded fit, end to end.
+    let via_sharded_fit = dir.join("scores-sharded-fit");
+    let mut c: Vec<String> = score_args(&via_sharded_fit);
+    let at = c.iter().position(|x| x == "--factors").unwrap() + 1;
+    c[at] = dir.join("sharded-ekfac").display().to_string();
+    ok(&c.iter().map(String::as_str).collect::<Vec<_>>());
+    let d = max_rel_diff(
+        &single.join("scores.safetensors"),
+        &via_sharded_fit.join("scores.safetensors"),
+    );
+    eprintln!("scores through sharded vs single ekfac factors: max rel diff {d:e}");
+    assert!(d < 1e-5, "scores through sharded factors differ by {d:e}");
+    assert_eq!(
+        top_ids(&single.join("top_k.jsonl")),
+        top_ids(&sharded.join("top_k.jsonl"))
+    );
+    let dist = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("distribution.json")).unwrap())
+            .unwrap()
+    };
+    let (da, db) = (dist(&single), dist(&sharded));
+    for q in 0..2 {
+        for field in ["count", "sum", "sum_sq", "sum_pos", "min", "max"] {
+            let x = da["queries"][q][field].as_f64().unwrap();
+            let y = db["queries"][q][field].as_f64().unwrap();
+            assert!(
+                (x - y).abs() <= 1e-6 * x.abs().max(1e-12),
+                "query {q} {field}: {x} vs {y}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn merge_refuses_missing_shards_and_mixed_settings() {
+    let dir = scratch("refuse");
+    let (model, corpus, _) = fixture(&dir);
+    let out = dir.join("f");
+    let args = fit_args(&model, &corpus, &out, "kfac");
+    let mut first = args.clone();
+    first.extend(["--shard", "0/2"]);
+    ok(&first);
+    let r = run(&["merge", s(&out)]);
+    assert_eq!(r.status.code(), Some(3));
+    let msg = String::from_utf8_lossy(&r.stderr);
+    assert!(msg.contains("shard(s) 1 (not started) of 2"), "{msg}");
+    // Shard 1 with another seed: its state would not belong with shard 0's.
+    let mut other = args.clone();
+    other.extend(["--shard", "1/2", "--seed", "7"]);
+    let r = run(&other);
+    assert_eq!(
+        r.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(String::from_utf8_lossy(&r.stderr).contains("other settings"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Starts `args`, waits until `marker` exists (a checkpoint was committed), then SIGKILLs it.
+/// Returns false when the process finished before the marker appeared.
+fn kill_when(args: &[String], marker: &Path) -> bool {
+    let mut child = bin().args(args).spawn().unwrap();
+    let started = Instant::now();
+    loop {
+        if marker.exists() {
+            child.kill().unwrap(); // SIGKILL on Unix
+            child.wait().unwrap();
+            return true;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success());
+            return false;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn bundled() -> (PathBuf, PathBuf) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    (
+        root.join("assets/tiny-gpt2"),
+        root.join("tests/fixtures/kronfluence/corpus_ids.jsonl"),
+    )
+}
+
+#[test]
+fn fit_killed_mid_pass_resumes_to_identical_factors() {
+    let dir = scratch("kill-fit");
+    let (model, corpus) = bundled();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "fit",
+            "--model",
+            s(&model),
+            "--train",
+            s(&corpus),
+            "--out",
+            s(out),
+            "--max-len",
+            "48",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--checkpoint-every",
+            "16",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let clean = dir.join("clean");
+    ok(&args(&clean).iter().map(String::as_str).collect::<Vec<_>>());
+
+    let killed = dir.join("killed");
+    let a = args(&killed);
+    let work = killed.join("work");
+    // Killed once in each pass, after a checkpoint was committed.
+    assert!(kill_when(&a, &work.join("covariance.0-of-1.json")));
+    assert!(!killed.join("factors.safetensors").exists());
+    assert!(kill_when(&a, &work.join("eigenvalue.0-of-1.json")));
+    let last = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        String::from_utf8_lossy(&last.stderr).contains("resuming the eigenvalue pass"),
+        "{}",
+        String::from_utf8_lossy(&last.stderr)
+    );
+    assert_eq!(
+        std::fs::read(clean.join("factors.safetensors")).unwrap(),
+        std::fs::read(killed.join("factors.safetensors")).unwrap(),
+        "resumed factors are byte-identical"
+    );
+
+    // A corrupt checkpoint is reported (exit 4), never used; --fresh starts over.
+    let broken = dir.join("broken");
+    let b = args(&broken);
+    assert!(kill_when(&b, &broken.join("work/covariance.0-of-1.json")));
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(broken.join("work/covariance.0-of-1.json")).unwrap(),
+    )
+    .unwrap();
+    let payload = broken.join("work").join(manifest["file"].as_str().unwrap());
+    let mut bytes = std::fs::read(&payload).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&payload, bytes).unwrap();
+    let r = run(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(r.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("corrupt checkpoint"));
+    let mut fresh = b.clone();
+    fresh.push("--fresh".into());
+    ok(&fresh.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        std::fs::read(clean.join("factors.safetensors")).unwrap(),
+        std::fs::read(broken.join("factors.safetensors")).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn score_killed_mid_pass_resumes_to_identical_results() {
+    let dir = scratch("kill-score");
+    let (model, corpus) = bundled();
+    let queries = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/kronfluence/queries_ids.jsonl");
+    let factors = dir.join("factors");
+    ok(&[
+        "fit",
+        "--model",
+        s(&model),
+        "--train",
+        s(&corpus),
+        "--out",
+        s(&factors),
+        "--max-len",
+        "48",
+        "--strategy",
+        "kfac",
+    ]);
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "score",
+            "--model",
+            s(&model),
+            "--factors",
+            s(&factors),
+            "--train",
+            s(&corpus),
+            "--queries",
+            s(&queries),
+            "--out",
+            s(out),
+            "--dense",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--checkpoint-every",
+            "16",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let clean = dir.join("clean");
+    ok(&args(&clean).iter().map(String::as_str).collect::<Vec<_>>());
+    let killed = dir.join("killed");
+    let a = args(&killed);
+    assert!(kill_when(&a, &killed.join("work/score.0-of-1.json")));
+    let last = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(String::from_utf8_lossy(&last.stderr).contains("resuming the scoring pass"));
+    for f in ["scores.safetensors", "top_k.jsonl", "distribution.json"] {
+        assert_eq!(
+            std::fs::read(clean.join(f)).unwrap(),
+            std::fs::read(killed.join(f)).unwrap(),
+            "{f} differs after resuming"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn thread_count_does_not_change_factors() {
+    let dir = scratch("threads");
+    let (model, corpus, _) = fixture(&dir);
+    let one = dir.join("one");
+    let two = dir.join("two");
+    let mut a = fit_args(&model, &corpus, &one, "ekfac");
+    a.extend(["--threads", "1"]);
+    ok(&a);
+    let mut b = fit_args(&model, &corpus, &two, "ekfac");
+    b.extend(["--threads", "3"]);
+    ok(&b);
+    assert_eq!(
+        std::fs::read(one.join("factors.safetensors")).unwrap(),
+        std::fs::read(two.join("factors.safetensors")).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
