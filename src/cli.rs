@@ -255,6 +255,14 @@ struct FitArgs {
     memory_check: bool,
     #[command(flatten)]
     sharding: ShardArgs,
+    /// Also keep every training sequence's gradient, in the factors' eigenbasis, in
+    /// FACTORS/store/ (one more pass): `score --store` then scores new queries with no pass
+    /// over the training data. The size is checked against free disk before writing.
+    #[arg(long)]
+    store: bool,
+    /// Precision of the gradient store.
+    #[arg(long, value_enum, default_value = "f32", requires = "store")]
+    store_dtype: infl::store::StoreDtype,
 }
 
 #[derive(clap::Args)]
@@ -319,6 +327,10 @@ struct ScoreArgs {
     index: Option<PathBuf>,
     #[command(flatten)]
     sharding: ShardArgs,
+    /// Read the training gradients from FACTORS/store/ (written by `fit --store` on the same
+    /// corpus) instead of running the model over --train; queries are then exact (full rank).
+    #[arg(long, conflicts_with_all = ["per_token", "shard"])]
+    store: bool,
 }
 
 #[derive(clap::Args)]
@@ -413,6 +425,7 @@ pub fn run() -> Result<()> {
                 shard: a.sharding.shard()?,
                 checkpoint: a.sharding.policy(),
                 fresh: a.sharding.fresh,
+                store: a.store.then_some(a.store_dtype),
                 options: FitOptions {
                     strategy: a.strategy,
                     fisher: a.fisher,
@@ -447,6 +460,7 @@ pub fn run() -> Result<()> {
                 shard: a.sharding.shard()?,
                 checkpoint: a.sharding.policy(),
                 fresh: a.sharding.fresh,
+                store: a.store,
                 memory_check: a.memory_check,
             };
             let s = workflow::score(&job, &progress)?;
@@ -714,6 +728,7 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
         shard: infl::shard::Shard::WHOLE,
         checkpoint: infl::curvature::CheckpointPolicy::NEVER,
         fresh: false,
+        store: None,
         options: FitOptions {
             strategy: a.strategy,
             fisher: Fisher::Sampled,
@@ -741,6 +756,7 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
         shard: infl::shard::Shard::WHOLE,
         checkpoint: infl::curvature::CheckpointPolicy::NEVER,
         fresh: false,
+        store: false,
         memory_check: true,
     };
     let s = workflow::score(&score, progress)?;
@@ -867,6 +883,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         shard: infl::shard::Shard::WHOLE,
         checkpoint: infl::curvature::CheckpointPolicy::NEVER,
         fresh: false,
+        store: None,
         options: FitOptions {
             strategy: Strategy::Ekfac,
             fisher: Fisher::Sampled,
@@ -896,6 +913,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         shard: infl::shard::Shard::WHOLE,
         checkpoint: infl::curvature::CheckpointPolicy::NEVER,
         fresh: false,
+        store: false,
         memory_check: true,
     };
     let score_s = workflow::score(
@@ -1034,6 +1052,7 @@ fn rss_child(
         shard: infl::shard::Shard::WHOLE,
         checkpoint: infl::curvature::CheckpointPolicy::NEVER,
         fresh: false,
+        store: false,
         memory_check: true,
     };
     let s = workflow::score(&job, &Bars::new(true))?;

@@ -125,6 +125,35 @@ impl Preconditioner {
         })
     }
 
+    /// `P` of layer `layer` in the basis of the gradient store: `Q_Sᵀ P Q_A` for an eigenbasis,
+    /// `P` itself otherwise.
+    pub fn to_store_basis(&self, layer: usize, p: MatRef<'_, f32>) -> Mat<f32> {
+        match &self.layers[layer] {
+            LayerPreconditioner::Eigen { q_a, q_s, .. } => {
+                linalg::mul(linalg::mul(q_s.transpose(), p).as_ref(), q_a.as_ref())
+            }
+            _ => p.to_owned(),
+        }
+    }
+
+    /// `⟨P_z, G_z⟩` of layer `layer` from the gradient in the store's basis, `r`:
+    /// `Σ r² ⊘ (Λ + λ)` (`Σ r²` for identity).
+    pub fn self_influence_in_store_basis(&self, layer: usize, r: MatRef<'_, f32>) -> f64 {
+        let inverse = match &self.layers[layer] {
+            LayerPreconditioner::Eigen { inverse, .. } => Some(inverse),
+            LayerPreconditioner::Diagonal { inverse } => Some(inverse),
+            LayerPreconditioner::Identity => None,
+        };
+        let mut sum = 0f64;
+        for j in 0..r.ncols() {
+            for i in 0..r.nrows() {
+                let x = r[(i, j)] as f64;
+                sum += x * x * inverse.map_or(1.0, |m| m[(i, j)] as f64);
+            }
+        }
+        sum
+    }
+
     /// The preconditioned gradient of layer `layer`.
     pub fn apply(&self, layer: usize, g: MatRef<'_, f32>) -> Mat<f32> {
         match &self.layers[layer] {
@@ -175,7 +204,7 @@ pub fn sequence_gradients(layer: &TrackedLayer, taps: &TapBatch, index: usize) -
 }
 
 /// Column `k` of an owned matrix, viewed as a `rows × cols` column-major matrix.
-fn column_as_matrix(m: &Mat<f32>, k: usize, rows: usize, cols: usize) -> MatRef<'_, f32> {
+pub fn column_as_matrix(m: &Mat<f32>, k: usize, rows: usize, cols: usize) -> MatRef<'_, f32> {
     let col = m
         .col(k)
         .try_as_col_major()

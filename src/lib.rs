@@ -26,6 +26,7 @@ pub mod powerlaw;
 pub mod report;
 pub mod results;
 pub mod shard;
+pub mod store;
 pub mod workflow;
 
 pub use error::{Error, Result};

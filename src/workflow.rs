@@ -132,6 +132,9 @@ pub struct FitJob {
     pub checkpoint: CheckpointPolicy,
     /// Discard any saved state in `out` instead of resuming from it.
     pub fresh: bool,
+    /// After fitting, keep every training sequence's gradient in the factors' basis on disk
+    /// (`OUT/store/`), in this precision, for `score --store`.
+    pub store: Option<crate::store::StoreDtype>,
 }
 
 /// Summary of a fit invocation, for printing.
@@ -220,6 +223,11 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
         )?;
     }
     let tracked = model.tracked().to_vec();
+    if job.store.is_some() && !job.shard.is_whole() {
+        return Err(Error::input(
+            "--store is written by an unsharded fit (the store is one file in corpus order); run the sharded fit without it, then `infl fit --store` on one machine, or score without a store",
+        ));
+    }
     let template = FitTemplate {
         strategy: job.options.strategy,
         fisher: job.options.fisher,
@@ -260,7 +268,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
         finished,
         message,
     };
-    loop {
+    let finished = loop {
         let eigen = checkpoint::load(&work, EIGEN_STATE, &settings)?;
         let pass = match job
             .options
@@ -270,11 +278,8 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
             .find(|p| *p == curvature::Pass::Eigenvalue || eigen.is_none())
         {
             Some(p) => p,
-            // Nothing left to run over the data (identity; KFAC once merged).
-            None => {
-                let out = merge_factors(&job.out)?;
-                return Ok(summary(out.finished, out.message));
-            }
+            // Nothing left to run over the data (identity).
+            None => break merge_factors(&job.out)?,
         };
         let bases: Vec<crate::curvature::LayerFactors> = match &eigen {
             Some((_, bytes)) => {
@@ -355,9 +360,48 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
         }
         let out = merge_factors(&job.out)?;
         if out.finished {
-            return Ok(summary(true, out.message));
+            break out;
         }
+    };
+    let mut message = finished.message;
+    if let Some(dtype) = job.store {
+        let meta = write_store(job, model.as_ref(), &corpus, max_len, dtype, progress)?;
+        message.push_str(&format!(
+            "; gradient store {:.1} MiB ({:.1} KiB per sequence, {dtype:?}) → {}",
+            meta.bytes as f64 / (1u64 << 20) as f64,
+            meta.bytes as f64 / meta.n_sequences.max(1) as f64 / 1024.0,
+            job.out.join(crate::store::STORE_DIR).display()
+        ));
     }
+    Ok(summary(true, message))
+}
+
+/// The gradient store of a finished fit: one more pass, under the data's labels.
+fn write_store(
+    job: &FitJob,
+    model: &dyn TapModel,
+    corpus: &data::Corpus,
+    max_len: usize,
+    dtype: crate::store::StoreDtype,
+    progress: &dyn Progress,
+) -> Result<crate::store::StoreMeta> {
+    let meta = open_factors(&job.out)?;
+    let factors = Factors::from_file(&job.out.join(FACTORS_FILE), meta.strategy, model.tracked())?;
+    crate::store::write(
+        model,
+        &corpus.sequences,
+        &factors,
+        dtype,
+        &job.out.join(crate::store::STORE_DIR),
+        &crate::store::StoreProvenance {
+            factors_sha256: meta.factors_sha256,
+            corpus_sha256: corpus.sha256.clone(),
+            max_len,
+            n_documents: corpus.n_documents,
+        },
+        job.options.batch_size,
+        progress,
+    )
 }
 
 /// Refuses to add to a work directory that another job (other settings, or another shard
@@ -565,6 +609,9 @@ pub struct ScoreJob {
     pub checkpoint: CheckpointPolicy,
     /// Discard any saved state in `out` instead of resuming from it.
     pub fresh: bool,
+    /// Read the training gradients from the factors' gradient store (`fit --store`) instead of
+    /// running the model over the corpus.
+    pub store: bool,
 }
 
 /// What the reported score is.
@@ -610,6 +657,9 @@ pub struct ScoresMeta {
     pub layers: Vec<String>,
     /// Rank of the compressed query gradients (null = exact).
     pub query_rank: Option<usize>,
+    /// The gradient store the training gradients were read from (null = computed by the model).
+    #[serde(default)]
+    pub store: Option<String>,
     pub normalize: Normalize,
     pub per_layer: bool,
     pub per_token: bool,
@@ -655,6 +705,7 @@ impl ScoresMeta {
                 .collect(),
             layers,
             query_rank: None,
+            store: None,
             normalize: Normalize::None,
             per_layer: false,
             per_token: false,
@@ -834,12 +885,44 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         .unwrap_or(1);
     check_memory(checked_len)?;
 
+    // With a gradient store the corpus is read back, not recomputed: the queries stay exact
+    // (full rank), rotated into the store's basis.
+    let mut store = if job.store {
+        if !job.shard.is_whole() || job.per_token {
+            return Err(Error::input(
+                "--store reads the whole stored corpus in one process: it does not go with --shard or --per-token",
+            ));
+        }
+        let reader = crate::store::StoreReader::open(&job.factors.join(crate::store::STORE_DIR))?;
+        let m = &reader.meta;
+        if m.factors_sha256 != fmeta.factors_sha256 {
+            return Err(Error::Mismatch(format!(
+                "{}: the gradient store was written with other factors; rewrite it with `infl fit --store`",
+                job.factors.display()
+            )));
+        }
+        if m.corpus_sha256 != data::sha256_file(&job.train)? || m.max_len != max_len {
+            return Err(Error::Mismatch(format!(
+                "the gradient store in {} holds another corpus or --max-len ({} tokens per window) than --train {} with --max-len {max_len}",
+                job.factors.display(),
+                m.max_len,
+                job.train.display()
+            )));
+        }
+        Some(reader)
+    } else {
+        None
+    };
     let pq = influence::precondition_queries(
         model.as_ref(),
         &queries,
         &preconditioner,
         job.batch_size,
-        job.query_rank,
+        if store.is_some() {
+            None
+        } else {
+            job.query_rank
+        },
         progress,
     )?;
 
@@ -895,6 +978,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         "normalize": job.normalize,
         "prefilter": job.prefilter.as_ref().map(|p| p.0),
         "shards": job.shard.count,
+        "store": job.store,
     });
     let work = job.out.join(WORK_DIR);
     if job.fresh && work.exists() {
@@ -990,71 +1074,173 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
     let mut seen = 0usize;
     let mut last_save = (0usize, std::time::Instant::now());
     let mut scored = 0usize;
-    let stats = data::stream_corpus(
-        &job.train,
-        &mut tok,
-        max_len,
-        model.vocab_size(),
-        job.batch_size.max(1) * CHUNK_BATCHES,
-        |chunk| {
-            let first = seen;
-            seen += chunk.len();
-            if complete || seen <= position {
-                return Ok(());
-            }
-            let longest = chunk.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-            if longest > checked_len {
-                check_memory(longest)?;
-                checked_len = longest;
-            }
-            let indices: Vec<usize> = (first.max(position)..seen)
-                .filter(|&i| job.shard.owns(i))
-                .filter(|i| union.as_ref().is_none_or(|u| u.contains(i)))
+    let stats = if let Some(reader) = store.as_mut() {
+        if !complete {
+            let rotated: Vec<faer::Mat<f32>> = tracked
+                .iter()
+                .enumerate()
+                .map(|(li, l)| match &pq.per_layer[li] {
+                    influence::LayerQueries::Full(stack) => {
+                        let mut out = faer::Mat::<f32>::zeros(stack.nrows(), stack.ncols());
+                        for q in 0..stack.ncols() {
+                            let p = influence::column_as_matrix(stack, q, l.d_out, l.d_in_h());
+                            let r = preconditioner.to_store_basis(li, p);
+                            for j in 0..r.ncols() {
+                                for i in 0..r.nrows() {
+                                    out[(i + j * r.nrows(), q)] = r[(i, j)];
+                                }
+                            }
+                        }
+                        out
+                    }
+                    influence::LayerQueries::LowRank { .. } => {
+                        unreachable!("store scoring asks for full-rank queries")
+                    }
+                })
                 .collect();
-            let kept: Vec<data::Sequence> =
-                indices.iter().map(|&i| chunk[i - first].clone()).collect();
-            let stable: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
-            curvature::run_indexed(
-                model.as_ref(),
-                &kept,
-                &stable,
-                job.batch_size,
-                crate::model::Labels::Data,
-                progress,
-                "scoring pass",
-                |start, taps| {
-                    let parts: Vec<_> = tracked
+            let batch = job.batch_size.max(1) * 4;
+            let mut index = 0usize;
+            loop {
+                let mut seqs = Vec::with_capacity(batch);
+                let mut grads = Vec::with_capacity(batch);
+                while seqs.len() < batch {
+                    match reader.next_sequence()? {
+                        Some((seq, g)) => {
+                            seqs.push(seq);
+                            grads.push(g);
+                        }
+                        None => break,
+                    }
+                }
+                if seqs.is_empty() {
+                    break;
+                }
+                let n = seqs.len();
+                let mut own = vec![0f64; n];
+                let mut parts = Vec::with_capacity(tracked.len());
+                for (li, l) in tracked.iter().enumerate() {
+                    let mut m = faer::Mat::<f32>::zeros(l.d_out * l.d_in_h(), n);
+                    for (k, g) in grads.iter().enumerate() {
+                        let col = m
+                            .col_mut(k)
+                            .try_as_col_major_mut()
+                            .expect("owned column is contiguous")
+                            .as_slice_mut();
+                        g[li].dense_into(l, col);
+                        if cosine {
+                            own[k] += preconditioner.self_influence_in_store_basis(
+                                li,
+                                influence::column_as_matrix(&m, k, l.d_out, l.d_in_h()),
+                            );
+                        }
+                    }
+                    parts.push(crate::linalg::mul(rotated[li].transpose(), m.as_ref()));
+                }
+                let factors: Option<Vec<Vec<f64>>> = cosine.then(|| {
+                    pq.self_influence
                         .iter()
-                        .enumerate()
-                        .map(|(i, l)| influence::layer_scores(l, i, &pq.per_layer[i], taps))
-                        .collect();
-                    let n = taps.seq_lens.len();
-                    acc.add(
-                        &indices[start..start + n],
-                        &kept[start..start + n],
-                        &parts,
-                        scale(taps).as_deref(),
-                        allowed.as_deref(),
-                    )?;
-                    if job.dense {
-                        dense_columns += n as u64;
-                    }
-                    scored += n;
-                    let due = job
-                        .checkpoint
-                        .every_sequences
-                        .is_some_and(|m| scored - last_save.0 >= m)
-                        || last_save.1.elapsed().as_secs_f64() >= job.checkpoint.every_seconds;
-                    if due {
-                        acc.flush()?;
-                        save(&acc, dense_columns, indices[start + n - 1] + 1, None)?;
-                        last_save = (scored, std::time::Instant::now());
-                    }
-                    Ok(())
-                },
-            )
-        },
-    )?;
+                        .map(|sq| {
+                            own.iter()
+                                .map(|sz| {
+                                    if sq * sz > 0.0 {
+                                        1.0 / (sq * sz).sqrt()
+                                    } else {
+                                        0.0
+                                    }
+                                })
+                                .collect()
+                        })
+                        .collect()
+                });
+                let indices: Vec<usize> = (index..index + n).collect();
+                acc.add(
+                    &indices,
+                    &seqs,
+                    &parts,
+                    factors.as_deref(),
+                    allowed.as_deref(),
+                )?;
+                if job.dense {
+                    dense_columns += n as u64;
+                }
+                progress.advance(seqs.iter().map(|s| s.ids.len() as u64).sum());
+                index += n;
+            }
+        }
+        let m = &reader.meta;
+        data::CorpusStats {
+            n_documents: m.n_documents,
+            n_sequences: m.n_sequences,
+            n_tokens: m.n_tokens,
+            sha256: m.corpus_sha256.clone(),
+        }
+    } else {
+        data::stream_corpus(
+            &job.train,
+            &mut tok,
+            max_len,
+            model.vocab_size(),
+            job.batch_size.max(1) * CHUNK_BATCHES,
+            |chunk| {
+                let first = seen;
+                seen += chunk.len();
+                if complete || seen <= position {
+                    return Ok(());
+                }
+                let longest = chunk.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+                if longest > checked_len {
+                    check_memory(longest)?;
+                    checked_len = longest;
+                }
+                let indices: Vec<usize> = (first.max(position)..seen)
+                    .filter(|&i| job.shard.owns(i))
+                    .filter(|i| union.as_ref().is_none_or(|u| u.contains(i)))
+                    .collect();
+                let kept: Vec<data::Sequence> =
+                    indices.iter().map(|&i| chunk[i - first].clone()).collect();
+                let stable: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
+                curvature::run_indexed(
+                    model.as_ref(),
+                    &kept,
+                    &stable,
+                    job.batch_size,
+                    crate::model::Labels::Data,
+                    progress,
+                    "scoring pass",
+                    |start, taps| {
+                        let parts: Vec<_> = tracked
+                            .iter()
+                            .enumerate()
+                            .map(|(i, l)| influence::layer_scores(l, i, &pq.per_layer[i], taps))
+                            .collect();
+                        let n = taps.seq_lens.len();
+                        acc.add(
+                            &indices[start..start + n],
+                            &kept[start..start + n],
+                            &parts,
+                            scale(taps).as_deref(),
+                            allowed.as_deref(),
+                        )?;
+                        if job.dense {
+                            dense_columns += n as u64;
+                        }
+                        scored += n;
+                        let due = job
+                            .checkpoint
+                            .every_sequences
+                            .is_some_and(|m| scored - last_save.0 >= m)
+                            || last_save.1.elapsed().as_secs_f64() >= job.checkpoint.every_seconds;
+                        if due {
+                            acc.flush()?;
+                            save(&acc, dense_columns, indices[start + n - 1] + 1, None)?;
+                            last_save = (scored, std::time::Instant::now());
+                        }
+                        Ok(())
+                    },
+                )
+            },
+        )?
+    };
     progress.end();
     let pass_seconds = pass_started.elapsed().as_secs_f64();
     if job.top_k > stats.n_sequences {
@@ -1066,7 +1252,13 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
     if !complete {
         acc.flush()?;
         let meta = ScoresMeta {
-            query_rank: job.query_rank,
+            query_rank: if job.store { None } else { job.query_rank },
+            store: job.store.then(|| {
+                job.factors
+                    .join(crate::store::STORE_DIR)
+                    .display()
+                    .to_string()
+            }),
             normalize: job.normalize,
             per_layer: job.per_layer,
             per_token: job.per_token,

@@ -48,6 +48,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             shard: infl::shard::Shard::WHOLE,
             checkpoint: infl::curvature::CheckpointPolicy::NEVER,
             fresh: false,
+            store: None,
             options: FitOptions {
                 strategy,
                 fisher: Fisher::Empirical,
@@ -78,6 +79,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             shard: infl::shard::Shard::WHOLE,
             checkpoint: infl::curvature::CheckpointPolicy::NEVER,
             fresh: false,
+            store: false,
             memory_check: true,
         },
         &Silent,
@@ -190,6 +192,7 @@ fn factors_match_kronfluence() {
             shard: infl::shard::Shard::WHOLE,
             checkpoint: infl::curvature::CheckpointPolicy::NEVER,
             fresh: false,
+            store: None,
             options: FitOptions {
                 strategy: Strategy::Ekfac,
                 fisher: Fisher::Empirical,

@@ -1,0 +1,522 @@
+//! The gradient store: every training sequence's gradient, rotated into the factors' eigenbasis,
+//! kept on disk by `infl fit --store` so that `infl score --store` needs no forward or backward
+//! pass over the training data, only the queries' gradients and one streaming read.
+//!
+//! For an eigenbasis (EK-FAC, KFAC) `I(q, z) = ⟨P_q, G_z⟩ = ⟨P̃_q, R_z⟩` with
+//! `R_z = Q_Sᵀ G_z Q_A` and `P̃_q = Q_Sᵀ P_q Q_A = (Q_Sᵀ G_q Q_A) ⊘ (Λ + λ)`; for diagonal and
+//! identity the basis is the original one (R_z = G_z). Per sequence and layer the store keeps
+//! whichever is smaller: the rotated gradient `R_z` (`d_out × d_in_h`), or its per-token factors
+//! `g Q_S` (`T × d_out`) and `ā Q_A` (`T × d_in_h`), from which `R_z = (g Q_S)ᵀ (ā Q_A)`.
+//! The gradients are those of the training loss (the data's labels), whatever the Fisher's.
+//!
+//! Files in the store directory: `store.json` (what made it), `sequences.jsonl` (id and token ids
+//! per sequence, in corpus order) and `gradients.bin` (per sequence and layer: a tag byte
+//! `0` = dense R or `1` = factors, for factors a little-endian u32 T, then the values, row-major,
+//! in f32 or bf16).
+
+use crate::curvature::{Factors, Progress};
+use crate::data::Sequence;
+use crate::error::{Error, Result};
+use crate::linalg;
+use crate::model::{Labels, TapBatch, TapModel, TrackedLayer};
+use faer::Mat;
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+
+pub const STORE_DIR: &str = "store";
+const META_FILE: &str = "store.json";
+const SEQUENCES_FILE: &str = "sequences.jsonl";
+const GRADIENTS_FILE: &str = "gradients.bin";
+
+/// Precision of the stored values.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreDtype {
+    F32,
+    /// bfloat16 (round to nearest even): half the disk, about 3 significant digits per value.
+    Bf16,
+}
+
+impl StoreDtype {
+    fn bytes(self) -> u64 {
+        match self {
+            StoreDtype::F32 => 4,
+            StoreDtype::Bf16 => 2,
+        }
+    }
+}
+
+/// `store.json`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StoreMeta {
+    pub dtype: StoreDtype,
+    /// `eigen` (R = Q_Sᵀ G Q_A) or `original` (R = G).
+    pub basis: String,
+    pub layers: Vec<TrackedLayer>,
+    pub factors_sha256: String,
+    pub corpus_sha256: String,
+    pub max_len: usize,
+    pub n_documents: usize,
+    pub n_tokens: usize,
+    pub n_sequences: usize,
+    pub bytes: u64,
+}
+
+/// What a store is of: the factors (by hash) and the corpus as windowed.
+#[derive(Debug, Clone)]
+pub struct StoreProvenance {
+    pub factors_sha256: String,
+    pub corpus_sha256: String,
+    pub max_len: usize,
+    pub n_documents: usize,
+}
+
+/// Bytes one sequence of `len` tokens takes in the store.
+pub fn sequence_bytes(layers: &[TrackedLayer], len: usize, dtype: StoreDtype) -> u64 {
+    layers
+        .iter()
+        .map(|l| {
+            let (dense, factored) = sizes(l, len);
+            1 + if factored < dense {
+                4 + factored * dtype.bytes()
+            } else {
+                dense * dtype.bytes()
+            }
+        })
+        .sum()
+}
+
+fn sizes(l: &TrackedLayer, len: usize) -> (u64, u64) {
+    (
+        (l.d_out * l.d_in_h()) as u64,
+        (len * (l.d_out + l.d_in_h())) as u64,
+    )
+}
+
+/// Free bytes on the file system holding `dir` (its nearest existing ancestor).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let mut p = dir.to_path_buf();
+    while !p.exists() {
+        p = p.parent()?.to_path_buf();
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    // Round to nearest, ties to even (values are finite: checked before they are stored).
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Writes a store while the factors' basis is at hand.
+pub struct StoreWriter {
+    dir: PathBuf,
+    tmp: PathBuf,
+    gradients: std::io::BufWriter<std::fs::File>,
+    sequences: std::io::BufWriter<std::fs::File>,
+    meta: StoreMeta,
+    bases: Vec<Option<(Mat<f32>, Mat<f32>)>>,
+}
+
+impl StoreWriter {
+    /// Starts a store in `dir` (built in a temporary sibling, renamed into place by
+    /// [`StoreWriter::finish`]).
+    pub fn create(
+        dir: &Path,
+        factors: &Factors,
+        dtype: StoreDtype,
+        provenance: &StoreProvenance,
+    ) -> Result<Self> {
+        let tmp = dir.with_file_name(format!(
+            ".{}.tmp-{}",
+            dir.file_name()
+                .map_or("store".into(), |n| n.to_string_lossy()),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&tmp);
+        crate::io::ensure_dir(&tmp)?;
+        let open = |name: &str| -> Result<std::io::BufWriter<std::fs::File>> {
+            let p = tmp.join(name);
+            let f = std::fs::File::create(&p).map_err(|e| Error::io(&p, e))?;
+            Ok(std::io::BufWriter::with_capacity(1 << 20, f))
+        };
+        let bases: Vec<Option<(Mat<f32>, Mat<f32>)>> = factors
+            .layers
+            .iter()
+            .map(|l| l.eigen.as_ref().map(|e| (e.q_s.clone(), e.q_a.clone())))
+            .collect();
+        let basis = if bases.iter().all(Option::is_some) && !bases.is_empty() {
+            "eigen"
+        } else {
+            "original"
+        };
+        Ok(StoreWriter {
+            gradients: open(GRADIENTS_FILE)?,
+            sequences: open(SEQUENCES_FILE)?,
+            dir: dir.to_path_buf(),
+            tmp,
+            meta: StoreMeta {
+                dtype,
+                basis: basis.into(),
+                layers: factors.layers.iter().map(|l| l.layer.clone()).collect(),
+                factors_sha256: provenance.factors_sha256.clone(),
+                corpus_sha256: provenance.corpus_sha256.clone(),
+                max_len: provenance.max_len,
+                n_documents: provenance.n_documents,
+                n_tokens: 0,
+                n_sequences: 0,
+                bytes: 0,
+            },
+            bases: if basis == "eigen" {
+                bases
+            } else {
+                vec![None; factors.layers.len()]
+            },
+        })
+    }
+
+    fn put(&mut self, values: &[f32]) -> Result<()> {
+        let path = self.tmp.join(GRADIENTS_FILE);
+        let err = |e| Error::io(&path, e);
+        match self.meta.dtype {
+            StoreDtype::F32 => {
+                for v in values {
+                    self.gradients.write_all(&v.to_le_bytes()).map_err(err)?;
+                }
+            }
+            StoreDtype::Bf16 => {
+                for v in values {
+                    self.gradients
+                        .write_all(&to_bf16(*v).to_le_bytes())
+                        .map_err(err)?;
+                }
+            }
+        }
+        self.meta.bytes += values.len() as u64 * self.meta.dtype.bytes();
+        Ok(())
+    }
+
+    /// Adds the sequences of one batch (their taps under the data's labels), in corpus order.
+    pub fn add(&mut self, seqs: &[Sequence], taps: &TapBatch) -> Result<()> {
+        let offsets = taps.offsets();
+        let n = offsets[offsets.len() - 1];
+        let layers = self.meta.layers.clone();
+        let mut rotated: Vec<(Mat<f32>, Mat<f32>)> = Vec::with_capacity(layers.len());
+        for ((l, tap), basis) in layers.iter().zip(&taps.layers).zip(&self.bases) {
+            let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
+            let g = linalg::rows(&tap.g, n, l.d_out);
+            rotated.push(match basis {
+                Some((q_s, q_a)) => (
+                    linalg::mul(g, q_s.as_ref()),
+                    linalg::mul(a.as_ref(), q_a.as_ref()),
+                ),
+                None => (g.to_owned(), a),
+            });
+        }
+        for (k, seq) in seqs.iter().enumerate() {
+            let (s, e) = (offsets[k], offsets[k + 1]);
+            for (l, (g_rot, a_rot)) in layers.iter().zip(&rotated) {
+                let (dense, factored) = sizes(l, e - s);
+                let path = self.tmp.join(GRADIENTS_FILE);
+                if factored < dense {
+                    self.gradients
+                        .write_all(&[1u8])
+                        .and_then(|_| self.gradients.write_all(&((e - s) as u32).to_le_bytes()))
+                        .map_err(|err| Error::io(&path, err))?;
+                    self.meta.bytes += 5;
+                    let g = linalg::to_row_major(g_rot.as_ref().subrows(s, e - s));
+                    let a = linalg::to_row_major(a_rot.as_ref().subrows(s, e - s));
+                    self.put(&g)?;
+                    self.put(&a)?;
+                } else {
+                    self.gradients
+                        .write_all(&[0u8])
+                        .map_err(|err| Error::io(&path, err))?;
+                    self.meta.bytes += 1;
+                    let mut r = Mat::<f32>::zeros(l.d_out, l.d_in_h());
+                    linalg::mul_into(
+                        r.as_mut(),
+                        g_rot.as_ref().subrows(s, e - s).transpose(),
+                        a_rot.as_ref().subrows(s, e - s),
+                        false,
+                    );
+                    self.put(&linalg::to_row_major(r.as_ref()))?;
+                }
+            }
+            let line = serde_json::json!({"id": seq.id, "ids": seq.ids});
+            writeln!(self.sequences, "{line}")
+                .map_err(|e| Error::io(self.tmp.join(SEQUENCES_FILE), e))?;
+            self.meta.n_sequences += 1;
+            self.meta.n_tokens += seq.ids.len();
+        }
+        Ok(())
+    }
+
+    /// Flushes, writes store.json and renames the store into place.
+    pub fn finish(mut self) -> Result<StoreMeta> {
+        for (w, name) in [
+            (&mut self.gradients, GRADIENTS_FILE),
+            (&mut self.sequences, SEQUENCES_FILE),
+        ] {
+            let p = self.tmp.join(name);
+            w.flush().map_err(|e| Error::io(&p, e))?;
+            w.get_ref().sync_all().map_err(|e| Error::io(&p, e))?;
+        }
+        crate::io::write_json(&self.tmp.join(META_FILE), &self.meta)?;
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        }
+        std::fs::rename(&self.tmp, &self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        Ok(self.meta)
+    }
+}
+
+/// Runs the model over `seqs` (data labels) and writes the store; refuses to start when the
+/// disk cannot hold it.
+#[allow(clippy::too_many_arguments)]
+pub fn write(
+    model: &dyn TapModel,
+    seqs: &[Sequence],
+    factors: &Factors,
+    dtype: StoreDtype,
+    dir: &Path,
+    provenance: &StoreProvenance,
+    batch_size: usize,
+    progress: &dyn Progress,
+) -> Result<StoreMeta> {
+    let need: u64 = seqs
+        .iter()
+        .map(|s| sequence_bytes(model.tracked(), s.ids.len(), dtype))
+        .sum();
+    if let Some(free) = free_bytes(dir) {
+        if need > free {
+            return Err(Error::input(format!(
+                "--store: the gradient store needs {:.2} GiB ({:.1} KiB per sequence on average) but {} has {:.2} GiB free; use --store-dtype bf16, fewer --layers, or more disk",
+                need as f64 / (1u64 << 30) as f64,
+                need as f64 / seqs.len().max(1) as f64 / 1024.0,
+                dir.display(),
+                free as f64 / (1u64 << 30) as f64
+            )));
+        }
+    }
+    let mut writer = StoreWriter::create(dir, factors, dtype, provenance)?;
+    progress.begin(
+        "gradient store",
+        seqs.iter().map(|s| s.ids.len() as u64).sum(),
+    );
+    crate::curvature::run_batches(
+        model,
+        seqs,
+        0,
+        batch_size,
+        Labels::Data,
+        progress,
+        "gradient store",
+        |start, taps| writer.add(&seqs[start..start + taps.seq_lens.len()], taps),
+    )?;
+    progress.end();
+    writer.finish()
+}
+
+/// One stored layer gradient of one sequence.
+pub enum StoredGradient {
+    /// R, `d_out × d_in_h` row-major.
+    Dense(Vec<f32>),
+    /// `(g Q_S)` (`T × d_out`) and `(ā Q_A)` (`T × d_in_h`), row-major.
+    Factored {
+        tokens: usize,
+        g: Vec<f32>,
+        a: Vec<f32>,
+    },
+}
+
+impl StoredGradient {
+    /// Writes R into a column-major `d_out × d_in_h` slice (the layout of
+    /// [`crate::influence::LayerQueries::Full`]'s columns).
+    pub fn dense_into(&self, layer: &TrackedLayer, dst: &mut [f32]) {
+        let (d_o, d_i) = (layer.d_out, layer.d_in_h());
+        let out = faer::MatMut::from_column_major_slice_mut(dst, d_o, d_i);
+        match self {
+            StoredGradient::Dense(r) => {
+                let src = faer::MatRef::from_row_major_slice(r, d_o, d_i);
+                let mut out = out;
+                out.copy_from(src);
+            }
+            StoredGradient::Factored { tokens, g, a } => linalg::mul_into(
+                out,
+                linalg::rows(g, *tokens, d_o).transpose(),
+                linalg::rows(a, *tokens, d_i),
+                false,
+            ),
+        }
+    }
+}
+
+/// Streams a store, sequence by sequence.
+pub struct StoreReader {
+    pub meta: StoreMeta,
+    dir: PathBuf,
+    gradients: std::io::BufReader<std::fs::File>,
+    sequences: std::io::Lines<std::io::BufReader<std::fs::File>>,
+    read: usize,
+}
+
+impl StoreReader {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let meta_path = dir.join(META_FILE);
+        if !meta_path.exists() {
+            return Err(Error::input(format!(
+                "{}: no gradient store (no {META_FILE}); write one with `infl fit --store`",
+                dir.display()
+            )));
+        }
+        let meta: StoreMeta = crate::io::read_json(&meta_path)?;
+        let open = |name: &str| -> Result<std::fs::File> {
+            let p = dir.join(name);
+            std::fs::File::open(&p).map_err(|e| Error::io(&p, e))
+        };
+        let g = open(GRADIENTS_FILE)?;
+        let len = g.metadata().map_err(|e| Error::io(dir, e))?.len();
+        if len != meta.bytes {
+            return Err(Error::Mismatch(format!(
+                "{}: {len} bytes, store.json says {}; the store is incomplete or was modified, rewrite it with `infl fit --store`",
+                dir.join(GRADIENTS_FILE).display(),
+                meta.bytes
+            )));
+        }
+        Ok(StoreReader {
+            gradients: std::io::BufReader::with_capacity(1 << 20, g),
+            sequences: std::io::BufReader::new(open(SEQUENCES_FILE)?).lines(),
+            dir: dir.to_path_buf(),
+            meta,
+            read: 0,
+        })
+    }
+
+    fn values(&mut self, n: usize) -> Result<Vec<f32>> {
+        let width = self.meta.dtype.bytes() as usize;
+        let mut buf = vec![0u8; n * width];
+        let path = self.dir.join(GRADIENTS_FILE);
+        self.gradients
+            .read_exact(&mut buf)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(match self.meta.dtype {
+            StoreDtype::F32 => buf
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            StoreDtype::Bf16 => buf
+                .chunks_exact(2)
+                .map(|c| from_bf16(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+        })
+    }
+
+    /// The next sequence and its per-layer gradients, or `None` at the end.
+    pub fn next_sequence(&mut self) -> Result<Option<(Sequence, Vec<StoredGradient>)>> {
+        if self.read == self.meta.n_sequences {
+            return Ok(None);
+        }
+        let path = self.dir.join(SEQUENCES_FILE);
+        let line = self
+            .sequences
+            .next()
+            .ok_or_else(|| Error::Mismatch(format!("{}: ends early", path.display())))?
+            .map_err(|e| Error::io(&path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| Error::Mismatch(format!("{}: {e}", path.display())))?;
+        let seq = Sequence {
+            id: v["id"].as_str().unwrap_or_default().to_string(),
+            ids: v["ids"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as u32)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let mut grads = Vec::with_capacity(self.meta.layers.len());
+        for l in self.meta.layers.clone() {
+            let mut tag = [0u8; 1];
+            let gpath = self.dir.join(GRADIENTS_FILE);
+            self.gradients
+                .read_exact(&mut tag)
+                .map_err(|e| Error::io(&gpath, e))?;
+            grads.push(match tag[0] {
+                0 => StoredGradient::Dense(self.values(l.d_out * l.d_in_h())?),
+                1 => {
+                    let mut t = [0u8; 4];
+                    self.gradients
+                        .read_exact(&mut t)
+                        .map_err(|e| Error::io(&gpath, e))?;
+                    let tokens = u32::from_le_bytes(t) as usize;
+                    StoredGradient::Factored {
+                        tokens,
+                        g: self.values(tokens * l.d_out)?,
+                        a: self.values(tokens * l.d_in_h())?,
+                    }
+                }
+                other => {
+                    return Err(Error::Mismatch(format!(
+                        "{}: bad tag {other} at sequence {}; the store is corrupt",
+                        gpath.display(),
+                        self.read
+                    )))
+                }
+            });
+        }
+        self.read += 1;
+        Ok(Some((seq, grads)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        for x in [1.0f32, -2.5, 2.718_281_7, 1e-20, 65504.0] {
+            let y = from_bf16(to_bf16(x));
+            assert!((x - y).abs() <= x.abs() * 2f32.powi(-8), "{x} → {y}");
+        }
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1).
+        assert_eq!(from_bf16(to_bf16(1.0 + 2f32.powi(-8))), 1.0);
+        assert_eq!(
+            from_bf16(to_bf16(1.0 + 3.0 * 2f32.powi(-8))),
+            1.0 + 2f32.powi(-6)
+        );
+    }
+
+    #[test]
+    fn sizes_choose_the_smaller_form() {
+        let l = TrackedLayer {
+            name: "x".into(),
+            d_in: 63,
+            d_out: 64,
+            has_bias: true,
+        };
+        // T = 2: 2·128 = 256 values < 4096 → factors (1 + 4 + 256·4 bytes).
+        assert_eq!(
+            sequence_bytes(std::slice::from_ref(&l), 2, StoreDtype::F32),
+            1 + 4 + 1024
+        );
+        // T = 100: 12800 > 4096 → dense (1 + 4096·2 bytes in bf16).
+        assert_eq!(
+            sequence_bytes(std::slice::from_ref(&l), 100, StoreDtype::Bf16),
+            1 + 8192
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! The gradient store: scores read back from `fit --store` equal the scores of a pass over the
+//! corpus, for every strategy, in f32; the cost of bf16 is measured; mismatches are refused.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("infl-store-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_infl"))
+        .arg("--quiet")
+        .args(args)
+        .output()
+        .expect("the infl binary runs")
+}
+
+fn ok(args: &[&str]) {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "infl {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn dense(dir: &Path) -> Vec<f64> {
+    infl::io::read_safetensors(&dir.join("scores.safetensors")).unwrap()["scores"]
+        .1
+        .clone()
+}
+
+/// (max |x − y| / max |x|, Pearson).
+fn compare(x: &[f64], y: &[f64]) -> (f64, f64) {
+    let scale = x.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let rel = x
+        .iter()
+        .zip(y)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs() / scale));
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+        syy += (b - my) * (b - my);
+    }
+    (rel, sxy / (sxx * syy).sqrt())
+}
+
+/// A random GPT-2 with short documents, so that the store holds both forms: per-token factors
+/// for sequences shorter than ~6 tokens, the rotated gradient for longer ones.
+fn random_fixture(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use infl::model::gpt2::{Gpt2, Gpt2Config};
+    let model = dir.join("model");
+    let config = Gpt2Config {
+        vocab_size: 37,
+        n_positions: 16,
+        n_embd: 12,
+        n_layer: 2,
+        n_head: 2,
+        n_inner: None,
+        layer_norm_epsilon: 1e-5,
+        activation_function: "gelu_new".into(),
+        scale_attn_weights: true,
+        scale_attn_by_inverse_layer_idx: false,
+        reorder_and_upcast_attn: false,
+    };
+    Gpt2::random(config, 5, infl::model::ModuleSelection::All)
+        .unwrap()
+        .save(&model)
+        .unwrap();
+    let mut corpus = String::new();
+    for d in 0..40u32 {
+        let len = 2 + (d * 5 % 13) as usize;
+        let ids: Vec<u32> = (0..len as u32)
+            .map(|t| (d * 3 + t * 7 + t * t) % 37)
+            .collect();
+        corpus.push_str(&format!("{{\"ids\": {ids:?}}}\n"));
+    }
+    let c = dir.join("corpus.jsonl");
+    std::fs::write(&c, corpus).unwrap();
+    let q = dir.join("queries.jsonl");
+    std::fs::write(
+        &q,
+        "{\"id\": \"a\", \"prompt_ids\": [1, 2, 3], \"completion_ids\": [4, 5]}\n\
+         {\"id\": \"b\", \"prompt_ids\": [9], \"completion_ids\": [10, 11, 12]}\n",
+    )
+    .unwrap();
+    (model, c, q)
+}
+
+#[test]
+fn stored_gradients_score_like_a_pass_over_the_corpus() {
+    let dir = scratch("equal");
+    let (model, corpus, queries) = random_fixture(&dir);
+    for strategy in ["ekfac", "kfac", "diagonal", "identity"] {
+        let factors = dir.join(format!("f-{strategy}"));
+        ok(&[
+            "fit",
+            "--model",
+            s(&model),
+            "--train",
+            s(&corpus),
+            "--out",
+            s(&factors),
+            "--strategy",
+            strategy,
+            "--store",
+        ]);
+        let store_json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(factors.join("store/store.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(store_json["n_sequences"], 40);
+        // Every sequence stored densely would take 40 × (2 × 1836 values × 4 bytes + 8 tags);
+        // short sequences are stored as per-token factors instead, so the store is smaller.
+        let bytes = store_json["bytes"].as_u64().unwrap();
+        assert!(bytes < 40 * (2 * 1836 * 4 + 8), "{strategy}: {bytes} bytes");
+        for normalize in ["none", "cosine"] {
+            let base = [
+                "score",
+                "--model",
+                s(&model),
+                "--factors",
+                s(&factors),
+                "--train",
+                s(&corpus),
+                "--queries",
+                s(&queries),
+                "--dense",
+                "--normalize",
+                normalize,
+            ];
+            let pass = dir.join(format!("pass-{strategy}-{normalize}"));
+            let mut a = base.to_vec();
+            a.extend(["--query-rank", "full", "--out", s(&pass)]);
+            ok(&a);
+            let stored = dir.join(format!("stored-{strategy}-{normalize}"));
+            let mut b = base.to_vec();
+            b.extend(["--store", "--out", s(&stored)]);
+            ok(&b);
+            let (rel, r) = compare(&dense(&pass), &dense(&stored));
+            assert!(
+                rel < 1e-5 && r > 0.999_999,
+                "{strategy}/{normalize}: store differs by {rel:e} (Pearson {r})"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bf16_store_costs_little_accuracy_and_mismatches_are_refused() {
+    let dir = scratch("bf16");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("assets/tiny-gpt2");
+    let corpus = root.join("tests/fixtures/kronfluence/corpus_ids.jsonl");
+    let queries = root.join("tests/fixtures/kronfluence/queries_ids.jsonl");
+    let mut results = Vec::new();
+    for dtype in ["f32", "bf16"] {
+        let factors = dir.join(format!("f-{dtype}"));
+        ok(&[
+            "fit",
+            "--model",
+            s(&model),
+            "--train",
+            s(&corpus),
+            "--out",
+            s(&factors),
+            "--max-len",
+            "48",
+            "--store",
+            "--store-dtype",
+            dtype,
+        ]);
+        let out = dir.join(format!("s-{dtype}"));
+        ok(&[
+            "score",
+            "--model",
+            s(&model),
+            "--factors",
+            s(&factors),
+            "--train",
+            s(&corpus),
+            "--queries",
+            s(&queries),
+            "--dense",
+            "--store",
+            "--out",
+            s(&out),
+        ]);
+        results.push(dense(&out));
+        let bytes = std::fs::metadata(factors.join("store/gradients.bin"))
+            .unwrap()
+            .len();
+        eprintln!("{dtype} store: {bytes} bytes for 585 sequences");
+    }
+    let pass = dir.join("pass");
+    ok(&[
+        "score",
+        "--model",
+        s(&model),
+        "--factors",
+        s(&dir.join("f-f32")),
+        "--train",
+        s(&corpus),
+        "--queries",
+        s(&queries),
+        "--dense",
+        "--query-rank",
+        "full",
+        "--out",
+        s(&pass),
+    ]);
+    let exact = dense(&pass);
+    let (rel32, _) = compare(&exact, &results[0]);
+    let (rel16, r16) = compare(&exact, &results[1]);
+    eprintln!(
+        "store vs pass: f32 max rel diff {rel32:e}; bf16 max rel diff {rel16:e}, Pearson {r16}"
+    );
+    assert!(rel32 < 1e-5, "{rel32:e}");
+    assert!(rel16 < 2e-2 && r16 > 0.9999, "bf16: {rel16:e}, {r16}");
+
+    // Another corpus than the stored one is refused (exit 4).
+    let other = dir.join("other.jsonl");
+    std::fs::write(&other, "{\"ids\": [1, 2, 3]}\n").unwrap();
+    let r = run(&[
+        "score",
+        "--model",
+        s(&model),
+        "--factors",
+        s(&dir.join("f-f32")),
+        "--train",
+        s(&other),
+        "--queries",
+        s(&queries),
+        "--store",
+        "--out",
+        s(&dir.join("x")),
+    ]);
+    assert_eq!(
+        r.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
