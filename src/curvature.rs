@@ -282,7 +282,8 @@ impl Strategy {
 #[derive(Debug, Clone)]
 pub struct PassSums {
     pub pass: Pass,
-    /// Covariance: `[Σāāᵀ, Σggᵀ]` per tracked layer, in order; eigenvalue: one `Σ (Q_Sᵀ G Q_A)^∘2`
+    /// Covariance: `[Σāāᵀ, Σggᵀ]` per tracked layer, in order (lower triangles: the upper ones
+    /// are filled in by [`eigendecompose`]); eigenvalue: one `Σ (Q_Sᵀ G Q_A)^∘2`
     /// (or `Σ G^∘2`) per tracked layer.
     pub sums: Vec<Mat<f64>>,
     pub n_tokens: u64,
@@ -529,7 +530,12 @@ pub fn eigendecompose(tracked: &[TrackedLayer], cov: &PassSums) -> Result<Vec<La
         .iter()
         .zip(cov.sums.chunks(2))
         .map(|(l, pair)| {
-            let scaled = |m: &Mat<f64>| Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] * norm);
+            // The passes accumulate lower triangles only (linalg::add_gram).
+            let scaled = |m: &Mat<f64>| {
+                let mut m = m.clone();
+                linalg::mirror_lower(&mut m);
+                Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] * norm)
+            };
             let (a, s) = (scaled(&pair[0]), scaled(&pair[1]));
             let eig = |m: &Mat<f64>, which: &str| {
                 linalg::eigh(m).map_err(|e| Error::Other(format!("layer {} {which}: {e}", l.name)))
