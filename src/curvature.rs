@@ -467,6 +467,79 @@ impl CheckpointPolicy {
     };
 }
 
+/// Decides when a pass saves its state, from the sequences done and the time elapsed.
+pub struct Checkpointer {
+    policy: CheckpointPolicy,
+    last_done: usize,
+    last_time: std::time::Instant,
+}
+
+impl Checkpointer {
+    /// Starts counting at `done` sequences.
+    pub fn new(policy: CheckpointPolicy, done: usize) -> Self {
+        Checkpointer {
+            policy,
+            last_done: done,
+            last_time: std::time::Instant::now(),
+        }
+    }
+
+    /// Is a save due now that `done` sequences are done? (Resets the clock when it is.)
+    pub fn due(&mut self, done: usize) -> bool {
+        let due = self
+            .policy
+            .every_sequences
+            .is_some_and(|m| done - self.last_done >= m)
+            || self.last_time.elapsed().as_secs_f64() >= self.policy.every_seconds;
+        if due {
+            self.last_done = done;
+            self.last_time = std::time::Instant::now();
+        }
+        due
+    }
+}
+
+/// The labels of `pass` under `options` (sampled labels are drawn afresh per pass).
+pub fn pass_labels(options: &FitOptions, pass: Pass) -> Labels {
+    match options.fisher {
+        Fisher::Empirical => Labels::Data,
+        Fisher::Sampled => Labels::Sampled {
+            seed: options.seed,
+            pass: pass.label_pass(),
+        },
+    }
+}
+
+/// Adds `seqs` (stable indices `indices`) to the sums of `state.pass`, batch by batch;
+/// `after_batch(state, k)` runs once the first k sequences of `seqs` are in.
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate_sequences(
+    model: &dyn TapModel,
+    options: &FitOptions,
+    seqs: &[Sequence],
+    indices: &[u64],
+    bases: &[Option<&Eigenbasis>],
+    state: &mut PassSums,
+    progress: &dyn Progress,
+    mut after_batch: impl FnMut(&PassSums, usize) -> Result<()>,
+) -> Result<()> {
+    let tracked = model.tracked().to_vec();
+    let what = format!("{} pass", state.pass.name());
+    run_indexed(
+        model,
+        seqs,
+        indices,
+        options.batch_size,
+        pass_labels(options, state.pass),
+        progress,
+        &what,
+        |start, taps| {
+            accumulate(state, &tracked, bases, taps);
+            after_batch(state, start + taps.seq_lens.len())
+        },
+    )
+}
+
 /// Runs `state.pass` over `seqs[position..]` (stable indices `indices`), adding to `state`.
 /// `save(state, position)` is called at batch boundaries as `policy` asks; resuming from a
 /// saved (state, position) gives bit-identical sums, because batches are cut from `position`
@@ -484,36 +557,24 @@ pub fn run_pass(
     progress: &dyn Progress,
     mut save: impl FnMut(&PassSums, usize) -> Result<()>,
 ) -> Result<()> {
-    let labels = match options.fisher {
-        Fisher::Empirical => Labels::Data,
-        Fisher::Sampled => Labels::Sampled {
-            seed: options.seed,
-            pass: state.pass.label_pass(),
-        },
-    };
-    let tracked = model.tracked().to_vec();
     let rest = &seqs[position..];
-    let what = format!("{} pass", state.pass.name());
-    progress.begin(&what, rest.iter().map(|s| s.ids.len() as u64).sum());
-    let mut last_save = (position, std::time::Instant::now());
-    run_indexed(
+    progress.begin(
+        &format!("{} pass", state.pass.name()),
+        rest.iter().map(|s| s.ids.len() as u64).sum(),
+    );
+    let mut checkpointer = Checkpointer::new(policy, position);
+    accumulate_sequences(
         model,
+        options,
         rest,
         &indices[position..],
-        options.batch_size,
-        labels,
+        bases,
+        state,
         progress,
-        &what,
-        |start, taps| {
-            accumulate(state, &tracked, bases, taps);
-            let done = position + start + taps.seq_lens.len();
-            let due = policy
-                .every_sequences
-                .is_some_and(|m| done - last_save.0 >= m)
-                || last_save.1.elapsed().as_secs_f64() >= policy.every_seconds;
-            if due && done < seqs.len() {
+        |state, k| {
+            let done = position + k;
+            if done < seqs.len() && checkpointer.due(done) {
                 save(state, done)?;
-                last_save = (done, std::time::Instant::now());
             }
             Ok(())
         },

@@ -14,11 +14,11 @@
 //! `0` = dense R or `1` = factors, for factors a little-endian u32 T, then the values, row-major,
 //! in f32 or bf16).
 
-use crate::curvature::{Factors, Progress};
+use crate::curvature::Factors;
 use crate::data::Sequence;
 use crate::error::{Error, Result};
 use crate::linalg;
-use crate::model::{Labels, TapBatch, TapModel, TrackedLayer};
+use crate::model::{TapBatch, TrackedLayer};
 use faer::Mat;
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
@@ -281,51 +281,21 @@ impl StoreWriter {
     }
 }
 
-/// Runs the model over `seqs` (data labels) and writes the store; refuses to start when the
-/// disk cannot hold it.
-#[allow(clippy::too_many_arguments)]
-pub fn write(
-    model: &dyn TapModel,
-    seqs: &[Sequence],
-    factors: &Factors,
-    dtype: StoreDtype,
-    dir: &Path,
-    provenance: &StoreProvenance,
-    batch_size: usize,
-    progress: &dyn Progress,
-) -> Result<StoreMeta> {
-    let need: u64 = seqs
-        .iter()
-        .map(|s| sequence_bytes(model.tracked(), s.ids.len(), dtype))
-        .sum();
+/// Refuses to start a store of `need` bytes (for `n_sequences` sequences) that the disk
+/// holding `dir` cannot take.
+pub fn check_disk(dir: &Path, need: u64, n_sequences: usize) -> Result<()> {
     if let Some(free) = free_bytes(dir) {
         if need > free {
             return Err(Error::input(format!(
                 "--store: the gradient store needs {:.2} GiB ({:.1} KiB per sequence on average) but {} has {:.2} GiB free; use --store-dtype bf16, fewer --layers, or more disk",
                 need as f64 / (1u64 << 30) as f64,
-                need as f64 / seqs.len().max(1) as f64 / 1024.0,
+                need as f64 / n_sequences.max(1) as f64 / 1024.0,
                 dir.display(),
                 free as f64 / (1u64 << 30) as f64
             )));
         }
     }
-    let mut writer = StoreWriter::create(dir, factors, dtype, provenance)?;
-    progress.begin(
-        "gradient store",
-        seqs.iter().map(|s| s.ids.len() as u64).sum(),
-    );
-    crate::curvature::run_batches(
-        model,
-        seqs,
-        0,
-        batch_size,
-        Labels::Data,
-        progress,
-        "gradient store",
-        |start, taps| writer.add(&seqs[start..start + taps.seq_lens.len()], taps),
-    )?;
-    progress.end();
-    writer.finish()
+    Ok(())
 }
 
 /// One stored layer gradient of one sequence.

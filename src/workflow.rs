@@ -68,19 +68,6 @@ pub struct CorpusInfo {
 }
 
 impl CorpusInfo {
-    fn of(c: &data::Corpus, max_len: usize) -> Self {
-        CorpusInfo {
-            path: c.path.display().to_string(),
-            sha256: c.sha256.clone(),
-            max_len,
-            n_documents: c.n_documents,
-            n_sequences: c.sequences.len(),
-            n_tokens: c.n_tokens(),
-        }
-    }
-}
-
-impl CorpusInfo {
     fn streamed(path: &Path, stats: &data::CorpusStats, max_len: usize) -> Self {
         CorpusInfo {
             path: path.display().to_string(),
@@ -207,14 +194,34 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     let max_len = job.max_len.unwrap_or(model.max_positions());
     check_max_len(max_len, model.as_ref())?;
     let mut tok = LazyTokenizer::new(&job.model);
-    let corpus = data::read_corpus(&job.train, &mut tok, max_len, model.vocab_size())?;
+    // The passes stream the corpus: memory holds one chunk, whatever its size. A first scan
+    // (no model) gives its hash and counts, this shard's size and the longest window.
+    let chunk = job.options.batch_size.max(1) * CHUNK_BATCHES;
+    let (mut longest, mut global) = (1usize, 0usize);
+    let (mut owned, mut owned_tokens, mut store_bytes) = (0usize, 0u64, 0u64);
+    let scan = data::stream_corpus(
+        &job.train,
+        &mut tok,
+        max_len,
+        model.vocab_size(),
+        chunk,
+        |c| {
+            for s in c {
+                longest = longest.max(s.ids.len());
+                if job.shard.owns(global) {
+                    owned += 1;
+                    owned_tokens += s.ids.len() as u64;
+                    if let Some(dtype) = job.store {
+                        store_bytes +=
+                            crate::store::sequence_bytes(model.tracked(), s.ids.len(), dtype);
+                    }
+                }
+                global += 1;
+            }
+            Ok(())
+        },
+    )?;
     if job.memory_check {
-        let longest = corpus
-            .sequences
-            .iter()
-            .map(|s| s.ids.len())
-            .max()
-            .unwrap_or(1);
         let e = crate::inspect::estimate(model.as_ref(), job.options.batch_size, longest);
         crate::inspect::check_memory(
             "infl fit",
@@ -234,7 +241,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
         modules: job.modules,
         options: job.options.clone(),
         model: ModelInfo::of(&job.model, model.as_ref())?,
-        corpus: CorpusInfo::of(&corpus, max_len),
+        corpus: CorpusInfo::streamed(&job.train, &scan, max_len),
         selected_layers: job.layers.clone(),
         tracked: tracked.clone(),
         shards: job.shard.count,
@@ -252,17 +259,9 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     )?;
     io::write_json(&work.join(FIT_TEMPLATE_FILE), &template)?;
 
-    // This shard's sequences, with their corpus-wide numbers (which seed sampled labels).
-    let (indices, seqs): (Vec<u64>, Vec<data::Sequence>) = corpus
-        .sequences
-        .iter()
-        .enumerate()
-        .filter(|(k, _)| job.shard.owns(*k))
-        .map(|(k, s)| (k as u64, s.clone()))
-        .unzip();
     let summary = |finished: bool, message: String| FitSummary {
-        n_sequences: seqs.len(),
-        n_tokens: seqs.iter().map(|s| s.ids.len()).sum(),
+        n_sequences: owned,
+        n_tokens: owned_tokens as usize,
         n_layers: tracked.len(),
         seconds: started.elapsed().as_secs_f64(),
         finished,
@@ -313,10 +312,9 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
         if !complete {
             if position > 0 {
                 eprintln!(
-                    "resuming the {} pass of shard {} at sequence {position} of {}",
+                    "resuming the {} pass of shard {} at sequence {position} of {owned}",
                     pass.name(),
                     job.shard,
-                    seqs.len()
                 );
             }
             let save = |state: &curvature::PassSums, done: usize, complete: bool| {
@@ -331,19 +329,58 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
                     complete,
                 )
             };
-            curvature::run_pass(
-                model.as_ref(),
-                &job.options,
-                &seqs,
-                &indices,
-                &basis_refs,
-                &mut state,
-                position,
-                job.checkpoint,
-                progress,
-                |s, done| save(s, done, false),
+            progress.begin(&format!("{} pass", pass.name()), owned_tokens);
+            let mut checkpointer = curvature::Checkpointer::new(job.checkpoint, position);
+            let (mut global, mut owned_seen) = (0usize, 0usize);
+            let stats = data::stream_corpus(
+                &job.train,
+                &mut tok,
+                max_len,
+                model.vocab_size(),
+                chunk,
+                |c| {
+                    // This shard's sequences past the resume point, with their corpus-wide
+                    // numbers (which seed sampled labels).
+                    let (mut seqs, mut indices) = (Vec::new(), Vec::new());
+                    for s in c {
+                        if job.shard.owns(global) {
+                            if owned_seen >= position {
+                                seqs.push(s.clone());
+                                indices.push(global as u64);
+                            } else {
+                                progress.advance(s.ids.len() as u64);
+                            }
+                            owned_seen += 1;
+                        }
+                        global += 1;
+                    }
+                    let before = owned_seen - seqs.len();
+                    curvature::accumulate_sequences(
+                        model.as_ref(),
+                        &job.options,
+                        &seqs,
+                        &indices,
+                        &basis_refs,
+                        &mut state,
+                        progress,
+                        |state, k| {
+                            let done = before + k;
+                            if done < owned && checkpointer.due(done) {
+                                save(state, done, false)?;
+                            }
+                            Ok(())
+                        },
+                    )
+                },
             )?;
-            save(&state, seqs.len(), true)?;
+            progress.end();
+            if stats.sha256 != scan.sha256 {
+                return Err(Error::input(format!(
+                    "{}: the corpus changed while it was being fitted; rerun with --fresh",
+                    job.train.display()
+                )));
+            }
+            save(&state, owned, true)?;
         }
         if !job.shard.is_whole() {
             return Ok(summary(
@@ -365,7 +402,15 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     };
     let mut message = finished.message;
     if let Some(dtype) = job.store {
-        let meta = write_store(job, model.as_ref(), &corpus, max_len, dtype, progress)?;
+        let meta = write_store(
+            job,
+            model.as_ref(),
+            &mut tok,
+            (&scan, max_len, chunk),
+            dtype,
+            store_bytes,
+            progress,
+        )?;
         message.push_str(&format!(
             "; gradient store {:.1} MiB ({:.1} KiB per sequence, {dtype:?}) → {}",
             meta.bytes as f64 / (1u64 << 20) as f64,
@@ -376,32 +421,49 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     Ok(summary(true, message))
 }
 
-/// The gradient store of a finished fit: one more pass, under the data's labels.
+/// The gradient store of a finished fit: one more streamed pass, under the data's labels.
 fn write_store(
     job: &FitJob,
     model: &dyn TapModel,
-    corpus: &data::Corpus,
-    max_len: usize,
+    tok: &mut LazyTokenizer,
+    (scan, max_len, chunk): (&data::CorpusStats, usize, usize),
     dtype: crate::store::StoreDtype,
+    need: u64,
     progress: &dyn Progress,
 ) -> Result<crate::store::StoreMeta> {
+    let dir = job.out.join(crate::store::STORE_DIR);
+    crate::store::check_disk(&dir, need, scan.n_sequences)?;
     let meta = open_factors(&job.out)?;
     let factors = Factors::from_file(&job.out.join(FACTORS_FILE), meta.strategy, model.tracked())?;
-    crate::store::write(
-        model,
-        &corpus.sequences,
+    let mut writer = crate::store::StoreWriter::create(
+        &dir,
         &factors,
         dtype,
-        &job.out.join(crate::store::STORE_DIR),
         &crate::store::StoreProvenance {
             factors_sha256: meta.factors_sha256,
-            corpus_sha256: corpus.sha256.clone(),
+            corpus_sha256: scan.sha256.clone(),
             max_len,
-            n_documents: corpus.n_documents,
+            n_documents: scan.n_documents,
         },
-        job.options.batch_size,
-        progress,
-    )
+    )?;
+    progress.begin("gradient store", scan.n_tokens as u64);
+    let mut seen = 0usize;
+    data::stream_corpus(&job.train, tok, max_len, model.vocab_size(), chunk, |c| {
+        curvature::run_batches(
+            model,
+            c,
+            seen,
+            job.options.batch_size,
+            crate::model::Labels::Data,
+            progress,
+            "gradient store",
+            |start, taps| writer.add(&c[start..start + taps.seq_lens.len()], taps),
+        )?;
+        seen += c.len();
+        Ok(())
+    })?;
+    progress.end();
+    writer.finish()
 }
 
 /// Refuses to add to a work directory that another job (other settings, or another shard
