@@ -262,10 +262,31 @@ pub enum Engine {
     Autograd,
 }
 
+/// The engine [`load`] uses: [`Engine::Fast`] unless [`set_default_engine`] chose another.
+static DEFAULT_ENGINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses the engine of every later [`load`] in this process (the command line's `--engine`;
+/// a process-wide choice so that the workflow's jobs need no new field).
+pub fn set_default_engine(engine: Engine) {
+    DEFAULT_ENGINE.store(
+        engine == Engine::Autograd,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The engine [`load`] uses now.
+pub fn default_engine() -> Engine {
+    if DEFAULT_ENGINE.load(std::sync::atomic::Ordering::Relaxed) {
+        Engine::Autograd
+    } else {
+        Engine::Fast
+    }
+}
+
 /// Loads the model at `dir` (a Hugging Face checkpoint directory, or a llama.cpp `.gguf` file),
-/// keeping `modules`, on the fast engine.
+/// keeping `modules`, on the default engine (fast unless [`set_default_engine`] says otherwise).
 pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
-    load_with(dir, modules, Engine::Fast)
+    load_with(dir, modules, default_engine())
 }
 
 /// [`load`] with a chosen engine. The fast models are built from the autograd models' loaded

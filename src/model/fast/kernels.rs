@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 /// A raw pointer that may cross threads: each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
-pub(crate) struct SyncPtr(pub *mut f32);
+pub struct SyncPtr(pub *mut f32);
 // SAFETY: users only write disjoint regions from different tasks (documented at each use).
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
@@ -25,7 +25,7 @@ impl SyncPtr {
 
 /// A strided matrix view for [`gemm`]: element (i, j) at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy)]
-pub(crate) struct View {
+pub struct View {
     pub ptr: *const f32,
     pub rs: usize,
     pub cs: usize,
@@ -56,7 +56,7 @@ impl View {
 /// The views must cover `m×k` and `k×n` elements inside live allocations, `c` must cover
 /// `m×n` with row stride `ldc` and not alias `a` or `b`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm(
+pub unsafe fn gemm(
     m: usize,
     n: usize,
     k: usize,
@@ -100,7 +100,7 @@ pub(crate) unsafe fn gemm(
 }
 
 /// `y (n×d_out) = [y +] x (n×d_in) · Wᵀ` with `W` stored `[d_out, d_in]` (nn.Linear), threaded.
-pub(crate) fn matmul_wt(x: &[f32], w: &[f32], d_in: usize, d_out: usize, y: &mut [f32], acc: bool) {
+pub fn matmul_wt(x: &[f32], w: &[f32], d_in: usize, d_out: usize, y: &mut [f32], acc: bool) {
     let n = x.len() / d_in.max(1);
     assert!(x.len() == n * d_in && w.len() == d_in * d_out && y.len() == n * d_out);
     // SAFETY: shapes checked above; `y` is a distinct &mut.
@@ -121,14 +121,7 @@ pub(crate) fn matmul_wt(x: &[f32], w: &[f32], d_in: usize, d_out: usize, y: &mut
 }
 
 /// `dx (n×d_in) = [dx +] dy (n×d_out) · W` with `W` stored `[d_out, d_in]`, threaded.
-pub(crate) fn matmul_w(
-    dy: &[f32],
-    w: &[f32],
-    d_in: usize,
-    d_out: usize,
-    dx: &mut [f32],
-    acc: bool,
-) {
+pub fn matmul_w(dy: &[f32], w: &[f32], d_in: usize, d_out: usize, dx: &mut [f32], acc: bool) {
     let n = dy.len() / d_out.max(1);
     assert!(dy.len() == n * d_out && w.len() == d_in * d_out && dx.len() == n * d_in);
     // SAFETY: shapes checked above; `dx` is a distinct &mut.
@@ -159,7 +152,7 @@ fn rows_per_task(d: usize) -> usize {
 /// Layer norm of each row of `x` (n×d): writes `xhat = (x − mean)/sqrt(var + eps)` into `xhat`,
 /// `1/sqrt(var + eps)` into `rstd`, and `y = xhat·w + b` into `y`. The order of operations
 /// follows the composed reference (centred values, biased variance, division by the root).
-pub(crate) fn layer_norm_fwd(
+pub fn layer_norm_fwd(
     x: &[f32],
     w: &[f32],
     b: &[f32],
@@ -195,7 +188,7 @@ pub(crate) fn layer_norm_fwd(
 
 /// Backward of [`layer_norm_fwd`]: `dx [+]= rstd · (dxhat − mean(dxhat) − xhat · mean(dxhat·xhat))`
 /// with `dxhat = dy·w`; sums in f64.
-pub(crate) fn layer_norm_bwd(
+pub fn layer_norm_bwd(
     dy: &[f32],
     xhat: &[f32],
     rstd: &[f32],
@@ -207,7 +200,7 @@ pub(crate) fn layer_norm_bwd(
 }
 
 /// RMS norm of each row: `xhat = x / sqrt(mean(x²) + eps)`, `y = xhat·w`.
-pub(crate) fn rms_norm_fwd(
+pub fn rms_norm_fwd(
     x: &[f32],
     w: &[f32],
     eps: f64,
@@ -240,14 +233,7 @@ pub(crate) fn rms_norm_fwd(
 }
 
 /// Backward of [`rms_norm_fwd`]: `dx [+]= rstd · (dxhat − xhat · mean(dxhat·xhat))`.
-pub(crate) fn rms_norm_bwd(
-    dy: &[f32],
-    xhat: &[f32],
-    rstd: &[f32],
-    w: &[f32],
-    dx: &mut [f32],
-    acc: bool,
-) {
+pub fn rms_norm_bwd(dy: &[f32], xhat: &[f32], rstd: &[f32], w: &[f32], dx: &mut [f32], acc: bool) {
     norm_bwd(dy, xhat, rstd, w, dx, acc, false)
 }
 
@@ -295,7 +281,7 @@ fn norm_bwd(
 
 /// Activation functions by their config names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Act {
+pub enum Act {
     /// `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))` (gelu_new, gelu_pytorch_tanh, gelu_fast).
     GeluTanh,
     /// `0.5 x (1 + erf(x/√2))` (gelu).
@@ -317,20 +303,20 @@ impl Act {
         }
     }
 
+    /// The activation. Both tanh forms are evaluated through the logistic function,
+    /// `0.5 (1 + tanh(u)) = σ(2u)`, which needs one `exp` instead of a (much slower) `tanh`
+    /// and stays accurate (no cancellation) for every x.
     #[inline]
     pub fn f(self, x: f32) -> f32 {
         match self {
-            Act::GeluTanh => {
-                let c = (2.0 / std::f64::consts::PI).sqrt() as f32;
-                0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
-            }
+            Act::GeluTanh => x * sigmoid(2.0 * gelu_inner(x)),
             Act::GeluErf => {
                 (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
                     * 0.5
                     * x
             }
             Act::Relu => x.max(0.0),
-            Act::Silu => x * (0.5 * ((0.5 * x).tanh() + 1.0)),
+            Act::Silu => x * sigmoid(x),
         }
     }
 
@@ -339,9 +325,9 @@ impl Act {
     pub fn df(self, x: f32) -> f32 {
         match self {
             Act::GeluTanh => {
-                let c = (2.0 / std::f64::consts::PI).sqrt() as f32;
-                let t = (c * (x + 0.044715 * x * x * x)).tanh();
-                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+                // With s = σ(2u): 0.5 (1 + tanh u) = s and 1 − tanh² u = 4 s (1 − s).
+                let s = sigmoid(2.0 * gelu_inner(x));
+                s + 2.0 * x * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
             }
             Act::GeluErf => {
                 let cdf = 0.5
@@ -357,15 +343,30 @@ impl Act {
                 }
             }
             Act::Silu => {
-                let s = 0.5 * ((0.5 * x).tanh() + 1.0);
+                let s = sigmoid(x);
                 s + x * s * (1.0 - s)
             }
         }
     }
 }
 
+/// √(2/π).
+const GELU_C: f32 = 0.797_884_6;
+
+/// `√(2/π) (x + 0.044715 x³)`.
+#[inline]
+fn gelu_inner(x: f32) -> f32 {
+    GELU_C * (x + 0.044715 * x * x * x)
+}
+
+/// `1 / (1 + e^{−z})` (0 or 1 at the extremes, never NaN).
+#[inline]
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
 /// `y = act(x)` element-wise, in parallel.
-pub(crate) fn act_fwd(act: Act, x: &[f32], y: &mut [f32]) {
+pub fn act_fwd(act: Act, x: &[f32], y: &mut [f32]) {
     x.par_chunks(ROW_GRAIN)
         .zip(y.par_chunks_mut(ROW_GRAIN))
         .for_each(|(x, y)| {
@@ -376,7 +377,7 @@ pub(crate) fn act_fwd(act: Act, x: &[f32], y: &mut [f32]) {
 }
 
 /// `dx = dy · act'(x)` in place on `dy`.
-pub(crate) fn act_bwd(act: Act, x: &[f32], dy: &mut [f32]) {
+pub fn act_bwd(act: Act, x: &[f32], dy: &mut [f32]) {
     x.par_chunks(ROW_GRAIN)
         .zip(dy.par_chunks_mut(ROW_GRAIN))
         .for_each(|(x, dy)| {
@@ -387,7 +388,7 @@ pub(crate) fn act_bwd(act: Act, x: &[f32], dy: &mut [f32]) {
 }
 
 /// SwiGLU-style gate: `y = act(gate) · up`, where row r of `gu` (n × 2di) is `[gate | up]`.
-pub(crate) fn glu_fwd(act: Act, gu: &[f32], di: usize, y: &mut [f32]) {
+pub fn glu_fwd(act: Act, gu: &[f32], di: usize, y: &mut [f32]) {
     let g = rows_per_task(2 * di);
     gu.par_chunks(2 * di * g)
         .zip(y.par_chunks_mut(di * g))
@@ -401,7 +402,7 @@ pub(crate) fn glu_fwd(act: Act, gu: &[f32], di: usize, y: &mut [f32]) {
 }
 
 /// Backward of [`glu_fwd`]: `dgu = [dy · up · act'(gate) | dy · act(gate)]`.
-pub(crate) fn glu_bwd(act: Act, gu: &[f32], dy: &[f32], di: usize, dgu: &mut [f32]) {
+pub fn glu_bwd(act: Act, gu: &[f32], dy: &[f32], di: usize, dgu: &mut [f32]) {
     let g = rows_per_task(2 * di);
     gu.par_chunks(2 * di * g)
         .zip(dy.par_chunks(di * g))
@@ -423,7 +424,7 @@ pub(crate) fn glu_bwd(act: Act, gu: &[f32], dy: &[f32], di: usize, dgu: &mut [f3
 /// Where each head's q, k and v sit in a row of the fused projection output: head `h` of q
 /// starts at column `q.0 + h·q.1`, kv head `g` of k at `k.0 + g·k.1`, of v at `v.0 + g·v.1`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct QkvLayout {
+pub struct QkvLayout {
     pub stride: usize,
     pub heads: usize,
     pub kv_heads: usize,
@@ -464,7 +465,7 @@ impl QkvLayout {
 
 /// Rotary tables for positions `0..len`: `cos`/`sin` are `len × rotary_dims` (each half
 /// repeated, HF's `rotate_half` convention).
-pub(crate) struct Rope {
+pub struct Rope {
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
     pub dims: usize,
@@ -473,7 +474,7 @@ pub(crate) struct Rope {
 /// Rotates (or, with `inverse`, rotates back: the transpose, for the backward) the first
 /// `rope.dims` dimensions of every q and k head of every row. `seqs` gives each sequence's
 /// (first row, length): positions restart at 0 in each sequence.
-pub(crate) fn rope_apply(
+pub fn rope_apply(
     qkv: &mut [f32],
     lay: &QkvLayout,
     rope: &Rope,
@@ -531,7 +532,7 @@ fn key_start(i: usize, window: Option<usize>) -> usize {
 /// Causal softmax attention of every (sequence, head): `out` (rows × heads·head_dim) gets
 /// `softmax(scale · q kᵀ + mask) v` per head, `stats` (rows × heads × 2) the row max and
 /// sum of exponentials that let the backward recompute the probabilities bit for bit.
-pub(crate) fn attention_fwd(
+pub fn attention_fwd(
     qkv: &[f32],
     lay: &QkvLayout,
     seqs: &[(usize, usize)],
@@ -626,7 +627,7 @@ pub(crate) fn attention_fwd(
 /// dv += Pᵀ dO. Tasks are (sequence, kv head) so that a group's query heads accumulate into
 /// their shared dk, dv without races.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_bwd(
+pub fn attention_bwd(
     qkv: &[f32],
     lay: &QkvLayout,
     seqs: &[(usize, usize)],

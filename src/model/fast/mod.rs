@@ -11,9 +11,10 @@
 //! weights ([`from_autograd`]); the autograd models remain the reference that
 //! `tests/fast_engine.rs` checks every tap against.
 
+pub mod bench;
 pub mod gpt2;
 pub mod gpt_neox;
-pub(crate) mod kernels;
+pub mod kernels;
 pub mod llama;
 
 use super::{
