@@ -147,6 +147,20 @@ fn gpt2_fast_taps_equal_autograd() {
 }
 
 #[test]
+fn out_of_range_inputs_are_errors_not_panics() {
+    let m = Gpt2::random(gpt2_config(), 3, ModuleSelection::All).unwrap();
+    let fast = infl::model::fast::gpt2::FastGpt2::new(&m).unwrap();
+    let err = fast.logits(&[1, 37]).unwrap_err().to_string();
+    assert!(err.contains("token id 37"), "{err}");
+    let long = vec![1u32; 161];
+    let err = fast
+        .taps(&TokenBatch::training(&[(0, &long)]), Labels::Data)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("160 positions"), "{err}");
+}
+
+#[test]
 fn gpt2_checkpoint_loads_on_both_engines() {
     let dir = std::env::temp_dir().join(format!("infl-fast-gpt2-{}", std::process::id()));
     Gpt2::random(gpt2_config(), 4, ModuleSelection::All)

@@ -225,6 +225,10 @@ impl Net for Gpt2Net {
         Ok(self.head.logits(&x))
     }
 
+    fn position_limit(&self) -> Option<usize> {
+        Some(self.wpe.len() / self.d)
+    }
+
     fn flops(&self, batch: &TokenBatch) -> f64 {
         let n = batch.n_tokens();
         let lens: Vec<usize> = batch.ids.iter().map(Vec::len).collect();

@@ -346,6 +346,10 @@ pub trait Net: Send + Sync {
     /// FLOPs of the forward and activation-backward products (GEMMs and attention) of `taps`
     /// on `batch`, counted from the shapes: the floor a GEMM-bound implementation would meet.
     fn flops(&self, batch: &TokenBatch) -> f64;
+    /// The longest sequence the model can embed (learned positions), if limited.
+    fn position_limit(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Losses and per-layer (a, g) slots, in tracked-layer order.
@@ -364,6 +368,26 @@ pub struct Fast<N> {
 impl<N: Net> Fast<N> {
     pub(crate) fn with(meta: Meta, net: N) -> Self {
         Fast { meta, net }
+    }
+
+    /// The kernels index embeddings without bounds errors of their own: refuse ids outside
+    /// the vocabulary, and sequences longer than learned position embeddings.
+    fn check(&self, ids: &[u32]) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.meta.vocab) {
+            return Err(Error::input(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.meta.vocab
+            )));
+        }
+        if let Some(limit) = self.net.position_limit() {
+            if ids.len() > limit {
+                return Err(Error::input(format!(
+                    "a sequence of {} tokens is longer than the model's {limit} positions",
+                    ids.len()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// GEMM-bound FLOPs of [`TapModel::taps`] on `batch` (for `infl bench`).
@@ -390,17 +414,13 @@ impl<N: Net> TapModel for Fast<N> {
     }
     fn taps(&self, batch: &TokenBatch, labels: Labels) -> Result<TapBatch> {
         for ids in &batch.ids {
-            if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.meta.vocab) {
-                return Err(Error::input(format!(
-                    "token id {bad} is outside the vocabulary ({})",
-                    self.meta.vocab
-                )));
-            }
+            self.check(ids)?;
         }
         let parts = self.net.taps(batch, labels, self.meta.tracked.len())?;
         tap_batch(batch, parts.losses, parts.a, parts.g, &self.meta.tracked)
     }
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.check(ids)?;
         self.net.logits(ids)
     }
     fn block_shape(&self) -> BlockShape {
