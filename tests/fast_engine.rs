@@ -146,6 +146,28 @@ fn gpt2_fast_taps_equal_autograd() {
     }
 }
 
+/// Threads split rows, heads and GEMM blocks, never a sum: the taps are bit-identical
+/// whatever the thread count (shards run with different counts must merge exactly).
+#[test]
+fn fast_taps_do_not_depend_on_the_thread_count() {
+    // The bench's model (GPT-2-small widths): large enough for the GEMMs to split.
+    let m = infl::model::fast::bench::llama().unwrap();
+    let fast = infl::model::fast::llama::FastLlama::new(&m).unwrap();
+    let batch = &batches(fast.vocab_size(), 140)[0];
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| fast.taps(batch, Labels::Data).unwrap())
+    };
+    let (one, three) = (run(1), run(3));
+    assert_eq!(one.losses, three.losses);
+    for (x, y) in one.layers.iter().zip(&three.layers) {
+        assert!(x.a == y.a && x.g == y.g);
+    }
+}
+
 #[test]
 fn out_of_range_inputs_are_errors_not_panics() {
     let m = Gpt2::random(gpt2_config(), 3, ModuleSelection::All).unwrap();
