@@ -154,6 +154,10 @@ struct InspectArgs {
     /// Checkpoint directory (config.json + safetensors) or a llama.cpp .gguf file.
     #[arg(long, value_name = "DIR|FILE")]
     model: PathBuf,
+    /// Engine of the forward/backward passes: fast (explicit, activation-only backward) or
+    /// autograd (candle autograd, the reference; slower).
+    #[arg(long, value_enum, default_value = "fast")]
+    engine: infl::model::Engine,
     /// Sequences per batch the estimate assumes.
     #[arg(long, default_value_t = 8, value_name = "B")]
     batch_size: usize,
@@ -213,6 +217,9 @@ struct BenchArgs {
     /// peak memory (used by the parent bench to measure each size in a fresh process).
     #[arg(long, hide = true)]
     rss_child: Option<usize>,
+    /// Only compare the engines (fast vs autograd per family, and vs the GEMM-bound floor).
+    #[arg(long)]
+    engines_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -221,6 +228,10 @@ struct FitArgs {
     /// (the tokenizer is only needed when the corpus holds text rather than token ids).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
+    /// Engine of the forward/backward passes: fast (explicit, activation-only backward) or
+    /// autograd (candle autograd, the reference; slower).
+    #[arg(long, value_enum, default_value = "fast")]
+    engine: infl::model::Engine,
     /// Training corpus, JSONL: one document per line, {"text": ...} or {"ids": [...]}.
     #[arg(long, value_name = "CORPUS")]
     train: PathBuf,
@@ -270,6 +281,10 @@ struct ScoreArgs {
     /// The checkpoint directory the factors were fitted on.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
+    /// Engine of the forward/backward passes: fast (explicit, activation-only backward) or
+    /// autograd (candle autograd, the reference; slower).
+    #[arg(long, value_enum, default_value = "fast")]
+    engine: infl::model::Engine,
     /// A factors directory written by `infl fit`.
     #[arg(long, value_name = "FACTORS")]
     factors: PathBuf,
@@ -366,6 +381,10 @@ struct SelfInfluenceArgs {
     /// The checkpoint directory the factors were fitted on.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
+    /// Engine of the forward/backward passes: fast (explicit, activation-only backward) or
+    /// autograd (candle autograd, the reference; slower).
+    #[arg(long, value_enum, default_value = "fast")]
+    engine: infl::model::Engine,
     /// A factors directory written by `infl fit`.
     #[arg(long, value_name = "FACTORS")]
     factors: PathBuf,
@@ -414,6 +433,7 @@ pub fn run() -> Result<()> {
     let progress = Bars::new(cli.quiet);
     match cli.command {
         Command::Fit(a) => {
+            infl::model::set_default_engine(a.engine);
             let job = FitJob {
                 model: a.model,
                 train: a.train,
@@ -439,6 +459,7 @@ pub fn run() -> Result<()> {
             }
         }
         Command::Score(a) => {
+            infl::model::set_default_engine(a.engine);
             let job = ScoreJob {
                 model: a.model,
                 factors: a.factors,
@@ -486,6 +507,7 @@ pub fn run() -> Result<()> {
             }
         }
         Command::SelfInfluence(a) => {
+            infl::model::set_default_engine(a.engine);
             let job = SelfInfluenceJob {
                 model: a.model,
                 factors: a.factors,
@@ -526,6 +548,7 @@ pub fn run() -> Result<()> {
 
 fn inspect(a: InspectArgs, quiet: bool) -> Result<()> {
     use infl::inspect;
+    infl::model::set_default_engine(a.engine);
     let model = infl::model::load(&a.model, a.modules)?;
     let max_len = a.max_len.unwrap_or(model.max_positions().min(512));
     if max_len == 0 || max_len > model.max_positions() || a.batch_size == 0 {
@@ -819,6 +842,10 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
     use infl::model::Labels;
     use std::time::Instant;
 
+    if a.engines_only {
+        print!("{}", infl::model::fast::bench::run()?.table());
+        return Ok(());
+    }
     let (model_dir, corpus, queries, default_len) = match (a.model, a.train, a.queries) {
         (Some(m), Some(t), Some(q)) => (m, t, q, None),
         _ => {
@@ -1008,6 +1035,8 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         );
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
+    // Last, so that its models do not count in the peak memory reported above.
+    print!("{}", infl::model::fast::bench::run()?.table());
     Ok(())
 }
 

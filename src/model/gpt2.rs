@@ -77,10 +77,10 @@ impl Gpt2Config {
     }
 }
 
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
+pub(crate) struct LayerNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) eps: f64,
 }
 
 impl LayerNorm {
@@ -96,33 +96,33 @@ impl LayerNorm {
 }
 
 /// A Conv1D layer as GPT-2 stores it: weight `[in, out]`, `y = x W + b`.
-struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
+pub(crate) struct Conv1D {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
     /// Index among the tracked layers, if tracked.
-    tap: Option<usize>,
+    pub(crate) tap: Option<usize>,
 }
 
-struct Block {
-    ln_1: LayerNorm,
-    c_attn: Conv1D,
-    c_proj: Conv1D,
-    ln_2: LayerNorm,
-    c_fc: Conv1D,
-    mlp_proj: Conv1D,
+pub(crate) struct Block {
+    pub(crate) ln_1: LayerNorm,
+    pub(crate) c_attn: Conv1D,
+    pub(crate) c_proj: Conv1D,
+    pub(crate) ln_2: LayerNorm,
+    pub(crate) c_fc: Conv1D,
+    pub(crate) mlp_proj: Conv1D,
 }
 
 /// A GPT-2 language model with tied (or explicit) LM head.
 pub struct Gpt2 {
-    config: Gpt2Config,
-    wte: Tensor,
-    wpe: Tensor,
-    blocks: Vec<Block>,
-    ln_f: LayerNorm,
-    lm_head: Tensor,
-    tracked: Vec<TrackedLayer>,
-    n_parameters: usize,
-    device: Device,
+    pub(crate) config: Gpt2Config,
+    pub(crate) wte: Tensor,
+    pub(crate) wpe: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) ln_f: LayerNorm,
+    pub(crate) lm_head: Tensor,
+    pub(crate) tracked: Vec<TrackedLayer>,
+    pub(crate) n_parameters: usize,
+    pub(crate) device: Device,
 }
 
 impl Gpt2 {

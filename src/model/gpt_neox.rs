@@ -108,29 +108,29 @@ impl GptNeoXConfig {
     }
 
     /// transformers: `int(head_size * rotary_pct)`.
-    fn rotary_dims(&self) -> usize {
+    pub(crate) fn rotary_dims(&self) -> usize {
         (self.head_dim() as f64 * self.rotary_pct) as usize
     }
 }
 
-struct Block {
-    input_layernorm: LayerNorm,
-    post_attention_layernorm: LayerNorm,
-    qkv: Linear,
-    dense: Linear,
-    h_to_4h: Linear,
-    four_h_to_h: Linear,
+pub(crate) struct Block {
+    pub(crate) input_layernorm: LayerNorm,
+    pub(crate) post_attention_layernorm: LayerNorm,
+    pub(crate) qkv: Linear,
+    pub(crate) dense: Linear,
+    pub(crate) h_to_4h: Linear,
+    pub(crate) four_h_to_h: Linear,
 }
 
 /// A GPT-NeoX causal LM.
 pub struct GptNeoX {
-    config: GptNeoXConfig,
-    embed_in: Tensor,
-    blocks: Vec<Block>,
-    final_layer_norm: LayerNorm,
-    embed_out: Tensor,
-    tracked: Vec<TrackedLayer>,
-    n_parameters: usize,
+    pub(crate) config: GptNeoXConfig,
+    pub(crate) embed_in: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) final_layer_norm: LayerNorm,
+    pub(crate) embed_out: Tensor,
+    pub(crate) tracked: Vec<TrackedLayer>,
+    pub(crate) n_parameters: usize,
 }
 
 impl GptNeoX {

@@ -274,27 +274,27 @@ fn parse_rope_scaling(s: &Value, path: &Path) -> Result<RopeScaling> {
     }
 }
 
-struct Block {
-    input_layernorm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    post_attention_layernorm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+pub(crate) struct Block {
+    pub(crate) input_layernorm: RmsNorm,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) post_attention_layernorm: RmsNorm,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
 }
 
 /// A Llama-family causal LM.
 pub struct Llama {
-    config: LlamaConfig,
-    embed: Tensor,
-    blocks: Vec<Block>,
-    norm: RmsNorm,
-    lm_head: Tensor,
-    tracked: Vec<TrackedLayer>,
-    n_parameters: usize,
+    pub(crate) config: LlamaConfig,
+    pub(crate) embed: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: RmsNorm,
+    pub(crate) lm_head: Tensor,
+    pub(crate) tracked: Vec<TrackedLayer>,
+    pub(crate) n_parameters: usize,
 }
 
 impl Llama {

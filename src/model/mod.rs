@@ -2,6 +2,7 @@
 //! layer the pair (a, g): the layer's inputs and the gradients of the loss with respect to its
 //! outputs, for every real (non-padding) token. Nothing downstream ever sees an architecture.
 
+pub mod fast;
 pub mod gguf;
 pub mod gpt2;
 pub mod gpt_neox;
@@ -240,9 +241,86 @@ pub fn select_layers(model: Box<dyn TapModel>, names: &[String]) -> Result<Box<d
     }))
 }
 
+/// Which implementation computes the taps.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Explicit forward and activation-only backward with fused, threaded kernels (CPU).
+    #[default]
+    Fast,
+    /// candle autograd: the reference the fast engine is tested against.
+    Autograd,
+}
+
+/// The engine [`load`] uses: [`Engine::Fast`] unless [`set_default_engine`] chose another.
+static DEFAULT_ENGINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses the engine of every later [`load`] in this process (the command line's `--engine`;
+/// a process-wide choice so that the workflow's jobs need no new field).
+pub fn set_default_engine(engine: Engine) {
+    DEFAULT_ENGINE.store(
+        engine == Engine::Autograd,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The engine [`load`] uses now.
+pub fn default_engine() -> Engine {
+    if DEFAULT_ENGINE.load(std::sync::atomic::Ordering::Relaxed) {
+        Engine::Autograd
+    } else {
+        Engine::Fast
+    }
+}
+
 /// Loads the model at `dir` (a Hugging Face checkpoint directory, or a llama.cpp `.gguf` file),
-/// keeping `modules`.
+/// keeping `modules`, on the default engine (fast unless [`set_default_engine`] says otherwise).
 pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
+    load_with(dir, modules, default_engine())
+}
+
+/// [`load`] with a chosen engine. The fast models are built from the autograd models' loaded
+/// weights, so every loader (safetensors, GGUF) serves both.
+pub fn load_with(
+    dir: &Path,
+    modules: ModuleSelection,
+    engine: Engine,
+) -> Result<Box<dyn TapModel>> {
+    let model = load_autograd(dir, modules)?;
+    match engine {
+        Engine::Autograd => Ok(model.into_dyn()),
+        Engine::Fast => fast::from_autograd(model),
+    }
+}
+
+/// A model of one of the autograd implementations.
+pub enum AnyModel {
+    Gpt2(gpt2::Gpt2),
+    GptNeoX(gpt_neox::GptNeoX),
+    Llama(llama::Llama),
+}
+
+impl AnyModel {
+    pub fn into_dyn(self) -> Box<dyn TapModel> {
+        match self {
+            AnyModel::Gpt2(m) => Box::new(m),
+            AnyModel::GptNeoX(m) => Box::new(m),
+            AnyModel::Llama(m) => Box::new(m),
+        }
+    }
+}
+
+fn load_autograd(dir: &Path, modules: ModuleSelection) -> Result<AnyModel> {
     if gguf::is_gguf(dir) {
         if !dir.is_file() {
             return Err(Error::input(format!(
@@ -250,7 +328,7 @@ pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
                 dir.display()
             )));
         }
-        return Ok(Box::new(gguf::load(dir, modules)?));
+        return Ok(AnyModel::Llama(gguf::load(dir, modules)?));
     }
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| {
@@ -271,9 +349,9 @@ pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
             ))
         })?;
     match model_type {
-        "gpt2" => Ok(Box::new(gpt2::Gpt2::load(dir, modules)?)),
-        "gpt_neox" => Ok(Box::new(gpt_neox::GptNeoX::load(dir, modules)?)),
-        "llama" | "mistral" | "qwen2" => Ok(Box::new(llama::Llama::load(dir, modules)?)),
+        "gpt2" => Ok(AnyModel::Gpt2(gpt2::Gpt2::load(dir, modules)?)),
+        "gpt_neox" => Ok(AnyModel::GptNeoX(gpt_neox::GptNeoX::load(dir, modules)?)),
+        "llama" | "mistral" | "qwen2" => Ok(AnyModel::Llama(llama::Llama::load(dir, modules)?)),
         other => Err(Error::input(format!(
             "{}: model_type `{other}` is not supported (supported: gpt2, gpt_neox, llama, mistral, qwen2, and llama GGUF files)",
             config_path.display()
@@ -327,46 +405,79 @@ pub(crate) fn loss_head(
     let mut dlogits = vec![0f32; logits.len()];
     let mut losses = vec![0f64; batch.len()];
     let mut probs = vec![0f64; vocab];
+    let draws = label_draws(batch, labels);
     for (b, ids) in batch.ids.iter().enumerate() {
-        let mut rng = match labels {
-            Labels::Sampled { seed, pass } => Some(rand_chacha::ChaCha8Rng::seed_from_u64(mix(
-                mix(seed, pass),
-                batch.stable_index[b],
-            ))),
-            Labels::Data => None,
-        };
         for t in 0..ids.len() {
-            // One draw per position keeps the random stream aligned whatever the mask is.
-            let u: f64 = rng.as_mut().map_or(0.0, |r| r.random::<f64>());
             if !batch.loss_positions[b][t] {
                 continue;
             }
             let row = (b * padded_len + t) * vocab;
-            let z = &logits[row..row + vocab];
-            let m = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-            let mut sum = 0f64;
-            for (p, &x) in probs.iter_mut().zip(z) {
-                *p = (x as f64 - m).exp();
-                sum += *p;
-            }
-            let log_sum = sum.ln();
-            for p in probs.iter_mut() {
-                *p /= sum;
-            }
-            let y = if rng.is_some() {
-                sample_index(&probs, u)
-            } else {
-                ids[t + 1] as usize
-            };
-            losses[b] += -(z[y] as f64 - m - log_sum);
             let d = &mut dlogits[row..row + vocab];
-            for (dv, &p) in d.iter_mut().zip(&probs) {
-                *dv = p as f32;
-            }
-            d[y] = (probs[y] - 1.0) as f32;
+            d.copy_from_slice(&logits[row..row + vocab]);
+            losses[b] += position_loss(d, target(batch, draws.as_deref(), b, t), &mut probs);
         }
     }
     (dlogits, losses)
+}
+
+/// The label of one loss position: the data's next token, or a uniform draw that picks one
+/// from the model's distribution.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Target {
+    Token(usize),
+    Draw(f64),
+}
+
+/// For sampled labels, one uniform draw per position of each sequence (every position, loss
+/// or not, so that the random stream does not depend on the mask); `None` for the data's labels.
+pub(crate) fn label_draws(batch: &TokenBatch, labels: Labels) -> Option<Vec<Vec<f64>>> {
+    match labels {
+        Labels::Data => None,
+        Labels::Sampled { seed, pass } => Some(
+            batch
+                .ids
+                .iter()
+                .zip(&batch.stable_index)
+                .map(|(ids, &i)| {
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(mix(seed, pass), i));
+                    (0..ids.len()).map(|_| rng.random::<f64>()).collect()
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// The target of position `t` of sequence `b` (a loss position).
+pub(crate) fn target(batch: &TokenBatch, draws: Option<&[Vec<f64>]>, b: usize, t: usize) -> Target {
+    match draws {
+        Some(d) => Target::Draw(d[b][t]),
+        None => Target::Token(batch.ids[b][t + 1] as usize),
+    }
+}
+
+/// Cross-entropy of one position: `z` holds the logits on entry and dL/dz on return; returns
+/// the loss. `probs` is scratch of the vocabulary's length.
+pub(crate) fn position_loss(z: &mut [f32], target: Target, probs: &mut [f64]) -> f64 {
+    let m = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let mut sum = 0f64;
+    for (p, &x) in probs.iter_mut().zip(z.iter()) {
+        *p = (x as f64 - m).exp();
+        sum += *p;
+    }
+    let log_sum = sum.ln();
+    for p in probs.iter_mut() {
+        *p /= sum;
+    }
+    let y = match target {
+        Target::Draw(u) => sample_index(probs, u),
+        Target::Token(y) => y,
+    };
+    let loss = -(z[y] as f64 - m - log_sum);
+    for (dv, &p) in z.iter_mut().zip(probs.iter()) {
+        *dv = p as f32;
+    }
+    z[y] = (probs[y] - 1.0) as f32;
+    loss
 }
 
 /// Inverse-CDF draw from a probability vector with a uniform `u ∈ [0, 1)`.

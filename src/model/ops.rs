@@ -189,18 +189,7 @@ impl Rotary {
     /// `inv_freq` has `rotary_dims / 2` entries.
     pub fn new(inv_freq: &[f64], len: usize, device: &Device) -> candle_core::Result<Self> {
         let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(len * 2 * half);
-        let mut sin = Vec::with_capacity(len * 2 * half);
-        for p in 0..len {
-            for _ in 0..2 {
-                for f in inv_freq {
-                    // transformers forms the angle in f32: round the frequency first.
-                    let angle = (p as f32 * *f as f32) as f64;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
-            }
-        }
+        let (cos, sin) = rope_tables(inv_freq, len);
         Ok(Rotary {
             cos: Tensor::from_vec(cos, (len, 2 * half), device)?,
             sin: Tensor::from_vec(sin, (len, 2 * half), device)?,
@@ -229,6 +218,25 @@ impl Rotary {
             None => Ok(out),
         }
     }
+}
+
+/// cos and sin tables `[len, 2·inv_freq.len()]` (each half repeated), shared with the fast
+/// engine so that both rotate by the same f32 values.
+pub(crate) fn rope_tables(inv_freq: &[f64], len: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(len * 2 * half);
+    let mut sin = Vec::with_capacity(len * 2 * half);
+    for p in 0..len {
+        for _ in 0..2 {
+            for f in inv_freq {
+                // transformers forms the angle in f32: round the frequency first.
+                let angle = (p as f32 * *f as f32) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    (cos, sin)
 }
 
 /// Plain RoPE frequencies `1 / base^(2i/dims)`, computed in f32 like transformers.

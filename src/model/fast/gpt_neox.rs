@@ -1,0 +1,277 @@
+//! GPT-NeoX (Pythia) on the fast engine: fused query_key_value laid out `[head, {q, k, v},
+//! head_dim]`, partial rotary embeddings (the first `rotary_dims` of each head), parallel or
+//! sequential residual. Per block the forward keeps the layer norms' normalised rows and
+//! inverse roots, qkv after RoPE, the softmax row statistics, the MLP pre-activation and the
+//! linear inputs (the taps' `a`).
+
+use super::kernels::{
+    act_bwd, act_fwd, attention_bwd, attention_fwd, rope_apply, Act, QkvLayout, Rope,
+};
+use super::{embed, spans, to_vec, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts};
+use crate::error::{Error, Result};
+use crate::model::gpt_neox::GptNeoX;
+use crate::model::{ops, Labels, TapModel, TokenBatch};
+use std::sync::Arc;
+
+/// The fast GPT-NeoX.
+pub type FastGptNeoX = Fast<GptNeoXNet>;
+
+struct Proj {
+    lin: Lin,
+    tap: Option<usize>,
+}
+
+impl Proj {
+    fn new(l: &ops::Linear) -> Result<Proj> {
+        Ok(Proj {
+            lin: Lin::new(&l.weight, l.bias.as_ref())?,
+            tap: l.tap,
+        })
+    }
+}
+
+struct Block {
+    input_layernorm: Norm,
+    post_attention_layernorm: Norm,
+    qkv: Proj,
+    dense: Proj,
+    h_to_4h: Proj,
+    four_h_to_h: Proj,
+}
+
+pub struct GptNeoXNet {
+    embed: Arc<Vec<f32>>,
+    d: usize,
+    layout: QkvLayout,
+    inv_freq: Vec<f64>,
+    parallel: bool,
+    scale: f32,
+    act: Act,
+    blocks: Vec<Block>,
+    head: LmHead,
+}
+
+struct Saved {
+    n1: NormSaved,
+    h1: Vec<f32>,
+    qkv: Vec<f32>,
+    stats: Vec<f32>,
+    attn: Vec<f32>,
+    n2: NormSaved,
+    h2: Vec<f32>,
+    pre: Vec<f32>,
+    act: Vec<f32>,
+}
+
+impl FastGptNeoX {
+    pub fn new(m: &GptNeoX) -> Result<Self> {
+        let c = m.config();
+        let act = Act::from_name(&c.hidden_act).ok_or_else(|| {
+            Error::input(format!("hidden_act `{}` is not supported", c.hidden_act))
+        })?;
+        let embed = Arc::new(to_vec(&m.embed_in)?);
+        let head_w = if m.embed_out.id() == m.embed_in.id() {
+            embed.clone()
+        } else {
+            Arc::new(to_vec(&m.embed_out)?)
+        };
+        let norm = |n: &ops::LayerNorm| Norm::layer(&n.weight, &n.bias, n.eps);
+        let blocks = m
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(Block {
+                    input_layernorm: norm(&b.input_layernorm)?,
+                    post_attention_layernorm: norm(&b.post_attention_layernorm)?,
+                    qkv: Proj::new(&b.qkv)?,
+                    dense: Proj::new(&b.dense)?,
+                    h_to_4h: Proj::new(&b.h_to_4h)?,
+                    four_h_to_h: Proj::new(&b.four_h_to_h)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (h, hd) = (c.num_attention_heads, c.hidden_size / c.num_attention_heads);
+        let rd = c.rotary_dims();
+        let net = GptNeoXNet {
+            embed,
+            d: c.hidden_size,
+            layout: QkvLayout::interleaved(h, hd),
+            // As the reference: no rotation below two dimensions.
+            inv_freq: if rd >= 2 {
+                ops::inv_freq(c.rotary_emb_base, rd)
+            } else {
+                Vec::new()
+            },
+            parallel: c.use_parallel_residual,
+            scale: (1.0 / (hd as f64).sqrt()) as f32,
+            act,
+            blocks,
+            head: LmHead {
+                norm: norm(&m.final_layer_norm)?,
+                w: head_w,
+                vocab: c.vocab_size,
+                d: c.hidden_size,
+            },
+        };
+        Ok(Fast::with(Meta::of(m as &dyn TapModel), net))
+    }
+}
+
+impl GptNeoXNet {
+    fn rope(&self, len: usize) -> Rope {
+        let (cos, sin) = ops::rope_tables(&self.inv_freq, len);
+        Rope {
+            cos,
+            sin,
+            dims: 2 * self.inv_freq.len(),
+        }
+    }
+
+    fn forward(
+        &self,
+        ids: &[Vec<u32>],
+        spans: &[(usize, usize)],
+        rope: &Rope,
+    ) -> (Vec<f32>, Vec<Saved>) {
+        let (d, lay) = (self.d, &self.layout);
+        let mut x = embed(&self.embed, d, ids);
+        let n = x.len() / d;
+        let mut saved = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            let (h1, n1) = b.input_layernorm.fwd(&x);
+            let mut qkv = b.qkv.lin.fwd(&h1);
+            rope_apply(&mut qkv, lay, rope, spans, false);
+            let mut attn = vec![0f32; n * d];
+            let mut stats = vec![0f32; n * 2 * lay.heads];
+            attention_fwd(&qkv, lay, spans, None, self.scale, &mut attn, &mut stats);
+            // Parallel: the MLP reads the block's input; sequential: the attention's output.
+            let (h2, n2) = if self.parallel {
+                let r = b.post_attention_layernorm.fwd(&x);
+                b.dense.lin.fwd_into(&attn, &mut x, true);
+                r
+            } else {
+                b.dense.lin.fwd_into(&attn, &mut x, true);
+                b.post_attention_layernorm.fwd(&x)
+            };
+            let pre = b.h_to_4h.lin.fwd(&h2);
+            let mut act = vec![0f32; pre.len()];
+            act_fwd(self.act, &pre, &mut act);
+            b.four_h_to_h.lin.fwd_into(&act, &mut x, true);
+            saved.push(Saved {
+                n1,
+                h1,
+                qkv,
+                stats,
+                attn,
+                n2,
+                h2,
+                pre,
+                act,
+            });
+        }
+        (x, saved)
+    }
+}
+
+impl Net for GptNeoXNet {
+    fn taps(&self, batch: &TokenBatch, labels: Labels, n_tracked: usize) -> Result<TapBatchParts> {
+        let spans = spans(&batch.ids);
+        let rope = self.rope(batch.max_len());
+        let (x, saved) = self.forward(&batch.ids, &spans, &rope);
+        let (mut dx, losses) = self.head.backward(&x, batch, &spans, labels);
+        let mut a: Vec<Option<Vec<f32>>> = vec![None; n_tracked];
+        let mut g: Vec<Option<Vec<f32>>> = vec![None; n_tracked];
+        let lay = &self.layout;
+        let attn_taps = |b: &Block| b.qkv.tap.is_some() || b.dense.tap.is_some();
+        let lowest = self
+            .blocks
+            .iter()
+            .position(|b| attn_taps(b) || b.h_to_4h.tap.is_some() || b.four_h_to_h.tap.is_some());
+        for (i, (b, s)) in self.blocks.iter().zip(saved).enumerate().rev() {
+            let Some(lowest) = lowest.filter(|&l| i >= l) else {
+                break;
+            };
+            // Below the lowest tracked layer nothing is needed; in the lowest block the
+            // attention branch only when it holds a tracked layer.
+            let need_below = i != lowest;
+            let need_attn = need_below || attn_taps(b);
+            if let Some(t) = b.four_h_to_h.tap {
+                g[t] = Some(dx.clone());
+            }
+            let mut dpre = b.four_h_to_h.lin.bwd(&dx);
+            act_bwd(self.act, &s.pre, &mut dpre);
+            // Parallel residual: the attention branch sees the block output's gradient.
+            let mut dattn = None;
+            if self.parallel && need_attn {
+                if let Some(t) = b.dense.tap {
+                    g[t] = Some(dx.clone());
+                }
+                dattn = Some(b.dense.lin.bwd(&dx));
+            }
+            if need_below || (!self.parallel && need_attn) {
+                let dh2 = b.h_to_4h.lin.bwd(&dpre);
+                b.post_attention_layernorm.bwd(&dh2, &s.n2, &mut dx, true);
+            }
+            if let Some(t) = b.h_to_4h.tap {
+                g[t] = Some(dpre);
+            }
+            if need_attn {
+                let dattn = match dattn {
+                    Some(v) => v,
+                    None => {
+                        if let Some(t) = b.dense.tap {
+                            g[t] = Some(dx.clone());
+                        }
+                        b.dense.lin.bwd(&dx)
+                    }
+                };
+                let mut dqkv = vec![0f32; s.qkv.len()];
+                attention_bwd(
+                    &s.qkv, lay, &spans, None, self.scale, &s.stats, &dattn, &mut dqkv,
+                );
+                rope_apply(&mut dqkv, lay, &rope, &spans, true);
+                if need_below {
+                    let dh1 = b.qkv.lin.bwd(&dqkv);
+                    b.input_layernorm.bwd(&dh1, &s.n1, &mut dx, true);
+                }
+                if let Some(t) = b.qkv.tap {
+                    g[t] = Some(dqkv);
+                }
+            }
+            for (p, v) in [
+                (&b.qkv, s.h1),
+                (&b.dense, s.attn),
+                (&b.h_to_4h, s.h2),
+                (&b.four_h_to_h, s.act),
+            ] {
+                if let Some(t) = p.tap {
+                    a[t] = Some(v);
+                }
+            }
+        }
+        Ok(TapBatchParts { losses, a, g })
+    }
+
+    fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let ids = vec![ids.to_vec()];
+        let (x, _) = self.forward(&ids, &spans(&ids), &self.rope(ids[0].len()));
+        Ok(self.head.logits(&x))
+    }
+
+    fn flops(&self, batch: &TokenBatch) -> f64 {
+        let n = batch.n_tokens();
+        let lens: Vec<usize> = batch.ids.iter().map(Vec::len).collect();
+        let per_block: f64 = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [&b.qkv, &b.dense, &b.h_to_4h, &b.four_h_to_h]
+                    .iter()
+                    .map(|p| 2.0 * p.lin.flops(n))
+                    .sum::<f64>()
+                    + super::attention_flops(&lens, self.layout.heads, self.layout.head_dim)
+            })
+            .sum();
+        per_block + self.head.flops(super::loss_rows(batch))
+    }
+}

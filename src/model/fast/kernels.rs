@@ -1,0 +1,803 @@
+//! CPU kernels of the fast engine: f32 GEMM (the `gemm` crate, which candle's CPU matmul also
+//! uses), fused layer norm / RMS norm forward and backward, activations and their derivatives,
+//! rotary embeddings, and causal attention forward and backward that never stores the
+//! probability matrices (they are recomputed tile by tile from the saved row max and sum).
+//!
+//! Matrices are row-major `&[f32]`; a row of activations is one token. Row-wise kernels run in
+//! parallel over rows with rayon, attention over (sequence, key/value head) pairs.
+
+use rayon::prelude::*;
+
+/// A raw pointer that may cross threads: each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+pub struct SyncPtr(pub *mut f32);
+// SAFETY: users only write disjoint regions from different tasks (documented at each use).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    #[inline]
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A strided matrix view for [`gemm`]: element (i, j) at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub struct View {
+    pub ptr: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View {
+    /// A row-major matrix with `ld` elements between rows.
+    pub fn rows(s: &[f32], ld: usize) -> View {
+        View {
+            ptr: s.as_ptr(),
+            rs: ld,
+            cs: 1,
+        }
+    }
+    /// The transpose of a row-major matrix with `ld` elements between rows.
+    pub fn t(s: &[f32], ld: usize) -> View {
+        View {
+            ptr: s.as_ptr(),
+            rs: 1,
+            cs: ld,
+        }
+    }
+}
+
+/// `C (m×n, row stride ldc) = [C +] scale · A (m×k) · B (k×n)`.
+///
+/// # Safety
+/// The views must cover `m×k` and `k×n` elements inside live allocations, `c` must cover
+/// `m×n` with row stride `ldc` and not alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    a: View,
+    b: View,
+    accumulate: bool,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let par = if parallel && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        ldc as isize,
+        accumulate,
+        a.ptr,
+        a.cs as isize,
+        a.rs as isize,
+        b.ptr,
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// `y (n×d_out) = [y +] x (n×d_in) · Wᵀ` with `W` stored `[d_out, d_in]` (nn.Linear), threaded.
+pub fn matmul_wt(x: &[f32], w: &[f32], d_in: usize, d_out: usize, y: &mut [f32], acc: bool) {
+    let n = x.len() / d_in.max(1);
+    assert!(x.len() == n * d_in && w.len() == d_in * d_out && y.len() == n * d_out);
+    // SAFETY: shapes checked above; `y` is a distinct &mut.
+    unsafe {
+        gemm(
+            n,
+            d_out,
+            d_in,
+            y.as_mut_ptr(),
+            d_out,
+            View::rows(x, d_in),
+            View::t(w, d_in),
+            acc,
+            1.0,
+            true,
+        )
+    }
+}
+
+/// `dx (n×d_in) = [dx +] dy (n×d_out) · W` with `W` stored `[d_out, d_in]`, threaded.
+pub fn matmul_w(dy: &[f32], w: &[f32], d_in: usize, d_out: usize, dx: &mut [f32], acc: bool) {
+    let n = dy.len() / d_out.max(1);
+    assert!(dy.len() == n * d_out && w.len() == d_in * d_out && dx.len() == n * d_in);
+    // SAFETY: shapes checked above; `dx` is a distinct &mut.
+    unsafe {
+        gemm(
+            n,
+            d_in,
+            d_out,
+            dx.as_mut_ptr(),
+            d_in,
+            View::rows(dy, d_out),
+            View::rows(w, d_in),
+            acc,
+            1.0,
+            true,
+        )
+    }
+}
+
+/// Rows smaller than this many elements go to rayon in groups, so tiny models do not pay a
+/// task per row.
+const ROW_GRAIN: usize = 1 << 14;
+
+fn rows_per_task(d: usize) -> usize {
+    (ROW_GRAIN / d.max(1)).max(1)
+}
+
+/// Layer norm of each row of `x` (n×d): writes `xhat = (x − mean)/sqrt(var + eps)` into `xhat`,
+/// `1/sqrt(var + eps)` into `rstd`, and `y = xhat·w + b` into `y`. The order of operations
+/// follows the composed reference (centred values, biased variance, division by the root).
+pub fn layer_norm_fwd(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f64,
+    xhat: &mut [f32],
+    rstd: &mut [f32],
+    y: &mut [f32],
+) {
+    let d = w.len();
+    let g = rows_per_task(d);
+    x.par_chunks(d * g)
+        .zip(xhat.par_chunks_mut(d * g))
+        .zip(rstd.par_chunks_mut(g))
+        .zip(y.par_chunks_mut(d * g))
+        .for_each(|(((x, xh), rs), y)| {
+            for (((x, xh), r), y) in x
+                .chunks(d)
+                .zip(xh.chunks_mut(d))
+                .zip(rs.iter_mut())
+                .zip(y.chunks_mut(d))
+            {
+                let mean = x.iter().sum::<f32>() / d as f32;
+                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                let root = (var + eps as f32).sqrt();
+                *r = 1.0 / root;
+                for j in 0..d {
+                    xh[j] = (x[j] - mean) / root;
+                    y[j] = xh[j] * w[j] + b[j];
+                }
+            }
+        });
+}
+
+/// Backward of [`layer_norm_fwd`]: `dx [+]= rstd · (dxhat − mean(dxhat) − xhat · mean(dxhat·xhat))`
+/// with `dxhat = dy·w`; sums in f64.
+pub fn layer_norm_bwd(
+    dy: &[f32],
+    xhat: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    acc: bool,
+) {
+    norm_bwd(dy, xhat, rstd, w, dx, acc, true)
+}
+
+/// RMS norm of each row: `xhat = x / sqrt(mean(x²) + eps)`, `y = xhat·w`.
+pub fn rms_norm_fwd(
+    x: &[f32],
+    w: &[f32],
+    eps: f64,
+    xhat: &mut [f32],
+    rstd: &mut [f32],
+    y: &mut [f32],
+) {
+    let d = w.len();
+    let g = rows_per_task(d);
+    x.par_chunks(d * g)
+        .zip(xhat.par_chunks_mut(d * g))
+        .zip(rstd.par_chunks_mut(g))
+        .zip(y.par_chunks_mut(d * g))
+        .for_each(|(((x, xh), rs), y)| {
+            for (((x, xh), r), y) in x
+                .chunks(d)
+                .zip(xh.chunks_mut(d))
+                .zip(rs.iter_mut())
+                .zip(y.chunks_mut(d))
+            {
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let root = (ms + eps as f32).sqrt();
+                *r = 1.0 / root;
+                for j in 0..d {
+                    xh[j] = x[j] / root;
+                    y[j] = xh[j] * w[j];
+                }
+            }
+        });
+}
+
+/// Backward of [`rms_norm_fwd`]: `dx [+]= rstd · (dxhat − xhat · mean(dxhat·xhat))`.
+pub fn rms_norm_bwd(dy: &[f32], xhat: &[f32], rstd: &[f32], w: &[f32], dx: &mut [f32], acc: bool) {
+    norm_bwd(dy, xhat, rstd, w, dx, acc, false)
+}
+
+fn norm_bwd(
+    dy: &[f32],
+    xhat: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    acc: bool,
+    center: bool,
+) {
+    let d = w.len();
+    let g = rows_per_task(d);
+    dy.par_chunks(d * g)
+        .zip(xhat.par_chunks(d * g))
+        .zip(rstd.par_chunks(g))
+        .zip(dx.par_chunks_mut(d * g))
+        .for_each(|(((dy, xh), rs), dx)| {
+            for (((dy, xh), r), dx) in dy
+                .chunks(d)
+                .zip(xh.chunks(d))
+                .zip(rs.iter())
+                .zip(dx.chunks_mut(d))
+            {
+                let (mut s1, mut s2) = (0f64, 0f64);
+                for j in 0..d {
+                    let g = (dy[j] * w[j]) as f64;
+                    s1 += g;
+                    s2 += g * xh[j] as f64;
+                }
+                let m1 = if center { (s1 / d as f64) as f32 } else { 0.0 };
+                let m2 = (s2 / d as f64) as f32;
+                for j in 0..d {
+                    let v = r * (dy[j] * w[j] - m1 - xh[j] * m2);
+                    if acc {
+                        dx[j] += v;
+                    } else {
+                        dx[j] = v;
+                    }
+                }
+            }
+        });
+}
+
+/// Activation functions by their config names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))` (gelu_new, gelu_pytorch_tanh, gelu_fast).
+    GeluTanh,
+    /// `0.5 x (1 + erf(x/√2))` (gelu).
+    GeluErf,
+    Relu,
+    /// `x σ(x)` (silu, swish).
+    Silu,
+}
+
+impl Act {
+    /// The activation a config name selects (the names `ops::activation` accepts).
+    pub fn from_name(name: &str) -> Option<Act> {
+        match name {
+            "gelu" => Some(Act::GeluErf),
+            "relu" => Some(Act::Relu),
+            "silu" | "swish" => Some(Act::Silu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Act::GeluTanh),
+            _ => None,
+        }
+    }
+
+    /// The activation. Both tanh forms are evaluated through the logistic function,
+    /// `0.5 (1 + tanh(u)) = σ(2u)`, which needs one `exp` instead of a (much slower) `tanh`
+    /// and stays accurate (no cancellation) for every x.
+    #[inline]
+    pub fn f(self, x: f32) -> f32 {
+        match self {
+            Act::GeluTanh => x * sigmoid(2.0 * gelu_inner(x)),
+            Act::GeluErf => {
+                (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+                    * 0.5
+                    * x
+            }
+            Act::Relu => x.max(0.0),
+            Act::Silu => x * sigmoid(x),
+        }
+    }
+
+    /// The derivative (exact constants).
+    #[inline]
+    pub fn df(self, x: f32) -> f32 {
+        match self {
+            Act::GeluTanh => {
+                // With s = σ(2u): 0.5 (1 + tanh u) = s and 1 − tanh² u = 4 s (1 − s).
+                let s = sigmoid(2.0 * gelu_inner(x));
+                s + 2.0 * x * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
+            }
+            Act::GeluErf => {
+                let cdf = 0.5
+                    * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = (-0.5 * x * x).exp() / (2.0 * std::f32::consts::PI).sqrt();
+                cdf + x * pdf
+            }
+            Act::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Act::Silu => {
+                let s = sigmoid(x);
+                s + x * s * (1.0 - s)
+            }
+        }
+    }
+}
+
+/// √(2/π).
+const GELU_C: f32 = 0.797_884_6;
+
+/// `√(2/π) (x + 0.044715 x³)`.
+#[inline]
+fn gelu_inner(x: f32) -> f32 {
+    GELU_C * (x + 0.044715 * x * x * x)
+}
+
+/// `1 / (1 + e^{−z})` (0 or 1 at the extremes, never NaN).
+#[inline]
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// `y = act(x)` element-wise, in parallel.
+pub fn act_fwd(act: Act, x: &[f32], y: &mut [f32]) {
+    x.par_chunks(ROW_GRAIN)
+        .zip(y.par_chunks_mut(ROW_GRAIN))
+        .for_each(|(x, y)| {
+            for (x, y) in x.iter().zip(y) {
+                *y = act.f(*x);
+            }
+        });
+}
+
+/// `dx = dy · act'(x)` in place on `dy`.
+pub fn act_bwd(act: Act, x: &[f32], dy: &mut [f32]) {
+    x.par_chunks(ROW_GRAIN)
+        .zip(dy.par_chunks_mut(ROW_GRAIN))
+        .for_each(|(x, dy)| {
+            for (x, dy) in x.iter().zip(dy) {
+                *dy *= act.df(*x);
+            }
+        });
+}
+
+/// SwiGLU-style gate: `y = act(gate) · up`, where row r of `gu` (n × 2di) is `[gate | up]`.
+pub fn glu_fwd(act: Act, gu: &[f32], di: usize, y: &mut [f32]) {
+    let g = rows_per_task(2 * di);
+    gu.par_chunks(2 * di * g)
+        .zip(y.par_chunks_mut(di * g))
+        .for_each(|(gu, y)| {
+            for (gu, y) in gu.chunks(2 * di).zip(y.chunks_mut(di)) {
+                for j in 0..di {
+                    y[j] = act.f(gu[j]) * gu[di + j];
+                }
+            }
+        });
+}
+
+/// Backward of [`glu_fwd`]: `dgu = [dy · up · act'(gate) | dy · act(gate)]`.
+pub fn glu_bwd(act: Act, gu: &[f32], dy: &[f32], di: usize, dgu: &mut [f32]) {
+    let g = rows_per_task(2 * di);
+    gu.par_chunks(2 * di * g)
+        .zip(dy.par_chunks(di * g))
+        .zip(dgu.par_chunks_mut(2 * di * g))
+        .for_each(|((gu, dy), dgu)| {
+            for ((gu, dy), dgu) in gu
+                .chunks(2 * di)
+                .zip(dy.chunks(di))
+                .zip(dgu.chunks_mut(2 * di))
+            {
+                for j in 0..di {
+                    dgu[j] = dy[j] * gu[di + j] * act.df(gu[j]);
+                    dgu[di + j] = dy[j] * act.f(gu[j]);
+                }
+            }
+        });
+}
+
+/// Where each head's q, k and v sit in a row of the fused projection output: head `h` of q
+/// starts at column `q.0 + h·q.1`, kv head `g` of k at `k.0 + g·k.1`, of v at `v.0 + g·v.1`.
+#[derive(Debug, Clone, Copy)]
+pub struct QkvLayout {
+    pub stride: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub q: (usize, usize),
+    pub k: (usize, usize),
+    pub v: (usize, usize),
+}
+
+impl QkvLayout {
+    /// `[q heads | k heads | v heads]` (GPT-2's c_attn, Llama's q/k/v fused in that order).
+    pub fn blocked(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        let (hq, hk) = (heads * head_dim, kv_heads * head_dim);
+        QkvLayout {
+            stride: hq + 2 * hk,
+            heads,
+            kv_heads,
+            head_dim,
+            q: (0, head_dim),
+            k: (hq, head_dim),
+            v: (hq + hk, head_dim),
+        }
+    }
+
+    /// `[head, {q, k, v}, head_dim]` (GPT-NeoX's query_key_value).
+    pub fn interleaved(heads: usize, head_dim: usize) -> Self {
+        QkvLayout {
+            stride: 3 * heads * head_dim,
+            heads,
+            kv_heads: heads,
+            head_dim,
+            q: (0, 3 * head_dim),
+            k: (head_dim, 3 * head_dim),
+            v: (2 * head_dim, 3 * head_dim),
+        }
+    }
+}
+
+/// Rotary tables for positions `0..len`: `cos`/`sin` are `len × rotary_dims` (each half
+/// repeated, HF's `rotate_half` convention).
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub dims: usize,
+}
+
+/// Rotates (or, with `inverse`, rotates back: the transpose, for the backward) the first
+/// `rope.dims` dimensions of every q and k head of every row. `seqs` gives each sequence's
+/// (first row, length): positions restart at 0 in each sequence.
+pub fn rope_apply(
+    qkv: &mut [f32],
+    lay: &QkvLayout,
+    rope: &Rope,
+    seqs: &[(usize, usize)],
+    inverse: bool,
+) {
+    let (r, half) = (rope.dims, rope.dims / 2);
+    if r == 0 {
+        return;
+    }
+    let mut pos = vec![0usize; qkv.len() / lay.stride];
+    for &(o, l) in seqs {
+        for t in 0..l {
+            pos[o + t] = t;
+        }
+    }
+    let rotate = |row: &mut [f32], col: usize, p: usize| {
+        let (c, s) = (
+            &rope.cos[p * r..p * r + half],
+            &rope.sin[p * r..p * r + half],
+        );
+        let x = &mut row[col..col + r];
+        for i in 0..half {
+            let (x1, x2) = (x[i], x[i + half]);
+            if inverse {
+                x[i] = x1 * c[i] + x2 * s[i];
+                x[i + half] = x2 * c[i] - x1 * s[i];
+            } else {
+                // The reference computes x·cos + rotate_half(x)·sin with rotate_half = [−x2, x1].
+                x[i] = x1 * c[i] + -x2 * s[i];
+                x[i + half] = x2 * c[i] + x1 * s[i];
+            }
+        }
+    };
+    qkv.par_chunks_mut(lay.stride)
+        .zip(pos.par_iter())
+        .for_each(|(row, &p)| {
+            for h in 0..lay.heads {
+                rotate(row, lay.q.0 + h * lay.q.1, p);
+            }
+            for g in 0..lay.kv_heads {
+                rotate(row, lay.k.0 + g * lay.k.1, p);
+            }
+        });
+}
+
+/// Query rows per attention tile: a tile of queries only needs the keys up to its last row.
+const TILE: usize = 64;
+
+/// The keys row `i` may see: `[lo, i]`, with a sliding window `i − j < w`.
+fn key_start(i: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (i + 1).saturating_sub(w))
+}
+
+/// Causal softmax attention of every (sequence, head): `out` (rows × heads·head_dim) gets
+/// `softmax(scale · q kᵀ + mask) v` per head, `stats` (rows × heads × 2) the row max and
+/// sum of exponentials that let the backward recompute the probabilities bit for bit.
+pub fn attention_fwd(
+    qkv: &[f32],
+    lay: &QkvLayout,
+    seqs: &[(usize, usize)],
+    window: Option<usize>,
+    scale: f32,
+    out: &mut [f32],
+    stats: &mut [f32],
+) {
+    let (h, hd) = (lay.heads, lay.head_dim);
+    let group = h / lay.kv_heads;
+    let (od, sd) = (h * hd, 2 * h);
+    let (outp, statp) = (SyncPtr(out.as_mut_ptr()), SyncPtr(stats.as_mut_ptr()));
+    let tasks: Vec<(usize, usize, usize)> = seqs
+        .iter()
+        .flat_map(|&(o, l)| (0..h).map(move |hh| (o, l, hh)))
+        .collect();
+    tasks.par_iter().for_each(|&(o, l, hh)| {
+        let g = hh / group;
+        let q = View::rows(
+            &qkv[(o * lay.stride + lay.q.0 + hh * lay.q.1)..],
+            lay.stride,
+        );
+        let kcol = o * lay.stride + lay.k.0 + g * lay.k.1;
+        let vcol = o * lay.stride + lay.v.0 + g * lay.v.1;
+        let mut s = vec![0f32; TILE * l];
+        for r0 in (0..l).step_by(TILE) {
+            let r1 = (r0 + TILE).min(l);
+            let ks = key_start(r0, window);
+            let (m, n) = (r1 - r0, r1 - ks);
+            // SAFETY: q/k/v views lie inside `qkv`; `s` holds m×n.
+            unsafe {
+                gemm(
+                    m,
+                    n,
+                    hd,
+                    s.as_mut_ptr(),
+                    n,
+                    View {
+                        ptr: q.ptr.add(r0 * lay.stride),
+                        ..q
+                    },
+                    View::t(&qkv[kcol + ks * lay.stride..], lay.stride),
+                    false,
+                    scale,
+                    false,
+                );
+            }
+            for i in r0..r1 {
+                let row = &mut s[(i - r0) * n..(i - r0 + 1) * n];
+                let lo = key_start(i, window) - ks;
+                let hi = i + 1 - ks;
+                let mx = row[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut sum = 0f32;
+                for x in row[lo..hi].iter_mut() {
+                    *x = (*x - mx).exp();
+                    sum += *x;
+                }
+                for x in row[lo..hi].iter_mut() {
+                    *x /= sum;
+                }
+                row[..lo].fill(0.0);
+                row[hi..].fill(0.0);
+                // SAFETY: row (o + i), head hh of `stats` belongs to this task only.
+                unsafe {
+                    let st = statp.get().add((o + i) * sd + 2 * hh);
+                    *st = mx;
+                    *st.add(1) = sum;
+                }
+            }
+            // SAFETY: rows r0..r1 of head hh in `out` belong to this task only.
+            unsafe {
+                gemm(
+                    m,
+                    hd,
+                    n,
+                    outp.get().add((o + r0) * od + hh * hd),
+                    od,
+                    View::rows(&s, n),
+                    View::rows(&qkv[vcol + ks * lay.stride..], lay.stride),
+                    false,
+                    1.0,
+                    false,
+                );
+            }
+        }
+    });
+}
+
+/// Backward of [`attention_fwd`]: from `dout` (rows × heads·head_dim) writes dq, dk, dv into
+/// the q/k/v columns of `dqkv` (other columns untouched). Per tile the probabilities P are
+/// recomputed; dP = dO vᵀ, dS = P ∘ (dP − rowsum(P ∘ dP)) · scale, dq = dS k, dk += dSᵀ q,
+/// dv += Pᵀ dO. Tasks are (sequence, kv head) so that a group's query heads accumulate into
+/// their shared dk, dv without races.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(
+    qkv: &[f32],
+    lay: &QkvLayout,
+    seqs: &[(usize, usize)],
+    window: Option<usize>,
+    scale: f32,
+    stats: &[f32],
+    dout: &[f32],
+    dqkv: &mut [f32],
+) {
+    let (h, hd, st) = (lay.heads, lay.head_dim, lay.stride);
+    let group = h / lay.kv_heads;
+    let (od, sd) = (h * hd, 2 * h);
+    let dp = SyncPtr(dqkv.as_mut_ptr());
+    let tasks: Vec<(usize, usize, usize)> = seqs
+        .iter()
+        .flat_map(|&(o, l)| (0..lay.kv_heads).map(move |g| (o, l, g)))
+        .collect();
+    tasks.par_iter().for_each(|&(o, l, g)| {
+        let kcol = o * st + lay.k.0 + g * lay.k.1;
+        let vcol = o * st + lay.v.0 + g * lay.v.1;
+        // SAFETY (for every write below): the k/v columns of kv head g and the q columns of
+        // its query heads, rows o..o+l, belong to this task only.
+        unsafe {
+            for i in 0..l {
+                for c in [kcol, vcol] {
+                    std::ptr::write_bytes(dp.get().add(c + i * st), 0, hd);
+                }
+            }
+        }
+        let mut p = vec![0f32; TILE * l];
+        let mut ds = vec![0f32; TILE * l];
+        for hh in g * group..(g + 1) * group {
+            let qcol = o * st + lay.q.0 + hh * lay.q.1;
+            for r0 in (0..l).step_by(TILE) {
+                let r1 = (r0 + TILE).min(l);
+                let ks = key_start(r0, window);
+                let (m, n) = (r1 - r0, r1 - ks);
+                let q_t = View::rows(&qkv[qcol + r0 * st..], st);
+                let k_t = View::rows(&qkv[kcol + ks * st..], st);
+                let v_t = View::rows(&qkv[vcol + ks * st..], st);
+                let do_t = View::rows(&dout[(o + r0) * od + hh * hd..], od);
+                unsafe {
+                    gemm(
+                        m,
+                        n,
+                        hd,
+                        p.as_mut_ptr(),
+                        n,
+                        q_t,
+                        View {
+                            rs: 1,
+                            cs: st,
+                            ..k_t
+                        },
+                        false,
+                        scale,
+                        false,
+                    );
+                    gemm(
+                        m,
+                        n,
+                        hd,
+                        ds.as_mut_ptr(),
+                        n,
+                        do_t,
+                        View {
+                            rs: 1,
+                            cs: st,
+                            ..v_t
+                        },
+                        false,
+                        1.0,
+                        false,
+                    );
+                }
+                for i in r0..r1 {
+                    let pr = &mut p[(i - r0) * n..(i - r0 + 1) * n];
+                    let dr = &mut ds[(i - r0) * n..(i - r0 + 1) * n];
+                    let lo = key_start(i, window) - ks;
+                    let hi = i + 1 - ks;
+                    let s = &stats[(o + i) * sd + 2 * hh..];
+                    let (mx, sum) = (s[0], s[1]);
+                    let mut dot = 0f32;
+                    for j in lo..hi {
+                        pr[j] = (pr[j] - mx).exp() / sum;
+                        dot += pr[j] * dr[j];
+                    }
+                    for j in lo..hi {
+                        dr[j] = pr[j] * (dr[j] - dot) * scale;
+                    }
+                    pr[..lo].fill(0.0);
+                    pr[hi..].fill(0.0);
+                    dr[..lo].fill(0.0);
+                    dr[hi..].fill(0.0);
+                }
+                unsafe {
+                    // dq (rows r0..r1) = dS k
+                    gemm(
+                        m,
+                        hd,
+                        n,
+                        dp.get().add(qcol + r0 * st),
+                        st,
+                        View::rows(&ds, n),
+                        k_t,
+                        false,
+                        1.0,
+                        false,
+                    );
+                    // dk (keys ks..r1) += dSᵀ q
+                    gemm(
+                        n,
+                        hd,
+                        m,
+                        dp.get().add(kcol + ks * st),
+                        st,
+                        View::t(&ds, n),
+                        q_t,
+                        true,
+                        1.0,
+                        false,
+                    );
+                    // dv (keys ks..r1) += Pᵀ dO
+                    gemm(
+                        n,
+                        hd,
+                        m,
+                        dp.get().add(vcol + ks * st),
+                        st,
+                        View::t(&p, n),
+                        do_t,
+                        true,
+                        1.0,
+                        false,
+                    );
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activation_derivatives_match_finite_differences() {
+        for act in [Act::GeluTanh, Act::GeluErf, Act::Silu, Act::Relu] {
+            for &x in &[-3.1f32, -0.7, 0.3, 1.9] {
+                let h = 1e-3f64;
+                let f = |v: f64| act.f(v as f32) as f64;
+                let fd = (f(x as f64 + h) - f(x as f64 - h)) / (2.0 * h);
+                assert!(
+                    (fd - act.df(x) as f64).abs() < 2e-3,
+                    "{act:?} at {x}: {fd} vs {}",
+                    act.df(x)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_views_compute_transposed_products() {
+        // A = [[1, 2], [3, 4]], B = [[5, 6], [7, 8]]: A Bᵀ = [[17, 23], [39, 53]].
+        let (a, b) = ([1f32, 2., 3., 4.], [5f32, 6., 7., 8.]);
+        let mut c = [0f32; 4];
+        matmul_wt(&a, &b, 2, 2, &mut c, false);
+        assert_eq!(c, [17., 23., 39., 53.]);
+        // dy·W with W = B: [[19, 22], [43, 50]], accumulated onto the previous result.
+        matmul_w(&a, &b, 2, 2, &mut c, true);
+        assert_eq!(c, [36., 45., 82., 103.]);
+    }
+}
