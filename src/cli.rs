@@ -27,8 +27,9 @@ struct Cli {
     #[arg(long, short, global = true)]
     quiet: bool,
 
-    /// Batches run at once on this machine (data-parallel over sequences) [default: every
-    /// core]. Results do not depend on it.
+    /// Cores to use [default: every core]: the engine's threads, or as many batches at once
+    /// (data-parallel over sequences) where the engine is not threaded inside. Results do not
+    /// depend on it.
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
 
@@ -424,12 +425,21 @@ struct DemoArgs {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        if n == 0 {
-            anyhow::bail!(infl::Error::input("--threads must be at least 1"));
-        }
-        infl::shard::set_threads(n);
+    let engine = match &cli.command {
+        Command::Fit(a) => a.engine,
+        Command::Score(a) => a.engine,
+        Command::SelfInfluence(a) => a.engine,
+        Command::Inspect(a) => a.engine,
+        _ => infl::model::Engine::Fast,
+    };
+    if cli.threads == Some(0) {
+        anyhow::bail!(infl::Error::input("--threads must be at least 1"));
     }
+    // Before any thread pool starts (they read the count once).
+    infl::shard::set_threads(
+        cli.threads.unwrap_or(0),
+        engine == infl::model::Engine::Autograd,
+    );
     let progress = Bars::new(cli.quiet);
     match cli.command {
         Command::Fit(a) => {

@@ -109,8 +109,9 @@ pub fn run_batches(
 }
 
 /// [`run_batches`] with each sequence's stable index given (a shard's sequences are not
-/// contiguous). Batches are cut from `seqs` in order, [`crate::shard::threads`] of them run at
-/// once, and `visit` sees them in order: results do not depend on the thread count.
+/// contiguous). Batches are cut from `seqs` in order and `visit` sees them in order; when the
+/// engine does not use every core by itself, [`crate::shard::threads`] batches run at once.
+/// Results do not depend on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn run_indexed(
     model: &dyn TapModel,
@@ -135,7 +136,11 @@ pub fn run_indexed(
             TokenBatch::training(&refs)
         })
         .collect();
-    let threads = crate::shard::threads().max(1);
+    let threads = if model.saturates_cores() {
+        1
+    } else {
+        crate::shard::threads().max(1)
+    };
     for (group_no, group) in batches.chunks(threads).enumerate() {
         let results: Vec<Result<TapBatch>> = if group.len() == 1 {
             vec![model.taps(&group[0], labels)]

@@ -134,10 +134,20 @@ impl std::fmt::Display for Shard {
 
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
-/// Sets how many batches the passes run at once (0 = every core). Results do not depend on it:
-/// batches are formed and reduced in the same order whatever the count.
-pub fn set_threads(n: usize) {
+/// Sets how many cores the process uses (0 = every core). With an engine threaded inside (the
+/// fast engine) that is the number of threads of its kernels and products: rayon, gemm and
+/// faer follow `RAYON_NUM_THREADS`. With `data_parallel` (the autograd engine, whose
+/// elementwise ops are single-threaded) it is the number of batches run at once instead, each
+/// single-threaded: candle's threaded products under concurrent batches oversubscribe the
+/// cores (measured slower). Call it first thing, before any thread pool starts. Results do not
+/// depend on it: batches are formed and reduced in the same order whatever the count.
+pub fn set_threads(n: usize, data_parallel: bool) {
     THREADS.store(n, Ordering::Relaxed);
+    let inner = if data_parallel { 1 } else { n };
+    if inner > 0 {
+        // Read once when rayon's global pool starts, and by candle at each product.
+        std::env::set_var("RAYON_NUM_THREADS", inner.to_string());
+    }
 }
 
 /// The number of batches the passes run at once.

@@ -174,6 +174,11 @@ pub trait TapModel: Send + Sync {
     fn block_shape(&self) -> BlockShape {
         BlockShape::default()
     }
+    /// Does one call to [`TapModel::taps`] already keep every core busy? Then the passes run
+    /// batches one at a time instead of data-parallel ([`crate::curvature::run_indexed`]).
+    fn saturates_cores(&self) -> bool {
+        false
+    }
 }
 
 /// A model restricted to some of its tracked layers, chosen by checkpoint name.
@@ -214,6 +219,9 @@ impl TapModel for SelectedLayers {
     }
     fn block_shape(&self) -> BlockShape {
         self.inner.block_shape()
+    }
+    fn saturates_cores(&self) -> bool {
+        self.inner.saturates_cores()
     }
 }
 

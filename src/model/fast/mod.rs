@@ -426,6 +426,10 @@ impl<N: Net> TapModel for Fast<N> {
     fn block_shape(&self) -> BlockShape {
         self.meta.shape
     }
+    /// Every kernel is threaded (rayon) and the products split over cores (gemm).
+    fn saturates_cores(&self) -> bool {
+        true
+    }
 }
 
 /// Attention FLOPs of a causal pass over sequences of these lengths, forward and backward
