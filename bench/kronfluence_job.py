@@ -216,27 +216,30 @@ def main():
     ours = _dense(os.path.join(sdir, "scores.safetensors"))
 
     # Re-scoring with a gradient store: written once by `fit --store`, then new queries.
-    has_store = "--store" in subprocess.run([a.infl, "fit", "--help"], capture_output=True,
+    has_store = "--store-form" in subprocess.run([a.infl, "fit", "--help"], capture_output=True,
                                             text=True).stdout
     store = {}
     if has_store:
         fs = os.path.join(a.out, "factors-store")
-        for dtype in ["bf16", "f32"]:
+        # bf16 in both forms (f32 doubles the disk; its accuracy is tested in tests/store.rs).
+        for dtype, form in [("bf16", "smallest"), ("bf16", "rotated")]:
+            name = f"{dtype}, {form}"
             infl([a.infl, "-q", "--threads", str(a.threads), "fit", "--model", model_dir, "--train",
                   corpus, "--out", fs, "--fisher", "empirical", "--max-len", str(cfg["seq_len"]),
-                  "--store", "--store-dtype", dtype] + common, times,
-                 f"infl fit --store ({dtype})", env)
-            out = os.path.join(a.out, f"scores-store-{dtype}")
+                  "--store", "--store-dtype", dtype, "--store-form", form] + common, times,
+                 f"infl fit --store ({name})", env)
+            out = os.path.join(a.out, f"scores-store-{dtype}-{form}")
+            label = f"infl score --store ({name}, new queries)"
             infl([a.infl, "-q", "--threads", str(a.threads), "score", "--model", model_dir,
                   "--factors", fs, "--train", corpus, "--queries", qpaths[1], "--out", out,
-                  "--store", "--dense"] + common, times, f"infl score --store ({dtype}, new queries)", env)
+                  "--store", "--dense"] + common, times, label, env)
             got = _dense(os.path.join(out, "scores.safetensors"))
             meta = json.load(open(os.path.join(fs, "store", "store.json")))
-            store[dtype] = dict(
-                seconds=times[f"infl score --store ({dtype}, new queries)"],
+            store[name] = dict(
+                seconds=times[label],
                 bytes=meta["bytes"], bytes_per_sequence=meta["bytes"] / meta["n_sequences"],
                 ratio_vs_kronfluence_pairwise=times["compute_pairwise_scores (new queries)"]
-                / times[f"infl score --store ({dtype}, new queries)"],
+                / times[label],
                 **_agreement(kf2, got))
 
     agree = _agreement(kf, ours)
@@ -256,7 +259,7 @@ def main():
               f"{times['compute_pairwise_scores (new queries)']:.1f} s -> "
               f"{s['ratio_vs_kronfluence_pairwise']:.1f}x (Pearson min {s['pearson_min']:.6f})")
     if not has_store:
-        print("this infl build has no --store: re-scoring not measured")
+        print("this infl build has no --store-form: re-scoring not measured")
     print(f"load average during the run: {os.getloadavg()}")
 
 

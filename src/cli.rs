@@ -275,6 +275,11 @@ struct FitArgs {
     /// Precision of the gradient store.
     #[arg(long, value_enum, default_value = "f32", requires = "store")]
     store_dtype: infl::store::StoreDtype,
+    /// Form of each stored gradient: `smallest` on disk (the rotated gradient or its per-token
+    /// factors), or always `rotated` (more disk for sequences shorter than the layers are
+    /// wide, but `score --store` reads it with no reconstruction).
+    #[arg(long, value_enum, default_value = "smallest", requires = "store")]
+    store_form: infl::store::StoreForm,
 }
 
 #[derive(clap::Args)]
@@ -455,7 +460,10 @@ pub fn run() -> Result<()> {
                 shard: a.sharding.shard()?,
                 checkpoint: a.sharding.policy(),
                 fresh: a.sharding.fresh,
-                store: a.store.then_some(a.store_dtype),
+                store: a.store.then_some(infl::store::StoreOptions {
+                    dtype: a.store_dtype,
+                    form: a.store_form,
+                }),
                 options: FitOptions {
                     strategy: a.strategy,
                     fisher: a.fisher,

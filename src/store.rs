@@ -11,8 +11,8 @@
 //!
 //! Files in the store directory: `store.json` (what made it), `sequences.jsonl` (id and token ids
 //! per sequence, in corpus order) and `gradients.bin` (per sequence and layer: a tag byte
-//! `0` = dense R or `1` = factors, for factors a little-endian u32 T, then the values, row-major,
-//! in f32 or bf16).
+//! `0` = dense R or `1` = factors, for factors a little-endian u32 T, then the values, in f32 or
+//! bf16: R column-major, the factors row-major).
 
 use crate::curvature::Factors;
 use crate::data::Sequence;
@@ -27,6 +27,27 @@ pub const STORE_DIR: &str = "store";
 const META_FILE: &str = "store.json";
 const SEQUENCES_FILE: &str = "sequences.jsonl";
 const GRADIENTS_FILE: &str = "gradients.bin";
+
+/// Which form each stored layer gradient takes.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreForm {
+    /// Per sequence and layer, whichever is smaller on disk: the rotated gradient or its
+    /// per-token factors.
+    Smallest,
+    /// Always the rotated gradient: larger for short sequences, but re-scoring reads it with
+    /// no reconstruction (fastest `score --store`).
+    Rotated,
+}
+
+/// How `fit --store` writes the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreOptions {
+    pub dtype: StoreDtype,
+    pub form: StoreForm,
+}
 
 /// Precision of the stored values.
 #[derive(
@@ -52,6 +73,7 @@ impl StoreDtype {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StoreMeta {
     pub dtype: StoreDtype,
+    pub form: StoreForm,
     /// `eigen` (R = Q_Sᵀ G Q_A) or `original` (R = G).
     pub basis: String,
     pub layers: Vec<TrackedLayer>,
@@ -74,25 +96,31 @@ pub struct StoreProvenance {
 }
 
 /// Bytes one sequence of `len` tokens takes in the store.
-pub fn sequence_bytes(layers: &[TrackedLayer], len: usize, dtype: StoreDtype) -> u64 {
+pub fn sequence_bytes(layers: &[TrackedLayer], len: usize, options: StoreOptions) -> u64 {
     layers
         .iter()
         .map(|l| {
             let (dense, factored) = sizes(l, len);
-            1 + if factored < dense {
-                4 + factored * dtype.bytes()
+            1 + if use_factors(l, len, options.form) {
+                4 + factored * options.dtype.bytes()
             } else {
-                dense * dtype.bytes()
+                dense * options.dtype.bytes()
             }
         })
         .sum()
 }
 
+/// Values of the two forms: (rotated gradient, per-token factors).
 fn sizes(l: &TrackedLayer, len: usize) -> (u64, u64) {
     (
         (l.d_out * l.d_in_h()) as u64,
         (len * (l.d_out + l.d_in_h())) as u64,
     )
+}
+
+fn use_factors(l: &TrackedLayer, len: usize, form: StoreForm) -> bool {
+    let (dense, factored) = sizes(l, len);
+    form == StoreForm::Smallest && factored < dense
 }
 
 /// Free bytes on the file system holding `dir` (its nearest existing ancestor).
@@ -134,7 +162,7 @@ impl StoreWriter {
     pub fn create(
         dir: &Path,
         factors: &Factors,
-        dtype: StoreDtype,
+        options: StoreOptions,
         provenance: &StoreProvenance,
     ) -> Result<Self> {
         let tmp = dir.with_file_name(format!(
@@ -166,7 +194,8 @@ impl StoreWriter {
             dir: dir.to_path_buf(),
             tmp,
             meta: StoreMeta {
-                dtype,
+                dtype: options.dtype,
+                form: options.form,
                 basis: basis.into(),
                 layers: factors.layers.iter().map(|l| l.layer.clone()).collect(),
                 factors_sha256: provenance.factors_sha256.clone(),
@@ -226,9 +255,8 @@ impl StoreWriter {
         for (k, seq) in seqs.iter().enumerate() {
             let (s, e) = (offsets[k], offsets[k + 1]);
             for (l, (g_rot, a_rot)) in layers.iter().zip(&rotated) {
-                let (dense, factored) = sizes(l, e - s);
                 let path = self.tmp.join(GRADIENTS_FILE);
-                if factored < dense {
+                if use_factors(l, e - s, self.meta.form) {
                     self.gradients
                         .write_all(&[1u8])
                         .and_then(|_| self.gradients.write_all(&((e - s) as u32).to_le_bytes()))
@@ -250,7 +278,17 @@ impl StoreWriter {
                         a_rot.as_ref().subrows(s, e - s),
                         false,
                     );
-                    self.put(&linalg::to_row_major(r.as_ref()))?;
+                    // Column-major, the layout the scores' products read.
+                    let values: Vec<f32> = (0..r.ncols())
+                        .flat_map(|j| {
+                            r.col(j)
+                                .try_as_col_major()
+                                .expect("owned column")
+                                .as_slice()
+                                .to_vec()
+                        })
+                        .collect();
+                    self.put(&values)?;
                 }
             }
             let line = serde_json::json!({"id": seq.id, "ids": seq.ids});
@@ -298,40 +336,6 @@ pub fn check_disk(dir: &Path, need: u64, n_sequences: usize) -> Result<()> {
     Ok(())
 }
 
-/// One stored layer gradient of one sequence.
-pub enum StoredGradient {
-    /// R, `d_out × d_in_h` row-major.
-    Dense(Vec<f32>),
-    /// `(g Q_S)` (`T × d_out`) and `(ā Q_A)` (`T × d_in_h`), row-major.
-    Factored {
-        tokens: usize,
-        g: Vec<f32>,
-        a: Vec<f32>,
-    },
-}
-
-impl StoredGradient {
-    /// Writes R into a column-major `d_out × d_in_h` slice (the layout of
-    /// [`crate::influence::LayerQueries::Full`]'s columns).
-    pub fn dense_into(&self, layer: &TrackedLayer, dst: &mut [f32]) {
-        let (d_o, d_i) = (layer.d_out, layer.d_in_h());
-        let out = faer::MatMut::from_column_major_slice_mut(dst, d_o, d_i);
-        match self {
-            StoredGradient::Dense(r) => {
-                let src = faer::MatRef::from_row_major_slice(r, d_o, d_i);
-                let mut out = out;
-                out.copy_from(src);
-            }
-            StoredGradient::Factored { tokens, g, a } => linalg::mul_into(
-                out,
-                linalg::rows(g, *tokens, d_o).transpose(),
-                linalg::rows(a, *tokens, d_i),
-                false,
-            ),
-        }
-    }
-}
-
 /// Streams a store, sequence by sequence.
 pub struct StoreReader {
     pub meta: StoreMeta,
@@ -339,6 +343,10 @@ pub struct StoreReader {
     gradients: std::io::BufReader<std::fs::File>,
     sequences: std::io::Lines<std::io::BufReader<std::fs::File>>,
     read: usize,
+    /// Reused buffers: raw bytes, and the per-token factors of one layer.
+    raw: Vec<u8>,
+    scratch_g: Vec<f32>,
+    scratch_a: Vec<f32>,
 }
 
 impl StoreReader {
@@ -370,30 +378,40 @@ impl StoreReader {
             dir: dir.to_path_buf(),
             meta,
             read: 0,
+            raw: Vec::new(),
+            scratch_g: Vec::new(),
+            scratch_a: Vec::new(),
         })
     }
 
-    fn values(&mut self, n: usize) -> Result<Vec<f32>> {
+    /// Reads `dst.len()` values, converting in place (no allocation per read).
+    fn values_into(&mut self, dst: &mut [f32]) -> Result<()> {
         let width = self.meta.dtype.bytes() as usize;
-        let mut buf = vec![0u8; n * width];
+        self.raw.resize(dst.len() * width, 0);
         let path = self.dir.join(GRADIENTS_FILE);
         self.gradients
-            .read_exact(&mut buf)
+            .read_exact(&mut self.raw)
             .map_err(|e| Error::io(&path, e))?;
-        Ok(match self.meta.dtype {
-            StoreDtype::F32 => buf
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            StoreDtype::Bf16 => buf
-                .chunks_exact(2)
-                .map(|c| from_bf16(u16::from_le_bytes([c[0], c[1]])))
-                .collect(),
-        })
+        match self.meta.dtype {
+            StoreDtype::F32 => {
+                for (d, c) in dst.iter_mut().zip(self.raw.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            StoreDtype::Bf16 => {
+                for (d, c) in dst.iter_mut().zip(self.raw.chunks_exact(2)) {
+                    *d = from_bf16(u16::from_le_bytes([c[0], c[1]]));
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// The next sequence and its per-layer gradients, or `None` at the end.
-    pub fn next_sequence(&mut self) -> Result<Option<(Sequence, Vec<StoredGradient>)>> {
+    /// Reads the next sequence: writes each layer's rotated gradient R (`d_out × d_in_h`,
+    /// column-major, the layout of [`crate::influence::LayerQueries::Full`]'s columns) into
+    /// `dst[layer]`, rebuilding it from per-token factors where those were stored. `None` at
+    /// the end.
+    pub fn next_into(&mut self, dst: &mut [&mut [f32]]) -> Result<Option<Sequence>> {
         if self.read == self.meta.n_sequences {
             return Ok(None);
         }
@@ -417,26 +435,35 @@ impl StoreReader {
                 })
                 .unwrap_or_default(),
         };
-        let mut grads = Vec::with_capacity(self.meta.layers.len());
-        for l in self.meta.layers.clone() {
+        let gpath = self.dir.join(GRADIENTS_FILE);
+        for (li, l) in self.meta.layers.clone().iter().enumerate() {
+            let (d_o, d_i) = (l.d_out, l.d_in_h());
             let mut tag = [0u8; 1];
-            let gpath = self.dir.join(GRADIENTS_FILE);
             self.gradients
                 .read_exact(&mut tag)
                 .map_err(|e| Error::io(&gpath, e))?;
-            grads.push(match tag[0] {
-                0 => StoredGradient::Dense(self.values(l.d_out * l.d_in_h())?),
+            match tag[0] {
+                0 => self.values_into(dst[li])?,
                 1 => {
                     let mut t = [0u8; 4];
                     self.gradients
                         .read_exact(&mut t)
                         .map_err(|e| Error::io(&gpath, e))?;
                     let tokens = u32::from_le_bytes(t) as usize;
-                    StoredGradient::Factored {
-                        tokens,
-                        g: self.values(tokens * l.d_out)?,
-                        a: self.values(tokens * l.d_in_h())?,
-                    }
+                    let mut g = std::mem::take(&mut self.scratch_g);
+                    let mut a = std::mem::take(&mut self.scratch_a);
+                    g.resize(tokens * d_o, 0.0);
+                    a.resize(tokens * d_i, 0.0);
+                    self.values_into(&mut g)?;
+                    self.values_into(&mut a)?;
+                    linalg::mul_into(
+                        faer::MatMut::from_column_major_slice_mut(dst[li], d_o, d_i),
+                        linalg::rows(&g, tokens, d_o).transpose(),
+                        linalg::rows(&a, tokens, d_i),
+                        false,
+                    );
+                    self.scratch_g = g;
+                    self.scratch_a = a;
                 }
                 other => {
                     return Err(Error::Mismatch(format!(
@@ -445,10 +472,10 @@ impl StoreReader {
                         self.read
                     )))
                 }
-            });
+            }
         }
         self.read += 1;
-        Ok(Some((seq, grads)))
+        Ok(Some(seq))
     }
 }
 
@@ -478,15 +505,16 @@ mod tests {
             d_out: 64,
             has_bias: true,
         };
+        let opts = |dtype, form| StoreOptions { dtype, form };
+        let one = std::slice::from_ref(&l);
         // T = 2: 2·128 = 256 values < 4096 → factors (1 + 4 + 256·4 bytes).
-        assert_eq!(
-            sequence_bytes(std::slice::from_ref(&l), 2, StoreDtype::F32),
-            1 + 4 + 1024
-        );
-        // T = 100: 12800 > 4096 → dense (1 + 4096·2 bytes in bf16).
-        assert_eq!(
-            sequence_bytes(std::slice::from_ref(&l), 100, StoreDtype::Bf16),
-            1 + 8192
-        );
+        let small32 = opts(StoreDtype::F32, StoreForm::Smallest);
+        assert_eq!(sequence_bytes(one, 2, small32), 1 + 4 + 1024);
+        // Asked for the rotated form: 4096 values whatever the length.
+        let rotated32 = opts(StoreDtype::F32, StoreForm::Rotated);
+        assert_eq!(sequence_bytes(one, 2, rotated32), 1 + 4096 * 4);
+        // T = 100: 12800 > 4096 → the rotated gradient (1 + 4096·2 bytes in bf16).
+        let small16 = opts(StoreDtype::Bf16, StoreForm::Smallest);
+        assert_eq!(sequence_bytes(one, 100, small16), 1 + 8192);
     }
 }

@@ -121,7 +121,7 @@ pub struct FitJob {
     pub fresh: bool,
     /// After fitting, keep every training sequence's gradient in the factors' basis on disk
     /// (`OUT/store/`), in this precision, for `score --store`.
-    pub store: Option<crate::store::StoreDtype>,
+    pub store: Option<crate::store::StoreOptions>,
 }
 
 /// Summary of a fit invocation, for printing.
@@ -401,20 +401,22 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
         }
     };
     let mut message = finished.message;
-    if let Some(dtype) = job.store {
+    if let Some(options) = job.store {
         let meta = write_store(
             job,
             model.as_ref(),
             &mut tok,
             (&scan, max_len, chunk),
-            dtype,
+            options,
             store_bytes,
             progress,
         )?;
         message.push_str(&format!(
-            "; gradient store {:.1} MiB ({:.1} KiB per sequence, {dtype:?}) → {}",
+            "; gradient store {:.1} MiB ({:.1} KiB per sequence, {:?}, {:?}) → {}",
             meta.bytes as f64 / (1u64 << 20) as f64,
             meta.bytes as f64 / meta.n_sequences.max(1) as f64 / 1024.0,
+            options.dtype,
+            options.form,
             job.out.join(crate::store::STORE_DIR).display()
         ));
     }
@@ -427,7 +429,7 @@ fn write_store(
     model: &dyn TapModel,
     tok: &mut LazyTokenizer,
     (scan, max_len, chunk): (&data::CorpusStats, usize, usize),
-    dtype: crate::store::StoreDtype,
+    options: crate::store::StoreOptions,
     need: u64,
     progress: &dyn Progress,
 ) -> Result<crate::store::StoreMeta> {
@@ -438,7 +440,7 @@ fn write_store(
     let mut writer = crate::store::StoreWriter::create(
         &dir,
         &factors,
-        dtype,
+        options,
         &crate::store::StoreProvenance {
             factors_sha256: meta.factors_sha256,
             corpus_sha256: scan.sha256.clone(),
@@ -1162,15 +1164,26 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                 .collect();
             let batch = job.batch_size.max(1) * 4;
             let mut index = 0usize;
+            // One [D_ℓ × batch] matrix per layer, reused: the store is read straight into it.
+            let mut mats: Vec<faer::Mat<f32>> = tracked
+                .iter()
+                .map(|l| faer::Mat::<f32>::zeros(l.d_out * l.d_in_h(), batch))
+                .collect();
             loop {
                 let mut seqs = Vec::with_capacity(batch);
-                let mut grads = Vec::with_capacity(batch);
                 while seqs.len() < batch {
-                    match reader.next_sequence()? {
-                        Some((seq, g)) => {
-                            seqs.push(seq);
-                            grads.push(g);
-                        }
+                    let k = seqs.len();
+                    let mut cols: Vec<&mut [f32]> = mats
+                        .iter_mut()
+                        .map(|m| {
+                            m.col_mut(k)
+                                .try_as_col_major_mut()
+                                .expect("owned column is contiguous")
+                                .as_slice_mut()
+                        })
+                        .collect();
+                    match reader.next_into(&mut cols)? {
+                        Some(seq) => seqs.push(seq),
                         None => break,
                     }
                 }
@@ -1181,22 +1194,21 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                 let mut own = vec![0f64; n];
                 let mut parts = Vec::with_capacity(tracked.len());
                 for (li, l) in tracked.iter().enumerate() {
-                    let mut m = faer::Mat::<f32>::zeros(l.d_out * l.d_in_h(), n);
-                    for (k, g) in grads.iter().enumerate() {
-                        let col = m
-                            .col_mut(k)
-                            .try_as_col_major_mut()
-                            .expect("owned column is contiguous")
-                            .as_slice_mut();
-                        g[li].dense_into(l, col);
-                        if cosine {
-                            own[k] += preconditioner.self_influence_in_store_basis(
+                    let m = mats[li].as_ref().subcols(0, n);
+                    if cosine {
+                        for (k, o) in own.iter_mut().enumerate() {
+                            let col = m.col(k).try_as_col_major().expect("owned column");
+                            *o += preconditioner.self_influence_in_store_basis(
                                 li,
-                                influence::column_as_matrix(&m, k, l.d_out, l.d_in_h()),
+                                faer::MatRef::from_column_major_slice(
+                                    col.as_slice(),
+                                    l.d_out,
+                                    l.d_in_h(),
+                                ),
                             );
                         }
                     }
-                    parts.push(crate::linalg::mul(rotated[li].transpose(), m.as_ref()));
+                    parts.push(crate::linalg::mul(rotated[li].transpose(), m));
                 }
                 let factors: Option<Vec<Vec<f64>>> = cosine.then(|| {
                     pq.self_influence

@@ -155,6 +155,46 @@ fn stored_gradients_score_like_a_pass_over_the_corpus() {
             );
         }
     }
+    // The rotated form everywhere (no per-token factors) scores the same.
+    let factors = dir.join("f-rotated");
+    ok(&[
+        "fit",
+        "--model",
+        s(&model),
+        "--train",
+        s(&corpus),
+        "--out",
+        s(&factors),
+        "--store",
+        "--store-form",
+        "rotated",
+    ]);
+    let store_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(factors.join("store/store.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        store_json["bytes"],
+        40 * (2 * 1836 * 4 + 8),
+        "every layer stored rotated"
+    );
+    let out = dir.join("stored-rotated");
+    ok(&[
+        "score",
+        "--model",
+        s(&model),
+        "--factors",
+        s(&factors),
+        "--train",
+        s(&corpus),
+        "--queries",
+        s(&queries),
+        "--dense",
+        "--store",
+        "--out",
+        s(&out),
+    ]);
+    let (rel, _) = compare(&dense(&dir.join("pass-ekfac-none")), &dense(&out));
+    assert!(rel < 1e-5, "rotated store differs by {rel:e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
