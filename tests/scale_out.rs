@@ -2,81 +2,25 @@
 //! SIGKILL mid-pass resumes to byte-identical output; the thread count changes nothing; bad
 //! checkpoints and incomplete merges are refused.
 
-use infl::model::gpt2::{Gpt2, Gpt2Config};
-use infl::model::ModuleSelection;
+mod common;
+
+use common::{bin, ok, run, s};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("infl-scale-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("scale", name)
 }
 
 /// A random GPT-2 and a pre-tokenised corpus of 61 documents (some cut into two windows).
 fn fixture(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let model = dir.join("model");
-    let config = Gpt2Config {
-        vocab_size: 37,
-        n_positions: 16,
-        n_embd: 12,
-        n_layer: 2,
-        n_head: 2,
-        n_inner: None,
-        layer_norm_epsilon: 1e-5,
-        activation_function: "gelu_new".into(),
-        scale_attn_weights: true,
-        scale_attn_by_inverse_layer_idx: false,
-        reorder_and_upcast_attn: false,
-    };
-    Gpt2::random(config, 3, ModuleSelection::All)
-        .unwrap()
-        .save(&model)
-        .unwrap();
-    let mut corpus = String::new();
-    for d in 0..61u32 {
-        let len = 2 + (d * 11 % 23) as usize;
-        let ids: Vec<u32> = (0..len as u32)
-            .map(|t| (d * 7 + t * 5 + t * t) % 37)
-            .collect();
-        corpus.push_str(&format!("{{\"ids\": {ids:?}}}\n"));
-    }
-    let corpus_path = dir.join("corpus.jsonl");
-    std::fs::write(&corpus_path, corpus).unwrap();
-    let queries = dir.join("queries.jsonl");
-    std::fs::write(
-        &queries,
-        "{\"id\": \"a\", \"prompt_ids\": [1, 2, 3], \"completion_ids\": [4, 5]}\n\
-         {\"id\": \"b\", \"prompt_ids\": [9], \"completion_ids\": [10, 11, 12]}\n",
+    common::random_gpt2(
+        dir,
+        3,
+        61,
+        |d| 2 + d * 11 % 23,
+        |d, t| d * 7 + t * 5 + t * t,
     )
-    .unwrap();
-    (model, corpus_path, queries)
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_infl"));
-    c.arg("--quiet");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("the infl binary runs")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "infl {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Largest |x − y| / max|x| over every tensor of two safetensors files with the same names.

@@ -1,35 +1,13 @@
 //! The gradient store: scores read back from `fit --store` equal the scores of a pass over the
 //! corpus, for every strategy, in f32; the cost of bf16 is measured; mismatches are refused.
 
+mod common;
+
+use common::{ok, run, s};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("infl-store-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_infl"))
-        .arg("--quiet")
-        .args(args)
-        .output()
-        .expect("the infl binary runs")
-}
-
-fn ok(args: &[&str]) {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "infl {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    common::scratch("store", name)
 }
 
 fn dense(dir: &Path) -> Vec<f64> {
@@ -59,43 +37,7 @@ fn compare(x: &[f64], y: &[f64]) -> (f64, f64) {
 /// A random GPT-2 with short documents, so that the store holds both forms: per-token factors
 /// for sequences shorter than ~6 tokens, the rotated gradient for longer ones.
 fn random_fixture(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    use infl::model::gpt2::{Gpt2, Gpt2Config};
-    let model = dir.join("model");
-    let config = Gpt2Config {
-        vocab_size: 37,
-        n_positions: 16,
-        n_embd: 12,
-        n_layer: 2,
-        n_head: 2,
-        n_inner: None,
-        layer_norm_epsilon: 1e-5,
-        activation_function: "gelu_new".into(),
-        scale_attn_weights: true,
-        scale_attn_by_inverse_layer_idx: false,
-        reorder_and_upcast_attn: false,
-    };
-    Gpt2::random(config, 5, infl::model::ModuleSelection::All)
-        .unwrap()
-        .save(&model)
-        .unwrap();
-    let mut corpus = String::new();
-    for d in 0..40u32 {
-        let len = 2 + (d * 5 % 13) as usize;
-        let ids: Vec<u32> = (0..len as u32)
-            .map(|t| (d * 3 + t * 7 + t * t) % 37)
-            .collect();
-        corpus.push_str(&format!("{{\"ids\": {ids:?}}}\n"));
-    }
-    let c = dir.join("corpus.jsonl");
-    std::fs::write(&c, corpus).unwrap();
-    let q = dir.join("queries.jsonl");
-    std::fs::write(
-        &q,
-        "{\"id\": \"a\", \"prompt_ids\": [1, 2, 3], \"completion_ids\": [4, 5]}\n\
-         {\"id\": \"b\", \"prompt_ids\": [9], \"completion_ids\": [10, 11, 12]}\n",
-    )
-    .unwrap();
-    (model, c, q)
+    common::random_gpt2(dir, 5, 40, |d| 2 + d * 5 % 13, |d, t| d * 3 + t * 7 + t * t)
 }
 
 #[test]

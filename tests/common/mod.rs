@@ -1,0 +1,87 @@
+//! Helpers shared by the end-to-end tests that drive the `infl` binary.
+// Each test file uses its own subset.
+#![allow(dead_code)]
+
+use infl::model::gpt2::{Gpt2, Gpt2Config};
+use infl::model::ModuleSelection;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A fresh scratch directory for one test.
+pub fn scratch(suite: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("infl-{suite}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The `infl` binary, quiet.
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_infl"));
+    c.arg("--quiet");
+    c
+}
+
+pub fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("the infl binary runs")
+}
+
+/// Runs `infl args`, failing the test with its stderr when it fails.
+pub fn ok(args: &[&str]) -> Output {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "infl {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A random 2-block GPT-2 of width 12 (vocab 37, context 16) saved under `dir/model`, a
+/// pre-tokenised corpus of `n_docs` documents (document d has `len(d)` tokens, token t being
+/// `token(d, t) % 37`) and two pre-tokenised queries.
+pub fn random_gpt2(
+    dir: &Path,
+    seed: u64,
+    n_docs: u32,
+    len: impl Fn(u32) -> u32,
+    token: impl Fn(u32, u32) -> u32,
+) -> (PathBuf, PathBuf, PathBuf) {
+    let model = dir.join("model");
+    let config = Gpt2Config {
+        vocab_size: 37,
+        n_positions: 16,
+        n_embd: 12,
+        n_layer: 2,
+        n_head: 2,
+        n_inner: None,
+        layer_norm_epsilon: 1e-5,
+        activation_function: "gelu_new".into(),
+        scale_attn_weights: true,
+        scale_attn_by_inverse_layer_idx: false,
+        reorder_and_upcast_attn: false,
+    };
+    Gpt2::random(config, seed, ModuleSelection::All)
+        .unwrap()
+        .save(&model)
+        .unwrap();
+    let mut corpus = String::new();
+    for d in 0..n_docs {
+        let ids: Vec<u32> = (0..len(d)).map(|t| token(d, t) % 37).collect();
+        corpus.push_str(&format!("{{\"ids\": {ids:?}}}\n"));
+    }
+    let corpus_path = dir.join("corpus.jsonl");
+    std::fs::write(&corpus_path, corpus).unwrap();
+    let queries = dir.join("queries.jsonl");
+    std::fs::write(
+        &queries,
+        "{\"id\": \"a\", \"prompt_ids\": [1, 2, 3], \"completion_ids\": [4, 5]}\n\
+         {\"id\": \"b\", \"prompt_ids\": [9], \"completion_ids\": [10, 11, 12]}\n",
+    )
+    .unwrap();
+    (model, corpus_path, queries)
+}
