@@ -855,6 +855,23 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Covariance updates: the symmetric rank-k update against a general `xᵀ x`, same run.
+fn print_gram_bench() {
+    println!("\ncovariance update Σ xᵀx (f32 product, f64 accumulator), best of 3:");
+    println!(
+        "{:>6} {:>6} {:>12} {:>12} {:>8}",
+        "T", "d", "general ms", "symmetric ms", "ratio"
+    );
+    for (t, d, g, sym) in infl::linalg::gram_benchmark(&[(1024, 257), (1024, 1025), (2048, 3072)]) {
+        println!(
+            "{t:>6} {d:>6} {:>12.2} {:>12.2} {:>7.2}×",
+            g * 1e3,
+            sym * 1e3,
+            g / sym
+        );
+    }
+}
+
 fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
     use infl::curvature::{for_each_batch, Silent};
     use infl::model::Labels;
@@ -862,6 +879,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
 
     if a.engines_only {
         print!("{}", infl::model::fast::bench::run()?.table());
+        print_gram_bench();
         return Ok(());
     }
     let (model_dir, corpus, queries, default_len) = match (a.model, a.train, a.queries) {
@@ -1055,6 +1073,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
     }
     // Last, so that its models do not count in the peak memory reported above.
     print!("{}", infl::model::fast::bench::run()?.table());
+    print_gram_bench();
     Ok(())
 }
 

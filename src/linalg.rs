@@ -92,6 +92,30 @@ pub fn mirror_lower(m: &mut Mat<f64>) {
     }
 }
 
+/// Times [`add_gram`] against [`add_gram_general`] on `T × d` inputs (best of 3 each), for
+/// `infl bench`: rows of (T, d, general seconds, symmetric seconds).
+pub fn gram_benchmark(shapes: &[(usize, usize)]) -> Vec<(usize, usize, f64, f64)> {
+    let best = |f: &mut dyn FnMut()| {
+        (0..3)
+            .map(|_| {
+                let t0 = std::time::Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    shapes
+        .iter()
+        .map(|&(t, d)| {
+            let x = Mat::from_fn(t, d, |i, j| ((i * 31 + j * 17) % 97) as f32 / 97.0);
+            let mut acc = Mat::<f64>::zeros(d, d);
+            let general = best(&mut || add_gram_general(&mut acc, x.as_ref()));
+            let symmetric = best(&mut || add_gram(&mut acc, x.as_ref()));
+            (t, d, general, symmetric)
+        })
+        .collect()
+}
+
 /// The general-product `xᵀ x` that [`add_gram`] replaces, for its test and benchmark.
 pub fn add_gram_general(acc: &mut Mat<f64>, x: MatRef<'_, f32>) {
     let gram = mul(x.transpose(), x);
