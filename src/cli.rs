@@ -277,7 +277,7 @@ struct FitArgs {
     store_dtype: infl::store::StoreDtype,
     /// Form of each stored gradient: `smallest` on disk (the rotated gradient or its per-token
     /// factors), or always `rotated` (more disk for sequences shorter than the layers are
-    /// wide, but `score --store` reads it with no reconstruction).
+    /// wide; `score --store` reads it with no reconstruction).
     #[arg(long, value_enum, default_value = "smallest", requires = "store")]
     store_form: infl::store::StoreForm,
 }

@@ -37,8 +37,8 @@ pub enum StoreForm {
     /// Per sequence and layer, whichever is smaller on disk: the rotated gradient or its
     /// per-token factors.
     Smallest,
-    /// Always the rotated gradient: larger for short sequences, but re-scoring reads it with
-    /// no reconstruction (fastest `score --store`).
+    /// Always the rotated gradient: larger for short sequences; re-scoring reads it with no
+    /// reconstruction.
     Rotated,
 }
 
