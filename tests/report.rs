@@ -823,14 +823,52 @@ fn report_renders_in_headless_chromium() {
 #[test]
 fn report_and_compare_read_what_infl_score_writes() {
     let dir = scratch("pipeline");
+    // The bundled tiny model and corpus, fitted as `infl demo` did before it trained its own.
     let demo = dir.join("demo");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(demo.join("model")).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(
+            root.join("assets/tiny-gpt2").join(f),
+            demo.join("model").join(f),
+        )
+        .unwrap();
+    }
+    for f in ["corpus.jsonl", "queries.jsonl"] {
+        std::fs::copy(root.join("assets/demo").join(f), demo.join(f)).unwrap();
+    }
+    let d = |name: &str| demo.join(name).to_str().unwrap().to_string();
     let out = infl(&[
         "--quiet",
-        "demo",
+        "fit",
+        "--model",
+        &d("model"),
+        "--train",
+        &d("corpus.jsonl"),
         "--out",
-        demo.to_str().unwrap(),
-        "--top-k",
-        "1",
+        &d("factors"),
+        "--max-len",
+        "48",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = infl(&[
+        "--quiet",
+        "score",
+        "--model",
+        &d("model"),
+        "--factors",
+        &d("factors"),
+        "--train",
+        &d("corpus.jsonl"),
+        "--queries",
+        &d("queries.jsonl"),
+        "--out",
+        &d("results"),
+        "--dense",
     ]);
     assert!(
         out.status.success(),

@@ -142,7 +142,12 @@ impl Gpt2 {
     }
 
     /// Builds a model from named tensors (checkpoint names, with or without `transformer.`).
-    fn from_weights(config: Gpt2Config, w: &Weights, modules: ModuleSelection) -> Result<Self> {
+    /// The tensors are used as given (no copy), so `Var`s stay trainable (see [`crate::train`]).
+    pub(crate) fn from_weights(
+        config: Gpt2Config,
+        w: &Weights,
+        modules: ModuleSelection,
+    ) -> Result<Self> {
         let prefix = if w.contains("transformer.wte.weight") {
             "transformer."
         } else {
@@ -312,8 +317,9 @@ impl Gpt2 {
     }
 
     /// Forward pass over a right-padded batch. `probes[i]` is added to the output of tracked
-    /// layer i (`[B*T, d_out]`). Returns the logits `[B, T, V]` and each tracked layer's input.
-    fn forward(
+    /// layer i (`[B*T, d_out]`); with no probes (training) nothing is added. Returns the logits
+    /// `[B, T, V]` and each tracked layer's input.
+    pub(crate) fn forward(
         &self,
         ids: &[Vec<u32>],
         padded_len: usize,
@@ -349,7 +355,10 @@ impl Gpt2 {
             match layer.tap {
                 Some(i) => {
                     inputs[i] = Some(a.clone());
-                    y + &probes[i]
+                    match probes.get(i) {
+                        Some(probe) => y + probe,
+                        None => Ok(y),
+                    }
                 }
                 None => Ok(y),
             }
@@ -399,7 +408,7 @@ impl Gpt2 {
             // backward is exact (candle's fused gelu backward uses rounded constants).
             _ => {
                 let c = (2.0 / std::f64::consts::PI).sqrt();
-                let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * c)?;
+                let inner = ((x + ((x.sqr()? * x)? * 0.044715)?)? * c)?;
                 (x * 0.5)? * (inner.tanh()? + 1.0)?
             }
         }

@@ -1,0 +1,318 @@
+//! `infl demo`: the whole workflow on a corpus whose answers are known. A tiny GPT-2 is trained
+//! from scratch ([`crate::train`]) on public-domain text plus synthetic facts, each stated exactly
+//! once; influence is fitted and scored with several strategies; and for every fact query we
+//! check whether the fact's own sentence comes out on top. A lexical baseline (BM25, the TF-IDF
+//! weighting the paper's pre-filter used) is scored on the same queries, so the table shows what
+//! gradients add over word overlap.
+//!
+//! The library runs the stages and measures; the binary embeds the bundled data and prints.
+
+use crate::curvature::{CheckpointPolicy, Fisher, FitOptions, Progress, Strategy};
+use crate::data::{self, LazyTokenizer};
+use crate::error::{Error, Result};
+use crate::influence::Damping;
+use crate::model::ModuleSelection;
+use crate::shard::Shard;
+use crate::train::{TrainJob, TrainingRecord};
+use crate::workflow::{self, FitJob, Normalize, ScoreJob, ScoreSummary};
+use std::path::{Path, PathBuf};
+
+/// Settings of a demo run.
+#[derive(Debug, Clone)]
+pub struct DemoJob {
+    pub out: PathBuf,
+    /// JSONL corpus; queries may carry `source_line`, the corpus line that states their fact.
+    pub corpus: PathBuf,
+    pub queries: PathBuf,
+    /// How the model is trained (its `train`/`out` fields are set from `corpus`/`out`).
+    pub train: TrainJob,
+    /// Train again even when `OUT/model` was trained with the same corpus and settings.
+    pub retrain: bool,
+    /// The influence strategies to score; the first one gets the report.
+    pub strategies: Vec<Strategy>,
+    pub top_k: usize,
+}
+
+/// One query's expected source, read from the query file's `source_line`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FactQuery {
+    pub id: String,
+    pub source_line: usize,
+}
+
+/// Recall of the facts' own sentences by one method.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Recall {
+    pub method: String,
+    pub recall_at_1: f64,
+    pub recall_at_10: f64,
+    /// Rank (1-based) of each fact's own sentence, `None` when it is not in the top 10.
+    pub ranks: Vec<Option<usize>>,
+}
+
+pub struct DemoOutcome {
+    pub model: PathBuf,
+    pub training: TrainingRecord,
+    /// Whether the model was trained in this run (false: an earlier run's model was reused).
+    pub trained_now: bool,
+    pub facts: Vec<FactQuery>,
+    /// Scores of each strategy, in `DemoJob::strategies` order.
+    pub scores: Vec<(Strategy, ScoreSummary)>,
+    pub recall: Vec<Recall>,
+    pub report: Option<PathBuf>,
+}
+
+/// Reads the `source_line` of every query that has one (the fact queries).
+pub fn fact_queries(queries: &Path) -> Result<Vec<FactQuery>> {
+    let text = std::fs::read_to_string(queries).map_err(|e| Error::io(queries, e))?;
+    let mut facts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", queries.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::input(format!("{at}: malformed JSON: {e}")))?;
+        let Some(src) = v.get("source_line") else {
+            continue;
+        };
+        let source_line = src.as_u64().filter(|&l| l >= 1).ok_or_else(|| {
+            Error::input(format!(
+                "{at}: field `source_line` must be a 1-based corpus line number"
+            ))
+        })? as usize;
+        let id = v
+            .get("id")
+            .and_then(|x| x.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| (i + 1).to_string());
+        facts.push(FactQuery { id, source_line });
+    }
+    Ok(facts)
+}
+
+/// The line of a sequence id `LINE:WINDOW`.
+fn line_of(sequence_id: &str) -> Option<usize> {
+    sequence_id.split(':').next()?.parse().ok()
+}
+
+/// Recall@1 and @10 from each fact's ranked sequence ids (best first, at least 10 when the
+/// corpus has them).
+pub fn recall(method: &str, facts: &[FactQuery], ranked: &[Vec<String>]) -> Recall {
+    let ranks: Vec<Option<usize>> = facts
+        .iter()
+        .zip(ranked)
+        .map(|(f, ids)| {
+            ids.iter()
+                .take(10)
+                .position(|s| line_of(s) == Some(f.source_line))
+                .map(|p| p + 1)
+        })
+        .collect();
+    let n = facts.len().max(1) as f64;
+    Recall {
+        method: method.to_string(),
+        recall_at_1: ranks.iter().filter(|r| **r == Some(1)).count() as f64 / n,
+        recall_at_10: ranks.iter().filter(|r| r.is_some()).count() as f64 / n,
+        ranks,
+    }
+}
+
+/// The model in `dir` was trained by `infl train` on this corpus with these settings.
+fn reusable(dir: &Path, corpus_sha256: &str, job: &TrainJob) -> Option<TrainingRecord> {
+    let text = std::fs::read_to_string(dir.join("training.json")).ok()?;
+    let record: TrainingRecord = serde_json::from_str(&text).ok()?;
+    let same = record.corpus_sha256 == corpus_sha256
+        && record.config.n_embd == job.n_embd
+        && record.config.n_layer == job.n_layer
+        && record.config.n_head == job.n_head
+        && record.config.n_positions == job.n_positions
+        && serde_json::to_value(&record.options).ok()?
+            == serde_json::to_value(&job.options).ok()?
+        && dir.join("model.safetensors").exists()
+        && dir.join("tokenizer.json").exists();
+    same.then_some(record)
+}
+
+pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<DemoOutcome> {
+    let model = job.out.join("model");
+    let corpus_sha256 = data::sha256_file(&job.corpus)?;
+    let mut train = job.train.clone();
+    train.train = job.corpus.clone();
+    train.out = model.clone();
+    let (training, trained_now) = match reusable(&model, &corpus_sha256, &train) {
+        Some(record) if !job.retrain => (record, false),
+        _ => (crate::train::train(&train, progress)?.record, true),
+    };
+    let facts = fact_queries(&job.queries)?;
+    let max_len = train.n_positions;
+    let mut scores = Vec::new();
+    for (i, &strategy) in job.strategies.iter().enumerate() {
+        let name = strategy_name(strategy);
+        let factors = job.out.join(format!("factors-{name}"));
+        workflow::fit(
+            &FitJob {
+                model: model.clone(),
+                train: job.corpus.clone(),
+                out: factors.clone(),
+                modules: ModuleSelection::All,
+                layers: None,
+                max_len: Some(max_len),
+                options: FitOptions {
+                    strategy,
+                    fisher: Fisher::Sampled,
+                    batch_size: 8,
+                    seed: 0,
+                },
+                memory_check: true,
+                shard: Shard::WHOLE,
+                checkpoint: CheckpointPolicy::NEVER,
+                fresh: true,
+                store: None,
+            },
+            progress,
+        )?;
+        let first = i == 0;
+        let summary = workflow::score(
+            &ScoreJob {
+                model: model.clone(),
+                factors,
+                train: job.corpus.clone(),
+                queries: job.queries.clone(),
+                out: job.out.join(format!("results-{name}")),
+                damping: Damping::Heuristic,
+                top_k: job.top_k.max(10),
+                dense: false,
+                batch_size: 8,
+                max_len: None,
+                memory_check: true,
+                query_rank: None,
+                per_layer: first,
+                per_token: first,
+                normalize: Normalize::None,
+                prefilter: None,
+                shard: Shard::WHOLE,
+                checkpoint: CheckpointPolicy::NEVER,
+                fresh: true,
+                store: false,
+            },
+            progress,
+        )?;
+        scores.push((strategy, summary));
+    }
+
+    let fact_index: Vec<usize> = {
+        let ids = &scores
+            .first()
+            .ok_or_else(|| Error::input("the demo needs at least one strategy"))?
+            .1
+            .meta
+            .queries
+            .ids;
+        facts
+            .iter()
+            .map(|f| {
+                ids.iter().position(|q| q == &f.id).ok_or_else(|| {
+                    Error::input(format!("query `{}` is missing from the results", f.id))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let mut recalls = Vec::new();
+    for (strategy, summary) in &scores {
+        let ranked: Vec<Vec<String>> = fact_index
+            .iter()
+            .map(|&qi| {
+                let qid = &summary.meta.queries.ids[qi];
+                let mut top: Vec<&crate::results::TopEntry> = summary
+                    .top
+                    .iter()
+                    .filter(|e| &e.query_id == qid && e.direction == "top")
+                    .collect();
+                top.sort_by_key(|e| e.rank);
+                top.iter().map(|e| e.sequence_id.clone()).collect()
+            })
+            .collect();
+        recalls.push(recall(strategy_name(*strategy), &facts, &ranked));
+    }
+    recalls.push(recall(
+        "tf-idf (bm25)",
+        &facts,
+        &lexical_ranking(&model, &job.corpus, &job.queries, max_len, &fact_index)?,
+    ));
+
+    let report = match scores.first() {
+        Some((strategy, _)) => {
+            let html = job.out.join("report.html");
+            crate::report::write_report(
+                &job.out
+                    .join(format!("results-{}", strategy_name(*strategy))),
+                &html,
+                &Default::default(),
+            )?;
+            Some(html)
+        }
+        None => None,
+    };
+    Ok(DemoOutcome {
+        model,
+        training,
+        trained_now,
+        facts,
+        scores,
+        recall: recalls,
+        report,
+    })
+}
+
+/// Each selected query's sequences ranked by BM25 over the model's token ids (prompt and
+/// completion together), best first.
+fn lexical_ranking(
+    model: &Path,
+    corpus: &Path,
+    queries: &Path,
+    max_len: usize,
+    which: &[usize],
+) -> Result<Vec<Vec<String>>> {
+    let vocab = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(model.join("config.json"))
+            .map_err(|e| Error::io(model.join("config.json"), e))?,
+    )
+    .ok()
+    .and_then(|c| c.get("vocab_size")?.as_u64())
+    .ok_or_else(|| Error::input(format!("{}: no vocab_size", model.display())))?
+        as usize;
+    let mut tokenizer = LazyTokenizer::new(model);
+    let index = crate::index::Bm25Index::build(corpus, &mut tokenizer, max_len, vocab)?;
+    let (all, _) = data::read_queries(queries, &mut tokenizer, max_len, vocab)?;
+    let corpus = data::read_corpus(corpus, &mut tokenizer, max_len, vocab)?;
+    Ok(which
+        .iter()
+        .map(|&qi| {
+            let q = &all[qi];
+            let terms: Vec<u32> = q
+                .prompt_ids
+                .iter()
+                .chain(&q.completion_ids)
+                .copied()
+                .collect();
+            let scores = index.scores(&terms);
+            let mut order: Vec<usize> = (0..scores.len()).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            order
+                .into_iter()
+                .take(10)
+                .map(|i| corpus.sequences[i].id.clone())
+                .collect()
+        })
+        .collect())
+}
+
+pub fn strategy_name(s: Strategy) -> &'static str {
+    match s {
+        Strategy::Ekfac => "ekfac",
+        Strategy::Kfac => "kfac",
+        Strategy::Diagonal => "diagonal",
+        Strategy::Identity => "identity",
+    }
+}
