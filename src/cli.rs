@@ -61,16 +61,16 @@ enum Command {
     /// Merge the shards of a sharded `fit` or `score` (`--shard i/N`) exactly into final files.
     Merge(MergeArgs),
     /// Measure how well each curvature strategy reproduces a more exact reference.
+    #[command(
+        long_about = "Measure how well each curvature strategy (ekfac, kfac, diagonal, identity) reproduces a\n\
+    more exact reference, query by query, on a model small enough to compute the reference.\n\n\
+    Subcommands:\n  \
+    exact   against influence under the exact damped per-layer (block-diagonal) Fisher"
+    )]
     Validate(ValidateArgs),
 }
 
 #[derive(clap::Args)]
-#[command(
-    long_about = "Measure how well each curvature strategy (ekfac, kfac, diagonal, identity) reproduces a\n\
-more exact reference, query by query, on a model small enough to compute the reference.\n\n\
-Subcommands:\n  \
-exact   against influence under the exact damped per-layer (block-diagonal) Fisher"
-)]
 struct ValidateArgs {
     #[command(subcommand)]
     command: ValidateCommand,
@@ -80,32 +80,32 @@ struct ValidateArgs {
 #[derive(Subcommand)]
 enum ValidateCommand {
     /// Against influence under the exact damped per-layer (block-diagonal) Fisher.
+    #[command(
+        long_about = "Compare every strategy with influence under the exact damped per-layer Fisher.\n\n\
+    For each tracked layer l, with vec(G_z) the flattened per-sequence gradient (D_l parameters):\n  \
+    F_l = (1/N) Σ_z vec(G_z) vec(G_z)ᵀ   over the N training sequences, under the Fisher's labels\n                                     \
+    (those `fit` uses for Λ: sampled with --seed, or the data's)\n  \
+    λ_l = 0.1 · trace(F_l) / D_l          (the same number as EK-FAC's 0.1 · mean(Λ)), or --damping\n  \
+    I(q, z) = Σ_l vec(G_q)ᵀ (F_l + λ_l I)⁻¹ vec(G_z)   with `infl score`'s sign and scale\n\
+    (F + λI)⁻¹ is applied in f64 through the Woodbury identity on the N gradients (a dense D × D\n\
+    solve where D ≤ N). EK-FAC, KFAC and diagonal approximate exactly this F; identity drops it.\n\n\
+    Each strategy is then fitted and scored with the same labels and damping (full-rank queries,\n\
+    dense scores; OUT/runs/STRATEGY/{factors,results}), and compared per query with the exact\n\
+    scores over all training sequences:\n  \
+    Spearman   rank correlation (ties share their average rank): does it order the corpus alike?\n  \
+    Pearson    linear correlation of the raw scores (scale-free: KFAC's larger scale does not matter)\n  \
+    top-k      |top-k exact ∩ top-k strategy| / k over the most positive scores: does it find the\n             \
+    same most supportive sequences?\n\
+    The table shows the mean over queries and, in parentheses, the worst query. 1 is perfect\n\
+    agreement; identity's row is the baseline of no curvature at all. OUT/exact.json holds every\n\
+    number per query, the λ of each layer, and the model, corpus and query hashes.\n\n\
+    The exact Fisher holds N · ΣD f64 numbers (plus an N × N matrix per layer): it is for small\n\
+    models and corpora; the command refuses, with the numbers, when it would not fit in memory."
+    )]
     Exact(ValidateExactArgs),
 }
 
 #[derive(clap::Args)]
-#[command(
-    long_about = "Compare every strategy with influence under the exact damped per-layer Fisher.\n\n\
-For each tracked layer l, with vec(G_z) the flattened per-sequence gradient (D_l parameters):\n  \
-F_l = (1/N) Σ_z vec(G_z) vec(G_z)ᵀ   over the N training sequences, under the Fisher's labels\n                                     \
-(those `fit` uses for Λ: sampled with --seed, or the data's)\n  \
-λ_l = 0.1 · trace(F_l) / D_l          (the same number as EK-FAC's 0.1 · mean(Λ)), or --damping\n  \
-I(q, z) = Σ_l vec(G_q)ᵀ (F_l + λ_l I)⁻¹ vec(G_z)   with `infl score`'s sign and scale\n\
-(F + λI)⁻¹ is applied in f64 through the Woodbury identity on the N gradients (a dense D × D\n\
-solve where D ≤ N). EK-FAC, KFAC and diagonal approximate exactly this F; identity drops it.\n\n\
-Each strategy is then fitted and scored with the same labels and damping (full-rank queries,\n\
-dense scores; OUT/runs/STRATEGY/{factors,results}), and compared per query with the exact\n\
-scores over all training sequences:\n  \
-Spearman   rank correlation (ties share their average rank): does it order the corpus alike?\n  \
-Pearson    linear correlation of the raw scores (scale-free: KFAC's larger scale does not matter)\n  \
-top-k      |top-k exact ∩ top-k strategy| / k over the most positive scores: does it find the\n             \
-same most supportive sequences?\n\
-The table shows the mean over queries and, in parentheses, the worst query. 1 is perfect\n\
-agreement; identity's row is the baseline of no curvature at all. OUT/exact.json holds every\n\
-number per query, the λ of each layer, and the model, corpus and query hashes.\n\n\
-The exact Fisher holds N · ΣD f64 numbers (plus an N × N matrix per layer): it is for small\n\
-models and corpora; the command refuses, with the numbers, when it would not fit in memory."
-)]
 struct ValidateExactArgs {
     /// Checkpoint directory [default: the bundled tiny model, with its 48-token windows].
     #[arg(long, value_name = "DIR", requires = "train", requires = "queries")]
