@@ -94,6 +94,29 @@ fn woodbury_equals_a_dense_damped_solve() {
         let back = &f * &x;
         assert!(max_rel(&back, &rhs) < 1e-10);
     }
+    // The whole exact-score computation, every layer forced through either solver.
+    let mut tok = infl::data::LazyTokenizer::new(&model_dir);
+    let queries = model_dir.parent().unwrap().join("queries.jsonl");
+    let (qs, _) = infl::data::read_queries(&queries, &mut tok, 16, model.vocab_size()).unwrap();
+    let scores = |solver| {
+        exact::exact_scores(
+            model.as_ref(),
+            &data.sequences,
+            &qs,
+            &options(Fisher::Sampled),
+            Damping::Heuristic,
+            Some(solver),
+            &Silent,
+        )
+        .unwrap()
+    };
+    let (w, d) = (scores(Solver::Woodbury), scores(Solver::Dense));
+    assert!(w.layers.iter().all(|l| l.solver == Solver::Woodbury));
+    assert!(d.layers.iter().all(|l| l.solver == Solver::Dense));
+    let flat = |s: &exact::ExactScores| Mat::from_fn(s.scores.len(), n, |q, z| s.scores[q][z]);
+    let err = max_rel(&flat(&w), &flat(&d));
+    assert!(err < 1e-9, "exact scores, Woodbury vs dense: {err:e}");
+
     // λ must be positive: the exact damped Fisher of a rank-deficient F needs it.
     let m = &grads[0];
     let e = exact::damped_inverse_apply(m.as_ref(), 0.0, m.as_ref(), Solver::Woodbury);

@@ -615,12 +615,6 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
             results: results.display().to_string(),
         });
     }
-    let stats = data::CorpusStats {
-        n_documents: corpus.n_documents,
-        n_sequences: n,
-        n_tokens: corpus.n_tokens(),
-        sha256: corpus.sha256.clone(),
-    };
     let report = ExactReport {
         tool: "infl".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -628,11 +622,11 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
         model: ModelInfo::of(&job.model, model.as_ref())?,
         corpus: CorpusInfo {
             path: job.train.display().to_string(),
-            sha256: stats.sha256,
+            sha256: corpus.sha256.clone(),
             max_len,
-            n_documents: stats.n_documents,
-            n_sequences: stats.n_sequences,
-            n_tokens: stats.n_tokens,
+            n_documents: corpus.n_documents,
+            n_sequences: n,
+            n_tokens: corpus.n_tokens(),
         },
         queries: QueriesRef {
             path: job.queries.display().to_string(),
