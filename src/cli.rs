@@ -20,7 +20,8 @@ infl computes EK-FAC influence functions (Grosse et al. 2023) with the conventio
              --queries QUERIES.jsonl --out RESULTS              influence of each training sequence\n\n\
 A score I(q, z) > 0 means training on z lowers −log p(completion | prompt) of query q: z supports\n\
 the completion. Scores are sums over tracked layers and are not divided by the corpus size.\n\n\
-Try `infl demo` first: it runs both stages on a tiny model and corpus bundled in the binary."
+Try `infl demo` first: it runs both stages on a tiny model and corpus bundled in the binary;\n\
+`infl validate exact` measures each strategy against the exact damped per-layer Fisher there."
 )]
 struct Cli {
     /// No progress bars or summaries on stderr (results still go to files / stdout).
