@@ -9,7 +9,8 @@
 //! → [`curvature`] (A, S, eigenbases, Λ) → [`influence`] (inverse-Hessian-vector products,
 //! scores) → [`results`] (top-k JSONL, dense safetensors). [`workflow`] runs the stages as
 //! file-to-file jobs (`infl fit`, `infl score`); [`report`] (with [`powerlaw`] for the heavy
-//! tail) and [`compare`] turn results directories into HTML a person reads.
+//! tail) and [`compare`] turn results directories into HTML a person reads; [`validate`] measures
+//! each approximate strategy against a more exact reference (`infl validate exact`).
 
 pub mod checkpoint;
 pub mod compare;
@@ -29,6 +30,7 @@ pub mod results;
 pub mod shard;
 pub mod store;
 pub mod train;
+pub mod validate;
 pub mod workflow;
 
 pub use error::{Error, Result};
