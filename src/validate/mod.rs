@@ -7,8 +7,11 @@
 //!
 //! - [`exact`]: the exact damped per-layer (block-diagonal) Fisher, inverted through the
 //!   Woodbury identity on the per-sequence gradients (`infl validate exact`).
+//! - [`lds`]: the linear datamodeling score: retrain on random subsets and correlate the
+//!   measured losses with the influence-predicted ones (`infl validate lds`).
 
 pub mod exact;
+pub mod lds;
 
 /// Ranks of `x` (1-based), ties sharing their average rank. NaNs rank last.
 pub fn ranks(x: &[f64]) -> Vec<f64> {

@@ -1,0 +1,518 @@
+//! The linear datamodeling score (LDS; Park et al. 2023, "TRAK"), the field's standard test of
+//! whether attribution scores predict what retraining does: `infl validate lds`.
+//!
+//! For M random subsets S_m of the training sequences (each a fixed fraction, 50% by default,
+//! drawn from a fixed seed), the model is retrained from scratch on S_m with exactly the recipe
+//! that made it (`training.json`: same initialisation seed, optimiser, schedule and epochs), and
+//! each query's measurement f_q = −log p(completion | prompt) is taken under the retrained model.
+//! Influence computed once on the full model predicts those measurements: since I(q, z) > 0 means
+//! that up-weighting z lowers f_q, the prediction for subset m is
+//!
+//!   f̂_q(S_m) = −Σ_{z ∈ S_m} I(q, z)       (up to a constant, which no rank correlation sees)
+//!
+//! and the LDS of query q is the Spearman correlation over m of f̂_q(S_m) with the measured
+//! f_q(θ_{S_m}). The score of a strategy is the mean over queries.
+//!
+//! Retraining dominates the cost (M models); each finished subset's measurements are saved in
+//! `OUT/work/`, so an interrupted run resumes where it stopped.
+
+use super::spearman;
+use crate::curvature::{self, Fisher, FitOptions, Progress, Silent, Strategy};
+use crate::data::{self, LazyTokenizer};
+use crate::error::{Error, Result};
+use crate::influence::Damping;
+use crate::io;
+use crate::model::gpt2::Gpt2;
+use crate::model::ModuleSelection;
+use crate::shard::Shard;
+use crate::train::{completion_losses, Trainer, TrainingRecord};
+use crate::workflow::{self, FitJob, Normalize, ScoreJob};
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Settings of `infl validate lds`.
+#[derive(Debug, Clone)]
+pub struct LdsJob {
+    /// A checkpoint written by `infl train` (its `training.json` is the recipe retrained).
+    pub model: PathBuf,
+    /// The corpus it was trained on (checked against the recorded hash).
+    pub train: PathBuf,
+    pub queries: PathBuf,
+    pub out: PathBuf,
+    /// M, the number of retrained subsets.
+    pub subsets: usize,
+    /// The fraction of the training sequences in each subset.
+    pub fraction: f64,
+    /// Seed of the subsets.
+    pub seed: u64,
+    pub strategies: Vec<Strategy>,
+    pub fisher: Fisher,
+    pub damping: Damping,
+    /// Models retrained at once (each single-threaded inside).
+    pub threads: usize,
+    /// Discard saved retraining results in `OUT/work/`.
+    pub fresh: bool,
+}
+
+/// The subsets' indices: `round(fraction · n)` distinct sequences each, sorted, drawn for subset
+/// m from (seed, m) alone, so that subset m is the same whatever M is.
+pub fn subsets(n: usize, fraction: f64, m: usize, seed: u64) -> Vec<Vec<usize>> {
+    let k = ((fraction * n as f64).round() as usize).clamp(1, n.max(1));
+    (0..m)
+        .map(|i| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            );
+            let mut all: Vec<usize> = (0..n).collect();
+            for j in 0..k {
+                let r = rng.random_range(j..n);
+                all.swap(j, r);
+            }
+            let mut pick = all[..k].to_vec();
+            pick.sort_unstable();
+            pick
+        })
+        .collect()
+}
+
+/// LDS of one query: Spearman over subsets of the predicted −Σ_{z∈S} I(q, z) against the
+/// measured losses.
+pub fn lds(scores: &[f64], subsets: &[Vec<usize>], measured: &[f64]) -> f64 {
+    let predicted: Vec<f64> = subsets
+        .iter()
+        .map(|s| -s.iter().map(|&z| scores[z]).sum::<f64>())
+        .collect();
+    spearman(&predicted, measured)
+}
+
+/// One strategy's LDS.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StrategyLds {
+    pub strategy: String,
+    pub mean: f64,
+    /// Standard error of the mean over queries.
+    pub stderr: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Per query, in query-file order.
+    pub per_query: Vec<f64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LdsReport {
+    pub tool: String,
+    pub definition: String,
+    pub model: String,
+    pub model_weights_sha256: String,
+    pub corpus: String,
+    pub corpus_sha256: String,
+    pub queries: String,
+    pub queries_sha256: String,
+    pub query_ids: Vec<String>,
+    pub n_sequences: usize,
+    pub subsets: usize,
+    pub fraction: f64,
+    pub seed: u64,
+    pub fisher: Fisher,
+    pub training: TrainingRecord,
+    /// Each query's measurement under the full model.
+    pub full_model_losses: Vec<f64>,
+    /// `[subset][query]` measurements under the retrained models.
+    pub subset_losses: Vec<Vec<f64>>,
+    /// Mean over queries of the spread (standard deviation over subsets) of the measurements.
+    pub mean_loss_spread: f64,
+    pub strategies: Vec<StrategyLds>,
+    pub retrain_seconds: f64,
+    pub seconds: f64,
+}
+
+impl LdsReport {
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "LDS: {} retrained models on {:.0}% subsets of {} sequences, {} queries\n{:<10} {:>8} {:>8} {:>8} {:>8}\n",
+            self.subsets,
+            self.fraction * 100.0,
+            self.n_sequences,
+            self.query_ids.len(),
+            "strategy",
+            "mean",
+            "± s.e.",
+            "min",
+            "max"
+        );
+        for r in &self.strategies {
+            s += &format!(
+                "{:<10} {:>8.3} {:>8.3} {:>8.3} {:>8.3}\n",
+                r.strategy, r.mean, r.stderr, r.min, r.max
+            );
+        }
+        s
+    }
+}
+
+pub const LDS_FILE: &str = "lds.json";
+const DEFINITION: &str = "For M random subsets S_m (fixed fraction of the training sequences, seeded), the model is retrained from scratch on S_m with the recipe in training.json (same init seed, optimiser, schedule, epochs) and f_q = -log p(completion | prompt) is measured. LDS(q) = Spearman over m of (-sum_{z in S_m} I(q,z)) against f_q(theta_{S_m}), with I from the full model (positive I: up-weighting z lowers f_q). A strategy's LDS is the mean over queries.";
+
+/// Saved result of one retrained subset.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SubsetResult {
+    fingerprint: String,
+    subset: usize,
+    losses: Vec<f64>,
+    seconds: f64,
+}
+
+fn strategy_name(s: Strategy) -> String {
+    format!("{s:?}").to_lowercase()
+}
+
+pub fn run(job: &LdsJob, progress: &dyn Progress) -> Result<LdsReport> {
+    let started = std::time::Instant::now();
+    if job.subsets < 2 {
+        return Err(Error::input(
+            "--subsets must be at least 2 (a correlation over subsets)",
+        ));
+    }
+    if !(job.fraction > 0.0 && job.fraction <= 1.0) {
+        return Err(Error::input("--fraction must lie in (0, 1]"));
+    }
+    let record_path = job.model.join("training.json");
+    let training: TrainingRecord = io::read_json(&record_path).map_err(|_| {
+        Error::input(format!(
+            "{}: missing or unreadable; LDS retrains the model, so it needs a checkpoint made by `infl train` (or `infl demo`), which records its recipe there",
+            record_path.display()
+        ))
+    })?;
+    let corpus_sha256 = data::sha256_file(&job.train)?;
+    if corpus_sha256 != training.corpus_sha256 {
+        return Err(Error::Mismatch(format!(
+            "{} (sha256 {}…) is not the corpus {} was trained on ({}, sha256 {}…)",
+            job.train.display(),
+            &corpus_sha256[..12],
+            job.model.display(),
+            training.corpus,
+            &training.corpus_sha256[..12]
+        )));
+    }
+    let full = Gpt2::load(&job.model, ModuleSelection::All)?;
+    let config = full.config().clone();
+    let mut tokenizer = LazyTokenizer::new(&job.model);
+    let corpus = data::read_corpus(
+        &job.train,
+        &mut tokenizer,
+        config.n_positions,
+        config.vocab_size,
+    )?;
+    let n = corpus.sequences.len();
+    if n != training.n_sequences {
+        return Err(Error::Mismatch(format!(
+            "{} cuts into {n} sequences but training.json records {}",
+            job.train.display(),
+            training.n_sequences
+        )));
+    }
+    let (queries, queries_sha256) = data::read_queries(
+        &job.queries,
+        &mut tokenizer,
+        config.n_positions,
+        config.vocab_size,
+    )?;
+    let pairs: Vec<(&[u32], &[u32])> = queries
+        .iter()
+        .map(|q| (q.prompt_ids.as_slice(), q.completion_ids.as_slice()))
+        .collect();
+    let full_model_losses = completion_losses(&full, &pairs)?;
+    let weights_sha256 = workflow::ModelInfo::of(&job.model, &full)?.weights_sha256;
+
+    io::ensure_dir(&job.out)?;
+    // Influence from the full model, for each strategy.
+    let mut scores = Vec::new();
+    for &strategy in &job.strategies {
+        let name = strategy_name(strategy);
+        let dir = job.out.join("runs").join(&name);
+        workflow::fit(
+            &FitJob {
+                model: job.model.clone(),
+                train: job.train.clone(),
+                out: dir.join("factors"),
+                modules: ModuleSelection::All,
+                layers: None,
+                max_len: Some(config.n_positions),
+                options: FitOptions {
+                    strategy,
+                    fisher: job.fisher,
+                    batch_size: 8,
+                    seed: 0,
+                },
+                memory_check: true,
+                shard: Shard::WHOLE,
+                checkpoint: curvature::CheckpointPolicy::NEVER,
+                fresh: true,
+                store: None,
+            },
+            progress,
+        )?;
+        workflow::score(
+            &ScoreJob {
+                model: job.model.clone(),
+                factors: dir.join("factors"),
+                train: job.train.clone(),
+                queries: job.queries.clone(),
+                out: dir.join("results"),
+                damping: job.damping,
+                top_k: 10,
+                dense: true,
+                batch_size: 8,
+                max_len: None,
+                memory_check: true,
+                query_rank: None,
+                per_layer: false,
+                per_token: false,
+                normalize: Normalize::None,
+                prefilter: None,
+                shard: Shard::WHOLE,
+                checkpoint: curvature::CheckpointPolicy::NEVER,
+                fresh: true,
+                store: false,
+            },
+            progress,
+        )?;
+        scores.push((name, super::exact::read_dense(&dir.join("results"))?));
+    }
+
+    // Retraining: the saved subsets first, then the rest, `threads` at a time.
+    let subsets = subsets(n, job.fraction, job.subsets, job.seed);
+    let fingerprint = {
+        let mut h = Sha256::new();
+        h.update(
+            serde_json::json!({
+                "weights": weights_sha256,
+                "corpus": corpus_sha256,
+                "queries": queries_sha256,
+                "fraction": job.fraction,
+                "seed": job.seed,
+                "options": training.options,
+            })
+            .to_string(),
+        );
+        data::hex(&h.finalize())
+    };
+    let work = job.out.join("work");
+    if job.fresh && work.exists() {
+        std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    }
+    io::ensure_dir(&work)?;
+    let saved = |m: usize| work.join(format!("subset-{m:04}.json"));
+    let results: Mutex<Vec<Option<SubsetResult>>> =
+        Mutex::new((0..job.subsets).map(|_| None).collect());
+    for m in 0..job.subsets {
+        if let Ok(r) = io::read_json::<SubsetResult>(&saved(m)) {
+            if r.fingerprint == fingerprint && r.subset == m && r.losses.len() == queries.len() {
+                results.lock().map_err(|_| poisoned())?[m] = Some(r);
+            }
+        }
+    }
+    let todo: Vec<usize> = {
+        let r = results.lock().map_err(|_| poisoned())?;
+        (0..job.subsets).filter(|&m| r[m].is_none()).collect()
+    };
+    let per_subset_tokens = |m: usize| -> u64 {
+        subsets[m]
+            .iter()
+            .map(|&i| corpus.sequences[i].ids.len() as u64)
+            .sum::<u64>()
+            * training.options.epochs as u64
+    };
+    progress.begin(
+        &format!("retrain {} of {} subsets", todo.len(), job.subsets),
+        todo.iter().map(|&m| per_subset_tokens(m)).sum(),
+    );
+    let retrain_started = std::time::Instant::now();
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..job.threads.max(1).min(todo.len().max(1)) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&m) = todo.get(i) else { break };
+                if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    break;
+                }
+                let outcome = (|| -> Result<SubsetResult> {
+                    let t0 = std::time::Instant::now();
+                    let seqs: Vec<&[u32]> = subsets[m]
+                        .iter()
+                        .map(|&i| corpus.sequences[i].ids.as_slice())
+                        .collect();
+                    let mut trainer = Trainer::new(config.clone(), training.options.clone())?;
+                    trainer.fit(&seqs, &Silent)?;
+                    let losses = completion_losses(trainer.model(), &pairs)?;
+                    let r = SubsetResult {
+                        fingerprint: fingerprint.clone(),
+                        subset: m,
+                        losses,
+                        seconds: t0.elapsed().as_secs_f64(),
+                    };
+                    io::write_json(&saved(m), &r)?;
+                    Ok(r)
+                })();
+                match outcome {
+                    Ok(r) => {
+                        progress.advance(per_subset_tokens(m));
+                        if let Ok(mut all) = results.lock() {
+                            all[m] = Some(r);
+                        }
+                    }
+                    Err(e) => {
+                        if let Ok(mut f) = failure.lock() {
+                            f.get_or_insert(e);
+                        }
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    progress.end();
+    if let Some(e) = failure.into_inner().map_err(|_| poisoned())? {
+        return Err(e);
+    }
+    let retrain_seconds = retrain_started.elapsed().as_secs_f64();
+    let subset_losses: Vec<Vec<f64>> = results
+        .into_inner()
+        .map_err(|_| poisoned())?
+        .into_iter()
+        .map(|r| {
+            r.map(|r| r.losses)
+                .ok_or_else(|| Error::Other("a subset was not retrained".into()))
+        })
+        .collect::<Result<_>>()?;
+
+    let nq = queries.len();
+    let column = |q: usize| -> Vec<f64> { subset_losses.iter().map(|l| l[q]).collect() };
+    let mean_loss_spread = (0..nq)
+        .map(|q| {
+            let c = column(q);
+            let mean = c.iter().sum::<f64>() / c.len() as f64;
+            (c.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (c.len() - 1) as f64).sqrt()
+        })
+        .sum::<f64>()
+        / nq.max(1) as f64;
+    let strategies = scores
+        .iter()
+        .map(|(name, dense)| {
+            let per_query: Vec<f64> = (0..nq)
+                .map(|q| lds(&dense[q], &subsets, &column(q)))
+                .collect();
+            summarise(name, per_query)
+        })
+        .collect();
+    let report = LdsReport {
+        tool: format!("infl {}", env!("CARGO_PKG_VERSION")),
+        definition: DEFINITION.into(),
+        model: job.model.display().to_string(),
+        model_weights_sha256: weights_sha256,
+        corpus: job.train.display().to_string(),
+        corpus_sha256,
+        queries: job.queries.display().to_string(),
+        queries_sha256,
+        query_ids: queries.iter().map(|q| q.id.clone()).collect(),
+        n_sequences: n,
+        subsets: job.subsets,
+        fraction: job.fraction,
+        seed: job.seed,
+        fisher: job.fisher,
+        training,
+        full_model_losses,
+        subset_losses,
+        mean_loss_spread,
+        strategies,
+        retrain_seconds,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    io::write_json(&job.out.join(LDS_FILE), &report)?;
+    Ok(report)
+}
+
+fn poisoned() -> Error {
+    Error::Other("a retraining thread panicked".into())
+}
+
+fn summarise(name: &str, per_query: Vec<f64>) -> StrategyLds {
+    let finite: Vec<f64> = per_query
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .collect();
+    if finite.is_empty() {
+        // Every correlation undefined (e.g. --fraction 1: all subsets equal).
+        return StrategyLds {
+            strategy: name.to_string(),
+            mean: f64::NAN,
+            stderr: f64::NAN,
+            min: f64::NAN,
+            max: f64::NAN,
+            per_query,
+        };
+    }
+    let k = finite.len() as f64;
+    let mean = finite.iter().sum::<f64>() / k;
+    let var = finite.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (k - 1.0).max(1.0);
+    StrategyLds {
+        strategy: name.to_string(),
+        mean,
+        stderr: (var / k).sqrt(),
+        min: finite.iter().copied().fold(f64::INFINITY, f64::min),
+        max: finite.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        per_query,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subsets_are_seeded_distinct_and_of_the_requested_size() {
+        let a = subsets(101, 0.5, 6, 3);
+        assert_eq!(a, subsets(101, 0.5, 6, 3));
+        // Subset m does not depend on how many are drawn.
+        assert_eq!(a[..3], subsets(101, 0.5, 3, 3)[..]);
+        assert_ne!(a[0], a[1]);
+        assert_ne!(a[0], subsets(101, 0.5, 1, 4)[0]);
+        for s in &a {
+            assert_eq!(s.len(), 51);
+            assert!(s.windows(2).all(|w| w[0] < w[1]) && *s.last().unwrap() < 101);
+        }
+        // Every sequence lands in about half the subsets over many draws.
+        let many = subsets(10, 0.5, 2000, 0);
+        for z in 0..10 {
+            let c = many.iter().filter(|s| s.contains(&z)).count();
+            assert!((900..1100).contains(&c), "sequence {z} in {c} of 2000");
+        }
+        assert_eq!(subsets(8, 1.0, 2, 0)[1], (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn lds_is_one_when_losses_follow_the_prediction_and_minus_one_when_reversed() {
+        let scores = [3.0, -1.0, 0.5, 2.0, -4.0, 0.0];
+        let s = subsets(6, 0.5, 12, 1);
+        // Measured loss = constant − Σ_{z∈S} I(q,z) + a monotone distortion: rank-identical.
+        let measured: Vec<f64> = s
+            .iter()
+            .map(|sub| {
+                let p: f64 = -sub.iter().map(|&z| scores[z]).sum::<f64>();
+                7.0 + p.powi(3)
+            })
+            .collect();
+        assert!((lds(&scores, &s, &measured) - 1.0).abs() < 1e-12);
+        let reversed: Vec<f64> = measured.iter().map(|x| -x).collect();
+        assert!((lds(&scores, &s, &reversed) + 1.0).abs() < 1e-12);
+        // Hand-worked: two subsets {0,1} and {2,3}: predictions −2 and −2.5; losses 1 and 2.
+        let hand = lds(&scores, &[vec![0, 1], vec![2, 3]], &[1.0, 2.0]);
+        assert!((hand + 1.0).abs() < 1e-12, "{hand}");
+    }
+}
