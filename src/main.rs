@@ -7,14 +7,7 @@
 mod cli;
 
 fn main() {
-    // The autograd paths (training, the reference engine) allocate and free many short-lived
-    // multi-megabyte tensors; glibc would hand each back to the kernel (mmap/munmap) and fault
-    // it in again, zeroed, on the next step. Keeping freed memory in the heap avoids that.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
-    }
+    infl::io::keep_freed_memory();
     let code = match cli::run() {
         Ok(()) => 0,
         Err(err) => {

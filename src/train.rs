@@ -172,6 +172,7 @@ impl Trainer {
     /// scaled by 1/√(2·layers), zero biases, unit layer norms), drawn from `options.seed`.
     pub fn new(config: Gpt2Config, options: TrainOptions) -> Result<Self> {
         options.check()?;
+        crate::io::keep_freed_memory();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(options.seed);
         let (d, v, p) = (config.n_embd, config.vocab_size, config.n_positions);
         let di = config.n_inner.unwrap_or(4 * d);
