@@ -20,8 +20,10 @@ infl computes EK-FAC influence functions (Grosse et al. 2023) with the conventio
              --queries QUERIES.jsonl --out RESULTS              influence of each training sequence\n\n\
 A score I(q, z) > 0 means training on z lowers −log p(completion | prompt) of query q: z supports\n\
 the completion. Scores are sums over tracked layers and are not divided by the corpus size.\n\n\
-Try `infl demo` first: it runs both stages on a tiny model and corpus bundled in the binary;\n\
-`infl validate exact` measures each strategy against the exact damped per-layer Fisher there."
+Try `infl demo` first: it trains a tiny GPT-2 on a corpus bundled in the binary (Shakespeare\n\
+and 40 invented facts), runs both stages and measures how often each fact's sentence is found.\n\
+`infl validate exact` measures each strategy against the exact damped per-layer Fisher, and\n\
+`infl validate lds` against retraining (the linear datamodeling score)."
 )]
 struct Cli {
     /// No progress bars or summaries on stderr (results still go to files / stdout).
@@ -50,7 +52,7 @@ enum Command {
     SelfInfluence(SelfInfluenceArgs),
     /// Train a small GPT-2 (and its byte-level BPE tokenizer) from scratch on a corpus.
     Train(TrainArgs),
-    /// Run fit and score on the bundled tiny model and corpus, and print the top sequences.
+    /// Train a tiny model on the bundled corpus, fit, score, print the top sources and recall.
     Demo(DemoArgs),
     /// Time fit and score against one plain forward+backward over the same tokens; peak memory.
     Bench(BenchArgs),
