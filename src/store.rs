@@ -337,6 +337,72 @@ pub fn check_disk(dir: &Path, need: u64, n_sequences: usize) -> Result<()> {
 }
 
 /// Streams a store, sequence by sequence.
+/// One layer's columns for a batch of stored sequences, read without conversion: the rotated
+/// gradients exactly as stored (bf16 bits or f32), and those rebuilt from per-token factors (in
+/// f32). `*_cols[i]` is the position in the batch of the i-th column of each kind.
+pub struct LayerBatch {
+    /// Length of a column: `d_out · d_in_h`.
+    pub d: usize,
+    pub stored_bf16: Vec<u16>,
+    pub stored_f32: Vec<f32>,
+    pub stored_cols: Vec<usize>,
+    pub rebuilt: Vec<f32>,
+    pub rebuilt_cols: Vec<usize>,
+}
+
+impl LayerBatch {
+    pub fn new(d: usize) -> Self {
+        LayerBatch {
+            d,
+            stored_bf16: Vec::new(),
+            stored_f32: Vec::new(),
+            stored_cols: Vec::new(),
+            rebuilt: Vec::new(),
+            rebuilt_cols: Vec::new(),
+        }
+    }
+
+    /// Empties the batch, keeping the buffers.
+    pub fn clear(&mut self) {
+        self.stored_bf16.clear();
+        self.stored_f32.clear();
+        self.stored_cols.clear();
+        self.rebuilt.clear();
+        self.rebuilt_cols.clear();
+    }
+
+    /// The stored columns as a [`crate::linalg::Columns`] block.
+    pub fn stored(&self) -> crate::linalg::Columns<'_> {
+        if self.stored_bf16.is_empty() {
+            crate::linalg::Columns::F32(&self.stored_f32)
+        } else {
+            crate::linalg::Columns::Bf16(&self.stored_bf16)
+        }
+    }
+
+    /// Column `k` of the batch in f32 (widened if stored as bf16), for the cosine's norms.
+    pub fn column_f32(&self, k: usize) -> Vec<f32> {
+        let d = self.d;
+        if let Some(i) = self.stored_cols.iter().position(|&c| c == k) {
+            if self.stored_bf16.is_empty() {
+                self.stored_f32[i * d..(i + 1) * d].to_vec()
+            } else {
+                self.stored_bf16[i * d..(i + 1) * d]
+                    .iter()
+                    .map(|&h| from_bf16(h))
+                    .collect()
+            }
+        } else {
+            let i = self
+                .rebuilt_cols
+                .iter()
+                .position(|&c| c == k)
+                .expect("every column of the batch is stored or rebuilt");
+            self.rebuilt[i * d..(i + 1) * d].to_vec()
+        }
+    }
+}
+
 pub struct StoreReader {
     pub meta: StoreMeta,
     dir: PathBuf,
@@ -407,11 +473,54 @@ impl StoreReader {
         Ok(())
     }
 
-    /// Reads the next sequence: writes each layer's rotated gradient R (`d_out × d_in_h`,
-    /// column-major, the layout of [`crate::influence::LayerQueries::Full`]'s columns) into
-    /// `dst[layer]`, rebuilding it from per-token factors where those were stored. `None` at
-    /// the end.
-    pub fn next_into(&mut self, dst: &mut [&mut [f32]]) -> Result<Option<Sequence>> {
+    /// Reads the next sequence as column `k` of `batch` (one [`LayerBatch`] per layer): a rotated
+    /// gradient is appended as stored, one stored as per-token factors is rebuilt in f32. `None`
+    /// at the end.
+    pub fn next_columns(&mut self, batch: &mut [LayerBatch], k: usize) -> Result<Option<Sequence>> {
+        let Some(seq) = self.next_sequence()? else {
+            return Ok(None);
+        };
+        let gpath = self.dir.join(GRADIENTS_FILE);
+        for (li, l) in self.meta.layers.clone().iter().enumerate() {
+            let (d_o, d_i) = (l.d_out, l.d_in_h());
+            let dst = &mut batch[li];
+            match self.tag(&gpath)? {
+                0 => {
+                    let width = self.meta.dtype.bytes() as usize;
+                    self.raw.resize(d_o * d_i * width, 0);
+                    self.gradients
+                        .read_exact(&mut self.raw)
+                        .map_err(|e| Error::io(&gpath, e))?;
+                    match self.meta.dtype {
+                        StoreDtype::Bf16 => dst.stored_bf16.extend(
+                            self.raw
+                                .chunks_exact(2)
+                                .map(|c| u16::from_le_bytes([c[0], c[1]])),
+                        ),
+                        StoreDtype::F32 => dst.stored_f32.extend(
+                            self.raw
+                                .chunks_exact(4)
+                                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                        ),
+                    }
+                    dst.stored_cols.push(k);
+                }
+                _ => {
+                    let at = dst.rebuilt.len();
+                    dst.rebuilt.resize(at + d_o * d_i, 0.0);
+                    let mut col = std::mem::take(&mut dst.rebuilt);
+                    self.rebuild(&gpath, d_o, d_i, &mut col[at..])?;
+                    dst.rebuilt = col;
+                    dst.rebuilt_cols.push(k);
+                }
+            }
+        }
+        self.read += 1;
+        Ok(Some(seq))
+    }
+
+    /// The next line of sequences.jsonl, or `None` when every sequence has been read.
+    fn next_sequence(&mut self) -> Result<Option<Sequence>> {
         if self.read == self.meta.n_sequences {
             return Ok(None);
         }
@@ -423,7 +532,7 @@ impl StoreReader {
             .map_err(|e| Error::io(&path, e))?;
         let v: serde_json::Value = serde_json::from_str(&line)
             .map_err(|e| Error::Mismatch(format!("{}: {e}", path.display())))?;
-        let seq = Sequence {
+        Ok(Some(Sequence {
             id: v["id"].as_str().unwrap_or_default().to_string(),
             ids: v["ids"]
                 .as_array()
@@ -434,48 +543,48 @@ impl StoreReader {
                         .collect()
                 })
                 .unwrap_or_default(),
-        };
-        let gpath = self.dir.join(GRADIENTS_FILE);
-        for (li, l) in self.meta.layers.clone().iter().enumerate() {
-            let (d_o, d_i) = (l.d_out, l.d_in_h());
-            let mut tag = [0u8; 1];
-            self.gradients
-                .read_exact(&mut tag)
-                .map_err(|e| Error::io(&gpath, e))?;
-            match tag[0] {
-                0 => self.values_into(dst[li])?,
-                1 => {
-                    let mut t = [0u8; 4];
-                    self.gradients
-                        .read_exact(&mut t)
-                        .map_err(|e| Error::io(&gpath, e))?;
-                    let tokens = u32::from_le_bytes(t) as usize;
-                    let mut g = std::mem::take(&mut self.scratch_g);
-                    let mut a = std::mem::take(&mut self.scratch_a);
-                    g.resize(tokens * d_o, 0.0);
-                    a.resize(tokens * d_i, 0.0);
-                    self.values_into(&mut g)?;
-                    self.values_into(&mut a)?;
-                    linalg::mul_into(
-                        faer::MatMut::from_column_major_slice_mut(dst[li], d_o, d_i),
-                        linalg::rows(&g, tokens, d_o).transpose(),
-                        linalg::rows(&a, tokens, d_i),
-                        false,
-                    );
-                    self.scratch_g = g;
-                    self.scratch_a = a;
-                }
-                other => {
-                    return Err(Error::Mismatch(format!(
-                        "{}: bad tag {other} at sequence {}; the store is corrupt",
-                        gpath.display(),
-                        self.read
-                    )))
-                }
-            }
+        }))
+    }
+
+    /// The form tag of the next layer record: 0 rotated gradient, 1 per-token factors.
+    fn tag(&mut self, gpath: &Path) -> Result<u8> {
+        let mut tag = [0u8; 1];
+        self.gradients
+            .read_exact(&mut tag)
+            .map_err(|e| Error::io(gpath, e))?;
+        match tag[0] {
+            0 | 1 => Ok(tag[0]),
+            other => Err(Error::Mismatch(format!(
+                "{}: bad tag {other} at sequence {}; the store is corrupt",
+                gpath.display(),
+                self.read
+            ))),
         }
-        self.read += 1;
-        Ok(Some(seq))
+    }
+
+    /// Reads per-token factors (after their tag) and writes `(g Q_S)ᵀ (ā Q_A)` into `dst`
+    /// (column-major `d_out × d_in_h`).
+    fn rebuild(&mut self, gpath: &Path, d_o: usize, d_i: usize, dst: &mut [f32]) -> Result<()> {
+        let mut t = [0u8; 4];
+        self.gradients
+            .read_exact(&mut t)
+            .map_err(|e| Error::io(gpath, e))?;
+        let tokens = u32::from_le_bytes(t) as usize;
+        let mut g = std::mem::take(&mut self.scratch_g);
+        let mut a = std::mem::take(&mut self.scratch_a);
+        g.resize(tokens * d_o, 0.0);
+        a.resize(tokens * d_i, 0.0);
+        self.values_into(&mut g)?;
+        self.values_into(&mut a)?;
+        linalg::mul_into(
+            faer::MatMut::from_column_major_slice_mut(dst, d_o, d_i),
+            linalg::rows(&g, tokens, d_o).transpose(),
+            linalg::rows(&a, tokens, d_i),
+            false,
+        );
+        self.scratch_g = g;
+        self.scratch_a = a;
+        Ok(())
     }
 }
 

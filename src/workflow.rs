@@ -1140,18 +1140,21 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
     let mut scored = 0usize;
     let stats = if let Some(reader) = store.as_mut() {
         if !complete {
-            let rotated: Vec<faer::Mat<f32>> = tracked
+            // Each layer's queries rotated into the store's basis, query after query (`Q × D`,
+            // each query contiguous, as the dot kernel reads them).
+            let rotated: Vec<Vec<f32>> = tracked
                 .iter()
                 .enumerate()
                 .map(|(li, l)| match &pq.per_layer[li] {
                     influence::LayerQueries::Full(stack) => {
-                        let mut out = faer::Mat::<f32>::zeros(stack.nrows(), stack.ncols());
+                        let d = l.d_out * l.d_in_h();
+                        let mut out = vec![0f32; stack.ncols() * d];
                         for q in 0..stack.ncols() {
                             let p = influence::column_as_matrix(stack, q, l.d_out, l.d_in_h());
                             let r = preconditioner.to_store_basis(li, p);
                             for j in 0..r.ncols() {
                                 for i in 0..r.nrows() {
-                                    out[(i + j * r.nrows(), q)] = r[(i, j)];
+                                    out[q * d + i + j * r.nrows()] = r[(i, j)];
                                 }
                             }
                         }
@@ -1162,27 +1165,20 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                     }
                 })
                 .collect();
+            let n_queries = pq.self_influence.len();
             let batch = job.batch_size.max(1) * 4;
             let mut index = 0usize;
-            // One [D_ℓ × batch] matrix per layer, reused: the store is read straight into it.
-            let mut mats: Vec<faer::Mat<f32>> = tracked
+            // One column buffer per layer, reused: the store is read into it as stored.
+            let mut columns: Vec<crate::store::LayerBatch> = tracked
                 .iter()
-                .map(|l| faer::Mat::<f32>::zeros(l.d_out * l.d_in_h(), batch))
+                .map(|l| crate::store::LayerBatch::new(l.d_out * l.d_in_h()))
                 .collect();
+            let mut dots = Vec::new();
             loop {
+                columns.iter_mut().for_each(|c| c.clear());
                 let mut seqs = Vec::with_capacity(batch);
                 while seqs.len() < batch {
-                    let k = seqs.len();
-                    let mut cols: Vec<&mut [f32]> = mats
-                        .iter_mut()
-                        .map(|m| {
-                            m.col_mut(k)
-                                .try_as_col_major_mut()
-                                .expect("owned column is contiguous")
-                                .as_slice_mut()
-                        })
-                        .collect();
-                    match reader.next_into(&mut cols)? {
+                    match reader.next_columns(&mut columns, seqs.len())? {
                         Some(seq) => seqs.push(seq),
                         None => break,
                     }
@@ -1194,21 +1190,33 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                 let mut own = vec![0f64; n];
                 let mut parts = Vec::with_capacity(tracked.len());
                 for (li, l) in tracked.iter().enumerate() {
-                    let m = mats[li].as_ref().subcols(0, n);
+                    let c = &columns[li];
                     if cosine {
                         for (k, o) in own.iter_mut().enumerate() {
-                            let col = m.col(k).try_as_col_major().expect("owned column");
+                            let col = c.column_f32(k);
                             *o += preconditioner.self_influence_in_store_basis(
                                 li,
-                                faer::MatRef::from_column_major_slice(
-                                    col.as_slice(),
-                                    l.d_out,
-                                    l.d_in_h(),
-                                ),
+                                faer::MatRef::from_column_major_slice(&col, l.d_out, l.d_in_h()),
                             );
                         }
                     }
-                    parts.push(crate::linalg::mul(rotated[li].transpose(), m));
+                    let mut part = faer::Mat::<f32>::zeros(n_queries, n);
+                    for (block, cols) in [
+                        (c.stored(), &c.stored_cols),
+                        (crate::linalg::Columns::F32(&c.rebuilt), &c.rebuilt_cols),
+                    ] {
+                        if cols.is_empty() {
+                            continue;
+                        }
+                        dots.resize(cols.len() * n_queries, 0.0);
+                        crate::linalg::dots_into(&mut dots, &rotated[li], n_queries, block, c.d);
+                        for (i, &k) in cols.iter().enumerate() {
+                            for q in 0..n_queries {
+                                part[(q, k)] = dots[i * n_queries + q] as f32;
+                            }
+                        }
+                    }
+                    parts.push(part);
                 }
                 let factors: Option<Vec<Vec<f64>>> = cosine.then(|| {
                     pq.self_influence
