@@ -374,7 +374,7 @@ pub fn layer_scores(
     match queries {
         LayerQueries::Full(stack) => {
             let grads = sequence_gradients(layer, taps, index);
-            linalg::mul(stack.transpose(), grads.as_ref())
+            linalg::dots(stack, &grads)
         }
         LayerQueries::LowRank { .. } => {
             let tokens = layer_token_scores(layer, index, queries, taps);

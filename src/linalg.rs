@@ -205,19 +205,26 @@ mod tests {
     }
 }
 
-/// Columns of length `d`, one after another: the training side of a dot-product block.
+/// Columns of length `d`: the training side of a dot-product block.
 #[derive(Clone, Copy)]
 pub enum Columns<'a> {
     /// bfloat16 bit patterns (the upper half of an f32), widened on the fly.
-    Bf16(&'a [u16]),
-    F32(&'a [f32]),
+    Bf16(&'a [&'a [u16]]),
+    F32(&'a [&'a [f32]]),
 }
 
-impl Columns<'_> {
+impl<'a> Columns<'a> {
     fn len(&self) -> usize {
         match self {
             Columns::Bf16(b) => b.len(),
             Columns::F32(b) => b.len(),
+        }
+    }
+
+    fn range(&self, from: usize, to: usize) -> Columns<'a> {
+        match *self {
+            Columns::Bf16(b) => Columns::Bf16(&b[from..to]),
+            Columns::F32(b) => Columns::F32(&b[from..to]),
         }
     }
 }
@@ -226,22 +233,24 @@ impl Columns<'_> {
 /// training column of the batch streams past it.
 const DOT_TILE: usize = 2048;
 
-/// `out[s·nq + q] = Σ_i a[q·d + i] · b_s[i]` for the `nq` query columns of `a` against every
-/// column of `b` (each of length `d`), accumulated in f64 tile by tile.
+/// `out[s·nq + q] = Σ_i a_q[i] · b_s[i]` for the query columns `a` against the training columns
+/// `b` (all of length `d`), accumulated in f64 tile by tile.
 ///
-/// This is the product the gradient store scores with: few queries, a batch of training
-/// columns, and a reduction over millions of parameters. A general GEMM spends as long packing
+/// This is the product scoring spends its time in: few queries, a batch of training columns,
+/// and a reduction over all of a layer's parameters. A general GEMM spends about as long packing
 /// such skinny operands as multiplying them; here both sides are read in place (both are
 /// contiguous along the reduction), bf16 is widened in registers, and the query tile is reused
 /// from cache across the batch.
-pub fn dots_into(out: &mut [f64], a: &[f32], nq: usize, b: Columns<'_>, d: usize) {
-    assert_eq!(a.len(), nq * d, "query block is nq × d");
-    let ns = b.len().checked_div(d).unwrap_or(0);
-    assert_eq!(
-        b.len(),
-        ns * d,
-        "training block is whole columns of length d"
+pub fn dots_into(out: &mut [f64], a: &[&[f32]], b: Columns<'_>, d: usize) {
+    let (nq, ns) = (a.len(), b.len());
+    assert!(
+        a.iter().all(|c| c.len() == d),
+        "query columns have length d"
     );
+    match b {
+        Columns::Bf16(b) => assert!(b.iter().all(|c| c.len() == d)),
+        Columns::F32(b) => assert!(b.iter().all(|c| c.len() == d)),
+    }
     assert_eq!(out.len(), ns * nq, "output is ns × nq");
     // Columns split over the threads, in whole micro-kernel blocks of 3.
     let threads = rayon::current_num_threads().max(1);
@@ -252,46 +261,40 @@ pub fn dots_into(out: &mut [f64], a: &[f32], nq: usize, b: Columns<'_>, d: usize
             .enumerate()
             .for_each(|(i, chunk)| {
                 let cols = chunk.len() / nq;
-                let part = match b {
-                    Columns::Bf16(b) => Columns::Bf16(&b[i * per * d..(i * per + cols) * d]),
-                    Columns::F32(b) => Columns::F32(&b[i * per * d..(i * per + cols) * d]),
-                };
-                dots_serial(chunk, a, nq, part, d, cols);
+                dots_serial(chunk, a, b.range(i * per, i * per + cols), d);
             });
     } else {
-        dots_serial(out, a, nq, b, d, ns);
+        dots_serial(out, a, b, d);
     }
 }
 
-fn dots_serial(out: &mut [f64], a: &[f32], nq: usize, b: Columns<'_>, d: usize, ns: usize) {
+fn dots_serial(out: &mut [f64], a: &[&[f32]], b: Columns<'_>, d: usize) {
     out.iter_mut().for_each(|x| *x = 0.0);
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            unsafe { dots_avx2(out, a, nq, b, d, ns) };
+            // SAFETY: the CPU supports the features the function is compiled for; every column
+            // has length d (asserted by the caller).
+            unsafe { dots_avx2(out, a, b, d) };
             return;
         }
     }
-    dots_portable(out, a, nq, b, d, ns);
+    dots_portable(out, a, b, d);
 }
 
-fn dots_portable(out: &mut [f64], a: &[f32], nq: usize, b: Columns<'_>, d: usize, ns: usize) {
+fn dots_portable(out: &mut [f64], a: &[&[f32]], b: Columns<'_>, d: usize) {
+    let nq = a.len();
     for t0 in (0..d).step_by(DOT_TILE) {
         let t1 = (t0 + DOT_TILE).min(d);
-        for s in 0..ns {
-            for q in 0..nq {
-                let aq = &a[q * d + t0..q * d + t1];
+        for s in 0..b.len() {
+            for (q, aq) in a.iter().enumerate() {
+                let aq = &aq[t0..t1];
                 let sum: f32 = match b {
-                    Columns::F32(b) => aq
-                        .iter()
-                        .zip(&b[s * d + t0..s * d + t1])
-                        .map(|(x, y)| x * y)
-                        .sum(),
+                    Columns::F32(b) => aq.iter().zip(&b[s][t0..t1]).map(|(x, y)| x * y).sum(),
                     Columns::Bf16(b) => aq
                         .iter()
-                        .zip(&b[s * d + t0..s * d + t1])
+                        .zip(&b[s][t0..t1])
                         .map(|(x, &y)| x * f32::from_bits((y as u32) << 16))
                         .sum(),
                 };
@@ -303,7 +306,8 @@ fn dots_portable(out: &mut [f64], a: &[f32], nq: usize, b: Columns<'_>, d: usize
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2(out: &mut [f64], a: &[f32], nq: usize, b: Columns<'_>, d: usize, ns: usize) {
+unsafe fn dots_avx2(out: &mut [f64], a: &[&[f32]], b: Columns<'_>, d: usize) {
+    let (nq, ns) = (a.len(), b.len());
     for t0 in (0..d).step_by(DOT_TILE) {
         let len = DOT_TILE.min(d - t0);
         for s0 in (0..ns).step_by(3) {
@@ -313,7 +317,13 @@ unsafe fn dots_avx2(out: &mut [f64], a: &[f32], nq: usize, b: Columns<'_>, d: us
                 let mut sums = [[0f32; 3]; 4];
                 macro_rules! block {
                     ($q:literal, $s:literal) => {
-                        micro_avx2::<$q, $s>(a, q0, b, s0, d, t0, len, &mut sums)
+                        micro_avx2::<$q, $s>(
+                            &a[q0..q0 + $q],
+                            b.range(s0, s0 + $s),
+                            t0,
+                            len,
+                            &mut sums,
+                        )
                     };
                 }
                 match (qn, sn) {
@@ -343,31 +353,24 @@ unsafe fn dots_avx2(out: &mut [f64], a: &[f32], nq: usize, b: Columns<'_>, d: us
 /// `QN × SN` dot products over `len` elements from `t0`: QN·SN accumulators of 8 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn micro_avx2<const QN: usize, const SN: usize>(
-    a: &[f32],
-    q0: usize,
+    a: &[&[f32]],
     b: Columns<'_>,
-    s0: usize,
-    d: usize,
     t0: usize,
     len: usize,
     sums: &mut [[f32; 3]; 4],
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); SN]; QN];
-    let a_ptr: [*const f32; QN] = std::array::from_fn(|i| a.as_ptr().add((q0 + i) * d + t0));
+    let a_ptr: [*const f32; QN] = std::array::from_fn(|i| a[i].as_ptr().add(t0));
     let body = len / 8 * 8;
     let mut i = 0;
     while i < body {
-        let bv: [__m256; SN] = std::array::from_fn(|j| {
-            let at = (s0 + j) * d + t0 + i;
-            match b {
-                Columns::F32(b) => _mm256_loadu_ps(b.as_ptr().add(at)),
-                Columns::Bf16(b) => {
-                    let h = _mm_loadu_si128(b.as_ptr().add(at) as *const __m128i);
-                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                }
+        let bv: [__m256; SN] = std::array::from_fn(|j| match b {
+            Columns::F32(b) => _mm256_loadu_ps(b[j].as_ptr().add(t0 + i)),
+            Columns::Bf16(b) => {
+                let h = _mm_loadu_si128(b[j].as_ptr().add(t0 + i) as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
             }
         });
         for (q, row) in acc.iter_mut().enumerate() {
@@ -384,10 +387,9 @@ unsafe fn micro_avx2<const QN: usize, const SN: usize>(
             _mm256_storeu_ps(lanes.as_mut_ptr(), *cell);
             let mut sum: f32 = lanes.iter().sum();
             for k in body..len {
-                let at = (s0 + j) * d + t0 + k;
                 let y = match b {
-                    Columns::F32(b) => b[at],
-                    Columns::Bf16(b) => f32::from_bits((b[at] as u32) << 16),
+                    Columns::F32(b) => b[j][t0 + k],
+                    Columns::Bf16(b) => f32::from_bits((b[j][t0 + k] as u32) << 16),
                 };
                 sum += *a_ptr[q].add(k) * y;
             }
@@ -396,18 +398,36 @@ unsafe fn micro_avx2<const QN: usize, const SN: usize>(
     }
 }
 
+/// The columns of an owned matrix as contiguous slices.
+pub fn columns(m: &Mat<f32>) -> Vec<&[f32]> {
+    (0..m.ncols())
+        .map(|k| {
+            m.col(k)
+                .try_as_col_major()
+                .expect("an owned matrix's columns are contiguous")
+                .as_slice()
+        })
+        .collect()
+}
+
+/// `Aᵀ B` for column-stacked `A` (`d × nq`, few columns) and `B` (`d × ns`), through
+/// [`dots_into`]: `[nq × ns]`.
+pub fn dots(a: &Mat<f32>, b: &Mat<f32>) -> Mat<f32> {
+    let (ac, bc) = (columns(a), columns(b));
+    let mut out = vec![0f64; a.ncols() * b.ncols()];
+    dots_into(&mut out, &ac, Columns::F32(&bc), a.nrows());
+    Mat::from_fn(a.ncols(), b.ncols(), |q, s| out[s * a.ncols() + q] as f32)
+}
+
 #[cfg(test)]
 mod dots_tests {
     use super::*;
 
-    fn reference(a: &[f32], nq: usize, b: &[f32], d: usize) -> Vec<f64> {
-        let ns = b.len() / d;
-        let mut out = vec![0.0; ns * nq];
-        for s in 0..ns {
-            for q in 0..nq {
-                out[s * nq + q] = (0..d)
-                    .map(|i| a[q * d + i] as f64 * b[s * d + i] as f64)
-                    .sum();
+    fn reference(a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<f64> {
+        let mut out = vec![0.0; a.len() * b.len()];
+        for (s, bs) in b.iter().enumerate() {
+            for (q, aq) in a.iter().enumerate() {
+                out[s * a.len() + q] = aq.iter().zip(bs).map(|(x, y)| *x as f64 * *y as f64).sum();
             }
         }
         out
@@ -415,7 +435,8 @@ mod dots_tests {
 
     #[test]
     fn dot_blocks_equal_an_f64_reference_for_every_edge_shape() {
-        // Lengths around the 8-lane body, the tile, and block counts that leave edges.
+        // Lengths around the 8-lane body and the tile, block counts that leave edges, and
+        // enough columns to split over threads.
         for (nq, ns, d) in [
             (16, 32, 5000),
             (5, 7, 13),
@@ -424,40 +445,62 @@ mod dots_tests {
             (3, 5, 2049),
             (17, 4, 4103),
         ] {
-            let a: Vec<f32> = (0..nq * d)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            let a: Vec<Vec<f32>> = (0..nq)
+                .map(|q| {
+                    (0..d)
+                        .map(|i| (((q * d + i) * 37 % 101) as f32 - 50.0) / 17.0)
+                        .collect()
+                })
                 .collect();
-            let b: Vec<f32> = (0..ns * d)
-                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 13.0)
+            let b: Vec<Vec<f32>> = (0..ns)
+                .map(|s| {
+                    (0..d)
+                        .map(|i| (((s * d + i) * 53 % 97) as f32 - 48.0) / 13.0)
+                        .collect()
+                })
                 .collect();
-            let want = reference(&a, nq, &b, d);
+            let ar: Vec<&[f32]> = a.iter().map(|c| c.as_slice()).collect();
+            let br: Vec<&[f32]> = b.iter().map(|c| c.as_slice()).collect();
+            let want = reference(&a, &b);
             let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+            let close = |got: &[f64], want: &[f64], what: &str| {
+                for (g, w) in got.iter().zip(want) {
+                    assert!(
+                        (g - w).abs() < 1e-5 * scale,
+                        "{what} {nq}×{ns}×{d}: {g} vs {w}"
+                    );
+                }
+            };
             let mut got = vec![0.0; ns * nq];
-            dots_into(&mut got, &a, nq, Columns::F32(&b), d);
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (g - w).abs() < 1e-5 * scale,
-                    "f32 {nq}×{ns}×{d}: {g} vs {w}"
-                );
-            }
+            dots_into(&mut got, &ar, Columns::F32(&br), d);
+            close(&got, &want, "f32");
             let mut portable = vec![0.0; ns * nq];
-            dots_portable(&mut portable, &a, nq, Columns::F32(&b), d, ns);
-            for (g, w) in portable.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-5 * scale, "portable {nq}×{ns}×{d}");
-            }
+            dots_portable(&mut portable, &ar, Columns::F32(&br), d);
+            close(&portable, &want, "portable");
             // bf16: the reference uses the same rounded training values.
-            let bits: Vec<u16> = b.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
-            let widened: Vec<f32> = bits
+            let bits: Vec<Vec<u16>> = b
                 .iter()
-                .map(|&h| f32::from_bits((h as u32) << 16))
+                .map(|c| c.iter().map(|x| (x.to_bits() >> 16) as u16).collect())
                 .collect();
-            let want = reference(&a, nq, &widened, d);
-            dots_into(&mut got, &a, nq, Columns::Bf16(&bits), d);
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (g - w).abs() < 1e-5 * scale,
-                    "bf16 {nq}×{ns}×{d}: {g} vs {w}"
-                );
+            let widened: Vec<Vec<f32>> = bits
+                .iter()
+                .map(|c| {
+                    c.iter()
+                        .map(|&h| f32::from_bits((h as u32) << 16))
+                        .collect()
+                })
+                .collect();
+            let bitr: Vec<&[u16]> = bits.iter().map(|c| c.as_slice()).collect();
+            dots_into(&mut got, &ar, Columns::Bf16(&bitr), d);
+            close(&got, &reference(&a, &widened), "bf16");
+            // Through owned matrices (padded column strides).
+            let am = Mat::from_fn(d, nq, |i, q| a[q][i]);
+            let bm = Mat::from_fn(d, ns, |i, s| b[s][i]);
+            let m = dots(&am, &bm);
+            for s in 0..ns {
+                for q in 0..nq {
+                    assert!((m[(q, s)] as f64 - want[s * nq + q]).abs() < 1e-5 * scale);
+                }
             }
         }
     }

@@ -371,15 +371,6 @@ impl LayerBatch {
         self.rebuilt_cols.clear();
     }
 
-    /// The stored columns as a [`crate::linalg::Columns`] block.
-    pub fn stored(&self) -> crate::linalg::Columns<'_> {
-        if self.stored_bf16.is_empty() {
-            crate::linalg::Columns::F32(&self.stored_f32)
-        } else {
-            crate::linalg::Columns::Bf16(&self.stored_bf16)
-        }
-    }
-
     /// Column `k` of the batch in f32 (widened if stored as bf16), for the cosine's norms.
     pub fn column_f32(&self, k: usize) -> Vec<f32> {
         let d = self.d;

@@ -1201,15 +1201,24 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                         }
                     }
                     let mut part = faer::Mat::<f32>::zeros(n_queries, n);
+                    let queries: Vec<&[f32]> = rotated[li].chunks(c.d).collect();
+                    let stored_bf16: Vec<&[u16]> = c.stored_bf16.chunks(c.d).collect();
+                    let stored_f32: Vec<&[f32]> = c.stored_f32.chunks(c.d).collect();
+                    let rebuilt: Vec<&[f32]> = c.rebuilt.chunks(c.d).collect();
+                    let stored = if stored_bf16.is_empty() {
+                        crate::linalg::Columns::F32(&stored_f32)
+                    } else {
+                        crate::linalg::Columns::Bf16(&stored_bf16)
+                    };
                     for (block, cols) in [
-                        (c.stored(), &c.stored_cols),
-                        (crate::linalg::Columns::F32(&c.rebuilt), &c.rebuilt_cols),
+                        (stored, &c.stored_cols),
+                        (crate::linalg::Columns::F32(&rebuilt), &c.rebuilt_cols),
                     ] {
                         if cols.is_empty() {
                             continue;
                         }
                         dots.resize(cols.len() * n_queries, 0.0);
-                        crate::linalg::dots_into(&mut dots, &rotated[li], n_queries, block, c.d);
+                        crate::linalg::dots_into(&mut dots, &queries, block, c.d);
                         for (i, &k) in cols.iter().enumerate() {
                             for q in 0..n_queries {
                                 part[(q, k)] = dots[i * n_queries + q] as f32;
