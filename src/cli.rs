@@ -1252,6 +1252,23 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 /// Covariance updates: the symmetric rank-k update against a general `xᵀ x`, same run.
+/// The scoring product (queries against training columns): general GEMM against the dot-block
+/// kernel, same run.
+fn print_dots_bench() {
+    println!("\nscoring product Aᵀ B (16 queries, 32 training columns), best of 3:");
+    println!(
+        "{:>8} {:>10} {:>10} {:>8}",
+        "d", "GEMM ms", "dots ms", "ratio"
+    );
+    for (_, _, d, g, f) in infl::linalg::dots_benchmark(&[
+        (16, 32, 48 * 49),
+        (16, 32, 257 * 1024),
+        (16, 32, 769 * 3072),
+    ]) {
+        println!("{d:>8} {:>10.2} {:>10.2} {:>7.2}×", g * 1e3, f * 1e3, g / f);
+    }
+}
+
 fn print_gram_bench() {
     println!("\ncovariance update Σ xᵀx (f32 product, f64 accumulator), best of 3:");
     println!(
@@ -1276,6 +1293,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
     if a.engines_only {
         print!("{}", infl::model::fast::bench::run()?.table());
         print_gram_bench();
+        print_dots_bench();
         return Ok(());
     }
     let (model_dir, corpus, queries, default_len) = match (a.model, a.train, a.queries) {
@@ -1470,6 +1488,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
     // Last, so that its models do not count in the peak memory reported above.
     print!("{}", infl::model::fast::bench::run()?.table());
     print_gram_bench();
+    print_dots_bench();
     Ok(())
 }
 

@@ -132,6 +132,9 @@ pub fn parse_safetensors(bytes: &[u8], what: &str) -> Result<TensorMap> {
 pub fn keep_freed_memory() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        if std::env::var_os("INFL_NO_MALLOPT").is_some() {
+            return;
+        }
         #[cfg(target_env = "gnu")]
         // SAFETY: mallopt only changes allocator thresholds; it is called once, before the
         // large allocations it concerns.

@@ -116,6 +116,35 @@ pub fn gram_benchmark(shapes: &[(usize, usize)]) -> Vec<(usize, usize, f64, f64)
         .collect()
 }
 
+/// Times the scoring product `Aᵀ B` (`A`: `d × nq` queries, `B`: `d × ns` training columns)
+/// through a general GEMM ([`mul`]) against [`dots`], best of 3 each, for `infl bench`: rows of
+/// (nq, ns, d, GEMM seconds, dots seconds).
+pub fn dots_benchmark(shapes: &[(usize, usize, usize)]) -> Vec<(usize, usize, usize, f64, f64)> {
+    let best = |f: &mut dyn FnMut()| {
+        (0..3)
+            .map(|_| {
+                let t0 = std::time::Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    shapes
+        .iter()
+        .map(|&(nq, ns, d)| {
+            let a = Mat::from_fn(d, nq, |i, j| ((i * 31 + j * 17) % 97) as f32 / 97.0);
+            let b = Mat::from_fn(d, ns, |i, j| ((i * 13 + j * 29) % 89) as f32 / 89.0);
+            let gemm = best(&mut || {
+                std::hint::black_box(mul(a.transpose(), b.as_ref()));
+            });
+            let fused = best(&mut || {
+                std::hint::black_box(dots(&a, &b));
+            });
+            (nq, ns, d, gemm, fused)
+        })
+        .collect()
+}
+
 /// The general-product `xᵀ x` that [`add_gram`] replaces, for its test and benchmark.
 pub fn add_gram_general(acc: &mut Mat<f64>, x: MatRef<'_, f32>) {
     let gram = mul(x.transpose(), x);

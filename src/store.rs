@@ -346,7 +346,9 @@ pub struct LayerBatch {
     pub stored_bf16: Vec<u16>,
     pub stored_f32: Vec<f32>,
     pub stored_cols: Vec<usize>,
-    pub rebuilt: Vec<f32>,
+    /// Holds at least `rebuilt_cols.len()` columns; never shrunk, so that the next batch does
+    /// not zero it again (every rebuilt column is overwritten whole).
+    rebuilt: Vec<f32>,
     pub rebuilt_cols: Vec<usize>,
 }
 
@@ -367,8 +369,12 @@ impl LayerBatch {
         self.stored_bf16.clear();
         self.stored_f32.clear();
         self.stored_cols.clear();
-        self.rebuilt.clear();
         self.rebuilt_cols.clear();
+    }
+
+    /// The columns rebuilt from per-token factors, in `rebuilt_cols` order.
+    pub fn rebuilt(&self) -> &[f32] {
+        &self.rebuilt[..self.rebuilt_cols.len() * self.d]
     }
 
     /// Column `k` of the batch in f32 (widened if stored as bf16), for the cosine's norms.
@@ -497,10 +503,12 @@ impl StoreReader {
                     dst.stored_cols.push(k);
                 }
                 _ => {
-                    let at = dst.rebuilt.len();
-                    dst.rebuilt.resize(at + d_o * d_i, 0.0);
+                    let at = dst.rebuilt_cols.len() * dst.d;
+                    if dst.rebuilt.len() < at + dst.d {
+                        dst.rebuilt.resize(at + dst.d, 0.0);
+                    }
                     let mut col = std::mem::take(&mut dst.rebuilt);
-                    self.rebuild(&gpath, d_o, d_i, &mut col[at..])?;
+                    self.rebuild(&gpath, d_o, d_i, &mut col[at..at + d_o * d_i])?;
                     dst.rebuilt = col;
                     dst.rebuilt_cols.push(k);
                 }

@@ -1204,7 +1204,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                     let queries: Vec<&[f32]> = rotated[li].chunks(c.d).collect();
                     let stored_bf16: Vec<&[u16]> = c.stored_bf16.chunks(c.d).collect();
                     let stored_f32: Vec<&[f32]> = c.stored_f32.chunks(c.d).collect();
-                    let rebuilt: Vec<&[f32]> = c.rebuilt.chunks(c.d).collect();
+                    let rebuilt: Vec<&[f32]> = c.rebuilt().chunks(c.d).collect();
                     let stored = if stored_bf16.is_empty() {
                         crate::linalg::Columns::F32(&stored_f32)
                     } else {
