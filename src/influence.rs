@@ -125,17 +125,6 @@ impl Preconditioner {
         })
     }
 
-    /// `P` of layer `layer` in the basis of the gradient store: `Q_Sᵀ P Q_A` for an eigenbasis,
-    /// `P` itself otherwise.
-    pub fn to_store_basis(&self, layer: usize, p: MatRef<'_, f32>) -> Mat<f32> {
-        match &self.layers[layer] {
-            LayerPreconditioner::Eigen { q_a, q_s, .. } => {
-                linalg::mul(linalg::mul(q_s.transpose(), p).as_ref(), q_a.as_ref())
-            }
-            _ => p.to_owned(),
-        }
-    }
-
     /// `⟨P_z, G_z⟩` of layer `layer` from the gradient in the store's basis, `r`:
     /// `Σ r² ⊘ (Λ + λ)` (`Σ r²` for identity).
     pub fn self_influence_in_store_basis(&self, layer: usize, r: MatRef<'_, f32>) -> f64 {
@@ -152,6 +141,27 @@ impl Preconditioner {
             }
         }
         sum
+    }
+
+    /// The preconditioned gradient of layer `layer` expressed in the store's basis, with the
+    /// gradient in that basis: `(Q_Sᵀ G Q_A ⊘ (Λ + λ), Q_Sᵀ G Q_A)` for an eigenbasis (two
+    /// rotations, where [`Self::apply`] then a rotation into the store's basis would take six),
+    /// `(G ⊘ (F_diag + λ), G)` for the diagonal, `(G, G)` for identity.
+    pub fn apply_in_store_basis(&self, layer: usize, g: MatRef<'_, f32>) -> (Mat<f32>, Mat<f32>) {
+        match &self.layers[layer] {
+            LayerPreconditioner::Identity => (g.to_owned(), g.to_owned()),
+            LayerPreconditioner::Diagonal { inverse } => (
+                Mat::from_fn(g.nrows(), g.ncols(), |i, j| g[(i, j)] * inverse[(i, j)]),
+                g.to_owned(),
+            ),
+            LayerPreconditioner::Eigen { q_a, q_s, inverse } => {
+                let rotated = linalg::mul(linalg::mul(q_s.transpose(), g).as_ref(), q_a.as_ref());
+                let scaled = Mat::from_fn(rotated.nrows(), rotated.ncols(), |i, j| {
+                    rotated[(i, j)] * inverse[(i, j)]
+                });
+                (scaled, rotated)
+            }
+        }
     }
 
     /// The preconditioned gradient of layer `layer`.
@@ -276,15 +286,19 @@ fn low_rank_into(
 }
 
 /// Computes and preconditions the measurement gradient of every query; with `rank = Some(k)`
-/// each P_q is compressed to rank k per layer (exact when k ≥ the layer's rank).
+/// each P_q is compressed to rank k per layer (exact when k ≥ the layer's rank). With
+/// `store_basis`, P_q is expressed in the gradient store's basis (see
+/// [`Preconditioner::apply_in_store_basis`]) and kept at full rank.
 pub fn precondition_queries(
     model: &dyn TapModel,
     queries: &[Query],
     preconditioner: &Preconditioner,
     batch_size: usize,
     rank: Option<usize>,
+    store_basis: bool,
     progress: &dyn Progress,
 ) -> Result<PreconditionedQueries> {
+    let rank = if store_basis { None } else { rank };
     let tracked = model.tracked();
     let n_q = queries.len();
     let rank = rank.filter(|&k| tracked.iter().any(|l| k < l.d_out.min(l.d_in_h())));
@@ -332,7 +346,12 @@ pub fn precondition_queries(
             for k in 0..chunk.len() {
                 let q = start + k;
                 let g = column_as_matrix(&grads, k, l.d_out, l.d_in_h());
-                let p = preconditioner.apply(index, g);
+                // ⟨P, G⟩ is the same in either basis.
+                let (p, g) = if store_basis {
+                    preconditioner.apply_in_store_basis(index, g)
+                } else {
+                    (preconditioner.apply(index, g), g.to_owned())
+                };
                 let mut dot = 0f64;
                 for j in 0..p.ncols() {
                     for i in 0..p.nrows() {

@@ -264,7 +264,7 @@ pub fn probe(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Result<
         completion: None,
     };
     let started = std::time::Instant::now();
-    let pq = influence::precondition_queries(model, &[query], &pre, 1, None, &Silent)?;
+    let pq = influence::precondition_queries(model, &[query], &pre, 1, None, false, &Silent)?;
     influence::score_dense(model, &pq, &seqs, batch_size, &Silent)?;
     let score_seconds = started.elapsed().as_secs_f64();
     Ok(Probe {

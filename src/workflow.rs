@@ -982,11 +982,8 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         &queries,
         &preconditioner,
         job.batch_size,
-        if store.is_some() {
-            None
-        } else {
-            job.query_rank
-        },
+        job.query_rank,
+        store.is_some(),
         progress,
     )?;
 
@@ -1140,7 +1137,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
     let mut scored = 0usize;
     let stats = if let Some(reader) = store.as_mut() {
         if !complete {
-            // Each layer's queries rotated into the store's basis, query after query (`Q × D`,
+            // Each layer's queries, already in the store's basis, query after query (`Q × D`,
             // each query contiguous, as the dot kernel reads them).
             let rotated: Vec<Vec<f32>> = tracked
                 .iter()
@@ -1150,13 +1147,13 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                         let d = l.d_out * l.d_in_h();
                         let mut out = vec![0f32; stack.ncols() * d];
                         for q in 0..stack.ncols() {
-                            let p = influence::column_as_matrix(stack, q, l.d_out, l.d_in_h());
-                            let r = preconditioner.to_store_basis(li, p);
-                            for j in 0..r.ncols() {
-                                for i in 0..r.nrows() {
-                                    out[q * d + i + j * r.nrows()] = r[(i, j)];
-                                }
-                            }
+                            out[q * d..(q + 1) * d].copy_from_slice(
+                                stack
+                                    .col(q)
+                                    .try_as_col_major()
+                                    .expect("owned column is contiguous")
+                                    .as_slice(),
+                            );
                         }
                         out
                     }

@@ -686,7 +686,7 @@ mod tests {
                 .collect(),
         };
         let pre = Preconditioner::new(&factors, Damping::Heuristic).unwrap();
-        let pq = precondition_queries(&model, &queries, &pre, 2, None, &Silent).unwrap();
+        let pq = precondition_queries(&model, &queries, &pre, 2, None, false, &Silent).unwrap();
         let scores = score_dense(&model, &pq, &train, 2, &Silent).unwrap();
 
         for (qi, q) in queries.iter().enumerate() {

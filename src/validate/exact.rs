@@ -273,6 +273,7 @@ pub fn exact_scores(
         &identity,
         options.batch_size,
         None,
+        false,
         progress,
     )?;
     let fisher = fisher_gradients(model, train, options, progress)?;
