@@ -7,14 +7,11 @@
 //!
 //! The library runs the stages and measures; the binary embeds the bundled data and prints.
 
-use crate::curvature::{CheckpointPolicy, Fisher, FitOptions, Progress, Strategy};
+use crate::curvature::{Fisher, FitOptions, Progress, Strategy};
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
-use crate::influence::Damping;
-use crate::model::ModuleSelection;
-use crate::shard::Shard;
 use crate::train::{TrainJob, TrainingRecord};
-use crate::workflow::{self, FitJob, Normalize, ScoreJob, ScoreSummary};
+use crate::workflow::{self, FitJob, ScoreJob, ScoreSummary};
 use std::path::{Path, PathBuf};
 
 /// The demo's corpus and queries (scripts/make_demo_corpus.py: Shakespeare from Project
@@ -191,49 +188,34 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<DemoOutcome> {
         let factors = job.out.join(format!("factors-{name}"));
         workflow::fit(
             &FitJob {
-                model: model.clone(),
-                train: job.corpus.clone(),
-                out: factors.clone(),
-                modules: ModuleSelection::All,
-                layers: None,
                 max_len: Some(max_len),
-                options: FitOptions {
-                    strategy,
-                    fisher: Fisher::Sampled,
-                    batch_size: 8,
-                    seed: 0,
-                },
-                memory_check: true,
-                shard: Shard::WHOLE,
-                checkpoint: CheckpointPolicy::NEVER,
-                fresh: true,
-                store: None,
+                ..FitJob::new(
+                    model.clone(),
+                    job.corpus.clone(),
+                    factors.clone(),
+                    FitOptions {
+                        strategy,
+                        fisher: Fisher::Sampled,
+                        batch_size: 8,
+                        seed: 0,
+                    },
+                )
             },
             progress,
         )?;
         let first = i == 0;
         let summary = workflow::score(
             &ScoreJob {
-                model: model.clone(),
-                factors,
-                train: job.corpus.clone(),
-                queries: job.queries.clone(),
-                out: job.out.join(format!("results-{name}")),
-                damping: Damping::Heuristic,
                 top_k: job.top_k.max(10),
-                dense: false,
-                batch_size: 8,
-                max_len: None,
-                memory_check: true,
-                query_rank: None,
                 per_layer: first,
                 per_token: first,
-                normalize: Normalize::None,
-                prefilter: None,
-                shard: Shard::WHOLE,
-                checkpoint: CheckpointPolicy::NEVER,
-                fresh: true,
-                store: false,
+                ..ScoreJob::new(
+                    model.clone(),
+                    factors,
+                    job.corpus.clone(),
+                    job.queries.clone(),
+                    job.out.join(format!("results-{name}")),
+                )
             },
             progress,
         )?;

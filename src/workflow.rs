@@ -124,6 +124,28 @@ pub struct FitJob {
     pub store: Option<crate::store::StoreOptions>,
 }
 
+impl FitJob {
+    /// A fit of every linear layer in the blocks, with the model's context as window length,
+    /// unsharded, fresh, never checkpointed, no store: the settings library callers (the demo,
+    /// the validations, the recipes) start from and adjust with `FitJob { .., ..FitJob::new(..) }`.
+    pub fn new(model: PathBuf, train: PathBuf, out: PathBuf, options: FitOptions) -> Self {
+        FitJob {
+            model,
+            train,
+            out,
+            modules: ModuleSelection::All,
+            layers: None,
+            max_len: None,
+            options,
+            memory_check: true,
+            shard: Shard::WHOLE,
+            checkpoint: CheckpointPolicy::NEVER,
+            fresh: true,
+            store: None,
+        }
+    }
+}
+
 /// Summary of a fit invocation, for printing.
 pub struct FitSummary {
     pub n_sequences: usize,
@@ -676,6 +698,42 @@ pub struct ScoreJob {
     /// Read the training gradients from the factors' gradient store (`fit --store`) instead of
     /// running the model over the corpus.
     pub store: bool,
+}
+
+impl ScoreJob {
+    /// Exact (full-rank) scores with the heuristic damping and the top 10 kept, unsharded,
+    /// fresh, never checkpointed, no dense matrix, no decompositions: the settings library
+    /// callers start from and adjust with `ScoreJob { .., ..ScoreJob::new(..) }`.
+    pub fn new(
+        model: PathBuf,
+        factors: PathBuf,
+        train: PathBuf,
+        queries: PathBuf,
+        out: PathBuf,
+    ) -> Self {
+        ScoreJob {
+            model,
+            factors,
+            train,
+            queries,
+            out,
+            damping: Damping::Heuristic,
+            top_k: 10,
+            dense: false,
+            batch_size: 8,
+            max_len: None,
+            memory_check: true,
+            query_rank: None,
+            per_layer: false,
+            per_token: false,
+            normalize: Normalize::None,
+            prefilter: None,
+            shard: Shard::WHOLE,
+            checkpoint: CheckpointPolicy::NEVER,
+            fresh: true,
+            store: false,
+        }
+    }
 }
 
 /// What the reported score is.

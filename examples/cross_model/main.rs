@@ -10,58 +10,38 @@
 //!   cargo run --release --example cross_model [-- DIR]     (DIR defaults to infl-demo)
 
 use anyhow::Result;
-use infl::curvature::{CheckpointPolicy, Fisher, FitOptions, Silent, Strategy};
-use infl::influence::Damping;
-use infl::model::ModuleSelection;
-use infl::shard::Shard;
-use infl::workflow::{self, FitJob, Normalize, ScoreJob, ScoreSummary};
+use infl::curvature::{Fisher, FitOptions, Silent, Strategy};
+use infl::workflow::{self, FitJob, ScoreJob, ScoreSummary};
 use std::path::{Path, PathBuf};
 
 fn fit_and_score(model: &Path, corpus: &Path, queries: &Path, out: &Path) -> Result<ScoreSummary> {
     workflow::fit(
         &FitJob {
-            model: model.to_path_buf(),
-            train: corpus.to_path_buf(),
-            out: out.join("factors"),
-            modules: ModuleSelection::All,
-            layers: None,
             max_len: Some(64),
-            options: FitOptions {
-                strategy: Strategy::Ekfac,
-                fisher: Fisher::Sampled,
-                batch_size: 8,
-                seed: 0,
-            },
-            memory_check: true,
-            shard: Shard::WHOLE,
-            checkpoint: CheckpointPolicy::NEVER,
-            fresh: true,
-            store: None,
+            ..FitJob::new(
+                model.to_path_buf(),
+                corpus.to_path_buf(),
+                out.join("factors"),
+                FitOptions {
+                    strategy: Strategy::Ekfac,
+                    fisher: Fisher::Sampled,
+                    batch_size: 8,
+                    seed: 0,
+                },
+            )
         },
         &Silent,
     )?;
     Ok(workflow::score(
         &ScoreJob {
-            model: model.to_path_buf(),
-            factors: out.join("factors"),
-            train: corpus.to_path_buf(),
-            queries: queries.to_path_buf(),
-            out: out.join("results"),
-            damping: Damping::Heuristic,
-            top_k: 10,
             dense: true,
-            batch_size: 8,
-            max_len: None,
-            memory_check: true,
-            query_rank: None,
-            per_layer: false,
-            per_token: false,
-            normalize: Normalize::None,
-            prefilter: None,
-            shard: Shard::WHOLE,
-            checkpoint: CheckpointPolicy::NEVER,
-            fresh: true,
-            store: false,
+            ..ScoreJob::new(
+                model.to_path_buf(),
+                out.join("factors"),
+                corpus.to_path_buf(),
+                queries.to_path_buf(),
+                out.join("results"),
+            )
         },
         &Silent,
     )?)

@@ -13,11 +13,9 @@
 //! every training sequence, and prints, for each fact, the influence of its own sentence on both.
 
 use anyhow::{Context, Result};
-use infl::curvature::{CheckpointPolicy, Strategy};
+use infl::curvature::Strategy;
 use infl::data::{self, LazyTokenizer};
-use infl::influence::Damping;
-use infl::shard::Shard;
-use infl::workflow::{self, Normalize, ScoreJob};
+use infl::workflow::{self, ScoreJob};
 use std::path::PathBuf;
 
 const QUERIES: &[u8] = include_bytes!("queries.jsonl");
@@ -55,26 +53,14 @@ fn main() -> Result<()> {
     let model = dir.join("model");
     let summary = workflow::score(
         &ScoreJob {
-            model: model.clone(),
-            factors: dir.join("factors-ekfac"),
-            train: corpus.clone(),
-            queries: queries.clone(),
-            out: results.clone(),
-            damping: Damping::Heuristic,
-            top_k: 10,
             dense: true,
-            batch_size: 8,
-            max_len: None,
-            memory_check: true,
-            query_rank: None,
-            per_layer: false,
-            per_token: false,
-            normalize: Normalize::None,
-            prefilter: None,
-            shard: Shard::WHOLE,
-            checkpoint: CheckpointPolicy::NEVER,
-            fresh: true,
-            store: false,
+            ..ScoreJob::new(
+                model.clone(),
+                dir.join("factors-ekfac"),
+                corpus.clone(),
+                queries.clone(),
+                results.clone(),
+            )
         },
         &infl::curvature::Silent,
     )?;

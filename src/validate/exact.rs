@@ -24,8 +24,7 @@ use crate::influence::{self, Damping, LayerQueries, Preconditioner};
 use crate::io;
 use crate::linalg;
 use crate::model::{self, Labels, ModuleSelection, TapModel, TrackedLayer};
-use crate::shard::Shard;
-use crate::workflow::{self, CorpusInfo, FitJob, ModelInfo, Normalize, ScoreJob};
+use crate::workflow::{self, CorpusInfo, FitJob, ModelInfo, ScoreJob};
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::Solve;
 use faer::{Accum, Mat, MatRef, Side};
@@ -544,46 +543,34 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
         let (factors, results) = (dir.join("factors"), dir.join("results"));
         workflow::fit(
             &FitJob {
-                model: job.model.clone(),
-                train: job.train.clone(),
-                out: factors.clone(),
                 modules: job.modules,
-                layers: None,
                 max_len: Some(max_len),
-                options: FitOptions {
-                    strategy,
-                    ..options.clone()
-                },
-                memory_check: true,
-                shard: Shard::WHOLE,
-                checkpoint: curvature::CheckpointPolicy::NEVER,
-                fresh: true,
-                store: None,
+                ..FitJob::new(
+                    job.model.clone(),
+                    job.train.clone(),
+                    factors.clone(),
+                    FitOptions {
+                        strategy,
+                        ..options.clone()
+                    },
+                )
             },
             progress,
         )?;
         let summary = workflow::score(
             &ScoreJob {
-                model: job.model.clone(),
-                factors: factors.clone(),
-                train: job.train.clone(),
-                queries: job.queries.clone(),
-                out: results.clone(),
                 damping: job.damping,
                 top_k: job.top_k,
                 dense: true,
                 batch_size: job.batch_size,
                 max_len: Some(max_len),
-                memory_check: true,
-                query_rank: None,
-                per_layer: false,
-                per_token: false,
-                normalize: Normalize::None,
-                prefilter: None,
-                shard: Shard::WHOLE,
-                checkpoint: curvature::CheckpointPolicy::NEVER,
-                fresh: true,
-                store: false,
+                ..ScoreJob::new(
+                    job.model.clone(),
+                    factors.clone(),
+                    job.train.clone(),
+                    job.queries.clone(),
+                    results.clone(),
+                )
             },
             progress,
         )?;

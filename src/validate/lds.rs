@@ -17,16 +17,15 @@
 //! `OUT/work/`, so an interrupted run resumes where it stopped.
 
 use super::spearman;
-use crate::curvature::{self, Fisher, FitOptions, Progress, Silent, Strategy};
+use crate::curvature::{Fisher, FitOptions, Progress, Silent, Strategy};
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
 use crate::influence::Damping;
 use crate::io;
 use crate::model::gpt2::Gpt2;
 use crate::model::ModuleSelection;
-use crate::shard::Shard;
 use crate::train::{completion_losses, Trainer, TrainingRecord};
-use crate::workflow::{self, FitJob, Normalize, ScoreJob};
+use crate::workflow::{self, FitJob, ScoreJob};
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -235,48 +234,32 @@ pub fn run(job: &LdsJob, progress: &dyn Progress) -> Result<LdsReport> {
         let dir = job.out.join("runs").join(&name);
         workflow::fit(
             &FitJob {
-                model: job.model.clone(),
-                train: job.train.clone(),
-                out: dir.join("factors"),
-                modules: ModuleSelection::All,
-                layers: None,
                 max_len: Some(config.n_positions),
-                options: FitOptions {
-                    strategy,
-                    fisher: job.fisher,
-                    batch_size: 8,
-                    seed: 0,
-                },
-                memory_check: true,
-                shard: Shard::WHOLE,
-                checkpoint: curvature::CheckpointPolicy::NEVER,
-                fresh: true,
-                store: None,
+                ..FitJob::new(
+                    job.model.clone(),
+                    job.train.clone(),
+                    dir.join("factors"),
+                    FitOptions {
+                        strategy,
+                        fisher: job.fisher,
+                        batch_size: 8,
+                        seed: 0,
+                    },
+                )
             },
             progress,
         )?;
         workflow::score(
             &ScoreJob {
-                model: job.model.clone(),
-                factors: dir.join("factors"),
-                train: job.train.clone(),
-                queries: job.queries.clone(),
-                out: dir.join("results"),
                 damping: job.damping,
-                top_k: 10,
                 dense: true,
-                batch_size: 8,
-                max_len: None,
-                memory_check: true,
-                query_rank: None,
-                per_layer: false,
-                per_token: false,
-                normalize: Normalize::None,
-                prefilter: None,
-                shard: Shard::WHOLE,
-                checkpoint: curvature::CheckpointPolicy::NEVER,
-                fresh: true,
-                store: false,
+                ..ScoreJob::new(
+                    job.model.clone(),
+                    dir.join("factors"),
+                    job.train.clone(),
+                    job.queries.clone(),
+                    dir.join("results"),
+                )
             },
             progress,
         )?;
