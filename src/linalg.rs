@@ -92,25 +92,28 @@ pub fn mirror_lower(m: &mut Mat<f64>) {
     }
 }
 
+/// The fastest of three runs of `f`, in seconds (the machines are shared: the minimum is the
+/// least disturbed run).
+fn best_of_3(f: &mut dyn FnMut()) -> f64 {
+    (0..3)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// Times [`add_gram`] against [`add_gram_general`] on `T × d` inputs (best of 3 each), for
 /// `infl bench`: rows of (T, d, general seconds, symmetric seconds).
 pub fn gram_benchmark(shapes: &[(usize, usize)]) -> Vec<(usize, usize, f64, f64)> {
-    let best = |f: &mut dyn FnMut()| {
-        (0..3)
-            .map(|_| {
-                let t0 = std::time::Instant::now();
-                f();
-                t0.elapsed().as_secs_f64()
-            })
-            .fold(f64::INFINITY, f64::min)
-    };
     shapes
         .iter()
         .map(|&(t, d)| {
             let x = Mat::from_fn(t, d, |i, j| ((i * 31 + j * 17) % 97) as f32 / 97.0);
             let mut acc = Mat::<f64>::zeros(d, d);
-            let general = best(&mut || add_gram_general(&mut acc, x.as_ref()));
-            let symmetric = best(&mut || add_gram(&mut acc, x.as_ref()));
+            let general = best_of_3(&mut || add_gram_general(&mut acc, x.as_ref()));
+            let symmetric = best_of_3(&mut || add_gram(&mut acc, x.as_ref()));
             (t, d, general, symmetric)
         })
         .collect()
@@ -120,24 +123,15 @@ pub fn gram_benchmark(shapes: &[(usize, usize)]) -> Vec<(usize, usize, f64, f64)
 /// through a general GEMM ([`mul`]) against [`dots`], best of 3 each, for `infl bench`: rows of
 /// (nq, ns, d, GEMM seconds, dots seconds).
 pub fn dots_benchmark(shapes: &[(usize, usize, usize)]) -> Vec<(usize, usize, usize, f64, f64)> {
-    let best = |f: &mut dyn FnMut()| {
-        (0..3)
-            .map(|_| {
-                let t0 = std::time::Instant::now();
-                f();
-                t0.elapsed().as_secs_f64()
-            })
-            .fold(f64::INFINITY, f64::min)
-    };
     shapes
         .iter()
         .map(|&(nq, ns, d)| {
             let a = Mat::from_fn(d, nq, |i, j| ((i * 31 + j * 17) % 97) as f32 / 97.0);
             let b = Mat::from_fn(d, ns, |i, j| ((i * 13 + j * 29) % 89) as f32 / 89.0);
-            let gemm = best(&mut || {
+            let gemm = best_of_3(&mut || {
                 std::hint::black_box(mul(a.transpose(), b.as_ref()));
             });
-            let fused = best(&mut || {
+            let fused = best_of_3(&mut || {
                 std::hint::black_box(dots(&a, &b));
             });
             (nq, ns, d, gemm, fused)
