@@ -1160,7 +1160,7 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
     let texts = query_texts(&queries)?;
     println!(
         "\ntop sources by {} (score > 0: the sequence supports the completion)",
-        infl::demo::strategy_name(*first)
+        first.name()
     );
     for (qi, qid) in summary.meta.queries.ids.iter().enumerate() {
         let (prompt, completion) = texts.get(qi).cloned().unwrap_or_default();

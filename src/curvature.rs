@@ -34,6 +34,16 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// The strategy's name on the command line and in output files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Ekfac => "ekfac",
+            Strategy::Kfac => "kfac",
+            Strategy::Diagonal => "diagonal",
+            Strategy::Identity => "identity",
+        }
+    }
+
     fn needs_covariance(self) -> bool {
         matches!(self, Strategy::Ekfac | Strategy::Kfac)
     }

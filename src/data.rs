@@ -33,6 +33,15 @@ impl LazyTokenizer {
         }
     }
 
+    /// A tokenizer already in memory (one just trained).
+    pub fn loaded(tokenizer: tokenizers::Tokenizer) -> Self {
+        LazyTokenizer {
+            path: PathBuf::new(),
+            gguf: false,
+            loaded: Some(tokenizer),
+        }
+    }
+
     /// Whether `tokenizer.json` exists (decoding text for reports is optional).
     pub fn available(&self) -> bool {
         self.loaded.is_some() || self.path.exists()

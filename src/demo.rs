@@ -184,7 +184,7 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<DemoOutcome> {
     let max_len = train.n_positions;
     let mut scores = Vec::new();
     for (i, &strategy) in job.strategies.iter().enumerate() {
-        let name = strategy_name(strategy);
+        let name = strategy.name();
         let factors = job.out.join(format!("factors-{name}"));
         workflow::fit(
             &FitJob {
@@ -241,20 +241,8 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<DemoOutcome> {
     };
     let mut recalls = Vec::new();
     for (strategy, summary) in &scores {
-        let ranked: Vec<Vec<String>> = fact_index
-            .iter()
-            .map(|&qi| {
-                let qid = &summary.meta.queries.ids[qi];
-                let mut top: Vec<&crate::results::TopEntry> = summary
-                    .top
-                    .iter()
-                    .filter(|e| &e.query_id == qid && e.direction == "top")
-                    .collect();
-                top.sort_by_key(|e| e.rank);
-                top.iter().map(|e| e.sequence_id.clone()).collect()
-            })
-            .collect();
-        recalls.push(recall(strategy_name(*strategy), &facts, &ranked));
+        let ranked: Vec<Vec<String>> = facts.iter().map(|f| top_sources(summary, &f.id)).collect();
+        recalls.push(recall(strategy.name(), &facts, &ranked));
     }
     recalls.push(recall(
         "tf-idf (bm25)",
@@ -266,8 +254,7 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<DemoOutcome> {
         Some((strategy, _)) => {
             let html = job.out.join("report.html");
             crate::report::write_report(
-                &job.out
-                    .join(format!("results-{}", strategy_name(*strategy))),
+                &job.out.join(format!("results-{}", strategy.name())),
                 &html,
                 &Default::default(),
             )?;
@@ -329,11 +316,13 @@ fn lexical_ranking(
         .collect())
 }
 
-pub fn strategy_name(s: Strategy) -> &'static str {
-    match s {
-        Strategy::Ekfac => "ekfac",
-        Strategy::Kfac => "kfac",
-        Strategy::Diagonal => "diagonal",
-        Strategy::Identity => "identity",
-    }
+/// A query's top sequence ids in a score run, best first.
+pub fn top_sources(summary: &ScoreSummary, query_id: &str) -> Vec<String> {
+    let mut top: Vec<&crate::results::TopEntry> = summary
+        .top
+        .iter()
+        .filter(|e| e.query_id == query_id && e.direction == "top")
+        .collect();
+    top.sort_by_key(|e| e.rank);
+    top.iter().map(|e| e.sequence_id.clone()).collect()
 }

@@ -18,7 +18,7 @@ use crate::model::weights::Weights;
 use crate::model::ModuleSelection;
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// The special token that ends (and pads) documents; id 0 in every tokenizer `infl` trains.
@@ -241,10 +241,6 @@ impl Trainer {
         &self.model
     }
 
-    pub fn config(&self) -> &Gpt2Config {
-        &self.config
-    }
-
     /// Mean next-token cross-entropy of a batch (a graph to differentiate).
     fn batch_loss(&self, batch: &[&[u32]]) -> Result<(Tensor, usize)> {
         let t = batch.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -402,12 +398,6 @@ impl Trainer {
             .map(|p| Ok((p.name.clone(), p.var.as_tensor().detach().copy()?)))
             .collect()
     }
-
-    /// The trained model, detached from the optimiser (for fit/score in the same process).
-    pub fn into_model(self, modules: ModuleSelection) -> Result<Gpt2> {
-        let weights = Weights::owned(self.tensors()?, "trained weights");
-        Gpt2::from_weights(self.config, &weights, modules)
-    }
 }
 
 enum Init {
@@ -538,15 +528,8 @@ pub fn save_checkpoint(
         std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
     };
     write_json("config.json", &config)?;
-    let ordered: BTreeMap<&String, &Tensor> = tensors.iter().collect();
     let st = tmp.join("model.safetensors");
-    candle_core::safetensors::save(
-        &ordered
-            .into_iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect::<HashMap<_, _>>(),
-        &st,
-    )?;
+    candle_core::safetensors::save(tensors, &st)?;
     let tok = tmp.join("tokenizer.json");
     tokenizer
         .save(&tok, false)
@@ -612,15 +595,14 @@ pub fn train(job: &TrainJob, progress: &dyn Progress) -> Result<Trained> {
         ),
     };
     let vocab_size = tokenizer.get_vocab_size(true);
-    let mut sequences: Vec<Vec<u32>> = Vec::new();
-    for (line, text) in texts.iter().enumerate() {
-        let ids = tokenizer
-            .encode(text.as_str(), false)
-            .map_err(|e| Error::input(format!("{}:{}: {e}", job.train.display(), line + 1)))?
-            .get_ids()
-            .to_vec();
-        sequences.extend(ids.chunks(job.n_positions.max(1)).map(|w| w.to_vec()));
-    }
+    // Exactly the windows `fit` and `score` will stream from this corpus.
+    let corpus = crate::data::read_corpus(
+        &job.train,
+        &mut crate::data::LazyTokenizer::loaded(tokenizer.clone()),
+        job.n_positions.max(1),
+        vocab_size,
+    )?;
+    let sequences: Vec<Vec<u32>> = corpus.sequences.into_iter().map(|s| s.ids).collect();
     let config = Gpt2Config {
         vocab_size,
         n_positions: job.n_positions,

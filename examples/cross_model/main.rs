@@ -47,19 +47,13 @@ fn fit_and_score(model: &Path, corpus: &Path, queries: &Path, out: &Path) -> Res
     )?)
 }
 
+/// Recall@1 of the facts' own sentences in a score run (the demo's measure).
 fn recall_at_1(summary: &ScoreSummary, facts: &[infl::demo::FactQuery]) -> f64 {
-    let hits = facts
+    let ranked: Vec<Vec<String>> = facts
         .iter()
-        .filter(|f| {
-            summary.top.iter().any(|e| {
-                e.query_id == f.id
-                    && e.direction == "top"
-                    && e.rank == 1
-                    && e.sequence_id == format!("{}:0", f.source_line)
-            })
-        })
-        .count();
-    hits as f64 / facts.len().max(1) as f64
+        .map(|f| infl::demo::top_sources(summary, &f.id))
+        .collect();
+    infl::demo::recall("ekfac", facts, &ranked).recall_at_1
 }
 
 fn main() -> Result<()> {

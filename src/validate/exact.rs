@@ -424,7 +424,7 @@ impl ExactReport {
             .iter()
             .map(|s| {
                 (
-                    format!("{:?}", s.strategy).to_lowercase(),
+                    s.strategy.name().to_string(),
                     AgreementSummary {
                         mean: s.mean,
                         min: s.min,
@@ -535,8 +535,8 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
     let runs = job.out.join("runs");
     let mut strategies = Vec::new();
     for strategy in STRATEGIES {
-        let name = format!("{strategy:?}").to_lowercase();
-        let dir = runs.join(&name);
+        let name = strategy.name();
+        let dir = runs.join(name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }

@@ -164,10 +164,6 @@ struct SubsetResult {
     seconds: f64,
 }
 
-fn strategy_name(s: Strategy) -> String {
-    format!("{s:?}").to_lowercase()
-}
-
 pub fn run(job: &LdsJob, progress: &dyn Progress) -> Result<LdsReport> {
     let started = std::time::Instant::now();
     if job.subsets < 2 {
@@ -230,7 +226,7 @@ pub fn run(job: &LdsJob, progress: &dyn Progress) -> Result<LdsReport> {
     // Influence from the full model, for each strategy.
     let mut scores = Vec::new();
     for &strategy in &job.strategies {
-        let name = strategy_name(strategy);
+        let name = strategy.name().to_string();
         let dir = job.out.join("runs").join(&name);
         workflow::fit(
             &FitJob {
