@@ -133,6 +133,8 @@ pub fn run_indexed(
     what: &str,
     mut visit: impl FnMut(usize, &TapBatch) -> Result<()>,
 ) -> Result<()> {
+    // The whole pass, its products and whatever consumes its taps, in one subnormal mode.
+    crate::linalg::flush_subnormals();
     let size = batch_size.max(1);
     let batches: Vec<TokenBatch> = seqs
         .chunks(size)
@@ -158,7 +160,12 @@ pub fn run_indexed(
             std::thread::scope(|scope| {
                 let handles: Vec<_> = group
                     .iter()
-                    .map(|b| scope.spawn(move || model.taps(b, labels)))
+                    .map(|b| {
+                        scope.spawn(move || {
+                            crate::linalg::flush_subnormals_on_this_thread();
+                            model.taps(b, labels)
+                        })
+                    })
                     .collect();
                 handles
                     .into_iter()
@@ -438,29 +445,17 @@ pub fn accumulate(
                 let g = linalg::rows(&tap.g, n, l.d_out);
                 // Rotate the tokens first: (g Q_S)ᵀ (ā Q_A) = Q_Sᵀ G Q_A, cheaper when the
                 // sequences are shorter than the layer is wide.
-                let (g_rot, a_rot) = match basis {
-                    Some(b) => (
+                let rotated = basis.map(|b| {
+                    (
                         linalg::mul(g, b.q_s.as_ref()),
                         linalg::mul(a.as_ref(), b.q_a.as_ref()),
-                    ),
-                    None => (g.to_owned(), a),
+                    )
+                });
+                let (g_rot, a_rot) = match &rotated {
+                    Some((g_rot, a_rot)) => (g_rot.as_ref(), a_rot.as_ref()),
+                    None => (g, a.as_ref()),
                 };
-                let mut r = Mat::<f32>::zeros(l.d_out, l.d_in_h());
-                for w in offsets.windows(2) {
-                    let (s, e) = (w[0], w[1]);
-                    linalg::mul_into(
-                        r.as_mut(),
-                        g_rot.as_ref().subrows(s, e - s).transpose(),
-                        a_rot.as_ref().subrows(s, e - s),
-                        false,
-                    );
-                    for j in 0..r.ncols() {
-                        for i in 0..r.nrows() {
-                            let x = r[(i, j)] as f64;
-                            sum[(i, j)] += x * x;
-                        }
-                    }
-                }
+                linalg::add_squared_sequence_products(sum, g_rot, a_rot, &offsets);
             }
         }
     }

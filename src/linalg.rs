@@ -3,6 +3,47 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
+/// Subnormal floats (|x| < 1.2e-38 in f32) are flushed to zero when produced and read as zero
+/// when consumed, on the calling thread and on every thread of rayon's global pool (which the
+/// products, kernels and candle run on). Idempotent and cheap after the first call.
+///
+/// Why: x86 cores take a microcode assist, on the order of a hundred cycles, for every vector
+/// instruction that meets a subnormal. A randomly initialised GPT-2 makes them in its softmax
+/// (probabilities below e^-87) and in GELU's derivative far from zero: measured, the fast
+/// engine's GPT-2 pass ran 1.4× slower with them. What it changes is below 1.2e-38 absolute,
+/// far under the rounding of any quantity the scores are made of. Every thread that computes
+/// must be in the same mode for results not to depend on the thread count, so the passes'
+/// own worker threads call it too.
+pub fn flush_subnormals() {
+    use std::sync::Once;
+    static POOL: Once = Once::new();
+    flush_subnormals_on_this_thread();
+    POOL.call_once(|| {
+        rayon::broadcast(|_| flush_subnormals_on_this_thread());
+    });
+}
+
+/// [`flush_subnormals`] for the calling thread only (for threads outside rayon's pool).
+pub fn flush_subnormals_on_this_thread() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: reads and writes the thread's own MXCSR; bits 15 (FTZ) and 6 (DAZ) change only
+    // how subnormals are treated, no exception masks or rounding.
+    unsafe {
+        let mut csr: u32 = 0;
+        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
+        csr |= (1 << 15) | (1 << 6);
+        std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly));
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: sets FPCR.FZ (bit 24), the flush-to-zero mode, on the calling thread.
+    unsafe {
+        let mut fpcr: u64;
+        std::arch::asm!("mrs {}, fpcr", out(reg) fpcr, options(nomem, nostack));
+        fpcr |= 1 << 24;
+        std::arch::asm!("msr fpcr, {}", in(reg) fpcr, options(nomem, nostack));
+    }
+}
+
 /// Parallelism for faer products: all cores (rayon's global pool).
 pub fn par() -> Par {
     Par::rayon(0)
@@ -13,14 +54,94 @@ pub fn rows(data: &[f32], n: usize, d: usize) -> MatRef<'_, f32> {
     MatRef::from_row_major_slice(data, n, d)
 }
 
-/// `[a, 1]` for a layer with a bias (the homogeneous coordinate goes last), else `a`.
-pub fn homogeneous(a: &[f32], n: usize, d_in: usize, has_bias: bool) -> Mat<f32> {
-    let width = d_in + usize::from(has_bias);
-    Mat::from_fn(
+/// `[a, 1]` for a layer with a bias (the homogeneous coordinate goes last), else `a` itself,
+/// as a row-major `n × width` matrix: the taps' own layout, so building it is a row copy (a
+/// column-major copy would be a strided transpose, measured at 7% of a fit).
+pub struct Homogeneous<'a> {
+    data: std::borrow::Cow<'a, [f32]>,
+    n: usize,
+    width: usize,
+}
+
+impl Homogeneous<'_> {
+    pub fn as_ref(&self) -> MatRef<'_, f32> {
+        rows(&self.data, self.n, self.width)
+    }
+}
+
+pub fn homogeneous(a: &[f32], n: usize, d_in: usize, has_bias: bool) -> Homogeneous<'_> {
+    use rayon::prelude::*;
+    if !has_bias {
+        return Homogeneous {
+            data: std::borrow::Cow::Borrowed(&a[..n * d_in]),
+            n,
+            width: d_in,
+        };
+    }
+    let width = d_in + 1;
+    let mut data = vec![0f32; n * width];
+    data.par_chunks_mut(width * 64)
+        .zip(a.par_chunks(d_in * 64))
+        .for_each(|(dst, src)| {
+            for (row, x) in dst.chunks_mut(width).zip(src.chunks(d_in)) {
+                row[..d_in].copy_from_slice(x);
+                row[d_in] = 1.0;
+            }
+        });
+    Homogeneous {
+        data: std::borrow::Cow::Owned(data),
         n,
         width,
-        |i, j| if j < d_in { a[i * d_in + j] } else { 1.0 },
-    )
+    }
+}
+
+/// `acc[i, j] += Σ_s R_s[i, j]²` with `R_s = g_sᵀ a_s`, where `g_s`, `a_s` are the rows
+/// `offsets[s]..offsets[s+1]` of `g` (`n × d_out`) and `a` (`n × d_in`): the squared
+/// per-sequence gradients of the eigenvalue pass, in whatever basis `g` and `a` are in.
+///
+/// Threaded over blocks of columns of `acc`, each task running every sequence in order on a
+/// `d_out × block` tile that stays in cache, squared as it is made: no full `R_s` is stored,
+/// and every element is summed in sequence order, so the result does not depend on the thread
+/// count.
+pub fn add_squared_sequence_products(
+    acc: &mut Mat<f64>,
+    g: MatRef<'_, f32>,
+    a: MatRef<'_, f32>,
+    offsets: &[usize],
+) {
+    use rayon::prelude::*;
+    const BLOCK: usize = 64;
+    let d_out = g.ncols();
+    acc.as_mut()
+        .par_col_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(b, mut acc_b)| {
+            let (j0, w) = (b * BLOCK, acc_b.ncols());
+            let mut r = Mat::<f32>::zeros(d_out, w);
+            for win in offsets.windows(2) {
+                let (s, e) = (win[0], win[1]);
+                matmul(
+                    r.as_mut(),
+                    Accum::Replace,
+                    g.subrows(s, e - s).transpose(),
+                    a.subrows(s, e - s).subcols(j0, w),
+                    1.0f32,
+                    Par::Seq,
+                );
+                for c in 0..w {
+                    let src = r.col(c).try_as_col_major().expect("owned column");
+                    let dst = acc_b
+                        .as_mut()
+                        .col_mut(c)
+                        .try_as_col_major_mut()
+                        .expect("owned column");
+                    for (o, &x) in dst.as_slice_mut().iter_mut().zip(src.as_slice()) {
+                        let x = x as f64;
+                        *o += x * x;
+                    }
+                }
+            }
+        });
 }
 
 /// `dst ← lhs · rhs` (or `dst += lhs · rhs` with `accumulate`).
@@ -181,6 +302,33 @@ pub fn to_row_major<T: Copy>(m: MatRef<'_, T>) -> Vec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subnormals_are_flushed_on_the_caller_and_the_pool() {
+        use rayon::prelude::*;
+        use std::hint::black_box;
+        // 1e-30 · 1e-10 = 1e-40 is subnormal in f32; the smallest subnormal times 2^100 is a
+        // normal 1.8e-15 unless it is read as zero.
+        let product = || black_box(1e-30f32) * black_box(1e-10f32);
+        let scaled = || black_box(f32::from_bits(1)) * black_box(2f32.powi(100));
+        let before = std::thread::spawn(move || (product(), scaled()))
+            .join()
+            .unwrap();
+        assert!(before.0 > 0.0 && before.1 > 1e-15, "{before:?}");
+        flush_subnormals();
+        assert_eq!((product(), scaled()), (0.0, 0.0));
+        let on_pool: Vec<(f32, f32)> = (0..64)
+            .into_par_iter()
+            .map(|_| (product(), scaled()))
+            .collect();
+        assert!(on_pool.iter().all(|&p| p == (0.0, 0.0)));
+        // Normal numbers are untouched.
+        assert_eq!(black_box(2e-20f32) * black_box(0.5f32), 1e-20f32);
+        assert_eq!(
+            black_box(f32::MIN_POSITIVE) * black_box(1.0f32),
+            f32::MIN_POSITIVE
+        );
+    }
 
     #[test]
     fn eigh_reconstructs_the_matrix() {

@@ -249,7 +249,7 @@ impl StoreWriter {
                     linalg::mul(g, q_s.as_ref()),
                     linalg::mul(a.as_ref(), q_a.as_ref()),
                 ),
-                None => (g.to_owned(), a),
+                None => (g.to_owned(), a.as_ref().to_owned()),
             });
         }
         for (k, seq) in seqs.iter().enumerate() {

@@ -173,6 +173,7 @@ impl Trainer {
     pub fn new(config: Gpt2Config, options: TrainOptions) -> Result<Self> {
         options.check()?;
         crate::io::keep_freed_memory();
+        crate::linalg::flush_subnormals();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(options.seed);
         let (d, v, p) = (config.n_embd, config.vocab_size, config.n_positions);
         let di = config.n_inner.unwrap_or(4 * d);

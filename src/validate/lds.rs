@@ -314,42 +314,45 @@ pub fn run(job: &LdsJob, progress: &dyn Progress) -> Result<LdsReport> {
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|scope| {
         for _ in 0..job.threads.max(1).min(todo.len().max(1)) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&m) = todo.get(i) else { break };
-                if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
-                    break;
-                }
-                let outcome = (|| -> Result<SubsetResult> {
-                    let t0 = std::time::Instant::now();
-                    let seqs: Vec<&[u32]> = subsets[m]
-                        .iter()
-                        .map(|&i| corpus.sequences[i].ids.as_slice())
-                        .collect();
-                    let mut trainer = Trainer::new(config.clone(), training.options.clone())?;
-                    trainer.fit(&seqs, &Silent)?;
-                    let losses = completion_losses(trainer.model(), &pairs)?;
-                    let r = SubsetResult {
-                        fingerprint: fingerprint.clone(),
-                        subset: m,
-                        losses,
-                        seconds: t0.elapsed().as_secs_f64(),
-                    };
-                    io::write_json(&saved(m), &r)?;
-                    Ok(r)
-                })();
-                match outcome {
-                    Ok(r) => {
-                        progress.advance(per_subset_tokens(m));
-                        if let Ok(mut all) = results.lock() {
-                            all[m] = Some(r);
-                        }
-                    }
-                    Err(e) => {
-                        if let Ok(mut f) = failure.lock() {
-                            f.get_or_insert(e);
-                        }
+            scope.spawn(|| {
+                crate::linalg::flush_subnormals_on_this_thread();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&m) = todo.get(i) else { break };
+                    if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
                         break;
+                    }
+                    let outcome = (|| -> Result<SubsetResult> {
+                        let t0 = std::time::Instant::now();
+                        let seqs: Vec<&[u32]> = subsets[m]
+                            .iter()
+                            .map(|&i| corpus.sequences[i].ids.as_slice())
+                            .collect();
+                        let mut trainer = Trainer::new(config.clone(), training.options.clone())?;
+                        trainer.fit(&seqs, &Silent)?;
+                        let losses = completion_losses(trainer.model(), &pairs)?;
+                        let r = SubsetResult {
+                            fingerprint: fingerprint.clone(),
+                            subset: m,
+                            losses,
+                            seconds: t0.elapsed().as_secs_f64(),
+                        };
+                        io::write_json(&saved(m), &r)?;
+                        Ok(r)
+                    })();
+                    match outcome {
+                        Ok(r) => {
+                            progress.advance(per_subset_tokens(m));
+                            if let Ok(mut all) = results.lock() {
+                                all[m] = Some(r);
+                            }
+                        }
+                        Err(e) => {
+                            if let Ok(mut f) = failure.lock() {
+                                f.get_or_insert(e);
+                            }
+                            break;
+                        }
                     }
                 }
             });

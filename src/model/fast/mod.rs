@@ -413,6 +413,7 @@ impl<N: Net> TapModel for Fast<N> {
         self.meta.n_parameters
     }
     fn taps(&self, batch: &TokenBatch, labels: Labels) -> Result<TapBatch> {
+        crate::linalg::flush_subnormals();
         for ids in &batch.ids {
             self.check(ids)?;
         }
@@ -420,6 +421,7 @@ impl<N: Net> TapModel for Fast<N> {
         tap_batch(batch, parts.losses, parts.a, parts.g, &self.meta.tracked)
     }
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        crate::linalg::flush_subnormals();
         self.check(ids)?;
         self.net.logits(ids)
     }
