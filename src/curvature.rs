@@ -521,7 +521,8 @@ pub fn pass_labels(options: &FitOptions, pass: Pass) -> Labels {
 }
 
 /// Adds `seqs` (stable indices `indices`) to the sums of `state.pass`, batch by batch;
-/// `after_batch(state, k)` runs once the first k sequences of `seqs` are in.
+/// `after_batch(state, k, taps)` runs once the first k sequences of `seqs` are in, with the
+/// taps of the batch that ended there (the last `taps.seq_lens.len()` of those k).
 #[allow(clippy::too_many_arguments)]
 pub fn accumulate_sequences(
     model: &dyn TapModel,
@@ -531,7 +532,7 @@ pub fn accumulate_sequences(
     bases: &[Option<&Eigenbasis>],
     state: &mut PassSums,
     progress: &dyn Progress,
-    mut after_batch: impl FnMut(&PassSums, usize) -> Result<()>,
+    mut after_batch: impl FnMut(&PassSums, usize, &TapBatch) -> Result<()>,
 ) -> Result<()> {
     let tracked = model.tracked().to_vec();
     let what = format!("{} pass", state.pass.name());
@@ -545,7 +546,7 @@ pub fn accumulate_sequences(
         &what,
         |start, taps| {
             accumulate(state, &tracked, bases, taps);
-            after_batch(state, start + taps.seq_lens.len())
+            after_batch(state, start + taps.seq_lens.len(), taps)
         },
     )
 }
@@ -581,7 +582,7 @@ pub fn run_pass(
         bases,
         state,
         progress,
-        |state, k| {
+        |state, k, _| {
             let done = position + k;
             if done < seqs.len() && checkpointer.due(done) {
                 save(state, done)?;

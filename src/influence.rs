@@ -193,27 +193,9 @@ pub fn sequence_gradients(layer: &TrackedLayer, taps: &TapBatch, index: usize) -
     let tap = &taps.layers[index];
     let a = linalg::homogeneous(&tap.a, n, layer.d_in, layer.has_bias);
     let g = linalg::rows(&tap.g, n, layer.d_out);
-    let (d_out, d_in_h) = (layer.d_out, layer.d_in_h());
-    let mut out = Mat::<f32>::zeros(d_out * d_in_h, taps.seq_lens.len());
-    for (k, w) in offsets.windows(2).enumerate() {
-        let (s, e) = (w[0], w[1]);
-        let col = out
-            .col_mut(k)
-            .try_as_col_major_mut()
-            .expect("owned column is contiguous")
-            .as_slice_mut();
-        let dst = faer::MatMut::from_column_major_slice_mut(col, d_out, d_in_h);
-        linalg::mul_into(
-            dst,
-            g.subrows(s, e - s).transpose(),
-            a.as_ref().subrows(s, e - s),
-            false,
-        );
-    }
-    out
+    linalg::sequence_products(g, a.as_ref(), &offsets)
 }
 
-/// Column `k` of an owned matrix, viewed as a `rows × cols` column-major matrix.
 pub fn column_as_matrix(m: &Mat<f32>, k: usize, rows: usize, cols: usize) -> MatRef<'_, f32> {
     let col = m
         .col(k)

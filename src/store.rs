@@ -214,23 +214,33 @@ impl StoreWriter {
         })
     }
 
+    /// The fit's factors file, once it is written (a store made during the fit's own
+    /// eigenvalue pass is created before it exists).
+    pub fn set_factors_sha256(&mut self, sha256: String) {
+        self.meta.factors_sha256 = sha256;
+    }
+
     fn put(&mut self, values: &[f32]) -> Result<()> {
         let path = self.tmp.join(GRADIENTS_FILE);
-        let err = |e| Error::io(&path, e);
+        // Encoded into one buffer, written at once (a write call per value was most of the
+        // store pass's time).
+        let width = self.meta.dtype.bytes() as usize;
+        let mut bytes = vec![0u8; values.len() * width];
         match self.meta.dtype {
             StoreDtype::F32 => {
-                for v in values {
-                    self.gradients.write_all(&v.to_le_bytes()).map_err(err)?;
+                for (b, v) in bytes.chunks_exact_mut(4).zip(values) {
+                    b.copy_from_slice(&v.to_le_bytes());
                 }
             }
             StoreDtype::Bf16 => {
-                for v in values {
-                    self.gradients
-                        .write_all(&to_bf16(*v).to_le_bytes())
-                        .map_err(err)?;
+                for (b, v) in bytes.chunks_exact_mut(2).zip(values) {
+                    b.copy_from_slice(&to_bf16(*v).to_le_bytes());
                 }
             }
         }
+        self.gradients
+            .write_all(&bytes)
+            .map_err(|e| Error::io(&path, e))?;
         self.meta.bytes += values.len() as u64 * self.meta.dtype.bytes();
         Ok(())
     }
@@ -252,9 +262,20 @@ impl StoreWriter {
                 None => (g.to_owned(), a.as_ref().to_owned()),
             });
         }
+        // The rotated gradients of every sequence of the batch, for the layers that keep them.
+        let products: Vec<Option<Mat<f32>>> = layers
+            .iter()
+            .zip(&rotated)
+            .map(|(l, (g_rot, a_rot))| {
+                let any = offsets
+                    .windows(2)
+                    .any(|w| !use_factors(l, w[1] - w[0], self.meta.form));
+                any.then(|| linalg::sequence_products(g_rot.as_ref(), a_rot.as_ref(), &offsets))
+            })
+            .collect();
         for (k, seq) in seqs.iter().enumerate() {
             let (s, e) = (offsets[k], offsets[k + 1]);
-            for (l, (g_rot, a_rot)) in layers.iter().zip(&rotated) {
+            for ((l, (g_rot, a_rot)), product) in layers.iter().zip(&rotated).zip(&products) {
                 let path = self.tmp.join(GRADIENTS_FILE);
                 if use_factors(l, e - s, self.meta.form) {
                     self.gradients
@@ -271,24 +292,15 @@ impl StoreWriter {
                         .write_all(&[0u8])
                         .map_err(|err| Error::io(&path, err))?;
                     self.meta.bytes += 1;
-                    let mut r = Mat::<f32>::zeros(l.d_out, l.d_in_h());
-                    linalg::mul_into(
-                        r.as_mut(),
-                        g_rot.as_ref().subrows(s, e - s).transpose(),
-                        a_rot.as_ref().subrows(s, e - s),
-                        false,
-                    );
                     // Column-major, the layout the scores' products read.
-                    let values: Vec<f32> = (0..r.ncols())
-                        .flat_map(|j| {
-                            r.col(j)
-                                .try_as_col_major()
-                                .expect("owned column")
-                                .as_slice()
-                                .to_vec()
-                        })
-                        .collect();
-                    self.put(&values)?;
+                    let column = product
+                        .as_ref()
+                        .expect("computed for every layer a sequence keeps rotated")
+                        .col(k)
+                        .try_as_col_major()
+                        .expect("owned column")
+                        .as_slice();
+                    self.put(column)?;
                 }
             }
             let line = serde_json::json!({"id": seq.id, "ids": seq.ids});

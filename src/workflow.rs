@@ -289,6 +289,10 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
         finished,
         message,
     };
+    // With the empirical Fisher the eigenvalue pass computes, under the data's labels, the very
+    // gradients a store keeps: when that pass runs whole in this process the store is written
+    // from its taps, and the separate store pass is skipped.
+    let mut folded_store: Option<crate::store::StoreWriter> = None;
     let finished = loop {
         let eigen = checkpoint::load(&work, EIGEN_STATE, &settings)?;
         let pass = match job
@@ -331,6 +335,36 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
             ),
             None => (curvature::PassSums::zeros(pass, &tracked), 0, false),
         };
+        if let Some(options) = job.store {
+            let fold = !complete
+                && position == 0
+                && pass == curvature::Pass::Eigenvalue
+                && curvature::pass_labels(&job.options, pass) == crate::model::Labels::Data;
+            if fold {
+                let dir = job.out.join(crate::store::STORE_DIR);
+                crate::store::check_disk(&dir, store_bytes, scan.n_sequences)?;
+                let layers = if bases.is_empty() {
+                    curvature::empty_factors(&tracked, 0, 0)
+                } else {
+                    bases.clone()
+                };
+                folded_store = Some(crate::store::StoreWriter::create(
+                    &dir,
+                    &Factors {
+                        strategy: job.options.strategy,
+                        layers,
+                    },
+                    options,
+                    &crate::store::StoreProvenance {
+                        // Known once the factors are written (set before the store is finished).
+                        factors_sha256: String::new(),
+                        corpus_sha256: scan.sha256.clone(),
+                        max_len,
+                        n_documents: scan.n_documents,
+                    },
+                )?);
+            }
+        }
         if !complete {
             if position > 0 {
                 eprintln!(
@@ -385,7 +419,10 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
                         &basis_refs,
                         &mut state,
                         progress,
-                        |state, k| {
+                        |state, k, taps| {
+                            if let Some(w) = folded_store.as_mut() {
+                                w.add(&seqs[k - taps.seq_lens.len()..k], taps)?;
+                            }
                             let done = before + k;
                             if done < owned && checkpointer.due(done) {
                                 save(state, done, false)?;
@@ -424,15 +461,21 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     };
     let mut message = finished.message;
     if let Some(options) = job.store {
-        let meta = write_store(
-            job,
-            model.as_ref(),
-            &mut tok,
-            (&scan, max_len, chunk),
-            options,
-            store_bytes,
-            progress,
-        )?;
+        let meta = match folded_store {
+            Some(mut writer) => {
+                writer.set_factors_sha256(open_factors(&job.out)?.factors_sha256);
+                writer.finish()?
+            }
+            None => write_store(
+                job,
+                model.as_ref(),
+                &mut tok,
+                (&scan, max_len, chunk),
+                options,
+                store_bytes,
+                progress,
+            )?,
+        };
         message.push_str(&format!(
             "; gradient store {:.1} MiB ({:.1} KiB per sequence, {:?}, {:?}) → {}",
             meta.bytes as f64 / (1u64 << 20) as f64,

@@ -141,6 +141,55 @@ fn stored_gradients_score_like_a_pass_over_the_corpus() {
 }
 
 #[test]
+fn a_store_written_during_the_eigenvalue_pass_equals_one_written_after_it() {
+    // With the empirical Fisher the eigenvalue pass's gradients are the store's, and the fit
+    // writes the store from them; rerunning a finished fit with --store writes it in a pass of
+    // its own. The two must be the same bytes.
+    let dir = scratch("folded");
+    let (model, corpus, _) = random_fixture(&dir);
+    let fit = |out: &Path, store: bool| {
+        let mut a = vec![
+            "fit",
+            "--model",
+            s(&model),
+            "--train",
+            s(&corpus),
+            "--out",
+            s(out),
+            "--fisher",
+            "empirical",
+        ];
+        if store {
+            a.push("--store");
+        }
+        ok(&a);
+    };
+    let (folded, separate) = (dir.join("folded"), dir.join("separate"));
+    fit(&folded, true);
+    fit(&separate, false);
+    assert!(!separate.join("store").exists());
+    fit(&separate, true);
+    for file in ["gradients.bin", "sequences.jsonl", "store.json"] {
+        let (a, b) = (
+            std::fs::read(folded.join("store").join(file)).unwrap(),
+            std::fs::read(separate.join("store").join(file)).unwrap(),
+        );
+        assert!(
+            a == b,
+            "store/{file} differs between the two ways of writing it"
+        );
+    }
+    let factors: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folded.join("meta.json")).unwrap()).unwrap();
+    let store: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folded.join("store/store.json")).unwrap())
+            .unwrap();
+    assert!(factors["factors_sha256"].is_string());
+    assert_eq!(store["factors_sha256"], factors["factors_sha256"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn bf16_store_costs_little_accuracy_and_mismatches_are_refused() {
     let dir = scratch("bf16");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

@@ -396,19 +396,25 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// Defines `fn $name` compiled twice, for AVX2 + FMA and for the portable target, and runs the
-/// first when the CPU has those features: LLVM then vectorises the element loops 8 wide (the
-/// portable build targets SSE2, and a closure handed to a feature-enabled function is not
-/// inlined into it, measured). Both builds compute the same values: nothing here uses fused
-/// multiply-adds, and Rust never contracts `a * b + c` on its own.
+/// Defines `fn $name` compiled three times, for AVX-512, for AVX2 + FMA and for the portable
+/// target, and runs the widest the CPU has: LLVM then vectorises the element loops 16 or 8
+/// wide (the portable build targets SSE2, and a closure handed to a feature-enabled function
+/// is not inlined into it, measured). Every build computes the same values: nothing here uses
+/// fused multiply-adds, and Rust never contracts `a * b + c` on its own.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn wider($($arg: $ty),*) $(-> $ret)? $body
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn wide($($arg: $ty),*) $(-> $ret)? $body
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `wider` is compiled for.
+                    return unsafe { wider($($arg),*) };
+                }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
