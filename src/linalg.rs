@@ -524,9 +524,9 @@ fn dots_serial(out: &mut [f64], a: &[&[f32]], b: Columns<'_>, d: usize) {
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: the CPU supports the features the function is compiled for; every column
-            // has length d (asserted by the caller).
-            unsafe { dots_avx2(out, a, b, d) };
+            // SAFETY: the CPU supports the features the functions are compiled for (AVX-512
+            // only when detected); every column has length d (asserted by the caller).
+            unsafe { dots_avx2(out, a, b, d, std::arch::is_x86_feature_detected!("avx512f")) };
             return;
         }
     }
@@ -556,7 +556,7 @@ fn dots_portable(out: &mut [f64], a: &[&[f32]], b: Columns<'_>, d: usize) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2(out: &mut [f64], a: &[&[f32]], b: Columns<'_>, d: usize) {
+unsafe fn dots_avx2(out: &mut [f64], a: &[&[f32]], b: Columns<'_>, d: usize, avx512: bool) {
     let (nq, ns) = (a.len(), b.len());
     for t0 in (0..d).step_by(DOT_TILE) {
         let len = DOT_TILE.min(d - t0);
@@ -567,13 +567,23 @@ unsafe fn dots_avx2(out: &mut [f64], a: &[&[f32]], b: Columns<'_>, d: usize) {
                 let mut sums = [[0f32; 3]; 4];
                 macro_rules! block {
                     ($q:literal, $s:literal) => {
-                        micro_avx2::<$q, $s>(
-                            &a[q0..q0 + $q],
-                            b.range(s0, s0 + $s),
-                            t0,
-                            len,
-                            &mut sums,
-                        )
+                        if avx512 {
+                            micro_avx512::<$q, $s>(
+                                &a[q0..q0 + $q],
+                                b.range(s0, s0 + $s),
+                                t0,
+                                len,
+                                &mut sums,
+                            )
+                        } else {
+                            micro_avx2::<$q, $s>(
+                                &a[q0..q0 + $q],
+                                b.range(s0, s0 + $s),
+                                t0,
+                                len,
+                                &mut sums,
+                            )
+                        }
                     };
                 }
                 match (qn, sn) {
@@ -635,6 +645,54 @@ unsafe fn micro_avx2<const QN: usize, const SN: usize>(
         for (j, cell) in row.iter().enumerate() {
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), *cell);
+            let mut sum: f32 = lanes.iter().sum();
+            for k in body..len {
+                let y = match b {
+                    Columns::F32(b) => b[j][t0 + k],
+                    Columns::Bf16(b) => f32::from_bits((b[j][t0 + k] as u32) << 16),
+                };
+                sum += *a_ptr[q].add(k) * y;
+            }
+            sums[q][j] = sum;
+        }
+    }
+}
+
+/// [`micro_avx2`] 16 lanes wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro_avx512<const QN: usize, const SN: usize>(
+    a: &[&[f32]],
+    b: Columns<'_>,
+    t0: usize,
+    len: usize,
+    sums: &mut [[f32; 3]; 4],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); SN]; QN];
+    let a_ptr: [*const f32; QN] = std::array::from_fn(|i| a[i].as_ptr().add(t0));
+    let body = len / 16 * 16;
+    let mut i = 0;
+    while i < body {
+        let bv: [__m512; SN] = std::array::from_fn(|j| match b {
+            Columns::F32(b) => _mm512_loadu_ps(b[j].as_ptr().add(t0 + i)),
+            Columns::Bf16(b) => {
+                let h = _mm256_loadu_si256(b[j].as_ptr().add(t0 + i) as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        });
+        for (q, row) in acc.iter_mut().enumerate() {
+            let av = _mm512_loadu_ps(a_ptr[q].add(i));
+            for (j, cell) in row.iter_mut().enumerate() {
+                *cell = _mm512_fmadd_ps(av, bv[j], *cell);
+            }
+        }
+        i += 16;
+    }
+    for (q, row) in acc.iter().enumerate() {
+        for (j, cell) in row.iter().enumerate() {
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), *cell);
             let mut sum: f32 = lanes.iter().sum();
             for k in body..len {
                 let y = match b {

@@ -348,6 +348,33 @@ pub fn check_disk(dir: &Path, need: u64, n_sequences: usize) -> Result<()> {
     Ok(())
 }
 
+/// Reads little-endian u16s from `r` straight into `dst`: the file's bytes are copied once,
+/// into place (a byte buffer and a conversion loop after it were a tenth of re-scoring).
+fn read_u16s(r: &mut impl Read, dst: &mut [u16]) -> std::io::Result<()> {
+    // SAFETY: the byte view covers exactly `dst`'s memory; u8 needs no alignment and every
+    // bit pattern is a valid u16.
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), dst.len() * 2) };
+    r.read_exact(bytes)?;
+    if cfg!(target_endian = "big") {
+        dst.iter_mut().for_each(|v| *v = u16::from_le(*v));
+    }
+    Ok(())
+}
+
+/// [`read_u16s`] for little-endian f32s.
+fn read_f32s(r: &mut impl Read, dst: &mut [f32]) -> std::io::Result<()> {
+    // SAFETY: as in `read_u16s`: every bit pattern is a valid f32.
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), dst.len() * 4) };
+    r.read_exact(bytes)?;
+    if cfg!(target_endian = "big") {
+        dst.iter_mut()
+            .for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
+    }
+    Ok(())
+}
+
 /// Streams a store, sequence by sequence.
 /// One layer's columns for a batch of stored sequences, read without conversion: the rotated
 /// gradients exactly as stored (bf16 bits or f32), and those rebuilt from per-token factors (in
@@ -355,8 +382,10 @@ pub fn check_disk(dir: &Path, need: u64, n_sequences: usize) -> Result<()> {
 pub struct LayerBatch {
     /// Length of a column: `d_out · d_in_h`.
     pub d: usize,
-    pub stored_bf16: Vec<u16>,
-    pub stored_f32: Vec<f32>,
+    /// The stored columns, as stored (one of the two, by the store's dtype); like `rebuilt`
+    /// never shrunk, so that reading a batch does not zero them first.
+    stored_bf16: Vec<u16>,
+    stored_f32: Vec<f32>,
     pub stored_cols: Vec<usize>,
     /// Holds at least `rebuilt_cols.len()` columns; never shrunk, so that the next batch does
     /// not zero it again (every rebuilt column is overwritten whole).
@@ -378,10 +407,18 @@ impl LayerBatch {
 
     /// Empties the batch, keeping the buffers.
     pub fn clear(&mut self) {
-        self.stored_bf16.clear();
-        self.stored_f32.clear();
         self.stored_cols.clear();
         self.rebuilt_cols.clear();
+    }
+
+    /// The stored columns of a bf16 store, in `stored_cols` order (empty for an f32 store).
+    pub fn stored_bf16(&self) -> &[u16] {
+        &self.stored_bf16[..(self.stored_cols.len() * self.d).min(self.stored_bf16.len())]
+    }
+
+    /// The stored columns of an f32 store, in `stored_cols` order (empty for a bf16 store).
+    pub fn stored_f32(&self) -> &[f32] {
+        &self.stored_f32[..(self.stored_cols.len() * self.d).min(self.stored_f32.len())]
     }
 
     /// The columns rebuilt from per-token factors, in `rebuilt_cols` order.
@@ -495,23 +532,23 @@ impl StoreReader {
             let dst = &mut batch[li];
             match self.tag(&gpath)? {
                 0 => {
-                    let width = self.meta.dtype.bytes() as usize;
-                    self.raw.resize(d_o * d_i * width, 0);
-                    self.gradients
-                        .read_exact(&mut self.raw)
-                        .map_err(|e| Error::io(&gpath, e))?;
-                    match self.meta.dtype {
-                        StoreDtype::Bf16 => dst.stored_bf16.extend(
-                            self.raw
-                                .chunks_exact(2)
-                                .map(|c| u16::from_le_bytes([c[0], c[1]])),
-                        ),
-                        StoreDtype::F32 => dst.stored_f32.extend(
-                            self.raw
-                                .chunks_exact(4)
-                                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                        ),
-                    }
+                    let n = d_o * d_i;
+                    let start = dst.stored_cols.len() * n;
+                    let read = match self.meta.dtype {
+                        StoreDtype::Bf16 => {
+                            if dst.stored_bf16.len() < start + n {
+                                dst.stored_bf16.resize(start + n, 0);
+                            }
+                            read_u16s(&mut self.gradients, &mut dst.stored_bf16[start..start + n])
+                        }
+                        StoreDtype::F32 => {
+                            if dst.stored_f32.len() < start + n {
+                                dst.stored_f32.resize(start + n, 0.0);
+                            }
+                            read_f32s(&mut self.gradients, &mut dst.stored_f32[start..start + n])
+                        }
+                    };
+                    read.map_err(|e| Error::io(&gpath, e))?;
                     dst.stored_cols.push(k);
                 }
                 _ => {

@@ -617,7 +617,7 @@ pub fn train(job: &TrainJob, progress: &dyn Progress) -> Result<Trained> {
         scale_attn_by_inverse_layer_idx: false,
         reorder_and_upcast_attn: false,
     };
-    if job.n_head == 0 || job.n_embd % job.n_head != 0 {
+    if job.n_head == 0 || !job.n_embd.is_multiple_of(job.n_head) {
         return Err(Error::input(format!(
             "--n-embd ({}) must be a positive multiple of --n-head ({})",
             job.n_embd, job.n_head

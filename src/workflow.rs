@@ -1266,95 +1266,124 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
             let n_queries = pq.self_influence.len();
             let batch = job.batch_size.max(1) * 4;
             let mut index = 0usize;
-            // One column buffer per layer, reused: the store is read into it as stored.
-            let mut columns: Vec<crate::store::LayerBatch> = tracked
-                .iter()
-                .map(|l| crate::store::LayerBatch::new(l.d_out * l.d_in_h()))
-                .collect();
-            let mut dots = Vec::new();
-            loop {
-                columns.iter_mut().for_each(|c| c.clear());
-                let mut seqs = Vec::with_capacity(batch);
-                while seqs.len() < batch {
-                    match reader.next_columns(&mut columns, seqs.len())? {
-                        Some(seq) => seqs.push(seq),
-                        None => break,
-                    }
-                }
-                if seqs.is_empty() {
-                    break;
-                }
-                let n = seqs.len();
-                let mut own = vec![0f64; n];
-                let mut parts = Vec::with_capacity(tracked.len());
-                for (li, l) in tracked.iter().enumerate() {
-                    let c = &columns[li];
-                    if cosine {
-                        for (k, o) in own.iter_mut().enumerate() {
-                            let col = c.column_f32(k);
-                            *o += preconditioner.self_influence_in_store_basis(
-                                li,
-                                faer::MatRef::from_column_major_slice(&col, l.d_out, l.d_in_h()),
-                            );
-                        }
-                    }
-                    let mut part = faer::Mat::<f32>::zeros(n_queries, n);
-                    let queries: Vec<&[f32]> = rotated[li].chunks(c.d).collect();
-                    let stored_bf16: Vec<&[u16]> = c.stored_bf16.chunks(c.d).collect();
-                    let stored_f32: Vec<&[f32]> = c.stored_f32.chunks(c.d).collect();
-                    let rebuilt: Vec<&[f32]> = c.rebuilt().chunks(c.d).collect();
-                    let stored = if stored_bf16.is_empty() {
-                        crate::linalg::Columns::F32(&stored_f32)
-                    } else {
-                        crate::linalg::Columns::Bf16(&stored_bf16)
-                    };
-                    for (block, cols) in [
-                        (stored, &c.stored_cols),
-                        (crate::linalg::Columns::F32(&rebuilt), &c.rebuilt_cols),
-                    ] {
-                        if cols.is_empty() {
-                            continue;
-                        }
-                        dots.resize(cols.len() * n_queries, 0.0);
-                        crate::linalg::dots_into(&mut dots, &queries, block, c.d);
-                        for (i, &k) in cols.iter().enumerate() {
-                            for q in 0..n_queries {
-                                part[(q, k)] = dots[i * n_queries + q] as f32;
+            // Reading overlaps scoring: a reader thread fills one set of column buffers (one
+            // per layer, the store read into it as stored) while the batch before it is scored
+            // from the other; the two sets go back and forth.
+            type Filled = Result<(Vec<crate::store::LayerBatch>, Vec<data::Sequence>)>;
+            let (filled_tx, filled_rx) = std::sync::mpsc::sync_channel::<Filled>(1);
+            let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<crate::store::LayerBatch>>();
+            for _ in 0..2 {
+                let set = tracked
+                    .iter()
+                    .map(|l| crate::store::LayerBatch::new(l.d_out * l.d_in_h()))
+                    .collect();
+                let _ = empty_tx.send(set);
+            }
+            let reader_ref = &mut *reader;
+            std::thread::scope(|scope| -> Result<()> {
+                scope.spawn(move || {
+                    crate::linalg::flush_subnormals_on_this_thread();
+                    for mut columns in empty_rx {
+                        columns.iter_mut().for_each(|c| c.clear());
+                        let mut seqs = Vec::with_capacity(batch);
+                        while seqs.len() < batch {
+                            match reader_ref.next_columns(&mut columns, seqs.len()) {
+                                Ok(Some(seq)) => seqs.push(seq),
+                                Ok(None) => break,
+                                Err(e) => {
+                                    let _ = filled_tx.send(Err(e));
+                                    return;
+                                }
                             }
                         }
+                        if seqs.is_empty() || filled_tx.send(Ok((columns, seqs))).is_err() {
+                            return;
+                        }
                     }
-                    parts.push(part);
-                }
-                let factors: Option<Vec<Vec<f64>>> = cosine.then(|| {
-                    pq.self_influence
-                        .iter()
-                        .map(|sq| {
-                            own.iter()
-                                .map(|sz| {
-                                    if sq * sz > 0.0 {
-                                        1.0 / (sq * sz).sqrt()
-                                    } else {
-                                        0.0
-                                    }
-                                })
-                                .collect()
-                        })
-                        .collect()
                 });
-                let indices: Vec<usize> = (index..index + n).collect();
-                acc.add(
-                    &indices,
-                    &seqs,
-                    &parts,
-                    factors.as_deref(),
-                    allowed.as_deref(),
-                )?;
-                if job.dense {
-                    dense_columns += n as u64;
+                // Owned here, so that an early return drops it and the reader stops waiting.
+                let empty_tx = empty_tx;
+                let mut dots = Vec::new();
+                for filled in filled_rx {
+                    let (columns, seqs) = filled?;
+                    let n = seqs.len();
+                    let mut own = vec![0f64; n];
+                    let mut parts = Vec::with_capacity(tracked.len());
+                    for (li, l) in tracked.iter().enumerate() {
+                        let c = &columns[li];
+                        if cosine {
+                            for (k, o) in own.iter_mut().enumerate() {
+                                let col = c.column_f32(k);
+                                *o += preconditioner.self_influence_in_store_basis(
+                                    li,
+                                    faer::MatRef::from_column_major_slice(
+                                        &col,
+                                        l.d_out,
+                                        l.d_in_h(),
+                                    ),
+                                );
+                            }
+                        }
+                        let mut part = faer::Mat::<f32>::zeros(n_queries, n);
+                        let queries: Vec<&[f32]> = rotated[li].chunks(c.d).collect();
+                        let stored_bf16: Vec<&[u16]> = c.stored_bf16().chunks(c.d).collect();
+                        let stored_f32: Vec<&[f32]> = c.stored_f32().chunks(c.d).collect();
+                        let rebuilt: Vec<&[f32]> = c.rebuilt().chunks(c.d).collect();
+                        let stored = if stored_bf16.is_empty() {
+                            crate::linalg::Columns::F32(&stored_f32)
+                        } else {
+                            crate::linalg::Columns::Bf16(&stored_bf16)
+                        };
+                        for (block, cols) in [
+                            (stored, &c.stored_cols),
+                            (crate::linalg::Columns::F32(&rebuilt), &c.rebuilt_cols),
+                        ] {
+                            if cols.is_empty() {
+                                continue;
+                            }
+                            dots.resize(cols.len() * n_queries, 0.0);
+                            crate::linalg::dots_into(&mut dots, &queries, block, c.d);
+                            for (i, &k) in cols.iter().enumerate() {
+                                for q in 0..n_queries {
+                                    part[(q, k)] = dots[i * n_queries + q] as f32;
+                                }
+                            }
+                        }
+                        parts.push(part);
+                    }
+                    let factors: Option<Vec<Vec<f64>>> = cosine.then(|| {
+                        pq.self_influence
+                            .iter()
+                            .map(|sq| {
+                                own.iter()
+                                    .map(|sz| {
+                                        if sq * sz > 0.0 {
+                                            1.0 / (sq * sz).sqrt()
+                                        } else {
+                                            0.0
+                                        }
+                                    })
+                                    .collect()
+                            })
+                            .collect()
+                    });
+                    let indices: Vec<usize> = (index..index + n).collect();
+                    acc.add(
+                        &indices,
+                        &seqs,
+                        &parts,
+                        factors.as_deref(),
+                        allowed.as_deref(),
+                    )?;
+                    if job.dense {
+                        dense_columns += n as u64;
+                    }
+                    progress.advance(seqs.iter().map(|s| s.ids.len() as u64).sum());
+                    index += n;
+                    let _ = empty_tx.send(columns);
                 }
-                progress.advance(seqs.iter().map(|s| s.ids.len() as u64).sum());
-                index += n;
-            }
+                Ok(())
+            })?;
         }
         let m = &reader.meta;
         data::CorpusStats {

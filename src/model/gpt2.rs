@@ -52,7 +52,7 @@ impl Gpt2Config {
 
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| Err(Error::input(format!("{}: {msg}", path.display())));
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd ({}) must be a positive multiple of n_head ({})",
                 self.n_embd, self.n_head
