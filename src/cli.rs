@@ -422,8 +422,10 @@ struct FitArgs {
     #[command(flatten)]
     sharding: ShardArgs,
     /// Also keep every training sequence's gradient, in the factors' eigenbasis, in
-    /// FACTORS/store/ (one more pass): `score --store` then scores new queries with no pass
-    /// over the training data. The size is checked against free disk before writing.
+    /// FACTORS/store/: `score --store` then scores new queries with no pass over the training
+    /// data. With `--fisher empirical` it is written from the eigenvalue pass's own gradients;
+    /// otherwise (sampled labels, or a resumed pass) one more pass under the data's labels
+    /// writes it. The size is checked against free disk before writing.
     #[arg(long)]
     store: bool,
     /// Precision of the gradient store.
