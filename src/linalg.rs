@@ -645,15 +645,7 @@ unsafe fn micro_avx2<const QN: usize, const SN: usize>(
         for (j, cell) in row.iter().enumerate() {
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), *cell);
-            let mut sum: f32 = lanes.iter().sum();
-            for k in body..len {
-                let y = match b {
-                    Columns::F32(b) => b[j][t0 + k],
-                    Columns::Bf16(b) => f32::from_bits((b[j][t0 + k] as u32) << 16),
-                };
-                sum += *a_ptr[q].add(k) * y;
-            }
-            sums[q][j] = sum;
+            sums[q][j] = lanes.iter().sum::<f32>() + dot_tail(a[q], b, j, t0, body, len);
         }
     }
 }
@@ -693,17 +685,23 @@ unsafe fn micro_avx512<const QN: usize, const SN: usize>(
         for (j, cell) in row.iter().enumerate() {
             let mut lanes = [0f32; 16];
             _mm512_storeu_ps(lanes.as_mut_ptr(), *cell);
-            let mut sum: f32 = lanes.iter().sum();
-            for k in body..len {
-                let y = match b {
-                    Columns::F32(b) => b[j][t0 + k],
-                    Columns::Bf16(b) => f32::from_bits((b[j][t0 + k] as u32) << 16),
-                };
-                sum += *a_ptr[q].add(k) * y;
-            }
-            sums[q][j] = sum;
+            sums[q][j] = lanes.iter().sum::<f32>() + dot_tail(a[q], b, j, t0, body, len);
         }
     }
+}
+
+/// The scalar remainder of a micro-kernel's dot product: elements `t0 + body .. t0 + len` of
+/// query column `a` and training column `j` of `b`.
+fn dot_tail(a: &[f32], b: Columns<'_>, j: usize, t0: usize, body: usize, len: usize) -> f32 {
+    let mut sum = 0f32;
+    for k in body..len {
+        let y = match b {
+            Columns::F32(b) => b[j][t0 + k],
+            Columns::Bf16(b) => f32::from_bits((b[j][t0 + k] as u32) << 16),
+        };
+        sum += a[t0 + k] * y;
+    }
+    sum
 }
 
 /// The columns of an owned matrix as contiguous slices.

@@ -488,6 +488,27 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     Ok(summary(true, message))
 }
 
+/// The cosine normalisers `1 / sqrt(self(q) · self(z))` of each query (rows) and training
+/// sequence (columns). A zero gradient (a one-token sequence predicts nothing) has no
+/// direction: its cosine is 0, not 0/0.
+fn cosine_factors(query_self: &[f64], train_self: &[f64]) -> Vec<Vec<f64>> {
+    query_self
+        .iter()
+        .map(|sq| {
+            train_self
+                .iter()
+                .map(|sz| {
+                    if sq * sz > 0.0 {
+                        1.0 / (sq * sz).sqrt()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// The gradient store of a finished fit: one more streamed pass, under the data's labels.
 fn write_store(
     job: &FitJob,
@@ -1187,22 +1208,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
     let scale = |taps: &crate::model::TapBatch| -> Option<Vec<Vec<f64>>> {
         cosine.then(|| {
             let own = influence::batch_self_influence(&tracked, &preconditioner, taps);
-            pq.self_influence
-                .iter()
-                // A zero gradient (a one-token sequence predicts nothing) has no direction:
-                // its cosine is 0, not 0/0.
-                .map(|sq| {
-                    own.iter()
-                        .map(|sz| {
-                            if sq * sz > 0.0 {
-                                1.0 / (sq * sz).sqrt()
-                            } else {
-                                0.0
-                            }
-                        })
-                        .collect()
-                })
-                .collect()
+            cosine_factors(&pq.self_influence, &own)
         })
     };
     let save = |acc: &results::ScoreAccumulator,
@@ -1351,22 +1357,8 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                         }
                         parts.push(part);
                     }
-                    let factors: Option<Vec<Vec<f64>>> = cosine.then(|| {
-                        pq.self_influence
-                            .iter()
-                            .map(|sq| {
-                                own.iter()
-                                    .map(|sz| {
-                                        if sq * sz > 0.0 {
-                                            1.0 / (sq * sz).sqrt()
-                                        } else {
-                                            0.0
-                                        }
-                                    })
-                                    .collect()
-                            })
-                            .collect()
-                    });
+                    let factors: Option<Vec<Vec<f64>>> =
+                        cosine.then(|| cosine_factors(&pq.self_influence, &own));
                     let indices: Vec<usize> = (index..index + n).collect();
                     acc.add(
                         &indices,
