@@ -443,14 +443,11 @@ pub fn accumulate(
             {
                 let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
                 let g = linalg::rows(&tap.g, n, l.d_out);
-                // Rotate the tokens first: (g Q_S)ᵀ (ā Q_A) = Q_Sᵀ G Q_A, cheaper when the
-                // sequences are shorter than the layer is wide.
-                let rotated = basis.map(|b| {
-                    (
-                        linalg::mul(g, b.q_s.as_ref()),
-                        linalg::mul(a.as_ref(), b.q_a.as_ref()),
-                    )
-                });
+                let rotated = linalg::rotate_tokens(
+                    g,
+                    a.as_ref(),
+                    basis.map(|b| (b.q_s.as_ref(), b.q_a.as_ref())),
+                );
                 let (g_rot, a_rot) = match &rotated {
                     Some((g_rot, a_rot)) => (g_rot.as_ref(), a_rot.as_ref()),
                     None => (g, a.as_ref()),

@@ -95,6 +95,18 @@ pub fn homogeneous(a: &[f32], n: usize, d_in: usize, has_bias: bool) -> Homogene
     }
 }
 
+/// The tokens of a layer's taps rotated into an eigenbasis, `(g Q_S, ā Q_A)`, or `None`
+/// without one (the original basis: use `g` and `ā` as they are). Rotating the tokens first,
+/// `(g Q_S)ᵀ (ā Q_A) = Q_Sᵀ G Q_A`, is the cheaper order when sequences are shorter than the
+/// layer is wide.
+pub fn rotate_tokens(
+    g: MatRef<'_, f32>,
+    a: MatRef<'_, f32>,
+    basis: Option<(MatRef<'_, f32>, MatRef<'_, f32>)>,
+) -> Option<(Mat<f32>, Mat<f32>)> {
+    basis.map(|(q_s, q_a)| (mul(g, q_s), mul(a, q_a)))
+}
+
 /// `vec(g_sᵀ a_s)` of each sequence s, whose rows are `offsets[s]..offsets[s+1]` of `g`
 /// (`n × d_out`) and `a` (`n × d_in`), as the columns of a `(d_out·d_in) × n_seq` matrix
 /// (column-major vec). One sequence per task, each product on one thread: the products are

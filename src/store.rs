@@ -254,13 +254,13 @@ impl StoreWriter {
         for ((l, tap), basis) in layers.iter().zip(&taps.layers).zip(&self.bases) {
             let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
             let g = linalg::rows(&tap.g, n, l.d_out);
-            rotated.push(match basis {
-                Some((q_s, q_a)) => (
-                    linalg::mul(g, q_s.as_ref()),
-                    linalg::mul(a.as_ref(), q_a.as_ref()),
-                ),
-                None => (g.to_owned(), a.as_ref().to_owned()),
-            });
+            let basis = basis
+                .as_ref()
+                .map(|(q_s, q_a)| (q_s.as_ref(), q_a.as_ref()));
+            rotated.push(
+                linalg::rotate_tokens(g, a.as_ref(), basis)
+                    .unwrap_or_else(|| (g.to_owned(), a.as_ref().to_owned())),
+            );
         }
         // The rotated gradients of every sequence of the batch, for the layers that keep them.
         let products: Vec<Option<Mat<f32>>> = layers

@@ -341,27 +341,23 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
                 && pass == curvature::Pass::Eigenvalue
                 && curvature::pass_labels(&job.options, pass) == crate::model::Labels::Data;
             if fold {
-                let dir = job.out.join(crate::store::STORE_DIR);
-                crate::store::check_disk(&dir, store_bytes, scan.n_sequences)?;
                 let layers = if bases.is_empty() {
                     curvature::empty_factors(&tracked, 0, 0)
                 } else {
                     bases.clone()
                 };
-                folded_store = Some(crate::store::StoreWriter::create(
-                    &dir,
-                    &Factors {
-                        strategy: job.options.strategy,
-                        layers,
-                    },
+                let factors = Factors {
+                    strategy: job.options.strategy,
+                    layers,
+                };
+                // The factors' hash is known once they are written (set before finishing).
+                folded_store = Some(create_store(
+                    job,
+                    &factors,
+                    String::new(),
                     options,
-                    &crate::store::StoreProvenance {
-                        // Known once the factors are written (set before the store is finished).
-                        factors_sha256: String::new(),
-                        corpus_sha256: scan.sha256.clone(),
-                        max_len,
-                        n_documents: scan.n_documents,
-                    },
+                    (&scan, max_len),
+                    store_bytes,
                 )?);
             }
         }
@@ -509,6 +505,31 @@ fn cosine_factors(query_self: &[f64], train_self: &[f64]) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// Starts the fit's gradient store in `FACTORS/store/`, after checking that the disk holds
+/// `need` bytes.
+fn create_store(
+    job: &FitJob,
+    factors: &Factors,
+    factors_sha256: String,
+    options: crate::store::StoreOptions,
+    (scan, max_len): (&data::CorpusStats, usize),
+    need: u64,
+) -> Result<crate::store::StoreWriter> {
+    let dir = job.out.join(crate::store::STORE_DIR);
+    crate::store::check_disk(&dir, need, scan.n_sequences)?;
+    crate::store::StoreWriter::create(
+        &dir,
+        factors,
+        options,
+        &crate::store::StoreProvenance {
+            factors_sha256,
+            corpus_sha256: scan.sha256.clone(),
+            max_len,
+            n_documents: scan.n_documents,
+        },
+    )
+}
+
 /// The gradient store of a finished fit: one more streamed pass, under the data's labels.
 fn write_store(
     job: &FitJob,
@@ -519,20 +540,15 @@ fn write_store(
     need: u64,
     progress: &dyn Progress,
 ) -> Result<crate::store::StoreMeta> {
-    let dir = job.out.join(crate::store::STORE_DIR);
-    crate::store::check_disk(&dir, need, scan.n_sequences)?;
     let meta = open_factors(&job.out)?;
     let factors = Factors::from_file(&job.out.join(FACTORS_FILE), meta.strategy, model.tracked())?;
-    let mut writer = crate::store::StoreWriter::create(
-        &dir,
+    let mut writer = create_store(
+        job,
         &factors,
+        meta.factors_sha256,
         options,
-        &crate::store::StoreProvenance {
-            factors_sha256: meta.factors_sha256,
-            corpus_sha256: scan.sha256.clone(),
-            max_len,
-            n_documents: scan.n_documents,
-        },
+        (scan, max_len),
+        need,
     )?;
     progress.begin("gradient store", scan.n_tokens as u64);
     let mut seen = 0usize;
