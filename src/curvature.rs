@@ -14,6 +14,7 @@ use crate::io::OwnedTensor;
 use crate::linalg;
 use crate::model::{Labels, TapBatch, TapModel, TokenBatch, TrackedLayer};
 use faer::Mat;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -122,6 +123,11 @@ pub fn run_batches(
 /// contiguous). Batches are cut from `seqs` in order and `visit` sees them in order; when the
 /// engine does not use every core by itself, [`crate::shard::threads`] batches run at once.
 /// Results do not depend on the thread count.
+///
+/// The engine runs one group of batches ahead of `visit`, as a task of the caller's rayon
+/// pool: while the statistics of one batch are formed, the taps of the next are computed, so
+/// the serial stretches of either (norms, the loss, accumulating into f64) overlap the other's
+/// threaded products instead of leaving cores idle. At most two groups' taps are alive at once.
 #[allow(clippy::too_many_arguments)]
 pub fn run_indexed(
     model: &dyn TapModel,
@@ -153,53 +159,86 @@ pub fn run_indexed(
     } else {
         crate::shard::threads().max(1)
     };
-    for (group_no, group) in batches.chunks(threads).enumerate() {
-        let results: Vec<Result<TapBatch>> = if group.len() == 1 {
-            vec![model.taps(&group[0], labels)]
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = group
-                    .iter()
-                    .map(|b| {
-                        scope.spawn(move || {
-                            crate::linalg::flush_subnormals_on_this_thread();
-                            model.taps(b, labels)
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(Error::Other(format!("{what}: a worker thread panicked")))
-                        })
-                    })
-                    .collect()
-            })
-        };
-        for (k, (batch, taps)) in group.iter().zip(results).enumerate() {
-            let start = (group_no * threads + k) * size;
-            let chunk = &seqs[start..start + batch.len()];
-            let taps = taps?;
-            if let Err(e) = check_finite(&taps, |j| chunk[j].id.clone(), what) {
-                // Padding shares attention with real tokens, so one broken sequence can poison
-                // its whole batch: rerun each alone to name the one at fault.
-                for (j, s) in chunk.iter().enumerate() {
-                    let one = [(batch.stable_index[j], s.ids.as_slice())];
-                    let alone = model.taps(&TokenBatch::training(&one), labels)?;
-                    check_finite(&alone, |_| s.id.clone(), what)?;
-                }
-                return Err(e);
+    let groups: Vec<&[TokenBatch]> = batches.chunks(threads).collect();
+    let mut ready = groups.first().map(|g| group_taps(model, g, labels, what));
+    for (group_no, group) in groups.iter().enumerate() {
+        let results = ready.take().unwrap_or_default();
+        let mut visited: Result<()> = Ok(());
+        // The next group's taps as a task of the caller's rayon pool, this group's visit on
+        // the calling thread; both done before the next step.
+        rayon::in_place_scope(|scope| {
+            if let Some(next) = groups.get(group_no + 1) {
+                let ready = &mut ready;
+                scope.spawn(move |_| *ready = Some(group_taps(model, next, labels, what)));
             }
-            visit(start, &taps)?;
-            progress.advance(batch.n_tokens() as u64);
-        }
+            visited = (|| {
+                for (k, (batch, taps)) in group.iter().zip(results).enumerate() {
+                    let start = (group_no * threads + k) * size;
+                    let chunk = &seqs[start..start + batch.len()];
+                    let taps = taps?;
+                    if let Err(e) = check_finite(&taps, |j| chunk[j].id.clone(), what) {
+                        // Padding shares attention with real tokens, so one broken sequence
+                        // can poison its whole batch: rerun each alone to name the one at fault.
+                        for (j, s) in chunk.iter().enumerate() {
+                            let one = [(batch.stable_index[j], s.ids.as_slice())];
+                            let alone = model.taps(&TokenBatch::training(&one), labels)?;
+                            check_finite(&alone, |_| s.id.clone(), what)?;
+                        }
+                        return Err(e);
+                    }
+                    visit(start, &taps)?;
+                    progress.advance(batch.n_tokens() as u64);
+                }
+                Ok(())
+            })();
+        });
+        visited?;
     }
     Ok(())
 }
 
-/// Errors out naming the first sequence whose loss or gradient is NaN or infinite.
+/// The taps of one group of batches, each batch on its own thread when there are several.
+fn group_taps(
+    model: &dyn TapModel,
+    group: &[TokenBatch],
+    labels: Labels,
+    what: &str,
+) -> Vec<Result<TapBatch>> {
+    if group.len() == 1 {
+        return vec![model.taps(&group[0], labels)];
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|b| {
+                scope.spawn(move || {
+                    crate::linalg::flush_subnormals_on_this_thread();
+                    model.taps(b, labels)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Other(format!("{what}: a worker thread panicked")))
+                })
+            })
+            .collect()
+    })
+}
+
 pub fn check_finite(taps: &TapBatch, name: impl Fn(usize) -> String, what: &str) -> Result<()> {
+    // The common case, everything finite, in one threaded branch-free sweep; the sequence at
+    // fault is looked for only when something is not.
+    let all_finite = taps.losses.iter().all(|l| l.is_finite())
+        && taps
+            .layers
+            .par_iter()
+            .all(|l| l.g.par_chunks(1 << 14).all(all_finite_f32));
+    if all_finite {
+        return Ok(());
+    }
     let offsets = taps.offsets();
     for (k, loss) in taps.losses.iter().enumerate() {
         let bad_grad = taps.layers.iter().any(|l| {
@@ -217,6 +256,14 @@ pub fn check_finite(taps: &TapBatch, name: impl Fn(usize) -> String, what: &str)
         }
     }
     Ok(())
+}
+
+/// No NaN or infinity in `x` (whose magnitude bits are at least those of infinity), by a max
+/// over the magnitude bits with no early exit, so that the loop vectorises.
+fn all_finite_f32(x: &[f32]) -> bool {
+    const EXPONENT: u32 = 0x7F80_0000;
+    let worst = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF));
+    worst < EXPONENT
 }
 
 /// Settings of `infl fit`.
@@ -422,38 +469,45 @@ pub fn accumulate(
     let n = offsets[offsets.len() - 1];
     state.n_tokens += n as u64;
     state.n_sequences += taps.seq_lens.len() as u64;
+    // One task per statistic (two per layer in the covariance pass, one in the eigenvalue
+    // pass), each product on one thread; with fewer statistics than that keeps busy, the
+    // products split over the cores instead. Each sum is formed the same way either way.
+    let tasks = state.sums.len();
+    let inner = tasks < 4 * rayon::current_num_threads();
     match state.pass {
         Pass::Covariance => {
-            for ((l, tap), pair) in tracked
-                .iter()
-                .zip(&taps.layers)
-                .zip(state.sums.chunks_mut(2))
-            {
-                let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
-                linalg::add_gram(&mut pair[0], a.as_ref());
-                linalg::add_gram(&mut pair[1], linalg::rows(&tap.g, n, l.d_out));
-            }
+            state.sums.par_iter_mut().enumerate().for_each(|(k, sum)| {
+                let (l, tap) = (&tracked[k / 2], &taps.layers[k / 2]);
+                if k % 2 == 0 {
+                    let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
+                    linalg::add_gram(sum, a.as_ref(), inner);
+                } else {
+                    linalg::add_gram(sum, linalg::rows(&tap.g, n, l.d_out), inner);
+                }
+            });
         }
         Pass::Eigenvalue => {
-            for (((l, tap), sum), basis) in tracked
-                .iter()
-                .zip(&taps.layers)
-                .zip(state.sums.iter_mut())
-                .zip(bases)
-            {
-                let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
-                let g = linalg::rows(&tap.g, n, l.d_out);
-                let rotated = linalg::rotate_tokens(
-                    g,
-                    a.as_ref(),
-                    basis.map(|b| (b.q_s.as_ref(), b.q_a.as_ref())),
-                );
-                let (g_rot, a_rot) = match &rotated {
-                    Some((g_rot, a_rot)) => (g_rot.as_ref(), a_rot.as_ref()),
-                    None => (g, a.as_ref()),
-                };
-                linalg::add_squared_sequence_products(sum, g_rot, a_rot, &offsets);
-            }
+            state
+                .sums
+                .par_iter_mut()
+                .zip(tracked.par_iter())
+                .zip(taps.layers.par_iter())
+                .zip(bases.par_iter())
+                .for_each(|(((sum, l), tap), basis)| {
+                    let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
+                    let g = linalg::rows(&tap.g, n, l.d_out);
+                    let rotated = linalg::rotate_tokens(
+                        g,
+                        a.as_ref(),
+                        basis.map(|b| (b.q_s.as_ref(), b.q_a.as_ref())),
+                        inner,
+                    );
+                    let (g_rot, a_rot) = match &rotated {
+                        Some((g_rot, a_rot)) => (g_rot.as_ref(), a_rot.as_ref()),
+                        None => (g, a.as_ref()),
+                    };
+                    linalg::add_squared_sequence_products(sum, g_rot, a_rot, &offsets, inner);
+                });
         }
     }
 }
@@ -592,12 +646,13 @@ pub fn run_pass(
 }
 
 /// Normalised covariances and their eigendecompositions from the (merged) covariance sums:
-/// the factors of a KFAC fit, and the bases of an EK-FAC one.
+/// the factors of a KFAC fit, and the bases of an EK-FAC one. Layers run in parallel, each
+/// decomposition on one thread (the same computation whatever the thread count).
 pub fn eigendecompose(tracked: &[TrackedLayer], cov: &PassSums) -> Result<Vec<LayerFactors>> {
     let norm = 1.0 / cov.n_tokens.max(1) as f64;
     tracked
-        .iter()
-        .zip(cov.sums.chunks(2))
+        .par_iter()
+        .zip(cov.sums.par_chunks(2))
         .map(|(l, pair)| {
             // The passes accumulate lower triangles only (linalg::add_gram).
             let scaled = |m: &Mat<f64>| {
@@ -609,8 +664,8 @@ pub fn eigendecompose(tracked: &[TrackedLayer], cov: &PassSums) -> Result<Vec<La
             let eig = |m: &Mat<f64>, which: &str| {
                 linalg::eigh(m).map_err(|e| Error::Other(format!("layer {} {which}: {e}", l.name)))
             };
-            let (eigvals_a, q_a) = eig(&a, "A")?;
-            let (eigvals_s, q_s) = eig(&s, "S")?;
+            let (ea, es) = rayon::join(|| eig(&a, "A"), || eig(&s, "S"));
+            let ((eigvals_a, q_a), (eigvals_s, q_s)) = (ea?, es?);
             Ok(LayerFactors {
                 layer: l.clone(),
                 n_tokens: cov.n_tokens,

@@ -98,8 +98,9 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
     } else {
         12 * widths
     };
-    // The (a, g) copies handed to the curvature stage.
-    let taps = 2 * widths;
+    // The (a, g) copies handed to the curvature stage, and those of the next batch, which the
+    // engine computes while the stage consumes this one.
+    let taps = 3 * widths;
     // Logits, their copy, dL/dlogits (vector and tensor), the surrogate product.
     let logits = tokens * model.vocab_size() as u64 * 5;
     let activations = 4 * (tokens * (graph + taps) + logits);

@@ -1,7 +1,6 @@
 //! Small dense helpers over faer shared by the curvature and influence stages.
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatMut, MatRef, Par};
+use faer::{Mat, MatMut, MatRef, Par};
 
 /// Subnormal floats (|x| < 1.2e-38 in f32) are flushed to zero when produced and read as zero
 /// when consumed, on the calling thread and on every thread of rayon's global pool (which the
@@ -79,15 +78,22 @@ pub fn homogeneous(a: &[f32], n: usize, d_in: usize, has_bias: bool) -> Homogene
         };
     }
     let width = d_in + 1;
-    let mut data = vec![0f32; n * width];
-    data.par_chunks_mut(width * 64)
-        .zip(a.par_chunks(d_in * 64))
+    assert!(a.len() >= n * d_in, "taps hold n rows");
+    // Written whole, so not zeroed first.
+    let mut data = Vec::with_capacity(n * width);
+    data.spare_capacity_mut()[..n * width]
+        .par_chunks_mut(width * 64)
+        .zip(a[..n * d_in].par_chunks(d_in * 64))
         .for_each(|(dst, src)| {
             for (row, x) in dst.chunks_mut(width).zip(src.chunks(d_in)) {
-                row[..d_in].copy_from_slice(x);
-                row[d_in] = 1.0;
+                for (d, &v) in row[..d_in].iter_mut().zip(x) {
+                    d.write(v);
+                }
+                row[d_in].write(1.0);
             }
         });
+    // SAFETY: every one of the n rows of `width` elements was written above.
+    unsafe { data.set_len(n * width) };
     Homogeneous {
         data: std::borrow::Cow::Owned(data),
         n,
@@ -103,8 +109,14 @@ pub fn rotate_tokens(
     g: MatRef<'_, f32>,
     a: MatRef<'_, f32>,
     basis: Option<(MatRef<'_, f32>, MatRef<'_, f32>)>,
-) -> Option<(Mat<f32>, Mat<f32>)> {
-    basis.map(|(q_s, q_a)| (mul(g, q_s), mul(a, q_a)))
+    parallel: bool,
+) -> Option<(RowMajor, RowMajor)> {
+    basis.map(|(q_s, q_a)| {
+        (
+            RowMajor::product(g, q_s, parallel),
+            RowMajor::product(a, q_a, parallel),
+        )
+    })
 }
 
 /// `vec(g_sᵀ a_s)` of each sequence s, whose rows are `offsets[s]..offsets[s+1]` of `g`
@@ -143,48 +155,61 @@ pub fn sequence_products(g: MatRef<'_, f32>, a: MatRef<'_, f32>, offsets: &[usiz
 /// `offsets[s]..offsets[s+1]` of `g` (`n × d_out`) and `a` (`n × d_in`): the squared
 /// per-sequence gradients of the eigenvalue pass, in whatever basis `g` and `a` are in.
 ///
-/// Threaded over blocks of columns of `acc`, each task running every sequence in order on a
-/// `d_out × block` tile that stays in cache, squared as it is made: no full `R_s` is stored,
-/// and every element is summed in sequence order, so the result does not depend on the thread
-/// count.
+/// Block by block of columns of `acc` (threaded over blocks with `parallel`), every sequence
+/// in order on a `d_out × block` tile that stays in cache, squared as it is made: no full
+/// `R_s` is stored, and every element is summed in sequence order, so the result does not
+/// depend on the thread count.
 pub fn add_squared_sequence_products(
     acc: &mut Mat<f64>,
     g: MatRef<'_, f32>,
     a: MatRef<'_, f32>,
     offsets: &[usize],
+    parallel: bool,
 ) {
     use rayon::prelude::*;
     const BLOCK: usize = 64;
     let d_out = g.ncols();
-    acc.as_mut()
-        .par_col_chunks_mut(BLOCK)
-        .enumerate()
-        .for_each(|(b, mut acc_b)| {
-            let (j0, w) = (b * BLOCK, acc_b.ncols());
-            let mut r = Mat::<f32>::zeros(d_out, w);
-            for win in offsets.windows(2) {
-                let (s, e) = (win[0], win[1]);
-                gemm(
-                    r.as_mut(),
-                    g.subrows(s, e - s).transpose(),
-                    a.subrows(s, e - s).subcols(j0, w),
-                    false,
-                    false,
-                );
-                for c in 0..w {
-                    let src = r.col(c).try_as_col_major().expect("owned column");
-                    let dst = acc_b
-                        .as_mut()
-                        .col_mut(c)
-                        .try_as_col_major_mut()
-                        .expect("owned column");
-                    for (o, &x) in dst.as_slice_mut().iter_mut().zip(src.as_slice()) {
-                        let x = x as f64;
-                        *o += x * x;
-                    }
+    let tile = |b: usize, mut acc_b: MatMut<'_, f64>| {
+        let (j0, w) = (b * BLOCK, acc_b.ncols());
+        let mut r = Mat::<f32>::zeros(d_out, w);
+        for win in offsets.windows(2) {
+            let (s, e) = (win[0], win[1]);
+            gemm(
+                r.as_mut(),
+                g.subrows(s, e - s).transpose(),
+                a.subrows(s, e - s).subcols(j0, w),
+                false,
+                false,
+            );
+            for c in 0..w {
+                let src = r.col(c).try_as_col_major().expect("owned column");
+                let dst = acc_b
+                    .as_mut()
+                    .col_mut(c)
+                    .try_as_col_major_mut()
+                    .expect("owned column");
+                for (o, &x) in dst.as_slice_mut().iter_mut().zip(src.as_slice()) {
+                    let x = x as f64;
+                    *o += x * x;
                 }
             }
-        });
+        }
+    };
+    if parallel {
+        acc.as_mut()
+            .par_col_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(b, acc_b)| tile(b, acc_b));
+    } else {
+        let (rows, cols) = (acc.nrows(), acc.ncols());
+        for (b, j0) in (0..cols).step_by(BLOCK).enumerate() {
+            tile(
+                b,
+                acc.as_mut()
+                    .submatrix_mut(0, j0, rows, BLOCK.min(cols - j0)),
+            );
+        }
+    }
 }
 
 /// `dst ← lhs · rhs` (or `dst += lhs · rhs` with `accumulate`).
@@ -199,9 +224,9 @@ pub fn mul_into(
 
 /// `dst ← [dst +] lhs · rhs` through the `gemm` crate (the fast engine's GEMM): on the
 /// rotations of the eigenvalue pass (2048 × 1024 × 1024) it ran 2× faster than faer's product
-/// here, and it is never slower on the per-sequence shapes (k = a sequence's length). faer
-/// stays for the Gram blocks ([`add_gram`]: small outputs, long k), where it splits better.
-/// Threaded over the output with `parallel`; the sum over k runs in the same order either way.
+/// here, and it is never slower on the per-sequence shapes (k = a sequence's length) or on the
+/// Gram blocks run one per thread ([`add_gram`]). Threaded over the output with `parallel`;
+/// the sum over k runs in the same order either way.
 pub fn gemm(
     dst: MatMut<'_, f32>,
     lhs: MatRef<'_, f32>,
@@ -209,7 +234,38 @@ pub fn gemm(
     accumulate: bool,
     parallel: bool,
 ) {
-    let (m, n, k) = (dst.nrows(), dst.ncols(), lhs.ncols());
+    let (m, n) = (dst.nrows(), dst.ncols());
+    let (rs, cs) = (dst.row_stride(), dst.col_stride());
+    // SAFETY: `dst` is a unique mutable view of m × n elements at these strides, so it aliases
+    // neither input.
+    unsafe {
+        gemm_raw(
+            dst.as_ptr_mut(),
+            (m, n),
+            (rs, cs),
+            lhs,
+            rhs,
+            accumulate,
+            parallel,
+        )
+    }
+}
+
+/// [`gemm`] into `m × n` elements at `dst` with (row, column) strides `strides`.
+///
+/// # Safety
+/// `dst` must be valid for writes (and, with `accumulate`, reads) of every element of the
+/// `m × n` matrix at those strides, and alias neither input.
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    (m, n): (usize, usize),
+    (rs, cs): (isize, isize),
+    lhs: MatRef<'_, f32>,
+    rhs: MatRef<'_, f32>,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let k = lhs.ncols();
     assert!(
         lhs.nrows() == m && rhs.nrows() == k && rhs.ncols() == n,
         "gemm: shapes differ"
@@ -223,16 +279,16 @@ pub fn gemm(
     } else {
         ::gemm::Parallelism::None
     };
-    // SAFETY: the pointers and strides come from live faer views of the stated shapes, and
-    // `dst` is a unique mutable view, so it aliases neither input.
+    // SAFETY: the input pointers and strides come from live faer views of the stated shapes;
+    // the caller vouches for `dst`.
     unsafe {
         ::gemm::gemm(
             m,
             n,
             k,
-            dst.as_ptr_mut(),
-            dst.col_stride(),
-            dst.row_stride(),
+            dst,
+            cs,
+            rs,
             accumulate,
             lhs.as_ptr(),
             lhs.col_stride(),
@@ -250,6 +306,53 @@ pub fn gemm(
     }
 }
 
+/// An owned row-major f32 matrix (the taps' layout: a sequence's rows are contiguous).
+pub struct RowMajor {
+    data: Vec<f32>,
+    nrows: usize,
+    ncols: usize,
+}
+
+impl RowMajor {
+    pub fn as_ref(&self) -> MatRef<'_, f32> {
+        rows(&self.data, self.nrows, self.ncols)
+    }
+
+    pub fn copy_of(m: MatRef<'_, f32>) -> RowMajor {
+        RowMajor {
+            data: to_row_major(m),
+            nrows: m.nrows(),
+            ncols: m.ncols(),
+        }
+    }
+
+    /// `lhs · rhs`, written whole by the product (its storage is not zeroed first: zeroing
+    /// the eigenvalue pass's rotated tokens moved 200 MB per batch of the kronfluence job).
+    pub fn product(lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, parallel: bool) -> RowMajor {
+        let (m, n) = (lhs.nrows(), rhs.ncols());
+        let mut data = Vec::<f32>::with_capacity(m * n);
+        // SAFETY: the product overwrites all m × n elements of the fresh, unaliased storage
+        // (row stride n) before `set_len` exposes them.
+        unsafe {
+            gemm_raw(
+                data.as_mut_ptr(),
+                (m, n),
+                (n as isize, 1),
+                lhs,
+                rhs,
+                false,
+                parallel,
+            );
+            data.set_len(m * n);
+        }
+        RowMajor {
+            data,
+            nrows: m,
+            ncols: n,
+        }
+    }
+}
+
 pub fn mul(lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) -> Mat<f32> {
     let mut out = Mat::zeros(lhs.nrows(), rhs.ncols());
     mul_into(out.as_mut(), lhs, rhs, false);
@@ -259,22 +362,25 @@ pub fn mul(lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) -> Mat<f32> {
 /// The lower triangle (diagonal included) of `xᵀ x`, computed in f32 and added into an f64
 /// accumulator whose upper triangle is left untouched; [`mirror_lower`] completes the sum. A
 /// symmetric rank-k update: column block by column block, one general product computes the
-/// block's part of the lower triangle, about half the work of `xᵀ x` at full GEMM speed.
-pub fn add_gram(acc: &mut Mat<f64>, x: MatRef<'_, f32>) {
+/// block's part of the lower triangle (56% of the work of `xᵀ x` at 128-wide blocks).
+///
+/// `parallel` splits each product over the cores; the passes instead run one Gram per task
+/// (there are two per tracked layer), where a single-threaded product measured 1.5–2× the
+/// throughput of a product split over two cores at these shapes (`k` = a batch's tokens,
+/// outputs a few hundred wide). The blocks, and so the bits, are the same either way.
+pub fn add_gram(acc: &mut Mat<f64>, x: MatRef<'_, f32>, parallel: bool) {
+    const BLOCK: usize = 128;
     let d = x.ncols();
-    // Narrow blocks save more work; wide ones keep the products efficient.
-    let block = 128.max(d.div_ceil(16));
-    let mut part = Mat::<f32>::zeros(d, block.min(d));
-    for jb in (0..d).step_by(block) {
-        let w = block.min(d - jb);
+    let mut part = Mat::<f32>::zeros(d, BLOCK.min(d));
+    for jb in (0..d).step_by(BLOCK) {
+        let w = BLOCK.min(d - jb);
         let mut dst = part.as_mut().submatrix_mut(0, 0, d - jb, w);
-        matmul(
+        gemm(
             dst.as_mut(),
-            Accum::Replace,
             x.subcols(jb, d - jb).transpose(),
             x.subcols(jb, w),
-            1.0,
-            par(),
+            false,
+            parallel,
         );
         for c in 0..w {
             let src = dst
@@ -325,7 +431,7 @@ pub fn gram_benchmark(shapes: &[(usize, usize)]) -> Vec<(usize, usize, f64, f64)
             let x = Mat::from_fn(t, d, |i, j| ((i * 31 + j * 17) % 97) as f32 / 97.0);
             let mut acc = Mat::<f64>::zeros(d, d);
             let general = best_of_3(&mut || add_gram_general(&mut acc, x.as_ref()));
-            let symmetric = best_of_3(&mut || add_gram(&mut acc, x.as_ref()));
+            let symmetric = best_of_3(&mut || add_gram(&mut acc, x.as_ref(), true));
             (t, d, general, symmetric)
         })
         .collect()
@@ -440,8 +546,8 @@ mod tests {
     fn gram_is_the_exact_symmetric_product() {
         let x = Mat::from_fn(37, 9, |i, j| ((i * 7 + j * 3) % 11) as f32 * 0.25 - 1.0);
         let mut acc = Mat::<f64>::zeros(9, 9);
-        add_gram(&mut acc, x.as_ref());
-        add_gram(&mut acc, x.as_ref());
+        add_gram(&mut acc, x.as_ref(), false);
+        add_gram(&mut acc, x.as_ref(), true);
         assert_eq!(
             acc[(0, 8)],
             0.0,

@@ -250,7 +250,8 @@ impl StoreWriter {
         let offsets = taps.offsets();
         let n = offsets[offsets.len() - 1];
         let layers = self.meta.layers.clone();
-        let mut rotated: Vec<(Mat<f32>, Mat<f32>)> = Vec::with_capacity(layers.len());
+        let mut rotated: Vec<(linalg::RowMajor, linalg::RowMajor)> =
+            Vec::with_capacity(layers.len());
         for ((l, tap), basis) in layers.iter().zip(&taps.layers).zip(&self.bases) {
             let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
             let g = linalg::rows(&tap.g, n, l.d_out);
@@ -258,8 +259,12 @@ impl StoreWriter {
                 .as_ref()
                 .map(|(q_s, q_a)| (q_s.as_ref(), q_a.as_ref()));
             rotated.push(
-                linalg::rotate_tokens(g, a.as_ref(), basis)
-                    .unwrap_or_else(|| (g.to_owned(), a.as_ref().to_owned())),
+                linalg::rotate_tokens(g, a.as_ref(), basis, true).unwrap_or_else(|| {
+                    (
+                        linalg::RowMajor::copy_of(g),
+                        linalg::RowMajor::copy_of(a.as_ref()),
+                    )
+                }),
             );
         }
         // The rotated gradients of every sequence of the batch, for the layers that keep them.

@@ -3,7 +3,7 @@
 //! output: the taps' `a`), the fused qkv (attention backward) and the MLP pre-activation (GELU
 //! backward), plus each attention row's softmax max and sum.
 
-use super::kernels::{act_bwd, act_fwd, attention_bwd, attention_fwd, Act, QkvLayout};
+use super::kernels::{act_bwd, act_new, attention_backward, attention_forward, Act, QkvLayout};
 use super::{embed, spans, to_vec, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts};
 use crate::error::{Error, Result};
 use crate::model::gpt2::{Conv1D, Gpt2};
@@ -125,20 +125,16 @@ impl Gpt2Net {
                 *v += e;
             }
         });
-        let n = pos.len();
         let lay = &self.layout;
         let mut saved = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
             let (h1, n1) = b.ln_1.fwd(&x);
             let qkv = b.c_attn.lin.fwd(&h1);
-            let mut attn = vec![0f32; n * d];
-            let mut stats = vec![0f32; n * 2 * lay.heads];
-            attention_fwd(&qkv, lay, spans, None, self.scale, &mut attn, &mut stats);
+            let (attn, stats) = attention_forward(&qkv, lay, spans, None, self.scale);
             b.c_proj.lin.fwd_into(&attn, &mut x, true);
             let (h2, n2) = b.ln_2.fwd(&x);
             let pre = b.c_fc.lin.fwd(&h2);
-            let mut act = vec![0f32; pre.len()];
-            act_fwd(self.act, &pre, &mut act);
+            let act = act_new(self.act, &pre);
             b.mlp_proj.lin.fwd_into(&act, &mut x, true);
             saved.push(Saved {
                 n1,
@@ -192,11 +188,9 @@ impl Net for Gpt2Net {
                     g[t] = Some(dx.clone());
                 }
                 let dattn = b.c_proj.lin.bwd(&dx);
-                let mut dqkv = vec![0f32; s.qkv.len()];
                 let lay = &self.layout;
-                attention_bwd(
-                    &s.qkv, lay, &spans, None, self.scale, &s.stats, &dattn, &mut dqkv,
-                );
+                let dqkv =
+                    attention_backward(&s.qkv, lay, &spans, None, self.scale, &s.stats, &dattn);
                 if i != lowest {
                     let dh1 = b.c_attn.lin.bwd(&dqkv);
                     b.ln_1.bwd(&dh1, &s.n1, &mut dx, true);

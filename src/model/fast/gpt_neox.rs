@@ -5,7 +5,7 @@
 //! linear inputs (the taps' `a`).
 
 use super::kernels::{
-    act_bwd, act_fwd, attention_bwd, attention_fwd, rope_apply, Act, QkvLayout, Rope,
+    act_bwd, act_new, attention_backward, attention_forward, rope_apply, Act, QkvLayout, Rope,
 };
 use super::{embed, spans, to_vec, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts};
 use crate::error::{Error, Result};
@@ -135,15 +135,12 @@ impl GptNeoXNet {
     ) -> (Vec<f32>, Vec<Saved>) {
         let (d, lay) = (self.d, &self.layout);
         let mut x = embed(&self.embed, d, ids);
-        let n = x.len() / d;
         let mut saved = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
             let (h1, n1) = b.input_layernorm.fwd(&x);
             let mut qkv = b.qkv.lin.fwd(&h1);
             rope_apply(&mut qkv, lay, rope, spans, false);
-            let mut attn = vec![0f32; n * d];
-            let mut stats = vec![0f32; n * 2 * lay.heads];
-            attention_fwd(&qkv, lay, spans, None, self.scale, &mut attn, &mut stats);
+            let (attn, stats) = attention_forward(&qkv, lay, spans, None, self.scale);
             // Parallel: the MLP reads the block's input; sequential: the attention's output.
             let (h2, n2) = if self.parallel {
                 let r = b.post_attention_layernorm.fwd(&x);
@@ -154,8 +151,7 @@ impl GptNeoXNet {
                 b.post_attention_layernorm.fwd(&x)
             };
             let pre = b.h_to_4h.lin.fwd(&h2);
-            let mut act = vec![0f32; pre.len()];
-            act_fwd(self.act, &pre, &mut act);
+            let act = act_new(self.act, &pre);
             b.four_h_to_h.lin.fwd_into(&act, &mut x, true);
             saved.push(Saved {
                 n1,
@@ -225,10 +221,8 @@ impl Net for GptNeoXNet {
                         b.dense.lin.bwd(&dx)
                     }
                 };
-                let mut dqkv = vec![0f32; s.qkv.len()];
-                attention_bwd(
-                    &s.qkv, lay, &spans, None, self.scale, &s.stats, &dattn, &mut dqkv,
-                );
+                let mut dqkv =
+                    attention_backward(&s.qkv, lay, &spans, None, self.scale, &s.stats, &dattn);
                 rope_apply(&mut dqkv, lay, &rope, &spans, true);
                 if need_below {
                     let dh1 = b.qkv.lin.bwd(&dqkv);

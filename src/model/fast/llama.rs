@@ -6,7 +6,7 @@
 //! linear inputs (the taps' `a`). RoPE is linear: its backward rotates the gradients back.
 
 use super::kernels::{
-    attention_bwd, attention_fwd, glu_bwd, glu_fwd, rope_apply, Act, QkvLayout, Rope,
+    attention_backward, attention_forward, glu_bwd, glu_fwd, rope_apply, Act, QkvLayout, Rope,
 };
 use super::{embed, spans, to_vec, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts};
 use crate::error::{Error, Result};
@@ -150,17 +150,7 @@ impl LlamaNet {
             let (h1, n1) = b.input_layernorm.fwd(&x);
             let mut qkv = b.qkv.fwd(&h1);
             rope_apply(&mut qkv, lay, rope, spans, false);
-            let mut attn = vec![0f32; n * lay.heads * lay.head_dim];
-            let mut stats = vec![0f32; n * 2 * lay.heads];
-            attention_fwd(
-                &qkv,
-                lay,
-                spans,
-                self.window,
-                self.scale,
-                &mut attn,
-                &mut stats,
-            );
+            let (attn, stats) = attention_forward(&qkv, lay, spans, self.window, self.scale);
             b.o.fwd_into(&attn, &mut x, true);
             let (h2, n2) = b.post_attention_layernorm.fwd(&x);
             let gu = b.gate_up.fwd(&h2);
@@ -224,8 +214,7 @@ impl Net for LlamaNet {
                     g[t] = Some(dx.clone());
                 }
                 let dattn = b.o.bwd(&dx);
-                let mut dqkv = vec![0f32; s.qkv.len()];
-                attention_bwd(
+                let mut dqkv = attention_backward(
                     &s.qkv,
                     lay,
                     &spans,
@@ -233,7 +222,6 @@ impl Net for LlamaNet {
                     self.scale,
                     &s.stats,
                     &dattn,
-                    &mut dqkv,
                 );
                 rope_apply(&mut dqkv, lay, &rope, &spans, true);
                 if i != lowest {

@@ -113,9 +113,7 @@ impl Lin {
 
     /// `y = x Wᵀ + b` for `x` of n rows.
     pub fn fwd(&self, x: &[f32]) -> Vec<f32> {
-        let mut y = vec![0f32; x.len() / self.d_in * self.d_out];
-        self.fwd_into(x, &mut y, false);
-        y
+        matmul_wt_new(x, &self.w, self.d_in, self.d_out, self.b.as_deref())
     }
 
     /// `y = [y +] b + x Wᵀ` (the bias is added before the product is accumulated).
@@ -135,9 +133,7 @@ impl Lin {
 
     /// `dx = dy W` (a fresh buffer).
     pub fn bwd(&self, dy: &[f32]) -> Vec<f32> {
-        let mut dx = vec![0f32; dy.len() / self.d_out * self.d_in];
-        matmul_w(dy, &self.w, self.d_in, self.d_out, &mut dx, false);
-        dx
+        matmul_w_new(dy, &self.w, self.d_in, self.d_out)
     }
 
     /// FLOPs of one product over `n` rows.
@@ -178,15 +174,27 @@ impl Norm {
     }
 
     pub fn fwd(&self, x: &[f32]) -> (Vec<f32>, NormSaved) {
-        let d = self.width();
-        let mut xhat = vec![0f32; x.len()];
-        let mut rstd = vec![0f32; x.len() / d];
-        let mut y = vec![0f32; x.len()];
+        let (d, n) = (self.width(), x.len());
+        assert_eq!(n % d.max(1), 0, "rows of the norm's width");
+        let (mut xhat, mut rstd, mut y) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n / d),
+            Vec::with_capacity(n),
+        );
+        let (xh, rs, out) = (
+            &mut xhat.spare_capacity_mut()[..n],
+            &mut rstd.spare_capacity_mut()[..n / d],
+            &mut y.spare_capacity_mut()[..n],
+        );
         match self {
-            Norm::Layer { w, b, eps } => {
-                layer_norm_fwd(x, w, b, *eps, &mut xhat, &mut rstd, &mut y)
-            }
-            Norm::Rms { w, eps } => rms_norm_fwd(x, w, *eps, &mut xhat, &mut rstd, &mut y),
+            Norm::Layer { w, b, eps } => layer_norm_fwd(x, w, b, *eps, xh, rs, out),
+            Norm::Rms { w, eps } => rms_norm_fwd(x, w, *eps, xh, rs, out),
+        }
+        // SAFETY: the norms write every element of all three outputs.
+        unsafe {
+            xhat.set_len(n);
+            rstd.set_len(n / d);
+            y.set_len(n);
         }
         (y, NormSaved { xhat, rstd })
     }
@@ -240,9 +248,7 @@ impl LmHead {
     /// Logits of every row of `x` (the final residual stream).
     pub fn logits(&self, x: &[f32]) -> Vec<f32> {
         let (xf, _) = self.norm.fwd(x);
-        let mut z = vec![0f32; xf.len() / self.d * self.vocab];
-        matmul_wt(&xf, &self.w, self.d, self.vocab, &mut z, false);
-        z
+        matmul_wt_new(&xf, &self.w, self.d, self.vocab, None)
     }
 
     /// Losses of each sequence and dL/dx of the final residual stream: the head's logits are
@@ -278,8 +284,7 @@ impl LmHead {
             for (dst, &(r, _, _)) in xc.chunks_mut(d).zip(chunk) {
                 dst.copy_from_slice(&xf[r * d..(r + 1) * d]);
             }
-            let mut z = vec![0f32; c * v];
-            matmul_wt(&xc, &self.w, d, v, &mut z, false);
+            let mut z = matmul_wt_new(&xc, &self.w, d, v, None);
             z.par_chunks_mut(v)
                 .zip(chunk.par_iter())
                 .zip(loss_out.par_iter_mut())
