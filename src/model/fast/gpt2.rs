@@ -1,9 +1,11 @@
 //! GPT-2 on the fast engine. Per block the forward keeps: the two layer norms' normalised rows
 //! and inverse roots, the four linear inputs (ln_1 output, attention output, ln_2 output, GELU
-//! output: the taps' `a`), the fused qkv (attention backward) and the MLP pre-activation (GELU
-//! backward), plus each attention row's softmax max and sum.
+//! output: the taps' `a`), the fused qkv (attention backward) and GELU's derivative at the MLP
+//! pre-activation (its backward), plus each attention row's softmax max and sum.
 
-use super::kernels::{act_bwd, act_new, attention_backward, attention_forward, Act, QkvLayout};
+use super::kernels::{
+    act_and_derivative, attention_backward, attention_forward, mul_in_place, Act, QkvLayout,
+};
 use super::{embed, spans, to_vec, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts};
 use crate::error::{Error, Result};
 use crate::model::gpt2::{Conv1D, Gpt2};
@@ -57,7 +59,8 @@ struct Saved {
     attn: Vec<f32>,
     n2: NormSaved,
     h2: Vec<f32>,
-    pre: Vec<f32>,
+    /// act′ of the MLP pre-activation (its backward).
+    dact: Vec<f32>,
     act: Vec<f32>,
 }
 
@@ -133,8 +136,7 @@ impl Gpt2Net {
             let (attn, stats) = attention_forward(&qkv, lay, spans, None, self.scale);
             b.c_proj.lin.fwd_into(&attn, &mut x, true);
             let (h2, n2) = b.ln_2.fwd(&x);
-            let pre = b.c_fc.lin.fwd(&h2);
-            let act = act_new(self.act, &pre);
+            let (act, dact) = act_and_derivative(self.act, &b.c_fc.lin.fwd(&h2));
             b.mlp_proj.lin.fwd_into(&act, &mut x, true);
             saved.push(Saved {
                 n1,
@@ -144,7 +146,7 @@ impl Gpt2Net {
                 attn,
                 n2,
                 h2,
-                pre,
+                dact,
                 act,
             });
         }
@@ -173,7 +175,7 @@ impl Net for Gpt2Net {
                 g[t] = Some(dx.clone());
             }
             let mut dpre = b.mlp_proj.lin.bwd(&dx);
-            act_bwd(self.act, &s.pre, &mut dpre);
+            mul_in_place(&mut dpre, &s.dact);
             let last = i == lowest && !has_attn_tap(b);
             if !last {
                 let dh2 = b.c_fc.lin.bwd(&dpre);

@@ -1,11 +1,12 @@
 //! GPT-NeoX (Pythia) on the fast engine: fused query_key_value laid out `[head, {q, k, v},
 //! head_dim]`, partial rotary embeddings (the first `rotary_dims` of each head), parallel or
 //! sequential residual. Per block the forward keeps the layer norms' normalised rows and
-//! inverse roots, qkv after RoPE, the softmax row statistics, the MLP pre-activation and the
-//! linear inputs (the taps' `a`).
+//! inverse roots, qkv after RoPE, the softmax row statistics, the activation's derivative at the
+//! MLP pre-activation and the linear inputs (the taps' `a`).
 
 use super::kernels::{
-    act_bwd, act_new, attention_backward, attention_forward, rope_apply, Act, QkvLayout, Rope,
+    act_and_derivative, attention_backward, attention_forward, mul_in_place, rope_apply, Act,
+    QkvLayout, Rope,
 };
 use super::{embed, spans, to_vec, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts};
 use crate::error::{Error, Result};
@@ -59,7 +60,8 @@ struct Saved {
     attn: Vec<f32>,
     n2: NormSaved,
     h2: Vec<f32>,
-    pre: Vec<f32>,
+    /// act′ of the MLP pre-activation (its backward).
+    dact: Vec<f32>,
     act: Vec<f32>,
 }
 
@@ -150,8 +152,7 @@ impl GptNeoXNet {
                 b.dense.lin.fwd_into(&attn, &mut x, true);
                 b.post_attention_layernorm.fwd(&x)
             };
-            let pre = b.h_to_4h.lin.fwd(&h2);
-            let act = act_new(self.act, &pre);
+            let (act, dact) = act_and_derivative(self.act, &b.h_to_4h.lin.fwd(&h2));
             b.four_h_to_h.lin.fwd_into(&act, &mut x, true);
             saved.push(Saved {
                 n1,
@@ -161,7 +162,7 @@ impl GptNeoXNet {
                 attn,
                 n2,
                 h2,
-                pre,
+                dact,
                 act,
             });
         }
@@ -195,7 +196,7 @@ impl Net for GptNeoXNet {
                 g[t] = Some(dx.clone());
             }
             let mut dpre = b.four_h_to_h.lin.bwd(&dx);
-            act_bwd(self.act, &s.pre, &mut dpre);
+            mul_in_place(&mut dpre, &s.dact);
             // Parallel residual: the attention branch sees the block output's gradient.
             let mut dattn = None;
             if self.parallel && need_attn {

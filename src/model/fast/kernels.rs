@@ -516,22 +516,6 @@ macro_rules! multiversion {
 pub(crate) use multiversion;
 
 multiversion! {
-    fn act_slice(act: Act, x: &[f32], y: &mut [f32]) {
-        for (x, y) in x.iter().zip(y) {
-            *y = act.f(*x);
-        }
-    }
-}
-
-multiversion! {
-    fn act_grad_slice(act: Act, x: &[f32], dy: &mut [f32]) {
-        for (x, dy) in x.iter().zip(dy) {
-            *dy *= act.df(*x);
-        }
-    }
-}
-
-multiversion! {
     fn glu_rows(act: Act, gu: &[f32], di: usize, y: &mut [f32]) {
         for (gu, y) in gu.chunks(2 * di).zip(y.chunks_mut(di)) {
             let (gate, up) = gu.split_at(di);
@@ -615,38 +599,58 @@ multiversion! {
     }
 }
 
-/// `y = act(x)` element-wise, in parallel.
-pub fn act_fwd(act: Act, x: &[f32], y: &mut [f32]) {
-    x.par_chunks(ROW_GRAIN)
-        .zip(y.par_chunks_mut(ROW_GRAIN))
-        .for_each(|(x, y)| act_slice(act, x, y));
-}
-
-/// `act(x)` in a fresh buffer (written whole, not zeroed first).
-pub fn act_new(act: Act, x: &[f32]) -> Vec<f32> {
-    let mut y = Vec::with_capacity(x.len());
-    y.spare_capacity_mut()[..x.len()]
+/// `(act(x), act'(x))` in fresh buffers, in one sweep (the logistic term of GELU and SiLU is
+/// shared): the forward keeps the derivative for the backward, which is then a product
+/// ([`mul_in_place`]) instead of a second evaluation. The values are those of `act.f` and
+/// `act.df`, bit for bit.
+pub fn act_and_derivative(act: Act, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let n = x.len();
+    let (mut y, mut d) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    y.spare_capacity_mut()[..n]
         .par_chunks_mut(ROW_GRAIN)
+        .zip(d.spare_capacity_mut()[..n].par_chunks_mut(ROW_GRAIN))
         .zip(x.par_chunks(ROW_GRAIN))
-        .for_each(|(y, x)| act_slice_uninit(act, x, y));
-    // SAFETY: every element was written by `act_slice_uninit`.
-    unsafe { y.set_len(x.len()) };
-    y
+        .for_each(|((y, d), x)| act_and_derivative_slice(act, x, y, d));
+    // SAFETY: every element of both was written by `act_and_derivative_slice`.
+    unsafe {
+        y.set_len(n);
+        d.set_len(n);
+    }
+    (y, d)
 }
 
 multiversion! {
-    fn act_slice_uninit(act: Act, x: &[f32], y: &mut [std::mem::MaybeUninit<f32>]) {
-        for (x, y) in x.iter().zip(y) {
+    fn act_and_derivative_slice(
+        act: Act,
+        x: &[f32],
+        y: &mut [MaybeUninit<f32>],
+        d: &mut [MaybeUninit<f32>],
+    ) {
+        for ((x, y), d) in x.iter().zip(y).zip(d) {
             y.write(act.f(*x));
+            d.write(act.df(*x));
         }
     }
 }
 
-/// `dx = dy · act'(x)` in place on `dy`.
-pub fn act_bwd(act: Act, x: &[f32], dy: &mut [f32]) {
-    x.par_chunks(ROW_GRAIN)
-        .zip(dy.par_chunks_mut(ROW_GRAIN))
-        .for_each(|(x, dy)| act_grad_slice(act, x, dy));
+/// `dy ← dy · d`, elementwise (the activation backward from a saved derivative).
+pub fn mul_in_place(dy: &mut [f32], d: &[f32]) {
+    assert_eq!(
+        dy.len(),
+        d.len(),
+        "gradient and derivative have one element each"
+    );
+    dy.par_chunks_mut(ROW_GRAIN)
+        .zip(d.par_chunks(ROW_GRAIN))
+        .for_each(|(dy, d)| mul_slice(dy, d));
+}
+
+multiversion! {
+    fn mul_slice(dy: &mut [f32], d: &[f32]) {
+        for (dy, d) in dy.iter_mut().zip(d) {
+            *dy *= *d;
+        }
+    }
 }
 
 /// SwiGLU-style gate: `y = act(gate) · up`, where row r of `gu` (n × 2di) is `[gate | up]`.
@@ -1276,13 +1280,19 @@ mod tests {
         matmul_wt(&x, &w, 24, 10, &mut y, true);
         let mut dx = vec![0f32; n * 24];
         matmul_w(&y, &w, 24, 10, &mut dx, false);
-        let mut a = vec![0f32; x.len()];
-        act_fwd(Act::GeluTanh, &x, &mut a);
-        dirty_the_heap(&[n * 10, n * 24, x.len()]);
+        dirty_the_heap(&[n * 10, n * 24]);
         assert_eq!(matmul_wt_new(&x, &w, 24, 10, Some(&b)), y);
         dirty_the_heap(&[n * 24]);
         assert_eq!(matmul_w_new(&y, &w, 24, 10), dx);
-        dirty_the_heap(&[x.len()]);
-        assert_eq!(act_new(Act::GeluTanh, &x), a);
+        for act in [Act::GeluTanh, Act::GeluErf, Act::Silu, Act::Relu] {
+            dirty_the_heap(&[x.len(), x.len()]);
+            let (f, df) = act_and_derivative(act, &x);
+            for ((&x, f), df) in x.iter().zip(f).zip(df) {
+                assert_eq!(
+                    (f.to_bits(), df.to_bits()),
+                    (act.f(x).to_bits(), act.df(x).to_bits())
+                );
+            }
+        }
     }
 }
