@@ -423,16 +423,24 @@ fn best_of_3(f: &mut dyn FnMut()) -> f64 {
 }
 
 /// Times [`add_gram`] against [`add_gram_general`] on `T × d` inputs (best of 3 each), for
-/// `infl bench`: rows of (T, d, general seconds, symmetric seconds).
-pub fn gram_benchmark(shapes: &[(usize, usize)]) -> Vec<(usize, usize, f64, f64)> {
+/// `infl bench`: rows of (T, d, general seconds, symmetric seconds with each product split over
+/// the cores, symmetric seconds per Gram when one runs per core at once, as the passes run them).
+pub fn gram_benchmark(shapes: &[(usize, usize)]) -> Vec<(usize, usize, f64, f64, f64)> {
+    use rayon::prelude::*;
     shapes
         .iter()
         .map(|&(t, d)| {
             let x = Mat::from_fn(t, d, |i, j| ((i * 31 + j * 17) % 97) as f32 / 97.0);
             let mut acc = Mat::<f64>::zeros(d, d);
             let general = best_of_3(&mut || add_gram_general(&mut acc, x.as_ref()));
-            let symmetric = best_of_3(&mut || add_gram(&mut acc, x.as_ref(), true));
-            (t, d, general, symmetric)
+            let split = best_of_3(&mut || add_gram(&mut acc, x.as_ref(), true));
+            let cores = rayon::current_num_threads().max(1);
+            let mut accs: Vec<Mat<f64>> = (0..cores).map(|_| Mat::zeros(d, d)).collect();
+            let per_core = best_of_3(&mut || {
+                accs.par_iter_mut()
+                    .for_each(|acc| add_gram(acc, x.as_ref(), false));
+            }) / cores as f64;
+            (t, d, general, split, per_core)
         })
         .collect()
 }
