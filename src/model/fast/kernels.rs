@@ -794,7 +794,7 @@ pub fn attention_fwd(
     out: &mut [f32],
     stats: &mut [f32],
 ) {
-    let rows = seqs.iter().map(|&(o, l)| o + l).max().unwrap_or(0);
+    let rows = rows_named(seqs);
     assert!(out.len() >= rows * lay.heads * lay.head_dim && stats.len() >= rows * 2 * lay.heads);
     assert!(qkv.len() >= rows * lay.stride);
     // SAFETY: the outputs cover every row a sequence names (checked above).
@@ -809,6 +809,11 @@ pub fn attention_fwd(
             SyncPtr(stats.as_mut_ptr()),
         )
     }
+}
+
+/// One past the last row any sequence names (the rows the outputs must hold).
+fn rows_named(seqs: &[(usize, usize)]) -> usize {
+    seqs.iter().map(|&(o, l)| o + l).max().unwrap_or(0)
 }
 
 /// The rows `0..n` when the sequences tile them in order with no gap, else `None`.
@@ -834,7 +839,7 @@ pub fn attention_forward(
 ) -> (Vec<f32>, Vec<f32>) {
     let (h, hd) = (lay.heads, lay.head_dim);
     let Some(n) = tiled_rows(seqs) else {
-        let rows = seqs.iter().map(|&(o, l)| o + l).max().unwrap_or(0);
+        let rows = rows_named(seqs);
         let (mut out, mut stats) = (vec![0f32; rows * h * hd], vec![0f32; rows * 2 * h]);
         attention_fwd(qkv, lay, seqs, window, scale, &mut out, &mut stats);
         return (out, stats);
@@ -952,7 +957,7 @@ pub fn attention_bwd(
     dout: &[f32],
     dqkv: &mut [f32],
 ) {
-    let rows = seqs.iter().map(|&(o, l)| o + l).max().unwrap_or(0);
+    let rows = rows_named(seqs);
     assert!(dqkv.len() >= rows * lay.stride && qkv.len() >= rows * lay.stride);
     // SAFETY: `dqkv` covers every row a sequence names (checked above).
     unsafe {
@@ -1016,7 +1021,7 @@ pub fn attention_backward(
             }
         }
         _ => {
-            let rows = seqs.iter().map(|&(o, l)| o + l).max().unwrap_or(0);
+            let rows = rows_named(seqs);
             let mut dqkv = vec![0f32; rows * lay.stride];
             attention_bwd(qkv, lay, seqs, window, scale, stats, dout, &mut dqkv);
             dqkv
