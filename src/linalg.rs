@@ -584,23 +584,50 @@ mod tests {
 /// Columns of length `d`: the training side of a dot-product block.
 #[derive(Clone, Copy)]
 pub enum Columns<'a> {
-    /// bfloat16 bit patterns (the upper half of an f32), widened on the fly.
-    Bf16(&'a [&'a [u16]]),
     F32(&'a [&'a [f32]]),
+    /// bfloat16 values (the upper half of an f32) as little-endian bytes at any alignment, as a
+    /// store's mapping holds them; widened on the fly. Each column is `2·d` bytes.
+    Bf16Le(&'a [&'a [u8]]),
+    /// f32 values as little-endian bytes at any alignment; each column is `4·d` bytes.
+    F32Le(&'a [&'a [u8]]),
 }
 
 impl<'a> Columns<'a> {
     fn len(&self) -> usize {
         match self {
-            Columns::Bf16(b) => b.len(),
             Columns::F32(b) => b.len(),
+            Columns::Bf16Le(b) | Columns::F32Le(b) => b.len(),
         }
     }
 
     fn range(&self, from: usize, to: usize) -> Columns<'a> {
         match *self {
-            Columns::Bf16(b) => Columns::Bf16(&b[from..to]),
             Columns::F32(b) => Columns::F32(&b[from..to]),
+            Columns::Bf16Le(b) => Columns::Bf16Le(&b[from..to]),
+            Columns::F32Le(b) => Columns::F32Le(&b[from..to]),
+        }
+    }
+
+    /// Element `i` of column `j`.
+    fn at(&self, j: usize, i: usize) -> f32 {
+        match self {
+            Columns::F32(b) => b[j][i],
+            Columns::Bf16Le(b) => {
+                f32::from_bits((u16::from_le_bytes([b[j][2 * i], b[j][2 * i + 1]]) as u32) << 16)
+            }
+            Columns::F32Le(b) => {
+                let c = &b[j][4 * i..4 * i + 4];
+                f32::from_le_bytes([c[0], c[1], c[2], c[3]])
+            }
+        }
+    }
+
+    /// Whether every column holds `d` values.
+    fn all_of_length(&self, d: usize) -> bool {
+        match self {
+            Columns::F32(b) => b.iter().all(|c| c.len() == d),
+            Columns::Bf16Le(b) => b.iter().all(|c| c.len() == 2 * d),
+            Columns::F32Le(b) => b.iter().all(|c| c.len() == 4 * d),
         }
     }
 }
@@ -623,10 +650,7 @@ pub fn dots_into(out: &mut [f64], a: &[&[f32]], b: Columns<'_>, d: usize) {
         a.iter().all(|c| c.len() == d),
         "query columns have length d"
     );
-    match b {
-        Columns::Bf16(b) => assert!(b.iter().all(|c| c.len() == d)),
-        Columns::F32(b) => assert!(b.iter().all(|c| c.len() == d)),
-    }
+    assert!(b.all_of_length(d), "training columns have length d");
     assert_eq!(out.len(), ns * nq, "output is ns × nq");
     // Columns split over the threads, in whole micro-kernel blocks of 3.
     let threads = rayon::current_num_threads().max(1);
@@ -668,10 +692,10 @@ fn dots_portable(out: &mut [f64], a: &[&[f32]], b: Columns<'_>, d: usize) {
                 let aq = &aq[t0..t1];
                 let sum: f32 = match b {
                     Columns::F32(b) => aq.iter().zip(&b[s][t0..t1]).map(|(x, y)| x * y).sum(),
-                    Columns::Bf16(b) => aq
+                    _ => aq
                         .iter()
-                        .zip(&b[s][t0..t1])
-                        .map(|(x, &y)| x * f32::from_bits((y as u32) << 16))
+                        .enumerate()
+                        .map(|(i, x)| x * b.at(s, t0 + i))
                         .sum(),
                 };
                 out[s * nq + q] += sum as f64;
@@ -761,10 +785,13 @@ unsafe fn micro_avx2<const QN: usize, const SN: usize>(
     let body = len / 8 * 8;
     let mut i = 0;
     while i < body {
+        // Unaligned loads: the byte columns of a mapped store are at any alignment (and x86
+        // is little-endian, as the store).
         let bv: [__m256; SN] = std::array::from_fn(|j| match b {
             Columns::F32(b) => _mm256_loadu_ps(b[j].as_ptr().add(t0 + i)),
-            Columns::Bf16(b) => {
-                let h = _mm_loadu_si128(b[j].as_ptr().add(t0 + i) as *const __m128i);
+            Columns::F32Le(b) => _mm256_loadu_ps(b[j].as_ptr().add(4 * (t0 + i)).cast()),
+            Columns::Bf16Le(b) => {
+                let h = _mm_loadu_si128(b[j].as_ptr().add(2 * (t0 + i)).cast());
                 _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
             }
         });
@@ -803,8 +830,9 @@ unsafe fn micro_avx512<const QN: usize, const SN: usize>(
     while i < body {
         let bv: [__m512; SN] = std::array::from_fn(|j| match b {
             Columns::F32(b) => _mm512_loadu_ps(b[j].as_ptr().add(t0 + i)),
-            Columns::Bf16(b) => {
-                let h = _mm256_loadu_si256(b[j].as_ptr().add(t0 + i) as *const __m256i);
+            Columns::F32Le(b) => _mm512_loadu_ps(b[j].as_ptr().add(4 * (t0 + i)).cast()),
+            Columns::Bf16Le(b) => {
+                let h = _mm256_loadu_si256(b[j].as_ptr().add(2 * (t0 + i)).cast());
                 _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
             }
         });
@@ -830,11 +858,7 @@ unsafe fn micro_avx512<const QN: usize, const SN: usize>(
 fn dot_tail(a: &[f32], b: Columns<'_>, j: usize, t0: usize, body: usize, len: usize) -> f32 {
     let mut sum = 0f32;
     for k in body..len {
-        let y = match b {
-            Columns::F32(b) => b[j][t0 + k],
-            Columns::Bf16(b) => f32::from_bits((b[j][t0 + k] as u32) << 16),
-        };
-        sum += a[t0 + k] * y;
+        sum += a[t0 + k] * b.at(j, t0 + k);
     }
     sum
 }
@@ -931,9 +955,36 @@ mod dots_tests {
                         .collect()
                 })
                 .collect();
-            let bitr: Vec<&[u16]> = bits.iter().map(|c| c.as_slice()).collect();
-            dots_into(&mut got, &ar, Columns::Bf16(&bitr), d);
-            close(&got, &reference(&a, &widened), "bf16");
+            // As a store's mapping holds them: little-endian bytes, one byte past an aligned
+            // start (a record's tag byte), so that no value is aligned to its width.
+            let misaligned = |bytes: Vec<u8>| -> Vec<u8> {
+                let mut v = vec![0xAB];
+                v.extend(bytes);
+                v
+            };
+            let bf16_bytes: Vec<Vec<u8>> = bits
+                .iter()
+                .map(|c| misaligned(c.iter().flat_map(|h| h.to_le_bytes()).collect()))
+                .collect();
+            let bf16_cols: Vec<&[u8]> = bf16_bytes.iter().map(|c| &c[1..]).collect();
+            let widened_want = reference(&a, &widened);
+            dots_into(&mut got, &ar, Columns::Bf16Le(&bf16_cols), d);
+            close(&got, &widened_want, "bf16");
+            portable.fill(0.0); // the portable kernel accumulates
+            dots_portable(&mut portable, &ar, Columns::Bf16Le(&bf16_cols), d);
+            close(&portable, &widened_want, "bf16 portable");
+            let f32_bytes: Vec<Vec<u8>> = b
+                .iter()
+                .map(|c| misaligned(c.iter().flat_map(|x| x.to_le_bytes()).collect()))
+                .collect();
+            let f32_cols: Vec<&[u8]> = f32_bytes.iter().map(|c| &c[1..]).collect();
+            let mut from_bytes = vec![0.0; ns * nq];
+            dots_into(&mut from_bytes, &ar, Columns::F32Le(&f32_cols), d);
+            dots_into(&mut got, &ar, Columns::F32(&br), d);
+            assert_eq!(from_bytes, got, "f32 bytes sum exactly as f32 slices");
+            portable.fill(0.0);
+            dots_portable(&mut portable, &ar, Columns::F32Le(&f32_cols), d);
+            close(&portable, &want, "f32 bytes portable");
             // Through owned matrices (padded column strides).
             let am = Mat::from_fn(d, nq, |i, q| a[q][i]);
             let bm = Mat::from_fn(d, ns, |i, s| b[s][i]);

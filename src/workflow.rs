@@ -1288,9 +1288,10 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
             let n_queries = pq.self_influence.len();
             let batch = job.batch_size.max(1) * 4;
             let mut index = 0usize;
-            // Reading overlaps scoring: a reader thread fills one set of column buffers (one
-            // per layer, the store read into it as stored) while the batch before it is scored
-            // from the other; the two sets go back and forth.
+            // Reading overlaps scoring: a reader thread walks the next batch's records (locating
+            // its rotated columns in the mapping and mapping their pages in, rebuilding those
+            // stored as factors) while the batch before it is scored; two sets of per-layer
+            // batches go back and forth.
             type Filled = Result<(Vec<crate::store::LayerBatch>, Vec<data::Sequence>)>;
             let (filled_tx, filled_rx) = std::sync::mpsc::sync_channel::<Filled>(1);
             let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<crate::store::LayerBatch>>();
@@ -1301,6 +1302,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                     .collect();
                 let _ = empty_tx.send(set);
             }
+            let bytes = reader.bytes();
             let reader_ref = &mut *reader;
             std::thread::scope(|scope| -> Result<()> {
                 scope.spawn(move || {
@@ -1318,6 +1320,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                                 }
                             }
                         }
+                        reader_ref.prefault_batch();
                         if seqs.is_empty() || filled_tx.send(Ok((columns, seqs))).is_err() {
                             return;
                         }
@@ -1335,7 +1338,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                         let c = &columns[li];
                         if cosine {
                             for (k, o) in own.iter_mut().enumerate() {
-                                let col = c.column_f32(k);
+                                let col = c.column_f32(k, &bytes);
                                 *o += preconditioner.self_influence_in_store_basis(
                                     li,
                                     faer::MatRef::from_column_major_slice(
@@ -1348,16 +1351,10 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                         }
                         let mut part = faer::Mat::<f32>::zeros(n_queries, n);
                         let queries: Vec<&[f32]> = rotated[li].chunks(c.d).collect();
-                        let stored_bf16: Vec<&[u16]> = c.stored_bf16().chunks(c.d).collect();
-                        let stored_f32: Vec<&[f32]> = c.stored_f32().chunks(c.d).collect();
+                        let stored = c.stored(&bytes);
                         let rebuilt: Vec<&[f32]> = c.rebuilt().chunks(c.d).collect();
-                        let stored = if stored_bf16.is_empty() {
-                            crate::linalg::Columns::F32(&stored_f32)
-                        } else {
-                            crate::linalg::Columns::Bf16(&stored_bf16)
-                        };
                         for (block, cols) in [
-                            (stored, &c.stored_cols),
+                            (bytes.columns(&stored), &c.stored_cols),
                             (crate::linalg::Columns::F32(&rebuilt), &c.rebuilt_cols),
                         ] {
                             if cols.is_empty() {

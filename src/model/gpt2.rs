@@ -706,4 +706,83 @@ mod tests {
             }
         }
     }
+
+    /// The gradients in the eigenbasis come out the same whether the tokens are rotated first
+    /// or each summed gradient is, and scaling then rotating back is the preconditioner itself.
+    #[test]
+    fn basis_gradients_agree_in_both_orders_and_with_the_dense_rotation() {
+        use crate::curvature::{fit, Fisher, FitOptions, Silent, Strategy};
+        use crate::data::Sequence;
+        use crate::influence::{column_as_matrix, sequence_gradients, Damping, Preconditioner};
+
+        let model = Gpt2::random(tiny_config(), 11, ModuleSelection::All).unwrap();
+        let seqs: Vec<Sequence> = (0..6u32)
+            .map(|k| Sequence {
+                id: format!("{k}:0"),
+                ids: (0..4 + 2 * k).map(|t| (t * 7 + k * 3) % 23).collect(),
+            })
+            .collect();
+        let options = FitOptions {
+            strategy: Strategy::Ekfac,
+            fisher: Fisher::Empirical,
+            batch_size: 3,
+            seed: 1,
+        };
+        let factors = fit(&model, &seqs, &options, &Silent).unwrap();
+        let pre = Preconditioner::new(&factors, Damping::Heuristic).unwrap();
+        let refs: Vec<(u64, &[u32])> = seqs.iter().map(|s| (0, s.ids.as_slice())).collect();
+        let taps = model
+            .taps(&TokenBatch::training(&refs), Labels::Data)
+            .unwrap();
+        for (index, l) in model.tracked().iter().enumerate() {
+            let (d_o, d_i) = (l.d_out, l.d_in_h());
+            let tokens = pre.basis_gradients_in(index, l, &taps, true);
+            let summed = pre.basis_gradients_in(index, l, &taps, false);
+            let grads = sequence_gradients(l, &taps, index);
+            let e = factors.layers[index].eigen.as_ref().unwrap();
+            for k in 0..seqs.len() {
+                let g = column_as_matrix(&grads, k, d_o, d_i);
+                // Q_Sᵀ G Q_A in f64.
+                let want = faer::Mat::<f64>::from_fn(d_o, d_i, |o, i| {
+                    let mut sum = 0.0;
+                    for p in 0..d_o {
+                        for r in 0..d_i {
+                            sum += e.q_s[(p, o)] as f64 * g[(p, r)] as f64 * e.q_a[(r, i)] as f64;
+                        }
+                    }
+                    sum
+                });
+                let scale = (0..d_i)
+                    .flat_map(|i| (0..d_o).map(move |o| (o, i)))
+                    .fold(1e-12f64, |m, (o, i)| m.max(want[(o, i)].abs()));
+                for (what, got) in [("tokens first", &tokens), ("summed", &summed)] {
+                    let r = column_as_matrix(got, k, d_o, d_i);
+                    for i in 0..d_i {
+                        for o in 0..d_o {
+                            let err = (r[(o, i)] as f64 - want[(o, i)]).abs();
+                            assert!(
+                                err <= 1e-4 * scale,
+                                "{} seq {k} ({what}) [{o},{i}]: {} vs {}",
+                                l.name,
+                                r[(o, i)],
+                                want[(o, i)]
+                            );
+                        }
+                    }
+                }
+                // Scaled in the basis and rotated back: the preconditioned gradient.
+                let r = column_as_matrix(&tokens, k, d_o, d_i);
+                let back = pre.from_basis(index, pre.scale_in_basis(index, r));
+                let direct = pre.apply(index, g);
+                let scale = (0..d_i)
+                    .flat_map(|i| (0..d_o).map(move |o| (o, i)))
+                    .fold(1e-12f32, |m, (o, i)| m.max(direct[(o, i)].abs()));
+                for i in 0..d_i {
+                    for o in 0..d_o {
+                        assert!((back[(o, i)] - direct[(o, i)]).abs() <= 1e-4 * scale);
+                    }
+                }
+            }
+        }
+    }
 }
