@@ -465,6 +465,23 @@ pub fn accumulate(
     bases: &[Option<&Eigenbasis>],
     taps: &TapBatch,
 ) {
+    accumulate_keeping(state, tracked, bases, taps, false);
+}
+
+/// The tokens of a batch rotated into each layer's eigenbasis, `(g Q_S, ā Q_A)` (`None` for a
+/// layer in the original basis), as the eigenvalue pass forms them.
+pub type RotatedTokens = Vec<Option<(linalg::RowMajor, linalg::RowMajor)>>;
+
+/// [`accumulate`], and with `keep` the eigenvalue pass's rotated tokens: a gradient store
+/// written from the same pass takes them instead of rotating the tokens again (the rotation is
+/// most of the pass's statistics).
+pub fn accumulate_keeping(
+    state: &mut PassSums,
+    tracked: &[TrackedLayer],
+    bases: &[Option<&Eigenbasis>],
+    taps: &TapBatch,
+    keep: bool,
+) -> Option<RotatedTokens> {
     let offsets = taps.offsets();
     let n = offsets[offsets.len() - 1];
     state.n_tokens += n as u64;
@@ -485,15 +502,16 @@ pub fn accumulate(
                     linalg::add_gram(sum, linalg::rows(&tap.g, n, l.d_out), inner);
                 }
             });
+            None
         }
         Pass::Eigenvalue => {
-            state
+            let rotated: RotatedTokens = state
                 .sums
                 .par_iter_mut()
                 .zip(tracked.par_iter())
                 .zip(taps.layers.par_iter())
                 .zip(bases.par_iter())
-                .for_each(|(((sum, l), tap), basis)| {
+                .map(|(((sum, l), tap), basis)| {
                     let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
                     let g = linalg::rows(&tap.g, n, l.d_out);
                     let rotated = linalg::rotate_tokens(
@@ -507,7 +525,10 @@ pub fn accumulate(
                         None => (g, a.as_ref()),
                     };
                     linalg::add_squared_sequence_products(sum, g_rot, a_rot, &offsets, inner);
-                });
+                    rotated.filter(|_| keep)
+                })
+                .collect();
+            keep.then_some(rotated)
         }
     }
 }
@@ -572,8 +593,9 @@ pub fn pass_labels(options: &FitOptions, pass: Pass) -> Labels {
 }
 
 /// Adds `seqs` (stable indices `indices`) to the sums of `state.pass`, batch by batch;
-/// `after_batch(state, k, taps)` runs once the first k sequences of `seqs` are in, with the
-/// taps of the batch that ended there (the last `taps.seq_lens.len()` of those k).
+/// `after_batch(state, k, taps, rotated)` runs once the first k sequences of `seqs` are in, with
+/// the taps of the batch that ended there (the last `taps.seq_lens.len()` of those k) and, with
+/// `keep_rotated` in the eigenvalue pass, its tokens rotated into the eigenbasis.
 #[allow(clippy::too_many_arguments)]
 pub fn accumulate_sequences(
     model: &dyn TapModel,
@@ -582,8 +604,9 @@ pub fn accumulate_sequences(
     indices: &[u64],
     bases: &[Option<&Eigenbasis>],
     state: &mut PassSums,
+    keep_rotated: bool,
     progress: &dyn Progress,
-    mut after_batch: impl FnMut(&PassSums, usize, &TapBatch) -> Result<()>,
+    mut after_batch: impl FnMut(&PassSums, usize, &TapBatch, Option<&RotatedTokens>) -> Result<()>,
 ) -> Result<()> {
     let tracked = model.tracked().to_vec();
     let what = format!("{} pass", state.pass.name());
@@ -596,8 +619,8 @@ pub fn accumulate_sequences(
         progress,
         &what,
         |start, taps| {
-            accumulate(state, &tracked, bases, taps);
-            after_batch(state, start + taps.seq_lens.len(), taps)
+            let rotated = accumulate_keeping(state, &tracked, bases, taps, keep_rotated);
+            after_batch(state, start + taps.seq_lens.len(), taps, rotated.as_ref())
         },
     )
 }
@@ -632,8 +655,9 @@ pub fn run_pass(
         &indices[position..],
         bases,
         state,
+        false,
         progress,
-        |state, k, _| {
+        |state, k, _, _| {
             let done = position + k;
             if done < seqs.len() && checkpointer.due(done) {
                 save(state, done)?;

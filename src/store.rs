@@ -19,7 +19,7 @@ use crate::data::Sequence;
 use crate::error::{Error, Result};
 use crate::linalg;
 use crate::model::{TapBatch, TrackedLayer};
-use faer::Mat;
+use faer::{Mat, MatRef};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
@@ -246,27 +246,32 @@ impl StoreWriter {
     }
 
     /// Adds the sequences of one batch (their taps under the data's labels), in corpus order.
-    pub fn add(&mut self, seqs: &[Sequence], taps: &TapBatch) -> Result<()> {
+    /// `rotated`: the batch's tokens already rotated into the store's basis by the eigenvalue
+    /// pass that produced `taps` (the same bases), so that they are not rotated again.
+    pub fn add(
+        &mut self,
+        seqs: &[Sequence],
+        taps: &TapBatch,
+        rotated: Option<&crate::curvature::RotatedTokens>,
+    ) -> Result<()> {
         let offsets = taps.offsets();
         let n = offsets[offsets.len() - 1];
         let layers = self.meta.layers.clone();
-        let mut rotated: Vec<(linalg::RowMajor, linalg::RowMajor)> =
-            Vec::with_capacity(layers.len());
-        for ((l, tap), basis) in layers.iter().zip(&taps.layers).zip(&self.bases) {
-            let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
-            let g = linalg::rows(&tap.g, n, l.d_out);
-            let basis = basis
-                .as_ref()
-                .map(|(q_s, q_a)| (q_s.as_ref(), q_a.as_ref()));
-            rotated.push(
-                linalg::rotate_tokens(g, a.as_ref(), basis, true).unwrap_or_else(|| {
-                    (
-                        linalg::RowMajor::copy_of(g),
-                        linalg::RowMajor::copy_of(a.as_ref()),
-                    )
-                }),
-            );
-        }
+        let owned: Vec<(linalg::RowMajor, linalg::RowMajor)>;
+        let rotated: Vec<(MatRef<'_, f32>, MatRef<'_, f32>)> = match rotated {
+            Some(r) if self.meta.basis == "eigen" && r.iter().all(Option::is_some) => r
+                .iter()
+                .flatten()
+                .map(|(g, a)| (g.as_ref(), a.as_ref()))
+                .collect(),
+            _ => {
+                owned = self.rotate(taps, n);
+                owned
+                    .iter()
+                    .map(|(g, a)| (g.as_ref(), a.as_ref()))
+                    .collect()
+            }
+        };
         // The rotated gradients of every sequence of the batch, for the layers that keep them.
         let products: Vec<Option<Mat<f32>>> = layers
             .iter()
@@ -275,7 +280,7 @@ impl StoreWriter {
                 let any = offsets
                     .windows(2)
                     .any(|w| !use_factors(l, w[1] - w[0], self.meta.form));
-                any.then(|| linalg::sequence_products(g_rot.as_ref(), a_rot.as_ref(), &offsets))
+                any.then(|| linalg::sequence_products(*g_rot, *a_rot, &offsets))
             })
             .collect();
         for (k, seq) in seqs.iter().enumerate() {
@@ -288,8 +293,8 @@ impl StoreWriter {
                         .and_then(|_| self.gradients.write_all(&((e - s) as u32).to_le_bytes()))
                         .map_err(|err| Error::io(&path, err))?;
                     self.meta.bytes += 5;
-                    let g = linalg::to_row_major(g_rot.as_ref().subrows(s, e - s));
-                    let a = linalg::to_row_major(a_rot.as_ref().subrows(s, e - s));
+                    let g = linalg::to_row_major(g_rot.subrows(s, e - s));
+                    let a = linalg::to_row_major(a_rot.subrows(s, e - s));
                     self.put(&g)?;
                     self.put(&a)?;
                 } else {
@@ -315,6 +320,28 @@ impl StoreWriter {
             self.meta.n_tokens += seq.ids.len();
         }
         Ok(())
+    }
+
+    /// The batch's tokens in the store's basis, `(g Q_S, ā Q_A)` per layer (copies of `g` and
+    /// `[ā, 1]` in the original basis).
+    fn rotate(&self, taps: &TapBatch, n: usize) -> Vec<(linalg::RowMajor, linalg::RowMajor)> {
+        let mut rotated = Vec::with_capacity(self.meta.layers.len());
+        for ((l, tap), basis) in self.meta.layers.iter().zip(&taps.layers).zip(&self.bases) {
+            let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
+            let g = linalg::rows(&tap.g, n, l.d_out);
+            let basis = basis
+                .as_ref()
+                .map(|(q_s, q_a)| (q_s.as_ref(), q_a.as_ref()));
+            rotated.push(
+                linalg::rotate_tokens(g, a.as_ref(), basis, true).unwrap_or_else(|| {
+                    (
+                        linalg::RowMajor::copy_of(g),
+                        linalg::RowMajor::copy_of(a.as_ref()),
+                    )
+                }),
+            );
+        }
+        rotated
     }
 
     /// Flushes, writes store.json and renames the store into place.

@@ -414,10 +414,11 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
                         &indices,
                         &basis_refs,
                         &mut state,
+                        folded_store.is_some(),
                         progress,
-                        |state, k, taps| {
+                        |state, k, taps, rotated| {
                             if let Some(w) = folded_store.as_mut() {
-                                w.add(&seqs[k - taps.seq_lens.len()..k], taps)?;
+                                w.add(&seqs[k - taps.seq_lens.len()..k], taps, rotated)?;
                             }
                             let done = before + k;
                             if done < owned && checkpointer.due(done) {
@@ -561,7 +562,7 @@ fn write_store(
             crate::model::Labels::Data,
             progress,
             "gradient store",
-            |start, taps| writer.add(&c[start..start + taps.seq_lens.len()], taps),
+            |start, taps| writer.add(&c[start..start + taps.seq_lens.len()], taps, None),
         )?;
         seen += c.len();
         Ok(())
