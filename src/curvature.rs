@@ -842,8 +842,7 @@ impl Factors {
             }
             Ok(v)
         };
-        let mat32 =
-            |v: Vec<f64>, r: usize, c: usize| Mat::from_fn(r, c, |i, j| v[i * c + j] as f32);
+        let mat32 = |v: Vec<f64>, r: usize, c: usize| linalg::f32_from_row_major(&v, r, c);
         let mut out = Vec::new();
         for l in layers {
             let n = &l.name;

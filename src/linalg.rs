@@ -493,6 +493,29 @@ pub fn to_f64(m: MatRef<'_, f32>) -> Mat<f64> {
     Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f64)
 }
 
+/// The row-major `r × c` values `v` (our safetensors layout) as an f32 matrix, transposed tile
+/// by tile: filled a column at a time, each element read from a different cache line (a tenth of
+/// re-scoring from a store was loading the factors that way).
+pub fn f32_from_row_major(v: &[f64], r: usize, c: usize) -> Mat<f32> {
+    const TILE: usize = 64;
+    assert_eq!(v.len(), r * c, "r × c values");
+    let mut m = Mat::<f32>::zeros(r, c);
+    for i0 in (0..r).step_by(TILE) {
+        let i1 = (i0 + TILE).min(r);
+        for j in 0..c {
+            let col = m
+                .col_mut(j)
+                .try_as_col_major_mut()
+                .expect("owned column is contiguous")
+                .as_slice_mut();
+            for (i, x) in col[i0..i1].iter_mut().enumerate() {
+                *x = v[(i0 + i) * c + j] as f32;
+            }
+        }
+    }
+    m
+}
+
 /// Row-major copy of a matrix (the layout of our safetensors files).
 pub fn to_row_major<T: Copy>(m: MatRef<'_, T>) -> Vec<T> {
     let mut v = Vec::with_capacity(m.nrows() * m.ncols());
@@ -578,6 +601,17 @@ mod tests {
     fn homogeneous_appends_ones_last() {
         let h = homogeneous(&[1.0, 2.0, 3.0, 4.0], 2, 2, true);
         assert_eq!(to_row_major(h.as_ref()), vec![1.0, 2.0, 1.0, 3.0, 4.0, 1.0]);
+    }
+
+    #[test]
+    fn row_major_values_read_back_in_tiles_round_trip() {
+        // Shapes around the 64-row tile, and one narrower than it.
+        for (r, c) in [(1, 1), (3, 200), (64, 65), (130, 7), (257, 129)] {
+            let v: Vec<f64> = (0..r * c).map(|k| k as f64 * 0.5 - 3.0).collect();
+            let m = f32_from_row_major(&v, r, c);
+            let want: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+            assert_eq!(to_row_major(m.as_ref()), want, "{r} × {c}");
+        }
     }
 }
 
@@ -787,14 +821,20 @@ unsafe fn micro_avx2<const QN: usize, const SN: usize>(
     while i < body {
         // Unaligned loads: the byte columns of a mapped store are at any alignment (and x86
         // is little-endian, as the store).
-        let bv: [__m256; SN] = std::array::from_fn(|j| match b {
-            Columns::F32(b) => _mm256_loadu_ps(b[j].as_ptr().add(t0 + i)),
-            Columns::F32Le(b) => _mm256_loadu_ps(b[j].as_ptr().add(4 * (t0 + i)).cast()),
-            Columns::Bf16Le(b) => {
-                let h = _mm_loadu_si128(b[j].as_ptr().add(2 * (t0 + i)).cast());
-                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-            }
-        });
+        // A loop, not `array::from_fn`: a closure is a function of its own, compiled without
+        // this one's target features unless inlined, and one build did not inline it (the
+        // loads then ran as calls, doubling the kernel's time).
+        let mut bv = [_mm256_setzero_ps(); SN];
+        for (j, v) in bv.iter_mut().enumerate() {
+            *v = match b {
+                Columns::F32(b) => _mm256_loadu_ps(b[j].as_ptr().add(t0 + i)),
+                Columns::F32Le(b) => _mm256_loadu_ps(b[j].as_ptr().add(4 * (t0 + i)).cast()),
+                Columns::Bf16Le(b) => {
+                    let h = _mm_loadu_si128(b[j].as_ptr().add(2 * (t0 + i)).cast());
+                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                }
+            };
+        }
         for (q, row) in acc.iter_mut().enumerate() {
             let av = _mm256_loadu_ps(a_ptr[q].add(i));
             for (j, cell) in row.iter_mut().enumerate() {
@@ -828,14 +868,18 @@ unsafe fn micro_avx512<const QN: usize, const SN: usize>(
     let body = len / 16 * 16;
     let mut i = 0;
     while i < body {
-        let bv: [__m512; SN] = std::array::from_fn(|j| match b {
-            Columns::F32(b) => _mm512_loadu_ps(b[j].as_ptr().add(t0 + i)),
-            Columns::F32Le(b) => _mm512_loadu_ps(b[j].as_ptr().add(4 * (t0 + i)).cast()),
-            Columns::Bf16Le(b) => {
-                let h = _mm256_loadu_si256(b[j].as_ptr().add(2 * (t0 + i)).cast());
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-            }
-        });
+        // A loop, not `array::from_fn`: see `micro_avx2`.
+        let mut bv = [_mm512_setzero_ps(); SN];
+        for (j, v) in bv.iter_mut().enumerate() {
+            *v = match b {
+                Columns::F32(b) => _mm512_loadu_ps(b[j].as_ptr().add(t0 + i)),
+                Columns::F32Le(b) => _mm512_loadu_ps(b[j].as_ptr().add(4 * (t0 + i)).cast()),
+                Columns::Bf16Le(b) => {
+                    let h = _mm256_loadu_si256(b[j].as_ptr().add(2 * (t0 + i)).cast());
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                }
+            };
+        }
         for (q, row) in acc.iter_mut().enumerate() {
             let av = _mm512_loadu_ps(a_ptr[q].add(i));
             for (j, cell) in row.iter_mut().enumerate() {
