@@ -248,24 +248,69 @@ pub fn layer_norm_fwd(
         .zip(xhat.par_chunks_mut(d * g))
         .zip(rstd.par_chunks_mut(g))
         .zip(y.par_chunks_mut(d * g))
-        .for_each(|(((x, xh), rs), y)| {
-            for (((x, xh), r), y) in x
-                .chunks(d)
-                .zip(xh.chunks_mut(d))
-                .zip(rs.iter_mut())
-                .zip(y.chunks_mut(d))
-            {
-                let mean = x.iter().sum::<f32>() / d as f32;
-                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                let root = (var + eps as f32).sqrt();
-                r.write(1.0 / root);
-                for j in 0..d {
-                    let v = (x[j] - mean) / root;
-                    xh[j].write(v);
-                    y[j].write(v * w[j] + b[j]);
+        .for_each(|(((x, xh), rs), y)| norm_rows(x, w, Some(b), eps as f32, xh, rs, y));
+}
+
+multiversion! {
+    /// Rows of [`layer_norm_fwd`] (with `b`) or [`rms_norm_fwd`] (without): the mean and the
+    /// mean square in eight interleaved partial sums, so that they vectorise (the loop is a
+    /// function of its own, compiled for the CPU: a closure inside the threaded loop is not).
+    fn norm_rows(
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        eps: f32,
+        xh: &mut [MaybeUninit<f32>],
+        rs: &mut [MaybeUninit<f32>],
+        y: &mut [MaybeUninit<f32>],
+    ) {
+        let d = w.len();
+        for (((x, xh), r), y) in x
+            .chunks(d)
+            .zip(xh.chunks_mut(d))
+            .zip(rs.iter_mut())
+            .zip(y.chunks_mut(d))
+        {
+            let mean = if b.is_some() { lanes_sum(x, |v| v) / d as f32 } else { 0.0 };
+            let ms = lanes_sum(x, |v| (v - mean) * (v - mean)) / d as f32;
+            let root = (ms + eps).sqrt();
+            r.write(1.0 / root);
+            match b {
+                Some(b) => {
+                    for j in 0..d {
+                        let v = (x[j] - mean) / root;
+                        xh[j].write(v);
+                        y[j].write(v * w[j] + b[j]);
+                    }
+                }
+                None => {
+                    for j in 0..d {
+                        let v = x[j] / root;
+                        xh[j].write(v);
+                        y[j].write(v * w[j]);
+                    }
                 }
             }
-        });
+        }
+    }
+}
+
+/// `Σ f(x_j)` in eight interleaved partial sums combined in a fixed order (inlined into the
+/// multiversioned loops that call it, so it vectorises with them).
+#[inline(always)]
+fn lanes_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *l += f(v);
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
 
 /// Backward of [`layer_norm_fwd`]: `dx [+]= rstd · (dxhat − mean(dxhat) − xhat · mean(dxhat·xhat))`
@@ -296,23 +341,7 @@ pub fn rms_norm_fwd(
         .zip(xhat.par_chunks_mut(d * g))
         .zip(rstd.par_chunks_mut(g))
         .zip(y.par_chunks_mut(d * g))
-        .for_each(|(((x, xh), rs), y)| {
-            for (((x, xh), r), y) in x
-                .chunks(d)
-                .zip(xh.chunks_mut(d))
-                .zip(rs.iter_mut())
-                .zip(y.chunks_mut(d))
-            {
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                let root = (ms + eps as f32).sqrt();
-                r.write(1.0 / root);
-                for j in 0..d {
-                    let v = x[j] / root;
-                    xh[j].write(v);
-                    y[j].write(v * w[j]);
-                }
-            }
-        });
+        .for_each(|(((x, xh), rs), y)| norm_rows(x, w, None, eps as f32, xh, rs, y));
 }
 
 /// Backward of [`rms_norm_fwd`]: `dx [+]= rstd · (dxhat − xhat · mean(dxhat·xhat))`.
@@ -335,31 +364,56 @@ fn norm_bwd(
         .zip(xhat.par_chunks(d * g))
         .zip(rstd.par_chunks(g))
         .zip(dx.par_chunks_mut(d * g))
-        .for_each(|(((dy, xh), rs), dx)| {
-            for (((dy, xh), r), dx) in dy
-                .chunks(d)
-                .zip(xh.chunks(d))
-                .zip(rs.iter())
-                .zip(dx.chunks_mut(d))
-            {
-                let (mut s1, mut s2) = (0f64, 0f64);
-                for j in 0..d {
-                    let g = (dy[j] * w[j]) as f64;
-                    s1 += g;
-                    s2 += g * xh[j] as f64;
-                }
-                let m1 = if center { (s1 / d as f64) as f32 } else { 0.0 };
-                let m2 = (s2 / d as f64) as f32;
-                for j in 0..d {
-                    let v = r * (dy[j] * w[j] - m1 - xh[j] * m2);
-                    if acc {
-                        dx[j] += v;
-                    } else {
-                        dx[j] = v;
-                    }
+        .for_each(|(((dy, xh), rs), dx)| norm_bwd_rows(dy, xh, rs, w, dx, acc, center));
+}
+
+multiversion! {
+    /// Rows of [`norm_bwd`]: the two means in eight interleaved f64 partial sums (vectorised;
+    /// one running f64 sum was a chain of dependent adds, four cycles an element).
+    fn norm_bwd_rows(
+        dy: &[f32],
+        xh: &[f32],
+        rs: &[f32],
+        w: &[f32],
+        dx: &mut [f32],
+        acc: bool,
+        center: bool,
+    ) {
+        let d = w.len();
+        for (((dy, xh), r), dx) in dy
+            .chunks(d)
+            .zip(xh.chunks(d))
+            .zip(rs.iter())
+            .zip(dx.chunks_mut(d))
+        {
+            let (mut l1, mut l2) = ([0f64; 8], [0f64; 8]);
+            let body = d / 8 * 8;
+            for j0 in (0..body).step_by(8) {
+                for l in 0..8 {
+                    let g = (dy[j0 + l] * w[j0 + l]) as f64;
+                    l1[l] += g;
+                    l2[l] += g * xh[j0 + l] as f64;
                 }
             }
-        });
+            for j in body..d {
+                let g = (dy[j] * w[j]) as f64;
+                l1[j - body] += g;
+                l2[j - body] += g * xh[j] as f64;
+            }
+            let fold = |l: [f64; 8]| ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+            let (s1, s2) = (fold(l1), fold(l2));
+            let m1 = if center { (s1 / d as f64) as f32 } else { 0.0 };
+            let m2 = (s2 / d as f64) as f32;
+            for j in 0..d {
+                let v = r * (dy[j] * w[j] - m1 - xh[j] * m2);
+                if acc {
+                    dx[j] += v;
+                } else {
+                    dx[j] = v;
+                }
+            }
+        }
+    }
 }
 
 /// Activation functions by their config names.
