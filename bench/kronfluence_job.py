@@ -242,11 +242,23 @@ def main():
                 / times[label],
                 **_agreement(kf2, got))
 
+    # infl's passes against their GEMM-bound floor, on this job, in this run.
+    floors = None
+    if "--passes-only" in subprocess.run([a.infl, "bench", "--help"], capture_output=True,
+                                         text=True).stdout:
+        out = subprocess.run(
+            [a.infl, "-q", "--threads", str(a.threads), "bench", "--passes-only", "--model",
+             model_dir, "--train", corpus, "--queries", qpaths[0], "--max-len",
+             str(cfg["seq_len"]), "--batch-size", str(BATCH), "--fisher", "empirical", "--out",
+             os.path.join(a.out, "passes")], capture_output=True, text=True, env=env, check=True)
+        floors = out.stdout
+        print(floors, flush=True)
+
     agree = _agreement(kf, ours)
     result = dict(scale=a.scale, job=cfg, threads=a.threads, seconds=times,
                   kronfluence_total=k_total, infl_total=i_total,
                   end_to_end_ratio=k_total / i_total, agreement=agree, store=store,
-                  load_average=os.getloadavg())
+                  passes_against_floor=floors, load_average=os.getloadavg())
     with open(os.path.join(a.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nend to end (fit + score): kronfluence {k_total:.1f} s, infl {i_total:.1f} s "

@@ -375,6 +375,14 @@ struct BenchArgs {
     /// Only compare the engines (fast vs autograd per family, and vs the GEMM-bound floor).
     #[arg(long)]
     engines_only: bool,
+    /// Only time a full fit (EK-FAC) and a full-rank scoring run on the model, corpus and
+    /// queries, and print each pass against its GEMM-bound floor: the FLOPs of its products,
+    /// counted from the shapes, at the GEMM rate measured in the same run.
+    #[arg(long, conflicts_with = "engines_only")]
+    passes_only: bool,
+    /// Labels of the Fisher in `--passes-only`'s fit.
+    #[arg(long, value_enum, default_value = "sampled")]
+    fisher: Fisher,
 }
 
 #[derive(clap::Args)]
@@ -1271,6 +1279,208 @@ fn print_dots_bench() {
     }
 }
 
+/// Progress that also times each named phase (`begin` to `end`, summed when a name repeats).
+struct PhaseClock<'a> {
+    inner: &'a dyn Progress,
+    running: std::sync::Mutex<Option<(String, std::time::Instant)>>,
+    phases: std::sync::Mutex<Vec<(String, f64)>>,
+}
+
+impl PhaseClock<'_> {
+    fn seconds(&self, name: &str) -> f64 {
+        let phases = self.phases.lock().expect("not poisoned");
+        phases
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, s)| s)
+            .sum()
+    }
+}
+
+impl Progress for PhaseClock<'_> {
+    fn begin(&self, what: &str, total_tokens: u64) {
+        *self.running.lock().expect("not poisoned") =
+            Some((what.to_string(), std::time::Instant::now()));
+        self.inner.begin(what, total_tokens);
+    }
+    fn advance(&self, tokens: u64) {
+        self.inner.advance(tokens);
+    }
+    fn end(&self) {
+        if let Some((name, start)) = self.running.lock().expect("not poisoned").take() {
+            let secs = start.elapsed().as_secs_f64();
+            self.phases.lock().expect("not poisoned").push((name, secs));
+        }
+        self.inner.end();
+    }
+}
+
+/// What `bench --passes-only` runs on.
+struct PassInputs<'a> {
+    model: &'a std::path::Path,
+    train: &'a std::path::Path,
+    queries: &'a std::path::Path,
+    max_len: usize,
+    batch_size: usize,
+    fisher: Fisher,
+    out: &'a std::path::Path,
+}
+
+/// `infl bench --passes-only`: times `infl fit` (EK-FAC) and a full-rank `infl score` pass by
+/// pass, and prints each pass against its GEMM-bound floor.
+fn pass_floors(
+    model: &dyn infl::model::TapModel,
+    inputs: &PassInputs<'_>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    use infl::curvature::{statistics_flops, Pass};
+    use infl::model::TokenBatch;
+
+    let mut tok = infl::data::LazyTokenizer::new(inputs.model);
+    let data = infl::data::read_corpus(inputs.train, &mut tok, inputs.max_len, model.vocab_size())?;
+    let queries = infl::data::read_queries(
+        inputs.queries,
+        &mut tok,
+        model.max_positions(),
+        model.vocab_size(),
+    )?
+    .0;
+    let tracked = model.tracked();
+    let batch = inputs.batch_size.max(1);
+    // The products of the forward and backward passes, batch by batch as the passes cut them.
+    let mut taps_flops = 0.0;
+    for chunk in data.sequences.chunks(batch) {
+        let refs: Vec<(u64, &[u32])> = chunk.iter().map(|s| (0, s.ids.as_slice())).collect();
+        taps_flops += model
+            .tap_flops(&TokenBatch::training(&refs))
+            .ok_or_else(|| {
+                anyhow::anyhow!("--passes-only needs the fast engine, which counts its FLOPs")
+            })?;
+    }
+    let mut query_flops = 0.0;
+    for chunk in queries.chunks(batch) {
+        let refs: Vec<(u64, &[u32], &[u32])> = chunk
+            .iter()
+            .map(|q| (0, q.prompt_ids.as_slice(), q.completion_ids.as_slice()))
+            .collect();
+        query_flops += model.tap_flops(&TokenBatch::queries(&refs)).unwrap_or(0.0);
+        let lens: Vec<usize> = chunk
+            .iter()
+            .map(|q| q.prompt_ids.len() + q.completion_ids.len())
+            .collect();
+        query_flops += infl::influence::query_flops(tracked, &lens, false);
+    }
+    let n_tokens = data.n_tokens();
+    let n_seqs = data.sequences.len();
+
+    let rate_before = infl::model::fast::bench::gemm_rate();
+    let clock = PhaseClock {
+        inner: progress,
+        running: std::sync::Mutex::new(None),
+        phases: std::sync::Mutex::new(Vec::new()),
+    };
+    let factors = inputs.out.join("passes-factors");
+    let fit = FitJob {
+        model: inputs.model.to_path_buf(),
+        train: inputs.train.to_path_buf(),
+        out: factors.clone(),
+        modules: ModuleSelection::All,
+        layers: None,
+        memory_check: true,
+        max_len: Some(inputs.max_len),
+        shard: infl::shard::Shard::WHOLE,
+        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+        fresh: true,
+        store: None,
+        options: FitOptions {
+            strategy: Strategy::Ekfac,
+            fisher: inputs.fisher,
+            batch_size: batch,
+            seed: 0,
+        },
+    };
+    let fit_s = workflow::fit(&fit, &clock)?.seconds;
+    let score = ScoreJob {
+        model: inputs.model.to_path_buf(),
+        factors,
+        train: inputs.train.to_path_buf(),
+        queries: inputs.queries.to_path_buf(),
+        out: inputs.out.join("passes-scores"),
+        damping: Damping::Heuristic,
+        top_k: 10,
+        dense: false,
+        batch_size: batch,
+        max_len: Some(inputs.max_len),
+        query_rank: None,
+        per_layer: false,
+        per_token: false,
+        normalize: Normalize::None,
+        prefilter: None,
+        shard: infl::shard::Shard::WHOLE,
+        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+        fresh: true,
+        store: false,
+        memory_check: true,
+    };
+    let score_s = workflow::score(&score, &clock)?.seconds;
+    // The faster of the two rates: the floor is then the lower bound it claims to be.
+    let rate = rate_before.max(infl::model::fast::bench::gemm_rate());
+
+    let cov = (
+        clock.seconds("covariance pass"),
+        taps_flops + statistics_flops(Pass::Covariance, tracked, n_tokens),
+    );
+    let lam = (
+        clock.seconds("eigenvalue pass"),
+        taps_flops + statistics_flops(Pass::Eigenvalue, tracked, n_tokens),
+    );
+    let qry = (clock.seconds("query gradients"), query_flops);
+    let scr = (
+        clock.seconds("scoring pass"),
+        taps_flops + infl::influence::scoring_flops(tracked, n_tokens, n_seqs, queries.len()),
+    );
+    let fit_rest = fit_s - cov.0 - lam.0;
+    let score_rest = score_s - qry.0 - scr.0;
+    println!(
+        "passes against their GEMM-bound floor: {} training tokens in {n_seqs} sequences, {} queries (full rank), batch {batch}, GEMM {:.1} GF/s",
+        n_tokens,
+        queries.len(),
+        rate / 1e9
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>12}",
+        "pass", "FLOP", "floor s", "seconds", "floor/actual"
+    );
+    let row = |name: &str, (secs, flops): (f64, f64)| {
+        let floor = flops / rate;
+        if flops > 0.0 {
+            println!(
+                "{name:<34} {flops:>10.3e} {floor:>10.3} {secs:>10.3} {:>11.0}%",
+                100.0 * floor / secs
+            );
+        } else {
+            println!(
+                "{name:<34} {:>10} {:>10} {secs:>10.3} {:>12}",
+                "-", "-", "-"
+            );
+        }
+    };
+    row("covariance pass", cov);
+    row("eigenvalue pass", lam);
+    row("fit: eigendecomposition, load, save", (fit_rest, 0.0));
+    row("score: query gradients", qry);
+    row("score: scoring pass", scr);
+    row("score: load, save", (score_rest, 0.0));
+    let total_flops = cov.1 + lam.1 + qry.1 + scr.1;
+    row("fit + score", (fit_s + score_s, total_flops));
+    println!(
+        "(the passes' products: forward and activation backward, covariance Grams as symmetric\n\
+         rank-k updates, the eigenbasis rotations and per-sequence products, the scores' dot\n\
+         products; element-wise work, the eigendecomposition and I/O are not counted)"
+    );
+    Ok(())
+}
+
 fn print_gram_bench() {
     println!("\ncovariance update Σ xᵀx (f32 product, f64 accumulator), best of 3:");
     println!(
@@ -1310,6 +1520,18 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
     };
     let model = infl::model::load(&model_dir, ModuleSelection::All)?;
     let max_len = a.max_len.or(default_len).unwrap_or(model.max_positions());
+    if a.passes_only {
+        let inputs = PassInputs {
+            model: &model_dir,
+            train: &corpus,
+            queries: &queries,
+            max_len,
+            batch_size: a.batch_size,
+            fisher: a.fisher,
+            out: &a.out,
+        };
+        return pass_floors(model.as_ref(), &inputs, progress);
+    }
     let factors = a.out.join("factors");
     if let Some(scale) = a.rss_child {
         return rss_child(

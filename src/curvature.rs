@@ -457,6 +457,25 @@ impl PassSums {
     }
 }
 
+/// FLOPs of the products that form `pass`'s statistics over `n_tokens` tokens, counted from the
+/// shapes as [`accumulate`] runs them (for `infl bench`'s floors): the covariance pass's Grams
+/// as symmetric rank-k updates (half a general product, `N d²`), the eigenvalue pass's
+/// rotation of the tokens (`2N (d_out² + d_in²)`) and its per-sequence products
+/// (`2N d_out d_in`); element-wise work (squares, sums in f64) is not counted.
+pub fn statistics_flops(pass: Pass, tracked: &[TrackedLayer], n_tokens: usize) -> f64 {
+    let n = n_tokens as f64;
+    tracked
+        .iter()
+        .map(|l| {
+            let (o, i) = (l.d_out as f64, l.d_in_h() as f64);
+            match pass {
+                Pass::Covariance => n * (o * o + i * i),
+                Pass::Eigenvalue => 2.0 * n * (o * o + i * i) + 2.0 * n * o * i,
+            }
+        })
+        .sum()
+}
+
 /// Adds one batch's taps to the running sums of `state.pass`. For the eigenvalue pass,
 /// `bases[ℓ]` is layer ℓ's eigenbasis (EK-FAC) or `None` (diagonal: the original basis).
 pub fn accumulate(
@@ -904,4 +923,32 @@ pub fn layer_summary(factors: &Factors) -> Vec<HashMap<&'static str, serde_json:
             ])
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The FLOP counts `infl bench --passes-only` divides by, worked by hand for one layer.
+    #[test]
+    fn statistics_and_scoring_flops_are_counted_from_the_shapes() {
+        // d_in 2 with a bias: d_in_h = 3; d_out = 4; 10 tokens in 2 sequences.
+        let l = TrackedLayer {
+            name: "x".into(),
+            d_in: 2,
+            d_out: 4,
+            has_bias: true,
+        };
+        let one = std::slice::from_ref(&l);
+        // Grams as symmetric updates: N (d_out² + d_in²) = 10 · (16 + 9).
+        assert_eq!(statistics_flops(Pass::Covariance, one, 10), 250.0);
+        // Rotation 2N (16 + 9) = 500, per-sequence products 2N · 4 · 3 = 240.
+        assert_eq!(statistics_flops(Pass::Eigenvalue, one, 10), 740.0);
+        // Per-sequence gradients 2N · 12 = 240, dots with 3 queries 2 · 2 · 3 · 12 = 144.
+        assert_eq!(crate::influence::scoring_flops(one, 10, 2, 3), 384.0);
+        // Queries of 4 and 6 tokens: tokens first 740, summed first 240 + 2·2·12·7 = 576
+        // (cheaper here), and the rotation back 336 outside the store's basis.
+        assert_eq!(crate::influence::query_flops(one, &[4, 6], true), 576.0);
+        assert_eq!(crate::influence::query_flops(one, &[4, 6], false), 912.0);
+    }
 }

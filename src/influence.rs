@@ -427,6 +427,47 @@ pub fn precondition_queries(
     })
 }
 
+/// FLOPs of the products of a full-rank scoring pass's statistics over `n_tokens` tokens in
+/// `n_sequences` sequences against `n_queries` queries (for `infl bench`'s floors): each
+/// sequence's summed gradient (`2N d_out d_in`) and its dot products with the queries
+/// (`2 n_seq n_q d_out d_in`).
+pub fn scoring_flops(
+    tracked: &[TrackedLayer],
+    n_tokens: usize,
+    n_sequences: usize,
+    n_queries: usize,
+) -> f64 {
+    let (n, s, q) = (n_tokens as f64, n_sequences as f64, n_queries as f64);
+    tracked
+        .iter()
+        .map(|l| {
+            let d = l.d_out as f64 * l.d_in_h() as f64;
+            2.0 * n * d + 2.0 * s * q * d
+        })
+        .sum()
+}
+
+/// FLOPs of preconditioning full-rank queries of these lengths in an eigenbasis, as
+/// [`precondition_queries`] runs it (one batch): the rotation in the cheaper order (see
+/// [`Preconditioner::basis_gradients`]) and, outside the store's basis, the rotation back.
+pub fn query_flops(tracked: &[TrackedLayer], lens: &[usize], store_basis: bool) -> f64 {
+    let (n, nq) = (lens.iter().sum::<usize>() as f64, lens.len() as f64);
+    tracked
+        .iter()
+        .map(|l| {
+            let (o, i) = (l.d_out as f64, l.d_in_h() as f64);
+            let tokens_first = 2.0 * n * (o * o + i * i) + 2.0 * n * o * i;
+            let summed = 2.0 * n * o * i + 2.0 * nq * o * i * (o + i);
+            let back = if store_basis {
+                0.0
+            } else {
+                2.0 * nq * o * i * (o + i)
+            };
+            tokens_first.min(summed) + back
+        })
+        .sum()
+}
+
 /// Scores of one layer for a batch of training sequences: `[n_queries, n_seq]`.
 pub fn layer_scores(
     layer: &TrackedLayer,

@@ -1018,3 +1018,64 @@ fn memory_check_follows_the_streamed_sequences_not_the_context() {
         &s(&dir.join("r")),
     ]);
 }
+
+/// `bench --passes-only` times a fit and a full-rank score pass by pass and prints each against
+/// its floor: every pass row has FLOPs, a floor and a time, and the total adds them up.
+#[test]
+fn bench_prints_each_pass_against_its_gemm_bound_floor() {
+    let dir = scratch("passes");
+    let (model, corpus, queries) = fixture(&dir, 3);
+    let bench = dir.join("bench");
+    let out = infl(&[
+        "bench",
+        "--passes-only",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        corpus.to_str().unwrap(),
+        "--queries",
+        queries.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--fisher",
+        "empirical",
+        "--out",
+        bench.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |name: &str| -> Vec<f64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no `{name}` row in:\n{text}"));
+        line[name.len()..]
+            .split_whitespace()
+            .map(|v| v.trim_end_matches('%').parse::<f64>().unwrap())
+            .collect()
+    };
+    let passes = [
+        "covariance pass",
+        "eigenvalue pass",
+        "score: query gradients",
+        "score: scoring pass",
+    ];
+    let mut flops = 0.0;
+    for name in passes {
+        let r = row(name);
+        assert_eq!(r.len(), 4, "{name}: FLOP, floor s, seconds, floor/actual");
+        assert!(r[0] > 0.0 && r[2] > 0.0, "{name}: {r:?}");
+        flops += r[0];
+    }
+    let total = row("fit + score");
+    // Each row is printed to 4 significant digits.
+    assert!(
+        (total[0] - flops).abs() <= 1e-3 * flops,
+        "{total:?} against {flops}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -179,6 +179,11 @@ pub trait TapModel: Send + Sync {
     fn saturates_cores(&self) -> bool {
         false
     }
+    /// FLOPs of the products of one [`TapModel::taps`] call on `batch`, counted from the
+    /// shapes (for `infl bench`'s floors); `None` where the engine does not count them.
+    fn tap_flops(&self, _batch: &TokenBatch) -> Option<f64> {
+        None
+    }
 }
 
 /// A model restricted to some of its tracked layers, chosen by checkpoint name.
@@ -222,6 +227,9 @@ impl TapModel for SelectedLayers {
     }
     fn saturates_cores(&self) -> bool {
         self.inner.saturates_cores()
+    }
+    fn tap_flops(&self, batch: &TokenBatch) -> Option<f64> {
+        self.inner.tap_flops(batch)
     }
 }
 

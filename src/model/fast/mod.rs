@@ -437,6 +437,9 @@ impl<N: Net> TapModel for Fast<N> {
     fn saturates_cores(&self) -> bool {
         true
     }
+    fn tap_flops(&self, batch: &TokenBatch) -> Option<f64> {
+        Some(self.net.flops(batch))
+    }
 }
 
 /// Attention FLOPs of a causal pass over sequences of these lengths, forward and backward
