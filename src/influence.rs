@@ -468,6 +468,83 @@ pub fn query_flops(tracked: &[TrackedLayer], lens: &[usize], store_basis: bool) 
         .sum()
 }
 
+/// Scores of every layer for a batch of training sequences, `[n_queries, n_seq]` per layer, as
+/// [`layer_scores`] gives them. Full-rank layers never hold a batch of per-sequence gradients:
+/// each task forms one block of columns of every sequence's gradient and dots it with the
+/// queries' matching block at once ([`linalg::sequence_block_dots`]); the tasks (layers ×
+/// blocks) share the cores, and each layer's blocks are added in order, so the scores do not
+/// depend on the thread count.
+pub fn batch_scores(
+    tracked: &[TrackedLayer],
+    queries: &[LayerQueries],
+    taps: &TapBatch,
+) -> Vec<Mat<f32>> {
+    use rayon::prelude::*;
+    /// Columns per block: wide enough that each sequence's product is an efficient GEMM (its
+    /// `k` is only the sequence's length; 64 columns measured slower than no blocking), narrow
+    /// enough that a block of 16 sequences at 1,024 rows (13 MiB) stays in the last-level cache.
+    const BLOCK: usize = 256;
+    let offsets = taps.offsets();
+    let n = offsets[offsets.len() - 1];
+    let n_seq = taps.seq_lens.len();
+    let homogeneous: Vec<Option<linalg::Homogeneous<'_>>> = tracked
+        .iter()
+        .enumerate()
+        .map(|(i, l)| match &queries[i] {
+            LayerQueries::Full(_) => Some(linalg::homogeneous(
+                &taps.layers[i].a,
+                n,
+                l.d_in,
+                l.has_bias,
+            )),
+            LayerQueries::LowRank { .. } => None,
+        })
+        .collect();
+    // Blocks of nearly equal width, so that no task is a sliver.
+    let tasks: Vec<(usize, usize, usize)> = tracked
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| homogeneous[*i].is_some())
+        .flat_map(|(i, l)| {
+            let d = l.d_in_h();
+            let blocks = d.div_ceil(BLOCK);
+            let w = d.div_ceil(blocks);
+            (0..blocks).map(move |b| (i, b * w, w.min(d - b * w)))
+        })
+        .collect();
+    let parts: Vec<Vec<f64>> = tasks
+        .par_iter()
+        .map(|&(i, j0, w)| {
+            let (l, LayerQueries::Full(stack)) = (&tracked[i], &queries[i]) else {
+                unreachable!("tasks are made for full-rank layers only")
+            };
+            let a = homogeneous[i].as_ref().expect("made for full-rank layers");
+            let g = linalg::rows(&taps.layers[i].g, n, l.d_out);
+            let qs = linalg::columns(stack);
+            let mut out = vec![0f64; n_seq * qs.len()];
+            linalg::sequence_block_dots(g, a.as_ref(), &offsets, (j0, w), &qs, &mut out);
+            out
+        })
+        .collect();
+    tracked
+        .iter()
+        .enumerate()
+        .map(|(i, l)| match &queries[i] {
+            LayerQueries::Full(stack) => {
+                let nq = stack.ncols();
+                let mut sum = vec![0f64; n_seq * nq];
+                for (_, part) in tasks.iter().zip(&parts).filter(|(t, _)| t.0 == i) {
+                    for (s, p) in sum.iter_mut().zip(part) {
+                        *s += p;
+                    }
+                }
+                Mat::from_fn(nq, n_seq, |q, s| sum[s * nq + q] as f32)
+            }
+            LayerQueries::LowRank { .. } => layer_scores(l, i, &queries[i], taps),
+        })
+        .collect()
+}
+
 /// Scores of one layer for a batch of training sequences: `[n_queries, n_seq]`.
 pub fn layer_scores(
     layer: &TrackedLayer,
@@ -585,8 +662,8 @@ pub fn score_dense(
         progress,
         "scoring pass",
         |start, taps| {
-            for (index, l) in tracked.iter().enumerate() {
-                let part = layer_scores(l, index, &queries.per_layer[index], taps);
+            let parts = batch_scores(tracked, &queries.per_layer, taps);
+            for part in parts {
                 for (q, row) in scores.iter_mut().enumerate() {
                     for k in 0..part.ncols() {
                         row[start + k] += part[(q, k)] as f64;

@@ -151,6 +151,62 @@ pub fn sequence_products(g: MatRef<'_, f32>, a: MatRef<'_, f32>, offsets: &[usiz
     out
 }
 
+/// Dot products of the per-sequence gradients `R_s = g_sᵀ a_s` (rows `offsets[s]..offsets[s+1]`
+/// of `g`, `n × d_out`, and `a`, `n × d_in`) with query gradients, over the columns
+/// `j0..j0 + w` of `R` only: `out[s·nq + q] += Σ_{i, j0 ≤ j < j0+w} R_s[i, j] · P_q[i, j]`, where
+/// `queries[q]` is column-major `vec(P_q)` (`d_out · d_in` long). Single-threaded: the caller
+/// runs blocks as tasks.
+///
+/// The sequences' `d_out × w` tiles are formed into a buffer that stays in cache and dotted
+/// with the queries' matching (contiguous) tiles at once, so no batch of full per-sequence
+/// gradients is written to memory, zeroed first, and read back. Summed in f64 per block of
+/// [`DOT_TILE`] elements as [`dots_into`] sums.
+pub fn sequence_block_dots(
+    g: MatRef<'_, f32>,
+    a: MatRef<'_, f32>,
+    offsets: &[usize],
+    (j0, w): (usize, usize),
+    queries: &[&[f32]],
+    out: &mut [f64],
+) {
+    let (d_out, d_in) = (g.ncols(), a.ncols());
+    let n_seq = offsets.len().saturating_sub(1);
+    assert!(j0 + w <= d_in, "columns within a's");
+    assert!(queries.iter().all(|q| q.len() == d_out * d_in));
+    assert_eq!(out.len(), n_seq * queries.len(), "out is n_seq × n_queries");
+    let tile = d_out * w;
+    let mut tiles: Vec<f32> = Vec::with_capacity(tile * n_seq);
+    for (s, win) in offsets.windows(2).enumerate() {
+        let (t0, t1) = (win[0], win[1]);
+        // SAFETY: sequence s's tile is the `d_out × w` column-major block at `s · tile` of the
+        // buffer's capacity, written whole (no accumulation, so it is not read) before the
+        // length below covers it; it aliases neither input.
+        unsafe {
+            gemm_raw(
+                tiles.as_mut_ptr().add(s * tile),
+                (d_out, w),
+                (1, d_out as isize),
+                g.subrows(t0, t1 - t0).transpose(),
+                a.subrows(t0, t1 - t0).subcols(j0, w),
+                false,
+                false,
+            );
+        }
+    }
+    // SAFETY: every one of the n_seq tiles was written above.
+    unsafe { tiles.set_len(tile * n_seq) };
+    let cols: Vec<&[f32]> = tiles.chunks(tile).collect();
+    let qs: Vec<&[f32]> = queries
+        .iter()
+        .map(|q| &q[j0 * d_out..(j0 + w) * d_out])
+        .collect();
+    let mut part = vec![0f64; out.len()];
+    dots_serial(&mut part, &qs, Columns::F32(&cols), tile);
+    for (o, p) in out.iter_mut().zip(&part) {
+        *o += p;
+    }
+}
+
 /// `acc[i, j] += Σ_s R_s[i, j]²` with `R_s = g_sᵀ a_s`, where `g_s`, `a_s` are the rows
 /// `offsets[s]..offsets[s+1]` of `g` (`n × d_out`) and `a` (`n × d_in`): the squared
 /// per-sequence gradients of the eigenvalue pass, in whatever basis `g` and `a` are in.

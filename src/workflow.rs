@@ -1432,11 +1432,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                     progress,
                     "scoring pass",
                     |start, taps| {
-                        let parts: Vec<_> = tracked
-                            .iter()
-                            .enumerate()
-                            .map(|(i, l)| influence::layer_scores(l, i, &pq.per_layer[i], taps))
-                            .collect();
+                        let parts = influence::batch_scores(&tracked, &pq.per_layer, taps);
                         let n = taps.seq_lens.len();
                         acc.add(
                             &indices[start..start + n],

@@ -785,4 +785,64 @@ mod tests {
             }
         }
     }
+
+    /// The scoring pass's blocked scores equal per-sequence gradients dotted with the queries
+    /// (in f64), at widths that cut the layers into several uneven blocks, and do not depend on
+    /// the thread count.
+    #[test]
+    fn batch_scores_equal_dots_of_per_sequence_gradients() {
+        use crate::influence::{batch_scores, sequence_gradients, LayerQueries};
+        let config = Gpt2Config {
+            n_embd: 100,
+            n_layer: 1,
+            n_head: 2,
+            ..tiny_config()
+        };
+        let model = Gpt2::random(config, 4, ModuleSelection::All).unwrap();
+        let refs: Vec<(u64, Vec<u32>)> = (0..5u32)
+            .map(|k| (k as u64, (0..3 + 2 * k).map(|t| (t * 5 + k) % 23).collect()))
+            .collect();
+        let refs: Vec<(u64, &[u32])> = refs.iter().map(|(i, s)| (*i, s.as_slice())).collect();
+        let taps = model
+            .taps(&TokenBatch::training(&refs), Labels::Data)
+            .unwrap();
+        let tracked = model.tracked().to_vec();
+        let nq = 3;
+        let queries: Vec<LayerQueries> = tracked
+            .iter()
+            .map(|l| {
+                LayerQueries::Full(faer::Mat::from_fn(l.d_out * l.d_in_h(), nq, |i, q| {
+                    ((i * 7 + q * 13) % 29) as f32 / 29.0 - 0.5
+                }))
+            })
+            .collect();
+        // 101 and 401 inputs with the bias: one block, and two of 201 and 200 columns.
+        assert!(tracked.iter().any(|l| l.d_in_h() == 401));
+        let got = batch_scores(&tracked, &queries, &taps);
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let serial = one.install(|| batch_scores(&tracked, &queries, &taps));
+        for (i, l) in tracked.iter().enumerate() {
+            let grads = sequence_gradients(l, &taps, i);
+            let LayerQueries::Full(stack) = &queries[i] else {
+                unreachable!()
+            };
+            for s in 0..refs.len() {
+                for q in 0..nq {
+                    let want: f64 = (0..grads.nrows())
+                        .map(|r| grads[(r, s)] as f64 * stack[(r, q)] as f64)
+                        .sum();
+                    let v = got[i][(q, s)] as f64;
+                    assert!(
+                        (v - want).abs() <= 1e-5 * want.abs().max(1e-3),
+                        "{} seq {s} query {q}: {v} vs {want}",
+                        l.name
+                    );
+                    assert_eq!(got[i][(q, s)], serial[i][(q, s)], "thread count");
+                }
+            }
+        }
+    }
 }
