@@ -1315,6 +1315,43 @@ impl Progress for PhaseClock<'_> {
     }
 }
 
+/// The scoring job `infl bench` times: top 10, no dense output, heuristic damping, resumable
+/// (not `--fresh`).
+fn bench_score_job(
+    (model, factors, train, queries): (
+        &std::path::Path,
+        &std::path::Path,
+        &std::path::Path,
+        &std::path::Path,
+    ),
+    out: PathBuf,
+    (batch_size, max_len): (usize, usize),
+    query_rank: Option<usize>,
+) -> ScoreJob {
+    ScoreJob {
+        model: model.to_path_buf(),
+        factors: factors.to_path_buf(),
+        train: train.to_path_buf(),
+        queries: queries.to_path_buf(),
+        out,
+        damping: Damping::Heuristic,
+        top_k: 10,
+        dense: false,
+        batch_size,
+        max_len: Some(max_len),
+        query_rank,
+        per_layer: false,
+        per_token: false,
+        normalize: Normalize::None,
+        prefilter: None,
+        shard: infl::shard::Shard::WHOLE,
+        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+        fresh: false,
+        store: false,
+        memory_check: true,
+    }
+}
+
 /// What `bench --passes-only` runs on.
 struct PassInputs<'a> {
     model: &'a std::path::Path,
@@ -1401,26 +1438,13 @@ fn pass_floors(
     };
     let fit_s = workflow::fit(&fit, &clock)?.seconds;
     let score = ScoreJob {
-        model: inputs.model.to_path_buf(),
-        factors,
-        train: inputs.train.to_path_buf(),
-        queries: inputs.queries.to_path_buf(),
-        out: inputs.out.join("passes-scores"),
-        damping: Damping::Heuristic,
-        top_k: 10,
-        dense: false,
-        batch_size: batch,
-        max_len: Some(inputs.max_len),
-        query_rank: None,
-        per_layer: false,
-        per_token: false,
-        normalize: Normalize::None,
-        prefilter: None,
-        shard: infl::shard::Shard::WHOLE,
-        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
         fresh: true,
-        store: false,
-        memory_check: true,
+        ..bench_score_job(
+            (inputs.model, &factors, inputs.train, inputs.queries),
+            inputs.out.join("passes-scores"),
+            (batch, inputs.max_len),
+            None,
+        )
     };
     let score_s = workflow::score(&score, &clock)?.seconds;
     // The faster of the two rates: the floor is then the lower bound it claims to be.
@@ -1598,27 +1622,13 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
     workflow::fit(&fit, progress)?;
     let fit_s = t0.elapsed().as_secs_f64();
 
-    let score_job = |queries: PathBuf, train: PathBuf, rank: Option<usize>, out: &str| ScoreJob {
-        model: model_dir.clone(),
-        factors: factors.clone(),
-        train,
-        queries,
-        out: a.out.join(out),
-        damping: Damping::Heuristic,
-        top_k: 10,
-        dense: false,
-        batch_size: a.batch_size,
-        max_len: Some(max_len),
-        query_rank: rank,
-        per_layer: false,
-        per_token: false,
-        normalize: Normalize::None,
-        prefilter: None,
-        shard: infl::shard::Shard::WHOLE,
-        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
-        fresh: false,
-        store: false,
-        memory_check: true,
+    let score_job = |queries: PathBuf, train: PathBuf, rank: Option<usize>, out: &str| {
+        bench_score_job(
+            (&model_dir, &factors, &train, &queries),
+            a.out.join(out),
+            (a.batch_size, max_len),
+            rank,
+        )
     };
     let score_s = workflow::score(
         &score_job(queries.clone(), corpus.clone(), Some(32), "results"),
@@ -1741,28 +1751,12 @@ fn rss_child(
         }
         f.flush()?;
     }
-    let job = ScoreJob {
-        model: model.to_path_buf(),
-        factors: factors.to_path_buf(),
-        train: big.clone(),
-        queries: queries.to_path_buf(),
-        out: out.join(format!("results-x{scale}")),
-        damping: Damping::Heuristic,
-        top_k: 10,
-        dense: false,
-        batch_size,
-        max_len: Some(max_len),
-        query_rank: Some(32),
-        per_layer: false,
-        per_token: false,
-        normalize: Normalize::None,
-        prefilter: None,
-        shard: infl::shard::Shard::WHOLE,
-        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
-        fresh: false,
-        store: false,
-        memory_check: true,
-    };
+    let job = bench_score_job(
+        (model, factors, &big, queries),
+        out.join(format!("results-x{scale}")),
+        (batch_size, max_len),
+        Some(32),
+    );
     let s = workflow::score(&job, &Bars::new(true))?;
     std::fs::remove_file(&big)?;
     println!(

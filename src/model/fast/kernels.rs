@@ -242,13 +242,26 @@ pub fn layer_norm_fwd(
     rstd: &mut [MaybeUninit<f32>],
     y: &mut [MaybeUninit<f32>],
 ) {
+    norm_fwd(x, w, Some(b), eps, xhat, rstd, y)
+}
+
+/// [`layer_norm_fwd`] (with `b`) or [`rms_norm_fwd`] (without), rows in parallel.
+fn norm_fwd(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    eps: f64,
+    xhat: &mut [MaybeUninit<f32>],
+    rstd: &mut [MaybeUninit<f32>],
+    y: &mut [MaybeUninit<f32>],
+) {
     let d = w.len();
     let g = rows_per_task(d);
     x.par_chunks(d * g)
         .zip(xhat.par_chunks_mut(d * g))
         .zip(rstd.par_chunks_mut(g))
         .zip(y.par_chunks_mut(d * g))
-        .for_each(|(((x, xh), rs), y)| norm_rows(x, w, Some(b), eps as f32, xh, rs, y));
+        .for_each(|(((x, xh), rs), y)| norm_rows(x, w, b, eps as f32, xh, rs, y));
 }
 
 multiversion! {
@@ -335,13 +348,7 @@ pub fn rms_norm_fwd(
     rstd: &mut [MaybeUninit<f32>],
     y: &mut [MaybeUninit<f32>],
 ) {
-    let d = w.len();
-    let g = rows_per_task(d);
-    x.par_chunks(d * g)
-        .zip(xhat.par_chunks_mut(d * g))
-        .zip(rstd.par_chunks_mut(g))
-        .zip(y.par_chunks_mut(d * g))
-        .for_each(|(((x, xh), rs), y)| norm_rows(x, w, None, eps as f32, xh, rs, y));
+    norm_fwd(x, w, None, eps, xhat, rstd, y)
 }
 
 /// Backward of [`rms_norm_fwd`]: `dx [+]= rstd · (dxhat − xhat · mean(dxhat·xhat))`.
