@@ -213,6 +213,71 @@ impl Preconditioner {
         }
     }
 
+    /// [`Self::scale_in_basis`] of every column of `r` (from [`Self::basis_gradients`]), into
+    /// one buffer: column k at `k · d_out · d_in_h`.
+    pub fn scale_columns(&self, layer: usize, r: &Mat<f32>) -> Vec<f32> {
+        let mut out = Vec::with_capacity(r.nrows() * r.ncols());
+        for k in 0..r.ncols() {
+            let col = r
+                .col(k)
+                .try_as_col_major()
+                .expect("owned column is contiguous")
+                .as_slice();
+            match &self.layers[layer] {
+                LayerPreconditioner::Identity => out.extend_from_slice(col),
+                LayerPreconditioner::Diagonal { inverse }
+                | LayerPreconditioner::Eigen { inverse, .. } => {
+                    // `inverse` is d_out × d_in_h; its columns follow each other in `col`.
+                    let d_o = inverse.nrows();
+                    for (j, chunk) in col.chunks(d_o).enumerate() {
+                        let inv = inverse
+                            .col(j)
+                            .try_as_col_major()
+                            .expect("owned column is contiguous")
+                            .as_slice();
+                        out.extend(chunk.iter().zip(inv).map(|(x, y)| x * y));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// [`Self::from_basis`] of a batch of matrices at once (`s`: `d_out × d_in_h` matrices,
+    /// column-major, one after the other), written into `dst` (one `d_out · d_in_h` slice
+    /// each). For an eigenbasis `Q_S [S_1 … S_n]` is one product, then each `(Q_S S_k) Q_Aᵀ`.
+    pub fn from_basis_into(
+        &self,
+        layer: usize,
+        s: &[f32],
+        (d_o, d_i): (usize, usize),
+        dst: &mut [&mut [f32]],
+    ) {
+        let n = dst.len();
+        assert_eq!(s.len(), n * d_o * d_i, "n matrices of d_out × d_in_h");
+        match &self.layers[layer] {
+            LayerPreconditioner::Eigen { q_a, q_s, .. } => {
+                let left = linalg::mul(
+                    q_s.as_ref(),
+                    MatRef::from_column_major_slice(s, d_o, n * d_i),
+                );
+                for (k, out) in dst.iter_mut().enumerate() {
+                    linalg::mul_into(
+                        faer::MatMut::from_column_major_slice_mut(out, d_o, d_i),
+                        left.as_ref().subcols(k * d_i, d_i),
+                        q_a.transpose(),
+                        false,
+                    );
+                }
+            }
+            _ => {
+                for (k, out) in dst.iter_mut().enumerate() {
+                    out.copy_from_slice(&s[k * d_o * d_i..(k + 1) * d_o * d_i]);
+                }
+            }
+        }
+    }
+
     /// A matrix in layer `layer`'s basis taken back to the original one: `Q_S S Q_Aᵀ` for an
     /// eigenbasis, `S` otherwise.
     pub fn from_basis(&self, layer: usize, s: Mat<f32>) -> Mat<f32> {
@@ -385,34 +450,49 @@ pub fn precondition_queries(
         )?;
         losses.extend_from_slice(&taps.losses);
         for (index, l) in tracked.iter().enumerate() {
+            let (d_o, d_i) = (l.d_out, l.d_in_h());
             let rotated = preconditioner.basis_gradients(index, l, &taps);
+            let scaled = preconditioner.scale_columns(index, &rotated);
             for k in 0..chunk.len() {
-                let q = start + k;
-                let r = column_as_matrix(&rotated, k, l.d_out, l.d_in_h());
-                let scaled = preconditioner.scale_in_basis(index, r);
                 // ⟨P, G⟩ is the same in either basis.
-                let mut dot = 0f64;
-                for j in 0..r.ncols() {
-                    for i in 0..r.nrows() {
-                        dot += scaled[(i, j)] as f64 * r[(i, j)] as f64;
+                let r = rotated
+                    .col(k)
+                    .try_as_col_major()
+                    .expect("owned column is contiguous")
+                    .as_slice();
+                let p = &scaled[k * d_o * d_i..(k + 1) * d_o * d_i];
+                self_influence[start + k] += p
+                    .iter()
+                    .zip(r)
+                    .map(|(x, y)| *x as f64 * *y as f64)
+                    .sum::<f64>();
+            }
+            match &mut per_layer[index] {
+                LayerQueries::Full(stack) => {
+                    let mut dst: Vec<&mut [f32]> = stack
+                        .as_mut()
+                        .subcols_mut(start, chunk.len())
+                        .col_iter_mut()
+                        .map(|c| c.try_as_col_major_mut())
+                        .map(|c| c.expect("owned column is contiguous").as_slice_mut())
+                        .collect();
+                    if store_basis {
+                        for (k, col) in dst.iter_mut().enumerate() {
+                            col.copy_from_slice(&scaled[k * d_o * d_i..(k + 1) * d_o * d_i]);
+                        }
+                    } else {
+                        preconditioner.from_basis_into(index, &scaled, (d_o, d_i), &mut dst);
                     }
                 }
-                self_influence[q] += dot;
-                let p = if store_basis {
-                    scaled
-                } else {
-                    preconditioner.from_basis(index, scaled)
-                };
-                match &mut per_layer[index] {
-                    LayerQueries::Full(stack) => {
-                        for j in 0..p.ncols() {
-                            for i in 0..p.nrows() {
-                                stack[(i + j * p.nrows(), q)] = p[(i, j)];
-                            }
-                        }
-                    }
-                    LayerQueries::LowRank { u, v, rank } => {
-                        low_rank_into(p.as_ref(), *rank, u, v, q)?
+                LayerQueries::LowRank { u, v, rank } => {
+                    for k in 0..chunk.len() {
+                        let s = MatRef::from_column_major_slice(
+                            &scaled[k * d_o * d_i..(k + 1) * d_o * d_i],
+                            d_o,
+                            d_i,
+                        );
+                        let p = preconditioner.from_basis(index, s.to_owned());
+                        low_rank_into(p.as_ref(), *rank, u, v, start + k)?
                     }
                 }
             }
