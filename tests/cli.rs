@@ -1068,7 +1068,8 @@ fn bench_prints_each_pass_against_its_gemm_bound_floor() {
     for name in passes {
         let r = row(name);
         assert_eq!(r.len(), 4, "{name}: FLOP, floor s, seconds, floor/actual");
-        assert!(r[0] > 0.0 && r[2] > 0.0, "{name}: {r:?}");
+        // FLOPs from the shapes; on this tiny model a pass can take under the printed 1 ms.
+        assert!(r[0] > 0.0 && r[2] >= 0.0, "{name}: {r:?}");
         flops += r[0];
     }
     let total = row("fit + score");
