@@ -200,21 +200,10 @@ impl Preconditioner {
         grads
     }
 
-    /// A gradient in layer `layer`'s basis (from [`Self::basis_gradients`]) divided by the
-    /// damped curvature there: `R ⊘ (Λ + λ)` (`R ⊘ (F_diag + λ)` for the diagonal, `R` for
-    /// identity). This is the preconditioned gradient in the store's basis.
-    pub fn scale_in_basis(&self, layer: usize, r: MatRef<'_, f32>) -> Mat<f32> {
-        match &self.layers[layer] {
-            LayerPreconditioner::Identity => r.to_owned(),
-            LayerPreconditioner::Diagonal { inverse }
-            | LayerPreconditioner::Eigen { inverse, .. } => {
-                Mat::from_fn(r.nrows(), r.ncols(), |i, j| r[(i, j)] * inverse[(i, j)])
-            }
-        }
-    }
-
-    /// [`Self::scale_in_basis`] of every column of `r` (from [`Self::basis_gradients`]), into
-    /// one buffer: column k at `k · d_out · d_in_h`.
+    /// Every column of `r` (gradients in layer `layer`'s basis, from [`Self::basis_gradients`])
+    /// divided by the damped curvature there: `R ⊘ (Λ + λ)` (`R ⊘ (F_diag + λ)` for the
+    /// diagonal, `R` for identity), the preconditioned gradients in the store's basis; into one
+    /// buffer, column k at `k · d_out · d_in_h`.
     pub fn scale_columns(&self, layer: usize, r: &Mat<f32>) -> Vec<f32> {
         let mut out = Vec::with_capacity(r.nrows() * r.ncols());
         for k in 0..r.ncols() {
@@ -396,7 +385,7 @@ fn low_rank_into(
 /// Computes and preconditions the measurement gradient of every query; with `rank = Some(k)`
 /// each P_q is compressed to rank k per layer (exact when k ≥ the layer's rank). With
 /// `store_basis`, P_q is expressed in the gradient store's basis (see
-/// [`Preconditioner::scale_in_basis`]) and kept at full rank.
+/// [`Preconditioner::scale_columns`]) and kept at full rank.
 pub fn precondition_queries(
     model: &dyn TapModel,
     queries: &[Query],

@@ -771,8 +771,13 @@ mod tests {
                     }
                 }
                 // Scaled in the basis and rotated back: the preconditioned gradient.
-                let r = column_as_matrix(&tokens, k, d_o, d_i);
-                let back = pre.from_basis(index, pre.scale_in_basis(index, r));
+                let scaled = pre.scale_columns(index, &tokens);
+                let s = faer::MatRef::from_column_major_slice(
+                    &scaled[k * d_o * d_i..(k + 1) * d_o * d_i],
+                    d_o,
+                    d_i,
+                );
+                let back = pre.from_basis(index, s.to_owned());
                 let direct = pre.apply(index, g);
                 let scale = (0..d_i)
                     .flat_map(|i| (0..d_o).map(move |o| (o, i)))
