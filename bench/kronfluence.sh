@@ -22,7 +22,10 @@ if [ -z "$VENV" ]; then
   VENV=$(mktemp -d -t infl-bench-venv-XXXX)
   trap 'rm -rf "$VENV"' EXIT
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --index-url https://download.pytorch.org/whl/cpu torch==2.9.1
+  # The CPU-only wheel (~200 MB) where PyTorch's index is reachable; otherwise PyPI's wheel,
+  # which brings CUDA libraries (~7 GB) that this CPU job never loads.
+  "$VENV/bin/pip" install -q --index-url https://download.pytorch.org/whl/cpu torch==2.9.1 ||
+    "$VENV/bin/pip" install -q torch==2.9.1
   "$VENV/bin/pip" install -q transformers==4.57.1 kronfluence==1.0.1 safetensors numpy
 fi
 if [ -z "${INFL_BIN:-}" ]; then
