@@ -1282,37 +1282,59 @@ fn print_dots_bench() {
 /// Progress that also times each named phase (`begin` to `end`, summed when a name repeats).
 struct PhaseClock<'a> {
     inner: &'a dyn Progress,
-    running: std::sync::Mutex<Option<(String, std::time::Instant)>>,
-    phases: std::sync::Mutex<Vec<(String, f64)>>,
+    running: std::sync::Mutex<Option<(String, std::time::Instant, Option<f64>)>>,
+    /// (phase, wall seconds, CPU seconds of the whole process).
+    phases: std::sync::Mutex<Vec<(String, f64, Option<f64>)>>,
 }
 
 impl PhaseClock<'_> {
-    fn seconds(&self, name: &str) -> f64 {
+    /// Wall and CPU seconds of the phases called `name`.
+    fn seconds(&self, name: &str) -> (f64, Option<f64>) {
         let phases = self.phases.lock().expect("not poisoned");
         phases
             .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, s)| s)
-            .sum()
+            .filter(|(n, _, _)| n == name)
+            .fold((0.0, Some(0.0)), |(w, c), (_, s, cpu)| {
+                (w + s, c.zip(*cpu).map(|(a, b)| a + b))
+            })
     }
 }
 
 impl Progress for PhaseClock<'_> {
     fn begin(&self, what: &str, total_tokens: u64) {
-        *self.running.lock().expect("not poisoned") =
-            Some((what.to_string(), std::time::Instant::now()));
+        *self.running.lock().expect("not poisoned") = Some((
+            what.to_string(),
+            std::time::Instant::now(),
+            infl::io::process_cpu_seconds(),
+        ));
         self.inner.begin(what, total_tokens);
     }
     fn advance(&self, tokens: u64) {
         self.inner.advance(tokens);
     }
     fn end(&self) {
-        if let Some((name, start)) = self.running.lock().expect("not poisoned").take() {
+        if let Some((name, start, cpu0)) = self.running.lock().expect("not poisoned").take() {
             let secs = start.elapsed().as_secs_f64();
-            self.phases.lock().expect("not poisoned").push((name, secs));
+            let cpu = cpu0
+                .zip(infl::io::process_cpu_seconds())
+                .map(|(a, b)| b - a);
+            self.phases
+                .lock()
+                .expect("not poisoned")
+                .push((name, secs, cpu));
         }
         self.inner.end();
     }
+}
+
+/// Wall and CPU seconds of `f`.
+fn timed_with_cpu<T>(f: impl FnOnce() -> T) -> (T, f64, Option<f64>) {
+    let (t0, cpu0) = (std::time::Instant::now(), infl::io::process_cpu_seconds());
+    let out = f();
+    let cpu = cpu0
+        .zip(infl::io::process_cpu_seconds())
+        .map(|(a, b)| b - a);
+    (out, t0.elapsed().as_secs_f64(), cpu)
 }
 
 /// The scoring job `infl bench` times: top 10, no dense output, heuristic damping, resumable
@@ -1436,7 +1458,9 @@ fn pass_floors(
             seed: 0,
         },
     };
-    let fit_s = workflow::fit(&fit, &clock)?.seconds;
+    // Wall and CPU time over the same interval, so that their ratio means cores kept busy.
+    let (fitted, fit_s, fit_cpu) = timed_with_cpu(|| workflow::fit(&fit, &clock));
+    fitted?;
     let score = ScoreJob {
         fresh: true,
         ..bench_score_job(
@@ -1446,7 +1470,8 @@ fn pass_floors(
             None,
         )
     };
-    let score_s = workflow::score(&score, &clock)?.seconds;
+    let (scored, score_s, score_cpu) = timed_with_cpu(|| workflow::score(&score, &clock));
+    scored?;
     // The faster of the two rates: the floor is then the lower bound it claims to be.
     let rate = rate_before.max(infl::model::fast::bench::gemm_rate());
 
@@ -1463,8 +1488,14 @@ fn pass_floors(
         clock.seconds("scoring pass"),
         taps_flops + infl::influence::scoring_flops(tracked, n_tokens, n_seqs, queries.len()),
     );
-    let fit_rest = fit_s - cov.0 - lam.0;
-    let score_rest = score_s - qry.0 - scr.0;
+    // The rest of the fit and of the score: what their own clocks measured beyond the passes.
+    let rest = |total: (f64, Option<f64>), parts: &[(f64, Option<f64>)]| {
+        parts.iter().fold(total, |(w, c), (pw, pc)| {
+            (w - pw, c.zip(*pc).map(|(a, b)| a - b))
+        })
+    };
+    let fit_rest = rest((fit_s, fit_cpu), &[cov.0, lam.0]);
+    let score_rest = rest((score_s, score_cpu), &[qry.0, scr.0]);
     println!(
         "passes against their GEMM-bound floor: {} training tokens in {n_seqs} sequences, {} queries (full rank), batch {batch}, GEMM {:.1} GF/s",
         n_tokens,
@@ -1472,19 +1503,25 @@ fn pass_floors(
         rate / 1e9
     );
     println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>12}",
-        "pass", "FLOP", "floor s", "seconds", "floor/actual"
+        "{:<34} {:>10} {:>10} {:>10} {:>12} {:>6}",
+        "pass", "FLOP", "floor s", "seconds", "floor/actual", "cores"
     );
-    let row = |name: &str, (secs, flops): (f64, f64)| {
+    let row = |name: &str, ((secs, cpu), flops): ((f64, Option<f64>), f64)| {
+        // Cores kept busy: the process's CPU time over the wall time (not for a phase too
+        // short to time).
+        let cores = match cpu {
+            Some(c) if secs >= 0.01 => format!("{:.2}", c / secs),
+            _ => "-".into(),
+        };
         let floor = flops / rate;
         if flops > 0.0 {
             println!(
-                "{name:<34} {flops:>10.3e} {floor:>10.3} {secs:>10.3} {:>11.0}%",
+                "{name:<34} {flops:>10.3e} {floor:>10.3} {secs:>10.3} {:>11.0}% {cores:>6}",
                 100.0 * floor / secs
             );
         } else {
             println!(
-                "{name:<34} {:>10} {:>10} {secs:>10.3} {:>12}",
+                "{name:<34} {:>10} {:>10} {secs:>10.3} {:>12} {cores:>6}",
                 "-", "-", "-"
             );
         }
@@ -1496,11 +1533,14 @@ fn pass_floors(
     row("score: scoring pass", scr);
     row("score: load, save", (score_rest, 0.0));
     let total_flops = cov.1 + lam.1 + qry.1 + scr.1;
-    row("fit + score", (fit_s + score_s, total_flops));
+    let total_cpu = fit_cpu.zip(score_cpu).map(|(a, b)| a + b);
+    row("fit + score", ((fit_s + score_s, total_cpu), total_flops));
     println!(
         "(the passes' products: forward and activation backward, covariance Grams as symmetric\n\
          rank-k updates, the eigenbasis rotations and per-sequence products, the scores' dot\n\
-         products; element-wise work, the eigendecomposition and I/O are not counted)"
+         products; element-wise work, the eigendecomposition and I/O are not counted; cores:\n\
+         the process's CPU time over the wall time, of {} threads)",
+        rayon::current_num_threads()
     );
     Ok(())
 }

@@ -125,6 +125,26 @@ pub fn parse_safetensors(bytes: &[u8], what: &str) -> Result<TensorMap> {
     Ok(out)
 }
 
+/// CPU time used so far by every thread of this process (user and system), in seconds, where
+/// the platform reports it: `infl bench` divides a phase's CPU time by its wall time to tell
+/// how many cores the phase kept busy.
+pub fn process_cpu_seconds() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec, which `t` is.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+        (rc == 0).then_some(t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
 /// Keeps freed memory in the process's heap instead of returning it to the kernel. The autograd
 /// paths (training, the reference engine) allocate and free many short-lived multi-megabyte
 /// tensors; glibc would unmap each one and fault it back in, zeroed, on the next step.

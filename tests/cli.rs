@@ -1048,16 +1048,18 @@ fn bench_prints_each_pass_against_its_gemm_bound_floor() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let row = |name: &str| -> Vec<f64> {
+    // Numbers of a row; `-` (a column that does not apply, or a phase too short to time) as None.
+    let row = |name: &str| -> Vec<Option<f64>> {
         let line = text
             .lines()
             .find(|l| l.starts_with(name))
             .unwrap_or_else(|| panic!("no `{name}` row in:\n{text}"));
         line[name.len()..]
             .split_whitespace()
-            .map(|v| v.trim_end_matches('%').parse::<f64>().unwrap())
+            .map(|v| (v != "-").then(|| v.trim_end_matches('%').parse::<f64>().unwrap()))
             .collect()
     };
+    let cores = std::thread::available_parallelism().unwrap().get() as f64;
     let passes = [
         "covariance pass",
         "eigenvalue pass",
@@ -1067,16 +1069,28 @@ fn bench_prints_each_pass_against_its_gemm_bound_floor() {
     let mut flops = 0.0;
     for name in passes {
         let r = row(name);
-        assert_eq!(r.len(), 4, "{name}: FLOP, floor s, seconds, floor/actual");
+        assert_eq!(
+            r.len(),
+            5,
+            "{name}: FLOP, floor s, seconds, floor/actual, cores"
+        );
         // FLOPs from the shapes; on this tiny model a pass can take under the printed 1 ms.
-        assert!(r[0] > 0.0 && r[2] >= 0.0, "{name}: {r:?}");
-        flops += r[0];
+        let (f, secs) = (r[0].unwrap(), r[2].unwrap());
+        assert!(f > 0.0 && secs >= 0.0, "{name}: {r:?}");
+        // CPU time over wall time: no more cores than the machine has.
+        if let Some(c) = r[4] {
+            assert!((0.0..=cores + 0.05).contains(&c), "{name}: {c} cores");
+        }
+        flops += f;
     }
     let total = row("fit + score");
     // Each row is printed to 4 significant digits.
+    let total_flops = total[0].unwrap();
     assert!(
-        (total[0] - flops).abs() <= 1e-3 * flops,
+        (total_flops - flops).abs() <= 1e-3 * flops,
         "{total:?} against {flops}"
     );
+    let busy = total[4].expect("the whole job is long enough to time");
+    assert!(busy > 0.0 && busy <= cores + 0.05, "{busy} cores");
     std::fs::remove_dir_all(&dir).unwrap();
 }
