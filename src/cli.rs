@@ -1279,62 +1279,92 @@ fn print_dots_bench() {
     }
 }
 
+/// Wall and CPU seconds of an interval (CPU: the whole process's, where the platform reports it).
+#[derive(Clone, Copy)]
+struct Elapsed {
+    wall: f64,
+    cpu: Option<f64>,
+}
+
+impl Elapsed {
+    const ZERO: Elapsed = Elapsed {
+        wall: 0.0,
+        cpu: Some(0.0),
+    };
+
+    fn plus(self, o: Elapsed) -> Elapsed {
+        Elapsed {
+            wall: self.wall + o.wall,
+            cpu: self.cpu.zip(o.cpu).map(|(a, b)| a + b),
+        }
+    }
+
+    fn minus(self, o: Elapsed) -> Elapsed {
+        Elapsed {
+            wall: self.wall - o.wall,
+            cpu: self.cpu.zip(o.cpu).map(|(a, b)| a - b),
+        }
+    }
+}
+
+/// The start of an [`Elapsed`] interval.
+struct Stopwatch {
+    wall: std::time::Instant,
+    cpu: Option<f64>,
+}
+
+impl Stopwatch {
+    fn start() -> Stopwatch {
+        Stopwatch {
+            wall: std::time::Instant::now(),
+            cpu: infl::io::process_cpu_seconds(),
+        }
+    }
+
+    fn elapsed(&self) -> Elapsed {
+        Elapsed {
+            wall: self.wall.elapsed().as_secs_f64(),
+            cpu: self
+                .cpu
+                .zip(infl::io::process_cpu_seconds())
+                .map(|(a, b)| b - a),
+        }
+    }
+}
+
 /// Progress that also times each named phase (`begin` to `end`, summed when a name repeats).
 struct PhaseClock<'a> {
     inner: &'a dyn Progress,
-    running: std::sync::Mutex<Option<(String, std::time::Instant, Option<f64>)>>,
-    /// (phase, wall seconds, CPU seconds of the whole process).
-    phases: std::sync::Mutex<Vec<(String, f64, Option<f64>)>>,
+    running: std::sync::Mutex<Option<(String, Stopwatch)>>,
+    phases: std::sync::Mutex<Vec<(String, Elapsed)>>,
 }
 
 impl PhaseClock<'_> {
     /// Wall and CPU seconds of the phases called `name`.
-    fn seconds(&self, name: &str) -> (f64, Option<f64>) {
+    fn seconds(&self, name: &str) -> Elapsed {
         let phases = self.phases.lock().expect("not poisoned");
         phases
             .iter()
-            .filter(|(n, _, _)| n == name)
-            .fold((0.0, Some(0.0)), |(w, c), (_, s, cpu)| {
-                (w + s, c.zip(*cpu).map(|(a, b)| a + b))
-            })
+            .filter(|(n, _)| n == name)
+            .fold(Elapsed::ZERO, |sum, (_, e)| sum.plus(*e))
     }
 }
 
 impl Progress for PhaseClock<'_> {
     fn begin(&self, what: &str, total_tokens: u64) {
-        *self.running.lock().expect("not poisoned") = Some((
-            what.to_string(),
-            std::time::Instant::now(),
-            infl::io::process_cpu_seconds(),
-        ));
+        *self.running.lock().expect("not poisoned") = Some((what.to_string(), Stopwatch::start()));
         self.inner.begin(what, total_tokens);
     }
     fn advance(&self, tokens: u64) {
         self.inner.advance(tokens);
     }
     fn end(&self) {
-        if let Some((name, start, cpu0)) = self.running.lock().expect("not poisoned").take() {
-            let secs = start.elapsed().as_secs_f64();
-            let cpu = cpu0
-                .zip(infl::io::process_cpu_seconds())
-                .map(|(a, b)| b - a);
-            self.phases
-                .lock()
-                .expect("not poisoned")
-                .push((name, secs, cpu));
+        if let Some((name, watch)) = self.running.lock().expect("not poisoned").take() {
+            let e = watch.elapsed();
+            self.phases.lock().expect("not poisoned").push((name, e));
         }
         self.inner.end();
     }
-}
-
-/// Wall and CPU seconds of `f`.
-fn timed_with_cpu<T>(f: impl FnOnce() -> T) -> (T, f64, Option<f64>) {
-    let (t0, cpu0) = (std::time::Instant::now(), infl::io::process_cpu_seconds());
-    let out = f();
-    let cpu = cpu0
-        .zip(infl::io::process_cpu_seconds())
-        .map(|(a, b)| b - a);
-    (out, t0.elapsed().as_secs_f64(), cpu)
 }
 
 /// The scoring job `infl bench` times: top 10, no dense output, heuristic damping, resumable
@@ -1459,8 +1489,9 @@ fn pass_floors(
         },
     };
     // Wall and CPU time over the same interval, so that their ratio means cores kept busy.
-    let (fitted, fit_s, fit_cpu) = timed_with_cpu(|| workflow::fit(&fit, &clock));
-    fitted?;
+    let watch = Stopwatch::start();
+    workflow::fit(&fit, &clock)?;
+    let fit_time = watch.elapsed();
     let score = ScoreJob {
         fresh: true,
         ..bench_score_job(
@@ -1470,8 +1501,9 @@ fn pass_floors(
             None,
         )
     };
-    let (scored, score_s, score_cpu) = timed_with_cpu(|| workflow::score(&score, &clock));
-    scored?;
+    let watch = Stopwatch::start();
+    workflow::score(&score, &clock)?;
+    let score_time = watch.elapsed();
     // The faster of the two rates: the floor is then the lower bound it claims to be.
     let rate = rate_before.max(infl::model::fast::bench::gemm_rate());
 
@@ -1489,13 +1521,8 @@ fn pass_floors(
         taps_flops + infl::influence::scoring_flops(tracked, n_tokens, n_seqs, queries.len()),
     );
     // The rest of the fit and of the score: what their own clocks measured beyond the passes.
-    let rest = |total: (f64, Option<f64>), parts: &[(f64, Option<f64>)]| {
-        parts.iter().fold(total, |(w, c), (pw, pc)| {
-            (w - pw, c.zip(*pc).map(|(a, b)| a - b))
-        })
-    };
-    let fit_rest = rest((fit_s, fit_cpu), &[cov.0, lam.0]);
-    let score_rest = rest((score_s, score_cpu), &[qry.0, scr.0]);
+    let fit_rest = fit_time.minus(cov.0).minus(lam.0);
+    let score_rest = score_time.minus(qry.0).minus(scr.0);
     println!(
         "passes against their GEMM-bound floor: {} training tokens in {n_seqs} sequences, {} queries (full rank), batch {batch}, GEMM {:.1} GF/s",
         n_tokens,
@@ -1506,10 +1533,11 @@ fn pass_floors(
         "{:<34} {:>10} {:>10} {:>10} {:>12} {:>6}",
         "pass", "FLOP", "floor s", "seconds", "floor/actual", "cores"
     );
-    let row = |name: &str, ((secs, cpu), flops): ((f64, Option<f64>), f64)| {
+    let row = |name: &str, (time, flops): (Elapsed, f64)| {
+        let secs = time.wall;
         // Cores kept busy: the process's CPU time over the wall time (not for a phase too
         // short to time).
-        let cores = match cpu {
+        let cores = match time.cpu {
             Some(c) if secs >= 0.01 => format!("{:.2}", c / secs),
             _ => "-".into(),
         };
@@ -1533,8 +1561,7 @@ fn pass_floors(
     row("score: scoring pass", scr);
     row("score: load, save", (score_rest, 0.0));
     let total_flops = cov.1 + lam.1 + qry.1 + scr.1;
-    let total_cpu = fit_cpu.zip(score_cpu).map(|(a, b)| a + b);
-    row("fit + score", ((fit_s + score_s, total_cpu), total_flops));
+    row("fit + score", (fit_time.plus(score_time), total_flops));
     println!(
         "(the passes' products: forward and activation backward, covariance Grams as symmetric\n\
          rank-k updates, the eigenbasis rotations and per-sequence products, the scores' dot\n\
