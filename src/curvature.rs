@@ -119,10 +119,26 @@ pub fn run_batches(
     )
 }
 
+/// How many batches the passes compute at once with `model`, and the threads each gets. An
+/// engine that is not threaded (autograd) runs [`crate::shard::threads`] batches, one thread
+/// each. A threaded engine (fast) runs two batches, each on half the threads: its products are
+/// only tokens × layer width, which a core alone runs nearer its GEMM rate than two cores
+/// splitting them (the covariance pass 7–11% faster on 2 cores, measured), and two batches'
+/// activations are what two at once cost in memory, whatever the core count.
+pub fn batches_at_once(model: &dyn TapModel) -> (usize, usize) {
+    let threads = crate::shard::threads().max(1);
+    if model.is_threaded() {
+        let at_once = threads.min(2);
+        (at_once, threads / at_once)
+    } else {
+        (threads, 1)
+    }
+}
+
 /// [`run_batches`] with each sequence's stable index given (a shard's sequences are not
-/// contiguous). Batches are cut from `seqs` in order and `visit` sees them in order; when the
-/// engine does not use every core by itself, [`crate::shard::threads`] batches run at once.
-/// Results do not depend on the thread count.
+/// contiguous). Batches are cut from `seqs` in order and `visit` sees them in order;
+/// [`batches_at_once`] says how many are computed at once. Results do not depend on the thread
+/// count: an engine's taps do not depend on its threads, and they are visited in order.
 ///
 /// The engine runs one group of batches ahead of `visit`, as a task of the caller's rayon
 /// pool: while the statistics of one batch are formed, the taps of the next are computed, so
@@ -154,13 +170,26 @@ pub fn run_indexed(
             TokenBatch::training(&refs)
         })
         .collect();
-    let threads = if model.saturates_cores() {
-        1
+    let (threads, inner) = batches_at_once(model);
+    // A pool per concurrent batch for a threaded engine, whose kernels split over the pool
+    // they run in; an unthreaded engine runs on plain threads.
+    let pools = if model.is_threaded() && threads > 1 {
+        (0..threads)
+            .map(|_| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(inner)
+                    .start_handler(|_| crate::linalg::flush_subnormals_on_this_thread())
+                    .build()
+                    .map_err(|e| Error::Other(format!("{what}: cannot start threads: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?
     } else {
-        crate::shard::threads().max(1)
+        Vec::new()
     };
     let groups: Vec<&[TokenBatch]> = batches.chunks(threads).collect();
-    let mut ready = groups.first().map(|g| group_taps(model, g, labels, what));
+    let mut ready = groups
+        .first()
+        .map(|g| group_taps(model, g, labels, &pools, what));
     for (group_no, group) in groups.iter().enumerate() {
         let results = ready.take().unwrap_or_default();
         let mut visited: Result<()> = Ok(());
@@ -169,7 +198,8 @@ pub fn run_indexed(
         rayon::in_place_scope(|scope| {
             if let Some(next) = groups.get(group_no + 1) {
                 let ready = &mut ready;
-                scope.spawn(move |_| *ready = Some(group_taps(model, next, labels, what)));
+                let pools = &pools;
+                scope.spawn(move |_| *ready = Some(group_taps(model, next, labels, pools, what)));
             }
             visited = (|| {
                 for (k, (batch, taps)) in group.iter().zip(results).enumerate() {
@@ -197,11 +227,13 @@ pub fn run_indexed(
     Ok(())
 }
 
-/// The taps of one group of batches, each batch on its own thread when there are several.
+/// The taps of one group of batches, each batch on its own thread (in its own pool, given
+/// `pools`) when there are several; a batch alone gets every thread.
 fn group_taps(
     model: &dyn TapModel,
     group: &[TokenBatch],
     labels: Labels,
+    pools: &[rayon::ThreadPool],
     what: &str,
 ) -> Vec<Result<TapBatch>> {
     if group.len() == 1 {
@@ -210,10 +242,14 @@ fn group_taps(
     std::thread::scope(|scope| {
         let handles: Vec<_> = group
             .iter()
-            .map(|b| {
-                scope.spawn(move || {
-                    crate::linalg::flush_subnormals_on_this_thread();
-                    model.taps(b, labels)
+            .enumerate()
+            .map(|(k, b)| {
+                scope.spawn(move || match pools.get(k) {
+                    Some(pool) => pool.install(|| model.taps(b, labels)),
+                    None => {
+                        crate::linalg::flush_subnormals_on_this_thread();
+                        model.taps(b, labels)
+                    }
                 })
             })
             .collect();

@@ -25,6 +25,9 @@ pub struct MemoryEstimate {
     pub weights: u64,
     /// Autograd graph of one batch of `batch_size × max_len` tokens.
     pub activations: u64,
+    /// Batches the passes compute at once, each with its own activations
+    /// ([`crate::curvature::batches_at_once`]).
+    pub batches_at_once: u64,
     /// Factor state held by `fit` at its peak.
     pub fit_factors: u64,
     /// Size of factors.safetensors.
@@ -40,7 +43,7 @@ pub struct MemoryEstimate {
 impl MemoryEstimate {
     /// Peak bytes of `infl fit`.
     pub fn fit_total(&self) -> u64 {
-        self.weights + self.activations + self.fit_factors
+        self.weights + self.batches_at_once * self.activations + self.fit_factors
     }
 
     /// Peak bytes of `infl score` with `n_queries` queries and `n_train` training sequences.
@@ -49,11 +52,10 @@ impl MemoryEstimate {
     /// SmolLM2-135M: estimate 11.8 GiB, measured peak 11.6 GiB).
     pub fn score_total(&self, n_queries: u64, n_train: u64) -> u64 {
         self.weights
-            + self.activations
+            + self.batches_at_once * (self.activations + self.score_batch)
             + self.score_preconditioner
             + 3 * self.factor_file
             + n_queries * self.per_query
-            + self.score_batch
             + n_queries * n_train * 8
     }
 }
@@ -107,6 +109,7 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
     MemoryEstimate {
         weights: 4 * model.n_parameters() as u64,
         activations,
+        batches_at_once: crate::curvature::batches_at_once(model).0 as u64,
         fit_factors,
         factor_file,
         score_preconditioner: 4 * (cov + lam),
@@ -346,6 +349,11 @@ pub fn report(
     };
     row(&mut s, "weights (f32)", e.weights);
     row(&mut s, "activations + logits of one batch", e.activations);
+    let _ = writeln!(
+        s,
+        "  {:<44} {:>12}",
+        "batches computed at once (by --threads)", e.batches_at_once
+    );
     row(&mut s, "fit: factor state at its peak", e.fit_factors);
     row(&mut s, "factors.safetensors", e.factor_file);
     row(
@@ -440,6 +448,22 @@ mod tests {
         assert_eq!(e.weights, 4 * m.n_parameters() as u64);
         // Activations grow with the batch.
         assert!(estimate(&m, 8, 16).activations > e.activations);
+        // Each batch computed at once holds its own activations.
+        let (one, two) = (
+            MemoryEstimate {
+                batches_at_once: 1,
+                ..e.clone()
+            },
+            MemoryEstimate {
+                batches_at_once: 2,
+                ..e.clone()
+            },
+        );
+        assert_eq!(two.fit_total() - one.fit_total(), e.activations);
+        assert_eq!(
+            two.score_total(3, 10) - one.score_total(3, 10),
+            e.activations + e.score_batch
+        );
         assert!(e.score_total(3, 10) - e.score_total(0, 10) == 3 * e.per_query + 3 * 10 * 8);
     }
 

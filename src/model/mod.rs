@@ -174,9 +174,10 @@ pub trait TapModel: Send + Sync {
     fn block_shape(&self) -> BlockShape {
         BlockShape::default()
     }
-    /// Does one call to [`TapModel::taps`] already keep every core busy? Then the passes run
-    /// batches one at a time instead of data-parallel ([`crate::curvature::run_indexed`]).
-    fn saturates_cores(&self) -> bool {
+    /// Do the engine's kernels split over the rayon pool they run in? Then the passes give each
+    /// of the batches they compute at once a pool of its own share of the threads, instead of
+    /// one thread each ([`crate::curvature::batches_at_once`]).
+    fn is_threaded(&self) -> bool {
         false
     }
     /// FLOPs of the products of one [`TapModel::taps`] call on `batch`, counted from the
@@ -225,8 +226,8 @@ impl TapModel for SelectedLayers {
     fn block_shape(&self) -> BlockShape {
         self.inner.block_shape()
     }
-    fn saturates_cores(&self) -> bool {
-        self.inner.saturates_cores()
+    fn is_threaded(&self) -> bool {
+        self.inner.is_threaded()
     }
     fn tap_flops(&self, batch: &TokenBatch) -> Option<f64> {
         self.inner.tap_flops(batch)

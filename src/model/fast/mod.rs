@@ -434,7 +434,7 @@ impl<N: Net> TapModel for Fast<N> {
         self.meta.shape
     }
     /// Every kernel is threaded (rayon) and the products split over cores (gemm).
-    fn saturates_cores(&self) -> bool {
+    fn is_threaded(&self) -> bool {
         true
     }
     fn tap_flops(&self, batch: &TokenBatch) -> Option<f64> {
