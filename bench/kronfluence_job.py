@@ -182,7 +182,10 @@ def main():
     train_ds = Items([(s, [True] * len(s)) for s in train])
     qds = [Items([(p + c, [False] * len(p) + [True] * len(c)) for p, c in qs]) for qs in (q1, q2)]
     fargs = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
-    print("kronfluence 1.0.1 (ekfac, float32):", flush=True)
+    import importlib.metadata as md
+    versions = {p: md.version(p) for p in ("torch", "transformers", "kronfluence")}
+    print(f"kronfluence {versions['kronfluence']} (ekfac, float32; torch {versions['torch']}):",
+          flush=True)
     kw = dict(factors_name="ekfac", dataset=train_ds, factor_args=fargs,
               per_device_batch_size=BATCH, overwrite_output_dir=True)
     timed("covariance pass", times, lambda: an.fit_covariance_matrices(**kw))
@@ -255,7 +258,7 @@ def main():
         print(floors, flush=True)
 
     agree = _agreement(kf, ours)
-    result = dict(scale=a.scale, job=cfg, threads=a.threads, seconds=times,
+    result = dict(scale=a.scale, job=cfg, threads=a.threads, versions=versions, seconds=times,
                   kronfluence_total=k_total, infl_total=i_total,
                   end_to_end_ratio=k_total / i_total, agreement=agree, store=store,
                   passes_against_floor=floors, load_average=os.getloadavg())

@@ -293,21 +293,29 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     // gradients a store keeps: when that pass runs whole in this process the store is written
     // from its taps, and the separate store pass is skipped.
     let mut folded_store: Option<crate::store::StoreWriter> = None;
+    // A whole fit hands its eigenbases to the eigenvalue pass in memory, not by reading back
+    // the state it has just saved (which is there for resuming).
+    let mut handed_bases: Option<Vec<curvature::LayerFactors>> = None;
     let finished = loop {
-        let eigen = checkpoint::load(&work, EIGEN_STATE, &settings)?;
+        let eigen = match handed_bases {
+            Some(_) => None,
+            None => checkpoint::load(&work, EIGEN_STATE, &settings)?,
+        };
+        let have_bases = handed_bases.is_some() || eigen.is_some();
         let pass = match job
             .options
             .strategy
             .passes()
             .into_iter()
-            .find(|p| *p == curvature::Pass::Eigenvalue || eigen.is_none())
+            .find(|p| *p == curvature::Pass::Eigenvalue || !have_bases)
         {
             Some(p) => p,
             // Nothing left to run over the data (identity).
             None => break merge_factors(&job.out)?,
         };
-        let bases: Vec<crate::curvature::LayerFactors> = match &eigen {
-            Some((_, bytes)) => {
+        let bases: Vec<crate::curvature::LayerFactors> = match (handed_bases.take(), &eigen) {
+            (Some(bases), _) => bases,
+            (None, Some((_, bytes))) => {
                 Factors::from_tensors(
                     io::parse_safetensors(bytes, EIGEN_STATE)?,
                     Strategy::Kfac,
@@ -316,7 +324,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
                 )?
                 .layers
             }
-            None => Vec::new(),
+            (None, None) => Vec::new(),
         };
         let basis_refs: Vec<Option<&curvature::Eigenbasis>> = (0..tracked.len())
             .map(|i| bases.get(i).and_then(|l| l.eigen.as_ref()))
@@ -361,6 +369,18 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
                 )?);
             }
         }
+        let save = |state: &curvature::PassSums, done: usize, complete: bool| {
+            let bytes = io::safetensors_bytes(&state.to_tensors(&tracked))?;
+            checkpoint::save(
+                &work,
+                &stem,
+                "safetensors",
+                &bytes,
+                &settings,
+                done as u64,
+                complete,
+            )
+        };
         if !complete {
             if position > 0 {
                 eprintln!(
@@ -369,18 +389,6 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
                     job.shard,
                 );
             }
-            let save = |state: &curvature::PassSums, done: usize, complete: bool| {
-                let bytes = io::safetensors_bytes(&state.to_tensors(&tracked))?;
-                checkpoint::save(
-                    &work,
-                    &stem,
-                    "safetensors",
-                    &bytes,
-                    &settings,
-                    done as u64,
-                    complete,
-                )
-            };
             progress.begin(&format!("{} pass", pass.name()), owned_tokens);
             let mut checkpointer = curvature::Checkpointer::new(job.checkpoint, position);
             let (mut global, mut owned_seen) = (0usize, 0usize);
@@ -436,9 +444,14 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
                     job.train.display()
                 )));
             }
-            save(&state, owned, true)?;
         }
+        // The pass's complete sums are saved below (a whole fit's covariance sums while the
+        // eigendecompositions run).
+        let unsaved = !complete;
         if !job.shard.is_whole() {
+            if unsaved {
+                save(&state, owned, true)?;
+            }
             return Ok(summary(
                 false,
                 format!(
@@ -451,9 +464,41 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
                 ),
             ));
         }
-        let out = merge_factors(&job.out)?;
-        if out.finished {
-            break out;
+        // What `merge_factors` does for the shards of a sharded fit, from the sums in memory.
+        let strategy = job.options.strategy;
+        match pass {
+            curvature::Pass::Covariance => {
+                let layers = std::thread::scope(|scope| {
+                    let saving = unsaved.then(|| scope.spawn(|| save(&state, owned, true)));
+                    let layers = curvature::eigendecompose(&tracked, &state);
+                    if let Some(saving) = saving {
+                        saving.join().map_err(|_| {
+                            Error::Other("saving the covariance sums: the thread panicked".into())
+                        })??;
+                    }
+                    layers
+                })?;
+                if !strategy.passes().contains(&curvature::Pass::Eigenvalue) {
+                    break write_factors(&job.out, &template, Factors { strategy, layers })?;
+                }
+                handed_bases = Some(save_bases(&work, &settings, layers, 1)?);
+            }
+            curvature::Pass::Eigenvalue => {
+                if unsaved {
+                    save(&state, owned, true)?;
+                }
+                let mut layers = if bases.is_empty() {
+                    curvature::empty_factors(
+                        &tracked,
+                        template.corpus.n_tokens as u64,
+                        template.corpus.n_sequences as u64,
+                    )
+                } else {
+                    bases
+                };
+                curvature::set_lambda(&mut layers, &state);
+                break write_factors(&job.out, &template, Factors { strategy, layers })?;
+            }
         }
     };
     let mut message = finished.message;
@@ -665,24 +710,7 @@ pub fn merge_factors(out: &Path) -> Result<MergeOutcome> {
         let cov = gather(curvature::Pass::Covariance)?;
         layers = curvature::eigendecompose(tracked, &cov)?;
         if passes.contains(&curvature::Pass::Eigenvalue) {
-            let kfac = Factors {
-                strategy: Strategy::Kfac,
-                layers,
-            };
-            let bytes = io::safetensors_bytes(&kfac.to_tensors())?;
-            checkpoint::save(
-                &work,
-                EIGEN_STATE,
-                "safetensors",
-                &bytes,
-                &settings,
-                0,
-                true,
-            )?;
-            for i in 0..n {
-                let stem = pass_stem(curvature::Pass::Covariance, Shard { index: i, count: n });
-                checkpoint::discard(&work, &stem)?;
-            }
+            save_bases(&work, &settings, layers, n)?;
             return Ok(MergeOutcome {
                 finished: false,
                 message: format!(
@@ -695,7 +723,38 @@ pub fn merge_factors(out: &Path) -> Result<MergeOutcome> {
         let lam = gather(curvature::Pass::Eigenvalue)?;
         curvature::set_lambda(&mut layers, &lam);
     }
-    let factors = Factors { strategy, layers };
+    write_factors(out, &template, Factors { strategy, layers })
+}
+
+/// Saves the eigenbases as the fit's eigenbasis state, then discards the covariance sums of
+/// its `shards` (the bases stand for them from then on).
+fn save_bases(
+    work: &Path,
+    settings: &serde_json::Value,
+    layers: Vec<curvature::LayerFactors>,
+    shards: usize,
+) -> Result<Vec<curvature::LayerFactors>> {
+    let kfac = Factors {
+        strategy: Strategy::Kfac,
+        layers,
+    };
+    let bytes = io::safetensors_bytes(&kfac.to_tensors())?;
+    checkpoint::save(work, EIGEN_STATE, "safetensors", &bytes, settings, 0, true)?;
+    for i in 0..shards {
+        let shard = Shard {
+            index: i,
+            count: shards,
+        };
+        checkpoint::discard(work, &pass_stem(curvature::Pass::Covariance, shard))?;
+    }
+    Ok(kfac.layers)
+}
+
+/// Writes the finished factors of the fit in `out` (factors.safetensors, then meta.json, which
+/// vouches for it by hash) and removes its work directory.
+fn write_factors(out: &Path, template: &FitTemplate, factors: Factors) -> Result<MergeOutcome> {
+    let (strategy, tracked, n) = (factors.strategy, &template.tracked, template.shards);
+    let work = out.join(WORK_DIR);
     let st_path = out.join(FACTORS_FILE);
     io::write_safetensors(&st_path, &factors.to_tensors(), None)?;
     let meta = FactorsMeta {
