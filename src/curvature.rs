@@ -119,20 +119,25 @@ pub fn run_batches(
     )
 }
 
-/// How many batches the passes compute at once with `model`, and the threads each gets. An
-/// engine that is not threaded (autograd) runs [`crate::shard::threads`] batches, one thread
-/// each. A threaded engine (fast) runs two batches, each on half the threads: its products are
-/// only tokens × layer width, which a core alone runs nearer its GEMM rate than two cores
-/// splitting them (the covariance pass 7–11% faster on 2 cores, measured), and two batches'
-/// activations are what two at once cost in memory, whatever the core count.
-pub fn batches_at_once(model: &dyn TapModel) -> (usize, usize) {
+/// How many batches the passes compute at once with `model`. An engine that is not threaded
+/// (autograd) runs [`crate::shard::threads`] batches, one thread each. A threaded engine (fast)
+/// runs two batches, the threads split between them ([`pool_threads`]): its products are only
+/// tokens × layer width, which a core alone runs nearer its GEMM rate than two cores splitting
+/// them (the covariance pass 7–11% faster on 2 cores, measured), and two batches' activations
+/// are what two at once cost in memory, whatever the core count.
+pub fn batches_at_once(model: &dyn TapModel) -> usize {
     let threads = crate::shard::threads().max(1);
     if model.is_threaded() {
-        let at_once = threads.min(2);
-        (at_once, threads / at_once)
+        threads.min(2)
     } else {
-        (threads, 1)
+        threads
     }
+}
+
+/// The threads of the pool of concurrent batch `k` of `at_once` sharing `threads`: every
+/// thread goes to one of them (3 threads: 2 and 1).
+fn pool_threads(k: usize, at_once: usize, threads: usize) -> usize {
+    threads / at_once + usize::from(k < threads % at_once)
 }
 
 /// [`run_batches`] with each sequence's stable index given (a shard's sequences are not
@@ -170,14 +175,14 @@ pub fn run_indexed(
             TokenBatch::training(&refs)
         })
         .collect();
-    let (threads, inner) = batches_at_once(model);
+    let threads = batches_at_once(model);
     // A pool per concurrent batch for a threaded engine, whose kernels split over the pool
     // they run in; an unthreaded engine runs on plain threads.
     let pools = if model.is_threaded() && threads > 1 {
         (0..threads)
-            .map(|_| {
+            .map(|k| {
                 rayon::ThreadPoolBuilder::new()
-                    .num_threads(inner)
+                    .num_threads(pool_threads(k, threads, crate::shard::threads().max(1)))
                     .start_handler(|_| crate::linalg::flush_subnormals_on_this_thread())
                     .build()
                     .map_err(|e| Error::Other(format!("{what}: cannot start threads: {e}")))
@@ -964,6 +969,15 @@ pub fn layer_summary(factors: &Factors) -> Vec<HashMap<&'static str, serde_json:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_batches_share_every_thread() {
+        for (threads, want) in [(2, vec![1, 1]), (3, vec![2, 1]), (16, vec![8, 8])] {
+            let got: Vec<usize> = (0..2).map(|k| pool_threads(k, 2, threads)).collect();
+            assert_eq!(got, want, "{threads} threads");
+        }
+        assert_eq!(pool_threads(0, 1, 5), 5);
+    }
 
     /// The FLOP counts `infl bench --passes-only` divides by, worked by hand for one layer.
     #[test]

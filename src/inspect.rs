@@ -109,7 +109,7 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
     MemoryEstimate {
         weights: 4 * model.n_parameters() as u64,
         activations,
-        batches_at_once: crate::curvature::batches_at_once(model).0 as u64,
+        batches_at_once: crate::curvature::batches_at_once(model) as u64,
         fit_factors,
         factor_file,
         score_preconditioner: 4 * (cov + lam),
