@@ -483,7 +483,7 @@ fast::kernels::multiversion! {
 /// relative accuracy when the model is confident (p_y → 1).
 pub(crate) fn position_loss(z: &mut [f32], target: Target, logits: &mut [f64]) -> f64 {
     {
-        let m = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let m = fast::kernels::max_lanes(z);
         if let Target::Draw(_) = target {
             for (l, &v) in logits.iter_mut().zip(z.iter()) {
                 *l = v as f64;

@@ -619,10 +619,30 @@ multiversion! {
 }
 
 multiversion! {
+    /// The largest element (−∞ for an empty slice; NaNs are skipped, as by `f32::max`), in 16
+    /// interleaved partial maxima: a single running maximum is a serial chain of dependent
+    /// `max` instructions that LLVM does not reorder (it was most of the LM head's loss, one
+    /// per logit). The maximum does not depend on the order, so the value is the fold's.
+    pub fn max_lanes(x: &[f32]) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let mut chunks = x.chunks_exact(16);
+        for c in &mut chunks {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l = l.max(v);
+            }
+        }
+        for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+            *l = l.max(v);
+        }
+        lanes.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l))
+    }
+}
+
+multiversion! {
     /// Softmax of `row` in place; returns its (max, sum of e^(x − max)), the statistics the
     /// backward recomputes the probabilities from.
     fn softmax_in_place(row: &mut [f32]) -> (f32, f32) {
-        let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mx = max_lanes(row);
         for x in row.iter_mut() {
             *x = exp(*x - mx);
         }
@@ -1245,6 +1265,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn max_lanes_is_the_running_maximum_at_every_length_and_position() {
+        let fold = |x: &[f32]| x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        for len in [0usize, 1, 7, 15, 16, 17, 33, 8192] {
+            let base: Vec<f32> = (0..len).map(|i| ((i * 37) % 101) as f32 * -0.25).collect();
+            assert_eq!(
+                max_lanes(&base).to_bits(),
+                fold(&base).to_bits(),
+                "len {len}"
+            );
+            // The maximum in each lane and in the remainder, and NaNs, which both skip.
+            for at in [0, len / 2, len.saturating_sub(1)]
+                .into_iter()
+                .filter(|&a| a < len)
+            {
+                let mut x = base.clone();
+                x[at] = 3.5;
+                assert_eq!(max_lanes(&x), 3.5, "len {len}, max at {at}");
+                x[at] = f32::NAN;
+                assert_eq!(
+                    max_lanes(&x).to_bits(),
+                    fold(&x).to_bits(),
+                    "len {len}, NaN at {at}"
+                );
+            }
+        }
+        assert_eq!(max_lanes(&[]), f32::NEG_INFINITY);
     }
 
     #[test]
