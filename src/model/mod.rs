@@ -185,6 +185,13 @@ pub trait TapModel: Send + Sync {
     fn tap_flops(&self, _batch: &TokenBatch) -> Option<f64> {
         None
     }
+    /// Bytes one [`TapModel::taps`] call on `batch_size` sequences of `max_len` tokens holds
+    /// at its peak, counted from what the engine keeps (the forward's saved tensors, the taps
+    /// the backward makes, a chunk of logits); `None` where the engine does not count them
+    /// (autograd: [`crate::inspect::estimate`] models its graph instead).
+    fn taps_peak_bytes(&self, _batch_size: usize, _max_len: usize) -> Option<u64> {
+        None
+    }
 }
 
 /// A model restricted to some of its tracked layers, chosen by checkpoint name.
@@ -231,6 +238,9 @@ impl TapModel for SelectedLayers {
     }
     fn tap_flops(&self, batch: &TokenBatch) -> Option<f64> {
         self.inner.tap_flops(batch)
+    }
+    fn taps_peak_bytes(&self, batch_size: usize, max_len: usize) -> Option<u64> {
+        self.inner.taps_peak_bytes(batch_size, max_len)
     }
 }
 

@@ -8,7 +8,9 @@ use super::kernels::{
     act_and_derivative, attention_backward, attention_forward, mul_in_place, rope_apply, Act,
     QkvLayout, Rope,
 };
-use super::{embed, spans, to_vec, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts};
+use super::{
+    embed, spans, to_vec, BlockFloats, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts,
+};
 use crate::error::{Error, Result};
 use crate::model::gpt_neox::GptNeoX;
 use crate::model::{ops, Labels, TapModel, TokenBatch};
@@ -251,6 +253,28 @@ impl Net for GptNeoXNet {
         let ids = vec![ids.to_vec()];
         let (x, _) = self.forward(&ids, &spans(&ids), &self.rope(ids[0].len()));
         Ok(self.head.logits(&x))
+    }
+
+    fn block_floats(&self) -> (usize, BlockFloats) {
+        let (d, h) = (self.d, self.layout.heads);
+        let i = self.blocks.first().map_or(0, |b| b.h_to_4h.lin.d_out);
+        let q = self.layout.stride;
+        let f = BlockFloats {
+            // Two norms (rows and a root each), h1, qkv, two statistics per head, attn, h2,
+            // act and act'.
+            saved: 2 * (d + 1) + d + q + 2 * h + d + d + 2 * i,
+            // g of the output projections (copies of dL/dx), of the MLP input (dL/dpre) and
+            // of qkv; every a is a saved tensor moved.
+            taps: 2 * d + i + q,
+            // The pre-activation next to act and act', or dL/dpre's product with dL/dattn
+            // (computed first with a parallel residual) and the norms' gradients.
+            transient: i + 3 * d,
+        };
+        (self.blocks.len(), f)
+    }
+
+    fn head_shape(&self) -> (usize, usize) {
+        (self.head.d, self.head.vocab)
     }
 
     fn flops(&self, batch: &TokenBatch) -> f64 {

@@ -856,7 +856,7 @@ pub fn rope_apply(
 }
 
 /// Query rows per attention tile: a tile of queries only needs the keys up to its last row.
-const TILE: usize = 64;
+pub(crate) const TILE: usize = 64;
 
 /// The keys row `i` may see: `[lo, i]`, with a sliding window `i − j < w`.
 fn key_start(i: usize, window: Option<usize>) -> usize {

@@ -8,7 +8,9 @@
 use super::kernels::{
     attention_backward, attention_forward, glu_bwd, glu_fwd, rope_apply, Act, QkvLayout, Rope,
 };
-use super::{embed, spans, to_vec, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts};
+use super::{
+    embed, spans, to_vec, BlockFloats, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts,
+};
 use crate::error::{Error, Result};
 use crate::model::llama::Llama;
 use crate::model::{ops, Labels, TapModel, TokenBatch};
@@ -197,6 +199,8 @@ impl Net for LlamaNet {
             let dy = b.down.bwd(&dx);
             let mut dgu = vec![0f32; s.gu.len()];
             glu_bwd(self.act, &s.gu, &dy, self.di, &mut dgu);
+            // Freed now, not at the end of the block: it is MLP-wide.
+            drop(dy);
             let last = i == lowest && !attn_taps(b);
             if !last {
                 let dh2 = b.gate_up.bwd(&dgu);
@@ -209,6 +213,7 @@ impl Net for LlamaNet {
                     }
                 }
             }
+            drop(dgu);
             if !last {
                 if let Some(t) = b.o_tap {
                     g[t] = Some(dx.clone());
@@ -256,6 +261,26 @@ impl Net for LlamaNet {
         let ids = vec![ids.to_vec()];
         let (x, _) = self.forward(&ids, &spans(&ids), &self.rope(ids[0].len()));
         Ok(self.head.logits(&x))
+    }
+
+    fn block_floats(&self) -> (usize, BlockFloats) {
+        let (d, i, lay) = (self.d, self.di, &self.layout);
+        let (hq, hk) = (lay.heads * lay.head_dim, lay.kv_heads * lay.head_dim);
+        let f = BlockFloats {
+            // Two RMS norms (rows and a root each), h1, q/k/v, two statistics per head,
+            // attn, h2, gate|up and the GLU output.
+            saved: 2 * (d + 1) + d + (hq + 2 * hk) + 2 * lay.heads + hq + d + 3 * i,
+            // g of down and o (copies of dL/dx), of gate and up and of q, k, v (split copies),
+            // and h1 for each of q, k, v and h2 for gate and up (copies).
+            taps: 2 * d + 2 * i + (hq + 2 * hk) + 5 * d,
+            // dL/dy with dL/d(gate|up) and dL/dh, or dL/dattn with dL/dqkv and dL/dh.
+            transient: (3 * i + d).max(2 * hq + 2 * hk + d),
+        };
+        (self.blocks.len(), f)
+    }
+
+    fn head_shape(&self) -> (usize, usize) {
+        (self.head.d, self.head.vocab)
     }
 
     fn flops(&self, batch: &TokenBatch) -> f64 {

@@ -351,6 +351,10 @@ pub trait Net: Send + Sync {
     /// FLOPs of the forward and activation-backward products (GEMMs and attention) of `taps`
     /// on `batch`, counted from the shapes: the floor a GEMM-bound implementation would meet.
     fn flops(&self, batch: &TokenBatch) -> f64;
+    /// The number of blocks and what each holds per token ([`BlockFloats`]).
+    fn block_floats(&self) -> (usize, BlockFloats);
+    /// The LM head's (width, vocabulary).
+    fn head_shape(&self) -> (usize, usize);
     /// The longest sequence the model can embed (learned positions), if limited.
     fn position_limit(&self) -> Option<usize> {
         None
@@ -440,6 +444,43 @@ impl<N: Net> TapModel for Fast<N> {
     fn tap_flops(&self, batch: &TokenBatch) -> Option<f64> {
         Some(self.net.flops(batch))
     }
+    fn taps_peak_bytes(&self, batch_size: usize, max_len: usize) -> Option<u64> {
+        let n = (batch_size * max_len) as u64;
+        let (blocks, f) = self.net.block_floats();
+        let (l, s, t, tr) = (
+            blocks as u64,
+            f.saved as u64,
+            f.taps as u64,
+            f.transient as u64,
+        );
+        let (d, v) = self.net.head_shape();
+        let rows = n.min(head_chunk(v) as u64);
+        let (d, v) = (d as u64, v as u64);
+        // The LM head runs with every block's saved tensors alive: the final norm's rows,
+        // roots and gradient, dL/dx, each loss row's index and loss (8 floats' worth), and
+        // one chunk of logits with its rows of the stream.
+        let at_head = n * (l * s + 4 * d + 1 + 8) + rows * (v + d);
+        // Down the blocks, each block's saved tensors give way to its taps: the most held at
+        // once is at the top block (every block's saved and its taps) or the bottom one.
+        let in_blocks = n * ((l * s + t).max(s + l * t) + tr);
+        // And the residual stream throughout, and each thread's scratch: attention's tiles of
+        // probabilities and their gradient, the loss's row in f64.
+        let scratch = rayon::current_num_threads() as u64
+            * (2 * kernels::TILE as u64 * max_len as u64 + 2 * v);
+        Some(4 * (n * d + at_head.max(in_blocks) + scratch))
+    }
+}
+
+/// Floats per token that one block of a [`Net`] holds during its taps (the memory estimate,
+/// [`TapModel::taps_peak_bytes`]), with every layer tracked.
+pub struct BlockFloats {
+    /// Kept by the forward for the backward: the norms' rows and roots, the linear inputs,
+    /// attention's q, k, v and row statistics, the MLP's activation terms.
+    pub saved: usize,
+    /// Allocated by the backward for the taps: each g, and each a not moved out of `saved`.
+    pub taps: usize,
+    /// The largest short-lived buffers of the block's forward or backward at one time.
+    pub transient: usize,
 }
 
 /// Attention FLOPs of a causal pass over sequences of these lengths, forward and backward

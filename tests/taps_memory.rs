@@ -1,0 +1,131 @@
+//! The fast engine's count of what one batch's taps hold ([`TapModel::taps_peak_bytes`], the
+//! memory estimate of `infl inspect`, `fit` and `score`) against the heap it really uses: a
+//! counting allocator records the peak bytes live during `taps`, for each family. The count
+//! must not fall short (a run it lets start must fit) and must not overstate by much (a run
+//! that fits must not be refused).
+//!
+//! One test in its own binary: the allocator is process-wide, and another test running at
+//! the same time would count towards the peak.
+
+use infl::model::gpt2::{Gpt2, Gpt2Config};
+use infl::model::{load_with, Engine, Labels, ModuleSelection, TapModel, TokenBatch};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The system allocator, counting the bytes live and their high-water mark.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to `System` unchanged; the counters are only statistics.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                let grow = new_size - layout.size();
+                let now = LIVE.fetch_add(grow, Ordering::Relaxed) + grow;
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Peak heap growth over one `taps` call on `batch_size` sequences of `len` tokens.
+fn measured_peak(model: &dyn TapModel, batch_size: usize, len: usize) -> usize {
+    let seqs: Vec<Vec<u32>> = (0..batch_size)
+        .map(|s| {
+            (0..len)
+                .map(|t| ((s * 131 + t * 71) % model.vocab_size()) as u32)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<(u64, &[u32])> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as u64, s.as_slice()))
+        .collect();
+    let batch = TokenBatch::training(&refs);
+    // Once to warm up what lives on after it (rayon's threads and their scratch), then measured.
+    model.taps(&batch, Labels::Data).unwrap();
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let taps = model.taps(&batch, Labels::Data).unwrap();
+    let peak = PEAK.load(Ordering::Relaxed) - base;
+    drop(taps);
+    peak
+}
+
+fn check(name: &str, model: &dyn TapModel, batch_size: usize, len: usize) {
+    let measured = measured_peak(model, batch_size, len) as f64;
+    let counted = model
+        .taps_peak_bytes(batch_size, len)
+        .expect("the fast engine counts its memory") as f64;
+    println!(
+        "{name}: {batch_size} x {len} tokens, counted {counted:.0} B, measured peak {measured:.0} B ({:.2}x)",
+        counted / measured
+    );
+    assert!(
+        counted >= measured && counted <= 1.5 * measured,
+        "{name}: counted {counted} B against a measured peak of {measured} B"
+    );
+}
+
+#[test]
+fn the_fast_engines_count_of_its_taps_memory_bounds_the_measured_peak() {
+    let config = Gpt2Config {
+        vocab_size: 512,
+        n_positions: 64,
+        n_embd: 64,
+        n_layer: 3,
+        n_head: 4,
+        n_inner: None,
+        layer_norm_epsilon: 1e-5,
+        activation_function: "gelu_new".into(),
+        scale_attn_weights: true,
+        scale_attn_by_inverse_layer_idx: false,
+        reorder_and_upcast_attn: false,
+    };
+    let gpt2 = Gpt2::random(config, 1, ModuleSelection::All).unwrap();
+    let fast = infl::model::fast::gpt2::FastGpt2::new(&gpt2).unwrap();
+    check("gpt2", &fast, 8, 64);
+    let families = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
+    for name in [
+        "gpt_neox_parallel",
+        "gpt_neox_sequential",
+        "llama",
+        "mistral",
+        "qwen2",
+    ] {
+        let model = load_with(&families.join(name), ModuleSelection::All, Engine::Fast).unwrap();
+        check(name, model.as_ref(), 8, 32);
+    }
+}
