@@ -256,20 +256,8 @@ impl Net for GptNeoXNet {
     }
 
     fn block_floats(&self) -> (usize, BlockFloats) {
-        let (d, h) = (self.d, self.layout.heads);
         let i = self.blocks.first().map_or(0, |b| b.h_to_4h.lin.d_out);
-        let q = self.layout.stride;
-        let f = BlockFloats {
-            // Two norms (rows and a root each), h1, qkv, two statistics per head, attn, h2,
-            // act and act'.
-            saved: 2 * (d + 1) + d + q + 2 * h + d + d + 2 * i,
-            // g of the output projections (copies of dL/dx), of the MLP input (dL/dpre) and
-            // of qkv; every a is a saved tensor moved.
-            taps: 2 * d + i + q,
-            // The pre-activation next to act and act', or dL/dpre's product with dL/dattn
-            // (computed first with a parallel residual) and the norms' gradients.
-            transient: i + 3 * d,
-        };
+        let f = BlockFloats::layer_norm_mlp(self.d, self.layout.heads, self.layout.stride, i);
         (self.blocks.len(), f)
     }
 

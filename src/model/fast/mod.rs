@@ -483,6 +483,24 @@ pub struct BlockFloats {
     pub transient: usize,
 }
 
+impl BlockFloats {
+    /// A GPT-2 / GPT-NeoX block: two layer norms, a fused qkv `q` wide for `heads` heads of
+    /// a `d`-wide stream, and an `i`-wide MLP whose forward keeps act and act′.
+    pub fn layer_norm_mlp(d: usize, heads: usize, q: usize, i: usize) -> BlockFloats {
+        BlockFloats {
+            // Two norms (rows and a root each), h1, qkv, two statistics per head, attn, h2,
+            // act and act'.
+            saved: 2 * (d + 1) + d + q + 2 * heads + d + d + 2 * i,
+            // g of the output projections (copies of dL/dx), of the MLP input (dL/dpre) and
+            // of qkv; every a is a saved tensor moved.
+            taps: 2 * d + i + q,
+            // The pre-activation next to act and act', or dL/dpre's product with dL/dattn
+            // (computed first with a parallel residual) and the norms' gradients.
+            transient: i + 3 * d,
+        }
+    }
+}
+
 /// Attention FLOPs of a causal pass over sequences of these lengths, forward and backward
 /// (q kᵀ and P v forward; recomputed q kᵀ, dO vᵀ, dS k, dSᵀ q, Pᵀ dO backward), counting only
 /// the tiles the kernels compute.
