@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use infl::clock::{Elapsed, PhaseClock, Stopwatch};
 use infl::curvature::{Fisher, FitOptions, Progress, Strategy};
 use infl::influence::Damping;
 use infl::model::ModuleSelection;
@@ -1279,94 +1280,6 @@ fn print_dots_bench() {
     }
 }
 
-/// Wall and CPU seconds of an interval (CPU: the whole process's, where the platform reports it).
-#[derive(Clone, Copy)]
-struct Elapsed {
-    wall: f64,
-    cpu: Option<f64>,
-}
-
-impl Elapsed {
-    const ZERO: Elapsed = Elapsed {
-        wall: 0.0,
-        cpu: Some(0.0),
-    };
-
-    fn plus(self, o: Elapsed) -> Elapsed {
-        Elapsed {
-            wall: self.wall + o.wall,
-            cpu: self.cpu.zip(o.cpu).map(|(a, b)| a + b),
-        }
-    }
-
-    fn minus(self, o: Elapsed) -> Elapsed {
-        Elapsed {
-            wall: self.wall - o.wall,
-            cpu: self.cpu.zip(o.cpu).map(|(a, b)| a - b),
-        }
-    }
-}
-
-/// The start of an [`Elapsed`] interval.
-struct Stopwatch {
-    wall: std::time::Instant,
-    cpu: Option<f64>,
-}
-
-impl Stopwatch {
-    fn start() -> Stopwatch {
-        Stopwatch {
-            wall: std::time::Instant::now(),
-            cpu: infl::io::process_cpu_seconds(),
-        }
-    }
-
-    fn elapsed(&self) -> Elapsed {
-        Elapsed {
-            wall: self.wall.elapsed().as_secs_f64(),
-            cpu: self
-                .cpu
-                .zip(infl::io::process_cpu_seconds())
-                .map(|(a, b)| b - a),
-        }
-    }
-}
-
-/// Progress that also times each named phase (`begin` to `end`, summed when a name repeats).
-struct PhaseClock<'a> {
-    inner: &'a dyn Progress,
-    running: std::sync::Mutex<Option<(String, Stopwatch)>>,
-    phases: std::sync::Mutex<Vec<(String, Elapsed)>>,
-}
-
-impl PhaseClock<'_> {
-    /// Wall and CPU seconds of the phases called `name`.
-    fn seconds(&self, name: &str) -> Elapsed {
-        let phases = self.phases.lock().expect("not poisoned");
-        phases
-            .iter()
-            .filter(|(n, _)| n == name)
-            .fold(Elapsed::ZERO, |sum, (_, e)| sum.plus(*e))
-    }
-}
-
-impl Progress for PhaseClock<'_> {
-    fn begin(&self, what: &str, total_tokens: u64) {
-        *self.running.lock().expect("not poisoned") = Some((what.to_string(), Stopwatch::start()));
-        self.inner.begin(what, total_tokens);
-    }
-    fn advance(&self, tokens: u64) {
-        self.inner.advance(tokens);
-    }
-    fn end(&self) {
-        if let Some((name, watch)) = self.running.lock().expect("not poisoned").take() {
-            let e = watch.elapsed();
-            self.phases.lock().expect("not poisoned").push((name, e));
-        }
-        self.inner.end();
-    }
-}
-
 /// The scoring job `infl bench` times: top 10, no dense output, heuristic damping, resumable
 /// (not `--fresh`).
 fn bench_score_job(
@@ -1463,11 +1376,7 @@ fn pass_floors(
     let n_seqs = data.sequences.len();
 
     let rate_before = infl::model::fast::bench::gemm_rate();
-    let clock = PhaseClock {
-        inner: progress,
-        running: std::sync::Mutex::new(None),
-        phases: std::sync::Mutex::new(Vec::new()),
-    };
+    let clock = PhaseClock::new(progress);
     let factors = inputs.out.join("passes-factors");
     let fit = FitJob {
         model: inputs.model.to_path_buf(),

@@ -195,36 +195,6 @@ impl Probe {
     }
 }
 
-/// Wall time inside the passes a fit announces ([`curvature::Progress::begin`] to `end`).
-#[derive(Default)]
-struct PassClock {
-    started: std::sync::Mutex<Option<std::time::Instant>>,
-    total: std::sync::Mutex<f64>,
-}
-
-impl PassClock {
-    fn seconds(&self) -> f64 {
-        *self.total.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl curvature::Progress for PassClock {
-    fn begin(&self, _: &str, _: u64) {
-        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
-    }
-    fn advance(&self, _: u64) {}
-    fn end(&self) {
-        if let Some(t) = self
-            .started
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            *self.total.lock().unwrap_or_else(|e| e.into_inner()) += t.elapsed().as_secs_f64();
-        }
-    }
-}
-
 /// Deterministic pseudo-random token ids (the probe's cost does not depend on them).
 fn probe_sequences(vocab: usize, batch_size: usize, max_len: usize) -> Vec<Sequence> {
     let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -263,14 +233,14 @@ pub fn probe(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Result<
         batch_size,
         seed: 0,
     };
-    let passes = PassClock::default();
+    let passes = crate::clock::PhaseClock::new(&Silent);
     let started = std::time::Instant::now();
     curvature::fit(model, &seqs, &options, &passes)?;
     let fit_seconds = started.elapsed().as_secs_f64();
     // What the fit spent outside its passes, as it ran them: the eigendecompositions (timed
     // apart, on other matrices and one after another, they took longer than the whole fit on
     // a fast machine, which left nothing per token and a flat estimate).
-    let eigh_seconds = (fit_seconds - passes.seconds()).max(0.0);
+    let eigh_seconds = (fit_seconds - passes.total().wall).max(0.0);
 
     let identity = curvature::Factors {
         strategy: Strategy::Identity,
