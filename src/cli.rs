@@ -1478,6 +1478,62 @@ fn pass_floors(
          the process's CPU time over the wall time, of {} threads)",
         rayon::current_num_threads()
     );
+
+    // Each pass overlaps its forward/backward with its statistics: the parts timed apart say
+    // which of the two is off its floor.
+    let parts = infl::pass_parts::time_parts(model, &data.sequences, batch, queries.len().max(1))?;
+    let statistics = [
+        (
+            "covariance statistics alone",
+            parts.covariance,
+            statistics_flops(Pass::Covariance, tracked, n_tokens),
+            cov.0.wall,
+        ),
+        (
+            "eigenvalue statistics alone",
+            parts.eigenvalue,
+            statistics_flops(Pass::Eigenvalue, tracked, n_tokens),
+            lam.0.wall,
+        ),
+        (
+            "scoring statistics alone",
+            parts.scoring,
+            infl::influence::scoring_flops(tracked, n_tokens, n_seqs, queries.len()),
+            scr.0.wall,
+        ),
+    ];
+    println!("\nthe passes' parts timed apart (same GEMM rate):");
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "part", "FLOP", "floor s", "seconds", "floor/actual", "pass/parts"
+    );
+    let part_row = |name: &str, secs: f64, flops: f64, overlap: String| {
+        let floor = flops / rate;
+        println!(
+            "{name:<34} {flops:>10.3e} {floor:>10.3} {secs:>10.3} {:>11.0}% {overlap:>12}",
+            100.0 * floor / secs.max(1e-9)
+        );
+    };
+    part_row(
+        "forward + activation backward",
+        parts.taps,
+        taps_flops,
+        "-".into(),
+    );
+    for (name, secs, flops, pass) in statistics {
+        let overlap = format!("{:.0}%", 100.0 * pass / (parts.taps + secs).max(1e-9));
+        part_row(name, secs, flops, overlap);
+    }
+    println!(
+        "(forward + activation backward: every batch through the passes' driver, nothing\n\
+         consuming the taps; statistics: on the taps of the first {} batches, scaled by tokens,\n\
+         with dense stand-ins for the eigenbases and queries; pass/parts: the pass's time over\n\
+         the two parts' sum, below 100% where the pass overlaps them)",
+        data.sequences
+            .len()
+            .div_ceil(batch)
+            .min(infl::pass_parts::KEPT_BATCHES)
+    );
     Ok(())
 }
 

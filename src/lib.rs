@@ -25,6 +25,7 @@ pub mod inspect;
 pub mod io;
 pub mod linalg;
 pub mod model;
+pub mod pass_parts;
 pub mod powerlaw;
 pub mod report;
 pub mod results;

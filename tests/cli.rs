@@ -1092,5 +1092,28 @@ fn bench_prints_each_pass_against_its_gemm_bound_floor() {
     );
     let busy = total[4].expect("the whole job is long enough to time");
     assert!(busy > 0.0 && busy <= cores + 0.05, "{busy} cores");
+    // The parts timed apart: the forward/backward and each pass's statistics add up to that
+    // pass's FLOPs, and each part was timed.
+    let taps = row("forward + activation backward");
+    assert_eq!(taps.len(), 5, "{taps:?}");
+    for (part, pass) in [
+        ("covariance statistics alone", "covariance pass"),
+        ("eigenvalue statistics alone", "eigenvalue pass"),
+        ("scoring statistics alone", "score: scoring pass"),
+    ] {
+        let (r, whole) = (row(part), row(pass));
+        assert_eq!(
+            r.len(),
+            5,
+            "{part}: FLOP, floor s, seconds, floor/actual, pass/parts"
+        );
+        let sum = taps[0].unwrap() + r[0].unwrap();
+        assert!(
+            (sum - whole[0].unwrap()).abs() <= 2e-3 * sum,
+            "{part}: {sum} against {pass}'s {:?}",
+            whole[0]
+        );
+        assert!(r[2].unwrap() >= 0.0 && r[4].unwrap() > 0.0, "{part}: {r:?}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
