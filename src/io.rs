@@ -67,17 +67,26 @@ fn bytemuck_f64(v: &[f64]) -> &[u8] {
 compile_error!("infl writes safetensors (little-endian) by reinterpreting memory; big-endian hosts are not supported");
 
 /// Writes named tensors to a safetensors file atomically, with string metadata in its header.
+///
+/// Returns the file's SHA-256 (hex), hashed from memory while the file is written rather than
+/// read back after (a fit's 109 MB factors: 0.07 s of its 0.29 s at the end of a fit).
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, OwnedTensor)],
     metadata: Option<HashMap<String, String>>,
-) -> Result<()> {
+) -> Result<String> {
+    use sha2::Digest;
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.view()?)))
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::Other(e.to_string()))?;
-    write_atomic(path, &bytes)
+    let (written, sha256) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| crate::data::hex(&sha2::Sha256::digest(&bytes)));
+        (write_atomic(path, &bytes), hashing.join())
+    });
+    written?;
+    sha256.map_err(|_| Error::Other(format!("{}: hashing panicked", path.display())))
 }
 
 /// The bytes of a safetensors file holding `tensors` (for checkpoints, hashed before writing).
@@ -174,4 +183,28 @@ pub fn keep_freed_memory() {
             libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_safetensors_returns_the_written_files_sha256() {
+        let dir = std::env::temp_dir().join(format!("infl-io-{}", std::process::id()));
+        ensure_dir(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let tensors = vec![
+            ("a".to_string(), OwnedTensor::F32(vec![2, 3], vec![1.5; 6])),
+            ("b".to_string(), OwnedTensor::F64(vec![4], vec![-0.25; 4])),
+        ];
+        let sha = write_safetensors(&path, &tensors, None).unwrap();
+        // Hashed independently, from the file on disk.
+        assert_eq!(sha, crate::data::sha256_file(&path).unwrap());
+        assert_eq!(sha.len(), 64);
+        let back = read_safetensors(&path).unwrap();
+        assert_eq!(back["a"], (vec![2, 3], vec![1.5; 6]));
+        assert_eq!(back["b"], (vec![4], vec![-0.25; 4]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

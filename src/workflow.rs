@@ -296,6 +296,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     // A whole fit hands its eigenbases to the eigenvalue pass in memory, not by reading back
     // the state it has just saved (which is there for resuming).
     let mut handed_bases: Option<Vec<curvature::LayerFactors>> = None;
+    let mut saving_bases: Option<std::thread::JoinHandle<Result<()>>> = None;
     let finished = loop {
         let eigen = match handed_bases {
             Some(_) => None,
@@ -481,9 +482,16 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
                 if !strategy.passes().contains(&curvature::Pass::Eigenvalue) {
                     break write_factors(&job.out, &template, Factors { strategy, layers })?;
                 }
-                handed_bases = Some(save_bases(&work, &settings, layers, 1)?);
+                let (saving, layers) = save_bases_in_background(&work, &settings, layers);
+                saving_bases = Some(saving);
+                handed_bases = Some(layers);
             }
             curvature::Pass::Eigenvalue => {
+                if let Some(saving) = saving_bases.take() {
+                    saving.join().map_err(|_| {
+                        Error::Other("saving the eigenbases: the thread panicked".into())
+                    })??;
+                }
                 if unsaved {
                     save(&state, owned, true)?;
                 }
@@ -734,11 +742,48 @@ fn save_bases(
     layers: Vec<curvature::LayerFactors>,
     shards: usize,
 ) -> Result<Vec<curvature::LayerFactors>> {
+    let (tensors, layers) = bases_tensors(layers);
+    store_bases(work, settings, &tensors, shards)?;
+    Ok(layers)
+}
+
+/// [`save_bases`] for a whole fit, on a thread of its own while the eigenvalue pass runs on
+/// the bases in memory (the save took 0.36 s of the 1.5 s between a fit's passes, measured on
+/// 200 sequences of the bench job). Until it lands the covariance sums are kept, so a fit
+/// interrupted before then resumes from them, and their eigendecomposition gives the same
+/// bases. The handle reports the save; join it before the work directory is touched again.
+fn save_bases_in_background(
+    work: &Path,
+    settings: &serde_json::Value,
+    layers: Vec<curvature::LayerFactors>,
+) -> (
+    std::thread::JoinHandle<Result<()>>,
+    Vec<curvature::LayerFactors>,
+) {
+    let (tensors, layers) = bases_tensors(layers);
+    let (work, settings) = (work.to_path_buf(), settings.clone());
+    let saving = std::thread::spawn(move || store_bases(&work, &settings, &tensors, 1));
+    (saving, layers)
+}
+
+/// The tensors of the eigenbasis state, and the layers they were copied from.
+fn bases_tensors(
+    layers: Vec<curvature::LayerFactors>,
+) -> (Vec<(String, io::OwnedTensor)>, Vec<curvature::LayerFactors>) {
     let kfac = Factors {
         strategy: Strategy::Kfac,
         layers,
     };
-    let bytes = io::safetensors_bytes(&kfac.to_tensors())?;
+    (kfac.to_tensors(), kfac.layers)
+}
+
+fn store_bases(
+    work: &Path,
+    settings: &serde_json::Value,
+    tensors: &[(String, io::OwnedTensor)],
+    shards: usize,
+) -> Result<()> {
+    let bytes = io::safetensors_bytes(tensors)?;
     checkpoint::save(work, EIGEN_STATE, "safetensors", &bytes, settings, 0, true)?;
     for i in 0..shards {
         let shard = Shard {
@@ -747,7 +792,7 @@ fn save_bases(
         };
         checkpoint::discard(work, &pass_stem(curvature::Pass::Covariance, shard))?;
     }
-    Ok(kfac.layers)
+    Ok(())
 }
 
 /// Writes the finished factors of the fit in `out` (factors.safetensors, then meta.json, which
@@ -756,7 +801,7 @@ fn write_factors(out: &Path, template: &FitTemplate, factors: Factors) -> Result
     let (strategy, tracked, n) = (factors.strategy, &template.tracked, template.shards);
     let work = out.join(WORK_DIR);
     let st_path = out.join(FACTORS_FILE);
-    io::write_safetensors(&st_path, &factors.to_tensors(), None)?;
+    let factors_sha256 = io::write_safetensors(&st_path, &factors.to_tensors(), None)?;
     let meta = FactorsMeta {
         tool: "infl".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -772,7 +817,7 @@ fn write_factors(out: &Path, template: &FitTemplate, factors: Factors) -> Result
             .map(|m| m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
             .collect(),
         selected_layers: template.selected_layers.clone(),
-        factors_sha256: data::sha256_file(&st_path)?,
+        factors_sha256,
     };
     // meta.json last: it vouches for the safetensors file by hash.
     io::write_json(&out.join(META_FILE), &meta)?;
