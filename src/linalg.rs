@@ -433,8 +433,7 @@ pub fn mul(lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) -> Mat<f32> {
 pub fn add_gram(acc: &mut Mat<f64>, x: MatRef<'_, f32>, parallel: bool) {
     let d = x.ncols();
     // Room for the largest product: the first split's block below the diagonal, or a leaf.
-    let half = (d / 2).div_ceil(16) * 16;
-    let mut part = Mat::<f32>::zeros(d, half.max(GRAM_LEAF / 2).min(d.max(1)));
+    let mut part = Mat::<f32>::zeros(d, gram_split(d).max(GRAM_LEAF / 2).min(d.max(1)));
     add_lower(acc, x, (0, d), &mut part, parallel);
 }
 
@@ -491,11 +490,16 @@ fn add_lower(
         }
         return;
     }
-    // Halves on 16-element boundaries (a whole SIMD register of rows).
-    let h = (size / 2).div_ceil(16) * 16;
+    let h = gram_split(size);
     product((off + h, size - h), (off, h), false);
     add_lower(acc, x, (off, h), part, parallel);
     add_lower(acc, x, (off + h, size - h), part, parallel);
+}
+
+/// Where [`add_lower`] splits a diagonal block of `size`: half, on a 16-element boundary (a
+/// whole SIMD register of rows).
+fn gram_split(size: usize) -> usize {
+    (size / 2).div_ceil(16) * 16
 }
 
 /// Copies the lower triangle onto the upper one (completes sums built by [`add_gram`]).
