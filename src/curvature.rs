@@ -553,25 +553,36 @@ pub fn accumulate_keeping(
     let inner = tasks < 4 * rayon::current_num_threads();
     match state.pass {
         Pass::Covariance => {
-            state.sums.par_iter_mut().enumerate().for_each(|(k, sum)| {
-                let (l, tap) = (&tracked[k / 2], &taps.layers[k / 2]);
-                if k % 2 == 0 {
-                    let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
-                    linalg::add_gram(sum, a.as_ref(), inner);
-                } else {
-                    linalg::add_gram(sum, linalg::rows(&tap.g, n, l.d_out), inner);
-                }
-            });
+            let grams: Vec<(usize, &mut Mat<f64>)> = state.sums.iter_mut().enumerate().collect();
+            crate::tasks::largest_first(
+                grams,
+                |(k, _)| {
+                    let l = &tracked[k / 2];
+                    let d = if k % 2 == 0 { l.d_in_h() } else { l.d_out };
+                    (d * d) as f64
+                },
+                |(k, sum)| {
+                    let (l, tap) = (&tracked[k / 2], &taps.layers[k / 2]);
+                    if k % 2 == 0 {
+                        let (a, shape) = (&tap.a[..], (n, l.d_in));
+                        linalg::add_gram_homogeneous(sum, a, shape, l.has_bias, inner);
+                    } else {
+                        linalg::add_gram(sum, linalg::rows(&tap.g, n, l.d_out), inner);
+                    }
+                },
+            );
             None
         }
         Pass::Eigenvalue => {
-            let rotated: RotatedTokens = state
-                .sums
-                .par_iter_mut()
-                .zip(tracked.par_iter())
-                .zip(taps.layers.par_iter())
-                .zip(bases.par_iter())
-                .map(|(((sum, l), tap), basis)| {
+            let layers: Vec<(usize, &mut Mat<f64>)> = state.sums.iter_mut().enumerate().collect();
+            let rotated: RotatedTokens = crate::tasks::largest_first(
+                layers,
+                |(k, _)| {
+                    let (o, i) = (tracked[*k].d_out as f64, tracked[*k].d_in_h() as f64);
+                    o * o + i * i + o * i
+                },
+                |(k, sum)| {
+                    let (l, tap, basis) = (&tracked[k], &taps.layers[k], bases[k]);
                     let a = linalg::homogeneous(&tap.a, n, l.d_in, l.has_bias);
                     let g = linalg::rows(&tap.g, n, l.d_out);
                     let rotated = linalg::rotate_tokens(
@@ -586,8 +597,8 @@ pub fn accumulate_keeping(
                     };
                     linalg::add_squared_sequence_products(sum, g_rot, a_rot, &offsets, inner);
                     rotated.filter(|_| keep)
-                })
-                .collect();
+                },
+            );
             keep.then_some(rotated)
         }
     }

@@ -548,7 +548,6 @@ pub fn batch_scores(
     queries: &[LayerQueries],
     taps: &TapBatch,
 ) -> Vec<Mat<f32>> {
-    use rayon::prelude::*;
     /// Columns per block: wide enough that each sequence's product is an efficient GEMM (its
     /// `k` is only the sequence's length; 64 columns measured slower than no blocking), narrow
     /// enough that a block of 16 sequences at 1,024 rows (13 MiB) stays in the last-level cache.
@@ -581,20 +580,18 @@ pub fn batch_scores(
             (0..blocks).map(move |b| (i, b * w, w.min(d - b * w)))
         })
         .collect();
-    let parts: Vec<Vec<f64>> = tasks
-        .par_iter()
-        .map(|&(i, j0, w)| {
-            let (l, LayerQueries::Full(stack)) = (&tracked[i], &queries[i]) else {
-                unreachable!("tasks are made for full-rank layers only")
-            };
-            let a = homogeneous[i].as_ref().expect("made for full-rank layers");
-            let g = linalg::rows(&taps.layers[i].g, n, l.d_out);
-            let qs = linalg::columns(stack);
-            let mut out = vec![0f64; n_seq * qs.len()];
-            linalg::sequence_block_dots(g, a.as_ref(), &offsets, (j0, w), &qs, &mut out);
-            out
-        })
-        .collect();
+    let cost = |&(i, _, w): &(usize, usize, usize)| (tracked[i].d_out * w) as f64;
+    let parts: Vec<Vec<f64>> = crate::tasks::largest_first(tasks.clone(), cost, |(i, j0, w)| {
+        let (l, LayerQueries::Full(stack)) = (&tracked[i], &queries[i]) else {
+            unreachable!("tasks are made for full-rank layers only")
+        };
+        let a = homogeneous[i].as_ref().expect("made for full-rank layers");
+        let g = linalg::rows(&taps.layers[i].g, n, l.d_out);
+        let qs = linalg::columns(stack);
+        let mut out = vec![0f64; n_seq * qs.len()];
+        linalg::sequence_block_dots(g, a.as_ref(), &offsets, (j0, w), &qs, &mut out);
+        out
+    });
     tracked
         .iter()
         .enumerate()

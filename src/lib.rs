@@ -31,6 +31,7 @@ pub mod report;
 pub mod results;
 pub mod shard;
 pub mod store;
+pub mod tasks;
 pub mod train;
 pub mod validate;
 pub mod workflow;
