@@ -564,8 +564,8 @@ pub fn accumulate_keeping(
                 |(k, sum)| {
                     let (l, tap) = (&tracked[k / 2], &taps.layers[k / 2]);
                     if k % 2 == 0 {
-                        let (a, shape) = (&tap.a[..], (n, l.d_in));
-                        linalg::add_gram_homogeneous(sum, a, shape, l.has_bias, inner);
+                        let shape = (n, l.d_in);
+                        linalg::add_gram_homogeneous(sum, &tap.a, shape, l.has_bias, inner);
                     } else {
                         linalg::add_gram(sum, linalg::rows(&tap.g, n, l.d_out), inner);
                     }

@@ -456,8 +456,7 @@ pub fn add_gram_homogeneous(
         d + usize::from(bias),
         "acc is the Gram's width"
     );
-    let mut part = Mat::<f32>::zeros(d, gram_split(d).max(GRAM_LEAF / 2).min(d.max(1)));
-    add_lower(acc, rows(a, n, d), (0, d), &mut part, parallel);
+    add_gram(acc, rows(a, n, d), parallel);
     if bias {
         let mut sums = vec![0f64; d];
         for row in a[..n * d].chunks_exact(d.max(1)) {
