@@ -381,6 +381,11 @@ struct BenchArgs {
     /// counted from the shapes, at the GEMM rate measured in the same run.
     #[arg(long, conflicts_with = "engines_only")]
     passes_only: bool,
+    /// Runs of `--passes-only`'s fit and score. Every run's table is printed at the fastest
+    /// GEMM rate of all of them, then the whole job's floor/actual over the runs: on a shared
+    /// machine one run says little.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Labels of the Fisher in `--passes-only`'s fit.
     #[arg(long, value_enum, default_value = "sampled")]
     fisher: Fisher,
@@ -1326,6 +1331,20 @@ struct PassInputs<'a> {
     batch_size: usize,
     fisher: Fisher,
     out: &'a std::path::Path,
+    /// Runs of the fit and score (at least 1).
+    repeat: usize,
+}
+
+/// One run of `bench --passes-only`'s fit and score: each phase's time, and the fastest of the
+/// GEMM rates measured before, between and after.
+struct PassRun {
+    rate: f64,
+    fit: Elapsed,
+    score: Elapsed,
+    covariance: Elapsed,
+    eigenvalue: Elapsed,
+    queries: Elapsed,
+    scoring: Elapsed,
 }
 
 /// `infl bench --passes-only`: times `infl fit` (EK-FAC) and a full-rank `infl score` pass by
@@ -1375,6 +1394,175 @@ fn pass_floors(
     let n_tokens = data.n_tokens();
     let n_seqs = data.sequences.len();
 
+    let mut runs = Vec::with_capacity(inputs.repeat.max(1));
+    for _ in 0..inputs.repeat.max(1) {
+        runs.push(time_fit_and_score(inputs, batch, progress)?);
+    }
+    // The fastest rate of all: the floor is then the lower bound it claims to be, in every run.
+    let rate = runs.iter().map(|r| r.rate).fold(0.0, f64::max);
+    let cov_flops = taps_flops + statistics_flops(Pass::Covariance, tracked, n_tokens);
+    let lam_flops = taps_flops + statistics_flops(Pass::Eigenvalue, tracked, n_tokens);
+    let scr_flops =
+        taps_flops + infl::influence::scoring_flops(tracked, n_tokens, n_seqs, queries.len());
+    let total_flops = cov_flops + lam_flops + query_flops + scr_flops;
+    let row = |name: &str, (time, flops): (Elapsed, f64)| {
+        let secs = time.wall;
+        // Cores kept busy: the process's CPU time over the wall time (not for a phase too
+        // short to time).
+        let cores = match time.cpu {
+            Some(c) if secs >= 0.01 => format!("{:.2}", c / secs),
+            _ => "-".into(),
+        };
+        let floor = flops / rate;
+        if flops > 0.0 {
+            println!(
+                "{name:<34} {flops:>10.3e} {floor:>10.3} {secs:>10.3} {:>11.0}% {cores:>6}",
+                100.0 * floor / secs
+            );
+        } else {
+            println!(
+                "{name:<34} {:>10} {:>10} {secs:>10.3} {:>12} {cores:>6}",
+                "-", "-", "-"
+            );
+        }
+    };
+    for (k, run) in runs.iter().enumerate() {
+        let label = if runs.len() > 1 {
+            format!(
+                " (run {} of {}; its own rate {:.1})",
+                k + 1,
+                runs.len(),
+                run.rate / 1e9
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "{}passes against their GEMM-bound floor: {} training tokens in {n_seqs} sequences, {} queries (full rank), batch {batch}, GEMM {:.1} GF/s{label}",
+            if k > 0 { "\n" } else { "" },
+            n_tokens,
+            queries.len(),
+            rate / 1e9
+        );
+        println!(
+            "{:<34} {:>10} {:>10} {:>10} {:>12} {:>6}",
+            "pass", "FLOP", "floor s", "seconds", "floor/actual", "cores"
+        );
+        // The rest of the fit and of the score: what their own clocks measured beyond the passes.
+        let fit_rest = run.fit.minus(run.covariance).minus(run.eigenvalue);
+        let score_rest = run.score.minus(run.queries).minus(run.scoring);
+        row("covariance pass", (run.covariance, cov_flops));
+        row("eigenvalue pass", (run.eigenvalue, lam_flops));
+        row("fit: eigendecomposition, load, save", (fit_rest, 0.0));
+        row("score: query gradients", (run.queries, query_flops));
+        row("score: scoring pass", (run.scoring, scr_flops));
+        row("score: load, save", (score_rest, 0.0));
+        row("fit + score", (run.fit.plus(run.score), total_flops));
+    }
+    println!(
+        "(the passes' products: forward and activation backward, covariance Grams as symmetric\n\
+         rank-k updates, the eigenbasis rotations and per-sequence products, the scores' dot\n\
+         products; element-wise work, the eigendecomposition and I/O are not counted; cores:\n\
+         the process's CPU time over the wall time, of {} threads)",
+        rayon::current_num_threads()
+    );
+    if runs.len() > 1 {
+        let mut ratios: Vec<f64> = runs
+            .iter()
+            .map(|r| 100.0 * total_flops / rate / r.fit.plus(r.score).wall)
+            .collect();
+        let listed: Vec<String> = ratios.iter().map(|p| format!("{p:.0}%")).collect();
+        ratios.sort_by(f64::total_cmp);
+        let median = if ratios.len() % 2 == 1 {
+            ratios[ratios.len() / 2]
+        } else {
+            (ratios[ratios.len() / 2 - 1] + ratios[ratios.len() / 2]) / 2.0
+        };
+        println!(
+            "fit + score over {} runs, floor/actual at {:.1} GF/s: {} (median {median:.0}%)",
+            runs.len(),
+            rate / 1e9,
+            listed.join(", ")
+        );
+    }
+    let last = runs.last().expect("at least one run");
+    let (cov, lam, scr) = (
+        (last.covariance, cov_flops),
+        (last.eigenvalue, lam_flops),
+        (last.scoring, scr_flops),
+    );
+
+    // Each pass overlaps its forward/backward with its statistics: the parts timed apart say
+    // which of the two is off its floor.
+    let parts = infl::pass_parts::time_parts(model, &data.sequences, batch, queries.len().max(1))?;
+    let statistics = [
+        (
+            "covariance statistics alone",
+            parts.covariance,
+            statistics_flops(Pass::Covariance, tracked, n_tokens),
+            cov.0.wall,
+        ),
+        (
+            "eigenvalue statistics alone",
+            parts.eigenvalue,
+            statistics_flops(Pass::Eigenvalue, tracked, n_tokens),
+            lam.0.wall,
+        ),
+        (
+            "scoring statistics alone",
+            parts.scoring,
+            infl::influence::scoring_flops(tracked, n_tokens, n_seqs, queries.len()),
+            scr.0.wall,
+        ),
+    ];
+    println!(
+        "\nthe passes' parts timed apart (same GEMM rate{}):",
+        if runs.len() > 1 {
+            "; pass/parts of the last run"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "part", "FLOP", "floor s", "seconds", "floor/actual", "pass/parts"
+    );
+    let part_row = |name: &str, secs: f64, flops: f64, overlap: String| {
+        let floor = flops / rate;
+        println!(
+            "{name:<34} {flops:>10.3e} {floor:>10.3} {secs:>10.3} {:>11.0}% {overlap:>12}",
+            100.0 * floor / secs.max(1e-9)
+        );
+    };
+    part_row(
+        "forward + activation backward",
+        parts.taps,
+        taps_flops,
+        "-".into(),
+    );
+    for (name, secs, flops, pass) in statistics {
+        let overlap = format!("{:.0}%", 100.0 * pass / (parts.taps + secs).max(1e-9));
+        part_row(name, secs, flops, overlap);
+    }
+    println!(
+        "(forward + activation backward: every batch through the passes' driver, nothing\n\
+         consuming the taps; statistics: on the taps of the first {} batches, scaled by tokens,\n\
+         with dense stand-ins for the eigenbases and queries; pass/parts: the pass's time over\n\
+         the two parts' sum, below 100% where the pass overlaps them)",
+        data.sequences
+            .len()
+            .div_ceil(batch)
+            .min(infl::pass_parts::KEPT_BATCHES)
+    );
+    Ok(())
+}
+
+/// Times one `infl fit` (EK-FAC) and one full-rank `infl score` for `bench --passes-only`.
+fn time_fit_and_score(
+    inputs: &PassInputs<'_>,
+    batch: usize,
+    progress: &dyn Progress,
+) -> Result<PassRun> {
     let rate_before = infl::model::fast::bench::gemm_rate();
     let clock = PhaseClock::new(progress);
     let factors = inputs.out.join("passes-factors");
@@ -1416,130 +1604,17 @@ fn pass_floors(
     let watch = Stopwatch::start();
     workflow::score(&score, &clock)?;
     let score_time = watch.elapsed();
-    // The fastest of the three rates: the floor is then the lower bound it claims to be.
-    let rate = rate_before
-        .max(rate_between)
-        .max(infl::model::fast::bench::gemm_rate());
-
-    let cov = (
-        clock.seconds("covariance pass"),
-        taps_flops + statistics_flops(Pass::Covariance, tracked, n_tokens),
-    );
-    let lam = (
-        clock.seconds("eigenvalue pass"),
-        taps_flops + statistics_flops(Pass::Eigenvalue, tracked, n_tokens),
-    );
-    let qry = (clock.seconds("query gradients"), query_flops);
-    let scr = (
-        clock.seconds("scoring pass"),
-        taps_flops + infl::influence::scoring_flops(tracked, n_tokens, n_seqs, queries.len()),
-    );
-    // The rest of the fit and of the score: what their own clocks measured beyond the passes.
-    let fit_rest = fit_time.minus(cov.0).minus(lam.0);
-    let score_rest = score_time.minus(qry.0).minus(scr.0);
-    println!(
-        "passes against their GEMM-bound floor: {} training tokens in {n_seqs} sequences, {} queries (full rank), batch {batch}, GEMM {:.1} GF/s",
-        n_tokens,
-        queries.len(),
-        rate / 1e9
-    );
-    println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>12} {:>6}",
-        "pass", "FLOP", "floor s", "seconds", "floor/actual", "cores"
-    );
-    let row = |name: &str, (time, flops): (Elapsed, f64)| {
-        let secs = time.wall;
-        // Cores kept busy: the process's CPU time over the wall time (not for a phase too
-        // short to time).
-        let cores = match time.cpu {
-            Some(c) if secs >= 0.01 => format!("{:.2}", c / secs),
-            _ => "-".into(),
-        };
-        let floor = flops / rate;
-        if flops > 0.0 {
-            println!(
-                "{name:<34} {flops:>10.3e} {floor:>10.3} {secs:>10.3} {:>11.0}% {cores:>6}",
-                100.0 * floor / secs
-            );
-        } else {
-            println!(
-                "{name:<34} {:>10} {:>10} {secs:>10.3} {:>12} {cores:>6}",
-                "-", "-", "-"
-            );
-        }
-    };
-    row("covariance pass", cov);
-    row("eigenvalue pass", lam);
-    row("fit: eigendecomposition, load, save", (fit_rest, 0.0));
-    row("score: query gradients", qry);
-    row("score: scoring pass", scr);
-    row("score: load, save", (score_rest, 0.0));
-    let total_flops = cov.1 + lam.1 + qry.1 + scr.1;
-    row("fit + score", (fit_time.plus(score_time), total_flops));
-    println!(
-        "(the passes' products: forward and activation backward, covariance Grams as symmetric\n\
-         rank-k updates, the eigenbasis rotations and per-sequence products, the scores' dot\n\
-         products; element-wise work, the eigendecomposition and I/O are not counted; cores:\n\
-         the process's CPU time over the wall time, of {} threads)",
-        rayon::current_num_threads()
-    );
-
-    // Each pass overlaps its forward/backward with its statistics: the parts timed apart say
-    // which of the two is off its floor.
-    let parts = infl::pass_parts::time_parts(model, &data.sequences, batch, queries.len().max(1))?;
-    let statistics = [
-        (
-            "covariance statistics alone",
-            parts.covariance,
-            statistics_flops(Pass::Covariance, tracked, n_tokens),
-            cov.0.wall,
-        ),
-        (
-            "eigenvalue statistics alone",
-            parts.eigenvalue,
-            statistics_flops(Pass::Eigenvalue, tracked, n_tokens),
-            lam.0.wall,
-        ),
-        (
-            "scoring statistics alone",
-            parts.scoring,
-            infl::influence::scoring_flops(tracked, n_tokens, n_seqs, queries.len()),
-            scr.0.wall,
-        ),
-    ];
-    println!("\nthe passes' parts timed apart (same GEMM rate):");
-    println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>12} {:>12}",
-        "part", "FLOP", "floor s", "seconds", "floor/actual", "pass/parts"
-    );
-    let part_row = |name: &str, secs: f64, flops: f64, overlap: String| {
-        let floor = flops / rate;
-        println!(
-            "{name:<34} {flops:>10.3e} {floor:>10.3} {secs:>10.3} {:>11.0}% {overlap:>12}",
-            100.0 * floor / secs.max(1e-9)
-        );
-    };
-    part_row(
-        "forward + activation backward",
-        parts.taps,
-        taps_flops,
-        "-".into(),
-    );
-    for (name, secs, flops, pass) in statistics {
-        let overlap = format!("{:.0}%", 100.0 * pass / (parts.taps + secs).max(1e-9));
-        part_row(name, secs, flops, overlap);
-    }
-    println!(
-        "(forward + activation backward: every batch through the passes' driver, nothing\n\
-         consuming the taps; statistics: on the taps of the first {} batches, scaled by tokens,\n\
-         with dense stand-ins for the eigenbases and queries; pass/parts: the pass's time over\n\
-         the two parts' sum, below 100% where the pass overlaps them)",
-        data.sequences
-            .len()
-            .div_ceil(batch)
-            .min(infl::pass_parts::KEPT_BATCHES)
-    );
-    Ok(())
+    Ok(PassRun {
+        rate: rate_before
+            .max(rate_between)
+            .max(infl::model::fast::bench::gemm_rate()),
+        fit: fit_time,
+        score: score_time,
+        covariance: clock.seconds("covariance pass"),
+        eigenvalue: clock.seconds("eigenvalue pass"),
+        queries: clock.seconds("query gradients"),
+        scoring: clock.seconds("scoring pass"),
+    })
 }
 
 fn print_gram_bench() {
@@ -1590,6 +1665,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
             batch_size: a.batch_size,
             fisher: a.fisher,
             out: &a.out,
+            repeat: a.repeat as usize,
         };
         return pass_floors(model.as_ref(), &inputs, progress);
     }

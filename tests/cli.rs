@@ -1117,3 +1117,69 @@ fn bench_prints_each_pass_against_its_gemm_bound_floor() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `bench --passes-only --repeat 2` prints a table per run, all at one rate (the fastest), and
+/// a summary listing each run's whole-job floor/actual as its own table printed it.
+#[test]
+fn bench_repeats_print_every_run_and_their_ratios() {
+    let dir = scratch("passes-repeat");
+    let (model, corpus, queries) = fixture(&dir, 3);
+    let bench = dir.join("bench");
+    let args = |repeat: &str| {
+        vec![
+            "bench".to_string(),
+            "--passes-only".into(),
+            "--repeat".into(),
+            repeat.into(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--train".into(),
+            corpus.to_str().unwrap().into(),
+            "--queries".into(),
+            queries.to_str().unwrap().into(),
+            "--batch-size".into(),
+            "2".into(),
+            "--fisher".into(),
+            "empirical".into(),
+            "--out".into(),
+            bench.to_str().unwrap().into(),
+        ]
+    };
+    fn refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let zero = infl(&refs(&args("0")));
+    assert_eq!(zero.status.code(), Some(2), "--repeat 0 is a usage error");
+    let out = infl(&refs(&args("2")));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let headers: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("passes against their GEMM-bound floor"))
+        .collect();
+    assert_eq!(headers.len(), 2, "{text}");
+    assert!(headers[0].contains("(run 1 of 2;") && headers[1].contains("(run 2 of 2;"));
+    // One rate for both tables: the header up to the run label is the same.
+    let common = |h: &str| h[..h.find(" (run").unwrap()].to_string();
+    assert_eq!(common(headers[0]), common(headers[1]));
+    let per_run: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("fit + score ") && !l.contains(" over "))
+        .map(|l| l.split_whitespace().nth(6).unwrap().to_string())
+        .collect();
+    assert_eq!(per_run.len(), 2, "{text}");
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("fit + score over 2 runs"))
+        .unwrap_or_else(|| panic!("no summary in:\n{text}"));
+    let listed = summary.split(": ").nth(1).unwrap();
+    assert!(
+        listed.starts_with(&format!("{}, {} (median ", per_run[0], per_run[1])),
+        "{summary} against {per_run:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
