@@ -1394,10 +1394,9 @@ fn pass_floors(
     let n_tokens = data.n_tokens();
     let n_seqs = data.sequences.len();
 
-    let mut runs = Vec::with_capacity(inputs.repeat.max(1));
-    for _ in 0..inputs.repeat.max(1) {
-        runs.push(time_fit_and_score(inputs, batch, progress)?);
-    }
+    let runs = (0..inputs.repeat.max(1))
+        .map(|_| time_fit_and_score(inputs, batch, progress))
+        .collect::<Result<Vec<_>>>()?;
     // The fastest rate of all: the floor is then the lower bound it claims to be, in every run.
     let rate = runs.iter().map(|r| r.rate).fold(0.0, f64::max);
     let cov_flops = taps_flops + statistics_flops(Pass::Covariance, tracked, n_tokens);
@@ -1486,11 +1485,6 @@ fn pass_floors(
         );
     }
     let last = runs.last().expect("at least one run");
-    let (cov, lam, scr) = (
-        (last.covariance, cov_flops),
-        (last.eigenvalue, lam_flops),
-        (last.scoring, scr_flops),
-    );
 
     // Each pass overlaps its forward/backward with its statistics: the parts timed apart say
     // which of the two is off its floor.
@@ -1500,19 +1494,19 @@ fn pass_floors(
             "covariance statistics alone",
             parts.covariance,
             statistics_flops(Pass::Covariance, tracked, n_tokens),
-            cov.0.wall,
+            last.covariance.wall,
         ),
         (
             "eigenvalue statistics alone",
             parts.eigenvalue,
             statistics_flops(Pass::Eigenvalue, tracked, n_tokens),
-            lam.0.wall,
+            last.eigenvalue.wall,
         ),
         (
             "scoring statistics alone",
             parts.scoring,
             infl::influence::scoring_flops(tracked, n_tokens, n_seqs, queries.len()),
-            scr.0.wall,
+            last.scoring.wall,
         ),
     ];
     println!(

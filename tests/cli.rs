@@ -1125,32 +1125,35 @@ fn bench_repeats_print_every_run_and_their_ratios() {
     let dir = scratch("passes-repeat");
     let (model, corpus, queries) = fixture(&dir, 3);
     let bench = dir.join("bench");
-    let args = |repeat: &str| {
-        vec![
-            "bench".to_string(),
-            "--passes-only".into(),
-            "--repeat".into(),
-            repeat.into(),
-            "--model".into(),
-            model.to_str().unwrap().into(),
-            "--train".into(),
-            corpus.to_str().unwrap().into(),
-            "--queries".into(),
-            queries.to_str().unwrap().into(),
-            "--batch-size".into(),
-            "2".into(),
-            "--fisher".into(),
-            "empirical".into(),
-            "--out".into(),
-            bench.to_str().unwrap().into(),
+    let (model, corpus, queries) = (
+        model.to_str().unwrap(),
+        corpus.to_str().unwrap(),
+        queries.to_str().unwrap(),
+    );
+    let out_dir = bench.to_str().unwrap();
+    let args = |repeat| {
+        [
+            "bench",
+            "--passes-only",
+            "--repeat",
+            repeat,
+            "--model",
+            model,
+            "--train",
+            corpus,
+            "--queries",
+            queries,
+            "--batch-size",
+            "2",
+            "--fisher",
+            "empirical",
+            "--out",
+            out_dir,
         ]
     };
-    fn refs(v: &[String]) -> Vec<&str> {
-        v.iter().map(String::as_str).collect()
-    }
-    let zero = infl(&refs(&args("0")));
+    let zero = infl(&args("0"));
     assert_eq!(zero.status.code(), Some(2), "--repeat 0 is a usage error");
-    let out = infl(&refs(&args("2")));
+    let out = infl(&args("2"));
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
