@@ -378,12 +378,13 @@ struct BenchArgs {
     engines_only: bool,
     /// Only time a full fit (EK-FAC) and a full-rank scoring run on the model, corpus and
     /// queries, and print each pass against its GEMM-bound floor: the FLOPs of its products,
-    /// counted from the shapes, at the GEMM rate measured in the same run.
+    /// counted from the shapes, at the GEMM rate read every 2 s while the pass ran (between
+    /// its steps, the readings' time left out), and at the best rate read in the whole run.
     #[arg(long, conflicts_with = "engines_only")]
     passes_only: bool,
-    /// Runs of `--passes-only`'s fit and score. Every run's table is printed at the fastest
-    /// GEMM rate of all of them, then the whole job's floor/actual over the runs: on a shared
-    /// machine one run says little.
+    /// Runs of `--passes-only`'s fit and score, each with its own readings of the rate; the
+    /// strict ratios are at the best rate of all of them. Ends with the whole job's ratios
+    /// over the runs: on a shared machine one run says little.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
     /// Labels of the Fisher in `--passes-only`'s fit.
@@ -1335,16 +1336,49 @@ struct PassInputs<'a> {
     repeat: usize,
 }
 
-/// One run of `bench --passes-only`'s fit and score: each phase's time, and the fastest of the
-/// GEMM rates measured before, between and after.
+/// A phase of `bench --passes-only`'s run: its time (the rate readings' own left out) and the
+/// GEMM rates read while it ran.
+struct Timed {
+    time: Elapsed,
+    rates: Vec<f64>,
+}
+
+/// One run of `bench --passes-only`'s fit and score: each phase's time and rates, and the
+/// fastest GEMM rate measured before, between, after and during them.
 struct PassRun {
-    rate: f64,
+    best: f64,
     fit: Elapsed,
     score: Elapsed,
-    covariance: Elapsed,
-    eigenvalue: Elapsed,
-    queries: Elapsed,
-    scoring: Elapsed,
+    covariance: Timed,
+    eigenvalue: Timed,
+    queries: Timed,
+    scoring: Timed,
+}
+
+/// How often `bench --passes-only` reads the GEMM rate while a pass runs. A reading takes
+/// about 0.12 s (two reference products per thread) and is left out of the pass's time.
+const RATE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The mean of `rates`, or `fallback` when there are none. An arithmetic mean, because the
+/// readings are spread evenly over the pass's time: its FLOPs over the mean rate times its
+/// seconds is its share of the GEMM throughput the machine gave over those seconds.
+fn mean_rate(rates: &[f64], fallback: f64) -> f64 {
+    if rates.is_empty() {
+        fallback
+    } else {
+        rates.iter().sum::<f64>() / rates.len() as f64
+    }
+}
+
+/// The median of `values` (not empty).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
 }
 
 /// `infl bench --passes-only`: times `infl fit` (EK-FAC) and a full-rank `infl score` pass by
@@ -1397,14 +1431,17 @@ fn pass_floors(
     let runs = (0..inputs.repeat.max(1))
         .map(|_| time_fit_and_score(inputs, batch, progress))
         .collect::<Result<Vec<_>>>()?;
-    // The fastest rate of all: the floor is then the lower bound it claims to be, in every run.
-    let rate = runs.iter().map(|r| r.rate).fold(0.0, f64::max);
+    // The fastest rate of all: the strict floor is then the lower bound it claims to be, in
+    // every run.
+    let rate = runs.iter().map(|r| r.best).fold(0.0, f64::max);
     let cov_flops = taps_flops + statistics_flops(Pass::Covariance, tracked, n_tokens);
     let lam_flops = taps_flops + statistics_flops(Pass::Eigenvalue, tracked, n_tokens);
     let scr_flops =
         taps_flops + infl::influence::scoring_flops(tracked, n_tokens, n_seqs, queries.len());
     let total_flops = cov_flops + lam_flops + query_flops + scr_flops;
-    let row = |name: &str, (time, flops): (Elapsed, f64)| {
+    // (floor at the rates read during the phase, at the best rate), in seconds.
+    let floors = |flops: f64, phase: &Timed| (flops / mean_rate(&phase.rates, rate), flops / rate);
+    let row = |name: &str, time: Elapsed, flops: f64, (floor, strict): (f64, f64)| {
         let secs = time.wall;
         // Cores kept busy: the process's CPU time over the wall time (not for a phase too
         // short to time).
@@ -1412,76 +1449,133 @@ fn pass_floors(
             Some(c) if secs >= 0.01 => format!("{:.2}", c / secs),
             _ => "-".into(),
         };
-        let floor = flops / rate;
         if flops > 0.0 {
             println!(
-                "{name:<34} {flops:>10.3e} {floor:>10.3} {secs:>10.3} {:>11.0}% {cores:>6}",
-                100.0 * floor / secs
+                "{name:<34} {flops:>10.3e} {:>7.1} {floor:>9.3} {secs:>9.3} {:>11.0}% {:>8.0}% {cores:>6}",
+                flops / floor / 1e9,
+                100.0 * floor / secs,
+                100.0 * strict / secs
             );
         } else {
             println!(
-                "{name:<34} {:>10} {:>10} {secs:>10.3} {:>12} {cores:>6}",
-                "-", "-", "-"
+                "{name:<34} {:>10} {:>7} {:>9} {secs:>9.3} {:>12} {:>9} {cores:>6}",
+                "-", "-", "-", "-", "-"
             );
         }
     };
+    // The whole job's (floor at the rates read, floor at the best rate) of a run.
+    let job_floors = |run: &PassRun| {
+        [
+            floors(cov_flops, &run.covariance),
+            floors(lam_flops, &run.eigenvalue),
+            floors(query_flops, &run.queries),
+            floors(scr_flops, &run.scoring),
+        ]
+        .into_iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y))
+    };
     for (k, run) in runs.iter().enumerate() {
         let label = if runs.len() > 1 {
-            format!(
-                " (run {} of {}; its own rate {:.1})",
-                k + 1,
-                runs.len(),
-                run.rate / 1e9
-            )
+            format!(" (run {} of {})", k + 1, runs.len())
         } else {
             String::new()
         };
+        let read: Vec<f64> = [&run.covariance, &run.eigenvalue, &run.queries, &run.scoring]
+            .iter()
+            .flat_map(|p| p.rates.iter().copied())
+            .collect();
+        let (lo, hi) = read.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| {
+            (lo.min(r), hi.max(r))
+        });
         println!(
-            "{}passes against their GEMM-bound floor: {} training tokens in {n_seqs} sequences, {} queries (full rank), batch {batch}, GEMM {:.1} GF/s{label}",
+            "{}passes against their GEMM-bound floor: {} training tokens in {n_seqs} sequences, {} queries (full rank), batch {batch}{label}; GEMM rate read {} times during the passes, {:.1}–{:.1} GF/s; best {:.1} GF/s",
             if k > 0 { "\n" } else { "" },
             n_tokens,
             queries.len(),
+            read.len(),
+            if read.is_empty() { 0.0 } else { lo / 1e9 },
+            hi / 1e9,
             rate / 1e9
         );
         println!(
-            "{:<34} {:>10} {:>10} {:>10} {:>12} {:>6}",
-            "pass", "FLOP", "floor s", "seconds", "floor/actual", "cores"
+            "{:<34} {:>10} {:>7} {:>9} {:>9} {:>12} {:>9} {:>6}",
+            "pass", "FLOP", "GF/s", "floor s", "seconds", "floor/actual", "vs best", "cores"
         );
         // The rest of the fit and of the score: what their own clocks measured beyond the passes.
-        let fit_rest = run.fit.minus(run.covariance).minus(run.eigenvalue);
-        let score_rest = run.score.minus(run.queries).minus(run.scoring);
-        row("covariance pass", (run.covariance, cov_flops));
-        row("eigenvalue pass", (run.eigenvalue, lam_flops));
-        row("fit: eigendecomposition, load, save", (fit_rest, 0.0));
-        row("score: query gradients", (run.queries, query_flops));
-        row("score: scoring pass", (run.scoring, scr_flops));
-        row("score: load, save", (score_rest, 0.0));
-        row("fit + score", (run.fit.plus(run.score), total_flops));
+        let fit_rest = run
+            .fit
+            .minus(run.covariance.time)
+            .minus(run.eigenvalue.time);
+        let score_rest = run.score.minus(run.queries.time).minus(run.scoring.time);
+        let none = (0.0, 0.0);
+        row(
+            "covariance pass",
+            run.covariance.time,
+            cov_flops,
+            floors(cov_flops, &run.covariance),
+        );
+        row(
+            "eigenvalue pass",
+            run.eigenvalue.time,
+            lam_flops,
+            floors(lam_flops, &run.eigenvalue),
+        );
+        row("fit: eigendecomposition, load, save", fit_rest, 0.0, none);
+        row(
+            "score: query gradients",
+            run.queries.time,
+            query_flops,
+            floors(query_flops, &run.queries),
+        );
+        row(
+            "score: scoring pass",
+            run.scoring.time,
+            scr_flops,
+            floors(scr_flops, &run.scoring),
+        );
+        row("score: load, save", score_rest, 0.0, none);
+        row(
+            "fit + score",
+            run.fit.plus(run.score),
+            total_flops,
+            job_floors(run),
+        );
     }
     println!(
         "(the passes' products: forward and activation backward, covariance Grams as symmetric\n\
          rank-k updates, the eigenbasis rotations and per-sequence products, the scores' dot\n\
-         products; element-wise work, the eigendecomposition and I/O are not counted; cores:\n\
-         the process's CPU time over the wall time, of {} threads)",
+         products; element-wise work, the eigendecomposition and I/O are not counted. GF/s: the\n\
+         mean of the rates read during the pass (the best rate where none was), the floor's\n\
+         rate; vs best: the floor at the best rate read in the run{}, a stricter bound on a\n\
+         machine whose rate wanders; cores: the process's CPU time over the wall time, of {}\n\
+         threads)",
+        if runs.len() > 1 { "s" } else { "" },
         rayon::current_num_threads()
     );
     if runs.len() > 1 {
-        let mut ratios: Vec<f64> = runs
-            .iter()
-            .map(|r| 100.0 * total_flops / rate / r.fit.plus(r.score).wall)
-            .collect();
-        let listed: Vec<String> = ratios.iter().map(|p| format!("{p:.0}%")).collect();
-        ratios.sort_by(f64::total_cmp);
-        let median = if ratios.len() % 2 == 1 {
-            ratios[ratios.len() / 2]
-        } else {
-            (ratios[ratios.len() / 2 - 1] + ratios[ratios.len() / 2]) / 2.0
+        let ratios = |strict: bool| -> Vec<f64> {
+            runs.iter()
+                .map(|r| {
+                    let (floor, at_best) = job_floors(r);
+                    100.0 * if strict { at_best } else { floor } / r.fit.plus(r.score).wall
+                })
+                .collect()
         };
+        let listed = |v: &[f64]| {
+            v.iter()
+                .map(|p| format!("{p:.0}%"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (read, strict) = (ratios(false), ratios(true));
         println!(
-            "fit + score over {} runs, floor/actual at {:.1} GF/s: {} (median {median:.0}%)",
+            "fit + score over {} runs: floor/actual {} (median {:.0}%); vs best at {:.1} GF/s {} (median {:.0}%)",
             runs.len(),
+            listed(&read),
+            median(read.clone()),
             rate / 1e9,
-            listed.join(", ")
+            listed(&strict),
+            median(strict.clone())
         );
     }
     let last = runs.last().expect("at least one run");
@@ -1494,23 +1588,23 @@ fn pass_floors(
             "covariance statistics alone",
             parts.covariance,
             statistics_flops(Pass::Covariance, tracked, n_tokens),
-            last.covariance.wall,
+            last.covariance.time.wall,
         ),
         (
             "eigenvalue statistics alone",
             parts.eigenvalue,
             statistics_flops(Pass::Eigenvalue, tracked, n_tokens),
-            last.eigenvalue.wall,
+            last.eigenvalue.time.wall,
         ),
         (
             "scoring statistics alone",
             parts.scoring,
             infl::influence::scoring_flops(tracked, n_tokens, n_seqs, queries.len()),
-            last.scoring.wall,
+            last.scoring.time.wall,
         ),
     ];
     println!(
-        "\nthe passes' parts timed apart (same GEMM rate{}):",
+        "\nthe passes' parts timed apart (at the best GEMM rate{}):",
         if runs.len() > 1 {
             "; pass/parts of the last run"
         } else {
@@ -1558,7 +1652,15 @@ fn time_fit_and_score(
     progress: &dyn Progress,
 ) -> Result<PassRun> {
     let rate_before = infl::model::fast::bench::gemm_rate();
-    let clock = PhaseClock::new(progress);
+    let probe = infl::model::fast::bench::GemmProbe::default();
+    let read = || probe.read();
+    let clock = PhaseClock::sampling(
+        progress,
+        infl::clock::Sampler {
+            every: RATE_EVERY,
+            read: &read,
+        },
+    );
     let factors = inputs.out.join("passes-factors");
     let fit = FitJob {
         model: inputs.model.to_path_buf(),
@@ -1582,7 +1684,7 @@ fn time_fit_and_score(
     // Wall and CPU time over the same interval, so that their ratio means cores kept busy.
     let watch = Stopwatch::start();
     workflow::fit(&fit, &clock)?;
-    let fit_time = watch.elapsed();
+    let fit_time = watch.elapsed().minus(clock.paused());
     // The rate again between the fit and the score: on a shared machine one measurement can
     // land in a slow moment, which would lower the floor's rate and flatter every ratio.
     let rate_between = infl::model::fast::bench::gemm_rate();
@@ -1595,19 +1697,32 @@ fn time_fit_and_score(
             None,
         )
     };
-    let watch = Stopwatch::start();
+    let (watch, paused) = (Stopwatch::start(), clock.paused());
     workflow::score(&score, &clock)?;
-    let score_time = watch.elapsed();
+    let score_time = watch.elapsed().minus(clock.paused().minus(paused));
+    let timed = |name: &str| Timed {
+        time: clock.seconds(name),
+        rates: clock.readings(name),
+    };
+    let (covariance, eigenvalue) = (timed("covariance pass"), timed("eigenvalue pass"));
+    let (queries, scoring) = (timed("query gradients"), timed("scoring pass"));
+    let best = [&covariance, &eigenvalue, &queries, &scoring]
+        .iter()
+        .flat_map(|p| p.rates.iter().copied())
+        .fold(
+            rate_before
+                .max(rate_between)
+                .max(infl::model::fast::bench::gemm_rate()),
+            f64::max,
+        );
     Ok(PassRun {
-        rate: rate_before
-            .max(rate_between)
-            .max(infl::model::fast::bench::gemm_rate()),
+        best,
         fit: fit_time,
         score: score_time,
-        covariance: clock.seconds("covariance pass"),
-        eigenvalue: clock.seconds("eigenvalue pass"),
-        queries: clock.seconds("query gradients"),
-        scoring: clock.seconds("scoring pass"),
+        covariance,
+        eigenvalue,
+        queries,
+        scoring,
     })
 }
 

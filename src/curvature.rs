@@ -69,6 +69,9 @@ pub enum Fisher {
 pub trait Progress: Sync {
     fn begin(&self, what: &str, total_tokens: u64);
     fn advance(&self, tokens: u64);
+    /// Called by a pass between its steps, when none of its work is in flight: where a
+    /// benchmark can measure the machine without disturbing the pass or being disturbed by it.
+    fn idle(&self) {}
     fn end(&self);
 }
 
@@ -228,6 +231,7 @@ pub fn run_indexed(
             })();
         });
         visited?;
+        progress.idle();
     }
     Ok(())
 }

@@ -1060,6 +1060,22 @@ fn bench_prints_each_pass_against_its_gemm_bound_floor() {
             .collect()
     };
     let cores = std::thread::available_parallelism().unwrap().get() as f64;
+    let header = text
+        .lines()
+        .find(|l| l.starts_with("passes against their GEMM-bound floor"))
+        .unwrap_or_else(|| panic!("no header in:\n{text}"));
+    let best: f64 = header
+        .rsplit("best ")
+        .next()
+        .and_then(|b| b.trim_end_matches(" GF/s").parse().ok())
+        .unwrap_or_else(|| panic!("no best rate in {header}"));
+    // The passes' driver offers idle points, and the first of them always reads the rate.
+    let read: usize = header
+        .split("GEMM rate read ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no reading count in {header}"));
+    assert!(read >= 1, "{header}");
     let passes = [
         "covariance pass",
         "eigenvalue pass",
@@ -1071,14 +1087,27 @@ fn bench_prints_each_pass_against_its_gemm_bound_floor() {
         let r = row(name);
         assert_eq!(
             r.len(),
-            5,
-            "{name}: FLOP, floor s, seconds, floor/actual, cores"
+            7,
+            "{name}: FLOP, GF/s, floor s, seconds, floor/actual, vs best, cores"
         );
         // FLOPs from the shapes; on this tiny model a pass can take under the printed 1 ms.
-        let (f, secs) = (r[0].unwrap(), r[2].unwrap());
+        let (f, rate, floor, secs) = (r[0].unwrap(), r[1].unwrap(), r[2].unwrap(), r[3].unwrap());
         assert!(f > 0.0 && secs >= 0.0, "{name}: {r:?}");
+        // The floor is the FLOPs at the pass's rate, which is no faster than the best one;
+        // so the ratio at the best rate is the smaller (both rounded to 1%).
+        assert!(
+            rate > 0.0 && rate <= best + 0.05,
+            "{name}: {rate} against {best}"
+        );
+        assert!(
+            (floor - f / (rate * 1e9)).abs() <= 2e-3 * floor + 1e-3,
+            "{name}: {r:?}"
+        );
+        if secs > 0.0 {
+            assert!(r[5].unwrap() <= r[4].unwrap() + 1.0, "{name}: {r:?}");
+        }
         // CPU time over wall time: no more cores than the machine has.
-        if let Some(c) = r[4] {
+        if let Some(c) = r[6] {
             assert!((0.0..=cores + 0.05).contains(&c), "{name}: {c} cores");
         }
         flops += f;
@@ -1090,7 +1119,7 @@ fn bench_prints_each_pass_against_its_gemm_bound_floor() {
         (total_flops - flops).abs() <= 1e-3 * flops,
         "{total:?} against {flops}"
     );
-    let busy = total[4].expect("the whole job is long enough to time");
+    let busy = total[6].expect("the whole job is long enough to time");
     assert!(busy > 0.0 && busy <= cores + 0.05, "{busy} cores");
     // The parts timed apart: the forward/backward and each pass's statistics add up to that
     // pass's FLOPs, and each part was timed.
@@ -1118,8 +1147,9 @@ fn bench_prints_each_pass_against_its_gemm_bound_floor() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `bench --passes-only --repeat 2` prints a table per run, all at one rate (the fastest), and
-/// a summary listing each run's whole-job floor/actual as its own table printed it.
+/// `bench --passes-only --repeat 2` prints a table per run, with one best rate for both, and a
+/// summary listing each run's whole-job ratios (at its own rates, and at the best rate) as its
+/// own table printed them.
 #[test]
 fn bench_repeats_print_every_run_and_their_ratios() {
     let dir = scratch("passes-repeat");
@@ -1165,23 +1195,32 @@ fn bench_repeats_print_every_run_and_their_ratios() {
         .filter(|l| l.starts_with("passes against their GEMM-bound floor"))
         .collect();
     assert_eq!(headers.len(), 2, "{text}");
-    assert!(headers[0].contains("(run 1 of 2;") && headers[1].contains("(run 2 of 2;"));
-    // One rate for both tables: the header up to the run label is the same.
-    let common = |h: &str| h[..h.find(" (run").unwrap()].to_string();
-    assert_eq!(common(headers[0]), common(headers[1]));
-    let per_run: Vec<String> = text
+    assert!(headers[0].contains("(run 1 of 2)") && headers[1].contains("(run 2 of 2)"));
+    // One best rate for both tables.
+    let best = |h: &str| h.rsplit("best ").next().unwrap().to_string();
+    assert_eq!(best(headers[0]), best(headers[1]));
+    // Each run's whole-job ratios: at the rates read during it, and at the best rate.
+    let per_run: Vec<(String, String)> = text
         .lines()
         .filter(|l| l.starts_with("fit + score ") && !l.contains(" over "))
-        .map(|l| l.split_whitespace().nth(6).unwrap().to_string())
+        .map(|l| {
+            let v: Vec<&str> = l.split_whitespace().collect();
+            (v[7].to_string(), v[8].to_string())
+        })
         .collect();
     assert_eq!(per_run.len(), 2, "{text}");
     let summary = text
         .lines()
         .find(|l| l.starts_with("fit + score over 2 runs"))
         .unwrap_or_else(|| panic!("no summary in:\n{text}"));
-    let listed = summary.split(": ").nth(1).unwrap();
     assert!(
-        listed.starts_with(&format!("{}, {} (median ", per_run[0], per_run[1])),
+        summary.contains(&format!(
+            "floor/actual {}, {} (median ",
+            per_run[0].0, per_run[1].0
+        )) && summary.contains(&format!(
+            " GF/s {}, {} (median ",
+            per_run[0].1, per_run[1].1
+        )),
         "{summary} against {per_run:?}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

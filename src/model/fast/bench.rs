@@ -205,9 +205,8 @@ fn best(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 /// while one product per core ran at 150–167 together, and a bench whose three split
 /// measurements all landed at 128 printed the eigenvalue pass at 101% of its "floor".
 pub fn gemm_rate() -> f64 {
-    let (n, k, m) = (SEQS * LEN, D, 4 * D);
-    let x: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
-    let w: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 * 0.1).collect();
+    let (x, w) = reference_inputs();
+    let (n, k, m) = reference_shape();
     let flops = 2.0 * (n * k * m) as f64;
     let threads = rayon::current_num_threads().max(1);
     // One output per thread; the inputs are only read, so the threads share them.
@@ -217,34 +216,95 @@ pub fn gemm_rate() -> f64 {
         Ok(())
     })
     .map_or(0.0, |s| flops / s);
-    let (x, w) = (&x, &w);
     let whole = best(6, || {
-        rayon::scope(|s| {
-            for y in outputs.iter_mut() {
-                s.spawn(move |_| {
-                    // SAFETY: `x` is n × k and `w` m × k, row-major; `y` is this task's own
-                    // n × m output.
-                    unsafe {
-                        kernels::gemm(
-                            n,
-                            m,
-                            k,
-                            y.as_mut_ptr(),
-                            m,
-                            kernels::View::rows(x, k),
-                            kernels::View::t(w, k),
-                            false,
-                            1.0,
-                            false,
-                        )
-                    }
-                });
-            }
-        });
+        products_at_once(&x, &w, &mut outputs);
         Ok(())
     })
     .map_or(0.0, |s| threads as f64 * flops / s);
     split.max(whole)
+}
+
+/// The GEMM rate read quickly and often, while a run goes on: the reference product once per
+/// thread at once (as the passes' driver runs its batches), the faster of two tries (the first
+/// may find its inputs out of cache). Inputs and outputs are made once, so that a reading
+/// times the products only. On a 2-core Zen 4 without AVX-512 shared with other tenants, this
+/// rate read 64–167 GF/s in half-second windows over one minute.
+pub struct GemmProbe {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    outputs: std::sync::Mutex<Vec<Vec<f32>>>,
+}
+
+impl Default for GemmProbe {
+    fn default() -> Self {
+        let (x, w) = reference_inputs();
+        let (n, _, m) = reference_shape();
+        let threads = rayon::current_num_threads().max(1);
+        GemmProbe {
+            x,
+            w,
+            outputs: std::sync::Mutex::new((0..threads).map(|_| vec![0f32; n * m]).collect()),
+        }
+    }
+}
+
+impl GemmProbe {
+    /// One reading, FLOP/s.
+    pub fn read(&self) -> f64 {
+        let (n, k, m) = reference_shape();
+        let mut outputs = self
+            .outputs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let flops = 2.0 * (n * k * m) as f64 * outputs.len() as f64;
+        let mut fastest = f64::INFINITY;
+        for _ in 0..2 {
+            let t0 = Instant::now();
+            products_at_once(&self.x, &self.w, &mut outputs);
+            fastest = fastest.min(t0.elapsed().as_secs_f64());
+        }
+        flops / fastest
+    }
+}
+
+/// The reference product's (rows, inner, columns): a block-sized layer's up-projection.
+fn reference_shape() -> (usize, usize, usize) {
+    (SEQS * LEN, D, 4 * D)
+}
+
+/// The reference product's inputs: rows × inner activations and a columns × inner weight.
+fn reference_inputs() -> (Vec<f32>, Vec<f32>) {
+    let (n, k, m) = reference_shape();
+    let x = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
+    let w = (0..m * k).map(|i| (i % 5) as f32 * 0.1).collect();
+    (x, w)
+}
+
+/// `x · wᵀ` into every output at once, one whole product per task of the current pool.
+fn products_at_once(x: &[f32], w: &[f32], outputs: &mut [Vec<f32>]) {
+    let (n, k, m) = reference_shape();
+    rayon::scope(|s| {
+        for y in outputs.iter_mut() {
+            s.spawn(move |_| {
+                // SAFETY: `x` is n × k and `w` m × k, row-major; `y` is this task's own n × m
+                // output.
+                unsafe {
+                    kernels::gemm(
+                        n,
+                        m,
+                        k,
+                        y.as_mut_ptr(),
+                        m,
+                        kernels::View::rows(x, k),
+                        kernels::View::t(w, k),
+                        false,
+                        1.0,
+                        false,
+                    )
+                }
+            });
+        }
+    });
 }
 
 fn time_family<N: Net>(
