@@ -1727,22 +1727,28 @@ fn time_fit_and_score(
 }
 
 fn print_gram_bench() {
-    println!("\ncovariance update Σ xᵀx (f32 product, f64 accumulator), best of 3:");
+    println!("\ncovariance update Σ xᵀx (f32 product, f64 accumulator, row-major x), best of 3:");
     println!(
-        "{:>6} {:>6} {:>12} {:>14} {:>14} {:>8}",
-        "T", "d", "general ms", "sym, split ms", "sym, 1/core ms", "ratio"
+        "{:>6} {:>6} {:>12} {:>14} {:>16} {:>14} {:>8}",
+        "T", "d", "general ms", "sym, split ms", "recursion 1/core", "sym, 1/core ms", "ratio"
     );
     let shapes = [(1024, 257), (2048, 1025), (2048, 3072)];
-    for (t, d, g, split, per_core) in infl::linalg::gram_benchmark(&shapes) {
+    for g in infl::linalg::gram_benchmark(&shapes) {
         println!(
-            "{t:>6} {d:>6} {:>12.2} {:>14.2} {:>14.2} {:>7.2}×",
-            g * 1e3,
-            split * 1e3,
-            per_core * 1e3,
-            g / split.min(per_core)
+            "{:>6} {:>6} {:>12.2} {:>14.2} {:>16.2} {:>14.2} {:>7.2}×",
+            g.tokens,
+            g.width,
+            g.general * 1e3,
+            g.split * 1e3,
+            g.recursive_per_core * 1e3,
+            g.per_core * 1e3,
+            g.general / g.split.min(g.per_core)
         );
     }
-    println!("(1/core: one Gram per core at once, as the passes run them; time per Gram)");
+    println!(
+        "(1/core: one Gram per core at once, as the passes run them; time per Gram; recursion:\n\
+         the products of the `gemm` crate, which machines without the AVX2 kernel run)"
+    );
 }
 
 fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {

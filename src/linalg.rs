@@ -2,6 +2,9 @@
 
 use faer::{Mat, MatMut, MatRef, Par};
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+
 /// Subnormal floats (|x| < 1.2e-38 in f32) are flushed to zero when produced and read as zero
 /// when consumed, on the calling thread and on every thread of rayon's global pool (which the
 /// products, kernels and candle run on). Idempotent and cheap after the first call.
@@ -430,7 +433,28 @@ pub fn mul(lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) -> Mat<f32> {
 /// (there are two per tracked layer), where a single-threaded product measured 1.5–2× the
 /// throughput of a product split over two cores at these shapes (`k` = a batch's tokens,
 /// outputs a few hundred wide). The blocks, and so the bits, are the same either way.
+///
+/// On x86-64 with AVX2 and no AVX-512, a row-major `x` (the passes' taps) takes [`avx2`]'s
+/// kernel instead, which packs each block of tokens once for the whole triangle.
 pub fn add_gram(acc: &mut Mat<f64>, x: MatRef<'_, f32>, parallel: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available()
+        && x.nrows() > 0
+        && x.col_stride() == 1
+        && x.row_stride() >= x.ncols() as isize
+    {
+        let (n, d, ld) = (x.nrows(), x.ncols(), x.row_stride() as usize);
+        // SAFETY: `x` is a live view of n rows, `ld` apart, of d contiguous elements each.
+        let rows = unsafe { std::slice::from_raw_parts(x.as_ptr(), (n - 1) * ld + d) };
+        avx2::add_gram_rows(acc, rows, (n, d, ld), parallel);
+        return;
+    }
+    add_gram_recursive(acc, x, parallel);
+}
+
+/// [`add_gram`] as a recursion of `gemm` crate products, on any machine and layout (and the
+/// baseline the AVX2 kernel is benchmarked against).
+pub fn add_gram_recursive(acc: &mut Mat<f64>, x: MatRef<'_, f32>, parallel: bool) {
     let d = x.ncols();
     // Room for the largest product: the first split's block below the diagonal, or a leaf.
     let mut part = Mat::<f32>::zeros(d, gram_split(d).max(GRAM_LEAF / 2).min(d.max(1)));
@@ -557,25 +581,51 @@ fn best_of_3(f: &mut dyn FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Times [`add_gram`] against [`add_gram_general`] on `T × d` inputs (best of 3 each), for
-/// `infl bench`: rows of (T, d, general seconds, symmetric seconds with each product split over
-/// the cores, symmetric seconds per Gram when one runs per core at once, as the passes run them).
-pub fn gram_benchmark(shapes: &[(usize, usize)]) -> Vec<(usize, usize, f64, f64, f64)> {
+/// One row of [`gram_benchmark`], in seconds per Gram.
+pub struct GramTiming {
+    pub tokens: usize,
+    pub width: usize,
+    /// The general product `xᵀ x` ([`add_gram_general`]).
+    pub general: f64,
+    /// [`add_gram`] with each product split over the cores.
+    pub split: f64,
+    /// [`add_gram_recursive`], one Gram per core at once.
+    pub recursive_per_core: f64,
+    /// [`add_gram`] (the AVX2 kernel where the machine takes it), one Gram per core at once.
+    pub per_core: f64,
+}
+
+/// Times the Grams of row-major `T × d` inputs (the taps' layout), best of 3 each, for `infl
+/// bench`: the general product, [`add_gram`] split over the cores, and one Gram per core at
+/// once (as the passes run them) by [`add_gram_recursive`] and by [`add_gram`].
+pub fn gram_benchmark(shapes: &[(usize, usize)]) -> Vec<GramTiming> {
     use rayon::prelude::*;
     shapes
         .iter()
         .map(|&(t, d)| {
-            let x = Mat::from_fn(t, d, |i, j| ((i * 31 + j * 17) % 97) as f32 / 97.0);
+            let data: Vec<f32> = (0..t * d)
+                .map(|k| ((k / d * 31 + k % d * 17) % 97) as f32 / 97.0)
+                .collect();
+            let x = rows(&data, t, d);
             let mut acc = Mat::<f64>::zeros(d, d);
-            let general = best_of_3(&mut || add_gram_general(&mut acc, x.as_ref()));
-            let split = best_of_3(&mut || add_gram(&mut acc, x.as_ref(), true));
+            let general = best_of_3(&mut || add_gram_general(&mut acc, x));
+            let split = best_of_3(&mut || add_gram(&mut acc, x, true));
             let cores = rayon::current_num_threads().max(1);
             let mut accs: Vec<Mat<f64>> = (0..cores).map(|_| Mat::zeros(d, d)).collect();
-            let per_core = best_of_3(&mut || {
-                accs.par_iter_mut()
-                    .for_each(|acc| add_gram(acc, x.as_ref(), false));
-            }) / cores as f64;
-            (t, d, general, split, per_core)
+            let mut per_core = |gram: fn(&mut Mat<f64>, MatRef<'_, f32>, bool)| {
+                best_of_3(&mut || accs.par_iter_mut().for_each(|acc| gram(acc, x, false)))
+                    / cores as f64
+            };
+            let recursive_per_core = per_core(add_gram_recursive);
+            let per_core = per_core(add_gram);
+            GramTiming {
+                tokens: t,
+                width: d,
+                general,
+                split,
+                recursive_per_core,
+                per_core,
+            }
         })
         .collect()
 }
@@ -733,6 +783,57 @@ mod tests {
                     // Quarter-integer inputs: every product and partial sum is exact in f32.
                     assert_eq!(acc[(i, j)], exact, "width {d}, ({i}, {j})");
                     assert_eq!(acc[(i, j)], acc[(j, i)]);
+                }
+            }
+        }
+    }
+
+    /// The per-sequence products behind the eigenvalue and scoring statistics, on row-major
+    /// taps, against sums written out: at a `d_out` the AVX2 kernel takes (32) and one it
+    /// leaves to the `gemm` crate (20), exactly (quarter integers).
+    #[test]
+    fn sequence_products_are_the_per_sequence_gradients() {
+        let offsets = [0usize, 5, 5, 136, 200];
+        let n = offsets[offsets.len() - 1];
+        for (d_out, d_in) in [(32usize, 70usize), (20, 9)] {
+            let gv: Vec<f32> = (0..n * d_out)
+                .map(|k| ((k * 7 + k / d_out) % 11) as f32 * 0.25 - 1.0)
+                .collect();
+            let av: Vec<f32> = (0..n * d_in)
+                .map(|k| ((k * 5 + k / d_in * 3) % 13) as f32 * 0.25 - 1.5)
+                .collect();
+            let (g, a) = (rows(&gv, n, d_out), rows(&av, n, d_in));
+            let r = |s: usize, i: usize, j: usize| -> f64 {
+                (offsets[s]..offsets[s + 1])
+                    .map(|t| gv[t * d_out + i] as f64 * av[t * d_in + j] as f64)
+                    .sum()
+            };
+            let mut acc = Mat::<f64>::zeros(d_out, d_in);
+            add_squared_sequence_products(&mut acc, g, a, &offsets, false);
+            let queries: Vec<Vec<f32>> = (0..3)
+                .map(|q| {
+                    (0..d_out * d_in)
+                        .map(|k| ((k * 3 + q) % 7) as f32 * 0.5 - 1.5)
+                        .collect()
+                })
+                .collect();
+            let qs: Vec<&[f32]> = queries.iter().map(|q| q.as_slice()).collect();
+            let (j0, w) = (d_in / 3, d_in - d_in / 3 - 1);
+            let mut dots = vec![0f64; 4 * 3];
+            sequence_block_dots(g, a, &offsets, (j0, w), &qs, &mut dots);
+            for i in 0..d_out {
+                for j in 0..d_in {
+                    let want: f64 = (0..4).map(|s| r(s, i, j).powi(2)).sum();
+                    assert_eq!(acc[(i, j)], want, "{d_out}: squares at ({i}, {j})");
+                }
+            }
+            for s in 0..4 {
+                for q in 0..3 {
+                    let want: f64 = (j0..j0 + w)
+                        .flat_map(|j| (0..d_out).map(move |i| (i, j)))
+                        .map(|(i, j)| queries[q][j * d_out + i] as f64 * r(s, i, j))
+                        .sum();
+                    assert_eq!(dots[s * 3 + q], want, "{d_out}: sequence {s}, query {q}");
                 }
             }
         }
