@@ -1355,6 +1355,18 @@ struct PassRun {
     scoring: Timed,
 }
 
+impl PassRun {
+    /// The run's passes in the tables' order, each with its phase and `flops` (in that order).
+    fn passes(&self, flops: [f64; 4]) -> [(&'static str, &Timed, f64); 4] {
+        [
+            ("covariance pass", &self.covariance, flops[0]),
+            ("eigenvalue pass", &self.eigenvalue, flops[1]),
+            ("score: query gradients", &self.queries, flops[2]),
+            ("score: scoring pass", &self.scoring, flops[3]),
+        ]
+    }
+}
+
 /// How often `bench --passes-only` reads the GEMM rate while a pass runs. A reading takes
 /// about 0.12 s (two reference products per thread) and is left out of the pass's time.
 const RATE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -1463,16 +1475,13 @@ fn pass_floors(
             );
         }
     };
+    let flops = [cov_flops, lam_flops, query_flops, scr_flops];
     // The whole job's (floor at the rates read, floor at the best rate) of a run.
     let job_floors = |run: &PassRun| {
-        [
-            floors(cov_flops, &run.covariance),
-            floors(lam_flops, &run.eigenvalue),
-            floors(query_flops, &run.queries),
-            floors(scr_flops, &run.scoring),
-        ]
-        .into_iter()
-        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y))
+        run.passes(flops)
+            .into_iter()
+            .map(|(_, phase, flops)| floors(flops, phase))
+            .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y))
     };
     for (k, run) in runs.iter().enumerate() {
         let label = if runs.len() > 1 {
@@ -1508,31 +1517,15 @@ fn pass_floors(
             .minus(run.eigenvalue.time);
         let score_rest = run.score.minus(run.queries.time).minus(run.scoring.time);
         let none = (0.0, 0.0);
-        row(
-            "covariance pass",
-            run.covariance.time,
-            cov_flops,
-            floors(cov_flops, &run.covariance),
-        );
-        row(
-            "eigenvalue pass",
-            run.eigenvalue.time,
-            lam_flops,
-            floors(lam_flops, &run.eigenvalue),
-        );
+        let pass_row = |(name, phase, flops): (&str, &Timed, f64)| {
+            row(name, phase.time, flops, floors(flops, phase))
+        };
+        let [covariance, eigenvalue, queries, scoring] = run.passes(flops);
+        pass_row(covariance);
+        pass_row(eigenvalue);
         row("fit: eigendecomposition, load, save", fit_rest, 0.0, none);
-        row(
-            "score: query gradients",
-            run.queries.time,
-            query_flops,
-            floors(query_flops, &run.queries),
-        );
-        row(
-            "score: scoring pass",
-            run.scoring.time,
-            scr_flops,
-            floors(scr_flops, &run.scoring),
-        );
+        pass_row(queries);
+        pass_row(scoring);
         row("score: load, save", score_rest, 0.0, none);
         row(
             "fit + score",
