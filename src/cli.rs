@@ -310,10 +310,8 @@ struct InspectArgs {
     /// Checkpoint directory (config.json + safetensors) or a llama.cpp .gguf file.
     #[arg(long, value_name = "DIR|FILE")]
     model: PathBuf,
-    /// Engine of the forward/backward passes: fast (explicit, activation-only backward) or
-    /// autograd (candle autograd, the reference; slower).
-    #[arg(long, value_enum, default_value = "fast")]
-    engine: infl::model::Engine,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// Sequences per batch the estimate assumes.
     #[arg(long, default_value_t = 8, value_name = "B")]
     batch_size: usize,
@@ -329,6 +327,34 @@ struct InspectArgs {
     /// Skip the one-batch timing probe (memory estimate only).
     #[arg(long)]
     no_probe: bool,
+}
+
+/// Where and how the forward and backward passes run (fit, score, self-influence, inspect).
+#[derive(clap::Args, Clone, Copy)]
+struct ComputeArgs {
+    /// Engine of the forward/backward passes: fast (explicit forward, activation-only
+    /// backward, fused threaded kernels; CPU only) or autograd (candle autograd, the reference:
+    /// slower on the CPU, and the engine that runs on a GPU) [default: fast on the CPU,
+    /// autograd on a GPU].
+    #[arg(long, value_enum)]
+    engine: Option<infl::model::Engine>,
+    /// Device of the forward/backward passes: cpu, cuda (GPU 0) or cuda:N. A GPU needs a build
+    /// with `--features cuda`; there the fit's statistics (covariances, Λ) are formed on the GPU
+    /// too, while scores, self-influence and a gradient store are formed on the CPU.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: infl::model::ComputeDevice,
+}
+
+impl ComputeArgs {
+    fn engine(&self) -> infl::model::Engine {
+        self.engine.unwrap_or(self.device.default_engine())
+    }
+
+    /// Makes these the engine and device of every model the command loads.
+    fn apply(&self) {
+        infl::model::set_default_engine(self.engine());
+        infl::model::set_default_device(self.device);
+    }
 }
 
 #[derive(clap::Args)]
@@ -398,10 +424,8 @@ struct FitArgs {
     /// (the tokenizer is only needed when the corpus holds text rather than token ids).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// Engine of the forward/backward passes: fast (explicit, activation-only backward) or
-    /// autograd (candle autograd, the reference; slower).
-    #[arg(long, value_enum, default_value = "fast")]
-    engine: infl::model::Engine,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// Training corpus, JSONL: one document per line, {"text": ...} or {"ids": [...]}.
     #[arg(long, value_name = "CORPUS")]
     train: PathBuf,
@@ -458,10 +482,8 @@ struct ScoreArgs {
     /// The checkpoint directory the factors were fitted on.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// Engine of the forward/backward passes: fast (explicit, activation-only backward) or
-    /// autograd (candle autograd, the reference; slower).
-    #[arg(long, value_enum, default_value = "fast")]
-    engine: infl::model::Engine,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// A factors directory written by `infl fit`.
     #[arg(long, value_name = "FACTORS")]
     factors: PathBuf,
@@ -558,10 +580,8 @@ struct SelfInfluenceArgs {
     /// The checkpoint directory the factors were fitted on.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// Engine of the forward/backward passes: fast (explicit, activation-only backward) or
-    /// autograd (candle autograd, the reference; slower).
-    #[arg(long, value_enum, default_value = "fast")]
-    engine: infl::model::Engine,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// A factors directory written by `infl fit`.
     #[arg(long, value_name = "FACTORS")]
     factors: PathBuf,
@@ -721,20 +741,24 @@ impl DemoTrainArgs {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    let engine = match &cli.command {
-        Command::Fit(a) => a.engine,
-        Command::Score(a) => a.engine,
-        Command::SelfInfluence(a) => a.engine,
-        Command::Inspect(a) => a.engine,
-        _ => infl::model::Engine::Fast,
+    let compute = match &cli.command {
+        Command::Fit(a) => Some(a.compute),
+        Command::Score(a) => Some(a.compute),
+        Command::SelfInfluence(a) => Some(a.compute),
+        Command::Inspect(a) => Some(a.compute),
+        _ => None,
     };
     if cli.threads == Some(0) {
         anyhow::bail!(infl::Error::input("--threads must be at least 1"));
     }
     // Before any thread pool starts (they read the count once).
+    // Autograd on the CPU runs batches side by side; on a GPU, as the fast engine, one batch
+    // uses every core (the statistics).
     infl::shard::set_threads(
         cli.threads.unwrap_or(0),
-        engine == infl::model::Engine::Autograd,
+        compute.is_some_and(|c| {
+            c.engine() == infl::model::Engine::Autograd && c.device == Default::default()
+        }),
     );
     // Training runs on candle's autograd, whose element-wise kernels split each op over a
     // spinning barrier pool: on small models and shared machines the spinning costs more than it
@@ -751,7 +775,7 @@ pub fn run() -> Result<()> {
     let progress = Bars::new(cli.quiet);
     match cli.command {
         Command::Fit(a) => {
-            infl::model::set_default_engine(a.engine);
+            a.compute.apply();
             let job = FitJob {
                 model: a.model,
                 train: a.train,
@@ -780,7 +804,7 @@ pub fn run() -> Result<()> {
             }
         }
         Command::Score(a) => {
-            infl::model::set_default_engine(a.engine);
+            a.compute.apply();
             let job = ScoreJob {
                 model: a.model,
                 factors: a.factors,
@@ -828,7 +852,7 @@ pub fn run() -> Result<()> {
             }
         }
         Command::SelfInfluence(a) => {
-            infl::model::set_default_engine(a.engine);
+            a.compute.apply();
             let job = SelfInfluenceJob {
                 model: a.model,
                 factors: a.factors,
@@ -955,7 +979,7 @@ fn validate_exact(a: ValidateExactArgs, progress: &Bars, quiet: bool) -> Result<
 
 fn inspect(a: InspectArgs, quiet: bool) -> Result<()> {
     use infl::inspect;
-    infl::model::set_default_engine(a.engine);
+    a.compute.apply();
     let model = infl::model::load(&a.model, a.modules)?;
     let max_len = a.max_len.unwrap_or(model.max_positions().min(512));
     if max_len == 0 || max_len > model.max_positions() || a.batch_size == 0 {

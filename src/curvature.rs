@@ -8,6 +8,8 @@
 //! - EK-FAC `Λ = (1/N_seq) Σ_n (Q_Sᵀ G_n Q_A)^∘2`, G_n = Σ_t g_t ā_tᵀ the summed gradient of
 //!   sequence n. Diagonal: `(1/N_seq) Σ_n G_n^∘2` in the original basis. KFAC: `Λ = λ_S λ_Aᵀ`.
 
+pub mod device;
+
 use crate::data::Sequence;
 use crate::error::{Error, Result};
 use crate::io::OwnedTensor;
@@ -685,6 +687,13 @@ pub fn accumulate_sequences(
 ) -> Result<()> {
     let tracked = model.tracked().to_vec();
     let what = format!("{} pass", state.pass.name());
+    // A model on a GPU has its statistics formed there too; a store takes the rotated tokens
+    // of the CPU path.
+    let on_device = match model.device() {
+        crate::model::ComputeDevice::Cpu => None,
+        _ if keep_rotated => None,
+        d => Some(device::DeviceStatistics::new(d.candle()?, bases)?),
+    };
     run_indexed(
         model,
         seqs,
@@ -694,7 +703,13 @@ pub fn accumulate_sequences(
         progress,
         &what,
         |start, taps| {
-            let rotated = accumulate_keeping(state, &tracked, bases, taps, keep_rotated);
+            let rotated = match &on_device {
+                Some(stats) => {
+                    stats.accumulate(state, &tracked, taps)?;
+                    None
+                }
+                None => accumulate_keeping(state, &tracked, bases, taps, keep_rotated),
+            };
             after_batch(state, start + taps.seq_lens.len(), taps, rotated.as_ref())
         },
     )

@@ -24,6 +24,12 @@ pub struct ModelInfo {
     pub config_sha256: String,
     pub weights_sha256: String,
     pub n_parameters: usize,
+    /// The engine and device that computed the taps (`fast`, `cpu`; `autograd`, `cuda:0`).
+    /// Results agree across them to f32 rounding; factors made on one score on another.
+    #[serde(default)]
+    pub engine: model::Engine,
+    #[serde(default)]
+    pub device: String,
 }
 
 impl ModelInfo {
@@ -38,6 +44,8 @@ impl ModelInfo {
                 config_sha256: sha.clone(),
                 weights_sha256: sha,
                 n_parameters: model.n_parameters(),
+                engine: model.engine(),
+                device: model.device().to_string(),
             });
         }
         let (files, _) = model::weight_files(dir)?;
@@ -53,6 +61,8 @@ impl ModelInfo {
                 weights.join(",").as_bytes(),
             )),
             n_parameters: model.n_parameters(),
+            engine: model.engine(),
+            device: model.device().to_string(),
         })
     }
 }

@@ -192,6 +192,8 @@ fn outputs_record_provenance_and_top_k() {
     assert_eq!(meta["damping"], "heuristic");
     assert_eq!(meta["damping_per_layer"].as_array().unwrap().len(), 8);
     assert_eq!(meta["model"]["architecture"], "gpt2");
+    assert_eq!(meta["model"]["engine"], "fast");
+    assert_eq!(meta["model"]["device"], "cpu");
     assert_eq!(meta["queries"]["losses"].as_array().unwrap().len(), 3);
     assert!(meta["factors"]["factors_sha256"].as_str().unwrap().len() == 64);
 }
@@ -423,6 +425,61 @@ fn bad_input_is_reported_with_file_line_and_field() {
     // Usage errors exit 2 (clap).
     let out = infl(&["fit", "--model"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// `--device`: a name that is no device is a usage error; the fast engine refuses a GPU; a
+/// build without the `cuda` feature says how to get one; `--device cpu` is the default.
+#[test]
+fn device_choices_are_checked_and_explained() {
+    let dir = scratch("device");
+    let (model, corpus, _) = fixture(&dir, 17);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let fit = |extra: &[&str], out: &str| {
+        let (m, c, o) = (s(&model), s(&corpus), s(&dir.join(out)));
+        let mut args = vec!["fit", "--model", &m, "--train", &c, "--out", &o];
+        args.extend_from_slice(extra);
+        infl(&args)
+    };
+
+    let out = fit(&["--device", "gpu"], "f1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("use cpu, cuda or cuda:N"), "{err}");
+
+    let out = fit(&["--engine", "fast", "--device", "cuda:1"], "f2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("--engine fast runs on the CPU only") && err.contains("--device cuda:1"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("f2").exists(),
+        "nothing is written on a refused run"
+    );
+
+    #[cfg(not(feature = "cuda"))]
+    {
+        let out = fit(&["--device", "cuda"], "f3");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(
+            err.contains("built without GPU support") && err.contains("--features cuda"),
+            "{err}"
+        );
+    }
+
+    // The autograd engine on `--device cpu` gives the factors of the default autograd run.
+    let a = fit(&["--engine", "autograd", "--device", "cpu"], "f4");
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let b = fit(&["--engine", "autograd"], "f5");
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let read = |d: &str| std::fs::read(dir.join(d).join("factors.safetensors")).unwrap();
+    assert_eq!(read("f4"), read("f5"));
+    let meta = std::fs::read_to_string(dir.join("f4").join("meta.json")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    assert_eq!(meta["model"]["engine"], "autograd");
+    assert_eq!(meta["model"]["device"], "cpu");
 }
 
 #[test]

@@ -519,6 +519,11 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 /// Loads a Llama-architecture GGUF file.
 pub fn load(path: &Path, modules: ModuleSelection) -> Result<Llama> {
+    load_on(path, modules, &Device::Cpu)
+}
+
+/// [`load`] with the (dequantised) weights on `device`.
+pub fn load_on(path: &Path, modules: ModuleSelection, device: &Device) -> Result<Llama> {
     let f = GgufFile::open(path)?;
     let config = llama_config(&f)?;
     let mut tensors = HashMap::new();
@@ -535,7 +540,7 @@ pub fn load(path: &Path, modules: ModuleSelection) -> Result<Llama> {
         }
         tensors.insert(hf, t);
     }
-    let weights = Weights::owned(tensors, f.path.clone());
+    let weights = Weights::owned(tensors, f.path.clone()).on(device);
     Llama::from_weights(config, &weights, modules)
 }
 

@@ -128,6 +128,11 @@ pub struct Gpt2 {
 impl Gpt2 {
     /// Loads `config.json` and `model.safetensors` (or a sharded index) from `dir`.
     pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Self> {
+        Self::load_on(dir, modules, &Device::Cpu)
+    }
+
+    /// [`Self::load`] with the weights on `device` (the autograd engine then runs there).
+    pub fn load_on(dir: &Path, modules: ModuleSelection, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config: Gpt2Config = serde_json::from_str(&text).map_err(|e| {
@@ -137,7 +142,7 @@ impl Gpt2 {
             ))
         })?;
         config.validate(&config_path)?;
-        let weights = Weights::open(dir)?;
+        let weights = Weights::open(dir)?.on(device);
         Self::from_weights(config, &weights, modules)
     }
 
@@ -226,7 +231,7 @@ impl Gpt2 {
             lm_head,
             tracked,
             n_parameters: n_parameters.get(),
-            device: Device::Cpu,
+            device: w.device().clone(),
         })
     }
 
@@ -415,7 +420,7 @@ impl Gpt2 {
     }
 
     fn zero_probes(&self, rows: usize) -> candle_core::Result<Vec<Var>> {
-        super::ops::zero_probes(&self.tracked, rows)
+        super::ops::zero_probes(&self.tracked, rows, &self.device)
     }
 
     /// Logits, padded length and the probes' gradients for a batch (exposed to tests through
@@ -458,6 +463,16 @@ impl TapModel for Gpt2 {
         self.n_parameters
     }
 
+    /// On a GPU one batch keeps the device busy and the cores form its statistics; on the
+    /// CPU the driver runs batches side by side instead.
+    fn is_threaded(&self) -> bool {
+        !self.device.is_cpu()
+    }
+
+    fn device(&self) -> super::ComputeDevice {
+        super::ComputeDevice::of(&self.device)
+    }
+
     fn taps(&self, batch: &TokenBatch, labels: Labels) -> Result<TapBatch> {
         let rows = batch.len() * batch.max_len();
         let probes = self.zero_probes(rows)?;
@@ -474,7 +489,9 @@ impl TapModel for Gpt2 {
     }
 
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        super::ops::single_logits(&self.tracked, ids, |ids, t, p| self.forward(ids, t, p))
+        super::ops::single_logits(&self.tracked, ids, &self.device, |ids, t, p| {
+            self.forward(ids, t, p)
+        })
     }
 }
 

@@ -135,12 +135,17 @@ pub struct GptNeoX {
 
 impl GptNeoX {
     pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Self> {
+        Self::load_on(dir, modules, &Device::Cpu)
+    }
+
+    /// [`Self::load`] with the weights on `device` (the autograd engine then runs there).
+    pub fn load_on(dir: &Path, modules: ModuleSelection, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::input(format!("{}: invalid JSON: {e}", config_path.display())))?;
         let config = GptNeoXConfig::from_json(&v, &config_path)?;
-        let weights = Weights::open(dir)?;
+        let weights = Weights::open(dir)?.on(device);
         Self::from_weights(config, &weights, modules)
     }
 
@@ -210,7 +215,7 @@ impl GptNeoX {
     ) -> candle_core::Result<Forward> {
         let c = &self.config;
         let b = ids.len();
-        let dev = Device::Cpu;
+        let dev = self.embed_in.device().clone();
         let (h, hd) = (c.num_attention_heads, c.head_dim());
         let mut x = self
             .embed_in
@@ -301,8 +306,22 @@ impl TapModel for GptNeoX {
         self.n_parameters
     }
 
+    /// On a GPU one batch keeps the device busy and the cores form its statistics; on the
+    /// CPU the driver runs batches side by side instead.
+    fn is_threaded(&self) -> bool {
+        !self.embed_in.device().is_cpu()
+    }
+
+    fn device(&self) -> super::ComputeDevice {
+        super::ComputeDevice::of(self.embed_in.device())
+    }
+
     fn taps(&self, batch: &TokenBatch, labels: Labels) -> Result<TapBatch> {
-        let probes = ops::zero_probes(&self.tracked, batch.len() * batch.max_len())?;
+        let probes = ops::zero_probes(
+            &self.tracked,
+            batch.len() * batch.max_len(),
+            self.embed_in.device(),
+        )?;
         Ok(self.run(batch, labels, &probes)?.0)
     }
 
@@ -316,7 +335,9 @@ impl TapModel for GptNeoX {
     }
 
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        ops::single_logits(&self.tracked, ids, |i, t, p| self.forward(i, t, p))
+        ops::single_logits(&self.tracked, ids, self.embed_in.device(), |i, t, p| {
+            self.forward(i, t, p)
+        })
     }
 }
 

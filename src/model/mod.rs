@@ -180,6 +180,14 @@ pub trait TapModel: Send + Sync {
     fn is_threaded(&self) -> bool {
         false
     }
+    /// The engine that computes the taps (recorded in the outputs' metadata).
+    fn engine(&self) -> Engine {
+        Engine::Autograd
+    }
+    /// The device the taps are computed on (recorded in the outputs' metadata).
+    fn device(&self) -> ComputeDevice {
+        ComputeDevice::Cpu
+    }
     /// FLOPs of the products of one [`TapModel::taps`] call on `batch`, counted from the
     /// shapes (for `infl bench`'s floors); `None` where the engine does not count them.
     fn tap_flops(&self, _batch: &TokenBatch) -> Option<f64> {
@@ -235,6 +243,12 @@ impl TapModel for SelectedLayers {
     }
     fn is_threaded(&self) -> bool {
         self.inner.is_threaded()
+    }
+    fn engine(&self) -> Engine {
+        self.inner.engine()
+    }
+    fn device(&self) -> ComputeDevice {
+        self.inner.device()
     }
     fn tap_flops(&self, batch: &TokenBatch) -> Option<f64> {
         self.inner.tap_flops(batch)
@@ -310,20 +324,134 @@ pub fn default_engine() -> Engine {
     }
 }
 
-/// Loads the model at `dir` (a Hugging Face checkpoint directory, or a llama.cpp `.gguf` file),
-/// keeping `modules`, on the default engine (fast unless [`set_default_engine`] says otherwise).
-pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
-    load_with(dir, modules, default_engine())
+/// Where the autograd engine runs: the CPU, or a CUDA GPU (builds with the `cuda` feature).
+/// The fast engine is CPU code. On a GPU the fit's statistics run there too
+/// ([`crate::curvature::device`]); scores are formed on the CPU from the taps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ComputeDevice {
+    #[default]
+    Cpu,
+    /// The GPU of this ordinal.
+    Cuda(usize),
 }
 
-/// [`load`] with a chosen engine. The fast models are built from the autograd models' loaded
-/// weights, so every loader (safetensors, GGUF) serves both.
+impl std::str::FromStr for ComputeDevice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(ComputeDevice::Cpu),
+            "cuda" => Ok(ComputeDevice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(ComputeDevice::Cuda)
+                .ok_or_else(|| format!("`{s}` is not a device: use cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for ComputeDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ComputeDevice::Cpu => write!(f, "cpu"),
+            ComputeDevice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl ComputeDevice {
+    /// Where a candle device is.
+    pub fn of(device: &candle_core::Device) -> Self {
+        match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => ComputeDevice::Cuda(gpu_id),
+            _ => ComputeDevice::Cpu,
+        }
+    }
+
+    /// The candle device; a CUDA device in a build without the `cuda` feature, or one the
+    /// driver cannot open, is an input error that says so.
+    pub fn candle(self) -> Result<candle_core::Device> {
+        match self {
+            ComputeDevice::Cpu => Ok(candle_core::Device::Cpu),
+            ComputeDevice::Cuda(n) => cuda_device(n),
+        }
+    }
+
+    /// The engine a command uses when `--engine` is not given: fast on the CPU, autograd on a
+    /// GPU (the only engine that runs there).
+    pub fn default_engine(self) -> Engine {
+        match self {
+            ComputeDevice::Cpu => Engine::Fast,
+            ComputeDevice::Cuda(_) => Engine::Autograd,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(n: usize) -> Result<candle_core::Device> {
+    candle_core::Device::new_cuda(n)
+        .map_err(|e| Error::input(format!("--device cuda:{n}: cannot open the GPU: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(n: usize) -> Result<candle_core::Device> {
+    Err(Error::input(format!(
+        "--device cuda:{n}: this infl was built without GPU support; rebuild it with \
+         `cargo build --release --features cuda` (needs CUDA's nvcc on the PATH)"
+    )))
+}
+
+/// The device [`load`] uses: 0 for the CPU, n + 1 for GPU n.
+static DEFAULT_DEVICE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Chooses the device of every later [`load`] in this process (the command line's `--device`).
+pub fn set_default_device(device: ComputeDevice) {
+    let code = match device {
+        ComputeDevice::Cpu => 0,
+        ComputeDevice::Cuda(n) => n + 1,
+    };
+    DEFAULT_DEVICE.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The device [`load`] uses now.
+pub fn default_device() -> ComputeDevice {
+    match DEFAULT_DEVICE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => ComputeDevice::Cpu,
+        n => ComputeDevice::Cuda(n - 1),
+    }
+}
+
+/// Loads the model at `dir` (a Hugging Face checkpoint directory, or a llama.cpp `.gguf` file),
+/// keeping `modules`, on the default engine and device (fast on the CPU unless
+/// [`set_default_engine`] and [`set_default_device`] say otherwise).
+pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
+    load_on(dir, modules, default_engine(), default_device())
+}
+
+/// [`load`] with a chosen engine, on the CPU. The fast models are built from the autograd
+/// models' loaded weights, so every loader (safetensors, GGUF) serves both.
 pub fn load_with(
     dir: &Path,
     modules: ModuleSelection,
     engine: Engine,
 ) -> Result<Box<dyn TapModel>> {
-    let model = load_autograd(dir, modules)?;
+    load_on(dir, modules, engine, ComputeDevice::Cpu)
+}
+
+/// [`load_with`] on a chosen device (the fast engine runs on the CPU only).
+pub fn load_on(
+    dir: &Path,
+    modules: ModuleSelection,
+    engine: Engine,
+    device: ComputeDevice,
+) -> Result<Box<dyn TapModel>> {
+    if engine == Engine::Fast && device != ComputeDevice::Cpu {
+        return Err(Error::input(format!(
+            "--engine fast runs on the CPU only; on --device {device} use --engine autograd \
+             (the default there)"
+        )));
+    }
+    let model = load_autograd(dir, modules, &device.candle()?)?;
     match engine {
         Engine::Autograd => Ok(model.into_dyn()),
         Engine::Fast => fast::from_autograd(model),
@@ -347,7 +475,11 @@ impl AnyModel {
     }
 }
 
-fn load_autograd(dir: &Path, modules: ModuleSelection) -> Result<AnyModel> {
+fn load_autograd(
+    dir: &Path,
+    modules: ModuleSelection,
+    device: &candle_core::Device,
+) -> Result<AnyModel> {
     if gguf::is_gguf(dir) {
         if !dir.is_file() {
             return Err(Error::input(format!(
@@ -355,7 +487,7 @@ fn load_autograd(dir: &Path, modules: ModuleSelection) -> Result<AnyModel> {
                 dir.display()
             )));
         }
-        return Ok(AnyModel::Llama(gguf::load(dir, modules)?));
+        return Ok(AnyModel::Llama(gguf::load_on(dir, modules, device)?));
     }
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| {
@@ -376,9 +508,13 @@ fn load_autograd(dir: &Path, modules: ModuleSelection) -> Result<AnyModel> {
             ))
         })?;
     match model_type {
-        "gpt2" => Ok(AnyModel::Gpt2(gpt2::Gpt2::load(dir, modules)?)),
-        "gpt_neox" => Ok(AnyModel::GptNeoX(gpt_neox::GptNeoX::load(dir, modules)?)),
-        "llama" | "mistral" | "qwen2" => Ok(AnyModel::Llama(llama::Llama::load(dir, modules)?)),
+        "gpt2" => Ok(AnyModel::Gpt2(gpt2::Gpt2::load_on(dir, modules, device)?)),
+        "gpt_neox" => Ok(AnyModel::GptNeoX(gpt_neox::GptNeoX::load_on(
+            dir, modules, device,
+        )?)),
+        "llama" | "mistral" | "qwen2" => Ok(AnyModel::Llama(llama::Llama::load_on(
+            dir, modules, device,
+        )?)),
         other => Err(Error::input(format!(
             "{}: model_type `{other}` is not supported (supported: gpt2, gpt_neox, llama, mistral, qwen2, and llama GGUF files)",
             config_path.display()

@@ -327,10 +327,14 @@ pub(crate) struct Forward {
     pub inputs: Vec<Tensor>,
 }
 
-pub(crate) fn zero_probes(tracked: &[TrackedLayer], rows: usize) -> candle_core::Result<Vec<Var>> {
+pub(crate) fn zero_probes(
+    tracked: &[TrackedLayer],
+    rows: usize,
+    device: &Device,
+) -> candle_core::Result<Vec<Var>> {
     tracked
         .iter()
-        .map(|l| Var::zeros((rows, l.d_out), DType::F32, &Device::Cpu))
+        .map(|l| Var::zeros((rows, l.d_out), DType::F32, device))
         .collect()
 }
 
@@ -349,7 +353,10 @@ pub(crate) fn run_taps(
     let fwd = forward(&batch.ids, t, &probe_tensors)?;
     let logits = fwd.logits.flatten_all()?.to_vec1::<f32>()?;
     let (dlogits, losses) = loss_head(&logits, vocab, t, batch, labels);
-    let dlogits = Tensor::from_vec(dlogits, fwd.logits.shape(), &Device::Cpu)?;
+    // The loss head runs on the host (f64 log-sum-exp, sampled labels); its dL/dlogits goes
+    // back to wherever the model runs.
+    let device = fwd.logits.device();
+    let dlogits = Tensor::from_vec(dlogits, fwd.logits.shape(), device)?;
     let surrogate = (&fwd.logits * &dlogits)?.sum_all()?;
     let grads = surrogate.backward()?;
     let real_rows: Vec<u32> = batch
@@ -358,7 +365,7 @@ pub(crate) fn run_taps(
         .enumerate()
         .flat_map(|(b, s)| (0..s.len()).map(move |i| (b * t + i) as u32))
         .collect();
-    let real_rows = Tensor::from_vec(real_rows.clone(), real_rows.len(), &Device::Cpu)?;
+    let real_rows = Tensor::from_vec(real_rows.clone(), real_rows.len(), device)?;
     let mut layers = Vec::with_capacity(tracked.len());
     for (i, probe) in probes.iter().enumerate() {
         let g = grads.get(probe).ok_or_else(|| {
@@ -389,9 +396,10 @@ pub(crate) fn run_taps(
 pub(crate) fn single_logits(
     tracked: &[TrackedLayer],
     ids: &[u32],
+    device: &Device,
     forward: impl Fn(&[Vec<u32>], usize, &[Tensor]) -> candle_core::Result<Forward>,
 ) -> Result<Vec<f32>> {
-    let probes: Vec<Tensor> = zero_probes(tracked, ids.len())?
+    let probes: Vec<Tensor> = zero_probes(tracked, ids.len(), device)?
         .iter()
         .map(|p| p.as_tensor().clone())
         .collect();
@@ -452,10 +460,10 @@ pub(crate) mod testing {
         let batch = batch();
         let t = batch.max_len();
         let rows = batch.len() * t;
-        let probes = zero_probes(tracked, rows).unwrap();
+        let probes = zero_probes(tracked, rows, &Device::Cpu).unwrap();
         let (_, grads) = run(&probes);
         let loss_at = |layer: usize, idx: usize, eps: f32| -> f64 {
-            let probes = zero_probes(tracked, rows).unwrap();
+            let probes = zero_probes(tracked, rows, &Device::Cpu).unwrap();
             let mut v = vec![0f32; rows * tracked[layer].d_out];
             v[idx] = eps;
             probes[layer]

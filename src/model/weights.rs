@@ -1,14 +1,21 @@
 //! Checkpoint tensors shared by every architecture: memory-mapped safetensors (one file or the
 //! shards of `model.safetensors.index.json`, f32/f16/bf16 on disk, converted to f32 as loaded), or
-//! owned tensors (random test models, dequantised GGUF files).
+//! owned tensors (random test models, dequantised GGUF files), placed on one candle device
+//! (the CPU unless [`Weights::on`] chose another).
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Checkpoint tensors: memory-mapped safetensors (single file or sharded), or owned tensors.
-pub enum Weights {
+/// Checkpoint tensors and the device they are loaded onto.
+pub struct Weights {
+    store: Store,
+    device: Device,
+}
+
+/// Memory-mapped safetensors (single file or sharded), or owned tensors.
+enum Store {
     Mapped {
         files: candle_core::safetensors::MmapedSafetensors,
         names: std::collections::HashSet<String>,
@@ -36,24 +43,40 @@ impl Weights {
         let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&paths) }
             .map_err(|e| Error::input(format!("{source}: not a readable safetensors file: {e}")))?;
         let names = files.tensors().into_iter().map(|(n, _)| n).collect();
-        Ok(Weights::Mapped {
-            files,
-            names,
-            source,
+        Ok(Weights {
+            store: Store::Mapped {
+                files,
+                names,
+                source,
+            },
+            device: Device::Cpu,
         })
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        match self {
-            Weights::Mapped { names, .. } => names.contains(name),
-            Weights::Owned { tensors, .. } => tensors.contains_key(name),
+    /// The same tensors, loaded onto `device` by [`Weights::get`].
+    pub fn on(self, device: &Device) -> Self {
+        Weights {
+            device: device.clone(),
+            ..self
         }
     }
 
-    /// Loads tensor `name` as f32 and checks its shape against the config.
+    /// The device [`Weights::get`] loads onto.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.store {
+            Store::Mapped { names, .. } => names.contains(name),
+            Store::Owned { tensors, .. } => tensors.contains_key(name),
+        }
+    }
+
+    /// Loads tensor `name` as f32 onto the device and checks its shape against the config.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let (t, source) = match self {
-            Weights::Mapped {
+        let (t, source) = match &self.store {
+            Store::Mapped {
                 files,
                 names,
                 source,
@@ -65,7 +88,7 @@ impl Weights {
                 }
                 (files.load(name, &Device::Cpu)?, source.as_str())
             }
-            Weights::Owned { tensors, source } => (
+            Store::Owned { tensors, source } => (
                 tensors
                     .get(name)
                     .cloned()
@@ -80,23 +103,27 @@ impl Weights {
                 shape
             )));
         }
-        Ok(t.to_dtype(DType::F32)?)
+        // Converted on the CPU (mapped f16/bf16 files), then moved: one copy onto the device.
+        Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?)
     }
 }
 
 impl Weights {
     /// Owned tensors; `source` names them in error messages (a file, or "random weights").
     pub fn owned(tensors: HashMap<String, Tensor>, source: impl Into<String>) -> Self {
-        Weights::Owned {
-            tensors,
-            source: source.into(),
+        Weights {
+            store: Store::Owned {
+                tensors,
+                source: source.into(),
+            },
+            device: Device::Cpu,
         }
     }
 
     /// Where the tensors come from, for messages.
     pub fn source(&self) -> &str {
-        match self {
-            Weights::Mapped { source, .. } | Weights::Owned { source, .. } => source,
+        match &self.store {
+            Store::Mapped { source, .. } | Store::Owned { source, .. } => source,
         }
     }
 

@@ -441,6 +441,9 @@ impl<N: Net> TapModel for Fast<N> {
     fn is_threaded(&self) -> bool {
         true
     }
+    fn engine(&self) -> super::Engine {
+        super::Engine::Fast
+    }
     fn tap_flops(&self, batch: &TokenBatch) -> Option<f64> {
         Some(self.net.flops(batch))
     }

@@ -1,0 +1,220 @@
+//! The fit's statistics formed on the device the model runs on (a GPU with `--device cuda`):
+//! the products of [`super::accumulate`] as candle products, each batch's sums brought back
+//! and added to the pass's f64 running sums on the host, so that shards, checkpoints and
+//! resumed runs work as on the CPU.
+//!
+//! - Covariance: `āᵀā` and `gᵀg` over the batch's tokens, f32 products (the CPU path's
+//!   precision: f32 over a batch, f64 across batches).
+//! - Eigenvalue: the tokens rotated first, `(g Q_S)`, `(ā Q_A)`, then every sequence's
+//!   `(g Q_S)ᵀ (ā Q_A)` as one batched product over the sequences zero-padded to the longest
+//!   (padding rows add nothing), squared in f64 and summed over the batch.
+//!
+//! The same code runs on candle's CPU device, which is how it is tested against the CPU path.
+
+use super::{Eigenbasis, Pass, PassSums};
+use crate::error::Result;
+use crate::model::{TapBatch, TrackedLayer};
+use candle_core::{DType, Device, Tensor};
+use faer::Mat;
+
+/// Per pass: the device and each layer's eigenbasis there (uploaded once).
+pub struct DeviceStatistics {
+    device: Device,
+    /// `(Q_S, Q_A)` per tracked layer in the eigenvalue pass of EK-FAC; `None` in the covariance
+    /// pass and for a layer in the original basis (diagonal).
+    bases: Vec<Option<(Tensor, Tensor)>>,
+}
+
+fn upload(m: &Mat<f32>, device: &Device) -> Result<Tensor> {
+    let (r, c) = (m.nrows(), m.ncols());
+    let data: Vec<f32> = (0..r)
+        .flat_map(|i| (0..c).map(move |j| m[(i, j)]))
+        .collect();
+    Ok(Tensor::from_vec(data, (r, c), device)?)
+}
+
+/// Adds the lower triangle of the row-major `d × d` `gram` to `acc` (the CPU path fills the
+/// upper one in at eigendecomposition).
+fn add_lower(acc: &mut Mat<f64>, gram: &[f32], d: usize) {
+    for i in 0..d {
+        for j in 0..=i {
+            acc[(i, j)] += gram[i * d + j] as f64;
+        }
+    }
+}
+
+impl DeviceStatistics {
+    pub fn new(device: Device, bases: &[Option<&Eigenbasis>]) -> Result<Self> {
+        let bases = bases
+            .iter()
+            .map(|b| {
+                b.map(|b| Ok((upload(&b.q_s, &device)?, upload(&b.q_a, &device)?)))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(DeviceStatistics { device, bases })
+    }
+
+    /// [`super::accumulate`] on the device: adds one batch's taps to `state`.
+    pub fn accumulate(
+        &self,
+        state: &mut PassSums,
+        tracked: &[TrackedLayer],
+        taps: &TapBatch,
+    ) -> Result<()> {
+        let offsets = taps.offsets();
+        let n = offsets[offsets.len() - 1];
+        state.n_tokens += n as u64;
+        state.n_sequences += taps.seq_lens.len() as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        for (k, (l, tap)) in tracked.iter().zip(&taps.layers).enumerate() {
+            let a = Tensor::from_slice(&tap.a[..n * l.d_in], (n, l.d_in), &self.device)?;
+            let a = if l.has_bias {
+                Tensor::cat(&[a, Tensor::ones((n, 1), DType::F32, &self.device)?], 1)?
+            } else {
+                a
+            };
+            let g = Tensor::from_slice(&tap.g[..n * l.d_out], (n, l.d_out), &self.device)?;
+            match state.pass {
+                Pass::Covariance => {
+                    for (x, sum) in [(&a, 2 * k), (&g, 2 * k + 1)] {
+                        let d = x.dim(1)?;
+                        let gram = x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
+                        add_lower(&mut state.sums[sum], &gram, d);
+                    }
+                }
+                Pass::Eigenvalue => {
+                    let (g, a) = match self.bases.get(k).and_then(Option::as_ref) {
+                        Some((q_s, q_a)) => (g.matmul(q_s)?, a.matmul(q_a)?),
+                        None => (g, a),
+                    };
+                    let squares = squared_sequence_products(&g, &a, &taps.seq_lens)?;
+                    let (o, i) = (l.d_out, l.d_in_h());
+                    let sum = &mut state.sums[k];
+                    for (idx, v) in squares.iter().enumerate() {
+                        sum[(idx / i, idx % i)] += v;
+                    }
+                    debug_assert_eq!(squares.len(), o * i);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `Σ_s (g_sᵀ a_s)^∘2` over the sequences of lengths `lens` (consecutive rows of `g` and `a`),
+/// row-major `d_out × d_in`.
+fn squared_sequence_products(g: &Tensor, a: &Tensor, lens: &[usize]) -> Result<Vec<f64>> {
+    let t = lens.iter().copied().max().unwrap_or(0);
+    let pad = |x: &Tensor| -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for &len in lens {
+            parts.push(x.narrow(0, start, len)?.pad_with_zeros(0, 0, t - len)?);
+            start += len;
+        }
+        Ok(Tensor::stack(&parts, 0)?)
+    };
+    let (g, a) = (pad(g)?, pad(a)?);
+    let r = g.transpose(1, 2)?.matmul(&a)?;
+    Ok(r.to_dtype(DType::F64)?
+        .sqr()?
+        .sum(0)?
+        .flatten_all()?
+        .to_vec1::<f64>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curvature::{accumulate, eigendecompose};
+    use crate::model::LayerTap;
+    use rand::{Rng, SeedableRng};
+
+    fn layers() -> Vec<TrackedLayer> {
+        vec![
+            TrackedLayer {
+                name: "w".into(),
+                d_in: 7,
+                d_out: 5,
+                has_bias: true,
+            },
+            TrackedLayer {
+                name: "v".into(),
+                d_in: 4,
+                d_out: 9,
+                has_bias: false,
+            },
+        ]
+    }
+
+    fn taps(tracked: &[TrackedLayer], lens: &[usize], seed: u64) -> TapBatch {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = lens.iter().sum();
+        let mut draw = |k: usize| (0..k).map(|_| rng.random_range(-1f32..1.0)).collect();
+        TapBatch {
+            seq_lens: lens.to_vec(),
+            losses: vec![0.0; lens.len()],
+            layers: tracked
+                .iter()
+                .map(|l| LayerTap {
+                    a: draw(n * l.d_in),
+                    g: draw(n * l.d_out),
+                })
+                .collect(),
+        }
+    }
+
+    fn assert_close(host: &PassSums, device: &PassSums) {
+        assert_eq!(host.n_tokens, device.n_tokens);
+        assert_eq!(host.n_sequences, device.n_sequences);
+        for (x, y) in host.sums.iter().zip(&device.sums) {
+            let scale = (0..x.nrows())
+                .flat_map(|i| (0..x.ncols()).map(move |j| (i, j)))
+                .fold(0f64, |m, (i, j)| m.max(x[(i, j)].abs()));
+            assert!(scale > 0.0);
+            for i in 0..x.nrows() {
+                for j in 0..x.ncols() {
+                    let d = (x[(i, j)] - y[(i, j)]).abs();
+                    assert!(
+                        d <= 1e-5 * scale,
+                        "({i}, {j}): {} vs {}",
+                        x[(i, j)],
+                        y[(i, j)]
+                    );
+                }
+            }
+        }
+    }
+
+    /// Both passes, two batches of unequal sequence lengths (one of a single token), EK-FAC
+    /// bases and the original basis: the device path's sums are the CPU path's.
+    #[test]
+    fn device_sums_are_the_cpu_sums() {
+        let tracked = layers();
+        let batches = [taps(&tracked, &[6, 1, 3], 1), taps(&tracked, &[2, 5], 2)];
+        let mut host = PassSums::zeros(Pass::Covariance, &tracked);
+        let mut dev = PassSums::zeros(Pass::Covariance, &tracked);
+        let stats = DeviceStatistics::new(Device::Cpu, &[None, None]).unwrap();
+        for b in &batches {
+            accumulate(&mut host, &tracked, &[], b);
+            stats.accumulate(&mut dev, &tracked, b).unwrap();
+        }
+        assert_close(&host, &dev);
+
+        let factors = eigendecompose(&tracked, &host).unwrap();
+        let bases: Vec<Option<&Eigenbasis>> = factors.iter().map(|f| f.eigen.as_ref()).collect();
+        for bases in [bases, vec![None, None]] {
+            let mut host = PassSums::zeros(Pass::Eigenvalue, &tracked);
+            let mut dev = PassSums::zeros(Pass::Eigenvalue, &tracked);
+            let stats = DeviceStatistics::new(Device::Cpu, &bases).unwrap();
+            for b in &batches {
+                accumulate(&mut host, &tracked, &bases, b);
+                stats.accumulate(&mut dev, &tracked, b).unwrap();
+            }
+            assert_close(&host, &dev);
+        }
+    }
+}
