@@ -10,7 +10,8 @@ scripts/make_fixture.py, which the kronfluence parity test checks to 3.7e-6).
 Prints per-phase times, the end-to-end ratio kronfluence / infl, the per-query Pearson and
 the max relative difference of the scores, and the re-scoring ratio with infl's gradient store
 (`score --store`) against kronfluence's compute_pairwise_scores. Writes everything to
-OUT/bench.json. Run through bench/kronfluence.sh.
+OUT/bench.json. Run through bench/kronfluence.sh (CPU) or bench/gpu_run.sh (`--device cuda`:
+kronfluence on the GPU, infl's autograd engine on the GPU with its statistics on the CPU).
 """
 
 import argparse
@@ -131,6 +132,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--infl", required=True, help="the infl binary")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where both tools run their forward and backward passes")
     a = ap.parse_args()
     cfg = SCALES[a.scale]
     os.makedirs(a.out, exist_ok=True)
@@ -166,7 +169,7 @@ def main():
     times = {}
     print(f"job: GPT-2 {cfg['layers']}x{cfg['width']}, vocab {cfg['vocab']}, "
           f"{cfg['n_train']} x {cfg['seq_len']} tokens, {cfg['n_query']} queries, "
-          f"{a.threads} threads", flush=True)
+          f"{a.threads} threads, device {a.device}", flush=True)
 
     # ---- kronfluence ---------------------------------------------------------------
     from kronfluence.analyzer import Analyzer, prepare_model
@@ -176,7 +179,8 @@ def main():
     modules = conv1d_to_linear(kmodel)
     task = make_task(modules)
     kmodel = prepare_model(kmodel, task)
-    an = Analyzer(analysis_name="bench", model=kmodel, task=task, cpu=True, disable_tqdm=True,
+    an = Analyzer(analysis_name="bench", model=kmodel, task=task, cpu=a.device == "cpu",
+                  disable_tqdm=True,
                   output_dir=os.path.join(a.out, "kronfluence"), disable_model_save=True)
     an.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0, collate_fn=collate))
     train_ds = Items([(s, [True] * len(s)) for s in train])
@@ -206,7 +210,7 @@ def main():
 
     # ---- infl ------------------------------------------------------------------------
     env = dict(os.environ)
-    common = ["--batch-size", str(BATCH)]
+    common = ["--batch-size", str(BATCH), "--device", a.device]
     print("infl:", flush=True)
     fdir, sdir = os.path.join(a.out, "factors"), os.path.join(a.out, "scores")
     infl([a.infl, "-q", "--threads", str(a.threads), "fit", "--model", model_dir, "--train", corpus,
@@ -247,8 +251,8 @@ def main():
 
     # infl's passes against their GEMM-bound floor, on this job, in this run.
     floors = None
-    if "--passes-only" in subprocess.run([a.infl, "bench", "--help"], capture_output=True,
-                                         text=True).stdout:
+    if a.device == "cpu" and "--passes-only" in subprocess.run(
+            [a.infl, "bench", "--help"], capture_output=True, text=True).stdout:
         out = subprocess.run(
             [a.infl, "-q", "--threads", str(a.threads), "bench", "--passes-only", "--model",
              model_dir, "--train", corpus, "--queries", qpaths[0], "--max-len",
@@ -258,7 +262,8 @@ def main():
         print(floors, flush=True)
 
     agree = _agreement(kf, ours)
-    result = dict(scale=a.scale, job=cfg, threads=a.threads, versions=versions, seconds=times,
+    result = dict(scale=a.scale, job=cfg, threads=a.threads, device=a.device, versions=versions,
+                  seconds=times,
                   kronfluence_total=k_total, infl_total=i_total,
                   end_to_end_ratio=k_total / i_total, agreement=agree, store=store,
                   passes_against_floor=floors, load_average=os.getloadavg())

@@ -81,7 +81,9 @@ impl DeviceStatistics {
                 Pass::Covariance => {
                     for (x, sum) in [(&a, 2 * k), (&g, 2 * k + 1)] {
                         let d = x.dim(1)?;
-                        let gram = x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
+                        // Transposed operands made contiguous: every backend's product takes them.
+                        let xt = x.t()?.contiguous()?;
+                        let gram = xt.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
                         add_lower(&mut state.sums[sum], &gram, d);
                     }
                 }
@@ -118,7 +120,7 @@ fn squared_sequence_products(g: &Tensor, a: &Tensor, lens: &[usize]) -> Result<V
         Ok(Tensor::stack(&parts, 0)?)
     };
     let (g, a) = (pad(g)?, pad(a)?);
-    let r = g.transpose(1, 2)?.matmul(&a)?;
+    let r = g.transpose(1, 2)?.contiguous()?.matmul(&a)?;
     Ok(r.to_dtype(DType::F64)?
         .sqr()?
         .sum(0)?
