@@ -339,8 +339,9 @@ struct ComputeArgs {
     #[arg(long, value_enum)]
     engine: Option<infl::model::Engine>,
     /// Device of the forward/backward passes: cpu, cuda (GPU 0) or cuda:N. A GPU needs a build
-    /// with `--features cuda`; there the fit's statistics (covariances, Λ) are formed on the GPU
-    /// too, while scores, self-influence and a gradient store are formed on the CPU.
+    /// with `--features cuda`; there the fit's statistics (covariances, Λ) and the training
+    /// sequences' scores are formed on the GPU too; eigendecompositions, query preconditioning,
+    /// self-influence and a gradient store run on the CPU.
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     device: infl::model::ComputeDevice,
 }

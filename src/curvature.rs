@@ -689,10 +689,9 @@ pub fn accumulate_sequences(
     let what = format!("{} pass", state.pass.name());
     // A model on a GPU has its statistics formed there too; a store takes the rotated tokens
     // of the CPU path.
-    let on_device = match model.device() {
-        crate::model::ComputeDevice::Cpu => None,
-        _ if keep_rotated => None,
-        d => Some(device::DeviceStatistics::new(d.candle()?, bases)?),
+    let on_device = match crate::model::statistics_device(model)? {
+        Some(d) if !keep_rotated => Some(device::DeviceStatistics::new(d, bases)?),
+        _ => None,
     };
     run_indexed(
         model,

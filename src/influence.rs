@@ -4,6 +4,8 @@
 //! `P_q = Q_S [ (Q_Sᵀ G_q Q_A) ⊘ (Λ + λ) ] Q_Aᵀ` per layer, and
 //! `I(q, z) = Σ_ℓ ⟨P_{q,ℓ}, G_{z,ℓ}⟩`. Positive: up-weighting z lowers −log p(completion | prompt).
 
+pub mod device;
+
 use crate::curvature::{for_each_batch, Factors, Progress, Strategy};
 use crate::data::{Query, Sequence};
 use crate::error::{Error, Result};

@@ -1240,6 +1240,15 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         store.is_some(),
         progress,
     )?;
+    // A model on a GPU has the training sequences' scores formed there too.
+    let on_device = match model::statistics_device(model.as_ref())? {
+        Some(d) => Some(influence::device::DeviceScorer::new(
+            d,
+            &pq.per_layer,
+            pq.len(),
+        )?),
+        None => None,
+    };
 
     // Pre-filter: each query keeps its N best lexical matches; the pass computes gradients
     // only for the union.
@@ -1547,7 +1556,10 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                     progress,
                     "scoring pass",
                     |start, taps| {
-                        let parts = influence::batch_scores(&tracked, &pq.per_layer, taps);
+                        let parts = match &on_device {
+                            Some(scorer) => scorer.batch_scores(&tracked, taps)?,
+                            None => influence::batch_scores(&tracked, &pq.per_layer, taps),
+                        };
                         let n = taps.seq_lens.len();
                         acc.add(
                             &indices[start..start + n],

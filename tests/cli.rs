@@ -427,6 +427,81 @@ fn bad_input_is_reported_with_file_line_and_field() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// The GPU path's statistics and scores (candle products, `--device cuda`), forced onto
+/// candle's CPU device with `INFL_DEVICE_PATH_ON_CPU=1`, against the CPU path: the same factors
+/// and scores to f32 rounding, through the whole fit and score (rank-4 and full-rank queries).
+#[test]
+fn the_gpu_path_gives_the_cpu_path_results() {
+    let dir = scratch("device-path");
+    let (model, corpus, queries) = fixture(&dir, 19);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let run = |tag: &str, rank: &str, device_path: bool| -> (Vec<f64>, Vec<f64>) {
+        let (f, r) = (dir.join(format!("f-{tag}")), dir.join(format!("r-{tag}")));
+        let (m, c, q) = (s(&model), s(&corpus), s(&queries));
+        let (fs, rs) = (s(&f), s(&r));
+        let cmd = |args: &[&str]| {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_infl"));
+            c.arg("--quiet").args(args);
+            if device_path {
+                c.env("INFL_DEVICE_PATH_ON_CPU", "1");
+            }
+            let out = c.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        cmd(&[
+            "fit",
+            "--model",
+            &m,
+            "--train",
+            &c,
+            "--out",
+            &fs,
+            "--batch-size",
+            "4",
+        ]);
+        cmd(&[
+            "score",
+            "--model",
+            &m,
+            "--factors",
+            &fs,
+            "--train",
+            &c,
+            "--queries",
+            &q,
+            "--out",
+            &rs,
+            "--dense",
+            "--query-rank",
+            rank,
+        ]);
+        let factors = infl::io::read_safetensors(&f.join("factors.safetensors")).unwrap();
+        let mut names: Vec<&String> = factors.keys().collect();
+        names.sort();
+        let flat = names.iter().flat_map(|n| factors[*n].1.clone()).collect();
+        let scores = infl::io::read_safetensors(&r.join("scores.safetensors")).unwrap();
+        (flat, scores["scores"].1.clone())
+    };
+    let close = |what: &str, x: &[f64], y: &[f64]| {
+        assert_eq!(x.len(), y.len());
+        let scale = x.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = x.iter().zip(y).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 1e-5 * scale, "{what}: {worst:e} against {scale:e}");
+        // The device path sums in another order: identical bits would mean it never ran.
+        assert!(x != y, "{what}: the device path was not taken");
+    };
+    for rank in ["4", "full"] {
+        let (f_cpu, s_cpu) = run(&format!("cpu-{rank}"), rank, false);
+        let (f_dev, s_dev) = run(&format!("dev-{rank}"), rank, true);
+        close("factors", &f_cpu, &f_dev);
+        close(&format!("rank {rank} scores"), &s_cpu, &s_dev);
+    }
+}
+
 /// `--device`: a name that is no device is a usage error; the fast engine refuses a GPU; a
 /// build without the `cuda` feature says how to get one; `--device cpu` is the default.
 #[test]

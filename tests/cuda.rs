@@ -40,12 +40,9 @@ fn gpu_taps_equal_cpu_taps(name: &str, dir: &Path) {
         let v = cpu.vocab_size() as u32;
         let seqs: Vec<Vec<u32>> = [40usize, 7, 1, 23]
             .iter()
+            .map(|&len| len.min(cpu.max_positions()) as u32)
             .enumerate()
-            .map(|(k, &len)| {
-                (0..len as u32)
-                    .map(|t| (t * 7 + k as u32 * 3) % v)
-                    .collect()
-            })
+            .map(|(k, len)| (0..len).map(|t| (t * 7 + k as u32 * 3) % v).collect())
             .collect();
         let batch = TokenBatch::training(
             &seqs
@@ -99,12 +96,14 @@ fn every_family_runs_on_the_gpu_as_on_the_cpu() {
     gpu_taps_equal_cpu_taps("gpt2", &model);
 }
 
-/// fit + score with `--device cuda` against the fast engine on the CPU: the same scores.
+/// fit + score with `--device cuda` against the fast engine on the CPU: the same scores, with
+/// rank-4 queries (below the width-12 layers' rank) and full-rank ones: both paths of the device
+/// scorer.
 #[test]
 fn fit_and_score_on_the_gpu_give_the_cpu_scores() {
     let dir = scratch("cuda", "job");
     let (model, corpus, queries) = random_gpt2(&dir, 9, 40, |d| 3 + d % 13, |d, t| d * 5 + t * 3);
-    let run = |tag: &str, device: &[&str]| -> Vec<f64> {
+    let run = |tag: &str, device: &str, rank: &str| -> Vec<f64> {
         let (f, r) = (dir.join(format!("f-{tag}")), dir.join(format!("r-{tag}")));
         let mut fit = vec![
             "fit",
@@ -115,7 +114,7 @@ fn fit_and_score_on_the_gpu_give_the_cpu_scores() {
             "--out",
             s(&f),
         ];
-        fit.extend_from_slice(device);
+        fit.extend_from_slice(&["--device", device]);
         ok(&fit);
         let mut score = vec![
             "score",
@@ -131,19 +130,27 @@ fn fit_and_score_on_the_gpu_give_the_cpu_scores() {
             s(&r),
             "--dense",
         ];
-        score.extend_from_slice(device);
+        score.extend_from_slice(&["--device", device, "--query-rank", rank]);
         ok(&score);
         let t = infl::io::read_safetensors(&r.join("scores.safetensors")).unwrap();
         t["scores"].1.clone()
     };
-    let cpu = run("cpu", &[]);
-    let gpu = run("gpu", &["--device", "cuda"]);
-    assert_eq!(cpu.len(), gpu.len());
-    let scale = cpu.iter().fold(0f64, |m, v| m.max(v.abs()));
-    let worst = cpu
-        .iter()
-        .zip(&gpu)
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-    eprintln!("scores: max |gpu − cpu| / max |cpu| = {:e}", worst / scale);
-    assert!(worst <= 1e-3 * scale, "{worst} vs scale {scale}");
+    for rank in ["4", "full"] {
+        let cpu = run(&format!("cpu-{rank}"), "cpu", rank);
+        let gpu = run(&format!("gpu-{rank}"), "cuda", rank);
+        assert_eq!(cpu.len(), gpu.len());
+        let scale = cpu.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = cpu
+            .iter()
+            .zip(&gpu)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!(
+            "rank {rank}: max |gpu − cpu| / max |cpu| = {:e}",
+            worst / scale
+        );
+        assert!(
+            worst <= 1e-3 * scale,
+            "rank {rank}: {worst} vs scale {scale}"
+        );
+    }
 }

@@ -25,7 +25,8 @@ pub struct DeviceStatistics {
     bases: Vec<Option<(Tensor, Tensor)>>,
 }
 
-fn upload(m: &Mat<f32>, device: &Device) -> Result<Tensor> {
+/// A faer matrix as a row-major tensor on `device`.
+pub(crate) fn upload(m: &Mat<f32>, device: &Device) -> Result<Tensor> {
     let (r, c) = (m.nrows(), m.ncols());
     let data: Vec<f32> = (0..r)
         .flat_map(|i| (0..c).map(move |j| m[(i, j)]))
@@ -70,13 +71,8 @@ impl DeviceStatistics {
             return Ok(());
         }
         for (k, (l, tap)) in tracked.iter().zip(&taps.layers).enumerate() {
-            let a = Tensor::from_slice(&tap.a[..n * l.d_in], (n, l.d_in), &self.device)?;
-            let a = if l.has_bias {
-                Tensor::cat(&[a, Tensor::ones((n, 1), DType::F32, &self.device)?], 1)?
-            } else {
-                a
-            };
-            let g = Tensor::from_slice(&tap.g[..n * l.d_out], (n, l.d_out), &self.device)?;
+            let a = tokens(&tap.a, (n, l.d_in), l.has_bias, &self.device)?;
+            let g = tokens(&tap.g, (n, l.d_out), false, &self.device)?;
             match state.pass {
                 Pass::Covariance => {
                     for (x, sum) in [(&a, 2 * k), (&g, 2 * k + 1)] {
@@ -106,20 +102,39 @@ impl DeviceStatistics {
     }
 }
 
+/// The tokens `x` (`n × d`, sequences of lengths `lens` in consecutive rows) as
+/// `[n_seq, longest, d]`, each sequence zero-padded at its end.
+pub(crate) fn padded_sequences(x: &Tensor, lens: &[usize]) -> Result<Tensor> {
+    let t = lens.iter().copied().max().unwrap_or(0);
+    let mut parts = Vec::with_capacity(lens.len());
+    let mut start = 0;
+    for &len in lens {
+        parts.push(x.narrow(0, start, len)?.pad_with_zeros(0, 0, t - len)?);
+        start += len;
+    }
+    Ok(Tensor::stack(&parts, 0)?)
+}
+
+/// The taps `x` (`n × d` row-major on the host; the first `d` of each row of `data`) on the
+/// device, with a ones column appended for a layer with a bias (`ā = [a, 1]`).
+pub(crate) fn tokens(
+    data: &[f32],
+    (n, d): (usize, usize),
+    ones: bool,
+    device: &Device,
+) -> Result<Tensor> {
+    let x = Tensor::from_slice(&data[..n * d], (n, d), device)?;
+    Ok(if ones {
+        Tensor::cat(&[x, Tensor::ones((n, 1), DType::F32, device)?], 1)?
+    } else {
+        x
+    })
+}
+
 /// `Σ_s (g_sᵀ a_s)^∘2` over the sequences of lengths `lens` (consecutive rows of `g` and `a`),
 /// row-major `d_out × d_in`.
 fn squared_sequence_products(g: &Tensor, a: &Tensor, lens: &[usize]) -> Result<Vec<f64>> {
-    let t = lens.iter().copied().max().unwrap_or(0);
-    let pad = |x: &Tensor| -> Result<Tensor> {
-        let mut parts = Vec::with_capacity(lens.len());
-        let mut start = 0;
-        for &len in lens {
-            parts.push(x.narrow(0, start, len)?.pad_with_zeros(0, 0, t - len)?);
-            start += len;
-        }
-        Ok(Tensor::stack(&parts, 0)?)
-    };
-    let (g, a) = (pad(g)?, pad(a)?);
+    let (g, a) = (padded_sequences(g, lens)?, padded_sequences(a, lens)?);
     let r = g.transpose(1, 2)?.contiguous()?.matmul(&a)?;
     Ok(r.to_dtype(DType::F64)?
         .sqr()?

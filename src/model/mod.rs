@@ -325,8 +325,8 @@ pub fn default_engine() -> Engine {
 }
 
 /// Where the autograd engine runs: the CPU, or a CUDA GPU (builds with the `cuda` feature).
-/// The fast engine is CPU code. On a GPU the fit's statistics run there too
-/// ([`crate::curvature::device`]); scores are formed on the CPU from the taps.
+/// The fast engine is CPU code. On a GPU the fit's statistics and the scoring pass's scores
+/// run there too ([`crate::curvature::device`], [`crate::influence::device`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ComputeDevice {
     #[default]
@@ -384,6 +384,22 @@ impl ComputeDevice {
             ComputeDevice::Cpu => Engine::Fast,
             ComputeDevice::Cuda(_) => Engine::Autograd,
         }
+    }
+}
+
+/// Where the statistics and scores of the passes over `model`'s taps are formed as candle
+/// products: the model's GPU, or `None` for the CPU path. `INFL_DEVICE_PATH_ON_CPU=1` takes the
+/// device path on candle's CPU device instead, so that tests on machines without a GPU run the
+/// same code as a GPU run (statistics, scores, their wiring into the passes).
+pub fn statistics_device(model: &dyn TapModel) -> Result<Option<candle_core::Device>> {
+    match model.device() {
+        ComputeDevice::Cuda(n) => Ok(Some(cuda_device(n)?)),
+        ComputeDevice::Cpu
+            if std::env::var_os("INFL_DEVICE_PATH_ON_CPU").is_some_and(|v| v == "1") =>
+        {
+            Ok(Some(candle_core::Device::Cpu))
+        }
+        ComputeDevice::Cpu => Ok(None),
     }
 }
 

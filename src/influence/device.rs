@@ -1,0 +1,167 @@
+//! [`super::batch_scores`] on the device the model runs on (a GPU with `--device cuda`): the
+//! preconditioned queries uploaded once per scoring pass, each batch's taps uploaded, and each
+//! layer's `[n_queries, n_seq]` scores brought back.
+//!
+//! - Full rank: every sequence's gradient transposed, `ā_sᵀ g_s` (`d_in_h × d_out`), whose
+//!   row-major flattening is the column-major `vec(G_s)` the queries are stored in, as one
+//!   batched product over the zero-padded sequences; then one product with the query stack.
+//! - Rank k: `(g U) ∘ (ā V)` per token, summed over each query's k columns and then over each
+//!   sequence's tokens (a product with a 0/1 sequence-membership matrix).
+//!
+//! The same code runs on candle's CPU device, which is how it is tested against the CPU path.
+
+use super::LayerQueries;
+use crate::curvature::device::{padded_sequences, tokens, upload};
+use crate::error::Result;
+use crate::model::{TapBatch, TrackedLayer};
+use candle_core::{Device, Tensor};
+use faer::Mat;
+
+enum DeviceQueries {
+    /// `[d_out·d_in_h, n_q]`.
+    Full(Tensor),
+    /// `u` `[d_out, n_q·k]`, `v` `[d_in_h, n_q·k]`.
+    LowRank { u: Tensor, v: Tensor, rank: usize },
+}
+
+/// Per scoring pass: the device and every layer's preconditioned queries there.
+pub struct DeviceScorer {
+    device: Device,
+    queries: Vec<DeviceQueries>,
+    n_queries: usize,
+}
+
+impl DeviceScorer {
+    pub fn new(device: Device, queries: &[LayerQueries], n_queries: usize) -> Result<Self> {
+        let queries = queries
+            .iter()
+            .map(|q| {
+                Ok(match q {
+                    LayerQueries::Full(stack) => DeviceQueries::Full(upload(stack, &device)?),
+                    LayerQueries::LowRank { u, v, rank } => DeviceQueries::LowRank {
+                        u: upload(u, &device)?,
+                        v: upload(v, &device)?,
+                        rank: *rank,
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(DeviceScorer {
+            device,
+            queries,
+            n_queries,
+        })
+    }
+
+    /// Each layer's scores of one batch, `[n_queries, n_seq]`, as [`super::batch_scores`].
+    pub fn batch_scores(&self, tracked: &[TrackedLayer], taps: &TapBatch) -> Result<Vec<Mat<f32>>> {
+        let lens = &taps.seq_lens;
+        let n: usize = lens.iter().sum();
+        let (nq, n_seq) = (self.n_queries, lens.len());
+        if n == 0 {
+            return Ok(tracked.iter().map(|_| Mat::zeros(nq, n_seq)).collect());
+        }
+        // Row s has ones at sequence s's tokens.
+        let membership: Vec<f32> = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(s, _)| {
+                let start: usize = lens[..s].iter().sum();
+                (0..n).map(move |t| f32::from(u8::from(t >= start && t < start + lens[s])))
+            })
+            .collect();
+        let membership = Tensor::from_vec(membership, (n_seq, n), &self.device)?;
+        let mut out = Vec::with_capacity(tracked.len());
+        for ((l, tap), q) in tracked.iter().zip(&taps.layers).zip(&self.queries) {
+            let a = tokens(&tap.a, (n, l.d_in), l.has_bias, &self.device)?;
+            let g = tokens(&tap.g, (n, l.d_out), false, &self.device)?;
+            let scores = match q {
+                DeviceQueries::Full(stack) => {
+                    let (a, g) = (padded_sequences(&a, lens)?, padded_sequences(&g, lens)?);
+                    let grads = a.transpose(1, 2)?.contiguous()?.matmul(&g)?;
+                    grads
+                        .reshape((n_seq, l.d_in_h() * l.d_out))?
+                        .matmul(stack)?
+                }
+                DeviceQueries::LowRank { u, v, rank } => {
+                    let per_token = (g.matmul(u)? * a.matmul(v)?)?
+                        .reshape((n, nq, *rank))?
+                        .sum(2)?;
+                    membership.matmul(&per_token)?
+                }
+            };
+            let v = scores.flatten_all()?.to_vec1::<f32>()?;
+            out.push(Mat::from_fn(nq, n_seq, |q, s| v[s * nq + q]));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::influence::batch_scores;
+    use crate::model::LayerTap;
+    use rand::{Rng, SeedableRng};
+
+    /// Full-rank and rank-2 queries over three layers (with and without a bias), sequences of
+    /// unequal lengths, one of a single token: the device scores are the CPU path's.
+    #[test]
+    fn device_scores_are_the_cpu_scores() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let mut draw =
+            |k: usize| -> Vec<f32> { (0..k).map(|_| rng.random_range(-1f32..1.0)).collect() };
+        let tracked: Vec<TrackedLayer> = [(6, 5, true), (3, 8, false), (4, 4, true)]
+            .iter()
+            .map(|&(d_in, d_out, has_bias)| TrackedLayer {
+                name: format!("l{d_in}"),
+                d_in,
+                d_out,
+                has_bias,
+            })
+            .collect();
+        let lens = vec![4, 1, 6];
+        let n: usize = lens.iter().sum();
+        let taps = TapBatch {
+            seq_lens: lens.clone(),
+            losses: vec![0.0; 3],
+            layers: tracked
+                .iter()
+                .map(|l| LayerTap {
+                    a: draw(n * l.d_in),
+                    g: draw(n * l.d_out),
+                })
+                .collect(),
+        };
+        let nq = 3;
+        let mut mat = |r: usize, c: usize| {
+            let v = draw(r * c);
+            Mat::from_fn(r, c, |i, j| v[i * c + j])
+        };
+        let queries = vec![
+            LayerQueries::Full(mat(tracked[0].d_out * tracked[0].d_in_h(), nq)),
+            LayerQueries::LowRank {
+                u: mat(tracked[1].d_out, nq * 2),
+                v: mat(tracked[1].d_in_h(), nq * 2),
+                rank: 2,
+            },
+            LayerQueries::Full(mat(tracked[2].d_out * tracked[2].d_in_h(), nq)),
+        ];
+        let host = batch_scores(&tracked, &queries, &taps);
+        let scorer = DeviceScorer::new(Device::Cpu, &queries, nq).unwrap();
+        let device = scorer.batch_scores(&tracked, &taps).unwrap();
+        for (x, y) in host.iter().zip(&device) {
+            assert_eq!((x.nrows(), x.ncols()), (nq, lens.len()));
+            assert_eq!((y.nrows(), y.ncols()), (nq, lens.len()));
+            for q in 0..nq {
+                for s in 0..lens.len() {
+                    let (a, b) = (x[(q, s)], y[(q, s)]);
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                        "({q}, {s}): {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
