@@ -54,7 +54,8 @@ tests_rc=0
 
 # kronfluence against infl, both on the GPU.
 if ls "$packed"/kronfluence-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/kf-site "$packed"/kronfluence-*.whl
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --target /tmp/kf-site \
+    "$packed"/kronfluence-*.whl
   export PYTHONPATH=/tmp/kf-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 PYTHONUNBUFFERED=1 python3 bench/kronfluence_job.py --scale "$scale" --out /tmp/infl-gpu-job \

@@ -405,8 +405,12 @@ pub fn statistics_device(model: &dyn TapModel) -> Result<Option<candle_core::Dev
 
 #[cfg(feature = "cuda")]
 fn cuda_device(n: usize) -> Result<candle_core::Device> {
-    candle_core::Device::new_cuda(n)
-        .map_err(|e| Error::input(format!("--device cuda:{n}: cannot open the GPU: {e}")))
+    candle_core::Device::new_cuda(n).map_err(|e| {
+        // candle's errors carry a backtrace after their first line: not for a user.
+        let e = e.to_string();
+        let first = e.lines().next().unwrap_or_default();
+        Error::input(format!("--device cuda:{n}: cannot open the GPU: {first}"))
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
