@@ -5,32 +5,13 @@
 
 mod common;
 
-use common::{ok, random_gpt2, s, scratch};
+use common::{family_fixture as fixture, ok, random_gpt2, rel_diff, s, scratch};
 use infl::model::{load_on, ComputeDevice, Engine, Labels, ModuleSelection, TokenBatch};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// cuBLAS and candle's CUDA kernels sum in another order than the CPU: relative differences
 /// of a few f32 ulps, amplified through the blocks.
 const TOL: f64 = 1e-4;
-
-/// The committed fixtures; the repository may sit elsewhere on the GPU machine than where the
-/// test was built (bench/gpu_run.sh sets CARGO_MANIFEST_DIR to it, as cargo does).
-fn fixture(name: &str) -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
-        .join("tests/fixtures/families")
-        .join(name)
-}
-
-fn rel_diff(x: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(x.len(), reference.len());
-    let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let diff = x
-        .iter()
-        .zip(reference)
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
-    diff / scale.max(f64::MIN_POSITIVE)
-}
 
 fn gpu_taps_equal_cpu_taps(name: &str, dir: &Path) {
     for modules in [ModuleSelection::All, ModuleSelection::Mlp] {

@@ -4,6 +4,9 @@
 //! attention is exercised across tiles), with all, MLP-only and attention-only tracking (the
 //! latter two stop the backward early).
 
+mod common;
+
+use common::{family_fixture as fixture, rel_diff};
 use infl::model::gpt2::{Gpt2, Gpt2Config};
 use infl::model::{load_with, Engine, Labels, ModuleSelection, TapModel, TokenBatch};
 use rand::{Rng, SeedableRng};
@@ -11,26 +14,6 @@ use std::path::{Path, PathBuf};
 
 /// Relative tolerance: max |fast − autograd| over a tensor, divided by max |autograd|.
 const TOL: f64 = 1e-5;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/families")
-        .join(name)
-}
-
-fn rel_diff(fast: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(fast.len(), reference.len());
-    let scale = reference.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
-    let diff = fast
-        .iter()
-        .zip(reference)
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
-    if scale == 0.0 {
-        diff
-    } else {
-        diff / scale
-    }
-}
 
 fn random_ids(rng: &mut rand_chacha::ChaCha8Rng, len: usize, vocab: usize) -> Vec<u32> {
     (0..len)

@@ -144,7 +144,7 @@ fn squared_sequence_products(g: &Tensor, a: &Tensor, lens: &[usize]) -> Result<V
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::curvature::{accumulate, eigendecompose};
     use crate::model::LayerTap;
@@ -167,7 +167,8 @@ mod tests {
         ]
     }
 
-    fn taps(tracked: &[TrackedLayer], lens: &[usize], seed: u64) -> TapBatch {
+    /// Uniform(−1, 1) taps of `tracked` for sequences of lengths `lens`.
+    pub(crate) fn random_taps(tracked: &[TrackedLayer], lens: &[usize], seed: u64) -> TapBatch {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n: usize = lens.iter().sum();
         let mut draw = |k: usize| (0..k).map(|_| rng.random_range(-1f32..1.0)).collect();
@@ -211,7 +212,10 @@ mod tests {
     #[test]
     fn device_sums_are_the_cpu_sums() {
         let tracked = layers();
-        let batches = [taps(&tracked, &[6, 1, 3], 1), taps(&tracked, &[2, 5], 2)];
+        let batches = [
+            random_taps(&tracked, &[6, 1, 3], 1),
+            random_taps(&tracked, &[2, 5], 2),
+        ];
         let mut host = PassSums::zeros(Pass::Covariance, &tracked);
         let mut dev = PassSums::zeros(Pass::Covariance, &tracked);
         let stats = DeviceStatistics::new(Device::Cpu, &[None, None]).unwrap();

@@ -100,8 +100,8 @@ impl DeviceScorer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::curvature::device::tests::random_taps;
     use crate::influence::batch_scores;
-    use crate::model::LayerTap;
     use rand::{Rng, SeedableRng};
 
     /// Full-rank and rank-2 queries over three layers (with and without a bias), sequences of
@@ -121,18 +121,7 @@ mod tests {
             })
             .collect();
         let lens = vec![4, 1, 6];
-        let n: usize = lens.iter().sum();
-        let taps = TapBatch {
-            seq_lens: lens.clone(),
-            losses: vec![0.0; 3],
-            layers: tracked
-                .iter()
-                .map(|l| LayerTap {
-                    a: draw(n * l.d_in),
-                    g: draw(n * l.d_out),
-                })
-                .collect(),
-        };
+        let taps = random_taps(&tracked, &lens, 5);
         let nq = 3;
         let mut mat = |r: usize, c: usize| {
             let v = draw(r * c);

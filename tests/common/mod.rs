@@ -85,3 +85,29 @@ pub fn random_gpt2(
     .unwrap();
     (model, corpus_path, queries)
 }
+
+/// A committed tiny model of `tests/fixtures/families` (checkpoint directory or GGUF file).
+/// CARGO_MANIFEST_DIR is read at run time first: a test binary run outside cargo, on another
+/// machine (bench/gpu_run.sh), finds the repository there.
+pub fn family_fixture(name: &str) -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("tests/fixtures/families")
+        .join(name)
+}
+
+/// max |x − reference| over a tensor, divided by max |reference| (the difference itself when
+/// the reference is zero).
+pub fn rel_diff(x: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(x.len(), reference.len());
+    let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let diff = x
+        .iter()
+        .zip(reference)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
+}
