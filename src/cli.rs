@@ -339,9 +339,10 @@ struct ComputeArgs {
     #[arg(long, value_enum)]
     engine: Option<infl::model::Engine>,
     /// Device of the forward/backward passes: cpu, cuda (GPU 0) or cuda:N. A GPU needs a build
-    /// with `--features cuda`; there the fit's statistics (covariances, Λ) and the training
-    /// sequences' scores are formed on the GPU too; eigendecompositions, query preconditioning,
-    /// self-influence and a gradient store run on the CPU.
+    /// with `--features cuda`; there the fit's statistics (covariances, Λ), the training
+    /// sequences' scores and their self-influence are formed on the GPU too;
+    /// eigendecompositions, query preconditioning, `--normalize cosine` and a gradient store
+    /// run on the CPU.
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     device: infl::model::ComputeDevice,
 }

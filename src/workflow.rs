@@ -1954,6 +1954,14 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut all = std::io::BufWriter::new(file);
     let mut acc = results::ScoreAccumulator::new(1, 1, job.top_k, None);
+    // A model on a GPU has the self-influence formed there too.
+    let on_device = match model::statistics_device(model.as_ref())? {
+        Some(d) => Some(influence::device::DeviceSelfInfluence::new(
+            d,
+            &preconditioner,
+        )?),
+        None => None,
+    };
     progress.begin("self-influence", 0);
     let pass_started = std::time::Instant::now();
     let mut seen = 0usize;
@@ -1973,7 +1981,10 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
                 progress,
                 "self-influence",
                 |start, taps| {
-                    let own = influence::batch_self_influence(&tracked, &preconditioner, taps);
+                    let own = match &on_device {
+                        Some(d) => d.batch(&tracked, taps)?,
+                        None => influence::batch_self_influence(&tracked, &preconditioner, taps),
+                    };
                     let n = own.len();
                     for (k, v) in own.iter().enumerate() {
                         let line = serde_json::json!({"sequence_id": chunk[start + k].id, "self_influence": v});

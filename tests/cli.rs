@@ -427,16 +427,17 @@ fn bad_input_is_reported_with_file_line_and_field() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-/// The GPU path's statistics and scores (candle products, `--device cuda`), forced onto
-/// candle's CPU device with `INFL_DEVICE_PATH_ON_CPU=1`, against the CPU path: the same factors
-/// and scores to f32 rounding, through the whole fit and score (rank-4 and full-rank queries).
+/// The GPU path's statistics, scores and self-influence (candle products, `--device cuda`),
+/// forced onto candle's CPU device with `INFL_DEVICE_PATH_ON_CPU=1`, against the CPU path: the
+/// same factors, scores (rank-4 and full-rank queries) and self-influence to f32 rounding.
 #[test]
 fn the_gpu_path_gives_the_cpu_path_results() {
     let dir = scratch("device-path");
     let (model, corpus, queries) = fixture(&dir, 19);
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let run = |tag: &str, rank: &str, device_path: bool| -> (Vec<f64>, Vec<f64>) {
+    let run = |tag: &str, rank: &str, device_path: bool| -> [Vec<f64>; 3] {
         let (f, r) = (dir.join(format!("f-{tag}")), dir.join(format!("r-{tag}")));
+        let own = dir.join(format!("self-{tag}"));
         let (m, c, q) = (s(&model), s(&corpus), s(&queries));
         let (fs, rs) = (s(&f), s(&r));
         let cmd = |args: &[&str]| {
@@ -479,12 +480,31 @@ fn the_gpu_path_gives_the_cpu_path_results() {
             "--query-rank",
             rank,
         ]);
+        cmd(&[
+            "self-influence",
+            "--model",
+            &m,
+            "--factors",
+            &fs,
+            "--train",
+            &c,
+            "--out",
+            &s(&own),
+        ]);
         let factors = infl::io::read_safetensors(&f.join("factors.safetensors")).unwrap();
         let mut names: Vec<&String> = factors.keys().collect();
         names.sort();
         let flat = names.iter().flat_map(|n| factors[*n].1.clone()).collect();
         let scores = infl::io::read_safetensors(&r.join("scores.safetensors")).unwrap();
-        (flat, scores["scores"].1.clone())
+        let own = std::fs::read_to_string(own.join("self_influence.jsonl")).unwrap();
+        let own = own
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["self_influence"].as_f64().unwrap()
+            })
+            .collect();
+        [flat, scores["scores"].1.clone(), own]
     };
     let close = |what: &str, x: &[f64], y: &[f64]| {
         assert_eq!(x.len(), y.len());
@@ -495,10 +515,11 @@ fn the_gpu_path_gives_the_cpu_path_results() {
         assert!(x != y, "{what}: the device path was not taken");
     };
     for rank in ["4", "full"] {
-        let (f_cpu, s_cpu) = run(&format!("cpu-{rank}"), rank, false);
-        let (f_dev, s_dev) = run(&format!("dev-{rank}"), rank, true);
+        let [f_cpu, s_cpu, own_cpu] = run(&format!("cpu-{rank}"), rank, false);
+        let [f_dev, s_dev, own_dev] = run(&format!("dev-{rank}"), rank, true);
         close("factors", &f_cpu, &f_dev);
         close(&format!("rank {rank} scores"), &s_cpu, &s_dev);
+        close("self-influence", &own_cpu, &own_dev);
     }
 }
 

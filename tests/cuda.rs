@@ -77,9 +77,9 @@ fn every_family_runs_on_the_gpu_as_on_the_cpu() {
     gpu_taps_equal_cpu_taps("gpt2", &model);
 }
 
-/// fit + score with `--device cuda` against the fast engine on the CPU: the same scores, with
-/// rank-4 queries (below the width-12 layers' rank) and full-rank ones: both paths of the device
-/// scorer.
+/// fit, score and self-influence with `--device cuda` against the fast engine on the CPU: the
+/// same scores, with rank-4 queries (below the width-12 layers' rank) and full-rank ones (both
+/// paths of the device scorer), and the same self-influence.
 #[test]
 fn fit_and_score_on_the_gpu_give_the_cpu_scores() {
     let dir = scratch("cuda", "job");
@@ -113,8 +113,30 @@ fn fit_and_score_on_the_gpu_give_the_cpu_scores() {
         ];
         score.extend_from_slice(&["--device", device, "--query-rank", rank]);
         ok(&score);
-        let t = infl::io::read_safetensors(&r.join("scores.safetensors")).unwrap();
-        t["scores"].1.clone()
+        let own = dir.join(format!("self-{tag}"));
+        ok(&[
+            "self-influence",
+            "--model",
+            s(&model),
+            "--factors",
+            s(&f),
+            "--train",
+            s(&corpus),
+            "--out",
+            s(&own),
+            "--device",
+            device,
+        ]);
+        let mut scores = infl::io::read_safetensors(&r.join("scores.safetensors")).unwrap()
+            ["scores"]
+            .1
+            .clone();
+        let own = std::fs::read_to_string(own.join("self_influence.jsonl")).unwrap();
+        scores.extend(own.lines().map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["self_influence"].as_f64().unwrap()
+        }));
+        scores
     };
     for rank in ["4", "full"] {
         let cpu = run(&format!("cpu-{rank}"), "cpu", rank);

@@ -8,6 +8,8 @@
 //! - Rank k: `(g U) ∘ (ā V)` per token, summed over each query's k columns and then over each
 //!   sequence's tokens (a product with a 0/1 sequence-membership matrix).
 //!
+//! - Self-influence: see [`DeviceSelfInfluence`].
+//!
 //! The same code runs on candle's CPU device, which is how it is tested against the CPU path.
 
 use super::LayerQueries;
@@ -97,6 +99,86 @@ impl DeviceScorer {
     }
 }
 
+/// [`super::batch_self_influence`] on the device: per layer, every sequence's gradient in the
+/// preconditioner's basis, `R_s = (g Q_S)ᵀ (ā Q_A)` (`G_s` itself without an eigenbasis), as one
+/// batched product, then `Σ R_s² ⊘ (Λ + λ)` in f64.
+pub struct DeviceSelfInfluence {
+    device: Device,
+    layers: Vec<PreconditionerOnDevice>,
+}
+
+/// One layer's preconditioner on the device.
+struct PreconditionerOnDevice {
+    /// `(Q_S, Q_A)` for an eigenbasis (EK-FAC, KFAC).
+    basis: Option<(Tensor, Tensor)>,
+    /// `1 ⊘ (Λ + λ)` in f64; `None` for identity.
+    inverse: Option<Tensor>,
+}
+
+impl DeviceSelfInfluence {
+    pub fn new(device: Device, preconditioner: &super::Preconditioner) -> Result<Self> {
+        use super::LayerPreconditioner as P;
+        let layers = preconditioner
+            .layers
+            .iter()
+            .map(|l| {
+                let inverse = |m: &Mat<f32>| -> Result<Tensor> {
+                    Ok(upload(m, &device)?.to_dtype(candle_core::DType::F64)?)
+                };
+                Ok(match l {
+                    P::Eigen {
+                        q_a,
+                        q_s,
+                        inverse: inv,
+                    } => PreconditionerOnDevice {
+                        basis: Some((upload(q_s, &device)?, upload(q_a, &device)?)),
+                        inverse: Some(inverse(inv)?),
+                    },
+                    P::Diagonal { inverse: inv } => PreconditionerOnDevice {
+                        basis: None,
+                        inverse: Some(inverse(inv)?),
+                    },
+                    P::Identity => PreconditionerOnDevice {
+                        basis: None,
+                        inverse: None,
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(DeviceSelfInfluence { device, layers })
+    }
+
+    /// `⟨P_z, G_z⟩` summed over layers for each sequence of the batch.
+    pub fn batch(&self, tracked: &[TrackedLayer], taps: &TapBatch) -> Result<Vec<f64>> {
+        let lens = &taps.seq_lens;
+        let n: usize = lens.iter().sum();
+        let mut out = vec![0f64; lens.len()];
+        if n == 0 {
+            return Ok(out);
+        }
+        for ((l, tap), p) in tracked.iter().zip(&taps.layers).zip(&self.layers) {
+            let a = tokens(&tap.a, (n, l.d_in), l.has_bias, &self.device)?;
+            let g = tokens(&tap.g, (n, l.d_out), false, &self.device)?;
+            let (g, a) = match &p.basis {
+                Some((q_s, q_a)) => (g.matmul(q_s)?, a.matmul(q_a)?),
+                None => (g, a),
+            };
+            let (g, a) = (padded_sequences(&g, lens)?, padded_sequences(&a, lens)?);
+            let r = g.transpose(1, 2)?.contiguous()?.matmul(&a)?;
+            let squares = r.to_dtype(candle_core::DType::F64)?.sqr()?;
+            let weighted = match &p.inverse {
+                Some(inv) => squares.broadcast_mul(inv)?,
+                None => squares,
+            };
+            let per_sequence = weighted.sum((1, 2))?.to_vec1::<f64>()?;
+            for (o, v) in out.iter_mut().zip(per_sequence) {
+                *o += v;
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +232,58 @@ mod tests {
                         "({q}, {s}): {a} vs {b}"
                     );
                 }
+            }
+        }
+    }
+
+    /// EK-FAC, diagonal and identity preconditioners fitted on random taps: the device's
+    /// self-influence of a batch is the CPU path's.
+    #[test]
+    fn device_self_influence_is_the_cpu_one() {
+        use crate::curvature::{
+            accumulate, eigendecompose, empty_factors, set_lambda, Factors, Pass, PassSums,
+            Strategy,
+        };
+        use crate::influence::{batch_self_influence, Damping, Preconditioner};
+        let tracked: Vec<TrackedLayer> = [(6, 5, true), (3, 8, false)]
+            .iter()
+            .map(|&(d_in, d_out, has_bias)| TrackedLayer {
+                name: format!("l{d_in}"),
+                d_in,
+                d_out,
+                has_bias,
+            })
+            .collect();
+        let fit = random_taps(&tracked, &[7, 3, 9, 5], 8);
+        let mut cov = PassSums::zeros(Pass::Covariance, &tracked);
+        accumulate(&mut cov, &tracked, &[], &fit);
+        let eigen = eigendecompose(&tracked, &cov).unwrap();
+        let lambda = |bases: &[Option<&crate::curvature::Eigenbasis>]| {
+            let mut sums = PassSums::zeros(Pass::Eigenvalue, &tracked);
+            accumulate(&mut sums, &tracked, bases, &fit);
+            sums
+        };
+        let mut ekfac = eigen.clone();
+        let bases: Vec<_> = eigen.iter().map(|f| f.eigen.as_ref()).collect();
+        set_lambda(&mut ekfac, &lambda(&bases));
+        let mut diagonal = empty_factors(&tracked, 0, 0);
+        set_lambda(&mut diagonal, &lambda(&[None, None]));
+        let batch = random_taps(&tracked, &[4, 1, 6], 9);
+        for (strategy, layers) in [
+            (Strategy::Ekfac, ekfac),
+            (Strategy::Diagonal, diagonal),
+            (Strategy::Identity, empty_factors(&tracked, 0, 0)),
+        ] {
+            let factors = Factors { strategy, layers };
+            let p = Preconditioner::new(&factors, Damping::Heuristic).unwrap();
+            let host = batch_self_influence(&tracked, &p, &batch);
+            let device = DeviceSelfInfluence::new(Device::Cpu, &p)
+                .unwrap()
+                .batch(&tracked, &batch)
+                .unwrap();
+            for (a, b) in host.iter().zip(&device) {
+                assert!(*a > 0.0);
+                assert!((a - b).abs() <= 1e-5 * a.abs(), "{strategy:?}: {a} vs {b}");
             }
         }
     }

@@ -325,8 +325,8 @@ pub fn default_engine() -> Engine {
 }
 
 /// Where the autograd engine runs: the CPU, or a CUDA GPU (builds with the `cuda` feature).
-/// The fast engine is CPU code. On a GPU the fit's statistics and the scoring pass's scores
-/// run there too ([`crate::curvature::device`], [`crate::influence::device`]).
+/// The fast engine is CPU code. On a GPU the fit's statistics, the scoring pass's scores and
+/// self-influence run there too ([`crate::curvature::device`], [`crate::influence::device`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ComputeDevice {
     #[default]
