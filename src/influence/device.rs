@@ -186,14 +186,9 @@ mod tests {
     use crate::influence::batch_scores;
     use rand::{Rng, SeedableRng};
 
-    /// Full-rank and rank-2 queries over three layers (with and without a bias), sequences of
-    /// unequal lengths, one of a single token: the device scores are the CPU path's.
-    #[test]
-    fn device_scores_are_the_cpu_scores() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
-        let mut draw =
-            |k: usize| -> Vec<f32> { (0..k).map(|_| rng.random_range(-1f32..1.0)).collect() };
-        let tracked: Vec<TrackedLayer> = [(6, 5, true), (3, 8, false), (4, 4, true)]
+    /// Tracked layers of these `(d_in, d_out, has_bias)`.
+    fn layers(shapes: &[(usize, usize, bool)]) -> Vec<TrackedLayer> {
+        shapes
             .iter()
             .map(|&(d_in, d_out, has_bias)| TrackedLayer {
                 name: format!("l{d_in}"),
@@ -201,7 +196,17 @@ mod tests {
                 d_out,
                 has_bias,
             })
-            .collect();
+            .collect()
+    }
+
+    /// Full-rank and rank-2 queries over three layers (with and without a bias), sequences of
+    /// unequal lengths, one of a single token: the device scores are the CPU path's.
+    #[test]
+    fn device_scores_are_the_cpu_scores() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let mut draw =
+            |k: usize| -> Vec<f32> { (0..k).map(|_| rng.random_range(-1f32..1.0)).collect() };
+        let tracked = layers(&[(6, 5, true), (3, 8, false), (4, 4, true)]);
         let lens = vec![4, 1, 6];
         let taps = random_taps(&tracked, &lens, 5);
         let nq = 3;
@@ -245,15 +250,7 @@ mod tests {
             Strategy,
         };
         use crate::influence::{batch_self_influence, Damping, Preconditioner};
-        let tracked: Vec<TrackedLayer> = [(6, 5, true), (3, 8, false)]
-            .iter()
-            .map(|&(d_in, d_out, has_bias)| TrackedLayer {
-                name: format!("l{d_in}"),
-                d_in,
-                d_out,
-                has_bias,
-            })
-            .collect();
+        let tracked = layers(&[(6, 5, true), (3, 8, false)]);
         let fit = random_taps(&tracked, &[7, 3, 9, 5], 8);
         let mut cov = PassSums::zeros(Pass::Covariance, &tracked);
         accumulate(&mut cov, &tracked, &[], &fit);
