@@ -84,17 +84,18 @@ impl DeviceStatistics {
                     }
                 }
                 Pass::Eigenvalue => {
-                    let (g, a) = match self.bases.get(k).and_then(Option::as_ref) {
-                        Some((q_s, q_a)) => (g.matmul(q_s)?, a.matmul(q_a)?),
-                        None => (g, a),
-                    };
-                    let squares = squared_sequence_products(&g, &a, &taps.seq_lens)?;
-                    let (o, i) = (l.d_out, l.d_in_h());
-                    let sum = &mut state.sums[k];
+                    let basis = self.bases.get(k).and_then(Option::as_ref);
+                    let (g, a) = rotate(g, a, basis)?;
+                    let squares = sequence_products(&g, &a, &taps.seq_lens)?
+                        .to_dtype(DType::F64)?
+                        .sqr()?
+                        .sum(0)?
+                        .flatten_all()?
+                        .to_vec1::<f64>()?;
+                    let (i, sum) = (l.d_in_h(), &mut state.sums[k]);
                     for (idx, v) in squares.iter().enumerate() {
                         sum[(idx / i, idx % i)] += v;
                     }
-                    debug_assert_eq!(squares.len(), o * i);
                 }
             }
         }
@@ -104,7 +105,7 @@ impl DeviceStatistics {
 
 /// The tokens `x` (`n × d`, sequences of lengths `lens` in consecutive rows) as
 /// `[n_seq, longest, d]`, each sequence zero-padded at its end.
-pub(crate) fn padded_sequences(x: &Tensor, lens: &[usize]) -> Result<Tensor> {
+fn padded_sequences(x: &Tensor, lens: &[usize]) -> Result<Tensor> {
     let t = lens.iter().copied().max().unwrap_or(0);
     let mut parts = Vec::with_capacity(lens.len());
     let mut start = 0;
@@ -131,16 +132,24 @@ pub(crate) fn tokens(
     })
 }
 
-/// `Σ_s (g_sᵀ a_s)^∘2` over the sequences of lengths `lens` (consecutive rows of `g` and `a`),
-/// row-major `d_out × d_in`.
-fn squared_sequence_products(g: &Tensor, a: &Tensor, lens: &[usize]) -> Result<Vec<f64>> {
-    let (g, a) = (padded_sequences(g, lens)?, padded_sequences(a, lens)?);
-    let r = g.transpose(1, 2)?.contiguous()?.matmul(&a)?;
-    Ok(r.to_dtype(DType::F64)?
-        .sqr()?
-        .sum(0)?
-        .flatten_all()?
-        .to_vec1::<f64>()?)
+/// Every sequence's `x_sᵀ y_s`, `[n_seq, d_x, d_y]`, for the sequences of lengths `lens`
+/// (consecutive rows of `x` and `y`): one batched product over the zero-padded sequences
+/// (padding rows add nothing).
+pub(crate) fn sequence_products(x: &Tensor, y: &Tensor, lens: &[usize]) -> Result<Tensor> {
+    let (x, y) = (padded_sequences(x, lens)?, padded_sequences(y, lens)?);
+    Ok(x.transpose(1, 2)?.contiguous()?.matmul(&y)?)
+}
+
+/// The tokens rotated into an eigenbasis, `(g Q_S, ā Q_A)`, or as they are without one.
+pub(crate) fn rotate(
+    g: Tensor,
+    a: Tensor,
+    basis: Option<&(Tensor, Tensor)>,
+) -> Result<(Tensor, Tensor)> {
+    Ok(match basis {
+        Some((q_s, q_a)) => (g.matmul(q_s)?, a.matmul(q_a)?),
+        None => (g, a),
+    })
 }
 
 #[cfg(test)]

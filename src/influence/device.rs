@@ -13,7 +13,7 @@
 //! The same code runs on candle's CPU device, which is how it is tested against the CPU path.
 
 use super::LayerQueries;
-use crate::curvature::device::{padded_sequences, tokens, upload};
+use crate::curvature::device::{rotate, sequence_products, tokens, upload};
 use crate::error::Result;
 use crate::model::{TapBatch, TrackedLayer};
 use candle_core::{Device, Tensor};
@@ -57,20 +57,16 @@ impl DeviceScorer {
 
     /// Each layer's scores of one batch, `[n_queries, n_seq]`, as [`super::batch_scores`].
     pub fn batch_scores(&self, tracked: &[TrackedLayer], taps: &TapBatch) -> Result<Vec<Mat<f32>>> {
-        let lens = &taps.seq_lens;
-        let n: usize = lens.iter().sum();
+        let (lens, offsets) = (&taps.seq_lens, taps.offsets());
+        let n = offsets[offsets.len() - 1];
         let (nq, n_seq) = (self.n_queries, lens.len());
         if n == 0 {
             return Ok(tracked.iter().map(|_| Mat::zeros(nq, n_seq)).collect());
         }
         // Row s has ones at sequence s's tokens.
-        let membership: Vec<f32> = lens
-            .iter()
-            .enumerate()
-            .flat_map(|(s, _)| {
-                let start: usize = lens[..s].iter().sum();
-                (0..n).map(move |t| f32::from(u8::from(t >= start && t < start + lens[s])))
-            })
+        let membership: Vec<f32> = offsets
+            .windows(2)
+            .flat_map(|w| (0..n).map(move |t| f32::from(u8::from((w[0]..w[1]).contains(&t)))))
             .collect();
         let membership = Tensor::from_vec(membership, (n_seq, n), &self.device)?;
         let mut out = Vec::with_capacity(tracked.len());
@@ -78,13 +74,9 @@ impl DeviceScorer {
             let a = tokens(&tap.a, (n, l.d_in), l.has_bias, &self.device)?;
             let g = tokens(&tap.g, (n, l.d_out), false, &self.device)?;
             let scores = match q {
-                DeviceQueries::Full(stack) => {
-                    let (a, g) = (padded_sequences(&a, lens)?, padded_sequences(&g, lens)?);
-                    let grads = a.transpose(1, 2)?.contiguous()?.matmul(&g)?;
-                    grads
-                        .reshape((n_seq, l.d_in_h() * l.d_out))?
-                        .matmul(stack)?
-                }
+                DeviceQueries::Full(stack) => sequence_products(&a, &g, lens)?
+                    .reshape((n_seq, l.d_in_h() * l.d_out))?
+                    .matmul(stack)?,
                 DeviceQueries::LowRank { u, v, rank } => {
                     let per_token = (g.matmul(u)? * a.matmul(v)?)?
                         .reshape((n, nq, *rank))?
@@ -159,13 +151,10 @@ impl DeviceSelfInfluence {
         for ((l, tap), p) in tracked.iter().zip(&taps.layers).zip(&self.layers) {
             let a = tokens(&tap.a, (n, l.d_in), l.has_bias, &self.device)?;
             let g = tokens(&tap.g, (n, l.d_out), false, &self.device)?;
-            let (g, a) = match &p.basis {
-                Some((q_s, q_a)) => (g.matmul(q_s)?, a.matmul(q_a)?),
-                None => (g, a),
-            };
-            let (g, a) = (padded_sequences(&g, lens)?, padded_sequences(&a, lens)?);
-            let r = g.transpose(1, 2)?.contiguous()?.matmul(&a)?;
-            let squares = r.to_dtype(candle_core::DType::F64)?.sqr()?;
+            let (g, a) = rotate(g, a, p.basis.as_ref())?;
+            let squares = sequence_products(&g, &a, lens)?
+                .to_dtype(candle_core::DType::F64)?
+                .sqr()?;
             let weighted = match &p.inverse {
                 Some(inv) => squares.broadcast_mul(inv)?,
                 None => squares,
