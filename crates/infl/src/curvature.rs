@@ -21,9 +21,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// How the Fisher (GGN) of each tracked layer is approximated.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     /// Eigenvalue-corrected KFAC: KFAC eigenbases, per-sequence eigenvalues Λ (the paper's method).
@@ -56,9 +55,8 @@ impl Strategy {
 }
 
 /// Where the labels of the Fisher come from.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Fisher {
     /// Labels sampled from the model's predictive distribution: the true Fisher (= GGN).

@@ -29,9 +29,8 @@ const SEQUENCES_FILE: &str = "sequences.jsonl";
 const GRADIENTS_FILE: &str = "gradients.bin";
 
 /// Which form each stored layer gradient takes.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum StoreForm {
     /// Per sequence and layer, whichever is smaller on disk: the rotated gradient or its
@@ -50,9 +49,8 @@ pub struct StoreOptions {
 }
 
 /// Precision of the stored values.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum StoreDtype {
     F32,
