@@ -6,7 +6,8 @@ use infl::clock::{Elapsed, PhaseClock, Stopwatch};
 use infl::curvature::{Fisher, FitOptions, Progress, Strategy};
 use infl::influence::Damping;
 use infl::model::ModuleSelection;
-use infl::workflow::{self, FitJob, Normalize, ScoreJob, SelfInfluenceJob};
+use infl::options::Normalize;
+use infl::workflow::{self, FitJob, ScoreJob, SelfInfluenceJob};
 use std::path::PathBuf;
 
 #[derive(Parser)]

@@ -74,7 +74,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             query_rank: None,
             per_layer: false,
             per_token: false,
-            normalize: infl::workflow::Normalize::None,
+            normalize: infl::options::Normalize::None,
             prefilter: None,
             shard: infl::shard::Shard::WHOLE,
             checkpoint: infl::curvature::CheckpointPolicy::NEVER,

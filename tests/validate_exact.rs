@@ -9,8 +9,9 @@ use faer::Mat;
 use infl::curvature::{Fisher, FitOptions, Silent, Strategy};
 use infl::influence::Damping;
 use infl::model::ModuleSelection;
+use infl::options::Normalize;
 use infl::validate::exact::{self, ExactJob, ExactReport, Solver};
-use infl::workflow::{self, FitJob, Normalize, ScoreJob};
+use infl::workflow::{self, FitJob, ScoreJob};
 use std::path::{Path, PathBuf};
 
 fn options(fisher: Fisher) -> FitOptions {

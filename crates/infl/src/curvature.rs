@@ -9,6 +9,7 @@
 //!   sequence n. Diagonal: `(1/N_seq) Σ_n G_n^∘2` in the original basis. KFAC: `Λ = λ_S λ_Aᵀ`.
 
 pub mod device;
+pub mod format;
 
 use crate::data::Sequence;
 use crate::error::{Error, Result};

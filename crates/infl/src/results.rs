@@ -3,6 +3,8 @@
 //! its largest-magnitude tails — so memory does not grow with the corpus. The dense matrix, when
 //! asked for, goes to disk a row-chunk at a time.
 
+pub mod meta;
+
 use crate::data::{LazyTokenizer, Sequence};
 use crate::error::{Error, Result};
 use crate::io;

@@ -220,7 +220,7 @@ pub fn run(job: &LdsJob, progress: &dyn Progress) -> Result<LdsReport> {
         .map(|q| (q.prompt_ids.as_slice(), q.completion_ids.as_slice()))
         .collect();
     let full_model_losses = completion_losses(&full, &pairs)?;
-    let weights_sha256 = workflow::ModelInfo::of(&job.model, &full)?.weights_sha256;
+    let weights_sha256 = crate::provenance::ModelInfo::of(&job.model, &full)?.weights_sha256;
 
     io::ensure_dir(&job.out)?;
     // Influence from the full model, for each strategy.

@@ -1,0 +1,85 @@
+//! What made an output: the identity of the checkpoint and of the corpus, recorded in every
+//! `meta.json` (factors, results) so that a later stage can refuse inputs that do not belong
+//! together.
+
+use crate::data;
+use crate::error::Result;
+use crate::model::{self, TapModel};
+use std::path::Path;
+
+/// Every output directory's provenance file.
+pub const META_FILE: &str = "meta.json";
+
+/// Identity of a checkpoint: hashes of its config and weight files.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelInfo {
+    pub path: String,
+    pub architecture: String,
+    pub config_sha256: String,
+    pub weights_sha256: String,
+    pub n_parameters: usize,
+    /// The engine and device that computed the taps (`fast`, `cpu`; `autograd`, `cuda:0`).
+    /// Results agree across them to f32 rounding; factors made on one score on another.
+    #[serde(default)]
+    pub engine: model::Engine,
+    #[serde(default)]
+    pub device: String,
+}
+
+impl ModelInfo {
+    /// `dir` is a checkpoint directory (config.json and weight files hashed) or a GGUF file
+    /// (the file holds config and weights: both hashes are its hash).
+    pub fn of(dir: &Path, model: &dyn TapModel) -> Result<Self> {
+        if model::gguf::is_gguf(dir) {
+            let sha = data::sha256_file(dir)?;
+            return Ok(ModelInfo {
+                path: dir.display().to_string(),
+                architecture: model.architecture().to_string(),
+                config_sha256: sha.clone(),
+                weights_sha256: sha,
+                n_parameters: model.n_parameters(),
+                engine: model.engine(),
+                device: model.device().to_string(),
+            });
+        }
+        let (files, _) = model::weight_files(dir)?;
+        let weights = files
+            .iter()
+            .map(|p| data::sha256_file(p))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ModelInfo {
+            path: dir.display().to_string(),
+            architecture: model.architecture().to_string(),
+            config_sha256: data::sha256_file(&dir.join("config.json"))?,
+            weights_sha256: data::hex(&<sha2::Sha256 as sha2::Digest>::digest(
+                weights.join(",").as_bytes(),
+            )),
+            n_parameters: model.n_parameters(),
+            engine: model.engine(),
+            device: model.device().to_string(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CorpusInfo {
+    pub path: String,
+    pub sha256: String,
+    pub max_len: usize,
+    pub n_documents: usize,
+    pub n_sequences: usize,
+    pub n_tokens: usize,
+}
+
+impl CorpusInfo {
+    pub fn streamed(path: &Path, stats: &data::CorpusStats, max_len: usize) -> Self {
+        CorpusInfo {
+            path: path.display().to_string(),
+            sha256: stats.sha256.clone(),
+            max_len,
+            n_documents: stats.n_documents,
+            n_sequences: stats.n_sequences,
+            n_tokens: stats.n_tokens,
+        }
+    }
+}

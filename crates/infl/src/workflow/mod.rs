@@ -1,0 +1,148 @@
+//! The stages as file-to-file jobs, like kronfluence's factors and scores: [`fit`] writes a
+//! factors directory, [`score`] and [`self_influence`] read it back and refuse factors that
+//! belong to another model or other settings, [`merge`] joins the shards of either. Every
+//! output records what made it.
+
+mod fit;
+mod score;
+mod score_merge;
+mod self_influence;
+
+pub use fit::{fit, merge_factors, FitJob, FitSummary};
+pub use score::{score, ScoreJob, ScoreSummary};
+pub use score_merge::{merge_scores, ScoresMerged};
+pub use self_influence::{self_influence, SelfInfluenceJob};
+
+use fit::FIT_TEMPLATE_FILE;
+use score_merge::SCORE_TEMPLATE_FILE;
+
+use crate::checkpoint;
+use crate::curvature::format::{open_factors, FactorsMeta, FACTORS_FILE};
+use crate::curvature::Factors;
+use crate::error::{Error, Result};
+use crate::influence::{Damping, Preconditioner};
+use crate::io;
+use crate::model::{self, TapModel};
+use crate::provenance::ModelInfo;
+use std::path::Path;
+
+/// Intermediate state of a fit or score (pass sums, shard results, checkpoints), inside its
+/// output directory; removed once the final files are written.
+pub const WORK_DIR: &str = "work";
+
+/// Sequences per streamed chunk, in batches.
+pub(super) const CHUNK_BATCHES: usize = 16;
+
+/// Refuses to add to a work directory that another job (other settings, or another shard
+/// count) started: its shards would not merge.
+pub(super) fn check_same_job<T: serde::de::DeserializeOwned>(
+    template: &Path,
+    settings: &serde_json::Value,
+    settings_of: impl Fn(T) -> serde_json::Value,
+) -> Result<()> {
+    if !template.exists() {
+        return Ok(());
+    }
+    let theirs = settings_of(io::read_json(template)?);
+    if &theirs != settings {
+        return Err(Error::Mismatch(format!(
+            "{}: a run with other settings ({}) left its state here; rerun with those settings, or with --fresh to discard it",
+            template.display(),
+            checkpoint::differing_keys(&theirs, settings)
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn check_max_len(max_len: usize, model: &dyn TapModel) -> Result<()> {
+    if max_len == 0 || max_len > model.max_positions() {
+        return Err(Error::input(format!(
+            "--max-len {max_len} must be between 1 and the model's context length {}",
+            model.max_positions()
+        )));
+    }
+    Ok(())
+}
+
+/// Model, factors and preconditioner, checked to belong together.
+pub(super) struct Prepared {
+    pub(super) fmeta: FactorsMeta,
+    pub(super) model: Box<dyn TapModel>,
+    pub(super) model_info: ModelInfo,
+    pub(super) preconditioner: Preconditioner,
+    pub(super) max_len: usize,
+}
+
+pub(super) fn prepare(
+    model_dir: &Path,
+    factors_dir: &Path,
+    damping: Damping,
+    max_len: Option<usize>,
+) -> Result<Prepared> {
+    let fmeta = open_factors(factors_dir)?;
+    let mut model = model::load(model_dir, fmeta.modules)?;
+    if let Some(names) = &fmeta.selected_layers {
+        model = model::select_layers(model, names)?;
+    }
+    let model_info = ModelInfo::of(model_dir, model.as_ref())?;
+    if model_info.weights_sha256 != fmeta.model.weights_sha256
+        || model_info.config_sha256 != fmeta.model.config_sha256
+    {
+        return Err(Error::Mismatch(format!(
+            "the factors in {} were fitted on another model ({}, weights sha256 {}…), not on {} (weights sha256 {}…); rerun `infl fit` with this model",
+            factors_dir.display(),
+            fmeta.model.path,
+            &fmeta.model.weights_sha256[..12],
+            model_dir.display(),
+            &model_info.weights_sha256[..12]
+        )));
+    }
+    let names: Vec<&str> = model.tracked().iter().map(|l| l.name.as_str()).collect();
+    let fitted: Vec<&str> = fmeta
+        .layers
+        .iter()
+        .filter_map(|l| l.get("name")?.as_str())
+        .collect();
+    if names != fitted {
+        return Err(Error::Mismatch(format!(
+            "the factors track layers {fitted:?} but the model gives {names:?}"
+        )));
+    }
+    let factors = Factors::from_file(
+        &factors_dir.join(FACTORS_FILE),
+        fmeta.strategy,
+        model.tracked(),
+    )?;
+    let preconditioner = Preconditioner::new(&factors, damping)?;
+    let max_len = max_len.unwrap_or(fmeta.corpus.max_len);
+    check_max_len(max_len, model.as_ref())?;
+    Ok(Prepared {
+        fmeta,
+        model,
+        model_info,
+        preconditioner,
+        max_len,
+    })
+}
+
+/// What `infl merge` did.
+pub struct MergeOutcome {
+    /// The final files are written.
+    pub finished: bool,
+    pub message: String,
+}
+
+/// `infl merge DIR`: merges the shards of the fit or score whose `--out` was `DIR`.
+pub fn merge(dir: &Path) -> Result<MergeOutcome> {
+    let work = dir.join(WORK_DIR);
+    if work.join(FIT_TEMPLATE_FILE).exists() {
+        return merge_factors(dir);
+    }
+    if work.join(SCORE_TEMPLATE_FILE).exists() {
+        return merge_scores(dir).map(|m| m.outcome);
+    }
+    Err(Error::input(format!(
+        "{}: nothing to merge (no {WORK_DIR}/ with the state of a sharded `infl fit` or `infl score`)",
+        dir.display()
+    )))
+}
