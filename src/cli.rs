@@ -3,10 +3,12 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use infl::clock::{Elapsed, PhaseClock, Stopwatch};
-use infl::curvature::{Fisher, FitOptions, Progress, Strategy};
+use infl::curvature::{Fisher, Progress, Strategy};
 use infl::influence::Damping;
 use infl::model::ModuleSelection;
-use infl::options::Normalize;
+use infl::options::{
+    Compute, FitOptions, QueryRank, RunOptions, ScoreOptions, SelfInfluenceOptions,
+};
 use infl::workflow::{self, FitJob, ScoreJob, SelfInfluenceJob};
 use std::path::PathBuf;
 
@@ -236,44 +238,6 @@ struct MergeArgs {
     dir: PathBuf,
 }
 
-/// `--shard`, shared by fit and score.
-#[derive(clap::Args)]
-struct ShardArgs {
-    /// Run only shard i of N of the corpus: sequence k (0-based, corpus order) belongs to shard
-    /// k mod N. `auto` takes index and count from a Slurm array task
-    /// (SLURM_ARRAY_TASK_ID/MIN/STEP/COUNT); `auto/N` takes the index from JOB_COMPLETION_INDEX
-    /// (Kubernetes Indexed Job) or Slurm. Combine the shards with `infl merge`.
-    #[arg(long, value_name = "i/N|auto|auto/N")]
-    shard: Option<String>,
-    /// Save the pass's state every M sequences [default: every 15 minutes]; rerunning the same
-    /// command after a crash or kill resumes from it, with identical results.
-    #[arg(long, value_name = "M")]
-    checkpoint_every: Option<usize>,
-    /// Discard saved state in --out instead of resuming from it.
-    #[arg(long)]
-    fresh: bool,
-}
-
-impl ShardArgs {
-    fn shard(&self) -> Result<infl::shard::Shard> {
-        Ok(match &self.shard {
-            None => infl::shard::Shard::WHOLE,
-            Some(s) => infl::shard::Shard::parse(s)?,
-        })
-    }
-
-    fn policy(&self) -> infl::curvature::CheckpointPolicy {
-        infl::curvature::CheckpointPolicy {
-            every_sequences: self.checkpoint_every,
-            every_seconds: if self.checkpoint_every.is_some() {
-                f64::INFINITY
-            } else {
-                900.0
-            },
-        }
-    }
-}
-
 #[derive(clap::Args)]
 struct ReportArgs {
     /// A results directory written by `infl score`.
@@ -312,7 +276,7 @@ struct InspectArgs {
     #[arg(long, value_name = "DIR|FILE")]
     model: PathBuf,
     #[command(flatten)]
-    compute: ComputeArgs,
+    compute: Compute,
     /// Sequences per batch the estimate assumes.
     #[arg(long, default_value_t = 8, value_name = "B")]
     batch_size: usize,
@@ -330,34 +294,11 @@ struct InspectArgs {
     no_probe: bool,
 }
 
-/// Where and how the forward and backward passes run (fit, score, self-influence, inspect).
-#[derive(clap::Args, Clone, Copy)]
-struct ComputeArgs {
-    /// Engine of the forward/backward passes: fast (explicit forward, activation-only
-    /// backward, fused threaded kernels; CPU only) or autograd (candle autograd, the reference:
-    /// slower on the CPU, and the engine that runs on a GPU) [default: fast on the CPU,
-    /// autograd on a GPU].
-    #[arg(long, value_enum)]
-    engine: Option<infl::model::Engine>,
-    /// Device of the forward/backward passes: cpu, cuda (GPU 0) or cuda:N. A GPU needs a build
-    /// with `--features cuda`; there the fit's statistics (covariances, Λ), the training
-    /// sequences' scores and their self-influence are formed on the GPU too;
-    /// eigendecompositions, query preconditioning, `--normalize cosine` and a gradient store
-    /// run on the CPU.
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    device: infl::model::ComputeDevice,
-}
-
-impl ComputeArgs {
-    fn engine(&self) -> infl::model::Engine {
-        self.engine.unwrap_or(self.device.default_engine())
-    }
-
-    /// Makes these the engine and device of every model the command loads.
-    fn apply(&self) {
-        infl::model::set_default_engine(self.engine());
-        infl::model::set_default_device(self.device);
-    }
+/// Makes `compute` the engine and device of every model the command loads by path alone
+/// (`index`, `inspect`, the benchmarks); the workflow's jobs carry theirs.
+fn apply(compute: &Compute) {
+    infl::model::set_default_engine(compute.engine());
+    infl::model::set_default_device(compute.device);
 }
 
 #[derive(clap::Args)]
@@ -428,41 +369,17 @@ struct FitArgs {
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     #[command(flatten)]
-    compute: ComputeArgs,
+    compute: Compute,
     /// Training corpus, JSONL: one document per line, {"text": ...} or {"ids": [...]}.
     #[arg(long, value_name = "CORPUS")]
     train: PathBuf,
     /// Output directory for the factors (factors.safetensors + meta.json).
     #[arg(long, value_name = "FACTORS")]
     out: PathBuf,
-    /// Curvature approximation.
-    #[arg(long, value_enum, default_value = "ekfac")]
-    strategy: Strategy,
-    /// Labels of the Fisher: sampled from the model (true Fisher) or the data's (empirical).
-    #[arg(long, value_enum, default_value = "sampled")]
-    fisher: Fisher,
-    /// Which linear layers of the blocks to track (attention qkv/out, MLP in/out).
-    #[arg(long, value_enum, default_value = "all")]
-    modules: ModuleSelection,
-    /// Track only these layers, by checkpoint name (comma-separated, within --modules; see
-    /// `infl inspect` for the names), e.g. `transformer.h.0.mlp.c_fc,transformer.h.1.mlp.c_fc`.
-    #[arg(long, value_delimiter = ',', value_name = "NAME,..")]
-    layers: Option<Vec<String>>,
-    /// Documents longer than this many tokens are cut into consecutive windows
-    /// [default: the model's context length].
-    #[arg(long, value_name = "N")]
-    max_len: Option<usize>,
-    /// Sequences per forward/backward batch (results do not depend on it).
-    #[arg(long, default_value_t = 8, value_name = "B")]
-    batch_size: usize,
-    /// Seed of the labels sampled for the true Fisher.
-    #[arg(long, default_value_t = 0, value_name = "S")]
-    seed: u64,
-    /// Start even if the memory estimate exceeds the memory available.
-    #[arg(long = "no-memory-check", action = clap::ArgAction::SetFalse)]
-    memory_check: bool,
     #[command(flatten)]
-    sharding: ShardArgs,
+    options: FitOptions,
+    #[command(flatten)]
+    run: RunOptions,
     /// Also keep every training sequence's gradient, in the factors' eigenbasis, in
     /// FACTORS/store/: `score --store` then scores new queries with no pass over the training
     /// data. With `--fisher empirical` it is written from the eigenvalue pass's own gradients;
@@ -486,7 +403,7 @@ struct ScoreArgs {
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     #[command(flatten)]
-    compute: ComputeArgs,
+    compute: Compute,
     /// A factors directory written by `infl fit`.
     #[arg(long, value_name = "FACTORS")]
     factors: PathBuf,
@@ -500,54 +417,13 @@ struct ScoreArgs {
     /// Output directory: top_k.jsonl, meta.json (and scores.safetensors with --dense).
     #[arg(long, value_name = "RESULTS")]
     out: PathBuf,
-    /// Damping added to the eigenvalues: `heuristic` (0.1 × mean(Λ) per layer) or a number.
-    #[arg(long, default_value = "heuristic", value_name = "heuristic|X")]
-    damping: Damping,
-    /// How many of the most influential sequences to keep per query.
-    #[arg(long, default_value_t = 10, value_name = "K")]
-    top_k: usize,
-    /// Also write the full [n_queries, n_train] matrix to scores.safetensors.
-    #[arg(long)]
-    dense: bool,
-    /// Sequences per forward/backward batch (results do not depend on it).
-    #[arg(long, default_value_t = 8, value_name = "B")]
-    batch_size: usize,
-    /// Window length for the corpus [default: the one the factors were fitted with].
-    #[arg(long, value_name = "N")]
-    max_len: Option<usize>,
-    /// Start even if the memory estimate exceeds the memory available.
-    #[arg(long = "no-memory-check", action = clap::ArgAction::SetFalse)]
-    memory_check: bool,
-    /// Compress each query's preconditioned gradient to rank k per layer (truncated SVD), so
-    /// scoring costs O(k (d_in + d_out)) per token and layer; `full` is exact. Exact anyway
-    /// where k reaches a layer's rank.
-    #[arg(long, default_value = "32", value_name = "k|full", value_parser = parse_rank)]
-    query_rank: QueryRank,
-    /// Also write each top/bottom score's parts per tracked layer, and per-layer totals over
-    /// the whole corpus (layers.json).
-    #[arg(long)]
-    per_layer: bool,
-    /// Also split each top/bottom score over the training sequence's tokens (one more small
-    /// pass over those sequences).
-    #[arg(long)]
-    per_token: bool,
-    /// `none`: raw influence. `cosine`: I(q,z)/sqrt(I(q,q)·I(z,z)), unit-normalised gradients
-    /// in the damped inverse-Fisher metric (RelatIF-style).
-    #[arg(long, value_enum, default_value = "none")]
-    normalize: Normalize,
-    /// Score only each query's N best BM25 matches (over token ids) from --index: the paper's
-    /// TF-IDF pre-filter for corpora too large to score whole.
-    #[arg(long, value_name = "N", requires = "index")]
-    prefilter: Option<usize>,
     /// An index built by `infl index` from the same corpus and --max-len.
     #[arg(long, value_name = "INDEX", requires = "prefilter")]
     index: Option<PathBuf>,
     #[command(flatten)]
-    sharding: ShardArgs,
-    /// Read the training gradients from FACTORS/store/ (written by `fit --store` on the same
-    /// corpus) instead of running the model over --train; queries are then exact (full rank).
-    #[arg(long, conflicts_with_all = ["per_token", "shard"])]
-    store: bool,
+    options: ScoreOptions,
+    #[command(flatten)]
+    run: RunOptions,
 }
 
 #[derive(clap::Args)]
@@ -565,26 +441,13 @@ struct IndexArgs {
     max_len: Option<usize>,
 }
 
-#[derive(Clone, Copy)]
-struct QueryRank(Option<usize>);
-
-fn parse_rank(s: &str) -> std::result::Result<QueryRank, String> {
-    if s == "full" {
-        return Ok(QueryRank(None));
-    }
-    match s.parse::<usize>() {
-        Ok(k) if k > 0 => Ok(QueryRank(Some(k))),
-        _ => Err(format!("`{s}` is neither `full` nor a positive rank")),
-    }
-}
-
 #[derive(clap::Args)]
 struct SelfInfluenceArgs {
     /// The checkpoint directory the factors were fitted on.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     #[command(flatten)]
-    compute: ComputeArgs,
+    compute: Compute,
     /// A factors directory written by `infl fit`.
     #[arg(long, value_name = "FACTORS")]
     factors: PathBuf,
@@ -595,18 +458,8 @@ struct SelfInfluenceArgs {
     /// meta.json.
     #[arg(long, value_name = "RESULTS")]
     out: PathBuf,
-    /// Damping: `heuristic` (0.1 × mean(Λ) per layer) or a number.
-    #[arg(long, default_value = "heuristic", value_name = "heuristic|X")]
-    damping: Damping,
-    /// How many of the highest and lowest sequences to list.
-    #[arg(long, default_value_t = 20, value_name = "K")]
-    top_k: usize,
-    /// Sequences per forward/backward batch.
-    #[arg(long, default_value_t = 8, value_name = "B")]
-    batch_size: usize,
-    /// Window length [default: the one the factors were fitted with].
-    #[arg(long, value_name = "N")]
-    max_len: Option<usize>,
+    #[command(flatten)]
+    options: SelfInfluenceOptions,
 }
 
 #[derive(clap::Args)]
@@ -778,28 +631,18 @@ pub fn run() -> Result<()> {
     let progress = Bars::new(cli.quiet);
     match cli.command {
         Command::Fit(a) => {
-            a.compute.apply();
+            apply(&a.compute);
             let job = FitJob {
                 model: a.model,
                 train: a.train,
                 out: a.out,
-                modules: a.modules,
-                layers: a.layers,
-                memory_check: a.memory_check,
-                max_len: a.max_len,
-                shard: a.sharding.shard()?,
-                checkpoint: a.sharding.policy(),
-                fresh: a.sharding.fresh,
+                options: a.options,
+                run: a.run,
+                compute: a.compute,
                 store: a.store.then_some(infl::store::StoreOptions {
                     dtype: a.store_dtype,
                     form: a.store_form,
                 }),
-                options: FitOptions {
-                    strategy: a.strategy,
-                    fisher: a.fisher,
-                    batch_size: a.batch_size,
-                    seed: a.seed,
-                },
             };
             let s = workflow::fit(&job, &progress)?;
             if !cli.quiet {
@@ -807,30 +650,17 @@ pub fn run() -> Result<()> {
             }
         }
         Command::Score(a) => {
-            a.compute.apply();
+            apply(&a.compute);
             let job = ScoreJob {
                 model: a.model,
                 factors: a.factors,
                 train: a.train,
                 queries: a.queries,
                 out: a.out,
-                damping: a.damping,
-                top_k: a.top_k,
-                dense: a.dense,
-                batch_size: a.batch_size,
-                max_len: a.max_len,
-                query_rank: a.query_rank.0,
-                per_layer: a.per_layer,
-                per_token: a.per_token,
-                normalize: a.normalize,
-                prefilter: a
-                    .prefilter
-                    .map(|n| (n, a.index.clone().unwrap_or_default())),
-                shard: a.sharding.shard()?,
-                checkpoint: a.sharding.policy(),
-                fresh: a.sharding.fresh,
-                store: a.store,
-                memory_check: a.memory_check,
+                index: a.index,
+                options: a.options,
+                run: a.run,
+                compute: a.compute,
             };
             let s = workflow::score(&job, &progress)?;
             if !cli.quiet {
@@ -855,16 +685,14 @@ pub fn run() -> Result<()> {
             }
         }
         Command::SelfInfluence(a) => {
-            a.compute.apply();
+            apply(&a.compute);
             let job = SelfInfluenceJob {
                 model: a.model,
                 factors: a.factors,
                 train: a.train,
                 out: a.out,
-                damping: a.damping,
-                top_k: a.top_k,
-                batch_size: a.batch_size,
-                max_len: a.max_len,
+                options: a.options,
+                compute: a.compute,
             };
             let s = workflow::self_influence(&job, &progress)?;
             if !cli.quiet {
@@ -982,7 +810,7 @@ fn validate_exact(a: ValidateExactArgs, progress: &Bars, quiet: bool) -> Result<
 
 fn inspect(a: InspectArgs, quiet: bool) -> Result<()> {
     use infl::inspect;
-    a.compute.apply();
+    apply(&a.compute);
     let model = infl::model::load(&a.model, a.modules)?;
     let max_len = a.max_len.unwrap_or(model.max_positions().min(512));
     if max_len == 0 || max_len > model.max_positions() || a.batch_size == 0 {
@@ -1327,26 +1155,23 @@ fn bench_score_job(
     query_rank: Option<usize>,
 ) -> ScoreJob {
     ScoreJob {
-        model: model.to_path_buf(),
-        factors: factors.to_path_buf(),
-        train: train.to_path_buf(),
-        queries: queries.to_path_buf(),
-        out,
-        damping: Damping::Heuristic,
-        top_k: 10,
-        dense: false,
-        batch_size,
-        max_len: Some(max_len),
-        query_rank,
-        per_layer: false,
-        per_token: false,
-        normalize: Normalize::None,
-        prefilter: None,
-        shard: infl::shard::Shard::WHOLE,
-        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
-        fresh: false,
-        store: false,
-        memory_check: true,
+        options: ScoreOptions {
+            batch_size,
+            max_len: Some(max_len),
+            query_rank: QueryRank(query_rank),
+            ..ScoreOptions::default()
+        },
+        run: RunOptions {
+            fresh: false,
+            ..RunOptions::ONCE
+        },
+        ..ScoreJob::new(
+            model.to_path_buf(),
+            factors.to_path_buf(),
+            train.to_path_buf(),
+            queries.to_path_buf(),
+            out,
+        )
     }
 }
 
@@ -1682,25 +1507,17 @@ fn time_fit_and_score(
         },
     );
     let factors = inputs.out.join("passes-factors");
-    let fit = FitJob {
-        model: inputs.model.to_path_buf(),
-        train: inputs.train.to_path_buf(),
-        out: factors.clone(),
-        modules: ModuleSelection::All,
-        layers: None,
-        memory_check: true,
-        max_len: Some(inputs.max_len),
-        shard: infl::shard::Shard::WHOLE,
-        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
-        fresh: true,
-        store: None,
-        options: FitOptions {
-            strategy: Strategy::Ekfac,
+    let fit = FitJob::new(
+        inputs.model.to_path_buf(),
+        inputs.train.to_path_buf(),
+        factors.clone(),
+        FitOptions {
             fisher: inputs.fisher,
             batch_size: batch,
-            seed: 0,
+            max_len: Some(inputs.max_len),
+            ..FitOptions::default()
         },
-    };
+    );
     // Wall and CPU time over the same interval, so that their ratio means cores kept busy.
     let watch = Stopwatch::start();
     workflow::fit(&fit, &clock)?;
@@ -1709,7 +1526,7 @@ fn time_fit_and_score(
     // land in a slow moment, which would lower the floor's rate and flatter every ratio.
     let rate_between = infl::model::fast::bench::gemm_rate();
     let score = ScoreJob {
-        fresh: true,
+        run: RunOptions::ONCE,
         ..bench_score_job(
             (inputs.model, &factors, inputs.train, inputs.queries),
             inputs.out.join("passes-scores"),
@@ -1849,23 +1666,20 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
 
     let t0 = Instant::now();
     let fit = FitJob {
-        model: model_dir.clone(),
-        train: corpus.clone(),
-        out: factors.clone(),
-        modules: ModuleSelection::All,
-        layers: None,
-        memory_check: true,
-        max_len: Some(max_len),
-        shard: infl::shard::Shard::WHOLE,
-        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
-        fresh: false,
-        store: None,
-        options: FitOptions {
-            strategy: Strategy::Ekfac,
-            fisher: Fisher::Sampled,
-            batch_size: a.batch_size,
-            seed: 0,
+        run: RunOptions {
+            fresh: false,
+            ..RunOptions::ONCE
         },
+        ..FitJob::new(
+            model_dir.clone(),
+            corpus.clone(),
+            factors.clone(),
+            FitOptions {
+                batch_size: a.batch_size,
+                max_len: Some(max_len),
+                ..FitOptions::default()
+            },
+        )
     };
     workflow::fit(&fit, progress)?;
     let fit_s = t0.elapsed().as_secs_f64();

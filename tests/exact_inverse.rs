@@ -173,6 +173,7 @@ fn fit(strategy: Strategy) -> (curvature::Factors, Vec<Sequence>) {
         fisher: Fisher::Empirical,
         batch_size: 4,
         seed: 0,
+        ..FitOptions::default()
     };
     (
         curvature::fit(&model, &seqs, &options, &Silent).unwrap(),

@@ -20,6 +20,7 @@ fn options(fisher: Fisher) -> FitOptions {
         fisher,
         batch_size: 4,
         seed: 3,
+        ..FitOptions::default()
     }
 }
 
@@ -140,18 +141,21 @@ fn fit_and_score(
             model: model.into(),
             train: corpus.into(),
             out: factors.clone(),
-            modules: ModuleSelection::All,
-            layers: None,
-            max_len: Some(16),
+            store: None,
             options: FitOptions {
                 strategy,
+                modules: ModuleSelection::All,
+                layers: None,
+                max_len: Some(16),
                 ..options(fisher)
             },
-            memory_check: false,
-            shard: infl::shard::Shard::WHOLE,
-            checkpoint: infl::curvature::CheckpointPolicy::NEVER,
-            fresh: true,
-            store: None,
+            run: infl::options::RunOptions {
+                memory_check: false,
+                shard: infl::shard::Shard::WHOLE,
+                fresh: true,
+                ..infl::options::RunOptions::ONCE
+            },
+            compute: Default::default(),
         },
         &Silent,
     )
@@ -163,21 +167,28 @@ fn fit_and_score(
             train: corpus.into(),
             queries: queries.into(),
             out: results.clone(),
-            damping,
-            top_k: 3,
-            dense: true,
-            batch_size: 4,
-            max_len: Some(16),
-            memory_check: false,
-            query_rank: None,
-            per_layer: false,
-            per_token: false,
-            normalize: Normalize::None,
-            prefilter: None,
-            shard: infl::shard::Shard::WHOLE,
-            checkpoint: infl::curvature::CheckpointPolicy::NEVER,
-            fresh: true,
-            store: false,
+            options: infl::options::ScoreOptions {
+                damping: damping,
+                top_k: 3,
+                dense: true,
+                batch_size: 4,
+                max_len: Some(16),
+                query_rank: infl::options::QueryRank(None),
+                per_layer: false,
+                per_token: false,
+                normalize: Normalize::None,
+                prefilter: None,
+                store: false,
+                ..infl::options::ScoreOptions::default()
+            },
+            run: infl::options::RunOptions {
+                memory_check: false,
+                shard: infl::shard::Shard::WHOLE,
+                fresh: true,
+                ..infl::options::RunOptions::ONCE
+            },
+            index: None,
+            compute: Default::default(),
         },
         &Silent,
     )

@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 fn fit_and_score(model: &Path, corpus: &Path, queries: &Path, out: &Path) -> Result<ScoreSummary> {
     workflow::fit(
         &FitJob {
-            max_len: Some(64),
+            options: FitOptions {
+                max_len: Some(64),
+                ..FitOptions::default()
+            },
             ..FitJob::new(
                 model.to_path_buf(),
                 corpus.to_path_buf(),
@@ -27,6 +30,7 @@ fn fit_and_score(model: &Path, corpus: &Path, queries: &Path, out: &Path) -> Res
                     fisher: Fisher::Sampled,
                     batch_size: 8,
                     seed: 0,
+                    ..FitOptions::default()
                 },
             )
         },
@@ -34,7 +38,10 @@ fn fit_and_score(model: &Path, corpus: &Path, queries: &Path, out: &Path) -> Res
     )?;
     Ok(workflow::score(
         &ScoreJob {
-            dense: true,
+            options: infl::options::ScoreOptions {
+                dense: true,
+                ..infl::options::ScoreOptions::default()
+            },
             ..ScoreJob::new(
                 model.to_path_buf(),
                 out.join("factors"),

@@ -53,7 +53,10 @@ fn main() -> Result<()> {
     let model = dir.join("model");
     let summary = workflow::score(
         &ScoreJob {
-            dense: true,
+            options: infl::options::ScoreOptions {
+                dense: true,
+                ..infl::options::ScoreOptions::default()
+            },
             ..ScoreJob::new(
                 model.clone(),
                 dir.join("factors-ekfac"),

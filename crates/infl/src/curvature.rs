@@ -312,15 +312,7 @@ fn all_finite_f32(x: &[f32]) -> bool {
     worst < EXPONENT
 }
 
-/// Settings of `infl fit`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct FitOptions {
-    pub strategy: Strategy,
-    pub fisher: Fisher,
-    pub batch_size: usize,
-    /// Seeds the labels sampled for the true Fisher.
-    pub seed: u64,
-}
+pub use crate::options::FitOptions;
 
 /// The fitted curvature of one tracked layer. Matrices are f32 as stored; eigenvalues f64.
 #[derive(Debug, Clone)]

@@ -10,6 +10,7 @@
 use crate::curvature::{Fisher, FitOptions, Progress, Strategy};
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
+use crate::options::ScoreOptions;
 use crate::train::{TrainJob, TrainingRecord};
 use crate::workflow::{self, FitJob, ScoreJob, ScoreSummary};
 use std::path::{Path, PathBuf};
@@ -187,28 +188,28 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<DemoOutcome> {
         let name = strategy.name();
         let factors = job.out.join(format!("factors-{name}"));
         workflow::fit(
-            &FitJob {
-                max_len: Some(max_len),
-                ..FitJob::new(
-                    model.clone(),
-                    job.corpus.clone(),
-                    factors.clone(),
-                    FitOptions {
-                        strategy,
-                        fisher: Fisher::Sampled,
-                        batch_size: 8,
-                        seed: 0,
-                    },
-                )
-            },
+            &FitJob::new(
+                model.clone(),
+                job.corpus.clone(),
+                factors.clone(),
+                FitOptions {
+                    strategy,
+                    fisher: Fisher::Sampled,
+                    max_len: Some(max_len),
+                    ..FitOptions::default()
+                },
+            ),
             progress,
         )?;
         let first = i == 0;
         let summary = workflow::score(
             &ScoreJob {
-                top_k: job.top_k.max(10),
-                per_layer: first,
-                per_token: first,
+                options: ScoreOptions {
+                    top_k: job.top_k.max(10),
+                    per_layer: first,
+                    per_token: first,
+                    ..ScoreOptions::default()
+                },
                 ..ScoreJob::new(
                     model.clone(),
                     factors,

@@ -38,6 +38,15 @@ impl std::str::FromStr for Damping {
     }
 }
 
+impl std::fmt::Display for Damping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Damping::Heuristic => f.write_str("heuristic"),
+            Damping::Fixed(x) => write!(f, "{x}"),
+        }
+    }
+}
+
 enum LayerPreconditioner {
     /// EK-FAC and KFAC: rotate into the eigenbasis, divide, rotate back.
     Eigen {

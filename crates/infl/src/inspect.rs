@@ -231,7 +231,7 @@ pub fn probe(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Result<
         strategy: Strategy::Ekfac,
         fisher: Fisher::Empirical,
         batch_size,
-        seed: 0,
+        ..FitOptions::default()
     };
     let passes = crate::clock::PhaseClock::new(&Silent);
     let started = std::time::Instant::now();

@@ -10,6 +10,28 @@ use std::path::Path;
 /// Every output directory's provenance file.
 pub const META_FILE: &str = "meta.json";
 
+/// The layout of the `meta.json` files this infl writes. 1: up to infl 0.1.0 (no
+/// `format_version` field); 2: the options of the stage recorded as one flat set of keys
+/// ([`crate::options`]), `store` a flag, `max_len` as asked. This infl reads both.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The `format_version` of a `meta.json` without one.
+pub fn format_1() -> u32 {
+    1
+}
+
+/// Refuses a `meta.json` written by a newer infl, whose layout this one cannot know.
+pub fn check_format(version: u32, path: &Path) -> Result<()> {
+    if version > FORMAT_VERSION {
+        return Err(crate::Error::Mismatch(format!(
+            "{}: written in format {version} by a newer infl; this infl {} reads formats 1 to {FORMAT_VERSION}: upgrade infl",
+            path.display(),
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+    Ok(())
+}
+
 /// Identity of a checkpoint: hashes of its config and weight files.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelInfo {

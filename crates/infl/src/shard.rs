@@ -126,6 +126,13 @@ impl Shard {
     }
 }
 
+impl std::str::FromStr for Shard {
+    type Err = Error;
+    fn from_str(spec: &str) -> Result<Self> {
+        Shard::parse(spec)
+    }
+}
+
 impl std::fmt::Display for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.index, self.count)

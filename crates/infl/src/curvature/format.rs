@@ -1,12 +1,11 @@
 //! The factors directory: `factors.safetensors` (the tensors, [`super::Factors::to_tensors`])
 //! and its `meta.json` ([`FactorsMeta`]), which vouches for the tensors by hash.
 
-use super::{Fisher, FitOptions, Strategy};
+use super::FitOptions;
 use crate::data;
 use crate::error::{Error, Result};
 use crate::io;
-use crate::model::ModuleSelection;
-use crate::provenance::{CorpusInfo, ModelInfo, META_FILE};
+use crate::provenance::{check_format, format_1, CorpusInfo, ModelInfo, FORMAT_VERSION, META_FILE};
 use std::path::Path;
 
 pub const FACTORS_FILE: &str = "factors.safetensors";
@@ -14,20 +13,63 @@ pub const FACTORS_FILE: &str = "factors.safetensors";
 /// `meta.json` of a factors directory.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FactorsMeta {
+    /// [`crate::provenance::FORMAT_VERSION`] when written.
+    #[serde(default = "format_1")]
+    pub format_version: u32,
     pub tool: String,
     pub version: String,
     pub kind: String,
-    pub strategy: Strategy,
-    pub fisher: Fisher,
-    pub modules: ModuleSelection,
+    /// The fit's options, as top-level keys.
+    #[serde(flatten)]
     pub options: FitOptions,
     pub model: ModelInfo,
     pub corpus: CorpusInfo,
+    /// Each tracked layer's name, shape and fitted statistics' summary.
     pub layers: Vec<std::collections::HashMap<String, serde_json::Value>>,
-    /// The explicit layer list of `fit --layers`, if one was given.
-    #[serde(default)]
-    pub selected_layers: Option<Vec<String>>,
     pub factors_sha256: String,
+    /// Format 1 kept `batch_size` and `seed` (with a copy of the strategy and Fisher) here.
+    #[serde(default, rename = "options", skip_serializing)]
+    format_1_options: Option<Format1Options>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Format1Options {
+    batch_size: usize,
+    seed: u64,
+}
+
+impl FactorsMeta {
+    pub fn new(
+        options: FitOptions,
+        model: ModelInfo,
+        corpus: CorpusInfo,
+        layers: Vec<std::collections::HashMap<String, serde_json::Value>>,
+        factors_sha256: String,
+    ) -> Self {
+        FactorsMeta {
+            format_version: FORMAT_VERSION,
+            tool: "infl".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            kind: "factors".into(),
+            options,
+            model,
+            corpus,
+            layers,
+            factors_sha256,
+            format_1_options: None,
+        }
+    }
+
+    /// Reads a factors `meta.json` of any format this infl knows.
+    pub fn read(path: &Path) -> Result<Self> {
+        let mut meta: FactorsMeta = io::read_json(path)?;
+        check_format(meta.format_version, path)?;
+        if let Some(old) = meta.format_1_options.take() {
+            meta.options.batch_size = old.batch_size;
+            meta.options.seed = old.seed;
+        }
+        Ok(meta)
+    }
 }
 
 /// Reads a factors directory, checking it is complete and belongs to `model_dir`'s checkpoint.
@@ -39,7 +81,7 @@ pub fn open_factors(dir: &Path) -> Result<FactorsMeta> {
             dir.display()
         )));
     }
-    let meta: FactorsMeta = io::read_json(&meta_path)?;
+    let meta = FactorsMeta::read(&meta_path)?;
     if meta.kind != "factors" {
         return Err(Error::Mismatch(format!(
             "{}: holds `{}`, not factors",

@@ -744,6 +744,7 @@ mod tests {
             fisher: Fisher::Empirical,
             batch_size: 3,
             seed: 1,
+            ..FitOptions::default()
         };
         let factors = fit(&model, &seqs, &options, &Silent).unwrap();
         let pre = Preconditioner::new(&factors, Damping::Heuristic).unwrap();

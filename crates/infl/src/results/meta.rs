@@ -3,10 +3,10 @@
 
 use crate::curvature::format::FactorsMeta;
 use crate::curvature::{Fisher, Strategy};
-use crate::influence::{Damping, Preconditioner};
+use crate::influence::Preconditioner;
 use crate::model::ModuleSelection;
-use crate::options::Normalize;
-use crate::provenance::{CorpusInfo, ModelInfo};
+use crate::options::ScoreOptions;
+use crate::provenance::{check_format, format_1, CorpusInfo, ModelInfo, FORMAT_VERSION};
 use std::path::Path;
 
 /// What a score means, recorded in every results directory.
@@ -29,30 +29,24 @@ pub struct QueriesInfo {
 /// `meta.json` of a results directory.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ScoresMeta {
+    /// [`crate::provenance::FORMAT_VERSION`] when written.
+    #[serde(default = "format_1")]
+    pub format_version: u32,
     pub tool: String,
     pub version: String,
+    /// `scores` or `self-influence`.
     pub kind: String,
     pub strategy: Strategy,
     pub fisher: Fisher,
     pub modules: ModuleSelection,
-    pub damping: Damping,
+    /// The score's options, as top-level keys (`query_rank` null = exact: always so with
+    /// `store`; a self-influence run records its damping, top-k and batch size, the rest off).
+    #[serde(flatten)]
+    pub options: ScoreOptions,
     /// λ actually used per tracked layer.
     pub damping_per_layer: Vec<(String, f64)>,
     /// Tracked layer names, in the order of every per-layer array.
     pub layers: Vec<String>,
-    /// Rank of the compressed query gradients (null = exact).
-    pub query_rank: Option<usize>,
-    /// The gradient store the training gradients were read from (null = computed by the model).
-    #[serde(default)]
-    pub store: Option<String>,
-    pub normalize: Normalize,
-    pub per_layer: bool,
-    pub per_token: bool,
-    /// N candidates per query kept by the BM25 pre-filter (null = every sequence scored).
-    pub prefilter: Option<usize>,
-    pub top_k: usize,
-    pub dense: bool,
-    pub batch_size: usize,
     pub model: ModelInfo,
     pub corpus: CorpusInfo,
     pub queries: QueriesInfo,
@@ -60,61 +54,71 @@ pub struct ScoresMeta {
     pub score_convention: String,
 }
 
+/// What every scores-like output's `meta.json` records besides its options and queries.
+pub struct Provenance<'a> {
+    pub fmeta: &'a FactorsMeta,
+    pub factors_dir: &'a Path,
+    pub model: ModelInfo,
+    pub corpus: CorpusInfo,
+    pub tracked: &'a [crate::model::TrackedLayer],
+    pub preconditioner: &'a Preconditioner,
+}
+
 impl ScoresMeta {
-    /// The provenance every scores-like output shares; options default to off.
-    #[allow(clippy::too_many_arguments)]
-    pub fn base(
+    pub fn new(
         kind: &str,
         convention: &str,
-        fmeta: &FactorsMeta,
-        model: ModelInfo,
-        preconditioner: &Preconditioner,
-        tracked: &[crate::model::TrackedLayer],
-        corpus: CorpusInfo,
-        (damping, batch_size, top_k): (Damping, usize, usize),
-        factors_dir: &Path,
+        options: ScoreOptions,
+        queries: QueriesInfo,
+        from: Provenance<'_>,
     ) -> Self {
-        let layers: Vec<String> = tracked.iter().map(|l| l.name.clone()).collect();
+        let layers: Vec<String> = from.tracked.iter().map(|l| l.name.clone()).collect();
         ScoresMeta {
+            format_version: FORMAT_VERSION,
             tool: "infl".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             kind: kind.into(),
-            strategy: fmeta.strategy,
-            fisher: fmeta.fisher,
-            modules: fmeta.modules,
-            damping,
+            strategy: from.fmeta.options.strategy,
+            fisher: from.fmeta.options.fisher,
+            modules: from.fmeta.options.modules,
+            options,
             damping_per_layer: layers
                 .iter()
                 .cloned()
-                .zip(preconditioner.damping.iter().copied())
+                .zip(from.preconditioner.damping.iter().copied())
                 .collect(),
             layers,
-            query_rank: None,
-            store: None,
-            normalize: Normalize::None,
-            per_layer: false,
-            per_token: false,
-            prefilter: None,
-            top_k,
-            dense: false,
-            batch_size,
-            model,
-            corpus,
-            queries: QueriesInfo {
-                path: String::new(),
-                sha256: String::new(),
-                ids: vec!["self".into()],
-                prompts: vec![None],
-                completions: vec![None],
-                losses: vec![],
-                self_influence: vec![],
-            },
+            model: from.model,
+            corpus: from.corpus,
+            queries,
             factors: FactorsRef {
-                path: factors_dir.display().to_string(),
-                factors_sha256: fmeta.factors_sha256.clone(),
-                fitted_on: fmeta.corpus.clone(),
+                path: from.factors_dir.display().to_string(),
+                factors_sha256: from.fmeta.factors_sha256.clone(),
+                fitted_on: from.fmeta.corpus.clone(),
             },
             score_convention: convention.into(),
+        }
+    }
+
+    /// Reads a results `meta.json` of any format this infl knows.
+    pub fn read(path: &Path) -> crate::Result<Self> {
+        let meta: ScoresMeta = crate::io::read_json(path)?;
+        check_format(meta.format_version, path)?;
+        Ok(meta)
+    }
+}
+
+impl QueriesInfo {
+    /// The one pseudo-query of a self-influence run.
+    pub fn own() -> Self {
+        QueriesInfo {
+            path: String::new(),
+            sha256: String::new(),
+            ids: vec!["self".into()],
+            prompts: vec![None],
+            completions: vec![None],
+            losses: vec![],
+            self_influence: vec![],
         }
     }
 }

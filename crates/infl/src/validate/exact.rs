@@ -24,6 +24,7 @@ use crate::influence::{self, Damping, LayerQueries, Preconditioner};
 use crate::io;
 use crate::linalg;
 use crate::model::{self, Labels, ModuleSelection, TapModel, TrackedLayer};
+use crate::options::ScoreOptions;
 use crate::provenance::{CorpusInfo, ModelInfo};
 use crate::workflow::{self, FitJob, ScoreJob};
 use faer::linalg::matmul::matmul;
@@ -520,6 +521,9 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
         fisher: job.fisher,
         batch_size: job.batch_size,
         seed: job.seed,
+        modules: job.modules,
+        max_len: Some(max_len),
+        ..FitOptions::default()
     };
     let exact_started = std::time::Instant::now();
     let exact = exact_scores(
@@ -543,28 +547,27 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
         }
         let (factors, results) = (dir.join("factors"), dir.join("results"));
         workflow::fit(
-            &FitJob {
-                modules: job.modules,
-                max_len: Some(max_len),
-                ..FitJob::new(
-                    job.model.clone(),
-                    job.train.clone(),
-                    factors.clone(),
-                    FitOptions {
-                        strategy,
-                        ..options.clone()
-                    },
-                )
-            },
+            &FitJob::new(
+                job.model.clone(),
+                job.train.clone(),
+                factors.clone(),
+                FitOptions {
+                    strategy,
+                    ..options.clone()
+                },
+            ),
             progress,
         )?;
         let summary = workflow::score(
             &ScoreJob {
-                damping: job.damping,
-                top_k: job.top_k,
-                dense: true,
-                batch_size: job.batch_size,
-                max_len: Some(max_len),
+                options: ScoreOptions {
+                    damping: job.damping,
+                    top_k: job.top_k,
+                    dense: true,
+                    batch_size: job.batch_size,
+                    max_len: Some(max_len),
+                    ..ScoreOptions::default()
+                },
                 ..ScoreJob::new(
                     job.model.clone(),
                     factors.clone(),

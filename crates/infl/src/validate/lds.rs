@@ -24,6 +24,7 @@ use crate::influence::Damping;
 use crate::io;
 use crate::model::gpt2::Gpt2;
 use crate::model::ModuleSelection;
+use crate::options::ScoreOptions;
 use crate::train::{completion_losses, Trainer, TrainingRecord};
 use crate::workflow::{self, FitJob, ScoreJob};
 use rand::{Rng, SeedableRng};
@@ -229,26 +230,26 @@ pub fn run(job: &LdsJob, progress: &dyn Progress) -> Result<LdsReport> {
         let name = strategy.name().to_string();
         let dir = job.out.join("runs").join(&name);
         workflow::fit(
-            &FitJob {
-                max_len: Some(config.n_positions),
-                ..FitJob::new(
-                    job.model.clone(),
-                    job.train.clone(),
-                    dir.join("factors"),
-                    FitOptions {
-                        strategy,
-                        fisher: job.fisher,
-                        batch_size: 8,
-                        seed: 0,
-                    },
-                )
-            },
+            &FitJob::new(
+                job.model.clone(),
+                job.train.clone(),
+                dir.join("factors"),
+                FitOptions {
+                    strategy,
+                    fisher: job.fisher,
+                    max_len: Some(config.n_positions),
+                    ..FitOptions::default()
+                },
+            ),
             progress,
         )?;
         workflow::score(
             &ScoreJob {
-                damping: job.damping,
-                dense: true,
+                options: ScoreOptions {
+                    damping: job.damping,
+                    dense: true,
+                    ..ScoreOptions::default()
+                },
                 ..ScoreJob::new(
                     job.model.clone(),
                     dir.join("factors"),

@@ -4,16 +4,19 @@
 //! output records what made it.
 
 mod fit;
+mod fit_merge;
 mod score;
 mod score_merge;
+mod score_store;
 mod self_influence;
 
-pub use fit::{fit, merge_factors, FitJob, FitSummary};
+pub use fit::{fit, FitJob, FitSummary};
+pub use fit_merge::merge_factors;
 pub use score::{score, ScoreJob, ScoreSummary};
 pub use score_merge::{merge_scores, ScoresMerged};
 pub use self_influence::{self_influence, SelfInfluenceJob};
 
-use fit::FIT_TEMPLATE_FILE;
+use fit_merge::FIT_TEMPLATE_FILE;
 use score_merge::SCORE_TEMPLATE_FILE;
 
 use crate::checkpoint;
@@ -23,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::influence::{Damping, Preconditioner};
 use crate::io;
 use crate::model::{self, TapModel};
+use crate::options::Compute;
 use crate::provenance::ModelInfo;
 use std::path::Path;
 
@@ -35,7 +39,7 @@ pub(super) const CHUNK_BATCHES: usize = 16;
 
 /// Refuses to add to a work directory that another job (other settings, or another shard
 /// count) started: its shards would not merge.
-pub(super) fn check_same_job<T: serde::de::DeserializeOwned>(
+fn check_same_job<T: serde::de::DeserializeOwned>(
     template: &Path,
     settings: &serde_json::Value,
     settings_of: impl Fn(T) -> serde_json::Value,
@@ -52,6 +56,27 @@ pub(super) fn check_same_job<T: serde::de::DeserializeOwned>(
         )));
     }
     Ok(())
+}
+
+/// The work directory of a fit or score in `out`, started or resumed: fresh when asked,
+/// refused when another job's state is there, with this job's template written.
+pub(super) fn open_work_dir<T: serde::Serialize + serde::de::DeserializeOwned>(
+    out: &Path,
+    fresh: bool,
+    template_file: &str,
+    settings: &serde_json::Value,
+    template: &T,
+    settings_of: impl Fn(T) -> serde_json::Value,
+) -> Result<std::path::PathBuf> {
+    let work = out.join(WORK_DIR);
+    if fresh && work.exists() {
+        std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    }
+    io::ensure_dir(&work)?;
+    let template_path = work.join(template_file);
+    check_same_job(&template_path, settings, settings_of)?;
+    io::write_json(&template_path, template)?;
+    Ok(work)
 }
 
 pub(super) fn check_max_len(max_len: usize, model: &dyn TapModel) -> Result<()> {
@@ -76,12 +101,17 @@ pub(super) struct Prepared {
 pub(super) fn prepare(
     model_dir: &Path,
     factors_dir: &Path,
-    damping: Damping,
-    max_len: Option<usize>,
+    (damping, max_len): (Damping, Option<usize>),
+    compute: Compute,
 ) -> Result<Prepared> {
     let fmeta = open_factors(factors_dir)?;
-    let mut model = model::load(model_dir, fmeta.modules)?;
-    if let Some(names) = &fmeta.selected_layers {
+    let mut model = model::load_on(
+        model_dir,
+        fmeta.options.modules,
+        compute.engine(),
+        compute.device,
+    )?;
+    if let Some(names) = &fmeta.options.layers {
         model = model::select_layers(model, names)?;
     }
     let model_info = ModelInfo::of(model_dir, model.as_ref())?;
@@ -110,7 +140,7 @@ pub(super) fn prepare(
     }
     let factors = Factors::from_file(
         &factors_dir.join(FACTORS_FILE),
-        fmeta.strategy,
+        fmeta.options.strategy,
         model.tracked(),
     )?;
     let preconditioner = Preconditioner::new(&factors, damping)?;

@@ -1,28 +1,27 @@
 //! `infl score`: the queries' preconditioned gradients, then one streamed pass over the corpus
-//! (or its gradient store) scoring every training sequence against every query.
+//! (or over its gradient store, [`super::score_store`]) scoring every training sequence against
+//! every query, reduced on the fly to each query's top and bottom k; then, when asked, the
+//! per-token split of those.
 
 use super::score_merge::{
     dense_row_paths, gather_scores, parse_score_state, write_scores, ScoreStateRef, ScoreTemplate,
-    SCORE_TEMPLATE_FILE,
 };
-use super::{check_same_job, prepare, Prepared, CHUNK_BATCHES, WORK_DIR};
+use super::score_store::{open_store, score_from_store};
+use super::{open_work_dir, prepare, CHUNK_BATCHES};
 use crate::checkpoint;
-use crate::curvature::{self, CheckpointPolicy, Progress};
-use crate::data::{self, LazyTokenizer};
+use crate::curvature::{self, Progress};
+use crate::data::{self, CorpusStats, LazyTokenizer, Query, Sequence};
 use crate::error::{Error, Result};
-use crate::influence::{self, Damping};
-use crate::io;
-use crate::model::{self, TapModel};
-use crate::options::Normalize;
+use crate::influence::{self, PreconditionedQueries, Preconditioner};
+use crate::model::{self, Labels, TapBatch, TapModel, TrackedLayer};
+use crate::options::{Compute, Normalize, QueryRank, RunOptions, ScoreOptions};
 use crate::provenance::CorpusInfo;
-use crate::results::{
-    self,
-    meta::{QueriesInfo, ScoresMeta, SCORE_CONVENTION},
-};
-use crate::shard::Shard;
-use std::path::PathBuf;
+use crate::results::meta::{Provenance, QueriesInfo, ScoresMeta, SCORE_CONVENTION};
+use crate::results::{self, ScoreAccumulator};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
-/// Settings of `infl score`.
+/// One `infl score`: its files, what it computes, how it runs and where.
 #[derive(Debug, Clone)]
 pub struct ScoreJob {
     pub model: PathBuf,
@@ -30,38 +29,17 @@ pub struct ScoreJob {
     pub train: PathBuf,
     pub queries: PathBuf,
     pub out: PathBuf,
-    pub damping: Damping,
-    pub top_k: usize,
-    pub dense: bool,
-    pub batch_size: usize,
-    /// Window length; `None` = the one the factors were fitted with.
-    pub max_len: Option<usize>,
-    /// Refuse to start when the memory estimate ([`crate::inspect`]) exceeds MemAvailable.
-    pub memory_check: bool,
-    /// Compress each preconditioned query gradient to this rank per layer (`None` = exact).
-    pub query_rank: Option<usize>,
-    /// Write per-layer parts (top/bottom-k) and per-layer totals (layers.json).
-    pub per_layer: bool,
-    /// Split each top/bottom-k score over the sequence's tokens.
-    pub per_token: bool,
-    pub normalize: Normalize,
-    /// Score only each query's N best BM25 candidates from this index (`infl index`).
-    pub prefilter: Option<(usize, PathBuf)>,
-    /// Which part of the corpus this process scores ([`Shard::WHOLE`] = all of it).
-    pub shard: Shard,
-    /// When the scoring pass saves its state for resumption.
-    pub checkpoint: CheckpointPolicy,
-    /// Discard any saved state in `out` instead of resuming from it.
-    pub fresh: bool,
-    /// Read the training gradients from the factors' gradient store (`fit --store`) instead of
-    /// running the model over the corpus.
-    pub store: bool,
+    /// The BM25 index (`infl index`) that `options.prefilter` takes candidates from.
+    pub index: Option<PathBuf>,
+    pub options: ScoreOptions,
+    pub run: RunOptions,
+    pub compute: Compute,
 }
 
 impl ScoreJob {
     /// Exact (full-rank) scores with the heuristic damping and the top 10 kept, unsharded,
-    /// fresh, never checkpointed, no dense matrix, no decompositions: the settings library
-    /// callers start from and adjust with `ScoreJob { .., ..ScoreJob::new(..) }`.
+    /// fresh, never checkpointed, on the CPU ([`ScoreOptions::default`]): what library callers
+    /// start from and adjust with `ScoreJob { .., ..ScoreJob::new(..) }`.
     pub fn new(
         model: PathBuf,
         factors: PathBuf,
@@ -75,22 +53,45 @@ impl ScoreJob {
             train,
             queries,
             out,
-            damping: Damping::Heuristic,
-            top_k: 10,
-            dense: false,
-            batch_size: 8,
-            max_len: None,
-            memory_check: true,
-            query_rank: None,
-            per_layer: false,
-            per_token: false,
-            normalize: Normalize::None,
-            prefilter: None,
-            shard: Shard::WHOLE,
-            checkpoint: CheckpointPolicy::NEVER,
-            fresh: true,
-            store: false,
+            index: None,
+            options: ScoreOptions::default(),
+            run: RunOptions::ONCE,
+            compute: Compute::default(),
         }
+    }
+
+    /// The options as they run, once checked to go together: with a store the queries are
+    /// exact.
+    fn checked_options(&self) -> Result<ScoreOptions> {
+        let o = &self.options;
+        if o.query_rank == QueryRank(Some(0)) {
+            return Err(Error::input("--query-rank must be at least 1 (or `full`)"));
+        }
+        if o.store && (!self.run.shard.is_whole() || o.per_token) {
+            return Err(Error::input(
+                "--store reads the whole stored corpus in one process: it does not go with --shard or --per-token",
+            ));
+        }
+        if o.prefilter.is_some() && o.dense {
+            return Err(Error::input(
+                "--dense and --prefilter do not go together: a pre-filtered run scores only each query's candidates",
+            ));
+        }
+        if o.prefilter.is_some() != self.index.is_some() {
+            return Err(Error::input(
+                "--prefilter N and --index DIR go together: the index gives the candidates",
+            ));
+        }
+        if o.per_token && !self.run.shard.is_whole() {
+            return Err(Error::input(
+                "--per-token does not go with --shard: the per-token pass needs the merged top-k; run it unsharded (it reads only the top and bottom sequences)",
+            ));
+        }
+        let mut options = o.clone();
+        if options.store {
+            options.query_rank = QueryRank::FULL;
+        }
+        Ok(options)
     }
 }
 
@@ -107,17 +108,14 @@ pub struct ScoreSummary {
 
 pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
     let started = std::time::Instant::now();
-    if job.query_rank == Some(0) {
-        return Err(Error::input("--query-rank must be at least 1 (or `full`)"));
-    }
-    let Prepared {
-        fmeta,
-        model,
-        model_info,
-        preconditioner,
-        max_len,
-    } = prepare(&job.model, &job.factors, job.damping, job.max_len)?;
-    let tracked = model.tracked().to_vec();
+    let options = job.checked_options()?;
+    let prepared = prepare(
+        &job.model,
+        &job.factors,
+        (options.damping, options.max_len),
+        job.compute,
+    )?;
+    let model = prepared.model.as_ref();
     let mut tok = LazyTokenizer::new(&job.model);
     let (queries, queries_sha) = data::read_queries(
         &job.queries,
@@ -125,467 +123,352 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         model.max_positions(),
         model.vocab_size(),
     )?;
-    let query_ids: Vec<String> = queries.iter().map(|q| q.id.clone()).collect();
-    // Scoring streams the corpus, so no term of the estimate grows with it (n_train = 0); the
-    // activation term depends on the longest sequence, which is re-checked as chunks arrive.
-    let check_memory = |longest: usize| -> Result<()> {
-        if !job.memory_check {
-            return Ok(());
-        }
-        let e = crate::inspect::estimate(model.as_ref(), job.batch_size, longest);
-        crate::inspect::check_memory(
-            "infl score",
-            e.score_total(queries.len() as u64, 0),
-            "score fewer queries per run, or use a smaller --batch-size",
-        )
+    let memory = MemoryCheck {
+        enabled: job.run.memory_check,
+        model,
+        batch_size: options.batch_size,
+        n_queries: queries.len(),
     };
     let mut checked_len = queries
         .iter()
         .map(|q| q.prompt_ids.len() + q.completion_ids.len())
         .max()
         .unwrap_or(1);
-    check_memory(checked_len)?;
-
+    memory.check(checked_len)?;
     // With a gradient store the corpus is read back, not recomputed: the queries stay exact
     // (full rank), rotated into the store's basis.
-    let mut store = if job.store {
-        if !job.shard.is_whole() || job.per_token {
-            return Err(Error::input(
-                "--store reads the whole stored corpus in one process: it does not go with --shard or --per-token",
-            ));
-        }
-        let reader = crate::store::StoreReader::open(&job.factors.join(crate::store::STORE_DIR))?;
-        let m = &reader.meta;
-        if m.factors_sha256 != fmeta.factors_sha256 {
-            return Err(Error::Mismatch(format!(
-                "{}: the gradient store was written with other factors; rewrite it with `infl fit --store`",
-                job.factors.display()
-            )));
-        }
-        if m.corpus_sha256 != data::sha256_file(&job.train)? || m.max_len != max_len {
-            return Err(Error::Mismatch(format!(
-                "the gradient store in {} holds another corpus or --max-len ({} tokens per window) than --train {} with --max-len {max_len}",
-                job.factors.display(),
-                m.max_len,
-                job.train.display()
-            )));
-        }
-        Some(reader)
-    } else {
-        None
+    let mut store = match options.store {
+        true => Some(open_store(job, &prepared.fmeta, prepared.max_len)?),
+        false => None,
     };
     let pq = influence::precondition_queries(
-        model.as_ref(),
+        model,
         &queries,
-        &preconditioner,
-        job.batch_size,
-        job.query_rank,
+        &prepared.preconditioner,
+        options.batch_size,
+        options.query_rank.0,
         store.is_some(),
         progress,
     )?;
-    // A model on a GPU has the training sequences' scores formed there too.
-    let on_device = match model::statistics_device(model.as_ref())? {
-        Some(d) => Some(influence::device::DeviceScorer::new(
-            d,
-            &pq.per_layer,
-            pq.len(),
-        )?),
-        None => None,
-    };
-
-    // Pre-filter: each query keeps its N best lexical matches; the pass computes gradients
-    // only for the union.
-    let allowed: Option<Vec<std::collections::HashSet<usize>>> = match &job.prefilter {
-        None => None,
-        Some((n, dir)) => {
-            if job.dense {
-                return Err(Error::input(
-                    "--dense and --prefilter do not go together: a pre-filtered run scores only each query's candidates",
-                ));
-            }
-            let index = crate::index::Bm25Index::open(dir)?;
-            index.check(dir, &job.train, max_len)?;
-            if *n >= index.n_sequences() {
-                eprintln!(
-                    "warning: --prefilter {n} is not smaller than the corpus ({} sequences): every sequence is scored",
-                    index.n_sequences()
-                );
-            }
-            Some(
-                queries
-                    .iter()
-                    .map(|q| index.candidates(q, *n).into_iter().collect())
-                    .collect(),
-            )
-        }
-    };
-    let union: Option<std::collections::HashSet<usize>> = allowed
-        .as_ref()
-        .map(|a| a.iter().flatten().copied().collect());
-
-    if job.per_token && !job.shard.is_whole() {
-        return Err(Error::input(
-            "--per-token does not go with --shard: the per-token pass needs the merged top-k; run it unsharded (it reads only the top and bottom sequences)",
-        ));
-    }
+    let candidates = prefilter_candidates(job, &options, &queries, prepared.max_len)?;
     let settings = serde_json::json!({
         "stage": "score",
-        "model_config_sha256": model_info.config_sha256,
-        "model_weights_sha256": model_info.weights_sha256,
-        "factors_sha256": fmeta.factors_sha256,
+        "model_config_sha256": prepared.model_info.config_sha256,
+        "model_weights_sha256": prepared.model_info.weights_sha256,
+        "factors_sha256": prepared.fmeta.factors_sha256,
         "corpus_sha256": data::sha256_file(&job.train)?,
         "queries_sha256": queries_sha,
-        "max_len": max_len,
-        "damping": job.damping,
-        "top_k": job.top_k,
-        "dense": job.dense,
-        "batch_size": job.batch_size,
-        "query_rank": job.query_rank,
-        "per_layer": job.per_layer,
-        "normalize": job.normalize,
-        "prefilter": job.prefilter.as_ref().map(|p| p.0),
-        "shards": job.shard.count,
-        "store": job.store,
+        "max_len": prepared.max_len,
+        "options": options,
+        "shards": job.run.shard.count,
     });
-    let work = job.out.join(WORK_DIR);
-    if job.fresh && work.exists() {
-        std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    }
-    io::ensure_dir(&work)?;
-    check_same_job(
-        &work.join(SCORE_TEMPLATE_FILE),
+    let template = ScoreTemplate {
+        settings: settings.clone(),
+        shards: job.run.shard.count,
+        top_k: options.top_k,
+    };
+    let work = open_work_dir(
+        &job.out,
+        job.run.fresh,
+        super::score_merge::SCORE_TEMPLATE_FILE,
         &settings,
+        &template,
         |t: ScoreTemplate| t.settings,
     )?;
-    io::write_json(
-        &work.join(SCORE_TEMPLATE_FILE),
-        &ScoreTemplate {
-            settings: settings.clone(),
-            shards: job.shard.count,
-            top_k: job.top_k,
-        },
-    )?;
-    let stem = format!("score.{}", job.shard.tag());
-    let dense_paths = dense_row_paths(&work, job.shard, queries.len());
-    let (saved, position, complete) = match checkpoint::load(&work, &stem, &settings)? {
-        Some((m, bytes)) => (
-            Some(parse_score_state(&bytes, &m.file)?),
-            m.position as usize,
-            m.complete,
-        ),
-        None => (None, 0, false),
+    let tracked = model.tracked().to_vec();
+    let run = ScoreRun {
+        job,
+        options: &options,
+        tracked: &tracked,
+        preconditioner: &prepared.preconditioner,
+        pq: &pq,
+        candidates: candidates.as_deref(),
+        work: &work,
+        stem: format!("score.{}", job.run.shard.tag()),
+        settings: &settings,
+        progress,
     };
-    let mut dense_columns = saved.as_ref().map_or(0, |s| s.dense_columns);
-    let dense = if job.dense && !complete {
-        Some(results::DenseWriter::resume(
-            dense_paths.clone(),
-            dense_columns,
-        )?)
-    } else {
-        None
-    };
-    let mut acc = match saved {
-        Some(s) => results::ScoreAccumulator::resume(s.summaries, job.top_k, dense),
-        None => results::ScoreAccumulator::new(queries.len(), tracked.len(), job.top_k, dense),
-    };
-    let cosine = job.normalize == Normalize::Cosine;
-    let scale = |taps: &crate::model::TapBatch| -> Option<Vec<Vec<f64>>> {
-        cosine.then(|| {
-            let own = influence::batch_self_influence(&tracked, &preconditioner, taps);
-            cosine_factors(&pq.self_influence, &own)
-        })
-    };
-    let save = |acc: &results::ScoreAccumulator,
-                dense_columns: u64,
-                done: usize,
-                meta: Option<&ScoresMeta>| {
-        let state = ScoreStateRef {
-            summaries: &acc.summaries,
-            dense_columns,
-            meta,
-        };
-        let bytes = serde_json::to_vec(&state).map_err(|e| Error::Other(e.to_string()))?;
-        checkpoint::save(
-            &work,
-            &stem,
-            "json",
-            &bytes,
-            &settings,
-            done as u64,
-            meta.is_some(),
-        )
-    };
-    if position > 0 && !complete {
+    let mut saved = run.resume(queries.len())?;
+    if saved.position > 0 && !saved.complete {
         eprintln!(
-            "resuming the scoring pass of shard {} at corpus sequence {position}",
-            job.shard
+            "resuming the scoring pass of shard {} at corpus sequence {}",
+            job.run.shard, saved.position
         );
     }
     progress.begin("scoring pass", 0);
     let pass_started = std::time::Instant::now();
-    let mut seen = 0usize;
-    let mut last_save = (0usize, std::time::Instant::now());
-    let mut scored = 0usize;
-    let stats = if let Some(reader) = store.as_mut() {
-        if !complete {
-            // Each layer's queries, already in the store's basis, query after query (`Q × D`,
-            // each query contiguous, as the dot kernel reads them).
-            let rotated: Vec<Vec<f32>> = tracked
-                .iter()
-                .enumerate()
-                .map(|(li, l)| match &pq.per_layer[li] {
-                    influence::LayerQueries::Full(stack) => {
-                        let d = l.d_out * l.d_in_h();
-                        let mut out = vec![0f32; stack.ncols() * d];
-                        for q in 0..stack.ncols() {
-                            out[q * d..(q + 1) * d].copy_from_slice(
-                                stack
-                                    .col(q)
-                                    .try_as_col_major()
-                                    .expect("owned column is contiguous")
-                                    .as_slice(),
-                            );
-                        }
-                        out
-                    }
-                    influence::LayerQueries::LowRank { .. } => {
-                        unreachable!("store scoring asks for full-rank queries")
-                    }
-                })
-                .collect();
-            let n_queries = pq.self_influence.len();
-            let batch = job.batch_size.max(1) * 4;
-            let mut index = 0usize;
-            // Reading overlaps scoring: a reader thread walks the next batch's records (locating
-            // its rotated columns in the mapping and mapping their pages in, rebuilding those
-            // stored as factors) while the batch before it is scored; two sets of per-layer
-            // batches go back and forth.
-            type Filled = Result<(Vec<crate::store::LayerBatch>, Vec<data::Sequence>)>;
-            let (filled_tx, filled_rx) = std::sync::mpsc::sync_channel::<Filled>(1);
-            let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<crate::store::LayerBatch>>();
-            for _ in 0..2 {
-                let set = tracked
-                    .iter()
-                    .map(|l| crate::store::LayerBatch::new(l.d_out * l.d_in_h()))
-                    .collect();
-                let _ = empty_tx.send(set);
+    let stats = match store.as_mut() {
+        Some(reader) => {
+            if !saved.complete {
+                score_from_store(&run, reader, &mut saved)?;
             }
-            let bytes = reader.bytes();
-            let reader_ref = &mut *reader;
-            std::thread::scope(|scope| -> Result<()> {
-                scope.spawn(move || {
-                    crate::linalg::flush_subnormals_on_this_thread();
-                    for mut columns in empty_rx {
-                        columns.iter_mut().for_each(|c| c.clear());
-                        let mut seqs = Vec::with_capacity(batch);
-                        while seqs.len() < batch {
-                            match reader_ref.next_columns(&mut columns, seqs.len()) {
-                                Ok(Some(seq)) => seqs.push(seq),
-                                Ok(None) => break,
-                                Err(e) => {
-                                    let _ = filled_tx.send(Err(e));
-                                    return;
-                                }
-                            }
-                        }
-                        reader_ref.prefault_batch();
-                        if seqs.is_empty() || filled_tx.send(Ok((columns, seqs))).is_err() {
-                            return;
-                        }
-                    }
-                });
-                // Owned here, so that an early return drops it and the reader stops waiting.
-                let empty_tx = empty_tx;
-                let mut dots = Vec::new();
-                for filled in filled_rx {
-                    let (columns, seqs) = filled?;
-                    let n = seqs.len();
-                    let mut own = vec![0f64; n];
-                    let mut parts = Vec::with_capacity(tracked.len());
-                    for (li, l) in tracked.iter().enumerate() {
-                        let c = &columns[li];
-                        if cosine {
-                            for (k, o) in own.iter_mut().enumerate() {
-                                let col = c.column_f32(k, &bytes);
-                                *o += preconditioner.self_influence_in_store_basis(
-                                    li,
-                                    faer::MatRef::from_column_major_slice(
-                                        &col,
-                                        l.d_out,
-                                        l.d_in_h(),
-                                    ),
-                                );
-                            }
-                        }
-                        let mut part = faer::Mat::<f32>::zeros(n_queries, n);
-                        let queries: Vec<&[f32]> = rotated[li].chunks(c.d).collect();
-                        let stored = c.stored(&bytes);
-                        let rebuilt: Vec<&[f32]> = c.rebuilt().chunks(c.d).collect();
-                        for (block, cols) in [
-                            (bytes.columns(&stored), &c.stored_cols),
-                            (crate::linalg::Columns::F32(&rebuilt), &c.rebuilt_cols),
-                        ] {
-                            if cols.is_empty() {
-                                continue;
-                            }
-                            dots.resize(cols.len() * n_queries, 0.0);
-                            crate::linalg::dots_into(&mut dots, &queries, block, c.d);
-                            for (i, &k) in cols.iter().enumerate() {
-                                for q in 0..n_queries {
-                                    part[(q, k)] = dots[i * n_queries + q] as f32;
-                                }
-                            }
-                        }
-                        parts.push(part);
-                    }
-                    let factors: Option<Vec<Vec<f64>>> =
-                        cosine.then(|| cosine_factors(&pq.self_influence, &own));
-                    let indices: Vec<usize> = (index..index + n).collect();
-                    acc.add(
-                        &indices,
-                        &seqs,
-                        &parts,
-                        factors.as_deref(),
-                        allowed.as_deref(),
-                    )?;
-                    if job.dense {
-                        dense_columns += n as u64;
-                    }
-                    progress.advance(seqs.iter().map(|s| s.ids.len() as u64).sum());
-                    index += n;
-                    let _ = empty_tx.send(columns);
-                }
-                Ok(())
-            })?;
+            super::score_store::stored_corpus(&reader.meta)
         }
-        let m = &reader.meta;
-        data::CorpusStats {
-            n_documents: m.n_documents,
-            n_sequences: m.n_sequences,
-            n_tokens: m.n_tokens,
-            sha256: m.corpus_sha256.clone(),
+        None => {
+            let on_device = match model::statistics_device(model)? {
+                // A model on a GPU has the training sequences' scores formed there too.
+                Some(d) => Some(influence::device::DeviceScorer::new(
+                    d,
+                    &pq.per_layer,
+                    pq.len(),
+                )?),
+                None => None,
+            };
+            let streamed = StreamedPass {
+                run: &run,
+                model,
+                on_device: on_device.as_ref(),
+                memory: &memory,
+                max_len: prepared.max_len,
+                union: candidates
+                    .as_ref()
+                    .map(|c| c.iter().flatten().copied().collect()),
+            };
+            streamed.run(&mut tok, &mut saved, &mut checked_len)?
         }
-    } else {
-        data::stream_corpus(
-            &job.train,
-            &mut tok,
-            max_len,
-            model.vocab_size(),
-            job.batch_size.max(1) * CHUNK_BATCHES,
-            |chunk| {
-                let first = seen;
-                seen += chunk.len();
-                if complete || seen <= position {
-                    return Ok(());
-                }
-                let longest = chunk.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-                if longest > checked_len {
-                    check_memory(longest)?;
-                    checked_len = longest;
-                }
-                let indices: Vec<usize> = (first.max(position)..seen)
-                    .filter(|&i| job.shard.owns(i))
-                    .filter(|i| union.as_ref().is_none_or(|u| u.contains(i)))
-                    .collect();
-                let kept: Vec<data::Sequence> =
-                    indices.iter().map(|&i| chunk[i - first].clone()).collect();
-                let stable: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
-                curvature::run_indexed(
-                    model.as_ref(),
-                    &kept,
-                    &stable,
-                    job.batch_size,
-                    crate::model::Labels::Data,
-                    progress,
-                    "scoring pass",
-                    |start, taps| {
-                        let parts = match &on_device {
-                            Some(scorer) => scorer.batch_scores(&tracked, taps)?,
-                            None => influence::batch_scores(&tracked, &pq.per_layer, taps),
-                        };
-                        let n = taps.seq_lens.len();
-                        acc.add(
-                            &indices[start..start + n],
-                            &kept[start..start + n],
-                            &parts,
-                            scale(taps).as_deref(),
-                            allowed.as_deref(),
-                        )?;
-                        if job.dense {
-                            dense_columns += n as u64;
-                        }
-                        scored += n;
-                        let due = job
-                            .checkpoint
-                            .every_sequences
-                            .is_some_and(|m| scored - last_save.0 >= m)
-                            || last_save.1.elapsed().as_secs_f64() >= job.checkpoint.every_seconds;
-                        if due {
-                            acc.flush()?;
-                            save(&acc, dense_columns, indices[start + n - 1] + 1, None)?;
-                            last_save = (scored, std::time::Instant::now());
-                        }
-                        Ok(())
-                    },
-                )
-            },
-        )?
     };
     progress.end();
     let pass_seconds = pass_started.elapsed().as_secs_f64();
-    if job.top_k > stats.n_sequences {
+    if options.top_k > stats.n_sequences {
         eprintln!(
             "warning: --top-k {} exceeds the {} training sequences; every sequence is listed",
-            job.top_k, stats.n_sequences
+            options.top_k, stats.n_sequences
         );
     }
-    if !complete {
-        acc.flush()?;
-        let meta = ScoresMeta {
-            query_rank: if job.store { None } else { job.query_rank },
-            store: job.store.then(|| {
-                job.factors
-                    .join(crate::store::STORE_DIR)
-                    .display()
-                    .to_string()
-            }),
-            normalize: job.normalize,
-            per_layer: job.per_layer,
-            per_token: job.per_token,
-            prefilter: job.prefilter.as_ref().map(|p| p.0),
-            dense: job.dense,
-            queries: QueriesInfo {
-                path: job.queries.display().to_string(),
-                sha256: queries_sha.clone(),
-                ids: query_ids.clone(),
-                prompts: queries.iter().map(|q| q.prompt.clone()).collect(),
-                completions: queries.iter().map(|q| q.completion.clone()).collect(),
-                losses: pq.losses.clone(),
-                self_influence: pq.self_influence.clone(),
-            },
-            ..ScoresMeta::base(
-                "scores",
-                SCORE_CONVENTION,
-                &fmeta,
-                model_info.clone(),
-                &preconditioner,
-                &tracked,
-                CorpusInfo::streamed(&job.train, &stats, max_len),
-                (job.damping, job.batch_size, job.top_k),
-                &job.factors,
-            )
+    if !saved.complete {
+        let queries_info = QueriesInfo {
+            path: job.queries.display().to_string(),
+            sha256: queries_sha.clone(),
+            ids: queries.iter().map(|q| q.id.clone()).collect(),
+            prompts: queries.iter().map(|q| q.prompt.clone()).collect(),
+            completions: queries.iter().map(|q| q.completion.clone()).collect(),
+            losses: pq.losses.clone(),
+            self_influence: pq.self_influence.clone(),
         };
-        save(&acc, dense_columns, stats.n_sequences, Some(&meta))?;
+        let meta = ScoresMeta::new(
+            "scores",
+            SCORE_CONVENTION,
+            options.clone(),
+            queries_info,
+            Provenance {
+                fmeta: &prepared.fmeta,
+                factors_dir: &job.factors,
+                model: prepared.model_info.clone(),
+                corpus: CorpusInfo::streamed(&job.train, &stats, prepared.max_len),
+                tracked: &tracked,
+                preconditioner: &prepared.preconditioner,
+            },
+        );
+        saved.acc.flush()?;
+        run.save(&saved, stats.n_sequences, Some(&meta))?;
     }
-    drop(acc);
-    if !job.shard.is_whole() {
-        let state = checkpoint::load(&work, &stem, &settings)?
-            .ok_or_else(|| Error::Other(format!("{stem}: saved state vanished")))?;
-        let state = parse_score_state(&state.1, &state.0.file)?;
+    let was_complete = saved.complete;
+    drop(saved);
+    if !job.run.shard.is_whole() {
+        return run.shard_summary(started, pass_seconds, was_complete);
+    }
+    let merged = gather_scores(&job.out)?;
+    let token_parts = match options.per_token {
+        true => Some(token_pass(
+            model,
+            &merged.summaries,
+            &pq,
+            options.batch_size,
+            &mut tok,
+            |taps| run.scale(taps),
+        )?),
+        false => None,
+    };
+    let top = write_scores(&job.out, &merged, token_parts.as_ref())?;
+    let message = format!(
+        "scored {} queries × {} training sequences → {}",
+        queries.len(),
+        stats.n_sequences,
+        job.out.display()
+    );
+    Ok(ScoreSummary {
+        summaries: merged.summaries,
+        top,
+        meta: merged.meta,
+        seconds: started.elapsed().as_secs_f64(),
+        pass_seconds,
+        message,
+    })
+}
+
+/// The memory estimate of a scoring run, re-checked as longer sequences arrive. Scoring
+/// streams the corpus, so no term of the estimate grows with it (n_train = 0); the activation
+/// term depends on the longest sequence.
+struct MemoryCheck<'a> {
+    enabled: bool,
+    model: &'a dyn TapModel,
+    batch_size: usize,
+    n_queries: usize,
+}
+
+impl MemoryCheck<'_> {
+    fn check(&self, longest: usize) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let e = crate::inspect::estimate(self.model, self.batch_size, longest);
+        crate::inspect::check_memory(
+            "infl score",
+            e.score_total(self.n_queries as u64, 0),
+            "score fewer queries per run, or use a smaller --batch-size",
+        )
+    }
+}
+
+/// Pre-filter: each query keeps its N best lexical matches from the index; the pass computes
+/// gradients only for their union.
+fn prefilter_candidates(
+    job: &ScoreJob,
+    options: &ScoreOptions,
+    queries: &[Query],
+    max_len: usize,
+) -> Result<Option<Vec<HashSet<usize>>>> {
+    let (Some(n), Some(dir)) = (options.prefilter, &job.index) else {
+        return Ok(None);
+    };
+    let index = crate::index::Bm25Index::open(dir)?;
+    index.check(dir, &job.train, max_len)?;
+    if n >= index.n_sequences() {
+        eprintln!(
+            "warning: --prefilter {n} is not smaller than the corpus ({} sequences): every sequence is scored",
+            index.n_sequences()
+        );
+    }
+    Ok(Some(
+        queries
+            .iter()
+            .map(|q| index.candidates(q, n).into_iter().collect())
+            .collect(),
+    ))
+}
+
+/// A scoring pass's running state: the reduction, the dense columns written, and where it
+/// stands in the corpus.
+pub(super) struct Saved {
+    pub(super) acc: ScoreAccumulator,
+    pub(super) dense_columns: u64,
+    /// Corpus sequences already scored (resumed from a checkpoint).
+    pub(super) position: usize,
+    pub(super) complete: bool,
+}
+
+/// What the scoring pass of one run shares, whichever source its training gradients come from.
+pub(super) struct ScoreRun<'a> {
+    pub(super) job: &'a ScoreJob,
+    pub(super) options: &'a ScoreOptions,
+    pub(super) tracked: &'a [TrackedLayer],
+    pub(super) preconditioner: &'a Preconditioner,
+    pub(super) pq: &'a PreconditionedQueries,
+    /// Each query's pre-filter candidates (None: every sequence).
+    pub(super) candidates: Option<&'a [HashSet<usize>]>,
+    work: &'a Path,
+    stem: String,
+    settings: &'a serde_json::Value,
+    pub(super) progress: &'a dyn Progress,
+}
+
+impl ScoreRun<'_> {
+    pub(super) fn cosine(&self) -> bool {
+        self.options.normalize == Normalize::Cosine
+    }
+
+    /// The cosine normalisers of a batch's sequences, when scores are normalised.
+    fn scale(&self, taps: &TapBatch) -> Option<Vec<Vec<f64>>> {
+        self.cosine().then(|| {
+            let own = influence::batch_self_influence(self.tracked, self.preconditioner, taps);
+            cosine_factors(&self.pq.self_influence, &own)
+        })
+    }
+
+    /// The saved state of this shard's pass, or a fresh one.
+    fn resume(&self, n_queries: usize) -> Result<Saved> {
+        let (state, position, complete) =
+            match checkpoint::load(self.work, &self.stem, self.settings)? {
+                Some((m, bytes)) => (
+                    Some(parse_score_state(&bytes, &m.file)?),
+                    m.position as usize,
+                    m.complete,
+                ),
+                None => (None, 0, false),
+            };
+        let dense_columns = state.as_ref().map_or(0, |s| s.dense_columns);
+        let dense = match self.options.dense && !complete {
+            true => Some(results::DenseWriter::resume(
+                dense_row_paths(self.work, self.job.run.shard, n_queries),
+                dense_columns,
+            )?),
+            false => None,
+        };
+        let k = self.options.top_k;
+        let acc = match state {
+            Some(s) => ScoreAccumulator::resume(s.summaries, k, dense),
+            None => ScoreAccumulator::new(n_queries, self.tracked.len(), k, dense),
+        };
+        Ok(Saved {
+            acc,
+            dense_columns,
+            position,
+            complete,
+        })
+    }
+
+    /// Saves the pass's state at corpus sequence `done`; with `meta`, as complete.
+    fn save(&self, saved: &Saved, done: usize, meta: Option<&ScoresMeta>) -> Result<()> {
+        let state = ScoreStateRef {
+            summaries: &saved.acc.summaries,
+            dense_columns: saved.dense_columns,
+            meta,
+        };
+        let bytes = serde_json::to_vec(&state).map_err(|e| Error::Other(e.to_string()))?;
+        checkpoint::save(
+            self.work,
+            &self.stem,
+            "json",
+            &bytes,
+            self.settings,
+            done as u64,
+            meta.is_some(),
+        )
+    }
+
+    /// Adds a batch's per-layer scores (queries × sequences) to the reduction.
+    pub(super) fn add(
+        &self,
+        saved: &mut Saved,
+        indices: &[usize],
+        seqs: &[Sequence],
+        parts: &[faer::Mat<f32>],
+        scale: Option<&[Vec<f64>]>,
+    ) -> Result<()> {
+        saved
+            .acc
+            .add(indices, seqs, parts, scale, self.candidates)?;
+        if self.options.dense {
+            saved.dense_columns += seqs.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// The summary of a shard's finished pass, read back from its saved state.
+    fn shard_summary(
+        &self,
+        started: std::time::Instant,
+        pass_seconds: f64,
+        was_complete: bool,
+    ) -> Result<ScoreSummary> {
+        let job = self.job;
+        let (m, bytes) = checkpoint::load(self.work, &self.stem, self.settings)?
+            .ok_or_else(|| Error::Other(format!("{}: saved state vanished", self.stem)))?;
+        let state = parse_score_state(&bytes, &m.file)?;
         let meta = state
             .meta
-            .ok_or_else(|| Error::Other(format!("{stem}: complete state without meta")))?;
-        return Ok(ScoreSummary {
+            .ok_or_else(|| Error::Other(format!("{}: complete state without meta", self.stem)))?;
+        Ok(ScoreSummary {
             summaries: state.summaries,
             top: Vec::new(),
             meta,
@@ -593,40 +476,107 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
             pass_seconds,
             message: format!(
                 "scoring pass of shard {} {}; when all {} shards are done, run `infl merge {}`",
-                job.shard,
-                if complete { "was already done" } else { "done" },
-                job.shard.count,
+                job.run.shard,
+                if was_complete {
+                    "was already done"
+                } else {
+                    "done"
+                },
+                job.run.shard.count,
                 job.out.display()
             ),
-        });
+        })
     }
-    let merged = gather_scores(&job.out)?;
-    let token_parts = if job.per_token {
-        Some(token_pass(
-            model.as_ref(),
-            &merged.summaries,
-            &pq,
-            job.batch_size,
-            &mut tok,
-            |taps| scale(taps),
-        )?)
-    } else {
-        None
-    };
-    let top = write_scores(&job.out, &merged, token_parts.as_ref())?;
-    Ok(ScoreSummary {
-        summaries: merged.summaries,
-        top,
-        meta: merged.meta,
-        seconds: started.elapsed().as_secs_f64(),
-        pass_seconds,
-        message: format!(
-            "scored {} queries × {} training sequences → {}",
-            query_ids.len(),
-            stats.n_sequences,
-            job.out.display()
-        ),
-    })
+}
+
+/// The scoring pass over the corpus itself: the model's gradients of this shard's (and the
+/// pre-filter's) sequences, batch by batch, checkpointed as the policy asks.
+struct StreamedPass<'a> {
+    run: &'a ScoreRun<'a>,
+    model: &'a dyn TapModel,
+    on_device: Option<&'a influence::device::DeviceScorer>,
+    memory: &'a MemoryCheck<'a>,
+    max_len: usize,
+    /// Every query's candidates together: the sequences the pass computes.
+    union: Option<HashSet<usize>>,
+}
+
+impl StreamedPass<'_> {
+    fn run(
+        &self,
+        tok: &mut LazyTokenizer,
+        saved: &mut Saved,
+        checked_len: &mut usize,
+    ) -> Result<CorpusStats> {
+        let (run, job) = (self.run, self.run.job);
+        let (position, complete) = (saved.position, saved.complete);
+        let policy = job.run.checkpoint_policy();
+        let mut seen = 0usize;
+        let mut scored = 0usize;
+        let mut last_save = (0usize, std::time::Instant::now());
+        let batch_size = run.options.batch_size;
+        data::stream_corpus(
+            &job.train,
+            tok,
+            self.max_len,
+            self.model.vocab_size(),
+            batch_size.max(1) * CHUNK_BATCHES,
+            |chunk| {
+                let first = seen;
+                seen += chunk.len();
+                if complete || seen <= position {
+                    return Ok(());
+                }
+                let longest = chunk.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+                if longest > *checked_len {
+                    self.memory.check(longest)?;
+                    *checked_len = longest;
+                }
+                let indices: Vec<usize> = (first.max(position)..seen)
+                    .filter(|&i| job.run.shard.owns(i))
+                    .filter(|i| self.union.as_ref().is_none_or(|u| u.contains(i)))
+                    .collect();
+                let kept: Vec<Sequence> =
+                    indices.iter().map(|&i| chunk[i - first].clone()).collect();
+                let stable: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
+                curvature::run_indexed(
+                    self.model,
+                    &kept,
+                    &stable,
+                    batch_size,
+                    Labels::Data,
+                    run.progress,
+                    "scoring pass",
+                    |start, taps| {
+                        let parts = match self.on_device {
+                            Some(scorer) => scorer.batch_scores(run.tracked, taps)?,
+                            None => influence::batch_scores(run.tracked, &run.pq.per_layer, taps),
+                        };
+                        let n = taps.seq_lens.len();
+                        let range = start..start + n;
+                        run.add(
+                            saved,
+                            &indices[range.clone()],
+                            &kept[range],
+                            &parts,
+                            run.scale(taps).as_deref(),
+                        )?;
+                        scored += n;
+                        let due = policy
+                            .every_sequences
+                            .is_some_and(|m| scored - last_save.0 >= m)
+                            || last_save.1.elapsed().as_secs_f64() >= policy.every_seconds;
+                        if due {
+                            saved.acc.flush()?;
+                            run.save(saved, indices[start + n - 1] + 1, None)?;
+                            last_save = (scored, std::time::Instant::now());
+                        }
+                        Ok(())
+                    },
+                )
+            },
+        )
+    }
 }
 
 /// The cosine normalisers `1 / sqrt(self(q) · self(z))` of each query (rows) and training
@@ -653,7 +603,7 @@ pub(super) fn cosine_factors(query_self: &[f64], train_self: &[f64]) -> Vec<Vec<
 /// Second, small pass over the top/bottom sequences of every query: each score split over the
 /// sequence's tokens, `Σ_ℓ g_tᵀ P_{q,ℓ} ā_t` for token t (the position whose output predicts
 /// token t+1). Keyed by (query, corpus index).
-pub(super) fn token_pass(
+fn token_pass(
     model: &dyn TapModel,
     summaries: &[results::QuerySummary],
     pq: &influence::PreconditionedQueries,

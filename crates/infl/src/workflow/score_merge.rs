@@ -120,12 +120,12 @@ pub(super) fn write_scores(
         &merged.summaries,
         query_ids,
         &mut tok,
-        meta.per_layer,
+        meta.options.per_layer,
         token_parts,
     );
     results::write_top_k(&out.join("top_k.jsonl"), &top)?;
     results::write_distribution(&out.join("distribution.json"), &merged.summaries, query_ids)?;
-    if meta.per_layer {
+    if meta.options.per_layer {
         results::write_layers(
             &out.join("layers.json"),
             &merged.summaries,
@@ -133,7 +133,7 @@ pub(super) fn write_scores(
             &meta.layers,
         )?;
     }
-    if meta.dense {
+    if meta.options.dense {
         results::write_dense_from_shards(
             &out.join("scores.safetensors"),
             query_ids,

@@ -5,24 +5,24 @@ use super::{prepare, Prepared, CHUNK_BATCHES};
 use crate::curvature::{self, Progress};
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
-use crate::influence::{self, Damping};
+use crate::influence;
 use crate::io;
 use crate::model;
+use crate::options::{Compute, ScoreOptions, SelfInfluenceOptions};
 use crate::provenance::{CorpusInfo, META_FILE};
-use crate::results::{self, meta::ScoresMeta};
+use crate::results;
+use crate::results::meta::{Provenance, QueriesInfo, ScoresMeta};
 use std::path::PathBuf;
 
-/// Settings of `infl self-influence`.
+/// One `infl self-influence`: its files, what it computes and where.
 #[derive(Debug, Clone)]
 pub struct SelfInfluenceJob {
     pub model: PathBuf,
     pub factors: PathBuf,
     pub train: PathBuf,
     pub out: PathBuf,
-    pub damping: Damping,
-    pub top_k: usize,
-    pub batch_size: usize,
-    pub max_len: Option<usize>,
+    pub options: SelfInfluenceOptions,
+    pub compute: Compute,
 }
 
 /// Each training sequence's influence on its own loss, I(z, z) = ⟨(F+λI)⁻¹∇L_z, ∇L_z⟩: large
@@ -38,7 +38,12 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         model_info,
         preconditioner,
         max_len,
-    } = prepare(&job.model, &job.factors, job.damping, job.max_len)?;
+    } = prepare(
+        &job.model,
+        &job.factors,
+        (job.options.damping, job.options.max_len),
+        job.compute,
+    )?;
     let tracked = model.tracked().to_vec();
     let mut tok = LazyTokenizer::new(&job.model);
     io::ensure_dir(&job.out)?;
@@ -48,7 +53,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         .join(format!(".self_influence.jsonl.tmp-{}", std::process::id()));
     let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut all = std::io::BufWriter::new(file);
-    let mut acc = results::ScoreAccumulator::new(1, 1, job.top_k, None);
+    let mut acc = results::ScoreAccumulator::new(1, 1, job.options.top_k, None);
     // A model on a GPU has the self-influence formed there too.
     let on_device = match model::statistics_device(model.as_ref())? {
         Some(d) => Some(influence::device::DeviceSelfInfluence::new(
@@ -65,13 +70,13 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         &mut tok,
         max_len,
         model.vocab_size(),
-        job.batch_size.max(1) * CHUNK_BATCHES,
+        job.options.batch_size.max(1) * CHUNK_BATCHES,
         |chunk| {
             curvature::run_batches(
                 model.as_ref(),
                 chunk,
                 seen,
-                job.batch_size,
+                job.options.batch_size,
                 crate::model::Labels::Data,
                 progress,
                 "self-influence",
@@ -104,16 +109,26 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     let top = results::entries(&acc.summaries, &ids, &mut tok, false, None);
     results::write_top_k(&job.out.join("top_k.jsonl"), &top)?;
     results::write_distribution(&job.out.join("distribution.json"), &acc.summaries, &ids)?;
-    let meta = ScoresMeta::base(
+    let options = ScoreOptions {
+        damping: job.options.damping,
+        top_k: job.options.top_k,
+        batch_size: job.options.batch_size,
+        max_len: job.options.max_len,
+        ..ScoreOptions::default()
+    };
+    let meta = ScoresMeta::new(
         "self-influence",
         "I(z,z) = sum over tracked layers of <(F+λI)^-1 ∇L_z, ∇L_z> (≥ 0)",
-        &fmeta,
-        model_info,
-        &preconditioner,
-        &tracked,
-        CorpusInfo::streamed(&job.train, &stats, max_len),
-        (job.damping, job.batch_size, job.top_k),
-        &job.factors,
+        options,
+        QueriesInfo::own(),
+        Provenance {
+            fmeta: &fmeta,
+            factors_dir: &job.factors,
+            model: model_info,
+            corpus: CorpusInfo::streamed(&job.train, &stats, max_len),
+            tracked: &tracked,
+            preconditioner: &preconditioner,
+        },
     );
     io::write_json(&job.out.join(META_FILE), &meta)?;
     Ok(ScoreSummary {
