@@ -168,7 +168,7 @@ fn fit_and_score(
             queries: queries.into(),
             out: results.clone(),
             options: infl::options::ScoreOptions {
-                damping: damping,
+                damping,
                 top_k: 3,
                 dense: true,
                 batch_size: 4,
@@ -179,7 +179,6 @@ fn fit_and_score(
                 normalize: Normalize::None,
                 prefilter: None,
                 store: false,
-                ..infl::options::ScoreOptions::default()
             },
             run: infl::options::RunOptions {
                 memory_check: false,
