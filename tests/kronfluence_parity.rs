@@ -50,7 +50,6 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
                 modules: ModuleSelection::All,
                 layers: None,
                 max_len: Some(48),
-                ..FitOptions::default()
             },
             run: infl::options::RunOptions {
                 memory_check: true,
@@ -82,7 +81,6 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
                 normalize: infl::options::Normalize::None,
                 prefilter: None,
                 store: false,
-                ..infl::options::ScoreOptions::default()
             },
             run: infl::options::RunOptions {
                 shard: infl::shard::Shard::WHOLE,
@@ -205,7 +203,6 @@ fn factors_match_kronfluence() {
                 modules: ModuleSelection::All,
                 layers: None,
                 max_len: Some(48),
-                ..FitOptions::default()
             },
             run: infl::options::RunOptions {
                 memory_check: true,
