@@ -51,10 +51,16 @@ pub struct FitOptions {
         feature = "clap",
         arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_name = "B")
     )]
+    #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Seed of the labels sampled for the true Fisher.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 0, value_name = "S"))]
+    #[serde(default)]
     pub seed: u64,
+}
+
+fn default_batch_size() -> usize {
+    DEFAULT_BATCH_SIZE
 }
 
 fn all_modules() -> ModuleSelection {

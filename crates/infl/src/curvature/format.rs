@@ -25,7 +25,7 @@ pub struct FactorsMeta {
     pub model: ModelInfo,
     pub corpus: CorpusInfo,
     /// Each tracked layer's name, shape and fitted statistics' summary.
-    pub layers: Vec<std::collections::HashMap<String, serde_json::Value>>,
+    pub layers: Vec<std::collections::BTreeMap<String, serde_json::Value>>,
     pub factors_sha256: String,
     /// Format 1 kept `batch_size` and `seed` (with a copy of the strategy and Fisher) here.
     #[serde(default, rename = "options", skip_serializing)]
@@ -43,7 +43,7 @@ impl FactorsMeta {
         options: FitOptions,
         model: ModelInfo,
         corpus: CorpusInfo,
-        layers: Vec<std::collections::HashMap<String, serde_json::Value>>,
+        layers: Vec<std::collections::BTreeMap<String, serde_json::Value>>,
         factors_sha256: String,
     ) -> Self {
         FactorsMeta {
@@ -98,4 +98,64 @@ pub fn open_factors(dir: &Path) -> Result<FactorsMeta> {
         )));
     }
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curvature::{Fisher, Strategy};
+    use crate::model::ModuleSelection;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/format1")
+            .join(name)
+    }
+
+    /// A factors meta.json written by infl 0.1.0 (format 1: batch size and seed nested under
+    /// `options`), with batch size 5 and seed 7 so that defaults cannot pass for them.
+    #[test]
+    fn format_1_factors_meta_reads_with_its_options() {
+        let meta = FactorsMeta::read(&fixture("factors_meta.json")).unwrap();
+        assert_eq!(meta.format_version, 1);
+        assert_eq!(meta.options.strategy, Strategy::Ekfac);
+        assert_eq!(meta.options.fisher, Fisher::Sampled);
+        assert_eq!(meta.options.modules, ModuleSelection::All);
+        assert_eq!(meta.options.layers, None);
+        assert_eq!((meta.options.batch_size, meta.options.seed), (5, 7));
+        assert_eq!(meta.layers.len(), 2);
+    }
+
+    #[test]
+    fn factors_meta_round_trips_and_newer_formats_are_refused() {
+        let old = FactorsMeta::read(&fixture("factors_meta.json")).unwrap();
+        let options = FitOptions {
+            layers: Some(vec!["h.0.mlp.c_fc".into()]),
+            seed: 9,
+            ..old.options.clone()
+        };
+        let meta = FactorsMeta::new(
+            options.clone(),
+            old.model.clone(),
+            old.corpus.clone(),
+            old.layers.clone(),
+            old.factors_sha256.clone(),
+        );
+        let dir = std::env::temp_dir().join(format!("infl-format-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("meta.json");
+        io::write_json(&path, &meta).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"selected_layers\""), "{text}");
+        assert!(!text.contains("\"options\""), "{text}");
+        let back = FactorsMeta::read(&path).unwrap();
+        assert_eq!(back.format_version, FORMAT_VERSION);
+        assert_eq!(back.options, options);
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["format_version"] = (FORMAT_VERSION + 1).into();
+        io::write_json(&path, &v).unwrap();
+        let err = FactorsMeta::read(&path).unwrap_err().to_string();
+        assert!(err.contains("newer infl"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

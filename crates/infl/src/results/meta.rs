@@ -129,3 +129,23 @@ pub struct FactorsRef {
     pub factors_sha256: String,
     pub fitted_on: CorpusInfo,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A results meta.json written by infl 0.1.0 (format 1: `store` the store's path).
+    #[test]
+    fn format_1_results_meta_reads_into_the_options() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/format1/results_meta.json");
+        let meta = ScoresMeta::read(&path).unwrap();
+        assert_eq!(meta.format_version, 1);
+        assert!(meta.options.store);
+        assert_eq!(meta.options.query_rank, crate::options::QueryRank::FULL);
+        assert!(meta.options.per_layer && meta.options.per_token && meta.options.dense);
+        assert_eq!((meta.options.top_k, meta.options.batch_size), (10, 8));
+        assert_eq!(meta.options.max_len, None);
+        assert_eq!(meta.queries.ids.len(), 2);
+    }
+}
