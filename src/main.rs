@@ -4,7 +4,10 @@
 //! the user can fix), 4 mismatch (factors or results from another model or other settings),
 //! 5 a non-finite loss or gradient.
 
+mod bench;
 mod cli;
+mod demo;
+mod progress;
 
 fn main() {
     infl::io::keep_freed_memory();
@@ -12,8 +15,24 @@ fn main() {
         Ok(()) => 0,
         Err(err) => {
             eprintln!("error: {err:#}");
-            cli::exit_code(&err)
+            exit_code(&err)
         }
     };
     std::process::exit(code);
+}
+
+/// Maps the library's error kinds onto the documented exit codes (2, a usage error, is clap's
+/// own: it exits while parsing).
+fn exit_code(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<infl::Error>() {
+            return match e {
+                infl::Error::Input(_) => 3,
+                infl::Error::Mismatch(_) => 4,
+                infl::Error::NonFinite(_) => 5,
+                _ => 1,
+            };
+        }
+    }
+    1
 }

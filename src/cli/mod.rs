@@ -1,0 +1,354 @@
+//! The command line: the `Cli` and `Command` parser types (the arguments themselves are in
+//! `args` and `jobs`) and the dispatch, one short function per subcommand that maps its
+//! arguments to a library call and prints the summary.
+
+pub mod args;
+pub mod jobs;
+
+use crate::progress::Bars;
+use anyhow::Result;
+use args::{
+    BenchArgs, CompareArgs, DemoArgs, IndexArgs, InspectArgs, MergeArgs, ReportArgs, TrainArgs,
+    ValidateArgs, ValidateCommand, ValidateExactArgs, ValidateLdsArgs,
+};
+use clap::{Parser, Subcommand};
+use infl::curvature::Progress;
+use infl::model::ModuleSelection;
+use infl::workflow;
+use jobs::{FitArgs, ScoreArgs, SelfInfluenceArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "infl",
+    version,
+    about = "Which training sequences made the model produce this completion? EK-FAC influence functions.",
+    long_about = "Which training sequences made the model produce this completion?\n\n\
+infl computes EK-FAC influence functions (Grosse et al. 2023) with the conventions of kronfluence:\n\
+  infl fit   --model DIR --train CORPUS.jsonl --out FACTORS      curvature (A, S, eigenbases, Λ)\n\
+  infl score --model DIR --factors FACTORS --train CORPUS.jsonl \\\n\
+             --queries QUERIES.jsonl --out RESULTS              influence of each training sequence\n\n\
+A score I(q, z) > 0 means training on z lowers −log p(completion | prompt) of query q: z supports\n\
+the completion. Scores are sums over tracked layers and are not divided by the corpus size.\n\n\
+Try `infl demo` first: it trains a tiny GPT-2 on a corpus bundled in the binary (Shakespeare\n\
+and 40 invented facts), runs both stages and measures how often each fact's sentence is found.\n\
+`infl validate exact` measures each strategy against the exact damped per-layer Fisher, and\n\
+`infl validate lds` against retraining (the linear datamodeling score)."
+)]
+struct Cli {
+    /// No progress bars or summaries on stderr (results still go to files / stdout).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+
+    /// Cores to use [default: every core]: the engine's threads, or as many batches at once
+    /// (data-parallel over sequences) where the engine is not threaded inside. Results do not
+    /// depend on it.
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fit the curvature factors (A, S, eigenbases, Λ) of a model on a training corpus.
+    Fit(FitArgs),
+    /// Score the influence of every training sequence on every query.
+    Score(ScoreArgs),
+    /// Build a BM25 index over a corpus's token ids for `score --prefilter`.
+    Index(IndexArgs),
+    /// Each training sequence's influence on its own loss (outliers, mislabelled data).
+    SelfInfluence(SelfInfluenceArgs),
+    /// Train a small GPT-2 (and its byte-level BPE tokenizer) from scratch on a corpus.
+    Train(TrainArgs),
+    /// Train a tiny model on the bundled corpus, fit, score, print the top sources and recall.
+    Demo(DemoArgs),
+    /// Time fit and score against one plain forward+backward over the same tokens; peak memory.
+    Bench(BenchArgs),
+    /// Describe a model (architecture, parameters, tracked layers) and estimate the memory and
+    /// time fit and score will need, before running them.
+    Inspect(InspectArgs),
+    /// Write a self-contained HTML report of a results directory (opens from disk, no network).
+    Report(ReportArgs),
+    /// Compare results of the same queries (other models or strategies): top-k overlap, rank correlation.
+    Compare(CompareArgs),
+    /// Merge the shards of a sharded `fit` or `score` (`--shard i/N`) exactly into final files.
+    Merge(MergeArgs),
+    /// Measure how well each curvature strategy reproduces a more exact reference.
+    #[command(
+        long_about = "Measure how well each curvature strategy (ekfac, kfac, diagonal, identity) reproduces a\n\
+    more exact reference, query by query, on a model small enough to compute the reference.\n\n\
+    Subcommands:\n  \
+    exact   against influence under the exact damped per-layer (block-diagonal) Fisher\n  \
+    lds     against retraining: the linear datamodeling score over M models trained on subsets"
+    )]
+    Validate(ValidateArgs),
+}
+
+/// Parses the command line and runs its subcommand.
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    configure_threads(&cli)?;
+    let (progress, quiet) = (Bars::new(cli.quiet), cli.quiet);
+    match cli.command {
+        Command::Fit(a) => fit(a, &progress, quiet),
+        Command::Score(a) => score(a, &progress, quiet),
+        Command::Index(a) => index(a, quiet),
+        Command::SelfInfluence(a) => self_influence(a, &progress, quiet),
+        Command::Train(a) => train(a, &progress, quiet),
+        Command::Demo(a) => demo(a, &progress, quiet),
+        Command::Bench(a) => crate::bench::run(a, &progress),
+        Command::Report(a) => report(a, quiet),
+        Command::Compare(a) => compare(a),
+        Command::Inspect(a) => inspect(a, quiet),
+        Command::Merge(a) => merge(a, quiet),
+        Command::Validate(a) => match a.command {
+            ValidateCommand::Exact(a) => validate_exact(a, &progress, quiet),
+            ValidateCommand::Lds(a) => validate_lds(a, &progress, quiet),
+        },
+    }
+}
+
+/// Sets the cores the command uses (`--threads`), before any thread pool starts (they read the
+/// count once).
+fn configure_threads(cli: &Cli) -> Result<()> {
+    let compute = match &cli.command {
+        Command::Fit(a) => Some(a.compute),
+        Command::Score(a) => Some(a.compute),
+        Command::SelfInfluence(a) => Some(a.compute),
+        Command::Inspect(a) => Some(a.compute),
+        _ => None,
+    };
+    if cli.threads == Some(0) {
+        anyhow::bail!(infl::Error::input("--threads must be at least 1"));
+    }
+    // Autograd on the CPU runs batches side by side; on a GPU, as the fast engine, one batch
+    // uses every core (the statistics).
+    infl::shard::set_threads(
+        cli.threads.unwrap_or(0),
+        compute.is_some_and(|c| {
+            c.engine() == infl::model::Engine::Autograd && c.device == Default::default()
+        }),
+    );
+    // Training runs on candle's autograd, whose element-wise kernels split each op over a
+    // spinning barrier pool: on small models and shared machines the spinning costs more than it
+    // saves (measured: 3× slower on 2 loaded cores). One thread there; the products still use
+    // the rayon pool.
+    let trains = match &cli.command {
+        Command::Train(_) | Command::Demo(_) => true,
+        Command::Validate(v) => matches!(v.command, ValidateCommand::Lds(_)),
+        _ => false,
+    };
+    if trains && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    Ok(())
+}
+
+fn fit(a: FitArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
+    jobs::apply(&a.compute);
+    let s = workflow::fit(&a.into_job(), progress)?;
+    if !quiet {
+        eprintln!("{} ({:.1}s)", s.message, s.seconds);
+    }
+    Ok(())
+}
+
+fn score(a: ScoreArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
+    jobs::apply(&a.compute);
+    let s = workflow::score(&a.into_job(), progress)?;
+    if !quiet {
+        eprintln!("{} ({:.1}s)", s.message, s.seconds);
+    }
+    Ok(())
+}
+
+fn index(a: IndexArgs, quiet: bool) -> Result<()> {
+    let started = std::time::Instant::now();
+    let model = infl::model::load(&a.model, ModuleSelection::All)?;
+    let max_len = a.max_len.unwrap_or(model.max_positions());
+    let mut tok = infl::data::LazyTokenizer::new(&a.model);
+    let index = infl::index::Bm25Index::build(&a.corpus, &mut tok, max_len, model.vocab_size())?;
+    index.save(&a.out)?;
+    if !quiet {
+        eprintln!(
+            "indexed {} sequences in {:.1}s → {}",
+            index.n_sequences(),
+            started.elapsed().as_secs_f64(),
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn self_influence(a: SelfInfluenceArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
+    jobs::apply(&a.compute);
+    let job = a.into_job();
+    let s = workflow::self_influence(&job, progress)?;
+    if !quiet {
+        eprintln!(
+            "self-influence of {} training sequences in {:.1}s → {}",
+            s.meta.corpus.n_sequences,
+            s.seconds,
+            job.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn train(a: TrainArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
+    let job = a.job();
+    let t = infl::train::train(&job, progress)?;
+    if !quiet {
+        let r = &t.record;
+        eprintln!(
+            "trained {} parameters on {} sequences ({} tokens) in {:.1}s: loss {:.3} → {:.3} (first → last epoch) → {}",
+            r.parameters,
+            r.n_sequences,
+            r.n_tokens,
+            r.seconds,
+            r.epoch_losses.first().copied().unwrap_or(f64::NAN),
+            r.epoch_losses.last().copied().unwrap_or(f64::NAN),
+            job.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn demo(a: DemoArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
+    let (corpus, queries) = infl::demo::unpack(&a.out)?;
+    let job = infl::demo::DemoJob {
+        out: a.out.clone(),
+        corpus,
+        queries,
+        train: a.train.job_for(&a.out),
+        retrain: a.retrain,
+        strategies: a.strategies,
+        top_k: 10,
+    };
+    crate::demo::run(&job, a.top_k, progress, quiet)
+}
+
+fn compare(a: CompareArgs) -> Result<()> {
+    let cmp = infl::compare::run(&a.results, a.out.as_deref(), a.json.as_deref())?;
+    print!("{}", cmp.table());
+    Ok(())
+}
+
+fn merge(a: MergeArgs, quiet: bool) -> Result<()> {
+    let out = workflow::merge(&a.dir)?;
+    if !quiet {
+        eprintln!("{}", out.message);
+    }
+    Ok(())
+}
+
+fn validate_exact(a: ValidateExactArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
+    let job = a.into_job()?;
+    let report = infl::validate::exact::run(&job, progress)?;
+    print!("{}", report.table());
+    if !quiet {
+        eprintln!(
+            "exact scores in {:.1}s, all in {:.1}s → {}",
+            report.exact_seconds,
+            report.seconds,
+            job.out.join(infl::validate::exact::EXACT_FILE).display()
+        );
+    }
+    Ok(())
+}
+
+fn validate_lds(a: ValidateLdsArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
+    let job = a.into_job(infl::shard::threads());
+    let r = infl::validate::lds::run(&job, progress)?;
+    print!("{}", r.table());
+    if !quiet {
+        eprintln!(
+            "retraining took {:.0}s of {:.0}s; measurements vary by {:.3} nats (mean s.d. over subsets); wrote {}",
+            r.retrain_seconds,
+            r.seconds,
+            r.mean_loss_spread,
+            job.out.join(infl::validate::lds::LDS_FILE).display()
+        );
+    }
+    Ok(())
+}
+
+fn inspect(a: InspectArgs, quiet: bool) -> Result<()> {
+    use infl::inspect;
+    jobs::apply(&a.compute);
+    let model = infl::model::load(&a.model, a.modules)?;
+    let max_len = a.max_len.unwrap_or(model.max_positions().min(512));
+    if max_len == 0 || max_len > model.max_positions() || a.batch_size == 0 {
+        anyhow::bail!(infl::Error::input(format!(
+            "--max-len must be between 1 and {} and --batch-size at least 1",
+            model.max_positions()
+        )));
+    }
+    let e = inspect::estimate(model.as_ref(), a.batch_size, max_len);
+    let fits = inspect::mem_available().is_none_or(|m| e.fit_total() < m);
+    let probe = if a.no_probe {
+        None
+    } else if !fits {
+        if !quiet {
+            eprintln!("skipping the timing probe: the estimate exceeds the memory available");
+        }
+        None
+    } else {
+        if !quiet {
+            eprintln!(
+                "probing one batch of {} × {max_len} tokens (taps, a one-batch fit, a one-query score)…",
+                a.batch_size
+            );
+        }
+        Some(inspect::probe(model.as_ref(), a.batch_size, max_len)?)
+    };
+    print!(
+        "{}",
+        inspect::report(
+            &a.model,
+            model.as_ref(),
+            a.batch_size,
+            max_len,
+            a.queries,
+            probe.as_ref()
+        )
+    );
+    Ok(())
+}
+
+fn report(a: ReportArgs, quiet: bool) -> Result<()> {
+    let opts = infl::report::ReportOptions {
+        fit: infl::powerlaw::FitOptions {
+            bootstrap: a.bootstrap,
+            seed: a.seed,
+            ..Default::default()
+        },
+        max_tokens: a.max_tokens,
+    };
+    let s = infl::report::write_report(&a.results, &a.out, &opts)?;
+    if !quiet {
+        for m in &s.missing {
+            eprintln!("note: missing {m}");
+        }
+        for t in &s.tails {
+            match &t.fit {
+                Ok(f) => eprintln!(
+                    "{}: tail α = {:.3} ± {:.3} above x_min = {} ({} values), p = {}; {}",
+                    t.query_id,
+                    f.alpha,
+                    f.alpha_se,
+                    infl::report::fmt_score(f.x_min),
+                    f.n_tail,
+                    f.p_value
+                        .map(|p| format!("{p:.3}"))
+                        .unwrap_or_else(|| "–".into()),
+                    t.half
+                ),
+                Err(e) => eprintln!("{}: no tail fit ({e}); {}", t.query_id, t.half),
+            }
+        }
+        eprintln!("wrote {} ({} KiB)", a.out.display(), s.bytes / 1024);
+    }
+    Ok(())
+}
