@@ -124,7 +124,7 @@ fn gpt2_fast_taps_equal_autograd() {
             ..gpt2_config()
         };
         let m = Gpt2::random(config.clone(), 3, modules).unwrap();
-        let fast = infl::model::fast::gpt2::FastGpt2::new(&m).unwrap();
+        let fast = infl::model::gpt2::fast::FastGpt2::new(&m).unwrap();
         compare(&format!("gpt2 {act} {modules:?}"), &fast, &m, 160);
     }
 }
@@ -135,7 +135,7 @@ fn gpt2_fast_taps_equal_autograd() {
 fn fast_taps_do_not_depend_on_the_thread_count() {
     // The bench's model (GPT-2-small widths): large enough for the GEMMs to split.
     let m = infl::model::fast::bench::llama().unwrap();
-    let fast = infl::model::fast::llama::FastLlama::new(&m).unwrap();
+    let fast = infl::model::llama::fast::FastLlama::new(&m).unwrap();
     let batch = &batches(fast.vocab_size(), 140)[0];
     let run = |threads: usize| {
         rayon::ThreadPoolBuilder::new()
@@ -154,7 +154,7 @@ fn fast_taps_do_not_depend_on_the_thread_count() {
 #[test]
 fn out_of_range_inputs_are_errors_not_panics() {
     let m = Gpt2::random(gpt2_config(), 3, ModuleSelection::All).unwrap();
-    let fast = infl::model::fast::gpt2::FastGpt2::new(&m).unwrap();
+    let fast = infl::model::gpt2::fast::FastGpt2::new(&m).unwrap();
     let err = fast.logits(&[1, 37]).unwrap_err().to_string();
     assert!(err.contains("token id 37"), "{err}");
     let long = vec![1u32; 161];

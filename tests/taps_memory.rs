@@ -106,7 +106,7 @@ fn the_fast_engines_count_of_its_taps_memory_bounds_the_measured_peak() {
     }))
     .unwrap();
     let gpt2 = Gpt2::random(config, 1, ModuleSelection::All).unwrap();
-    let fast = infl::model::fast::gpt2::FastGpt2::new(&gpt2).unwrap();
+    let fast = infl::model::gpt2::fast::FastGpt2::new(&gpt2).unwrap();
     check("gpt2", &fast, 8, 64);
     let families = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
     for name in [

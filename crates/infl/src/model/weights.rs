@@ -29,7 +29,7 @@ enum Store {
 
 impl Weights {
     pub fn open(dir: &Path) -> Result<Self> {
-        let (paths, source) = super::weight_files(dir)?;
+        let (paths, source) = weight_files(dir)?;
         for p in &paths {
             if !p.exists() {
                 return Err(Error::input(format!(
@@ -135,4 +135,37 @@ impl Weights {
             Ok(None)
         }
     }
+}
+
+/// The safetensors files holding a checkpoint's weights (one file, or the shards of
+/// `model.safetensors.index.json`), and a description of where they came from for messages.
+pub fn weight_files(dir: &Path) -> Result<(Vec<std::path::PathBuf>, String)> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.exists() {
+        return Ok((vec![single.clone()], single.display().to_string()));
+    }
+    if !index.exists() {
+        return Err(Error::input(format!(
+            "{}: no model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not read; convert with `save_pretrained(safe_serialization=True)`)",
+            dir.display()
+        )));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::input(format!("{}: invalid JSON: {e}", index.display())))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::input(format!("{}: field `weight_map` missing", index.display())))?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok((
+        files.iter().map(|f| dir.join(f)).collect(),
+        index.display().to_string(),
+    ))
 }

@@ -349,21 +349,21 @@ pub fn run() -> Result<EngineBench> {
         let m = gpt2()?;
         families.push(time_family(
             "gpt2",
-            &super::gpt2::FastGpt2::new(&m)?,
+            &crate::model::gpt2::fast::FastGpt2::new(&m)?,
             &m,
             &batch,
         )?);
     }
     {
         let m = gpt_neox()?;
-        let f = super::gpt_neox::FastGptNeoX::new(&m)?;
+        let f = crate::model::gpt_neox::fast::FastGptNeoX::new(&m)?;
         families.push(time_family("gpt_neox", &f, &m, &batch)?);
     }
     {
         let m = llama()?;
         families.push(time_family(
             "llama",
-            &super::llama::FastLlama::new(&m)?,
+            &crate::model::llama::fast::FastLlama::new(&m)?,
             &m,
             &batch,
         )?);

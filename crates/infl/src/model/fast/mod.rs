@@ -7,19 +7,19 @@
 //! attention runs per (sequence, head). The LM head is evaluated only at loss positions during
 //! the taps, in chunks, and the backward stops at the lowest tracked layer.
 //!
-//! Each architecture lives in its own file and is built from the autograd model's loaded
-//! weights ([`from_autograd`]); the autograd models remain the reference that
-//! `tests/fast_engine.rs` checks every tap against.
+//! This module holds the plumbing every architecture shares (the [`Net`] trait and the
+//! [`TapModel`] over it, [`Lin`], [`Norm`], [`LmHead`], RoPE tables, FLOP counts; the kernels in
+//! [`kernels`]); each architecture's net lives in its folder (`model/<arch>/fast.rs`) and is
+//! built from the autograd model's loaded weights ([`from_autograd`]); the autograd models
+//! remain the reference that `tests/fast_engine.rs` checks every tap against.
 
 pub mod bench;
-pub mod gpt2;
-pub mod gpt_neox;
 pub mod kernels;
-pub mod llama;
 
+use super::loss::{label_draws, position_loss, target};
 use super::{
-    label_draws, position_loss, target, AnyModel, BlockShape, Labels, LayerTap, TapBatch, TapModel,
-    TokenBatch, TrackedLayer,
+    gpt2, gpt_neox, llama, AnyModel, BlockShape, Labels, LayerTap, TapBatch, TapModel, TokenBatch,
+    TrackedLayer,
 };
 use crate::error::{Error, Result};
 use candle_core::Tensor;
@@ -30,9 +30,9 @@ use std::sync::Arc;
 /// The fast counterpart of an autograd model (same weights, tracked layers and taps).
 pub fn from_autograd(model: AnyModel) -> Result<Box<dyn TapModel>> {
     Ok(match model {
-        AnyModel::Gpt2(m) => Box::new(gpt2::FastGpt2::new(&m)?),
-        AnyModel::GptNeoX(m) => Box::new(gpt_neox::FastGptNeoX::new(&m)?),
-        AnyModel::Llama(m) => Box::new(llama::FastLlama::new(&m)?),
+        AnyModel::Gpt2(m) => Box::new(gpt2::fast::FastGpt2::new(&m)?),
+        AnyModel::GptNeoX(m) => Box::new(gpt_neox::fast::FastGptNeoX::new(&m)?),
+        AnyModel::Llama(m) => Box::new(llama::fast::FastLlama::new(&m)?),
     })
 }
 
@@ -86,7 +86,7 @@ impl Lin {
 
     /// Several layers reading the same input, fused by stacking their output rows (a missing
     /// bias among present ones is zero, which adds nothing).
-    pub fn stack(parts: &[&super::ops::Linear]) -> Result<Lin> {
+    pub fn stack(parts: &[&super::autograd::Linear]) -> Result<Lin> {
         let mut w = Vec::new();
         let mut b = Vec::new();
         let any_bias = parts.iter().any(|p| p.bias.is_some());
@@ -140,6 +140,37 @@ impl Lin {
     pub fn flops(&self, n: usize) -> f64 {
         2.0 * (n * self.d_in * self.d_out) as f64
     }
+}
+
+/// A linear layer and its index among the tracked layers, if tracked.
+pub(crate) struct Proj {
+    pub lin: Lin,
+    pub tap: Option<usize>,
+}
+
+impl Proj {
+    /// From an autograd `nn.Linear` (`[d_out, d_in]` weights).
+    pub fn new(l: &super::autograd::Linear) -> Result<Proj> {
+        Ok(Proj {
+            lin: Lin::new(&l.weight, l.bias.as_ref())?,
+            tap: l.tap,
+        })
+    }
+}
+
+/// What a GPT-2 / GPT-NeoX block's forward keeps for its backward (see
+/// [`BlockFloats::layer_norm_mlp`]).
+pub(crate) struct LayerNormBlockSaved {
+    pub n1: NormSaved,
+    pub h1: Vec<f32>,
+    pub qkv: Vec<f32>,
+    pub stats: Vec<f32>,
+    pub attn: Vec<f32>,
+    pub n2: NormSaved,
+    pub h2: Vec<f32>,
+    /// act′ of the MLP pre-activation (its backward).
+    pub dact: Vec<f32>,
+    pub act: Vec<f32>,
 }
 
 /// Layer norm or RMS norm with its weights.
@@ -237,6 +268,30 @@ pub(crate) struct LmHead {
     pub w: Arc<Vec<f32>>,
     pub vocab: usize,
     pub d: usize,
+}
+
+impl LmHead {
+    /// The head over `head` (`[vocab, d]`), sharing the embedding table's floats when `head` is
+    /// the embedding tensor itself (tied embeddings).
+    pub fn new(norm: Norm, embed: &Arc<Vec<f32>>, embed_t: &Tensor, head: &Tensor) -> Result<Self> {
+        let (vocab, d) = head.dims2()?;
+        let w = if head.id() == embed_t.id() {
+            embed.clone()
+        } else {
+            Arc::new(to_vec(head)?)
+        };
+        Ok(LmHead { norm, w, vocab, d })
+    }
+}
+
+/// RoPE tables for positions `0..len` of the (already scaled) inverse frequencies.
+pub(crate) fn rope(inv_freq: &[f64], len: usize) -> Rope {
+    let (cos, sin) = super::rope::rope_tables(inv_freq, len);
+    Rope {
+        cos,
+        sin,
+        dims: 2 * inv_freq.len(),
+    }
 }
 
 /// Logit rows per chunk of the LM head (bounds the logits held at once to ~64 MiB).
@@ -529,4 +584,23 @@ pub(crate) fn loss_rows(batch: &TokenBatch) -> usize {
         .iter()
         .map(|m| m.iter().filter(|&&b| b).count())
         .sum()
+}
+
+/// FLOPs of a fast pass over `batch` (for [`Net::flops`]): each block's four products, forward
+/// and activation backward, and its attention, then the LM head at the loss positions.
+pub(crate) fn pass_flops<'a>(
+    batch: &TokenBatch,
+    blocks: impl Iterator<Item = [&'a Lin; 4]>,
+    layout: &QkvLayout,
+    head: &LmHead,
+) -> f64 {
+    let n = batch.n_tokens();
+    let lens: Vec<usize> = batch.ids.iter().map(Vec::len).collect();
+    let per_block: f64 = blocks
+        .map(|lins| {
+            lins.iter().map(|l| 2.0 * l.flops(n)).sum::<f64>()
+                + attention_flops(&lens, layout.heads, layout.head_dim)
+        })
+        .sum();
+    per_block + head.flops(loss_rows(batch))
 }

@@ -1,326 +1,13 @@
-//! GPT-2 (Hugging Face `GPT2LMHeadModel` checkpoints), with candle autograd.
-//!
-//! Taps: every tracked linear computes `y = a W + b + probe`, where `probe` is a zero `Var`
-//! of the output's shape. After the backward pass the probe's gradient is exactly
-//! g = ∂L/∂y, and `a` is kept from the forward pass. Layer norm, softmax and GELU are composed
-//! from elementary ops because candle's fused versions have no backward (they would silently
-//! cut the graph); `tests::every_probe_receives_a_gradient` fails if any tap goes missing.
+//! GPT-2's reference forward on candle autograd: every tracked Conv1D computes
+//! `y = a W + b + probe`, and the probe's gradient is the tap g. The forward with no probes
+//! also serves training ([`crate::train`]).
 
-use super::weights::Weights;
-use super::{ops::Forward, Labels, ModuleSelection, TapBatch, TapModel, TokenBatch, TrackedLayer};
-use crate::error::{Error, Result};
-use candle_core::{Device, Tensor, Var, D};
-use std::collections::HashMap;
-use std::path::Path;
-
-/// The fields of a GPT-2 `config.json` that change the computation.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Gpt2Config {
-    pub vocab_size: usize,
-    pub n_positions: usize,
-    pub n_embd: usize,
-    pub n_layer: usize,
-    pub n_head: usize,
-    #[serde(default)]
-    pub n_inner: Option<usize>,
-    #[serde(default = "default_eps")]
-    pub layer_norm_epsilon: f64,
-    #[serde(default = "default_activation")]
-    pub activation_function: String,
-    #[serde(default = "default_true")]
-    pub scale_attn_weights: bool,
-    #[serde(default)]
-    pub scale_attn_by_inverse_layer_idx: bool,
-    #[serde(default)]
-    pub reorder_and_upcast_attn: bool,
-}
-
-fn default_eps() -> f64 {
-    1e-5
-}
-fn default_activation() -> String {
-    "gelu_new".into()
-}
-fn default_true() -> bool {
-    true
-}
-
-impl Gpt2Config {
-    fn d_inner(&self) -> usize {
-        self.n_inner.unwrap_or(4 * self.n_embd)
-    }
-
-    fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |msg: String| Err(Error::input(format!("{}: {msg}", path.display())));
-        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
-            return bad(format!(
-                "n_embd ({}) must be a positive multiple of n_head ({})",
-                self.n_embd, self.n_head
-            ));
-        }
-        if !matches!(
-            self.activation_function.as_str(),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu" | "relu"
-        ) {
-            return bad(format!(
-                "activation_function `{}` is not supported (gelu_new, gelu_pytorch_tanh, gelu, relu)",
-                self.activation_function
-            ));
-        }
-        if self.scale_attn_by_inverse_layer_idx || self.reorder_and_upcast_attn {
-            return bad(
-                "scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported"
-                    .into(),
-            );
-        }
-        Ok(())
-    }
-}
-
-pub(crate) struct LayerNorm {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Tensor,
-    pub(crate) eps: f64,
-}
-
-impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-}
-
-/// A Conv1D layer as GPT-2 stores it: weight `[in, out]`, `y = x W + b`.
-pub(crate) struct Conv1D {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Tensor,
-    /// Index among the tracked layers, if tracked.
-    pub(crate) tap: Option<usize>,
-}
-
-pub(crate) struct Block {
-    pub(crate) ln_1: LayerNorm,
-    pub(crate) c_attn: Conv1D,
-    pub(crate) c_proj: Conv1D,
-    pub(crate) ln_2: LayerNorm,
-    pub(crate) c_fc: Conv1D,
-    pub(crate) mlp_proj: Conv1D,
-}
-
-/// A GPT-2 language model with tied (or explicit) LM head.
-pub struct Gpt2 {
-    pub(crate) config: Gpt2Config,
-    pub(crate) wte: Tensor,
-    pub(crate) wpe: Tensor,
-    pub(crate) blocks: Vec<Block>,
-    pub(crate) ln_f: LayerNorm,
-    pub(crate) lm_head: Tensor,
-    pub(crate) tracked: Vec<TrackedLayer>,
-    pub(crate) n_parameters: usize,
-    pub(crate) device: Device,
-}
+use super::{Conv1D, Gpt2};
+use crate::model::autograd::{self, Autograd, Forward, Spec};
+use crate::model::BlockShape;
+use candle_core::Tensor;
 
 impl Gpt2 {
-    /// Loads `config.json` and `model.safetensors` (or a sharded index) from `dir`.
-    pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Self> {
-        Self::load_on(dir, modules, &Device::Cpu)
-    }
-
-    /// [`Self::load`] with the weights on `device` (the autograd engine then runs there).
-    pub fn load_on(dir: &Path, modules: ModuleSelection, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let config: Gpt2Config = serde_json::from_str(&text).map_err(|e| {
-            Error::input(format!(
-                "{}: not a valid GPT-2 config: {e}",
-                config_path.display()
-            ))
-        })?;
-        config.validate(&config_path)?;
-        let weights = Weights::open(dir)?.on(device);
-        Self::from_weights(config, &weights, modules)
-    }
-
-    /// Builds a model from named tensors (checkpoint names, with or without `transformer.`).
-    /// The tensors are used as given (no copy), so `Var`s stay trainable (see [`crate::train`]).
-    pub(crate) fn from_weights(
-        config: Gpt2Config,
-        w: &Weights,
-        modules: ModuleSelection,
-    ) -> Result<Self> {
-        let prefix = if w.contains("transformer.wte.weight") {
-            "transformer."
-        } else {
-            ""
-        };
-        let (d, v, p, di) = (
-            config.n_embd,
-            config.vocab_size,
-            config.n_positions,
-            config.d_inner(),
-        );
-        let n_parameters = std::cell::Cell::new(0usize);
-        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = w.get(&format!("{prefix}{name}"), shape)?;
-            n_parameters.set(n_parameters.get() + t.elem_count());
-            Ok(t)
-        };
-        let wte = get("wte.weight", &[v, d])?;
-        let wpe = get("wpe.weight", &[p, d])?;
-        let ln = |name: &str| -> Result<LayerNorm> {
-            Ok(LayerNorm {
-                weight: get(&format!("{name}.weight"), &[d])?,
-                bias: get(&format!("{name}.bias"), &[d])?,
-                eps: config.layer_norm_epsilon,
-            })
-        };
-        let mut blocks = Vec::with_capacity(config.n_layer);
-        let mut tracked = Vec::new();
-        for i in 0..config.n_layer {
-            let ln_1 = ln(&format!("h.{i}.ln_1"))?;
-            let ln_2 = ln(&format!("h.{i}.ln_2"))?;
-            let mut conv =
-                |local: &str, d_in: usize, d_out: usize, kind: ModuleSelection| -> Result<Conv1D> {
-                    let name = format!("h.{i}.{local}");
-                    let keep = modules == ModuleSelection::All || modules == kind;
-                    let tap = keep.then(|| {
-                        tracked.push(TrackedLayer {
-                            name: format!("{prefix}{name}"),
-                            d_in,
-                            d_out,
-                            has_bias: true,
-                        });
-                        tracked.len() - 1
-                    });
-                    Ok(Conv1D {
-                        weight: get(&format!("{name}.weight"), &[d_in, d_out])?,
-                        bias: get(&format!("{name}.bias"), &[d_out])?,
-                        tap,
-                    })
-                };
-            let c_attn = conv("attn.c_attn", d, 3 * d, ModuleSelection::Attn)?;
-            let c_proj = conv("attn.c_proj", d, d, ModuleSelection::Attn)?;
-            let c_fc = conv("mlp.c_fc", d, di, ModuleSelection::Mlp)?;
-            let mlp_proj = conv("mlp.c_proj", di, d, ModuleSelection::Mlp)?;
-            blocks.push(Block {
-                ln_1,
-                c_attn,
-                c_proj,
-                ln_2,
-                c_fc,
-                mlp_proj,
-            });
-        }
-        let ln_f = ln("ln_f")?;
-        let lm_head = if w.contains("lm_head.weight") {
-            w.get("lm_head.weight", &[v, d])?
-        } else {
-            wte.clone()
-        };
-        Ok(Gpt2 {
-            config,
-            wte,
-            wpe,
-            blocks,
-            ln_f,
-            lm_head,
-            tracked,
-            n_parameters: n_parameters.get(),
-            device: w.device().clone(),
-        })
-    }
-
-    pub fn config(&self) -> &Gpt2Config {
-        &self.config
-    }
-
-    /// A randomly initialised model (GPT-2's N(0, 0.02) init, layer norms at identity plus
-    /// noise so that every parameter matters), for tests and benchmarks.
-    pub fn random(config: Gpt2Config, seed: u64, modules: ModuleSelection) -> Result<Self> {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut tensors = HashMap::new();
-        let mut add = |name: String, shape: Vec<usize>, mean: f32, std: f32| {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = (0..n)
-                .map(|_| {
-                    // Box–Muller from two uniforms.
-                    let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
-                    mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-                })
-                .collect();
-            tensors.insert(name, (shape, data));
-        };
-        let (d, di) = (config.n_embd, config.d_inner());
-        add("wte.weight".into(), vec![config.vocab_size, d], 0.0, 0.1);
-        add("wpe.weight".into(), vec![config.n_positions, d], 0.0, 0.05);
-        for i in 0..config.n_layer {
-            for ln in ["ln_1", "ln_2"] {
-                add(format!("h.{i}.{ln}.weight"), vec![d], 1.0, 0.1);
-                add(format!("h.{i}.{ln}.bias"), vec![d], 0.0, 0.1);
-            }
-            for (name, din, dout) in [
-                ("attn.c_attn", d, 3 * d),
-                ("attn.c_proj", d, d),
-                ("mlp.c_fc", d, di),
-                ("mlp.c_proj", di, d),
-            ] {
-                add(format!("h.{i}.{name}.weight"), vec![din, dout], 0.0, 0.2);
-                add(format!("h.{i}.{name}.bias"), vec![dout], 0.0, 0.05);
-            }
-        }
-        add("ln_f.weight".into(), vec![d], 1.0, 0.1);
-        add("ln_f.bias".into(), vec![d], 0.0, 0.1);
-        let weights = Weights::owned(
-            tensors
-                .into_iter()
-                .map(|(k, (shape, data))| Ok((k, Tensor::from_vec(data, shape, &Device::Cpu)?)))
-                .collect::<Result<_>>()?,
-            "random weights",
-        );
-        Self::from_weights(config, &weights, modules)
-    }
-
-    /// Writes the model as a Hugging Face checkpoint directory (config.json, model.safetensors).
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut t: HashMap<String, Tensor> = HashMap::new();
-        t.insert("wte.weight".into(), self.wte.clone());
-        t.insert("wpe.weight".into(), self.wpe.clone());
-        for (i, b) in self.blocks.iter().enumerate() {
-            for (name, ln) in [("ln_1", &b.ln_1), ("ln_2", &b.ln_2)] {
-                t.insert(format!("h.{i}.{name}.weight"), ln.weight.clone());
-                t.insert(format!("h.{i}.{name}.bias"), ln.bias.clone());
-            }
-            for (name, c) in [
-                ("attn.c_attn", &b.c_attn),
-                ("attn.c_proj", &b.c_proj),
-                ("mlp.c_fc", &b.c_fc),
-                ("mlp.c_proj", &b.mlp_proj),
-            ] {
-                t.insert(format!("h.{i}.{name}.weight"), c.weight.clone());
-                t.insert(format!("h.{i}.{name}.bias"), c.bias.clone());
-            }
-        }
-        t.insert("ln_f.weight".into(), self.ln_f.weight.clone());
-        t.insert("ln_f.bias".into(), self.ln_f.bias.clone());
-        let st = dir.join("model.safetensors");
-        candle_core::safetensors::save(&t, &st)?;
-        let mut config =
-            serde_json::to_value(&self.config).map_err(|e| Error::Other(e.to_string()))?;
-        config["model_type"] = "gpt2".into();
-        config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
-        let text =
-            serde_json::to_string_pretty(&config).map_err(|e| Error::Other(e.to_string()))?;
-        let path = dir.join("config.json");
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
-    }
-
     /// Forward pass over a right-padded batch. `probes[i]` is added to the output of tracked
     /// layer i (`[B*T, d_out]`); with no probes (training) nothing is added. Returns the logits
     /// `[B, T, V]` and each tracked layer's input.
@@ -333,21 +20,12 @@ impl Gpt2 {
         let (b, t) = (ids.len(), padded_len);
         let (d, h) = (self.config.n_embd, self.config.n_head);
         let hd = d / h;
-        let flat: Vec<u32> = ids
-            .iter()
-            .flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(0, t - s.len())))
-            .collect();
-        let ids_t = Tensor::from_vec(flat, b * t, &self.device)?;
+        let ids_t = autograd::padded_ids(ids, t, &self.device)?;
         let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
         let pos_t = Tensor::from_vec(pos, b * t, &self.device)?;
         let mut x = (self.wte.index_select(&ids_t, 0)? + self.wpe.index_select(&pos_t, 0)?)?;
 
-        // Causal mask: padding sits to the right of every real token, so causality alone keeps
-        // real positions from seeing padding.
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
+        let mask = autograd::causal_mask(t, None, &self.device)?;
         let scale = if self.config.scale_attn_weights {
             1.0 / (hd as f64).sqrt()
         } else {
@@ -378,16 +56,7 @@ impl Gpt2 {
                     .contiguous()
             };
             let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
-            // Softmax is shift-invariant, so the detached max changes no gradient.
-            let max = scores.max_keepdim(D::Minus1)?.detach();
-            let e = scores.broadcast_sub(&max)?.exp()?;
-            let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-            let attn = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * t, d))?;
+            let attn = autograd::attention(&q, &k, &v, &mask, scale)?;
             x = (x + linear(&block.c_proj, &attn)?)?;
             let hidden = block.ln_2.forward(&x)?;
             let pre = linear(&block.c_fc, &hidden)?;
@@ -418,102 +87,44 @@ impl Gpt2 {
             }
         }
     }
-
-    fn zero_probes(&self, rows: usize) -> candle_core::Result<Vec<Var>> {
-        super::ops::zero_probes(&self.tracked, rows, &self.device)
-    }
-
-    /// Logits, padded length and the probes' gradients for a batch (exposed to tests through
-    /// [`TapModel::taps`]; the probe values are inputs so finite differences can perturb them).
-    fn run(
-        &self,
-        batch: &TokenBatch,
-        labels: Labels,
-        probes: &[Var],
-    ) -> Result<(TapBatch, candle_core::backprop::GradStore)> {
-        super::ops::run_taps(
-            &self.tracked,
-            self.config.vocab_size,
-            batch,
-            labels,
-            probes,
-            |ids, t, p| self.forward(ids, t, p),
-        )
-    }
 }
 
-impl TapModel for Gpt2 {
-    fn architecture(&self) -> &str {
-        "gpt2"
-    }
-
-    fn tracked(&self) -> &[TrackedLayer] {
-        &self.tracked
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn max_positions(&self) -> usize {
-        self.config.n_positions
-    }
-
-    fn n_parameters(&self) -> usize {
-        self.n_parameters
-    }
-
-    /// On a GPU one batch keeps the device busy and the cores form its statistics; on the
-    /// CPU the driver runs batches side by side instead.
-    fn is_threaded(&self) -> bool {
-        !self.device.is_cpu()
-    }
-
-    fn device(&self) -> super::ComputeDevice {
-        super::ComputeDevice::of(&self.device)
-    }
-
-    fn taps(&self, batch: &TokenBatch, labels: Labels) -> Result<TapBatch> {
-        let rows = batch.len() * batch.max_len();
-        let probes = self.zero_probes(rows)?;
-        Ok(self.run(batch, labels, &probes)?.0)
-    }
-
-    fn block_shape(&self) -> super::BlockShape {
-        super::BlockShape {
-            layers: self.config.n_layer,
-            heads: self.config.n_head,
-            hidden: self.config.n_embd,
-            intermediate: self.config.d_inner(),
+impl Autograd for Gpt2 {
+    fn spec(&self) -> Spec<'_> {
+        let c = &self.config;
+        Spec {
+            architecture: "gpt2",
+            tracked: &self.tracked,
+            vocab: c.vocab_size,
+            max_positions: c.n_positions,
+            n_parameters: self.n_parameters,
+            shape: BlockShape {
+                layers: c.n_layer,
+                heads: c.n_head,
+                hidden: c.n_embd,
+                intermediate: c.d_inner(),
+            },
+            device: &self.device,
         }
     }
 
-    fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        super::ops::single_logits(&self.tracked, ids, &self.device, |ids, t, p| {
-            self.forward(ids, t, p)
-        })
+    fn tapped_forward(
+        &self,
+        ids: &[Vec<u32>],
+        padded_len: usize,
+        probes: &[Tensor],
+    ) -> candle_core::Result<Forward> {
+        self.forward(ids, padded_len, probes)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::tiny_config;
+    use super::super::Gpt2Config;
     use super::*;
-
-    pub(crate) fn tiny_config() -> Gpt2Config {
-        Gpt2Config {
-            vocab_size: 23,
-            n_positions: 16,
-            n_embd: 8,
-            n_layer: 2,
-            n_head: 2,
-            n_inner: None,
-            layer_norm_epsilon: 1e-5,
-            activation_function: "gelu_new".into(),
-            scale_attn_weights: true,
-            scale_attn_by_inverse_layer_idx: false,
-            reorder_and_upcast_attn: false,
-        }
-    }
+    use crate::model::{Labels, ModuleSelection, TapModel, TokenBatch};
+    use candle_core::{Device, Var};
 
     fn batch() -> TokenBatch {
         TokenBatch::training(&[(0, &[1, 5, 7, 2, 9, 11]), (1, &[3, 4, 22])])
@@ -607,20 +218,6 @@ mod tests {
             }
         }
         assert!((alone.losses[0] - padded.losses[1]).abs() < 1e-5);
-    }
-
-    #[test]
-    fn save_then_load_round_trips() {
-        let model = Gpt2::random(tiny_config(), 4, ModuleSelection::Mlp).unwrap();
-        let dir = std::env::temp_dir().join(format!("infl-gpt2-rt-{}", std::process::id()));
-        model.save(&dir).unwrap();
-        let back = Gpt2::load(&dir, ModuleSelection::Mlp).unwrap();
-        assert_eq!(back.tracked(), model.tracked());
-        assert_eq!(
-            model.logits(&[1, 2, 3]).unwrap(),
-            back.logits(&[1, 2, 3]).unwrap()
-        );
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     /// Identity-strategy scores from the taps equal dot products of per-sequence weight

@@ -4,34 +4,21 @@
 //! inverse roots, qkv after RoPE, the softmax row statistics, the activation's derivative at the
 //! MLP pre-activation and the linear inputs (the taps' `a`).
 
-use super::kernels::{
+use super::GptNeoX;
+use crate::error::{Error, Result};
+use crate::model::fast::kernels::{
     act_and_derivative, attention_backward, attention_forward, mul_in_place, rope_apply, Act,
     QkvLayout, Rope,
 };
-use super::{
-    embed, spans, to_vec, BlockFloats, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts,
+use crate::model::fast::{
+    embed, pass_flops, rope, spans, to_vec, BlockFloats, Fast, LayerNormBlockSaved as Saved,
+    LmHead, Meta, Net, Norm, Proj, TapBatchParts,
 };
-use crate::error::{Error, Result};
-use crate::model::gpt_neox::GptNeoX;
-use crate::model::{ops, Labels, TapModel, TokenBatch};
+use crate::model::{autograd, Labels, TapModel, TokenBatch};
 use std::sync::Arc;
 
 /// The fast GPT-NeoX.
 pub type FastGptNeoX = Fast<GptNeoXNet>;
-
-struct Proj {
-    lin: Lin,
-    tap: Option<usize>,
-}
-
-impl Proj {
-    fn new(l: &ops::Linear) -> Result<Proj> {
-        Ok(Proj {
-            lin: Lin::new(&l.weight, l.bias.as_ref())?,
-            tap: l.tap,
-        })
-    }
-}
 
 struct Block {
     input_layernorm: Norm,
@@ -54,19 +41,6 @@ pub struct GptNeoXNet {
     head: LmHead,
 }
 
-struct Saved {
-    n1: NormSaved,
-    h1: Vec<f32>,
-    qkv: Vec<f32>,
-    stats: Vec<f32>,
-    attn: Vec<f32>,
-    n2: NormSaved,
-    h2: Vec<f32>,
-    /// act′ of the MLP pre-activation (its backward).
-    dact: Vec<f32>,
-    act: Vec<f32>,
-}
-
 impl FastGptNeoX {
     pub fn new(m: &GptNeoX) -> Result<Self> {
         let c = m.config();
@@ -74,12 +48,7 @@ impl FastGptNeoX {
             Error::input(format!("hidden_act `{}` is not supported", c.hidden_act))
         })?;
         let embed = Arc::new(to_vec(&m.embed_in)?);
-        let head_w = if m.embed_out.id() == m.embed_in.id() {
-            embed.clone()
-        } else {
-            Arc::new(to_vec(&m.embed_out)?)
-        };
-        let norm = |n: &ops::LayerNorm| Norm::layer(&n.weight, &n.bias, n.eps);
+        let norm = |n: &autograd::LayerNorm| Norm::layer(&n.weight, &n.bias, n.eps);
         let blocks = m
             .blocks
             .iter()
@@ -96,13 +65,19 @@ impl FastGptNeoX {
             .collect::<Result<Vec<_>>>()?;
         let (h, hd) = (c.num_attention_heads, c.hidden_size / c.num_attention_heads);
         let rd = c.rotary_dims();
+        let head = LmHead::new(
+            norm(&m.final_layer_norm)?,
+            &embed,
+            &m.embed_in,
+            &m.embed_out,
+        )?;
         let net = GptNeoXNet {
             embed,
             d: c.hidden_size,
             layout: QkvLayout::interleaved(h, hd),
             // As the reference: no rotation below two dimensions.
             inv_freq: if rd >= 2 {
-                ops::inv_freq(c.rotary_emb_base, rd)
+                crate::model::rope::inv_freq(c.rotary_emb_base, rd)
             } else {
                 Vec::new()
             },
@@ -110,12 +85,7 @@ impl FastGptNeoX {
             scale: (1.0 / (hd as f64).sqrt()) as f32,
             act,
             blocks,
-            head: LmHead {
-                norm: norm(&m.final_layer_norm)?,
-                w: head_w,
-                vocab: c.vocab_size,
-                d: c.hidden_size,
-            },
+            head,
         };
         Ok(Fast::with(Meta::of(m as &dyn TapModel), net))
     }
@@ -123,12 +93,7 @@ impl FastGptNeoX {
 
 impl GptNeoXNet {
     fn rope(&self, len: usize) -> Rope {
-        let (cos, sin) = ops::rope_tables(&self.inv_freq, len);
-        Rope {
-            cos,
-            sin,
-            dims: 2 * self.inv_freq.len(),
-        }
+        rope(&self.inv_freq, len)
     }
 
     fn forward(
@@ -266,19 +231,10 @@ impl Net for GptNeoXNet {
     }
 
     fn flops(&self, batch: &TokenBatch) -> f64 {
-        let n = batch.n_tokens();
-        let lens: Vec<usize> = batch.ids.iter().map(Vec::len).collect();
-        let per_block: f64 = self
+        let blocks = self
             .blocks
             .iter()
-            .map(|b| {
-                [&b.qkv, &b.dense, &b.h_to_4h, &b.four_h_to_h]
-                    .iter()
-                    .map(|p| 2.0 * p.lin.flops(n))
-                    .sum::<f64>()
-                    + super::attention_flops(&lens, self.layout.heads, self.layout.head_dim)
-            })
-            .sum();
-        per_block + self.head.flops(super::loss_rows(batch))
+            .map(|b| [&b.qkv.lin, &b.dense.lin, &b.h_to_4h.lin, &b.four_h_to_h.lin]);
+        pass_flops(batch, blocks, &self.layout, &self.head)
     }
 }

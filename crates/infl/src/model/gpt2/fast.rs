@@ -3,14 +3,15 @@
 //! output: the taps' `a`), the fused qkv (attention backward) and GELU's derivative at the MLP
 //! pre-activation (its backward), plus each attention row's softmax max and sum.
 
-use super::kernels::{
+use super::{Conv1D, Gpt2};
+use crate::error::{Error, Result};
+use crate::model::fast::kernels::{
     act_and_derivative, attention_backward, attention_forward, mul_in_place, Act, QkvLayout,
 };
-use super::{
-    embed, spans, to_vec, BlockFloats, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts,
+use crate::model::fast::{
+    embed, pass_flops, spans, to_vec, BlockFloats, Fast, LayerNormBlockSaved as Saved, Lin, LmHead,
+    Meta, Net, Norm, Proj, TapBatchParts,
 };
-use crate::error::{Error, Result};
-use crate::model::gpt2::{Conv1D, Gpt2};
 use crate::model::{Labels, TapModel, TokenBatch};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -18,19 +19,12 @@ use std::sync::Arc;
 /// The fast GPT-2.
 pub type FastGpt2 = Fast<Gpt2Net>;
 
-struct Proj {
-    lin: Lin,
-    tap: Option<usize>,
-}
-
-impl Proj {
-    /// GPT-2's Conv1D stores `[in, out]`: transposed once into `[out, in]`.
-    fn new(c: &Conv1D) -> Result<Proj> {
-        Ok(Proj {
-            lin: Lin::new(&c.weight.t()?.contiguous()?, Some(&c.bias))?,
-            tap: c.tap,
-        })
-    }
+/// GPT-2's Conv1D stores `[in, out]`: transposed once into `[out, in]`.
+fn conv1d(c: &Conv1D) -> Result<Proj> {
+    Ok(Proj {
+        lin: Lin::new(&c.weight.t()?.contiguous()?, Some(&c.bias))?,
+        tap: c.tap,
+    })
 }
 
 struct Block {
@@ -53,19 +47,6 @@ pub struct Gpt2Net {
     head: LmHead,
 }
 
-struct Saved {
-    n1: NormSaved,
-    h1: Vec<f32>,
-    qkv: Vec<f32>,
-    stats: Vec<f32>,
-    attn: Vec<f32>,
-    n2: NormSaved,
-    h2: Vec<f32>,
-    /// act′ of the MLP pre-activation (its backward).
-    dact: Vec<f32>,
-    act: Vec<f32>,
-}
-
 impl FastGpt2 {
     pub fn new(m: &Gpt2) -> Result<Self> {
         let c = m.config();
@@ -77,26 +58,23 @@ impl FastGpt2 {
         })?;
         let (d, h) = (c.n_embd, c.n_head);
         let wte = Arc::new(to_vec(&m.wte)?);
-        let head_w = if m.lm_head.id() == m.wte.id() {
-            wte.clone()
-        } else {
-            Arc::new(to_vec(&m.lm_head)?)
-        };
-        let norm = |ln: &crate::model::gpt2::LayerNorm| Norm::layer(&ln.weight, &ln.bias, ln.eps);
+        let norm =
+            |ln: &crate::model::autograd::LayerNorm| Norm::layer(&ln.weight, &ln.bias, ln.eps);
         let blocks = m
             .blocks
             .iter()
             .map(|b| {
                 Ok(Block {
                     ln_1: norm(&b.ln_1)?,
-                    c_attn: Proj::new(&b.c_attn)?,
-                    c_proj: Proj::new(&b.c_proj)?,
+                    c_attn: conv1d(&b.c_attn)?,
+                    c_proj: conv1d(&b.c_proj)?,
                     ln_2: norm(&b.ln_2)?,
-                    c_fc: Proj::new(&b.c_fc)?,
-                    mlp_proj: Proj::new(&b.mlp_proj)?,
+                    c_fc: conv1d(&b.c_fc)?,
+                    mlp_proj: conv1d(&b.mlp_proj)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let head = LmHead::new(norm(&m.ln_f)?, &wte, &m.wte, &m.lm_head)?;
         let net = Gpt2Net {
             wte,
             wpe: to_vec(&m.wpe)?,
@@ -109,12 +87,7 @@ impl FastGpt2 {
             },
             act,
             blocks,
-            head: LmHead {
-                norm: norm(&m.ln_f)?,
-                w: head_w,
-                vocab: c.vocab_size,
-                d,
-            },
+            head,
         };
         Ok(Fast::with(Meta::of(m as &dyn TapModel), net))
     }
@@ -238,19 +211,10 @@ impl Net for Gpt2Net {
     }
 
     fn flops(&self, batch: &TokenBatch) -> f64 {
-        let n = batch.n_tokens();
-        let lens: Vec<usize> = batch.ids.iter().map(Vec::len).collect();
-        let per_block: f64 = self
+        let blocks = self
             .blocks
             .iter()
-            .map(|b| {
-                [&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj]
-                    .iter()
-                    .map(|p| 2.0 * p.lin.flops(n))
-                    .sum::<f64>()
-                    + super::attention_flops(&lens, self.layout.heads, self.layout.head_dim)
-            })
-            .sum();
-        per_block + self.head.flops(super::loss_rows(batch))
+            .map(|b| [&b.c_attn.lin, &b.c_proj.lin, &b.c_fc.lin, &b.mlp_proj.lin]);
+        pass_flops(batch, blocks, &self.layout, &self.head)
     }
 }

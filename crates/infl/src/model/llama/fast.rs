@@ -5,15 +5,16 @@
 //! softmax row statistics, the attention output, the fused gate|up (SwiGLU backward) and the
 //! linear inputs (the taps' `a`). RoPE is linear: its backward rotates the gradients back.
 
-use super::kernels::{
+use super::Llama;
+use crate::error::{Error, Result};
+use crate::model::fast::kernels::{
     attention_backward, attention_forward, glu_bwd, glu_fwd, rope_apply, Act, QkvLayout, Rope,
 };
-use super::{
-    embed, spans, to_vec, BlockFloats, Fast, Lin, LmHead, Meta, Net, Norm, NormSaved, TapBatchParts,
+use crate::model::fast::{
+    embed, pass_flops, rope, spans, to_vec, BlockFloats, Fast, Lin, LmHead, Meta, Net, Norm,
+    NormSaved, TapBatchParts,
 };
-use crate::error::{Error, Result};
-use crate::model::llama::Llama;
-use crate::model::{ops, Labels, TapModel, TokenBatch};
+use crate::model::{autograd, Labels, TapModel, TokenBatch};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -83,12 +84,7 @@ impl FastLlama {
             Error::input(format!("hidden_act `{}` is not supported", c.hidden_act))
         })?;
         let embed = Arc::new(to_vec(&m.embed)?);
-        let head_w = if m.lm_head.id() == m.embed.id() {
-            embed.clone()
-        } else {
-            Arc::new(to_vec(&m.lm_head)?)
-        };
-        let norm = |n: &ops::RmsNorm| Norm::rms(&n.weight, n.eps);
+        let norm = |n: &autograd::RmsNorm| Norm::rms(&n.weight, n.eps);
         let blocks = m
             .blocks
             .iter()
@@ -107,6 +103,7 @@ impl FastLlama {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let head = LmHead::new(norm(&m.norm)?, &embed, &m.embed, &m.lm_head)?;
         let net = LlamaNet {
             embed,
             d: c.hidden_size,
@@ -117,12 +114,7 @@ impl FastLlama {
             scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
             act,
             blocks,
-            head: LmHead {
-                norm: norm(&m.norm)?,
-                w: head_w,
-                vocab: c.vocab_size,
-                d: c.hidden_size,
-            },
+            head,
         };
         Ok(Fast::with(Meta::of(m as &dyn TapModel), net))
     }
@@ -130,12 +122,7 @@ impl FastLlama {
 
 impl LlamaNet {
     fn rope(&self, len: usize) -> Rope {
-        let (cos, sin) = ops::rope_tables(&self.inv_freq, len);
-        Rope {
-            cos,
-            sin,
-            dims: 2 * self.inv_freq.len(),
-        }
+        rope(&self.inv_freq, len)
     }
 
     fn forward(
@@ -284,20 +271,10 @@ impl Net for LlamaNet {
     }
 
     fn flops(&self, batch: &TokenBatch) -> f64 {
-        let n = batch.n_tokens();
-        let lens: Vec<usize> = batch.ids.iter().map(Vec::len).collect();
-        let lay = &self.layout;
-        let per_block: f64 = self
+        let blocks = self
             .blocks
             .iter()
-            .map(|b| {
-                [&b.qkv, &b.o, &b.gate_up, &b.down]
-                    .iter()
-                    .map(|l| 2.0 * l.flops(n))
-                    .sum::<f64>()
-                    + super::attention_flops(&lens, lay.heads, lay.head_dim)
-            })
-            .sum();
-        per_block + self.head.flops(super::loss_rows(batch))
+            .map(|b| [&b.qkv, &b.o, &b.gate_up, &b.down]);
+        pass_flops(batch, blocks, &self.layout, &self.head)
     }
 }

@@ -1,12 +1,17 @@
-//! Building blocks shared by the GPT-NeoX and Llama-family models: tapped linear layers, the
-//! composed (differentiable) norms, activations, rotary embeddings and attention, and the
-//! forward → loss head → backward → (a, g) extraction every [`super::TapModel`] runs.
+//! The autograd engine's plumbing, shared by every architecture's reference forward
+//! (`<arch>/autograd.rs`): tapped linear layers, the composed (differentiable) norms,
+//! activations, rotary embeddings and attention, the forward → loss head → backward → (a, g)
+//! extraction, and [`TapModel`] written once for every model that implements [`Autograd`].
 //!
 //! Everything is composed from elementary candle ops: candle's fused layer_norm / rms_norm /
 //! softmax / rope have no backward and would silently cut the autograd graph.
 
+use super::loss::loss_head;
 use super::weights::Weights;
-use super::{loss_head, Labels, LayerTap, ModuleSelection, TapBatch, TokenBatch, TrackedLayer};
+use super::{
+    BlockShape, ComputeDevice, Labels, LayerTap, ModuleSelection, TapBatch, TapModel, TokenBatch,
+    TrackedLayer,
+};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 
@@ -189,7 +194,7 @@ impl Rotary {
     /// `inv_freq` has `rotary_dims / 2` entries.
     pub fn new(inv_freq: &[f64], len: usize, device: &Device) -> candle_core::Result<Self> {
         let half = inv_freq.len();
-        let (cos, sin) = rope_tables(inv_freq, len);
+        let (cos, sin) = super::rope::rope_tables(inv_freq, len);
         Ok(Rotary {
             cos: Tensor::from_vec(cos, (len, 2 * half), device)?,
             sin: Tensor::from_vec(sin, (len, 2 * half), device)?,
@@ -218,35 +223,6 @@ impl Rotary {
             None => Ok(out),
         }
     }
-}
-
-/// cos and sin tables `[len, 2·inv_freq.len()]` (each half repeated), shared with the fast
-/// engine so that both rotate by the same f32 values.
-pub(crate) fn rope_tables(inv_freq: &[f64], len: usize) -> (Vec<f32>, Vec<f32>) {
-    let half = inv_freq.len();
-    let mut cos = Vec::with_capacity(len * 2 * half);
-    let mut sin = Vec::with_capacity(len * 2 * half);
-    for p in 0..len {
-        for _ in 0..2 {
-            for f in inv_freq {
-                // transformers forms the angle in f32: round the frequency first.
-                let angle = (p as f32 * *f as f32) as f64;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-    }
-    (cos, sin)
-}
-
-/// Plain RoPE frequencies `1 / base^(2i/dims)`, computed in f32 like transformers.
-pub(crate) fn inv_freq(base: f64, dims: usize) -> Vec<f64> {
-    (0..dims / 2)
-        .map(|i| {
-            let e = (2 * i) as f32 / dims as f32;
-            (1.0f32 / (base as f32).powf(e)) as f64
-        })
-        .collect()
 }
 
 /// Additive attention mask `[t, t]`: causal, and, with a sliding window w, key j is visible from
@@ -407,12 +383,107 @@ pub(crate) fn single_logits(
     Ok(fwd.logits.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// What [`TapModel`] reports about a model, borrowed from an architecture's autograd model.
+pub(crate) struct Spec<'a> {
+    /// Architecture name as in config.json (`gpt2`, `llama`, …).
+    pub architecture: &'a str,
+    pub tracked: &'a [TrackedLayer],
+    pub vocab: usize,
+    pub max_positions: usize,
+    pub n_parameters: usize,
+    pub shape: BlockShape,
+    /// Where the weights live (the taps are computed there).
+    pub device: &'a Device,
+}
+
+/// An architecture's reference model on candle autograd: its description and its forward with
+/// probes. [`TapModel`] is implemented once for all of them, below.
+pub(crate) trait Autograd: Send + Sync {
+    fn spec(&self) -> Spec<'_>;
+
+    /// Forward pass over a right-padded batch: `probes[i]` is added to the output of tracked
+    /// layer i (`[B*T, d_out]`). Returns the logits `[B, T, V]` and each tracked layer's input.
+    fn tapped_forward(
+        &self,
+        ids: &[Vec<u32>],
+        padded_len: usize,
+        probes: &[Tensor],
+    ) -> candle_core::Result<Forward>;
+
+    /// One zero probe per tracked layer for `rows` rows.
+    fn zero_probes(&self, rows: usize) -> candle_core::Result<Vec<Var>> {
+        let s = self.spec();
+        zero_probes(s.tracked, rows, s.device)
+    }
+
+    /// Taps and the probes' gradients for a batch (the probe values are inputs so that finite
+    /// differences can perturb them).
+    fn run(
+        &self,
+        batch: &TokenBatch,
+        labels: Labels,
+        probes: &[Var],
+    ) -> Result<(TapBatch, candle_core::backprop::GradStore)> {
+        let s = self.spec();
+        run_taps(s.tracked, s.vocab, batch, labels, probes, |ids, t, p| {
+            self.tapped_forward(ids, t, p)
+        })
+    }
+}
+
+impl<M: Autograd> TapModel for M {
+    fn architecture(&self) -> &str {
+        self.spec().architecture
+    }
+
+    fn tracked(&self) -> &[TrackedLayer] {
+        self.spec().tracked
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.spec().vocab
+    }
+
+    fn max_positions(&self) -> usize {
+        self.spec().max_positions
+    }
+
+    fn n_parameters(&self) -> usize {
+        self.spec().n_parameters
+    }
+
+    /// On a GPU one batch keeps the device busy and the cores form its statistics; on the
+    /// CPU the driver runs batches side by side instead.
+    fn is_threaded(&self) -> bool {
+        !self.spec().device.is_cpu()
+    }
+
+    fn device(&self) -> ComputeDevice {
+        ComputeDevice::of(self.spec().device)
+    }
+
+    fn taps(&self, batch: &TokenBatch, labels: Labels) -> Result<TapBatch> {
+        let probes = self.zero_probes(batch.len() * batch.max_len())?;
+        Ok(self.run(batch, labels, &probes)?.0)
+    }
+
+    fn block_shape(&self) -> BlockShape {
+        self.spec().shape
+    }
+
+    fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let s = self.spec();
+        single_logits(s.tracked, ids, s.device, |i, t, p| {
+            self.tapped_forward(i, t, p)
+        })
+    }
+}
+
 /// Shared tests for every architecture: parity with transformers' reference logits, finite
 /// differences on the probes, every probe reached, padding invariance.
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
-    use crate::model::TapModel;
 
     pub fn fixture(name: &str) -> std::path::PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
