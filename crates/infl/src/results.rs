@@ -499,37 +499,41 @@ impl DenseWriter {
     }
 
     fn finish(self, path: &Path, query_ids: &[String], n_train: usize) -> Result<()> {
-        let n_q = self.parts.len();
-        let bytes = n_q * n_train * 4;
-        let header = serde_json::json!({
-            "__metadata__": {
-                "query_ids": serde_json::to_string(query_ids).unwrap_or_default(),
-                "columns": "training sequences in corpus order (ids LINE:WINDOW as in top_k.jsonl)",
-            },
-            "scores": {"dtype": "F32", "shape": [n_q, n_train], "data_offsets": [0, bytes]},
-        });
-        let mut header = serde_json::to_vec(&header).map_err(|e| Error::Other(e.to_string()))?;
-        while header.len() % 8 != 0 {
-            header.push(b' ');
+        let mut out = start_dense_file(path, query_ids, (self.parts.len(), n_train))?;
+        for (p, w) in self.parts {
+            w.into_inner().map_err(|e| Error::io(&p, e.into_error()))?;
+            let mut f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
+            std::io::copy(&mut f, &mut out).map_err(|e| Error::io(out.tmp_path(), e))?;
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
         }
-        let tmp = path.with_file_name(format!(".scores.safetensors.tmp-{}", std::process::id()));
-        {
-            let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            let mut out = std::io::BufWriter::new(f);
-            let io_err = |e| Error::io(&tmp, e);
-            out.write_all(&(header.len() as u64).to_le_bytes())
-                .map_err(io_err)?;
-            out.write_all(&header).map_err(io_err)?;
-            for (p, w) in self.parts {
-                w.into_inner().map_err(|e| Error::io(&p, e.into_error()))?;
-                let mut f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
-                std::io::copy(&mut f, &mut out).map_err(io_err)?;
-                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-            }
-            out.flush().map_err(io_err)?;
-        }
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        out.commit()
     }
+}
+
+/// Starts `scores.safetensors` at `path` (committed by the caller once the `[n_q, n_train]`
+/// f32 values follow): its length-prefixed header, padded to 8 bytes.
+fn start_dense_file(
+    path: &Path,
+    query_ids: &[String],
+    (n_q, n_train): (usize, usize),
+) -> Result<io::AtomicFile> {
+    let bytes = n_q * n_train * 4;
+    let header = serde_json::json!({
+        "__metadata__": {
+            "query_ids": serde_json::to_string(query_ids).unwrap_or_default(),
+            "columns": "training sequences in corpus order (ids LINE:WINDOW as in top_k.jsonl)",
+        },
+        "scores": {"dtype": "F32", "shape": [n_q, n_train], "data_offsets": [0, bytes]},
+    });
+    let mut header = serde_json::to_vec(&header).map_err(|e| Error::Other(e.to_string()))?;
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut out = io::AtomicFile::create(path)?;
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .and_then(|()| out.write_all(&header))
+        .map_err(|e| Error::io(out.tmp_path(), e))?;
+    Ok(out)
 }
 
 /// Writes the dense `[n_queries, n_train]` matrix from shards' row files: `rows[i][q]` holds
@@ -542,52 +546,32 @@ pub fn write_dense_from_shards(
     n_train: usize,
 ) -> Result<()> {
     use std::io::Read;
-    let n_q = query_ids.len();
     let n_shards = rows.len();
-    let header = serde_json::json!({
-        "__metadata__": {
-            "query_ids": serde_json::to_string(query_ids).unwrap_or_default(),
-            "columns": "training sequences in corpus order (ids LINE:WINDOW as in top_k.jsonl)",
-        },
-        "scores": {"dtype": "F32", "shape": [n_q, n_train], "data_offsets": [0, n_q * n_train * 4]},
-    });
-    let mut header = serde_json::to_vec(&header).map_err(|e| Error::Other(e.to_string()))?;
-    while header.len() % 8 != 0 {
-        header.push(b' ');
-    }
-    let tmp = path.with_file_name(format!(".scores.safetensors.tmp-{}", std::process::id()));
-    {
-        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut out = std::io::BufWriter::new(f);
-        let io_err = |e| Error::io(&tmp, e);
-        out.write_all(&(header.len() as u64).to_le_bytes())
-            .map_err(io_err)?;
-        out.write_all(&header).map_err(io_err)?;
-        for q in 0..n_q {
-            let mut readers = rows
-                .iter()
-                .map(|r| {
-                    let p = &r[q];
-                    std::fs::File::open(p)
-                        .map(std::io::BufReader::new)
-                        .map_err(|e| Error::io(p, e))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let mut value = [0u8; 4];
-            for k in 0..n_train {
-                let i = k % n_shards;
-                readers[i].read_exact(&mut value).map_err(|e| {
-                    Error::Mismatch(format!(
-                        "{}: ends before sequence {k} ({e}); the shard is incomplete",
-                        rows[i][q].display()
-                    ))
-                })?;
-                out.write_all(&value).map_err(io_err)?;
-            }
+    let mut out = start_dense_file(path, query_ids, (query_ids.len(), n_train))?;
+    for q in 0..query_ids.len() {
+        let mut readers = rows
+            .iter()
+            .map(|r| {
+                let p = &r[q];
+                std::fs::File::open(p)
+                    .map(std::io::BufReader::new)
+                    .map_err(|e| Error::io(p, e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut value = [0u8; 4];
+        for k in 0..n_train {
+            let i = k % n_shards;
+            readers[i].read_exact(&mut value).map_err(|e| {
+                Error::Mismatch(format!(
+                    "{}: ends before sequence {k} ({e}); the shard is incomplete",
+                    rows[i][q].display()
+                ))
+            })?;
+            out.write_all(&value)
+                .map_err(|e| Error::io(out.tmp_path(), e))?;
         }
-        out.flush().map_err(io_err)?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    out.commit()
 }
 
 /// `top_k.jsonl` lines for every query: the top block, then the bottom block.
