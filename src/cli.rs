@@ -1220,7 +1220,7 @@ fn demo(a: DemoArgs, progress: &Bars, quiet: bool) -> Result<()> {
         for e in summary
             .top
             .iter()
-            .filter(|e| &e.query_id == qid && e.direction == "top")
+            .filter(|e| &e.query_id == qid && e.direction == infl::results::Direction::Top)
             .take(a.top_k)
         {
             let text = e.text.as_deref().unwrap_or("").replace('\n', " / ");

@@ -6,7 +6,8 @@
 
 use crate::error::{Error, Result};
 use crate::io;
-use crate::report::{self, escape, fmt_score, Direction, Results};
+use crate::report::{self, escape, fmt_score};
+use crate::results::{Direction, Results, TopEntry};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -289,7 +290,7 @@ pub fn render_html(cmp: &Comparison, results: &[Results]) -> String {
             );
         }
         h.push_str("</table>");
-        let tops: Vec<Vec<&report::Entry>> = results
+        let tops: Vec<Vec<&TopEntry>> = results
             .iter()
             .map(|r| r.entries(qid, Direction::Top))
             .collect();

@@ -4,6 +4,9 @@
 //! asked for, goes to disk a row-chunk at a time.
 
 pub mod meta;
+mod read;
+
+pub use read::{Distribution, LayerTotals, QueryInfo, Results};
 
 use crate::data::{LazyTokenizer, Sequence};
 use crate::error::{Error, Result};
@@ -18,6 +21,21 @@ use std::path::{Path, PathBuf};
 /// distribution analysis.
 pub const TAIL_SIZE: usize = 2000;
 
+/// Which end of a query's ranking a `top_k.jsonl` line belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Most positive first.
+    Top,
+    /// Most negative first.
+    Bottom,
+}
+
+/// Lines written before the bottom-k lists existed have no direction: they are top lists.
+fn default_direction() -> Direction {
+    Direction::Top
+}
+
 /// One token's share of a score.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TokenPart {
@@ -29,8 +47,8 @@ pub struct TokenPart {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TopEntry {
     pub query_id: String,
-    /// `top` (most positive first) or `bottom` (most negative first).
-    pub direction: String,
+    #[serde(default = "default_direction")]
+    pub direction: Direction,
     pub rank: usize,
     pub sequence_id: String,
     pub score: f64,
@@ -584,11 +602,11 @@ pub fn entries(
 ) -> Vec<TopEntry> {
     let mut out = Vec::new();
     for (q, (s, qid)) in summaries.iter().zip(query_ids).enumerate() {
-        for (direction, list) in [("top", &s.top), ("bottom", &s.bottom)] {
+        for (direction, list) in [(Direction::Top, &s.top), (Direction::Bottom, &s.bottom)] {
             for (rank, c) in list.iter().enumerate() {
                 out.push(TopEntry {
                     query_id: qid.clone(),
-                    direction: direction.into(),
+                    direction,
                     rank: rank + 1,
                     sequence_id: c.sequence_id.clone(),
                     score: c.score,
