@@ -5,72 +5,11 @@
 //! `infl report` and `infl compare` read results through it.
 
 use super::meta::{QueriesInfo, ScoresMetaView};
-use super::{Direction, TopEntry, TAIL_SIZE};
+use super::schema::{DistributionFile, LayersFile};
+use super::{Direction, Distribution, LayerTotals, TopEntry};
 use crate::error::{Error, Result};
 use crate::io;
 use std::path::{Path, PathBuf};
-
-/// Streamed statistics of one query's scores over all training sequences (`distribution.json`).
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
-pub struct Distribution {
-    pub query_id: String,
-    pub count: usize,
-    pub sum: f64,
-    pub sum_sq: f64,
-    pub sum_pos: f64,
-    pub sum_neg: f64,
-    pub min: f64,
-    pub max: f64,
-    /// The largest positive scores, descending.
-    pub tail_pos: Vec<f64>,
-    /// Magnitudes of the most negative scores, descending.
-    pub tail_neg: Vec<f64>,
-}
-
-impl Distribution {
-    /// The same statistics computed from a dense row of scores.
-    pub fn from_scores(query_id: &str, row: &[f64]) -> Self {
-        let mut pos: Vec<f64> = row.iter().copied().filter(|x| *x > 0.0).collect();
-        let mut neg: Vec<f64> = row.iter().filter(|x| **x < 0.0).map(|x| -x).collect();
-        pos.sort_by(|a, b| b.total_cmp(a));
-        neg.sort_by(|a, b| b.total_cmp(a));
-        let sum_pos = pos.iter().sum();
-        let sum_neg = -neg.iter().sum::<f64>();
-        pos.truncate(TAIL_SIZE);
-        neg.truncate(TAIL_SIZE);
-        Distribution {
-            query_id: query_id.to_string(),
-            count: row.len(),
-            sum: row.iter().sum(),
-            sum_sq: row.iter().map(|x| x * x).sum(),
-            sum_pos,
-            sum_neg,
-            min: row.iter().copied().fold(f64::INFINITY, f64::min),
-            max: row.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            tail_pos: pos,
-            tail_neg: neg,
-        }
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct DistributionFile {
-    queries: Vec<Distribution>,
-}
-
-/// Per-layer totals of one query over all training sequences (`layers.json`).
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct LayerTotals {
-    pub query_id: String,
-    pub total_per_layer: Vec<f64>,
-    pub abs_per_layer: Vec<f64>,
-}
-
-#[derive(serde::Deserialize)]
-struct LayersFile {
-    layers: Vec<String>,
-    queries: Vec<LayerTotals>,
-}
 
 /// One query of a results directory.
 #[derive(Debug, Clone)]
