@@ -111,7 +111,7 @@ fn print_top_sources(outcome: &DemoOutcome, queries: &Path, top_k: usize) -> Res
         for e in summary
             .top
             .iter()
-            .filter(|e| &e.query_id == qid && e.direction == "top")
+            .filter(|e| &e.query_id == qid && e.direction == infl::results::Direction::Top)
             .take(top_k)
         {
             let text = e.text.as_deref().unwrap_or("").replace('\n', " / ");

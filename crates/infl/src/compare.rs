@@ -6,7 +6,8 @@
 
 use crate::error::{Error, Result};
 use crate::io;
-use crate::report::{self, escape, fmt_score, Direction, Results};
+use crate::report::{self, escape, fmt_score};
+use crate::results::{Direction, Results, TopEntry};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -255,93 +256,104 @@ pub fn render_html(cmp: &Comparison, results: &[Results]) -> String {
         );
     }
     h.push_str("</ul><p class=\"legend\">Outlined: a sequence in the top list of more than one result. Overlap = |A ∩ B| / k; Spearman's ρ over the sequences in both top-k lists (over all sequences when both results hold dense scores of the same corpus).</p>");
-    let cols = results.len();
     for (qi, qid) in cmp.query_ids.iter().enumerate() {
-        let _ = write!(
-            h,
-            "<section class=\"query\" id=\"q{qi}\" data-query-id=\"{}\"><h2>Query {}</h2>",
-            escape(qid),
-            escape(qid)
-        );
-        if let Some(q) = results.first().and_then(|r| r.queries.get(qi)) {
-            if q.prompt.is_some() || q.completion.is_some() {
-                let _ = write!(
-                    h,
-                    "<div class=\"qtext\">{}<span class=\"completion\">{}</span></div>",
-                    escape(q.prompt.as_deref().unwrap_or("")),
-                    escape(q.completion.as_deref().unwrap_or(""))
-                );
-            }
-        }
-        h.push_str("<table class=\"pairs\"><tr><th>pair</th><th>top-k ∩</th><th>overlap</th><th>Spearman ρ</th><th>over</th></tr>");
-        for p in cmp.pairs.iter().filter(|p| &p.query_id == qid) {
-            let _ = write!(
-                h,
-                "<tr><td>{}–{}</td><td class=\"num\">{}/{}</td><td class=\"num\">{:.2}</td><td class=\"num\">{}</td><td>{} ({})</td></tr>",
-                (b'A' + (p.a % 26) as u8) as char,
-                (b'A' + (p.b % 26) as u8) as char,
-                p.shared,
-                p.k,
-                p.overlap,
-                p.spearman.map(|r| format!("{r:+.3}")).unwrap_or_else(|| "n/a".into()),
-                escape(&p.spearman_over),
-                p.spearman_n
-            );
-        }
-        h.push_str("</table>");
-        let tops: Vec<Vec<&report::Entry>> = results
-            .iter()
-            .map(|r| r.entries(qid, Direction::Top))
-            .collect();
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        for t in &tops {
-            for e in t {
-                *seen.entry(e.sequence_id.as_str()).or_default() += 1;
-            }
-        }
-        let _ = write!(
-            h,
-            "<div class=\"cols\" style=\"grid-template-columns:repeat({cols},minmax(0,1fr))\">"
-        );
-        for (i, t) in tops.iter().enumerate() {
-            let name = Path::new(&cmp.runs[i].dir)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| cmp.runs[i].dir.clone());
-            let _ = write!(
-                h,
-                "<div class=\"col\"><h3>{}: {} <span class=\"sub\">({})</span></h3>",
-                (b'A' + (i % 26) as u8) as char,
-                escape(&name),
-                escape(&cmp.runs[i].strategy)
-            );
-            for e in t {
-                let shared = seen.get(e.sequence_id.as_str()).copied().unwrap_or(0) > 1;
-                let text = e
-                    .text
-                    .clone()
-                    .or_else(|| {
-                        e.tokens
-                            .as_ref()
-                            .map(|t| t.iter().map(|x| x.text.as_str()).collect())
-                    })
-                    .unwrap_or_default();
-                let _ = write!(
-                    h,
-                    "<div class=\"seq{}\"><div class=\"seq-head\">#{} <b>{}</b> <code>{}</code></div><div class=\"plain\">{}</div></div>",
-                    if shared { " shared" } else { "" },
-                    e.rank,
-                    escape(&fmt_score(e.score)),
-                    escape(&e.sequence_id),
-                    escape(&text)
-                );
-            }
-            h.push_str("</div>");
-        }
-        h.push_str("</div></section>");
+        render_query(&mut h, cmp, results, qi, qid);
     }
     h.push_str("</main></body></html>\n");
     h
+}
+
+/// One query's section: its text, the pairs' agreement, and the top lists side by side.
+fn render_query(h: &mut String, cmp: &Comparison, results: &[Results], qi: usize, qid: &str) {
+    let _ = write!(
+        h,
+        "<section class=\"query\" id=\"q{qi}\" data-query-id=\"{}\"><h2>Query {}</h2>",
+        escape(qid),
+        escape(qid)
+    );
+    if let Some(q) = results.first().and_then(|r| r.queries.get(qi)) {
+        if q.prompt.is_some() || q.completion.is_some() {
+            let _ = write!(
+                h,
+                "<div class=\"qtext\">{}<span class=\"completion\">{}</span></div>",
+                escape(q.prompt.as_deref().unwrap_or("")),
+                escape(q.completion.as_deref().unwrap_or(""))
+            );
+        }
+    }
+    h.push_str("<table class=\"pairs\"><tr><th>pair</th><th>top-k ∩</th><th>overlap</th><th>Spearman ρ</th><th>over</th></tr>");
+    for p in cmp.pairs.iter().filter(|p| p.query_id == qid) {
+        let _ = write!(
+            h,
+            "<tr><td>{}–{}</td><td class=\"num\">{}/{}</td><td class=\"num\">{:.2}</td><td class=\"num\">{}</td><td>{} ({})</td></tr>",
+            (b'A' + (p.a % 26) as u8) as char,
+            (b'A' + (p.b % 26) as u8) as char,
+            p.shared,
+            p.k,
+            p.overlap,
+            p.spearman.map(|r| format!("{r:+.3}")).unwrap_or_else(|| "n/a".into()),
+            escape(&p.spearman_over),
+            p.spearman_n
+        );
+    }
+    h.push_str("</table>");
+    let tops: Vec<Vec<&TopEntry>> = results
+        .iter()
+        .map(|r| r.entries(qid, Direction::Top))
+        .collect();
+    render_top_columns(h, cmp, &tops, results.len());
+    h.push_str("</section>");
+}
+
+/// The top lists of one query, a column per results directory; sequences in more than one
+/// list are outlined.
+fn render_top_columns(h: &mut String, cmp: &Comparison, tops: &[Vec<&TopEntry>], cols: usize) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for t in tops {
+        for e in t {
+            *seen.entry(e.sequence_id.as_str()).or_default() += 1;
+        }
+    }
+    let _ = write!(
+        h,
+        "<div class=\"cols\" style=\"grid-template-columns:repeat({cols},minmax(0,1fr))\">"
+    );
+    for (i, t) in tops.iter().enumerate() {
+        let name = Path::new(&cmp.runs[i].dir)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| cmp.runs[i].dir.clone());
+        let _ = write!(
+            h,
+            "<div class=\"col\"><h3>{}: {} <span class=\"sub\">({})</span></h3>",
+            (b'A' + (i % 26) as u8) as char,
+            escape(&name),
+            escape(&cmp.runs[i].strategy)
+        );
+        for e in t {
+            let shared = seen.get(e.sequence_id.as_str()).copied().unwrap_or(0) > 1;
+            let text = e
+                .text
+                .clone()
+                .or_else(|| {
+                    e.tokens
+                        .as_ref()
+                        .map(|t| t.iter().map(|x| x.text.as_str()).collect())
+                })
+                .unwrap_or_default();
+            let _ = write!(
+                h,
+                "<div class=\"seq{}\"><div class=\"seq-head\">#{} <b>{}</b> <code>{}</code></div><div class=\"plain\">{}</div></div>",
+                if shared { " shared" } else { "" },
+                e.rank,
+                escape(&fmt_score(e.score)),
+                escape(&e.sequence_id),
+                escape(&text)
+            );
+        }
+        h.push_str("</div>");
+    }
+    h.push_str("</div>");
 }
 
 /// Runs the comparison and writes the requested outputs.

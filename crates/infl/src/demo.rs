@@ -322,7 +322,7 @@ pub fn top_sources(summary: &ScoreSummary, query_id: &str) -> Vec<String> {
     let mut top: Vec<&crate::results::TopEntry> = summary
         .top
         .iter()
-        .filter(|e| e.query_id == query_id && e.direction == "top")
+        .filter(|e| e.query_id == query_id && e.direction == crate::results::Direction::Top)
         .collect();
     top.sort_by_key(|e| e.rank);
     top.iter().map(|e| e.sequence_id.clone()).collect()

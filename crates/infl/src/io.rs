@@ -1,4 +1,5 @@
-//! Files that leave the process: atomic writes (temp file + rename) and safetensors.
+//! Files that leave the process: atomic writes (a temporary sibling, then a rename), whole or
+//! streamed, and safetensors.
 
 use crate::error::{Error, Result};
 use safetensors::tensor::{Dtype, TensorView};
@@ -9,15 +10,84 @@ use std::path::{Path, PathBuf};
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_sibling(path);
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    publish(&tmp, path)
 }
 
-fn temp_sibling(path: &Path) -> PathBuf {
+/// The hidden sibling `.NAME.tmp-PID` that a file or directory is built in before
+/// [`publish`] renames it into place (per process, so concurrent writers do not collide).
+pub fn temp_sibling(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Renames the finished `tmp` onto `path`; a directory at `path` is removed first (a rename
+/// does not replace a non-empty directory).
+pub fn publish(tmp: &Path, path: &Path) -> Result<()> {
+    if tmp.is_dir() && path.exists() {
+        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+    }
+    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A file streamed through a buffer into its [`temp_sibling`] and renamed into place by
+/// [`AtomicFile::commit`], for outputs too large to hold in memory: a crash leaves either the
+/// old file or the new one. Write errors name [`AtomicFile::tmp_path`].
+pub struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> Result<Self> {
+        let tmp = temp_sibling(path);
+        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            tmp,
+            out: std::io::BufWriter::new(f),
+        })
+    }
+
+    /// Where the bytes go until the commit (for error messages).
+    pub fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Flushes and renames the file into place.
+    pub fn commit(self) -> Result<()> {
+        self.finish(false)
+    }
+
+    /// [`AtomicFile::commit`] after syncing the data to disk.
+    pub fn sync_and_commit(self) -> Result<()> {
+        self.finish(true)
+    }
+
+    fn finish(self, sync: bool) -> Result<()> {
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        if sync {
+            file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        }
+        drop(file);
+        publish(&self.tmp, &self.path)
+    }
+}
+
+impl std::io::Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
@@ -205,6 +275,37 @@ mod tests {
         let back = read_safetensors(&path).unwrap();
         assert_eq!(back["a"], (vec![2, 3], vec![1.5; 6]));
         assert_eq!(back["b"], (vec![4], vec![-0.25; 4]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn atomic_files_appear_whole_at_the_commit() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("infl-io-atomic-{}", std::process::id()));
+        ensure_dir(&dir).unwrap();
+        let path = dir.join("out.txt");
+        write_atomic(&path, b"old").unwrap();
+        let mut f = AtomicFile::create(&path).unwrap();
+        f.write_all(b"new ").unwrap();
+        f.write_all(b"text").unwrap();
+        assert_eq!(f.tmp_path(), temp_sibling(&path));
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"old",
+            "unchanged until the commit"
+        );
+        f.sync_and_commit().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new text");
+        assert!(!temp_sibling(&path).exists());
+        // A directory built in its temporary sibling replaces the one in place.
+        let sub = dir.join("store");
+        ensure_dir(&sub).unwrap();
+        std::fs::write(sub.join("stale"), b"x").unwrap();
+        let tmp = temp_sibling(&sub);
+        ensure_dir(&tmp).unwrap();
+        std::fs::write(tmp.join("fresh"), b"y").unwrap();
+        publish(&tmp, &sub).unwrap();
+        assert!(sub.join("fresh").exists() && !sub.join("stale").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -163,12 +163,7 @@ impl StoreWriter {
         options: StoreOptions,
         provenance: &StoreProvenance,
     ) -> Result<Self> {
-        let tmp = dir.with_file_name(format!(
-            ".{}.tmp-{}",
-            dir.file_name()
-                .map_or("store".into(), |n| n.to_string_lossy()),
-            std::process::id()
-        ));
+        let tmp = crate::io::temp_sibling(dir);
         let _ = std::fs::remove_dir_all(&tmp);
         crate::io::ensure_dir(&tmp)?;
         let open = |name: &str| -> Result<std::io::BufWriter<std::fs::File>> {
@@ -353,10 +348,7 @@ impl StoreWriter {
             w.get_ref().sync_all().map_err(|e| Error::io(&p, e))?;
         }
         crate::io::write_json(&self.tmp.join(META_FILE), &self.meta)?;
-        if self.dir.exists() {
-            std::fs::remove_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        }
-        std::fs::rename(&self.tmp, &self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        crate::io::publish(&self.tmp, &self.dir)?;
         Ok(self.meta)
     }
 }

@@ -5,25 +5,67 @@ use crate::curvature::format::FactorsMeta;
 use crate::curvature::{Fisher, Strategy};
 use crate::influence::Preconditioner;
 use crate::model::ModuleSelection;
-use crate::options::ScoreOptions;
+use crate::options::{Normalize, ScoreOptions};
 use crate::provenance::{check_format, format_1, CorpusInfo, ModelInfo, FORMAT_VERSION};
 use std::path::Path;
 
 /// What a score means, recorded in every results directory.
 pub const SCORE_CONVENTION: &str = "I(q,z) = sum over tracked layers of <(F+λI)^-1 ∇f_q, ∇L_z>; f_q = -log p(completion|prompt) summed over completion tokens, L_z = summed next-token cross-entropy of z; positive = training on z lowers f_q (z supports the completion); not divided by the number of training sequences";
 
+/// The queries of a results directory. Only `ids` is required when read back: results of
+/// older releases lack the rest (an empty list then means not recorded).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QueriesInfo {
+    #[serde(default)]
     pub path: String,
+    #[serde(default)]
     pub sha256: String,
     pub ids: Vec<String>,
     /// Prompt and completion text (null for pre-tokenised queries).
+    #[serde(default)]
     pub prompts: Vec<Option<String>>,
+    #[serde(default)]
     pub completions: Vec<Option<String>>,
-    /// −log p(completion | prompt) per query, in nats.
+    /// −log p(completion | prompt) per query, in nats (a non-finite one is written as null
+    /// and read back as NaN).
+    #[serde(default, deserialize_with = "nulls_as_nan")]
     pub losses: Vec<f64>,
     /// I(q, q): the query gradient's squared norm in the damped inverse-Fisher metric.
+    #[serde(default, deserialize_with = "nulls_as_nan")]
     pub self_influence: Vec<f64>,
+}
+
+/// JSON has no NaN or infinity: serde_json writes them as null.
+fn nulls_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    let v: Vec<Option<f64>> = serde::Deserialize::deserialize(d)?;
+    Ok(v.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect())
+}
+
+/// What readers of a results directory (`infl report`, `infl compare`) take from its
+/// `meta.json`: fields of [`ScoresMeta`] under the same names and types, each optional
+/// (results of older releases, and hand-made ones, lack some), with the model and corpus
+/// provenance cut to what they show ([`SourceRef`]).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct ScoresMetaView {
+    pub kind: Option<String>,
+    pub strategy: Option<Strategy>,
+    pub normalize: Option<Normalize>,
+    /// Absent before the results recorded it: then the names of `damping_per_layer`.
+    pub layers: Option<Vec<String>>,
+    pub damping_per_layer: Option<Vec<(String, f64)>>,
+    pub model: SourceRef,
+    pub corpus: SourceRef,
+    pub queries: Option<QueriesInfo>,
+}
+
+/// The fields of [`ModelInfo`] and [`CorpusInfo`] that readers show.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct SourceRef {
+    pub path: Option<String>,
+    pub sha256: Option<String>,
+    pub n_sequences: Option<usize>,
 }
 
 /// `meta.json` of a results directory.

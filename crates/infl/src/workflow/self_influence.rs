@@ -48,11 +48,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     let mut tok = LazyTokenizer::new(&job.model);
     io::ensure_dir(&job.out)?;
     let all_path = job.out.join("self_influence.jsonl");
-    let tmp = job
-        .out
-        .join(format!(".self_influence.jsonl.tmp-{}", std::process::id()));
-    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut all = std::io::BufWriter::new(file);
+    let mut all = io::AtomicFile::create(&all_path)?;
     let mut acc = results::ScoreAccumulator::new(1, 1, job.options.top_k, None);
     // A model on a GPU has the self-influence formed there too.
     let on_device = match model::statistics_device(model.as_ref())? {
@@ -88,7 +84,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
                     let n = own.len();
                     for (k, v) in own.iter().enumerate() {
                         let line = serde_json::json!({"sequence_id": chunk[start + k].id, "self_influence": v});
-                        writeln!(all, "{line}").map_err(|e| Error::io(&tmp, e))?;
+                        writeln!(all, "{line}").map_err(|e| Error::io(all.tmp_path(), e))?;
                     }
                     let part = faer::Mat::from_fn(1, n, |_, k| own[k] as f32);
                     let idx: Vec<usize> = (seen + start..seen + start + n).collect();
@@ -100,11 +96,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         },
     )?;
     progress.end();
-    all.into_inner()
-        .map_err(|e| Error::io(&tmp, e.into_error()))?
-        .sync_all()
-        .map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &all_path).map_err(|e| Error::io(&all_path, e))?;
+    all.sync_and_commit()?;
     let ids = vec!["self".to_string()];
     let top = results::entries(&acc.summaries, &ids, &mut tok, false, None);
     results::write_top_k(&job.out.join("top_k.jsonl"), &top)?;

@@ -1,0 +1,107 @@
+//! Writes the files of a results directory that people and `infl report` read:
+//! `top_k.jsonl`, `distribution.json` and `layers.json`, each atomically.
+
+use super::schema::{DistributionFile, LayersFile};
+use super::{Direction, Distribution, LayerTotals, QuerySummary, TokenPart, TopEntry, TAIL_SIZE};
+use crate::data::LazyTokenizer;
+use crate::error::{Error, Result};
+use crate::io;
+use std::path::Path;
+
+/// `top_k.jsonl` lines for every query: the top block, then the bottom block.
+pub fn entries(
+    summaries: &[QuerySummary],
+    query_ids: &[String],
+    tokenizer: &mut LazyTokenizer,
+    per_layer: bool,
+    tokens: Option<&std::collections::HashMap<(usize, usize), Vec<TokenPart>>>,
+) -> Vec<TopEntry> {
+    let mut out = Vec::new();
+    for (q, (s, qid)) in summaries.iter().zip(query_ids).enumerate() {
+        for (direction, list) in [(Direction::Top, &s.top), (Direction::Bottom, &s.bottom)] {
+            for (rank, c) in list.iter().enumerate() {
+                out.push(TopEntry {
+                    query_id: qid.clone(),
+                    direction,
+                    rank: rank + 1,
+                    sequence_id: c.sequence_id.clone(),
+                    score: c.score,
+                    text: tokenizer.decode(&c.ids),
+                    per_layer: per_layer.then(|| c.per_layer.clone()),
+                    tokens: tokens.and_then(|t| t.get(&(q, c.index)).cloned()),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Writes `top_k.jsonl` atomically.
+pub fn write_top_k(path: &Path, entries: &[TopEntry]) -> Result<()> {
+    let mut text = String::new();
+    for e in entries {
+        text.push_str(&serde_json::to_string(e).map_err(|e| Error::Other(e.to_string()))?);
+        text.push('\n');
+    }
+    io::write_atomic(path, text.as_bytes())
+}
+
+/// Writes `distribution.json`: running statistics and tails per query.
+pub fn write_distribution(
+    path: &Path,
+    summaries: &[QuerySummary],
+    query_ids: &[String],
+) -> Result<()> {
+    let queries = summaries
+        .iter()
+        .zip(query_ids)
+        .map(|(s, id)| Distribution {
+            query_id: id.clone(),
+            count: s.count as usize,
+            sum: s.sum,
+            sum_sq: s.sum_sq,
+            sum_pos: s.sum_pos,
+            sum_neg: s.sum_neg,
+            min: s.min,
+            max: s.max,
+            tail_pos: s.tail_pos(),
+            tail_neg: s.tail_neg(),
+            sketch: Some(s.sketch.clone()),
+        })
+        .collect();
+    let file = DistributionFile {
+        tail_size: TAIL_SIZE,
+        queries,
+    };
+    write_sorted_json(path, &file)
+}
+
+/// Writes `layers.json`: per query, each layer's total part over all training sequences.
+pub fn write_layers(
+    path: &Path,
+    summaries: &[QuerySummary],
+    query_ids: &[String],
+    layers: &[String],
+) -> Result<()> {
+    let queries = summaries
+        .iter()
+        .zip(query_ids)
+        .map(|(s, id)| LayerTotals {
+            query_id: id.clone(),
+            total_per_layer: s.total_per_layer.clone(),
+            abs_per_layer: s.abs_per_layer.clone(),
+        })
+        .collect();
+    let file = LayersFile {
+        layers: layers.to_vec(),
+        queries,
+    };
+    write_sorted_json(path, &file)
+}
+
+/// [`io::write_json`] through a `serde_json::Value`, whose maps sort their keys: the key order
+/// these files have always had, whatever the order of the records' fields.
+fn write_sorted_json<T: serde::Serialize>(path: &Path, record: &T) -> Result<()> {
+    let value = serde_json::to_value(record).map_err(|e| Error::Other(e.to_string()))?;
+    io::write_json(path, &value)
+}
