@@ -6,7 +6,7 @@
 mod common;
 
 use common::{family_fixture as fixture, ok, random_gpt2, rel_diff, s, scratch};
-use infl::model::{load_on, ComputeDevice, Engine, Labels, ModuleSelection, TokenBatch};
+use infl::model::{load, Compute, ComputeDevice, Engine, Labels, ModuleSelection, TokenBatch};
 use std::path::Path;
 
 /// cuBLAS and candle's CUDA kernels sum in another order than the CPU: relative differences
@@ -15,8 +15,16 @@ const TOL: f64 = 1e-4;
 
 fn gpu_taps_equal_cpu_taps(name: &str, dir: &Path) {
     for modules in [ModuleSelection::All, ModuleSelection::Mlp] {
-        let gpu = load_on(dir, modules, Engine::Autograd, ComputeDevice::Cuda(0)).unwrap();
-        let cpu = load_on(dir, modules, Engine::Autograd, ComputeDevice::Cpu).unwrap();
+        let gpu = load(
+            dir,
+            modules,
+            Compute {
+                engine: Some(Engine::Autograd),
+                device: ComputeDevice::Cuda(0),
+            },
+        )
+        .unwrap();
+        let cpu = load(dir, modules, Compute::cpu(Engine::Autograd)).unwrap();
         assert!(gpu.is_threaded() && !cpu.is_threaded());
         let v = cpu.vocab_size() as u32;
         let seqs: Vec<Vec<u32>> = [40usize, 7, 1, 23]

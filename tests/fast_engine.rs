@@ -8,7 +8,7 @@ mod common;
 
 use common::{family_fixture as fixture, rel_diff};
 use infl::model::gpt2::{Gpt2, Gpt2Config};
-use infl::model::{load_with, Engine, Labels, ModuleSelection, TapModel, TokenBatch};
+use infl::model::{load, Compute, Engine, Labels, ModuleSelection, TapModel, TokenBatch};
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 
@@ -172,8 +172,8 @@ fn gpt2_checkpoint_loads_on_both_engines() {
         .unwrap()
         .save(&dir)
         .unwrap();
-    let fast = load_with(&dir, ModuleSelection::All, Engine::Fast).unwrap();
-    let reference = load_with(&dir, ModuleSelection::All, Engine::Autograd).unwrap();
+    let fast = load(&dir, ModuleSelection::All, Compute::cpu(Engine::Fast)).unwrap();
+    let reference = load(&dir, ModuleSelection::All, Compute::cpu(Engine::Autograd)).unwrap();
     compare("gpt2 checkpoint", fast.as_ref(), reference.as_ref(), 160);
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -184,8 +184,8 @@ fn compare_fixture(name: &str, dir: &Path) {
         ModuleSelection::Mlp,
         ModuleSelection::Attn,
     ] {
-        let fast = load_with(dir, modules, Engine::Fast).unwrap();
-        let reference = load_with(dir, modules, Engine::Autograd).unwrap();
+        let fast = load(dir, modules, Compute::cpu(Engine::Fast)).unwrap();
+        let reference = load(dir, modules, Compute::cpu(Engine::Autograd)).unwrap();
         compare(
             &format!("{name} {modules:?}"),
             fast.as_ref(),
@@ -240,8 +240,8 @@ fn gpt_neox_fast_taps_equal_autograd() {
 /// a real model are only comparable draw for draw on one engine.
 fn compare_real(path: &Path, name: &str) {
     let t0 = std::time::Instant::now();
-    let fast = load_with(path, ModuleSelection::All, Engine::Fast).unwrap();
-    let reference = load_with(path, ModuleSelection::All, Engine::Autograd).unwrap();
+    let fast = load(path, ModuleSelection::All, Compute::cpu(Engine::Fast)).unwrap();
+    let reference = load(path, ModuleSelection::All, Compute::cpu(Engine::Autograd)).unwrap();
     eprintln!(
         "{name}: loaded both engines in {:.1}s",
         t0.elapsed().as_secs_f64()

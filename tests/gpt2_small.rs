@@ -15,7 +15,7 @@ use std::path::PathBuf;
 fn gpt2_small_logits_match_transformers() {
     let dir = PathBuf::from(std::env::var("INFL_GPT2_SMALL").expect("set INFL_GPT2_SMALL"));
     let t0 = std::time::Instant::now();
-    let model = infl::model::load(&dir, ModuleSelection::All).unwrap();
+    let model = infl::model::load(&dir, ModuleSelection::All, infl::model::Compute::CPU).unwrap();
     eprintln!(
         "loaded {} parameters, {} tracked layers in {:.2}s",
         model.n_parameters(),

@@ -140,7 +140,12 @@ fn scores_match_kronfluence() {
 #[test]
 fn logits_match_transformers() {
     let reference = read_safetensors(&fixture("reference.safetensors")).unwrap();
-    let model = infl::model::load(&root().join("assets/tiny-gpt2"), ModuleSelection::All).unwrap();
+    let model = infl::model::load(
+        &root().join("assets/tiny-gpt2"),
+        ModuleSelection::All,
+        infl::model::Compute::CPU,
+    )
+    .unwrap();
     let corpus = std::fs::read_to_string(fixture("corpus_ids.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(corpus.lines().next().unwrap()).unwrap();
     let ids: Vec<u32> = first["ids"]

@@ -8,7 +8,7 @@
 //! the same time would count towards the peak.
 
 use infl::model::gpt2::{Gpt2, Gpt2Config};
-use infl::model::{load_with, Engine, Labels, ModuleSelection, TapModel, TokenBatch};
+use infl::model::{load, Compute, Engine, Labels, ModuleSelection, TapModel, TokenBatch};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -116,7 +116,12 @@ fn the_fast_engines_count_of_its_taps_memory_bounds_the_measured_peak() {
         "mistral",
         "qwen2",
     ] {
-        let model = load_with(&families.join(name), ModuleSelection::All, Engine::Fast).unwrap();
+        let model = load(
+            &families.join(name),
+            ModuleSelection::All,
+            Compute::cpu(Engine::Fast),
+        )
+        .unwrap();
         check(name, model.as_ref(), 8, 32);
     }
 }

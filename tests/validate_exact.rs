@@ -52,7 +52,8 @@ fn max_rel(got: &Mat<f64>, want: &Mat<f64>) -> f64 {
 #[test]
 fn woodbury_equals_a_dense_damped_solve() {
     let (_dir, model_dir, corpus, _) = random_setup("woodbury", 12);
-    let model = infl::model::load(&model_dir, ModuleSelection::All).unwrap();
+    let model =
+        infl::model::load(&model_dir, ModuleSelection::All, infl::model::Compute::CPU).unwrap();
     let mut tok = infl::data::LazyTokenizer::new(&model_dir);
     let data = infl::data::read_corpus(&corpus, &mut tok, 16, model.vocab_size()).unwrap();
     let n = data.sequences.len();
@@ -201,7 +202,8 @@ fn fit_and_score(
 #[test]
 fn huge_damping_gives_the_identity_scores() {
     let (dir, model_dir, corpus, queries) = random_setup("identity", 10);
-    let model = infl::model::load(&model_dir, ModuleSelection::All).unwrap();
+    let model =
+        infl::model::load(&model_dir, ModuleSelection::All, infl::model::Compute::CPU).unwrap();
     let mut tok = infl::data::LazyTokenizer::new(&model_dir);
     let data = infl::data::read_corpus(&corpus, &mut tok, 16, model.vocab_size()).unwrap();
     let (qs, _) = infl::data::read_queries(&queries, &mut tok, 16, model.vocab_size()).unwrap();
@@ -287,11 +289,12 @@ fn heuristic_damping_equals_the_ekfac_runs_recorded_damping() {
     }
     // With another seed the sampled labels differ, and so does λ (the check above can fail).
     let other = exact::exact_scores(
-        infl::model::load(&model_dir, ModuleSelection::All)
+        infl::model::load(&model_dir, ModuleSelection::All, infl::model::Compute::CPU)
             .unwrap()
             .as_ref(),
         &{
-            let m = infl::model::load(&model_dir, ModuleSelection::All).unwrap();
+            let m = infl::model::load(&model_dir, ModuleSelection::All, infl::model::Compute::CPU)
+                .unwrap();
             let mut tok = infl::data::LazyTokenizer::new(&model_dir);
             infl::data::read_corpus(&corpus, &mut tok, 16, m.vocab_size())
                 .unwrap()

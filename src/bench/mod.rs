@@ -49,7 +49,7 @@ pub fn run(a: BenchArgs, progress: &dyn Progress) -> Result<()> {
             (m, t, q, Some(crate::demo::BUNDLED_WINDOW))
         }
     };
-    let model = infl::model::load(&model_dir, ModuleSelection::All)?;
+    let model = infl::model::load(&model_dir, ModuleSelection::All, infl::model::Compute::CPU)?;
     let inputs = Inputs {
         max_len: a.max_len.or(default_len).unwrap_or(model.max_positions()),
         model: model_dir,

@@ -6,13 +6,6 @@ use infl::options::{Compute, FitOptions, RunOptions, ScoreOptions, SelfInfluence
 use infl::workflow::{FitJob, ScoreJob, SelfInfluenceJob};
 use std::path::PathBuf;
 
-/// Makes `compute` the engine and device of every model the command loads by path alone
-/// (`index`, `inspect`); the workflow's jobs carry theirs.
-pub fn apply(compute: &Compute) {
-    infl::model::set_default_engine(compute.engine());
-    infl::model::set_default_device(compute.device);
-}
-
 #[derive(clap::Args)]
 pub struct FitArgs {
     /// Hugging Face checkpoint directory: config.json, model.safetensors, tokenizer.json

@@ -146,7 +146,6 @@ fn configure_threads(cli: &Cli) -> Result<()> {
 }
 
 fn fit(a: FitArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
-    jobs::apply(&a.compute);
     let s = workflow::fit(&a.into_job(), progress)?;
     if !quiet {
         eprintln!("{} ({:.1}s)", s.message, s.seconds);
@@ -155,7 +154,6 @@ fn fit(a: FitArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
 }
 
 fn score(a: ScoreArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
-    jobs::apply(&a.compute);
     let s = workflow::score(&a.into_job(), progress)?;
     if !quiet {
         eprintln!("{} ({:.1}s)", s.message, s.seconds);
@@ -165,7 +163,7 @@ fn score(a: ScoreArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
 
 fn index(a: IndexArgs, quiet: bool) -> Result<()> {
     let started = std::time::Instant::now();
-    let model = infl::model::load(&a.model, ModuleSelection::All)?;
+    let model = infl::model::load(&a.model, ModuleSelection::All, infl::model::Compute::CPU)?;
     let max_len = a.max_len.unwrap_or(model.max_positions());
     let mut tok = infl::data::LazyTokenizer::new(&a.model);
     let index = infl::index::Bm25Index::build(&a.corpus, &mut tok, max_len, model.vocab_size())?;
@@ -182,7 +180,6 @@ fn index(a: IndexArgs, quiet: bool) -> Result<()> {
 }
 
 fn self_influence(a: SelfInfluenceArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
-    jobs::apply(&a.compute);
     let job = a.into_job();
     let s = workflow::self_influence(&job, progress)?;
     if !quiet {
@@ -276,8 +273,7 @@ fn validate_lds(a: ValidateLdsArgs, progress: &dyn Progress, quiet: bool) -> Res
 
 fn inspect(a: InspectArgs, quiet: bool) -> Result<()> {
     use infl::inspect;
-    jobs::apply(&a.compute);
-    let model = infl::model::load(&a.model, a.modules)?;
+    let model = infl::model::load(&a.model, a.modules, a.compute)?;
     let max_len = a.max_len.unwrap_or(model.max_positions().min(512));
     if max_len == 0 || max_len > model.max_positions() || a.batch_size == 0 {
         anyhow::bail!(infl::Error::input(format!(

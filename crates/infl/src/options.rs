@@ -9,11 +9,13 @@
 //!   `infl self-influence`.
 //! - [`RunOptions`]: how a long run is carried out (sharding, checkpoints, resumption, the
 //!   memory check); it changes no number, so no output records it but the shard count.
-//! - [`Compute`]: where the forward and backward passes run (engine, device, threads).
+//! - [`Compute`]: where the forward and backward passes run (engine, device); defined beside
+//!   the models that take it ([`crate::model::load`]).
 
 use crate::curvature::{Fisher, Strategy};
 use crate::influence::Damping;
-use crate::model::{ComputeDevice, Engine, ModuleSelection};
+pub use crate::model::Compute;
+use crate::model::ModuleSelection;
 use crate::shard::Shard;
 
 /// Sequences per forward/backward batch, unless told otherwise.
@@ -326,38 +328,10 @@ impl Default for RunOptions {
     }
 }
 
-/// Where and how the forward and backward passes run (fit, score, self-influence, inspect).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[cfg_attr(feature = "clap", derive(clap::Args))]
-pub struct Compute {
-    /// Engine of the forward/backward passes: fast (explicit forward, activation-only
-    /// backward, fused threaded kernels; CPU only) or autograd (candle autograd, the reference:
-    /// slower on the CPU, and the engine that runs on a GPU) [default: fast on the CPU,
-    /// autograd on a GPU].
-    #[cfg_attr(feature = "clap", arg(long, value_enum))]
-    pub engine: Option<Engine>,
-    /// Device of the forward/backward passes: cpu, cuda (GPU 0) or cuda:N. A GPU needs a build
-    /// with `--features cuda`; there the fit's statistics (covariances, Λ), the training
-    /// sequences' scores and their self-influence are formed on the GPU too;
-    /// eigendecompositions, query preconditioning, `--normalize cosine` and a gradient store
-    /// run on the CPU.
-    #[cfg_attr(
-        feature = "clap",
-        arg(long, default_value_t = ComputeDevice::Cpu, value_name = "DEVICE")
-    )]
-    pub device: ComputeDevice,
-}
-
-impl Compute {
-    /// The engine that runs: the one asked for, or the device's default.
-    pub fn engine(&self) -> Engine {
-        self.engine.unwrap_or(self.device.default_engine())
-    }
-}
-
 #[cfg(all(test, feature = "clap"))]
 mod tests {
     use super::*;
+    use crate::model::Engine;
     use clap::Parser;
 
     #[derive(clap::Parser)]

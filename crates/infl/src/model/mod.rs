@@ -296,27 +296,6 @@ pub enum Engine {
     Autograd,
 }
 
-/// The engine [`load`] uses: [`Engine::Fast`] unless [`set_default_engine`] chose another.
-static DEFAULT_ENGINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Chooses the engine of every later [`load`] in this process (the command line's `--engine`;
-/// a process-wide choice so that the workflow's jobs need no new field).
-pub fn set_default_engine(engine: Engine) {
-    DEFAULT_ENGINE.store(
-        engine == Engine::Autograd,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-}
-
-/// The engine [`load`] uses now.
-pub fn default_engine() -> Engine {
-    if DEFAULT_ENGINE.load(std::sync::atomic::Ordering::Relaxed) {
-        Engine::Autograd
-    } else {
-        Engine::Fast
-    }
-}
-
 /// Where the autograd engine runs: the CPU, or a CUDA GPU (builds with the `cuda` feature).
 /// The fast engine is CPU code. On a GPU the fit's statistics, the scoring pass's scores and
 /// self-influence run there too ([`crate::curvature::device`], [`crate::influence::device`]).
@@ -414,50 +393,56 @@ fn cuda_device(n: usize) -> Result<candle_core::Device> {
     )))
 }
 
-/// The device [`load`] uses: 0 for the CPU, n + 1 for GPU n.
-static DEFAULT_DEVICE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Chooses the device of every later [`load`] in this process (the command line's `--device`).
-pub fn set_default_device(device: ComputeDevice) {
-    let code = match device {
-        ComputeDevice::Cpu => 0,
-        ComputeDevice::Cuda(n) => n + 1,
-    };
-    DEFAULT_DEVICE.store(code, std::sync::atomic::Ordering::Relaxed);
+/// Where and how the forward and backward passes run (fit, score, self-influence, inspect):
+/// passed to [`load`] explicitly by every caller, recorded in every output's model info.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct Compute {
+    /// Engine of the forward/backward passes: fast (explicit forward, activation-only
+    /// backward, fused threaded kernels; CPU only) or autograd (candle autograd, the reference:
+    /// slower on the CPU, and the engine that runs on a GPU) [default: fast on the CPU,
+    /// autograd on a GPU].
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    pub engine: Option<Engine>,
+    /// Device of the forward/backward passes: cpu, cuda (GPU 0) or cuda:N. A GPU needs a build
+    /// with `--features cuda`; there the fit's statistics (covariances, Λ), the training
+    /// sequences' scores and their self-influence are formed on the GPU too;
+    /// eigendecompositions, query preconditioning, `--normalize cosine` and a gradient store
+    /// run on the CPU.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, default_value_t = ComputeDevice::Cpu, value_name = "DEVICE")
+    )]
+    pub device: ComputeDevice,
 }
 
-/// The device [`load`] uses now.
-pub fn default_device() -> ComputeDevice {
-    match DEFAULT_DEVICE.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => ComputeDevice::Cpu,
-        n => ComputeDevice::Cuda(n - 1),
+impl Compute {
+    /// The fast engine on the CPU.
+    pub const CPU: Compute = Compute {
+        engine: None,
+        device: ComputeDevice::Cpu,
+    };
+
+    /// `engine` on the CPU.
+    pub fn cpu(engine: Engine) -> Self {
+        Compute {
+            engine: Some(engine),
+            device: ComputeDevice::Cpu,
+        }
+    }
+
+    /// The engine that runs: the one asked for, or the device's default.
+    pub fn engine(&self) -> Engine {
+        self.engine.unwrap_or(self.device.default_engine())
     }
 }
 
 /// Loads the model at `dir` (a Hugging Face checkpoint directory, or a llama.cpp `.gguf` file),
-/// keeping `modules`, on the default engine and device (fast on the CPU unless
-/// [`set_default_engine`] and [`set_default_device`] say otherwise).
-pub fn load(dir: &Path, modules: ModuleSelection) -> Result<Box<dyn TapModel>> {
-    load_on(dir, modules, default_engine(), default_device())
-}
-
-/// [`load`] with a chosen engine, on the CPU. The fast models are built from the autograd
-/// models' loaded weights, so every loader (safetensors, GGUF) serves both.
-pub fn load_with(
-    dir: &Path,
-    modules: ModuleSelection,
-    engine: Engine,
-) -> Result<Box<dyn TapModel>> {
-    load_on(dir, modules, engine, ComputeDevice::Cpu)
-}
-
-/// [`load_with`] on a chosen device (the fast engine runs on the CPU only).
-pub fn load_on(
-    dir: &Path,
-    modules: ModuleSelection,
-    engine: Engine,
-    device: ComputeDevice,
-) -> Result<Box<dyn TapModel>> {
+/// keeping `modules`, on `compute`'s engine and device (the fast engine runs on the CPU only).
+/// The fast models are built from the autograd models' loaded weights, so every loader
+/// (safetensors, GGUF) serves both.
+pub fn load(dir: &Path, modules: ModuleSelection, compute: Compute) -> Result<Box<dyn TapModel>> {
+    let (engine, device) = (compute.engine(), compute.device);
     if engine == Engine::Fast && device != ComputeDevice::Cpu {
         return Err(Error::input(format!(
             "--engine fast runs on the CPU only; on --device {device} use --engine autograd \

@@ -476,7 +476,7 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
     if job.top_k == 0 {
         return Err(Error::input("--top-k must be at least 1"));
     }
-    let model = model::load(&job.model, job.modules)?;
+    let model = model::load(&job.model, job.modules, model::Compute::CPU)?;
     if model.tracked().is_empty() {
         return Err(Error::input(
             "no tracked layers: --modules selected nothing",

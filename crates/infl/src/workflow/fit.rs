@@ -165,12 +165,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
 
 /// The model with the layers the fit tracks.
 fn open_model(job: &FitJob) -> Result<Box<dyn TapModel>> {
-    let mut model = model::load_on(
-        &job.model,
-        job.options.modules,
-        job.compute.engine(),
-        job.compute.device,
-    )?;
+    let mut model = model::load(&job.model, job.options.modules, job.compute)?;
     if let Some(names) = &job.options.layers {
         model = model::select_layers(model, names)?;
     }

@@ -105,12 +105,7 @@ pub(super) fn prepare(
     compute: Compute,
 ) -> Result<Prepared> {
     let fmeta = open_factors(factors_dir)?;
-    let mut model = model::load_on(
-        model_dir,
-        fmeta.options.modules,
-        compute.engine(),
-        compute.device,
-    )?;
+    let mut model = model::load(model_dir, fmeta.options.modules, compute)?;
     if let Some(names) = &fmeta.options.layers {
         model = model::select_layers(model, names)?;
     }
