@@ -2,11 +2,12 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use infl::clock::{Elapsed, PhaseClock, Stopwatch};
-use infl::curvature::{Fisher, FitOptions, Progress, Strategy};
+use infl::curvature::{Fisher, FitOptions, Strategy};
 use infl::influence::Damping;
 use infl::model::ModuleSelection;
 use infl::options::Normalize;
+use infl::pass::clock::{Elapsed, PhaseClock, Stopwatch};
+use infl::pass::Progress;
 use infl::workflow::{self, FitJob, ScoreJob, SelfInfluenceJob};
 use std::path::PathBuf;
 
@@ -262,8 +263,8 @@ impl ShardArgs {
         })
     }
 
-    fn policy(&self) -> infl::curvature::CheckpointPolicy {
-        infl::curvature::CheckpointPolicy {
+    fn policy(&self) -> infl::checkpoint::CheckpointPolicy {
+        infl::checkpoint::CheckpointPolicy {
             every_sequences: self.checkpoint_every,
             every_seconds: if self.checkpoint_every.is_some() {
                 f64::INFINITY
@@ -1343,7 +1344,7 @@ fn bench_score_job(
         normalize: Normalize::None,
         prefilter: None,
         shard: infl::shard::Shard::WHOLE,
-        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+        checkpoint: infl::checkpoint::CheckpointPolicy::NEVER,
         fresh: false,
         store: false,
         memory_check: true,
@@ -1676,7 +1677,7 @@ fn time_fit_and_score(
     let read = || probe.read();
     let clock = PhaseClock::sampling(
         progress,
-        infl::clock::Sampler {
+        infl::pass::clock::Sampler {
             every: RATE_EVERY,
             read: &read,
         },
@@ -1691,7 +1692,7 @@ fn time_fit_and_score(
         memory_check: true,
         max_len: Some(inputs.max_len),
         shard: infl::shard::Shard::WHOLE,
-        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+        checkpoint: infl::checkpoint::CheckpointPolicy::NEVER,
         fresh: true,
         store: None,
         options: FitOptions {
@@ -1772,8 +1773,8 @@ fn print_gram_bench() {
 }
 
 fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
-    use infl::curvature::{for_each_batch, Silent};
     use infl::model::Labels;
+    use infl::pass::{for_each_batch, Silent};
     use std::time::Instant;
 
     if a.engines_only {
@@ -1857,7 +1858,7 @@ fn bench(a: BenchArgs, progress: &Bars) -> Result<()> {
         memory_check: true,
         max_len: Some(max_len),
         shard: infl::shard::Shard::WHOLE,
-        checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+        checkpoint: infl::checkpoint::CheckpointPolicy::NEVER,
         fresh: false,
         store: None,
         options: FitOptions {

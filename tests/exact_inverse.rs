@@ -5,10 +5,11 @@
 
 use faer::linalg::solvers::Solve;
 use faer::Mat;
-use infl::curvature::{self, Fisher, FitOptions, Silent, Strategy};
+use infl::curvature::{self, Fisher, FitOptions, Strategy};
 use infl::data::Sequence;
 use infl::influence::{Damping, Preconditioner};
 use infl::model::{Labels, LayerTap, TapBatch, TapModel, TokenBatch, TrackedLayer};
+use infl::pass::Silent;
 use rand::{Rng, SeedableRng};
 
 const D_IN: usize = 3;

@@ -6,10 +6,11 @@
 //! damping (damping_factor=None), Conv1D swapped for nn.Linear, the four linears of each block
 //! tracked, float32 throughout. See its meta.json for versions and settings.
 
-use infl::curvature::{Fisher, FitOptions, Silent, Strategy};
+use infl::curvature::{Fisher, FitOptions, Strategy};
 use infl::influence::Damping;
 use infl::io::read_safetensors;
 use infl::model::ModuleSelection;
+use infl::pass::Silent;
 use infl::workflow::{self, FitJob, ScoreJob};
 use std::path::{Path, PathBuf};
 
@@ -46,7 +47,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             memory_check: true,
             max_len: Some(48),
             shard: infl::shard::Shard::WHOLE,
-            checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+            checkpoint: infl::checkpoint::CheckpointPolicy::NEVER,
             fresh: false,
             store: None,
             options: FitOptions {
@@ -77,7 +78,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             normalize: infl::options::Normalize::None,
             prefilter: None,
             shard: infl::shard::Shard::WHOLE,
-            checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+            checkpoint: infl::checkpoint::CheckpointPolicy::NEVER,
             fresh: false,
             store: false,
             memory_check: true,
@@ -190,7 +191,7 @@ fn factors_match_kronfluence() {
             memory_check: true,
             max_len: Some(48),
             shard: infl::shard::Shard::WHOLE,
-            checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+            checkpoint: infl::checkpoint::CheckpointPolicy::NEVER,
             fresh: false,
             store: None,
             options: FitOptions {

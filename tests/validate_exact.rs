@@ -6,10 +6,11 @@ mod common;
 use common::{ok, run, s, scratch};
 use faer::linalg::solvers::Solve;
 use faer::Mat;
-use infl::curvature::{Fisher, FitOptions, Silent, Strategy};
+use infl::curvature::{Fisher, FitOptions, Strategy};
 use infl::influence::Damping;
 use infl::model::ModuleSelection;
 use infl::options::Normalize;
+use infl::pass::Silent;
 use infl::validate::exact::{self, ExactJob, ExactReport, Solver};
 use infl::workflow::{self, FitJob, ScoreJob};
 use std::path::{Path, PathBuf};
@@ -149,7 +150,7 @@ fn fit_and_score(
             },
             memory_check: false,
             shard: infl::shard::Shard::WHOLE,
-            checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+            checkpoint: infl::checkpoint::CheckpointPolicy::NEVER,
             fresh: true,
             store: None,
         },
@@ -175,7 +176,7 @@ fn fit_and_score(
             normalize: Normalize::None,
             prefilter: None,
             shard: infl::shard::Shard::WHOLE,
-            checkpoint: infl::curvature::CheckpointPolicy::NEVER,
+            checkpoint: infl::checkpoint::CheckpointPolicy::NEVER,
             fresh: true,
             store: false,
         },

@@ -7,9 +7,10 @@
 //!
 //! The library runs the stages and measures; the binary embeds the bundled data and prints.
 
-use crate::curvature::{Fisher, FitOptions, Progress, Strategy};
+use crate::curvature::{Fisher, FitOptions, Strategy};
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
+use crate::pass::Progress;
 use crate::train::{TrainJob, TrainingRecord};
 use crate::workflow::{self, FitJob, ScoreJob, ScoreSummary};
 use std::path::{Path, PathBuf};

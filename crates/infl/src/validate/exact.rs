@@ -17,13 +17,14 @@
 //! `N × N` Cholesky factorisation), or by a dense `D × D` Cholesky when `D ≤ N` (cheaper then).
 
 use super::{Agreement, AgreementSummary};
-use crate::curvature::{self, Factors, Fisher, FitOptions, Pass, Progress, Strategy};
+use crate::curvature::{self, Factors, Fisher, FitOptions, Pass, Strategy};
 use crate::data::{self, LazyTokenizer, Query, Sequence};
 use crate::error::{Error, Result};
 use crate::influence::{self, Damping, LayerQueries, Preconditioner};
 use crate::io;
 use crate::linalg;
 use crate::model::{self, Labels, ModuleSelection, TapModel, TrackedLayer};
+use crate::pass::{self, Progress};
 use crate::provenance::{CorpusInfo, ModelInfo};
 use crate::workflow::{self, FitJob, ScoreJob};
 use faer::linalg::matmul::matmul;
@@ -194,7 +195,7 @@ fn sequence_gradient_matrices(
         .iter()
         .map(|l| Mat::zeros(l.d_out * l.d_in_h(), seqs.len()))
         .collect();
-    curvature::for_each_batch(
+    pass::for_each_batch(
         model,
         seqs,
         batch_size,
@@ -320,7 +321,7 @@ pub fn exact_scores(
         }
         Fisher::Sampled => {
             drop(fisher);
-            curvature::for_each_batch(
+            pass::for_each_batch(
                 model,
                 train,
                 options.batch_size,

@@ -3,12 +3,14 @@
 
 use super::{check_max_len, check_same_job, MergeOutcome, CHUNK_BATCHES, WORK_DIR};
 use crate::checkpoint;
+use crate::checkpoint::CheckpointPolicy;
 use crate::curvature::format::{open_factors, FactorsMeta, FACTORS_FILE};
-use crate::curvature::{self, CheckpointPolicy, Factors, Fisher, FitOptions, Progress, Strategy};
+use crate::curvature::{self, Factors, Fisher, FitOptions, Strategy};
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
 use crate::io;
 use crate::model::{self, ModuleSelection, TapModel};
+use crate::pass::{self, Progress};
 use crate::provenance::{CorpusInfo, ModelInfo, META_FILE};
 use crate::shard::Shard;
 use std::path::{Path, PathBuf};
@@ -301,7 +303,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
                 );
             }
             progress.begin(&format!("{} pass", pass.name()), owned_tokens);
-            let mut checkpointer = curvature::Checkpointer::new(job.checkpoint, position);
+            let mut checkpointer = checkpoint::Checkpointer::new(job.checkpoint, position);
             let (mut global, mut owned_seen) = (0usize, 0usize);
             let stats = data::stream_corpus(
                 &job.train,
@@ -496,7 +498,7 @@ pub(super) fn write_store(
     progress.begin("gradient store", scan.n_tokens as u64);
     let mut seen = 0usize;
     data::stream_corpus(&job.train, tok, max_len, model.vocab_size(), chunk, |c| {
-        curvature::run_batches(
+        pass::run_batches(
             model,
             c,
             seen,

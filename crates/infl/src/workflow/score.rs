@@ -7,13 +7,14 @@ use super::score_merge::{
 };
 use super::{check_same_job, prepare, Prepared, CHUNK_BATCHES, WORK_DIR};
 use crate::checkpoint;
-use crate::curvature::{self, CheckpointPolicy, Progress};
+use crate::checkpoint::CheckpointPolicy;
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
 use crate::influence::{self, Damping};
 use crate::io;
 use crate::model::{self, TapModel};
 use crate::options::Normalize;
+use crate::pass::{self, Progress};
 use crate::provenance::CorpusInfo;
 use crate::results::{
     self,
@@ -490,7 +491,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
                 let kept: Vec<data::Sequence> =
                     indices.iter().map(|&i| chunk[i - first].clone()).collect();
                 let stable: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
-                curvature::run_indexed(
+                pass::run_indexed(
                     model.as_ref(),
                     &kept,
                     &stable,
@@ -681,12 +682,12 @@ pub(super) fn token_pass(
     for s in &seqs {
         texts.push(s.ids.iter().map(|&i| token_text(i)).collect());
     }
-    curvature::for_each_batch(
+    pass::for_each_batch(
         model,
         &seqs,
         batch_size,
         crate::model::Labels::Data,
-        &curvature::Silent,
+        &pass::Silent,
         "per-token pass",
         |start, taps| {
             let offsets = taps.offsets();

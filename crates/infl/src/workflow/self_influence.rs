@@ -2,12 +2,12 @@
 
 use super::score::ScoreSummary;
 use super::{prepare, Prepared, CHUNK_BATCHES};
-use crate::curvature::{self, Progress};
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
 use crate::influence::{self, Damping};
 use crate::io;
 use crate::model;
+use crate::pass::{self, Progress};
 use crate::provenance::{CorpusInfo, META_FILE};
 use crate::results::{self, meta::ScoresMeta};
 use std::path::PathBuf;
@@ -67,7 +67,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         model.vocab_size(),
         job.batch_size.max(1) * CHUNK_BATCHES,
         |chunk| {
-            curvature::run_batches(
+            pass::run_batches(
                 model.as_ref(),
                 chunk,
                 seen,
