@@ -115,7 +115,9 @@ pub fn run_pass(
 
 /// Fits the factors of `options.strategy` over `seqs` in one process, with no checkpoints: a
 /// covariance pass (KFAC, EK-FAC), the eigendecompositions, then an eigenvalue pass (EK-FAC,
-/// diagonal). `infl fit` runs the same passes shardable and resumable ([`crate::workflow`]).
+/// diagonal). `infl fit` runs the same passes shardable and resumable ([`crate::workflow`]);
+/// this one (for `infl inspect`'s probe and the tests) runs each as [`run_pass`], on the same
+/// [`accumulate_sequences`], [`eigendecompose`] and [`set_lambda`], with no loop of its own.
 pub fn fit(
     model: &dyn TapModel,
     seqs: &[Sequence],
