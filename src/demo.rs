@@ -3,8 +3,8 @@
 //! `infl::demo::run`.
 
 use anyhow::{Context, Result};
-use infl::curvature::Progress;
 use infl::demo::{DemoJob, DemoOutcome};
+use infl::pass::Progress;
 use std::path::{Path, PathBuf};
 
 /// Window length the bundled model was trained with (scripts/make_fixture.py).

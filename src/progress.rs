@@ -1,6 +1,6 @@
 //! The progress bars of the command line: the library's `Progress` reports drawn with indicatif.
 
-use infl::curvature::Progress;
+use infl::pass::Progress;
 
 /// indicatif progress bars on stderr, in tokens, with rate and ETA.
 pub struct Bars {

@@ -5,10 +5,12 @@
 
 use faer::linalg::solvers::Solve;
 use faer::Mat;
-use infl::curvature::{self, Fisher, FitOptions, Silent, Strategy};
+use infl::curvature::{self, Fisher, Strategy};
 use infl::data::Sequence;
 use infl::influence::{Damping, Preconditioner};
 use infl::model::{Labels, LayerTap, TapBatch, TapModel, TokenBatch, TrackedLayer};
+use infl::options::FitOptions;
+use infl::pass::Silent;
 use rand::{Rng, SeedableRng};
 
 const D_IN: usize = 3;

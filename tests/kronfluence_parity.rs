@@ -6,10 +6,12 @@
 //! damping (damping_factor=None), Conv1D swapped for nn.Linear, the four linears of each block
 //! tracked, float32 throughout. See its meta.json for versions and settings.
 
-use infl::curvature::{Fisher, FitOptions, Silent, Strategy};
+use infl::curvature::{Fisher, Strategy};
 use infl::influence::Damping;
 use infl::io::read_safetensors;
 use infl::model::ModuleSelection;
+use infl::options::FitOptions;
+use infl::pass::Silent;
 use infl::workflow::{self, FitJob, ScoreJob};
 use std::path::{Path, PathBuf};
 

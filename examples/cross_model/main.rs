@@ -10,7 +10,9 @@
 //!   cargo run --release --example cross_model [-- DIR]     (DIR defaults to infl-demo)
 
 use anyhow::Result;
-use infl::curvature::{Fisher, FitOptions, Silent, Strategy};
+use infl::curvature::{Fisher, Strategy};
+use infl::options::FitOptions;
+use infl::pass::Silent;
 use infl::workflow::{self, FitJob, ScoreJob, ScoreSummary};
 use std::path::{Path, PathBuf};
 

@@ -45,7 +45,7 @@ fn main() -> Result<()> {
             strategies: vec![Strategy::Ekfac],
             top_k: 10,
         },
-        &infl::curvature::Silent,
+        &infl::pass::Silent,
     )?;
     let queries = dir.join("word_order_queries.jsonl");
     infl::io::write_atomic(&queries, QUERIES)?;
@@ -65,7 +65,7 @@ fn main() -> Result<()> {
                 results.clone(),
             )
         },
-        &infl::curvature::Silent,
+        &infl::pass::Silent,
     )?;
     let scores = infl::validate::exact::read_dense(&results)?;
     let mut tok = LazyTokenizer::new(&model);

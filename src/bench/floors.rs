@@ -4,11 +4,12 @@
 
 use super::{fit_job, score_job, Inputs};
 use anyhow::Result;
-use infl::clock::{Elapsed, PhaseClock, Stopwatch};
-use infl::curvature::{statistics_flops, Fisher, Pass, Progress};
+use infl::curvature::{statistics_flops, Fisher, Pass};
 use infl::data::{Corpus, Query};
 use infl::model::{TapModel, TokenBatch};
 use infl::options::RunOptions;
+use infl::pass::clock::{Elapsed, PhaseClock, Stopwatch};
+use infl::pass::Progress;
 use infl::pass_parts::PartSeconds;
 use infl::workflow::{self, FitJob, ScoreJob};
 
@@ -403,7 +404,7 @@ fn time_fit_and_score(
     let read = || probe.read();
     let clock = PhaseClock::sampling(
         progress,
-        infl::clock::Sampler {
+        infl::pass::clock::Sampler {
             every: RATE_EVERY,
             read: &read,
         },

@@ -9,10 +9,12 @@ mod rss;
 
 use crate::cli::args::BenchArgs;
 use anyhow::Result;
-use infl::curvature::{for_each_batch, Fisher, Progress, Silent};
+use infl::curvature::Fisher;
 use infl::data::Sequence;
 use infl::model::{Labels, ModuleSelection, TapModel};
 use infl::options::{FitOptions, QueryRank, RunOptions, ScoreOptions};
+use infl::pass::for_each_batch;
+use infl::pass::{Progress, Silent};
 use infl::workflow::{self, FitJob, ScoreJob};
 use std::path::{Path, PathBuf};
 use std::time::Instant;

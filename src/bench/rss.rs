@@ -3,7 +3,7 @@
 
 use super::{score_job, Inputs};
 use anyhow::Result;
-use infl::curvature::Silent;
+use infl::pass::Silent;
 use infl::workflow;
 
 /// Peak resident memory of this process (VmHWM), in MiB, where /proc tells it.

@@ -12,8 +12,8 @@ use args::{
     ValidateArgs, ValidateCommand, ValidateExactArgs, ValidateLdsArgs,
 };
 use clap::{Parser, Subcommand};
-use infl::curvature::Progress;
 use infl::model::ModuleSelection;
+use infl::pass::Progress;
 use infl::workflow;
 use jobs::{FitArgs, ScoreArgs, SelfInfluenceArgs};
 

@@ -7,10 +7,12 @@
 //!
 //! The library runs the stages and measures; the binary embeds the bundled data and prints.
 
-use crate::curvature::{Fisher, FitOptions, Progress, Strategy};
+use crate::curvature::{Fisher, Strategy};
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
+use crate::options::FitOptions;
 use crate::options::ScoreOptions;
+use crate::pass::Progress;
 use crate::train::{TrainJob, TrainingRecord};
 use crate::workflow::{self, FitJob, ScoreJob, ScoreSummary};
 use std::path::{Path, PathBuf};

@@ -6,11 +6,13 @@
 
 pub mod device;
 
-use crate::curvature::{for_each_batch, Factors, Progress, Strategy};
+use crate::curvature::{Factors, Strategy};
 use crate::data::{Query, Sequence};
 use crate::error::{Error, Result};
 use crate::linalg;
 use crate::model::{Labels, TapBatch, TapModel, TokenBatch, TrackedLayer};
+use crate::pass::tasks::largest_first;
+use crate::pass::{for_each_batch, Progress};
 use faer::{Mat, MatRef};
 
 /// The damping λ added to the eigenvalues.
@@ -443,7 +445,7 @@ pub fn precondition_queries(
             .collect();
         let batch = TokenBatch::queries(&refs);
         let taps = model.taps(&batch, Labels::Data)?;
-        crate::curvature::check_finite(
+        crate::pass::check_finite(
             &taps,
             |k| format!("query `{}`", chunk[k].id),
             "query gradients",
@@ -592,7 +594,7 @@ pub fn batch_scores(
         })
         .collect();
     let cost = |&(i, _, w): &(usize, usize, usize)| (tracked[i].d_out * w) as f64;
-    let parts: Vec<Vec<f64>> = crate::tasks::largest_first(tasks.clone(), cost, |(i, j0, w)| {
+    let parts: Vec<Vec<f64>> = largest_first(tasks.clone(), cost, |(i, j0, w)| {
         let (l, LayerQueries::Full(stack)) = (&tracked[i], &queries[i]) else {
             unreachable!("tasks are made for full-rank layers only")
         };

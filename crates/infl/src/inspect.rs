@@ -15,11 +15,13 @@
 //!   a chunk of logits), for autograd a model of its graph (activations, attention
 //!   probabilities, logits and their gradient).
 
-use crate::curvature::{self, Fisher, FitOptions, Silent, Strategy};
+use crate::curvature::{self, Fisher, Strategy};
 use crate::data::{Query, Sequence};
 use crate::error::{Error, Result};
 use crate::influence::{self, Damping, Preconditioner};
 use crate::model::{TapModel, TokenBatch};
+use crate::options::FitOptions;
+use crate::pass::Silent;
 
 /// Bytes needed by each part of a run, for one model, batch size and window length.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +32,7 @@ pub struct MemoryEstimate {
     /// statistics consume while the next batch's are computed.
     pub activations: u64,
     /// Batches the passes compute at once, each with its own activations
-    /// ([`crate::curvature::batches_at_once`]).
+    /// ([`crate::pass::batches_at_once`]).
     pub batches_at_once: u64,
     /// Factor state held by `fit` at its peak.
     pub fit_factors: u64,
@@ -118,7 +120,7 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
     MemoryEstimate {
         weights: 4 * model.n_parameters() as u64,
         activations,
-        batches_at_once: crate::curvature::batches_at_once(model) as u64,
+        batches_at_once: crate::pass::batches_at_once(model) as u64,
         fit_factors,
         factor_file,
         score_preconditioner: 4 * (cov + lam),
@@ -233,7 +235,7 @@ pub fn probe(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Result<
         batch_size,
         ..FitOptions::default()
     };
-    let passes = crate::clock::PhaseClock::new(&Silent);
+    let passes = crate::pass::clock::PhaseClock::new(&Silent);
     let started = std::time::Instant::now();
     curvature::fit(model, &seqs, &options, &passes)?;
     let fit_seconds = started.elapsed().as_secs_f64();

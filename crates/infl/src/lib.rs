@@ -13,7 +13,6 @@
 //! each approximate strategy against a more exact reference (`infl validate exact`).
 
 pub mod checkpoint;
-pub mod clock;
 pub mod compare;
 pub mod curvature;
 pub mod data;
@@ -26,6 +25,7 @@ pub mod io;
 pub mod linalg;
 pub mod model;
 pub mod options;
+pub mod pass;
 pub mod pass_parts;
 pub mod powerlaw;
 pub mod provenance;
@@ -33,7 +33,6 @@ pub mod report;
 pub mod results;
 pub mod shard;
 pub mod store;
-pub mod tasks;
 pub mod train;
 pub mod validate;
 pub mod workflow;

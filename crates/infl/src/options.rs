@@ -311,8 +311,8 @@ impl RunOptions {
 
     /// When the passes save their state: every `checkpoint_every` sequences, or else every
     /// `checkpoint_seconds`.
-    pub fn checkpoint_policy(&self) -> crate::curvature::CheckpointPolicy {
-        crate::curvature::CheckpointPolicy {
+    pub fn checkpoint_policy(&self) -> crate::checkpoint::CheckpointPolicy {
+        crate::checkpoint::CheckpointPolicy {
             every_sequences: self.checkpoint_every,
             every_seconds: match self.checkpoint_every {
                 Some(_) => f64::INFINITY,

@@ -7,11 +7,12 @@
 //! with dense stand-ins for the eigenbases and the queries: every product has the shape it has
 //! in a real fit and score.
 
-use crate::curvature::{self, Eigenbasis, Pass, PassSums, Silent};
+use crate::curvature::{self, Eigenbasis, Pass, PassSums};
 use crate::data::Sequence;
 use crate::error::Result;
 use crate::influence::{self, LayerQueries};
 use crate::model::{Labels, TapBatch, TapModel, TokenBatch};
+use crate::pass::{self, Silent};
 use faer::Mat;
 use std::time::Instant;
 
@@ -43,7 +44,7 @@ pub fn time_parts(
     let tracked = model.tracked().to_vec();
     let size = batch_size.max(1);
     let started = Instant::now();
-    curvature::run_batches(
+    pass::run_batches(
         model,
         seqs,
         0,

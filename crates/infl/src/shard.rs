@@ -144,7 +144,7 @@ static THREADS: AtomicUsize = AtomicUsize::new(0);
 /// Sets how many cores the process uses (0 = every core). With an engine threaded inside (the
 /// fast engine) that is the number of threads of its kernels and products: rayon, gemm and
 /// faer follow `RAYON_NUM_THREADS`, and the passes split them between two batches computed at
-/// once ([`crate::curvature::batches_at_once`]). With `data_parallel` (the autograd engine, whose
+/// once ([`crate::pass::batches_at_once`]). With `data_parallel` (the autograd engine, whose
 /// elementwise ops are single-threaded) it is the number of batches run at once instead, each
 /// single-threaded: candle's threaded products under concurrent batches oversubscribe the
 /// cores (measured slower). Call it first thing, before any thread pool starts. Results do not

@@ -11,11 +11,11 @@
 //! Gradients come from candle's autograd over the same GPT-2 forward the influence engine's
 //! reference path uses ([`crate::model::gpt2`]), with every parameter a `Var`.
 
-use crate::curvature::Progress;
 use crate::error::{Error, Result};
 use crate::model::gpt2::{Gpt2, Gpt2Config};
 use crate::model::weights::Weights;
 use crate::model::ModuleSelection;
+use crate::pass::Progress;
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -656,7 +656,7 @@ pub fn train(job: &TrainJob, progress: &dyn Progress) -> Result<Trained> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::curvature::Silent;
+    use crate::pass::Silent;
 
     fn tiny() -> Gpt2Config {
         Gpt2Config {

@@ -1,10 +1,10 @@
 //! The factors directory: `factors.safetensors` (the tensors, [`super::Factors::to_tensors`])
 //! and its `meta.json` ([`FactorsMeta`]), which vouches for the tensors by hash.
 
-use super::FitOptions;
 use crate::data;
 use crate::error::{Error, Result};
 use crate::io;
+use crate::options::FitOptions;
 use crate::provenance::{check_format, format_1, CorpusInfo, ModelInfo, FORMAT_VERSION, META_FILE};
 use std::path::Path;
 

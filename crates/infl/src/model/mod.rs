@@ -178,7 +178,7 @@ pub trait TapModel: Send + Sync {
     }
     /// Do the engine's kernels split over the rayon pool they run in? Then the passes give each
     /// of the batches they compute at once a pool of its own share of the threads, instead of
-    /// one thread each ([`crate::curvature::batches_at_once`]).
+    /// one thread each ([`crate::pass::batches_at_once`]).
     fn is_threaded(&self) -> bool {
         false
     }

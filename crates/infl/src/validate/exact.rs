@@ -17,14 +17,16 @@
 //! `N × N` Cholesky factorisation), or by a dense `D × D` Cholesky when `D ≤ N` (cheaper then).
 
 use super::{Agreement, AgreementSummary};
-use crate::curvature::{self, Factors, Fisher, FitOptions, Pass, Progress, Strategy};
+use crate::curvature::{self, Factors, Fisher, Pass, Strategy};
 use crate::data::{self, LazyTokenizer, Query, Sequence};
 use crate::error::{Error, Result};
 use crate::influence::{self, Damping, LayerQueries, Preconditioner};
 use crate::io;
 use crate::linalg;
 use crate::model::{self, Labels, ModuleSelection, TapModel, TrackedLayer};
+use crate::options::FitOptions;
 use crate::options::ScoreOptions;
+use crate::pass::Progress;
 use crate::provenance::{CorpusInfo, ModelInfo};
 use crate::workflow::{self, FitJob, ScoreJob};
 use faer::linalg::matmul::matmul;
@@ -195,7 +197,7 @@ fn sequence_gradient_matrices(
         .iter()
         .map(|l| Mat::zeros(l.d_out * l.d_in_h(), seqs.len()))
         .collect();
-    curvature::for_each_batch(
+    crate::pass::for_each_batch(
         model,
         seqs,
         batch_size,
@@ -321,7 +323,7 @@ pub fn exact_scores(
         }
         Fisher::Sampled => {
             drop(fisher);
-            curvature::for_each_batch(
+            crate::pass::for_each_batch(
                 model,
                 train,
                 options.batch_size,

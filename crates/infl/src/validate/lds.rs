@@ -17,14 +17,16 @@
 //! `OUT/work/`, so an interrupted run resumes where it stopped.
 
 use super::spearman;
-use crate::curvature::{Fisher, FitOptions, Progress, Silent, Strategy};
+use crate::curvature::{Fisher, Strategy};
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
 use crate::influence::Damping;
 use crate::io;
 use crate::model::gpt2::Gpt2;
 use crate::model::ModuleSelection;
+use crate::options::FitOptions;
 use crate::options::ScoreOptions;
+use crate::pass::{Progress, Silent};
 use crate::train::{completion_losses, Trainer, TrainingRecord};
 use crate::workflow::{self, FitJob, ScoreJob};
 use rand::{Rng, SeedableRng};

@@ -7,12 +7,13 @@ use super::fit_merge::{save_bases_in_background, write_factors, EIGEN_STATE, FIT
 use super::{check_max_len, open_work_dir, MergeOutcome, CHUNK_BATCHES};
 use crate::checkpoint;
 use crate::curvature::format::{open_factors, FACTORS_FILE};
-use crate::curvature::{self, Factors, LayerFactors, Pass, PassSums, Progress, Strategy};
+use crate::curvature::{self, Factors, LayerFactors, Pass, PassSums, Strategy};
 use crate::data::{self, CorpusStats, LazyTokenizer};
 use crate::error::{Error, Result};
 use crate::io;
 use crate::model::{self, Labels, TapModel, TrackedLayer};
 use crate::options::{Compute, FitOptions, RunOptions};
+use crate::pass::Progress;
 use crate::provenance::{CorpusInfo, ModelInfo};
 use crate::shard::Shard;
 use crate::store::{StoreMeta, StoreOptions, StoreProvenance, StoreWriter, STORE_DIR};
@@ -429,7 +430,8 @@ impl FitRun<'_> {
             .collect();
         self.progress
             .begin(&format!("{} pass", pass.name()), self.scan.owned_tokens);
-        let mut checkpointer = curvature::Checkpointer::new(job.run.checkpoint_policy(), position);
+        let mut checkpointer =
+            crate::checkpoint::Checkpointer::new(job.run.checkpoint_policy(), position);
         let (mut global, mut owned_seen) = (0usize, 0usize);
         let mut folded_store = self.folded_store.take();
         let mut tok = std::mem::replace(&mut self.tok, LazyTokenizer::new(&job.model));
@@ -581,7 +583,7 @@ impl FitRun<'_> {
             model.vocab_size(),
             self.chunk,
             |c| {
-                curvature::run_batches(
+                crate::pass::run_batches(
                     model,
                     c,
                     seen,

@@ -9,12 +9,12 @@ use super::score_merge::{
 use super::score_store::{open_store, score_from_store};
 use super::{open_work_dir, prepare, CHUNK_BATCHES};
 use crate::checkpoint;
-use crate::curvature::{self, Progress};
 use crate::data::{self, CorpusStats, LazyTokenizer, Query, Sequence};
 use crate::error::{Error, Result};
 use crate::influence::{self, PreconditionedQueries, Preconditioner};
 use crate::model::{self, Labels, TapBatch, TapModel, TrackedLayer};
 use crate::options::{Compute, Normalize, QueryRank, RunOptions, ScoreOptions};
+use crate::pass::Progress;
 use crate::provenance::CorpusInfo;
 use crate::results::meta::{Provenance, QueriesInfo, ScoresMeta, SCORE_CONVENTION};
 use crate::results::{self, ScoreAccumulator};
@@ -539,7 +539,7 @@ impl StreamedPass<'_> {
                 let kept: Vec<Sequence> =
                     indices.iter().map(|&i| chunk[i - first].clone()).collect();
                 let stable: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
-                curvature::run_indexed(
+                crate::pass::run_indexed(
                     self.model,
                     &kept,
                     &stable,
@@ -631,12 +631,12 @@ fn token_pass(
     for s in &seqs {
         texts.push(s.ids.iter().map(|&i| token_text(i)).collect());
     }
-    curvature::for_each_batch(
+    crate::pass::for_each_batch(
         model,
         &seqs,
         batch_size,
         crate::model::Labels::Data,
-        &curvature::Silent,
+        &crate::pass::Silent,
         "per-token pass",
         |start, taps| {
             let offsets = taps.offsets();

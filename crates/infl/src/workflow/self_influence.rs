@@ -2,13 +2,13 @@
 
 use super::score::ScoreSummary;
 use super::{prepare, Prepared, CHUNK_BATCHES};
-use crate::curvature::{self, Progress};
 use crate::data::{self, LazyTokenizer};
 use crate::error::{Error, Result};
 use crate::influence;
 use crate::io;
 use crate::model;
 use crate::options::{Compute, ScoreOptions, SelfInfluenceOptions};
+use crate::pass::Progress;
 use crate::provenance::{CorpusInfo, META_FILE};
 use crate::results;
 use crate::results::meta::{Provenance, QueriesInfo, ScoresMeta};
@@ -68,7 +68,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         model.vocab_size(),
         job.options.batch_size.max(1) * CHUNK_BATCHES,
         |chunk| {
-            curvature::run_batches(
+            crate::pass::run_batches(
                 model.as_ref(),
                 chunk,
                 seen,

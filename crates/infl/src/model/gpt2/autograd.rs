@@ -224,9 +224,10 @@ mod tests {
     /// gradients computed by autograd on the weights themselves.
     #[test]
     fn identity_scores_equal_autograd_weight_gradient_dot_products() {
-        use crate::curvature::{Factors, LayerFactors, Silent, Strategy};
+        use crate::curvature::{Factors, LayerFactors, Strategy};
         use crate::data::{Query, Sequence};
         use crate::influence::{precondition_queries, score_dense, Damping, Preconditioner};
+        use crate::pass::Silent;
 
         let mut model = Gpt2::random(tiny_config(), 5, ModuleSelection::All).unwrap();
         let mut params: Vec<(Var, Var)> = Vec::new();
@@ -325,9 +326,11 @@ mod tests {
     /// or each summed gradient is, and scaling then rotating back is the preconditioner itself.
     #[test]
     fn basis_gradients_agree_in_both_orders_and_with_the_dense_rotation() {
-        use crate::curvature::{fit, Fisher, FitOptions, Silent, Strategy};
+        use crate::curvature::{fit, Fisher, Strategy};
         use crate::data::Sequence;
         use crate::influence::{column_as_matrix, sequence_gradients, Damping, Preconditioner};
+        use crate::options::FitOptions;
+        use crate::pass::Silent;
 
         let model = Gpt2::random(tiny_config(), 11, ModuleSelection::All).unwrap();
         let seqs: Vec<Sequence> = (0..6u32)

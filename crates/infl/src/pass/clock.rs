@@ -2,7 +2,7 @@
 //! (`begin` to `end`) while passing the calls on, for `infl bench`'s tables and `infl
 //! inspect`'s probe.
 
-use crate::curvature::Progress;
+use super::Progress;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -198,7 +198,7 @@ impl Progress for PhaseClock<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::curvature::Silent;
+    use crate::pass::Silent;
 
     /// Readings are taken at idle points, at most once per interval, and the phase's time
     /// leaves theirs out.

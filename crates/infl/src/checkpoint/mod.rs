@@ -8,6 +8,12 @@
 //! point. A crash before it leaves the previous state intact (the new payload is an orphan,
 //! removed by the next save); a crash after it leaves the new one. A payload that does not hash
 //! to its manifest, or a manifest from other settings, is reported and never used.
+//!
+//! When a pass saves is [`CheckpointPolicy`]'s to say ([`Checkpointer`]).
+
+mod policy;
+
+pub use policy::{CheckpointPolicy, Checkpointer};
 
 use crate::data::hex;
 use crate::error::{Error, Result};

@@ -1,0 +1,78 @@
+//! From a pass's sums to factors: the covariances normalised and eigendecomposed (after the
+//! covariance pass), Λ normalised (after the eigenvalue pass), and factors with neither.
+
+use super::{Eigenbasis, LayerFactors, PassSums};
+use crate::error::{Error, Result};
+use crate::linalg;
+use crate::model::TrackedLayer;
+use faer::Mat;
+use rayon::prelude::*;
+
+/// Normalised covariances and their eigendecompositions from the (merged) covariance sums:
+/// the factors of a KFAC fit, and the bases of an EK-FAC one. Layers run in parallel, each
+/// decomposition on one thread (the same computation whatever the thread count).
+pub fn eigendecompose(tracked: &[TrackedLayer], cov: &PassSums) -> Result<Vec<LayerFactors>> {
+    let norm = 1.0 / cov.n_tokens.max(1) as f64;
+    tracked
+        .par_iter()
+        .zip(cov.sums.par_chunks(2))
+        .map(|(l, pair)| {
+            // The passes accumulate lower triangles only (linalg::add_gram).
+            let scaled = |m: &Mat<f64>| {
+                let mut m = m.clone();
+                linalg::mirror_lower(&mut m);
+                Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] * norm)
+            };
+            let (a, s) = (scaled(&pair[0]), scaled(&pair[1]));
+            let eig = |m: &Mat<f64>, which: &str| {
+                linalg::eigh(m).map_err(|e| Error::Other(format!("layer {} {which}: {e}", l.name)))
+            };
+            let (ea, es) = rayon::join(|| eig(&a, "A"), || eig(&s, "S"));
+            let ((eigvals_a, q_a), (eigvals_s, q_s)) = (ea?, es?);
+            Ok(LayerFactors {
+                layer: l.clone(),
+                n_tokens: cov.n_tokens,
+                n_sequences: cov.n_sequences,
+                covariance: Some((linalg::to_f32(&a), linalg::to_f32(&s))),
+                eigen: Some(Eigenbasis {
+                    eigvals_a,
+                    q_a: linalg::to_f32(&q_a),
+                    eigvals_s,
+                    q_s: linalg::to_f32(&q_s),
+                }),
+                lambda: None,
+            })
+        })
+        .collect()
+}
+
+/// Sets Λ of each layer from the (merged) eigenvalue sums, normalised per sequence.
+pub fn set_lambda(layers: &mut [LayerFactors], lam: &PassSums) {
+    let norm = 1.0 / lam.n_sequences.max(1) as f64;
+    for (lf, sum) in layers.iter_mut().zip(&lam.sums) {
+        lf.n_tokens = lam.n_tokens;
+        lf.n_sequences = lam.n_sequences;
+        lf.lambda = Some(Mat::from_fn(sum.nrows(), sum.ncols(), |i, j| {
+            (sum[(i, j)] * norm) as f32
+        }));
+    }
+}
+
+/// Factors with no curvature (the identity strategy), or before any pass.
+pub fn empty_factors(
+    tracked: &[TrackedLayer],
+    n_tokens: u64,
+    n_sequences: u64,
+) -> Vec<LayerFactors> {
+    tracked
+        .iter()
+        .map(|l| LayerFactors {
+            layer: l.clone(),
+            n_tokens,
+            n_sequences,
+            covariance: None,
+            eigen: None,
+            lambda: None,
+        })
+        .collect()
+}

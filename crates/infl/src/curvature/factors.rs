@@ -1,0 +1,166 @@
+//! The fitted factors: per layer the covariances, their eigenbases and Λ ([`LayerFactors`]),
+//! as the named tensors of `factors.safetensors` and back, and the per-layer summary of the
+//! factors' meta.json.
+
+use super::Strategy;
+use crate::error::{Error, Result};
+use crate::io::OwnedTensor;
+use crate::linalg;
+use crate::model::TrackedLayer;
+use faer::Mat;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The fitted curvature of one tracked layer. Matrices are f32 as stored; eigenvalues f64.
+#[derive(Debug, Clone)]
+pub struct LayerFactors {
+    pub layer: TrackedLayer,
+    pub n_tokens: u64,
+    pub n_sequences: u64,
+    /// A (`d_in_h × d_in_h`) and S (`d_out × d_out`), normalised per token (KFAC, EK-FAC).
+    pub covariance: Option<(Mat<f32>, Mat<f32>)>,
+    /// (λ_A, Q_A, λ_S, Q_S), eigenvalues ascending (KFAC, EK-FAC).
+    pub eigen: Option<Eigenbasis>,
+    /// Λ, `d_out × d_in_h`, normalised per sequence (EK-FAC: in the eigenbasis; diagonal: in
+    /// the original basis).
+    pub lambda: Option<Mat<f32>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Eigenbasis {
+    pub eigvals_a: Vec<f64>,
+    pub q_a: Mat<f32>,
+    pub eigvals_s: Vec<f64>,
+    pub q_s: Mat<f32>,
+}
+
+/// Fitted factors of every tracked layer.
+#[derive(Debug, Clone)]
+pub struct Factors {
+    pub strategy: Strategy,
+    pub layers: Vec<LayerFactors>,
+}
+
+impl Factors {
+    /// Tensors named `{layer}.{A,S,Q_A,eigvals_A,Q_S,eigvals_S,lambda}` plus per-layer counts.
+    pub fn to_tensors(&self) -> Vec<(String, OwnedTensor)> {
+        let mut out = Vec::new();
+        let mat = |m: &Mat<f32>| {
+            OwnedTensor::F32(vec![m.nrows(), m.ncols()], linalg::to_row_major(m.as_ref()))
+        };
+        for lf in &self.layers {
+            let n = &lf.layer.name;
+            out.push((
+                format!("{n}.counts"),
+                OwnedTensor::F64(vec![2], vec![lf.n_tokens as f64, lf.n_sequences as f64]),
+            ));
+            if let Some((a, s)) = &lf.covariance {
+                out.push((format!("{n}.A"), mat(a)));
+                out.push((format!("{n}.S"), mat(s)));
+            }
+            if let Some(e) = &lf.eigen {
+                out.push((format!("{n}.Q_A"), mat(&e.q_a)));
+                out.push((
+                    format!("{n}.eigvals_A"),
+                    OwnedTensor::F64(vec![e.eigvals_a.len()], e.eigvals_a.clone()),
+                ));
+                out.push((format!("{n}.Q_S"), mat(&e.q_s)));
+                out.push((
+                    format!("{n}.eigvals_S"),
+                    OwnedTensor::F64(vec![e.eigvals_s.len()], e.eigvals_s.clone()),
+                ));
+            }
+            if let Some(l) = &lf.lambda {
+                out.push((format!("{n}.lambda"), mat(l)));
+            }
+        }
+        out
+    }
+
+    /// Reads factors written by [`Factors::to_tensors`] for the given layers.
+    pub fn from_file(path: &Path, strategy: Strategy, layers: &[TrackedLayer]) -> Result<Factors> {
+        let t = crate::io::read_safetensors(path)?;
+        Self::from_tensors(t, strategy, layers, &path.display().to_string())
+    }
+
+    /// [`Factors::from_file`] from tensors already read; `what` names their source in messages.
+    pub fn from_tensors(
+        mut t: crate::io::TensorMap,
+        strategy: Strategy,
+        layers: &[TrackedLayer],
+        what: &str,
+    ) -> Result<Factors> {
+        let mut take = |name: &str, shape: &[usize]| -> Result<Vec<f64>> {
+            let (s, v) = t
+                .remove(name)
+                .ok_or_else(|| Error::Mismatch(format!("{what}: tensor `{name}` is missing")))?;
+            if s != shape {
+                return Err(Error::Mismatch(format!(
+                    "{what}: tensor `{name}` has shape {s:?}, the model's layer needs {shape:?}"
+                )));
+            }
+            Ok(v)
+        };
+        let mat32 = |v: Vec<f64>, r: usize, c: usize| linalg::f32_from_row_major(&v, r, c);
+        let mut out = Vec::new();
+        for l in layers {
+            let n = &l.name;
+            let (di, d_o) = (l.d_in_h(), l.d_out);
+            let counts = take(&format!("{n}.counts"), &[2])?;
+            let (covariance, eigen) = if strategy.needs_covariance() {
+                let a = mat32(take(&format!("{n}.A"), &[di, di])?, di, di);
+                let s = mat32(take(&format!("{n}.S"), &[d_o, d_o])?, d_o, d_o);
+                let q_a = mat32(take(&format!("{n}.Q_A"), &[di, di])?, di, di);
+                let q_s = mat32(take(&format!("{n}.Q_S"), &[d_o, d_o])?, d_o, d_o);
+                let eigvals_a = take(&format!("{n}.eigvals_A"), &[di])?;
+                let eigvals_s = take(&format!("{n}.eigvals_S"), &[d_o])?;
+                (
+                    Some((a, s)),
+                    Some(Eigenbasis {
+                        eigvals_a,
+                        q_a,
+                        eigvals_s,
+                        q_s,
+                    }),
+                )
+            } else {
+                (None, None)
+            };
+            let lambda = if strategy.needs_lambda() {
+                Some(mat32(take(&format!("{n}.lambda"), &[d_o, di])?, d_o, di))
+            } else {
+                None
+            };
+            out.push(LayerFactors {
+                layer: l.clone(),
+                n_tokens: counts[0] as u64,
+                n_sequences: counts[1] as u64,
+                covariance,
+                eigen,
+                lambda,
+            });
+        }
+        Ok(Factors {
+            strategy,
+            layers: out,
+        })
+    }
+}
+
+/// Per-layer metadata recorded in the factors' meta.json.
+pub fn layer_summary(factors: &Factors) -> Vec<HashMap<&'static str, serde_json::Value>> {
+    factors
+        .layers
+        .iter()
+        .map(|l| {
+            HashMap::from([
+                ("name", l.layer.name.clone().into()),
+                ("d_in", l.layer.d_in.into()),
+                ("d_out", l.layer.d_out.into()),
+                ("has_bias", l.layer.has_bias.into()),
+                ("n_tokens", l.n_tokens.into()),
+                ("n_sequences", l.n_sequences.into()),
+            ])
+        })
+        .collect()
+}

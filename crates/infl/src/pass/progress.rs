@@ -1,0 +1,21 @@
+//! How a pass over data reports how far it has got: the [`Progress`] every pass is handed, and
+//! [`Silent`], which reports nothing.
+
+/// Reports progress of passes over data, in tokens.
+pub trait Progress: Sync {
+    fn begin(&self, what: &str, total_tokens: u64);
+    fn advance(&self, tokens: u64);
+    /// Called by a pass between its steps, when none of its work is in flight: where a
+    /// benchmark can measure the machine without disturbing the pass or being disturbed by it.
+    fn idle(&self) {}
+    fn end(&self);
+}
+
+/// Progress that reports nothing.
+pub struct Silent;
+
+impl Progress for Silent {
+    fn begin(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn end(&self) {}
+}
