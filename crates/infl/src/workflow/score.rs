@@ -7,7 +7,7 @@ use super::score_merge::{
     dense_row_paths, gather_scores, parse_score_state, write_scores, ScoreStateRef, ScoreTemplate,
 };
 use super::score_store::{open_store, score_from_store};
-use super::{open_work_dir, prepare, CHUNK_BATCHES};
+use super::{open_work_dir, prepare, Prepared, CHUNK_BATCHES};
 use crate::checkpoint;
 use crate::data::{self, CorpusStats, LazyTokenizer, Query, Sequence};
 use crate::error::{Error, Result};
@@ -151,30 +151,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         progress,
     )?;
     let candidates = prefilter_candidates(job, &options, &queries, prepared.max_len)?;
-    let settings = serde_json::json!({
-        "stage": "score",
-        "model_config_sha256": prepared.model_info.config_sha256,
-        "model_weights_sha256": prepared.model_info.weights_sha256,
-        "factors_sha256": prepared.fmeta.factors_sha256,
-        "corpus_sha256": data::sha256_file(&job.train)?,
-        "queries_sha256": queries_sha,
-        "max_len": prepared.max_len,
-        "options": options,
-        "shards": job.run.shard.count,
-    });
-    let template = ScoreTemplate {
-        settings: settings.clone(),
-        shards: job.run.shard.count,
-        top_k: options.top_k,
-    };
-    let work = open_work_dir(
-        &job.out,
-        job.run.fresh,
-        super::score_merge::SCORE_TEMPLATE_FILE,
-        &settings,
-        &template,
-        |t: ScoreTemplate| t.settings,
-    )?;
+    let (work, settings) = start_work(job, &options, &prepared, &queries_sha)?;
     let tracked = model.tracked().to_vec();
     let run = ScoreRun {
         job,
@@ -205,26 +182,18 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
             super::score_store::stored_corpus(&reader.meta)
         }
         None => {
-            let on_device = match model::statistics_device(model)? {
-                // A model on a GPU has the training sequences' scores formed there too.
-                Some(d) => Some(influence::device::DeviceScorer::new(
-                    d,
-                    &pq.per_layer,
-                    pq.len(),
-                )?),
-                None => None,
-            };
-            let streamed = StreamedPass {
-                run: &run,
+            let union = candidates
+                .as_ref()
+                .map(|c| c.iter().flatten().copied().collect());
+            streamed_pass(
+                &run,
                 model,
-                on_device: on_device.as_ref(),
-                memory: &memory,
-                max_len: prepared.max_len,
-                union: candidates
-                    .as_ref()
-                    .map(|c| c.iter().flatten().copied().collect()),
-            };
-            streamed.run(&mut tok, &mut saved, &mut checked_len)?
+                &memory,
+                (prepared.max_len, union),
+                &mut tok,
+                &mut saved,
+                &mut checked_len,
+            )?
         }
     };
     progress.end();
@@ -236,28 +205,13 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         );
     }
     if !saved.complete {
-        let queries_info = QueriesInfo {
-            path: job.queries.display().to_string(),
-            sha256: queries_sha.clone(),
-            ids: queries.iter().map(|q| q.id.clone()).collect(),
-            prompts: queries.iter().map(|q| q.prompt.clone()).collect(),
-            completions: queries.iter().map(|q| q.completion.clone()).collect(),
-            losses: pq.losses.clone(),
-            self_influence: pq.self_influence.clone(),
-        };
-        let meta = ScoresMeta::new(
-            "scores",
-            SCORE_CONVENTION,
-            options.clone(),
-            queries_info,
-            Provenance {
-                fmeta: &prepared.fmeta,
-                factors_dir: &job.factors,
-                model: prepared.model_info.clone(),
-                corpus: CorpusInfo::streamed(&job.train, &stats, prepared.max_len),
-                tracked: &tracked,
-                preconditioner: &prepared.preconditioner,
-            },
+        let meta = scores_meta(
+            job,
+            &options,
+            (&queries, &queries_sha),
+            &pq,
+            &prepared,
+            &stats,
         );
         saved.acc.flush()?;
         run.save(&saved, stats.n_sequences, Some(&meta))?;
@@ -294,6 +248,105 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         pass_seconds,
         message,
     })
+}
+
+/// The work directory of this run with its settings fingerprint: the options serialised with
+/// the hashes of the model, factors, corpus and queries.
+fn start_work(
+    job: &ScoreJob,
+    options: &ScoreOptions,
+    prepared: &Prepared,
+    queries_sha: &str,
+) -> Result<(PathBuf, serde_json::Value)> {
+    let settings = serde_json::json!({
+        "stage": "score",
+        "model_config_sha256": prepared.model_info.config_sha256,
+        "model_weights_sha256": prepared.model_info.weights_sha256,
+        "factors_sha256": prepared.fmeta.factors_sha256,
+        "corpus_sha256": data::sha256_file(&job.train)?,
+        "queries_sha256": queries_sha,
+        "max_len": prepared.max_len,
+        "options": options,
+        "shards": job.run.shard.count,
+    });
+    let template = ScoreTemplate {
+        settings: settings.clone(),
+        shards: job.run.shard.count,
+        top_k: options.top_k,
+    };
+    let work = open_work_dir(
+        &job.out,
+        job.run.fresh,
+        super::score_merge::SCORE_TEMPLATE_FILE,
+        &settings,
+        &template,
+        |t: ScoreTemplate| t.settings,
+    )?;
+    Ok((work, settings))
+}
+
+/// The scoring pass over the corpus itself, on the model's device.
+fn streamed_pass(
+    run: &ScoreRun<'_>,
+    model: &dyn TapModel,
+    memory: &MemoryCheck<'_>,
+    (max_len, union): (usize, Option<HashSet<usize>>),
+    tok: &mut LazyTokenizer,
+    saved: &mut Saved,
+    checked_len: &mut usize,
+) -> Result<CorpusStats> {
+    let on_device = match model::statistics_device(model)? {
+        // A model on a GPU has the training sequences' scores formed there too.
+        Some(d) => Some(influence::device::DeviceScorer::new(
+            d,
+            &run.pq.per_layer,
+            run.pq.len(),
+        )?),
+        None => None,
+    };
+    let streamed = StreamedPass {
+        run,
+        model,
+        on_device: on_device.as_ref(),
+        memory,
+        max_len,
+        union,
+    };
+    streamed.run(tok, saved, checked_len)
+}
+
+/// The results' `meta.json` of a finished pass.
+fn scores_meta(
+    job: &ScoreJob,
+    options: &ScoreOptions,
+    (queries, queries_sha): (&[Query], &str),
+    pq: &PreconditionedQueries,
+    prepared: &Prepared,
+    stats: &CorpusStats,
+) -> ScoresMeta {
+    let queries_info = QueriesInfo {
+        path: job.queries.display().to_string(),
+        sha256: queries_sha.to_string(),
+        ids: queries.iter().map(|q| q.id.clone()).collect(),
+        prompts: queries.iter().map(|q| q.prompt.clone()).collect(),
+        completions: queries.iter().map(|q| q.completion.clone()).collect(),
+        losses: pq.losses.clone(),
+        self_influence: pq.self_influence.clone(),
+    };
+    ScoresMeta::new(
+        "scores",
+        SCORE_CONVENTION,
+        options.clone(),
+        queries_info,
+        Provenance {
+            fmeta: &prepared.fmeta,
+            factors_dir: &job.factors,
+            model: prepared.model_info.clone(),
+            corpus: CorpusInfo::streamed(&job.train, stats, prepared.max_len),
+            tracked: prepared.model.tracked(),
+            preconditioner: &prepared.preconditioner,
+        },
+    )
 }
 
 /// The memory estimate of a scoring run, re-checked as longer sequences arrive. Scoring
