@@ -1,7 +1,7 @@
 //! Curvature stage: KFAC covariances A and S, their eigenbases, and the EK-FAC eigenvalue
 //! correction Λ, accumulated from the (a, g) taps of the model stage.
 //!
-//! Conventions (DESIGN.md; identical to kronfluence 1.0.1):
+//! Conventions (docs/math.md; identical to kronfluence 1.0.1):
 //! - `A = (1/N_tok) Σ_t ā_t ā_tᵀ`, `S = (1/N_tok) Σ_t g_t g_tᵀ`, N_tok counting every real token,
 //!   the last of each sequence too (its g is zero); ā = [a, 1] for layers with a bias.
 //! - Eigendecompositions in f64; eigenvectors then rounded to f32 and used as stored.

@@ -1,6 +1,6 @@
 //! llama.cpp GGUF files (`--model file.gguf`) of the Llama architecture: config and tokenizer
 //! from the file's metadata, weights memory-mapped and dequantised to f32 once at load, then the
-//! model runs as [`super::llama::Llama`] (see notes/gguf-llama.md for the rules followed).
+//! model runs as [`super::llama::Llama`] (docs/gguf.md has the rules followed).
 //!
 //! * Dequantisation ([`file`]): F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K (checked against
 //!   gguf-py in the tests), and the other types candle's ggml kernels read (Q5_0, Q5_1, Q2_K,
