@@ -18,7 +18,7 @@
 
 use super::{Agreement, AgreementSummary};
 use crate::curvature::{self, Factors, Fisher, Pass, Strategy};
-use crate::data::{self, LazyTokenizer, Query, Sequence};
+use crate::data::{self, Corpus, LazyTokenizer, Query, Sequence};
 use crate::error::{Error, Result};
 use crate::influence::{self, Damping, LayerQueries, Preconditioner};
 use crate::io;
@@ -280,17 +280,54 @@ pub fn exact_scores(
         progress,
     )?;
     let fisher = fisher_gradients(model, train, options, progress)?;
+    let (pre, layers) = exact_inverse(&tracked, &fisher, &pq.per_layer, damping, solver, progress)?;
+    let scores = match options.fisher {
+        // The Fisher's labels are the data's: the training gradients are already at hand.
+        Fisher::Empirical => {
+            let mut scores = vec![vec![0f64; n]; queries.len()];
+            for (index, m) in fisher.iter().enumerate() {
+                add_scores(&mut scores, &pre[index], m.as_ref(), 0);
+            }
+            scores
+        }
+        Fisher::Sampled => {
+            drop(fisher);
+            scoring_pass(
+                model,
+                train,
+                options.batch_size,
+                &pre,
+                queries.len(),
+                progress,
+            )?
+        }
+    };
+    Ok(ExactScores {
+        scores,
+        layers,
+        query_losses: pq.losses,
+    })
+}
+
+/// `P_ℓ = (F_ℓ + λ_ℓ I)⁻¹ G_q` (`D_ℓ × n_q`) for every layer, with what each was computed with.
+fn exact_inverse(
+    tracked: &[TrackedLayer],
+    fisher: &[Mat<f64>],
+    queries: &[LayerQueries],
+    damping: Damping,
+    solver: Option<Solver>,
+    progress: &dyn Progress,
+) -> Result<(Vec<Mat<f64>>, Vec<ExactLayer>)> {
     let mut layers = Vec::with_capacity(tracked.len());
-    // P_ℓ = (F_ℓ + λ_ℓ I)⁻¹ G_q, D_ℓ × n_q.
     let mut pre: Vec<Mat<f64>> = Vec::with_capacity(tracked.len());
     progress.begin("exact inverse", 0);
-    for ((l, m), lq) in tracked.iter().zip(&fisher).zip(&pq.per_layer) {
+    for ((l, m), lq) in tracked.iter().zip(fisher).zip(queries) {
         let LayerQueries::Full(stack) = lq else {
             return Err(Error::Other("query gradients were compressed".into()));
         };
         let g_q = linalg::to_f64(stack.as_ref());
         let lam = layer_damping(m.as_ref(), damping);
-        let d = m.nrows();
+        let (d, n) = (m.nrows(), m.ncols());
         let s = solver.unwrap_or(Solver::cheaper(d, n));
         let p = damped_inverse_apply(m.as_ref(), lam, g_q.as_ref(), s)
             .map_err(|e| Error::input(format!("layer {}: {e}", l.name)))?;
@@ -304,47 +341,52 @@ pub fn exact_scores(
         pre.push(p);
     }
     progress.end();
-    let n_q = queries.len();
-    let mut scores = vec![vec![0f64; n]; n_q];
-    let mut add = |index: usize, g: MatRef<'_, f64>, start: usize| {
-        let part = mul64(pre[index].transpose(), g);
-        for (q, row) in scores.iter_mut().enumerate() {
-            for k in 0..part.ncols() {
-                row[start + k] += part[(q, k)];
+    Ok((pre, layers))
+}
+
+/// The training gradients under the data's labels, one more pass over `train`, each batch's
+/// scores added as it comes.
+fn scoring_pass(
+    model: &dyn TapModel,
+    train: &[Sequence],
+    batch_size: usize,
+    pre: &[Mat<f64>],
+    n_queries: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<Vec<f64>>> {
+    let tracked = model.tracked().to_vec();
+    let mut scores = vec![vec![0f64; train.len()]; n_queries];
+    crate::pass::for_each_batch(
+        model,
+        train,
+        batch_size,
+        Labels::Data,
+        progress,
+        "exact scoring pass",
+        |start, taps| {
+            for (index, l) in tracked.iter().enumerate() {
+                let g = influence::sequence_gradients(l, taps, index);
+                add_scores(
+                    &mut scores,
+                    &pre[index],
+                    linalg::to_f64(g.as_ref()).as_ref(),
+                    start,
+                );
             }
-        }
-    };
-    match options.fisher {
-        // The Fisher's labels are the data's: the training gradients are already at hand.
-        Fisher::Empirical => {
-            for (index, m) in fisher.iter().enumerate() {
-                add(index, m.as_ref(), 0);
-            }
-        }
-        Fisher::Sampled => {
-            drop(fisher);
-            crate::pass::for_each_batch(
-                model,
-                train,
-                options.batch_size,
-                Labels::Data,
-                progress,
-                "exact scoring pass",
-                |start, taps| {
-                    for (index, l) in tracked.iter().enumerate() {
-                        let g = influence::sequence_gradients(l, taps, index);
-                        add(index, linalg::to_f64(g.as_ref()).as_ref(), start);
-                    }
-                    Ok(())
-                },
-            )?;
+            Ok(())
+        },
+    )?;
+    Ok(scores)
+}
+
+/// Adds one layer's `P_ℓᵀ G` to the scores of the sequences `start..start + g.ncols()`.
+fn add_scores(scores: &mut [Vec<f64>], pre: &Mat<f64>, g: MatRef<'_, f64>, start: usize) {
+    let part = mul64(pre.transpose(), g);
+    for (q, row) in scores.iter_mut().enumerate() {
+        for k in 0..part.ncols() {
+            row[start + k] += part[(q, k)];
         }
     }
-    Ok(ExactScores {
-        scores,
-        layers,
-        query_losses: pq.losses,
-    })
 }
 
 /// Settings of `infl validate exact`.
@@ -478,45 +520,8 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
     if job.top_k == 0 {
         return Err(Error::input("--top-k must be at least 1"));
     }
-    let model = model::load(&job.model, job.modules, model::Compute::CPU)?;
-    if model.tracked().is_empty() {
-        return Err(Error::input(
-            "no tracked layers: --modules selected nothing",
-        ));
-    }
-    let max_len = job.max_len.unwrap_or(model.max_positions());
-    if max_len == 0 || max_len > model.max_positions() {
-        return Err(Error::input(format!(
-            "--max-len {max_len} must be between 1 and the model's context length {}",
-            model.max_positions()
-        )));
-    }
-    let mut tok = LazyTokenizer::new(&job.model);
-    let corpus = data::read_corpus(&job.train, &mut tok, max_len, model.vocab_size())?;
-    let (queries, queries_sha) = data::read_queries(
-        &job.queries,
-        &mut tok,
-        model.max_positions(),
-        model.vocab_size(),
-    )?;
-    let n = corpus.sequences.len();
-    let need = memory_bytes(model.tracked(), n, queries.len());
-    let limit = job.memory_limit.or_else(crate::inspect::mem_available);
-    if let Some(limit) = limit {
-        if need > limit {
-            let dims: u64 = model
-                .tracked()
-                .iter()
-                .map(|l| (l.d_out * l.d_in_h()) as u64)
-                .sum();
-            return Err(Error::input(format!(
-                "the exact Fisher would need about {} ({n} sequences × {dims} parameters × 8 bytes of per-sequence gradients, plus the Gram matrices), more than the {} allowed ({}); use --modules mlp, fewer layers or a smaller corpus",
-                crate::inspect::human(need),
-                crate::inspect::human(limit),
-                if job.memory_limit.is_some() { "--memory-limit" } else { "MemAvailable" }
-            )));
-        }
-    }
+    let inputs = Inputs::read(job)?;
+    inputs.check_memory(job)?;
     io::ensure_dir(&job.out)?;
     let options = FitOptions {
         strategy: Strategy::Ekfac,
@@ -524,14 +529,14 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
         batch_size: job.batch_size,
         seed: job.seed,
         modules: job.modules,
-        max_len: Some(max_len),
+        max_len: Some(inputs.max_len),
         ..FitOptions::default()
     };
     let exact_started = std::time::Instant::now();
     let exact = exact_scores(
-        model.as_ref(),
-        &corpus.sequences,
-        &queries,
+        inputs.model.as_ref(),
+        &inputs.corpus.sequences,
+        &inputs.queries,
         &options,
         job.damping,
         None,
@@ -539,93 +544,28 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
     )?;
     let exact_seconds = exact_started.elapsed().as_secs_f64();
 
-    let runs = job.out.join("runs");
-    let mut strategies = Vec::new();
-    for strategy in STRATEGIES {
-        let name = strategy.name();
-        let dir = runs.join(name);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        }
-        let (factors, results) = (dir.join("factors"), dir.join("results"));
-        workflow::fit(
-            &FitJob::new(
-                job.model.clone(),
-                job.train.clone(),
-                factors.clone(),
-                FitOptions {
-                    strategy,
-                    ..options.clone()
-                },
-            ),
-            progress,
-        )?;
-        let summary = workflow::score(
-            &ScoreJob {
-                options: ScoreOptions {
-                    damping: job.damping,
-                    top_k: job.top_k,
-                    dense: true,
-                    batch_size: job.batch_size,
-                    max_len: Some(max_len),
-                    ..ScoreOptions::default()
-                },
-                ..ScoreJob::new(
-                    job.model.clone(),
-                    factors.clone(),
-                    job.train.clone(),
-                    job.queries.clone(),
-                    results.clone(),
-                )
-            },
-            progress,
-        )?;
-        let dense = read_dense(&results)?;
-        if dense.len() != queries.len() || dense.iter().any(|r| r.len() != n) {
-            return Err(Error::Other(format!(
-                "{}: the dense scores are not {} × {n}",
-                results.display(),
-                queries.len()
-            )));
-        }
-        let per_query: Vec<QueryAgreement> = queries
-            .iter()
-            .zip(&exact.scores)
-            .zip(&dense)
-            .map(|((q, e), a)| QueryAgreement {
-                query_id: q.id.clone(),
-                agreement: Agreement::of(e, a, job.top_k),
-            })
-            .collect();
-        let agreements: Vec<Agreement> = per_query.iter().map(|q| q.agreement).collect();
-        let s = AgreementSummary::of(&agreements);
-        strategies.push(StrategyReport {
-            strategy,
-            damping_per_layer: summary.meta.damping_per_layer.clone(),
-            mean: s.mean,
-            min: s.min,
-            per_query,
-            factors: factors.display().to_string(),
-            results: results.display().to_string(),
-        });
-    }
+    let strategies = STRATEGIES
+        .into_iter()
+        .map(|strategy| compare_strategy(job, &inputs, &options, strategy, &exact, progress))
+        .collect::<Result<Vec<_>>>()?;
+    let n = inputs.corpus.sequences.len();
     let report = ExactReport {
         tool: "infl".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         kind: "validate-exact".into(),
-        model: ModelInfo::of(&job.model, model.as_ref())?,
+        model: ModelInfo::of(&job.model, inputs.model.as_ref())?,
         corpus: CorpusInfo {
             path: job.train.display().to_string(),
-            sha256: corpus.sha256.clone(),
-            max_len,
-            n_documents: corpus.n_documents,
+            sha256: inputs.corpus.sha256.clone(),
+            max_len: inputs.max_len,
+            n_documents: inputs.corpus.n_documents,
             n_sequences: n,
-            n_tokens: corpus.n_tokens(),
+            n_tokens: inputs.corpus.n_tokens(),
         },
         queries: QueriesRef {
             path: job.queries.display().to_string(),
-            sha256: queries_sha,
-            ids: queries.iter().map(|q| q.id.clone()).collect(),
+            sha256: inputs.queries_sha,
+            ids: inputs.queries.iter().map(|q| q.id.clone()).collect(),
             losses: exact.query_losses.clone(),
         },
         fisher: job.fisher,
@@ -642,4 +582,149 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
     };
     io::write_json(&job.out.join(EXACT_FILE), &report)?;
     Ok(report)
+}
+
+/// What `infl validate exact` reads and checks before any work.
+struct Inputs {
+    model: Box<dyn TapModel>,
+    /// The window length the corpus is cut to.
+    max_len: usize,
+    corpus: Corpus,
+    queries: Vec<Query>,
+    queries_sha: String,
+}
+
+impl Inputs {
+    fn read(job: &ExactJob) -> Result<Self> {
+        let model = model::load(&job.model, job.modules, model::Compute::CPU)?;
+        if model.tracked().is_empty() {
+            return Err(Error::input(
+                "no tracked layers: --modules selected nothing",
+            ));
+        }
+        let max_len = job.max_len.unwrap_or(model.max_positions());
+        if max_len == 0 || max_len > model.max_positions() {
+            return Err(Error::input(format!(
+                "--max-len {max_len} must be between 1 and the model's context length {}",
+                model.max_positions()
+            )));
+        }
+        let mut tok = LazyTokenizer::new(&job.model);
+        let corpus = data::read_corpus(&job.train, &mut tok, max_len, model.vocab_size())?;
+        let (queries, queries_sha) = data::read_queries(
+            &job.queries,
+            &mut tok,
+            model.max_positions(),
+            model.vocab_size(),
+        )?;
+        Ok(Inputs {
+            model,
+            max_len,
+            corpus,
+            queries,
+            queries_sha,
+        })
+    }
+
+    /// Refuses when the exact Fisher would not fit in `--memory-limit` (or MemAvailable).
+    fn check_memory(&self, job: &ExactJob) -> Result<()> {
+        let n = self.corpus.sequences.len();
+        let need = memory_bytes(self.model.tracked(), n, self.queries.len());
+        let limit = job.memory_limit.or_else(crate::inspect::mem_available);
+        if let Some(limit) = limit {
+            if need > limit {
+                let dims: u64 = self
+                    .model
+                    .tracked()
+                    .iter()
+                    .map(|l| (l.d_out * l.d_in_h()) as u64)
+                    .sum();
+                return Err(Error::input(format!(
+                    "the exact Fisher would need about {} ({n} sequences × {dims} parameters × 8 bytes of per-sequence gradients, plus the Gram matrices), more than the {} allowed ({}); use --modules mlp, fewer layers or a smaller corpus",
+                    crate::inspect::human(need),
+                    crate::inspect::human(limit),
+                    if job.memory_limit.is_some() { "--memory-limit" } else { "MemAvailable" }
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fits and scores one strategy under `OUT/runs/STRATEGY/` (emptied first) with the exact
+/// computation's labels and damping, and compares its dense scores with the exact ones.
+fn compare_strategy(
+    job: &ExactJob,
+    inputs: &Inputs,
+    options: &FitOptions,
+    strategy: Strategy,
+    exact: &ExactScores,
+    progress: &dyn Progress,
+) -> Result<StrategyReport> {
+    let (queries, n) = (&inputs.queries, inputs.corpus.sequences.len());
+    let dir = job.out.join("runs").join(strategy.name());
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    let (factors, results) = (dir.join("factors"), dir.join("results"));
+    workflow::fit(
+        &FitJob::new(
+            job.model.clone(),
+            job.train.clone(),
+            factors.clone(),
+            FitOptions {
+                strategy,
+                ..options.clone()
+            },
+        ),
+        progress,
+    )?;
+    let summary = workflow::score(
+        &ScoreJob {
+            options: ScoreOptions {
+                damping: job.damping,
+                top_k: job.top_k,
+                dense: true,
+                batch_size: job.batch_size,
+                max_len: Some(inputs.max_len),
+                ..ScoreOptions::default()
+            },
+            ..ScoreJob::new(
+                job.model.clone(),
+                factors.clone(),
+                job.train.clone(),
+                job.queries.clone(),
+                results.clone(),
+            )
+        },
+        progress,
+    )?;
+    let dense = read_dense(&results)?;
+    if dense.len() != queries.len() || dense.iter().any(|r| r.len() != n) {
+        return Err(Error::Other(format!(
+            "{}: the dense scores are not {} × {n}",
+            results.display(),
+            queries.len()
+        )));
+    }
+    let per_query: Vec<QueryAgreement> = queries
+        .iter()
+        .zip(&exact.scores)
+        .zip(&dense)
+        .map(|((q, e), a)| QueryAgreement {
+            query_id: q.id.clone(),
+            agreement: Agreement::of(e, a, job.top_k),
+        })
+        .collect();
+    let agreements: Vec<Agreement> = per_query.iter().map(|q| q.agreement).collect();
+    let s = AgreementSummary::of(&agreements);
+    Ok(StrategyReport {
+        strategy,
+        damping_per_layer: summary.meta.damping_per_layer.clone(),
+        mean: s.mean,
+        min: s.min,
+        per_query,
+        factors: factors.display().to_string(),
+        results: results.display().to_string(),
+    })
 }

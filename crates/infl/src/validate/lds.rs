@@ -18,11 +18,11 @@
 
 use super::spearman;
 use crate::curvature::{Fisher, Strategy};
-use crate::data::{self, LazyTokenizer};
+use crate::data::{self, Corpus, LazyTokenizer, Query};
 use crate::error::{Error, Result};
 use crate::influence::Damping;
 use crate::io;
-use crate::model::gpt2::Gpt2;
+use crate::model::gpt2::{Gpt2, Gpt2Config};
 use crate::model::ModuleSelection;
 use crate::options::FitOptions;
 use crate::options::ScoreOptions;
@@ -169,232 +169,27 @@ struct SubsetResult {
 
 pub fn run(job: &LdsJob, progress: &dyn Progress) -> Result<LdsReport> {
     let started = std::time::Instant::now();
-    if job.subsets < 2 {
-        return Err(Error::input(
-            "--subsets must be at least 2 (a correlation over subsets)",
-        ));
-    }
-    if !(job.fraction > 0.0 && job.fraction <= 1.0) {
-        return Err(Error::input("--fraction must lie in (0, 1]"));
-    }
-    let record_path = job.model.join("training.json");
-    let training: TrainingRecord = io::read_json(&record_path).map_err(|_| {
-        Error::input(format!(
-            "{}: missing or unreadable; LDS retrains the model, so it needs a checkpoint made by `infl train` (or `infl demo`), which records its recipe there",
-            record_path.display()
-        ))
-    })?;
-    let corpus_sha256 = data::sha256_file(&job.train)?;
-    if corpus_sha256 != training.corpus_sha256 {
-        return Err(Error::Mismatch(format!(
-            "{} (sha256 {}…) is not the corpus {} was trained on ({}, sha256 {}…)",
-            job.train.display(),
-            &corpus_sha256[..12],
-            job.model.display(),
-            training.corpus,
-            &training.corpus_sha256[..12]
-        )));
-    }
-    let full = Gpt2::load(&job.model, ModuleSelection::All)?;
-    let config = full.config().clone();
-    let mut tokenizer = LazyTokenizer::new(&job.model);
-    let corpus = data::read_corpus(
-        &job.train,
-        &mut tokenizer,
-        config.n_positions,
-        config.vocab_size,
-    )?;
-    let n = corpus.sequences.len();
-    if n != training.n_sequences {
-        return Err(Error::Mismatch(format!(
-            "{} cuts into {n} sequences but training.json records {}",
-            job.train.display(),
-            training.n_sequences
-        )));
-    }
-    let (queries, queries_sha256) = data::read_queries(
-        &job.queries,
-        &mut tokenizer,
-        config.n_positions,
-        config.vocab_size,
-    )?;
-    let pairs: Vec<(&[u32], &[u32])> = queries
-        .iter()
-        .map(|q| (q.prompt_ids.as_slice(), q.completion_ids.as_slice()))
-        .collect();
-    let full_model_losses = completion_losses(&full, &pairs)?;
-    let weights_sha256 = crate::provenance::ModelInfo::of(&job.model, &full)?.weights_sha256;
-
+    check(job)?;
+    let inputs = Inputs::read(job)?;
     io::ensure_dir(&job.out)?;
-    // Influence from the full model, for each strategy.
-    let mut scores = Vec::new();
-    for &strategy in &job.strategies {
-        let name = strategy.name().to_string();
-        let dir = job.out.join("runs").join(&name);
-        workflow::fit(
-            &FitJob::new(
-                job.model.clone(),
-                job.train.clone(),
-                dir.join("factors"),
-                FitOptions {
-                    strategy,
-                    fisher: job.fisher,
-                    max_len: Some(config.n_positions),
-                    ..FitOptions::default()
-                },
-            ),
-            progress,
-        )?;
-        workflow::score(
-            &ScoreJob {
-                options: ScoreOptions {
-                    damping: job.damping,
-                    dense: true,
-                    ..ScoreOptions::default()
-                },
-                ..ScoreJob::new(
-                    job.model.clone(),
-                    dir.join("factors"),
-                    job.train.clone(),
-                    job.queries.clone(),
-                    dir.join("results"),
-                )
-            },
-            progress,
-        )?;
-        scores.push((name, super::exact::read_dense(&dir.join("results"))?));
-    }
+    let scores = strategy_scores(job, inputs.config.n_positions, progress)?;
 
-    // Retraining: the saved subsets first, then the rest, `threads` at a time.
+    let n = inputs.corpus.sequences.len();
     let subsets = subsets(n, job.fraction, job.subsets, job.seed);
-    let fingerprint = {
-        let mut h = Sha256::new();
-        h.update(
-            serde_json::json!({
-                "weights": weights_sha256,
-                "corpus": corpus_sha256,
-                "queries": queries_sha256,
-                "fraction": job.fraction,
-                "seed": job.seed,
-                "options": training.options,
-            })
-            .to_string(),
-        );
-        data::hex(&h.finalize())
-    };
-    let work = job.out.join("work");
-    if job.fresh && work.exists() {
-        std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    }
-    io::ensure_dir(&work)?;
-    let saved = |m: usize| work.join(format!("subset-{m:04}.json"));
-    let results: Mutex<Vec<Option<SubsetResult>>> =
-        Mutex::new((0..job.subsets).map(|_| None).collect());
-    for m in 0..job.subsets {
-        if let Ok(r) = io::read_json::<SubsetResult>(&saved(m)) {
-            if r.fingerprint == fingerprint && r.subset == m && r.losses.len() == queries.len() {
-                results.lock().map_err(|_| poisoned())?[m] = Some(r);
-            }
-        }
-    }
-    let todo: Vec<usize> = {
-        let r = results.lock().map_err(|_| poisoned())?;
-        (0..job.subsets).filter(|&m| r[m].is_none()).collect()
-    };
-    let per_subset_tokens = |m: usize| -> u64 {
-        subsets[m]
-            .iter()
-            .map(|&i| corpus.sequences[i].ids.len() as u64)
-            .sum::<u64>()
-            * training.options.epochs as u64
-    };
-    progress.begin(
-        &format!("retrain {} of {} subsets", todo.len(), job.subsets),
-        todo.iter().map(|&m| per_subset_tokens(m)).sum(),
-    );
-    let retrain_started = std::time::Instant::now();
-    let next = AtomicUsize::new(0);
-    let failure: Mutex<Option<Error>> = Mutex::new(None);
-    std::thread::scope(|scope| {
-        for _ in 0..job.threads.max(1).min(todo.len().max(1)) {
-            scope.spawn(|| {
-                crate::linalg::flush_subnormals_on_this_thread();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&m) = todo.get(i) else { break };
-                    if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
-                        break;
-                    }
-                    let outcome = (|| -> Result<SubsetResult> {
-                        let t0 = std::time::Instant::now();
-                        let seqs: Vec<&[u32]> = subsets[m]
-                            .iter()
-                            .map(|&i| corpus.sequences[i].ids.as_slice())
-                            .collect();
-                        let mut trainer = Trainer::new(config.clone(), training.options.clone())?;
-                        trainer.fit(&seqs, &Silent)?;
-                        let losses = completion_losses(trainer.model(), &pairs)?;
-                        let r = SubsetResult {
-                            fingerprint: fingerprint.clone(),
-                            subset: m,
-                            losses,
-                            seconds: t0.elapsed().as_secs_f64(),
-                        };
-                        io::write_json(&saved(m), &r)?;
-                        Ok(r)
-                    })();
-                    match outcome {
-                        Ok(r) => {
-                            progress.advance(per_subset_tokens(m));
-                            if let Ok(mut all) = results.lock() {
-                                all[m] = Some(r);
-                            }
-                        }
-                        Err(e) => {
-                            if let Ok(mut f) = failure.lock() {
-                                f.get_or_insert(e);
-                            }
-                            break;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    progress.end();
-    if let Some(e) = failure.into_inner().map_err(|_| poisoned())? {
-        return Err(e);
-    }
-    let retrain_seconds = retrain_started.elapsed().as_secs_f64();
-    let subset_losses: Vec<Vec<f64>> = results
-        .into_inner()
-        .map_err(|_| poisoned())?
-        .into_iter()
-        .map(|r| {
-            r.map(|r| r.losses)
-                .ok_or_else(|| Error::Other("a subset was not retrained".into()))
-        })
-        .collect::<Result<_>>()?;
+    let retraining = Retraining::prepare(job, &inputs, &subsets)?;
+    let (subset_losses, retrain_seconds) = retraining.run(job, progress)?;
 
-    let nq = queries.len();
-    let column = |q: usize| -> Vec<f64> { subset_losses.iter().map(|l| l[q]).collect() };
-    let mean_loss_spread = (0..nq)
-        .map(|q| {
-            let c = column(q);
-            let mean = c.iter().sum::<f64>() / c.len() as f64;
-            (c.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (c.len() - 1) as f64).sqrt()
-        })
-        .sum::<f64>()
-        / nq.max(1) as f64;
-    let strategies = scores
-        .iter()
-        .map(|(name, dense)| {
-            let per_query: Vec<f64> = (0..nq)
-                .map(|q| lds(&dense[q], &subsets, &column(q)))
-                .collect();
-            summarise(name, per_query)
-        })
-        .collect();
+    let (mean_loss_spread, strategies) =
+        lds_per_strategy(&scores, &subsets, &subset_losses, inputs.queries.len());
+    let Inputs {
+        training,
+        corpus_sha256,
+        queries,
+        queries_sha256,
+        full_model_losses,
+        weights_sha256,
+        ..
+    } = inputs;
     let report = LdsReport {
         tool: format!("infl {}", env!("CARGO_PKG_VERSION")),
         definition: DEFINITION.into(),
@@ -420,6 +215,338 @@ pub fn run(job: &LdsJob, progress: &dyn Progress) -> Result<LdsReport> {
     };
     io::write_json(&job.out.join(LDS_FILE), &report)?;
     Ok(report)
+}
+
+/// The settings no retraining can satisfy.
+fn check(job: &LdsJob) -> Result<()> {
+    if job.subsets < 2 {
+        return Err(Error::input(
+            "--subsets must be at least 2 (a correlation over subsets)",
+        ));
+    }
+    if !(job.fraction > 0.0 && job.fraction <= 1.0) {
+        return Err(Error::input("--fraction must lie in (0, 1]"));
+    }
+    Ok(())
+}
+
+/// What the LDS is computed from, read and checked before any work: the recipe, the corpus it
+/// was trained on, the queries, and their measurements under the full model.
+struct Inputs {
+    training: TrainingRecord,
+    corpus_sha256: String,
+    config: Gpt2Config,
+    corpus: Corpus,
+    queries: Vec<Query>,
+    queries_sha256: String,
+    full_model_losses: Vec<f64>,
+    weights_sha256: String,
+}
+
+impl Inputs {
+    fn read(job: &LdsJob) -> Result<Self> {
+        let record_path = job.model.join("training.json");
+        let training: TrainingRecord = io::read_json(&record_path).map_err(|_| {
+            Error::input(format!(
+                "{}: missing or unreadable; LDS retrains the model, so it needs a checkpoint made by `infl train` (or `infl demo`), which records its recipe there",
+                record_path.display()
+            ))
+        })?;
+        let corpus_sha256 = data::sha256_file(&job.train)?;
+        if corpus_sha256 != training.corpus_sha256 {
+            return Err(Error::Mismatch(format!(
+                "{} (sha256 {}…) is not the corpus {} was trained on ({}, sha256 {}…)",
+                job.train.display(),
+                &corpus_sha256[..12],
+                job.model.display(),
+                training.corpus,
+                &training.corpus_sha256[..12]
+            )));
+        }
+        let full = Gpt2::load(&job.model, ModuleSelection::All)?;
+        let config = full.config().clone();
+        let mut tokenizer = LazyTokenizer::new(&job.model);
+        let corpus = data::read_corpus(
+            &job.train,
+            &mut tokenizer,
+            config.n_positions,
+            config.vocab_size,
+        )?;
+        let n = corpus.sequences.len();
+        if n != training.n_sequences {
+            return Err(Error::Mismatch(format!(
+                "{} cuts into {n} sequences but training.json records {}",
+                job.train.display(),
+                training.n_sequences
+            )));
+        }
+        let (queries, queries_sha256) = data::read_queries(
+            &job.queries,
+            &mut tokenizer,
+            config.n_positions,
+            config.vocab_size,
+        )?;
+        let full_model_losses = completion_losses(&full, &pairs(&queries))?;
+        let weights_sha256 = crate::provenance::ModelInfo::of(&job.model, &full)?.weights_sha256;
+        Ok(Inputs {
+            training,
+            corpus_sha256,
+            config,
+            corpus,
+            queries,
+            queries_sha256,
+            full_model_losses,
+            weights_sha256,
+        })
+    }
+}
+
+/// Each query as (prompt, completion) token ids, as [`completion_losses`] measures them.
+fn pairs(queries: &[Query]) -> Vec<(&[u32], &[u32])> {
+    queries
+        .iter()
+        .map(|q| (q.prompt_ids.as_slice(), q.completion_ids.as_slice()))
+        .collect()
+}
+
+/// Influence from the full model, for each strategy: its dense `[query][sequence]` scores,
+/// fitted and scored under `OUT/runs/STRATEGY/`.
+fn strategy_scores(
+    job: &LdsJob,
+    max_len: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<(String, Vec<Vec<f64>>)>> {
+    let mut scores = Vec::new();
+    for &strategy in &job.strategies {
+        let name = strategy.name().to_string();
+        let dir = job.out.join("runs").join(&name);
+        workflow::fit(
+            &FitJob::new(
+                job.model.clone(),
+                job.train.clone(),
+                dir.join("factors"),
+                FitOptions {
+                    strategy,
+                    fisher: job.fisher,
+                    max_len: Some(max_len),
+                    ..FitOptions::default()
+                },
+            ),
+            progress,
+        )?;
+        workflow::score(
+            &ScoreJob {
+                options: ScoreOptions {
+                    damping: job.damping,
+                    dense: true,
+                    ..ScoreOptions::default()
+                },
+                ..ScoreJob::new(
+                    job.model.clone(),
+                    dir.join("factors"),
+                    job.train.clone(),
+                    job.queries.clone(),
+                    dir.join("results"),
+                )
+            },
+            progress,
+        )?;
+        scores.push((name, super::exact::read_dense(&dir.join("results"))?));
+    }
+    Ok(scores)
+}
+
+/// The retraining of every subset on the recipe, resumable: each finished subset is saved in
+/// `OUT/work/subset-MMMM.json` under a fingerprint of everything its measurements depend on.
+struct Retraining<'a> {
+    inputs: &'a Inputs,
+    subsets: &'a [Vec<usize>],
+    pairs: Vec<(&'a [u32], &'a [u32])>,
+    fingerprint: String,
+    work: PathBuf,
+}
+
+impl<'a> Retraining<'a> {
+    /// Fingerprints the run and readies `OUT/work/` (emptied first with `--fresh`).
+    fn prepare(job: &LdsJob, inputs: &'a Inputs, subsets: &'a [Vec<usize>]) -> Result<Self> {
+        let fingerprint = {
+            let mut h = Sha256::new();
+            h.update(
+                serde_json::json!({
+                    "weights": inputs.weights_sha256,
+                    "corpus": inputs.corpus_sha256,
+                    "queries": inputs.queries_sha256,
+                    "fraction": job.fraction,
+                    "seed": job.seed,
+                    "options": inputs.training.options,
+                })
+                .to_string(),
+            );
+            data::hex(&h.finalize())
+        };
+        let work = job.out.join("work");
+        if job.fresh && work.exists() {
+            std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+        }
+        io::ensure_dir(&work)?;
+        Ok(Retraining {
+            inputs,
+            subsets,
+            pairs: pairs(&inputs.queries),
+            fingerprint,
+            work,
+        })
+    }
+
+    fn saved(&self, m: usize) -> PathBuf {
+        self.work.join(format!("subset-{m:04}.json"))
+    }
+
+    /// Tokens trained on for subset m (the progress unit).
+    fn tokens(&self, m: usize) -> u64 {
+        self.subsets[m]
+            .iter()
+            .map(|&i| self.inputs.corpus.sequences[i].ids.len() as u64)
+            .sum::<u64>()
+            * self.inputs.training.options.epochs as u64
+    }
+
+    /// The saved subsets first, then the rest, `threads` at a time. Returns the measurements
+    /// `[subset][query]` and the seconds spent retraining.
+    fn run(&self, job: &LdsJob, progress: &dyn Progress) -> Result<(Vec<Vec<f64>>, f64)> {
+        let results = Mutex::new(self.resume(job.subsets));
+        let todo: Vec<usize> = {
+            let r = results.lock().map_err(|_| poisoned())?;
+            (0..job.subsets).filter(|&m| r[m].is_none()).collect()
+        };
+        progress.begin(
+            &format!("retrain {} of {} subsets", todo.len(), job.subsets),
+            todo.iter().map(|&m| self.tokens(m)).sum(),
+        );
+        let retrain_started = std::time::Instant::now();
+        let next = AtomicUsize::new(0);
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..job.threads.max(1).min(todo.len().max(1)) {
+                scope.spawn(|| self.worker(&todo, &next, &failure, &results, progress));
+            }
+        });
+        progress.end();
+        if let Some(e) = failure.into_inner().map_err(|_| poisoned())? {
+            return Err(e);
+        }
+        let retrain_seconds = retrain_started.elapsed().as_secs_f64();
+        let subset_losses: Vec<Vec<f64>> = results
+            .into_inner()
+            .map_err(|_| poisoned())?
+            .into_iter()
+            .map(|r| {
+                r.map(|r| r.losses)
+                    .ok_or_else(|| Error::Other("a subset was not retrained".into()))
+            })
+            .collect::<Result<_>>()?;
+        Ok((subset_losses, retrain_seconds))
+    }
+
+    /// The saved results that belong to this run (same fingerprint, subset and query count).
+    fn resume(&self, count: usize) -> Vec<Option<SubsetResult>> {
+        let mut results: Vec<Option<SubsetResult>> = (0..count).map(|_| None).collect();
+        for (m, slot) in results.iter_mut().enumerate() {
+            if let Ok(r) = io::read_json::<SubsetResult>(&self.saved(m)) {
+                if r.fingerprint == self.fingerprint
+                    && r.subset == m
+                    && r.losses.len() == self.pairs.len()
+                {
+                    *slot = Some(r);
+                }
+            }
+        }
+        results
+    }
+
+    /// One retraining thread: takes the next subset to do until none is left or one failed.
+    fn worker(
+        &self,
+        todo: &[usize],
+        next: &AtomicUsize,
+        failure: &Mutex<Option<Error>>,
+        results: &Mutex<Vec<Option<SubsetResult>>>,
+        progress: &dyn Progress,
+    ) {
+        crate::linalg::flush_subnormals_on_this_thread();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&m) = todo.get(i) else { break };
+            if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                break;
+            }
+            match self.retrain(m) {
+                Ok(r) => {
+                    progress.advance(self.tokens(m));
+                    if let Ok(mut all) = results.lock() {
+                        all[m] = Some(r);
+                    }
+                }
+                Err(e) => {
+                    if let Ok(mut f) = failure.lock() {
+                        f.get_or_insert(e);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Retrains from scratch on subset m, measures the queries, and saves the result.
+    fn retrain(&self, m: usize) -> Result<SubsetResult> {
+        let t0 = std::time::Instant::now();
+        let seqs: Vec<&[u32]> = self.subsets[m]
+            .iter()
+            .map(|&i| self.inputs.corpus.sequences[i].ids.as_slice())
+            .collect();
+        let mut trainer = Trainer::new(
+            self.inputs.config.clone(),
+            self.inputs.training.options.clone(),
+        )?;
+        trainer.fit(&seqs, &Silent)?;
+        let losses = completion_losses(trainer.model(), &self.pairs)?;
+        let r = SubsetResult {
+            fingerprint: self.fingerprint.clone(),
+            subset: m,
+            losses,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        io::write_json(&self.saved(m), &r)?;
+        Ok(r)
+    }
+}
+
+/// The mean over queries of the measurements' spread over subsets, and each strategy's LDS.
+fn lds_per_strategy(
+    scores: &[(String, Vec<Vec<f64>>)],
+    subsets: &[Vec<usize>],
+    subset_losses: &[Vec<f64>],
+    nq: usize,
+) -> (f64, Vec<StrategyLds>) {
+    let column = |q: usize| -> Vec<f64> { subset_losses.iter().map(|l| l[q]).collect() };
+    let mean_loss_spread = (0..nq)
+        .map(|q| {
+            let c = column(q);
+            let mean = c.iter().sum::<f64>() / c.len() as f64;
+            (c.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (c.len() - 1) as f64).sqrt()
+        })
+        .sum::<f64>()
+        / nq.max(1) as f64;
+    let strategies = scores
+        .iter()
+        .map(|(name, dense)| {
+            let per_query: Vec<f64> = (0..nq)
+                .map(|q| lds(&dense[q], subsets, &column(q)))
+                .collect();
+            summarise(name, per_query)
+        })
+        .collect();
+    (mean_loss_spread, strategies)
 }
 
 fn poisoned() -> Error {
