@@ -6,7 +6,7 @@ use clap::Subcommand;
 use infl::curvature::{Fisher, Strategy};
 use infl::influence::Damping;
 use infl::model::ModuleSelection;
-use infl::options::Compute;
+use infl::options::{Compute, OutputOptions};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -22,6 +22,8 @@ pub struct IndexArgs {
     /// Window length, as `score` will use it [default: the model's context length].
     #[arg(long, value_name = "N")]
     pub max_len: Option<usize>,
+    #[command(flatten)]
+    pub output: OutputOptions,
 }
 
 #[derive(clap::Args)]
@@ -80,6 +82,8 @@ pub struct TrainArgs {
     /// Seed of the initialisation and of the order of the sequences.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub output: OutputOptions,
 }
 
 impl TrainArgs {
@@ -102,6 +106,7 @@ impl TrainArgs {
                 seed: self.seed,
                 ..Default::default()
             },
+            output: self.output,
         }
     }
 }

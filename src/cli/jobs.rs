@@ -2,7 +2,9 @@
 //! library's option types flattened (`infl::options`: each option, its default and its help
 //! are defined there once), with the library jobs they become.
 
-use infl::options::{Compute, FitOptions, RunOptions, ScoreOptions, SelfInfluenceOptions};
+use infl::options::{
+    Compute, FitOptions, OutputOptions, RunOptions, ScoreOptions, SelfInfluenceOptions,
+};
 use infl::workflow::{FitJob, ScoreJob, SelfInfluenceJob};
 use std::path::PathBuf;
 
@@ -89,6 +91,8 @@ pub struct SelfInfluenceArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub options: SelfInfluenceOptions,
+    #[command(flatten)]
+    pub output: OutputOptions,
 }
 
 impl FitArgs {
@@ -134,6 +138,7 @@ impl SelfInfluenceArgs {
             out: self.out,
             options: self.options,
             compute: self.compute,
+            output: self.output,
         }
     }
 }

@@ -163,11 +163,17 @@ fn score(a: ScoreArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
 
 fn index(a: IndexArgs, quiet: bool) -> Result<()> {
     let started = std::time::Instant::now();
+    let out = infl::output_dir::OutputDir::open(
+        &a.out,
+        infl::output_dir::Kind::Index,
+        infl::shard::Shard::WHOLE,
+        a.output.overwrite,
+    )?;
     let model = infl::model::load(&a.model, ModuleSelection::All, infl::model::Compute::CPU)?;
     let max_len = a.max_len.unwrap_or(model.max_positions());
     let mut tok = infl::data::LazyTokenizer::new(&a.model);
     let index = infl::index::Bm25Index::build(&a.corpus, &mut tok, max_len, model.vocab_size())?;
-    index.save(&a.out)?;
+    index.save(&out)?;
     if !quiet {
         eprintln!(
             "indexed {} sequences in {:.1}s → {}",

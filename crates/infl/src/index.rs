@@ -119,8 +119,18 @@ impl Bm25Index {
         idx
     }
 
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        crate::io::ensure_dir(dir)?;
+    /// Writes the index into `out`, opened for [`Kind::Index`](crate::output_dir::Kind) (with
+    /// its lock) before the index was built; an index of another corpus or window length there
+    /// is refused unless `out` was opened to overwrite.
+    pub fn save(&self, out: &crate::output_dir::OutputDir) -> Result<()> {
+        out.claim(
+            &serde_json::json!({
+                "corpus_sha256": self.corpus_sha256,
+                "max_len": self.max_len,
+            }),
+            false,
+        )?;
+        let dir = out.path();
         let bytes = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         let arrays = [
             ("offsets", bytes(&self.offsets)),
@@ -217,6 +227,8 @@ impl Bm25Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::output_dir::OutputDir;
+    use crate::shard::Shard;
 
     #[test]
     fn bm25_ranks_matching_sequences_first_and_matches_the_formula() {
@@ -230,8 +242,12 @@ mod tests {
         .unwrap();
         let mut tok = LazyTokenizer::new(&dir);
         let index = Bm25Index::build(&corpus, &mut tok, 16, 10).unwrap();
-        index.save(&dir).unwrap();
-        let index = Bm25Index::open(&dir).unwrap();
+        let out = dir.join("index");
+        let kind = crate::output_dir::Kind::Index;
+        index
+            .save(&OutputDir::open(&out, kind, Shard::WHOLE, false).unwrap())
+            .unwrap();
+        let index = Bm25Index::open(&out).unwrap();
         let s = index.scores(&[4, 9]);
         // Hand-worked: N = 3, df(4) = 1, idf = ln(1 + 2.5/1.5); avg length 3; doc 1 has tf 2, len 4.
         let idf = (1.0f32 + 2.5 / 1.5).ln();
@@ -247,11 +263,21 @@ mod tests {
             completion: None,
         };
         assert_eq!(index.candidates(&q, 2), vec![2, 0]);
-        index.check(&dir, &corpus, 16).unwrap();
-        assert!(index.check(&dir, &corpus, 8).is_err());
+        index.check(&out, &corpus, 16).unwrap();
+        assert!(index.check(&out, &corpus, 8).is_err());
         std::fs::write(&corpus, "{\"ids\": [1]}\n").unwrap();
-        let e = index.check(&dir, &corpus, 16).unwrap_err().to_string();
+        let e = index.check(&out, &corpus, 16).unwrap_err().to_string();
         assert!(e.contains("another corpus"), "{e}");
+        // Another corpus's index over this one: refused, then replaced with the overwrite.
+        let other = Bm25Index::build(&corpus, &mut tok, 16, 10).unwrap();
+        let e = other
+            .save(&OutputDir::open(&out, kind, Shard::WHOLE, false).unwrap())
+            .unwrap_err();
+        assert!(e.to_string().contains("other settings"), "{e}");
+        other
+            .save(&OutputDir::open(&out, kind, Shard::WHOLE, true).unwrap())
+            .unwrap();
+        assert_eq!(Bm25Index::open(&out).unwrap().n_sequences(), 1);
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -25,6 +25,7 @@ pub mod io;
 pub mod linalg;
 pub mod model;
 pub mod options;
+pub mod output_dir;
 pub mod pass;
 pub mod pass_parts;
 pub mod powerlaw;

@@ -8,7 +8,8 @@
 //! - [`ScoreOptions`]: what `infl score` computes; [`SelfInfluenceOptions`] for
 //!   `infl self-influence`.
 //! - [`RunOptions`]: how a long run is carried out (sharding, checkpoints, resumption, the
-//!   memory check); it changes no number, so no output records it but the shard count.
+//!   memory check, [`OutputOptions`]); it changes no number, so no output records it but
+//!   the shard count.
 //! - [`Compute`]: where the forward and backward passes run (engine, device); defined beside
 //!   the models that take it ([`crate::model::load`]).
 
@@ -293,20 +294,40 @@ pub struct RunOptions {
     /// command line, never for library callers ([`RunOptions::ONCE`]).
     #[cfg_attr(feature = "clap", arg(skip = CHECKPOINT_SECONDS))]
     pub checkpoint_seconds: f64,
+    #[cfg_attr(feature = "clap", command(flatten))]
+    pub output: OutputOptions,
+}
+
+/// What a run may do to an output directory that holds another run's output
+/// ([`crate::output_dir`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct OutputOptions {
+    /// Replace what --out holds (another kind of output, or one made with other settings):
+    /// remove every file of the previous run there before writing. Without it such a
+    /// directory is refused. Files infl did not write are never removed.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub overwrite: bool,
+}
+
+impl OutputOptions {
+    /// Replace whatever infl output is there: what library callers that start from scratch use.
+    pub const REPLACE: OutputOptions = OutputOptions { overwrite: true };
 }
 
 /// Seconds between saved states when `checkpoint_every` is not given.
 pub const CHECKPOINT_SECONDS: f64 = 900.0;
 
 impl RunOptions {
-    /// One unsharded run from scratch that never saves its state: what library callers (the
-    /// demo, the validations) use.
+    /// One unsharded run from scratch that never saves its state and replaces the output in
+    /// its directory: what library callers (the demo, the validations) use.
     pub const ONCE: RunOptions = RunOptions {
         shard: Shard::WHOLE,
         checkpoint_every: None,
         fresh: true,
         memory_check: true,
         checkpoint_seconds: f64::INFINITY,
+        output: OutputOptions::REPLACE,
     };
 
     /// When the passes save their state: every `checkpoint_every` sequences, or else every
@@ -369,6 +390,7 @@ mod tests {
             RunOptions {
                 fresh: false,
                 checkpoint_seconds: CHECKPOINT_SECONDS,
+                output: OutputOptions::default(),
                 ..RunOptions::ONCE
             }
         );

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::io;
 use crate::model::{self, Labels, TapModel, TrackedLayer};
 use crate::options::{Compute, FitOptions, RunOptions};
+use crate::output_dir::{Kind, OutputDir};
 use crate::pass::Progress;
 use crate::provenance::{CorpusInfo, ModelInfo};
 use crate::shard::Shard;
@@ -97,6 +98,12 @@ pub(super) fn pass_stem(pass: Pass, shard: Shard) -> String {
 
 pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     let started = std::time::Instant::now();
+    let out = OutputDir::open(
+        &job.out,
+        Kind::Factors,
+        job.run.shard,
+        job.run.output.overwrite,
+    )?;
     let model = open_model(job)?;
     let max_len = job.options.max_len.unwrap_or(model.max_positions());
     check_max_len(max_len, model.as_ref())?;
@@ -125,7 +132,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     };
     let settings = template.settings();
     let work = open_work_dir(
-        &job.out,
+        &out,
         job.run.fresh,
         FIT_TEMPLATE_FILE,
         &settings,

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::influence::{self, PreconditionedQueries, Preconditioner};
 use crate::model::{self, Labels, TapBatch, TapModel, TrackedLayer};
 use crate::options::{Compute, Normalize, QueryRank, RunOptions, ScoreOptions};
+use crate::output_dir::{Kind, OutputDir};
 use crate::pass::Progress;
 use crate::provenance::CorpusInfo;
 use crate::results::meta::{Provenance, QueriesInfo, ScoresMeta, SCORE_CONVENTION};
@@ -109,6 +110,12 @@ pub struct ScoreSummary {
 pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
     let started = std::time::Instant::now();
     let options = job.checked_options()?;
+    let out = OutputDir::open(
+        &job.out,
+        Kind::Scores,
+        job.run.shard,
+        job.run.output.overwrite,
+    )?;
     let prepared = prepare(
         &job.model,
         &job.factors,
@@ -151,7 +158,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         progress,
     )?;
     let candidates = prefilter_candidates(job, &options, &queries, prepared.max_len)?;
-    let (work, settings) = start_work(job, &options, &prepared, &queries_sha)?;
+    let (work, settings) = start_work(&out, job, &options, &prepared, &queries_sha)?;
     let tracked = model.tracked().to_vec();
     let run = ScoreRun {
         job,
@@ -253,6 +260,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
 /// The work directory of this run with its settings fingerprint: the options serialised with
 /// the hashes of the model, factors, corpus and queries.
 fn start_work(
+    out: &OutputDir,
     job: &ScoreJob,
     options: &ScoreOptions,
     prepared: &Prepared,
@@ -275,7 +283,7 @@ fn start_work(
         top_k: options.top_k,
     };
     let work = open_work_dir(
-        &job.out,
+        out,
         job.run.fresh,
         super::score_merge::SCORE_TEMPLATE_FILE,
         &settings,
