@@ -5,6 +5,13 @@
 //! The index is over the *model's* token ids, built from the very windows `score` streams, so a
 //! candidate is exactly one training sequence. It is an inverted file (postings sorted by
 //! sequence) in a safetensors container with the corpus fingerprint in its header.
+//!
+//! The header also records each array's xxh3 ([`crate::checksum`]) and the format version;
+//! [`Bm25Index::open`] verifies the sums, then the structure (offsets from 0, non-decreasing,
+//! ending at the postings' count; postings of a term in increasing sequence order; sequence ids
+//! below the number of sequences; each sequence's length the sum of its term counts), so that a
+//! scored index can neither panic nor rank from corrupt data. An index without sums (from an
+//! infl before format 3) is refused: rebuilding one is a tokenizing pass, no model.
 
 use crate::data::{self, LazyTokenizer, Query};
 use crate::error::{Error, Result};
@@ -17,6 +24,14 @@ const K1: f32 = 1.2;
 const B: f32 = 0.75;
 
 pub const INDEX_FILE: &str = "index.safetensors";
+
+/// The index's arrays, in file order.
+const ARRAYS: [&str; 4] = [
+    "offsets",
+    "postings_sequence",
+    "postings_tf",
+    "sequence_length",
+];
 
 /// A BM25 inverted index over token ids.
 pub struct Bm25Index {
@@ -146,17 +161,26 @@ impl Bm25Index {
                 Ok((n.to_string(), view))
             })
             .collect::<Result<_>>()?;
-        let meta = HashMap::from([
+        let mut meta = HashMap::from([
+            (
+                "format_version".to_string(),
+                crate::provenance::FORMAT_VERSION.to_string(),
+            ),
             ("kind".to_string(), "infl-bm25-index".to_string()),
             ("corpus_sha256".to_string(), self.corpus_sha256.clone()),
             ("max_len".to_string(), self.max_len.to_string()),
             ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
         ]);
+        for (name, b) in &arrays {
+            meta.insert(format!("xxh3.{name}"), crate::checksum::hex_of(b));
+        }
         let data =
             safetensors::serialize(views, Some(meta)).map_err(|e| Error::Other(e.to_string()))?;
         crate::io::write_atomic(&dir.join(INDEX_FILE), &data)
     }
 
+    /// Reads an index, verifying its checksums and structure (corruption is
+    /// [`Error::Mismatch`] naming the file and the array).
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(INDEX_FILE);
         let bytes = std::fs::read(&path).map_err(|e| {
@@ -165,8 +189,12 @@ impl Bm25Index {
                 path.display()
             ))
         })?;
-        let bad =
-            |what: &str| Error::input(format!("{}: not an infl index ({what})", path.display()));
+        let bad = |what: &str| {
+            Error::Mismatch(format!(
+                "{}: corrupt or not an infl index ({what}); rebuild it with `infl index`",
+                path.display()
+            ))
+        };
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|_| bad("unreadable header"))?;
         let meta = header
@@ -176,20 +204,44 @@ impl Bm25Index {
         if meta.get("kind").map(String::as_str) != Some("infl-bm25-index") {
             return Err(bad("wrong kind"));
         }
+        let version = meta
+            .get("format_version")
+            .map(|v| v.parse::<u32>().map_err(|_| bad("format_version")))
+            .transpose()?;
+        let Some(version) = version else {
+            return Err(Error::Mismatch(format!(
+                "{}: an index without checksums (written by an infl before format 3); rebuild it with `infl index`",
+                path.display()
+            )));
+        };
+        crate::provenance::check_format(version, &path)?;
         let st =
             safetensors::SafeTensors::deserialize(&bytes).map_err(|_| bad("unreadable tensors"))?;
         let array = |name: &str| -> Result<Vec<u32>> {
             let v = st.tensor(name).map_err(|_| bad(name))?;
+            if v.dtype() != Dtype::U32 {
+                return Err(bad(&format!("`{name}` is not u32")));
+            }
+            let sum = meta
+                .get(&format!("xxh3.{name}"))
+                .ok_or_else(|| bad(&format!("no checksum of `{name}`")))?;
+            if &crate::checksum::hex_of(v.data()) != sum {
+                return Err(Error::Mismatch(format!(
+                    "{}: array `{name}` does not match its checksum: the file is corrupt (a disk or copy error, or it was edited); rebuild it with `infl index`",
+                    path.display()
+                )));
+            }
             Ok(v.data()
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect())
         };
-        Ok(Bm25Index {
-            offsets: array("offsets")?,
-            post_seq: array("postings_sequence")?,
-            post_tf: array("postings_tf")?,
-            doc_len: array("sequence_length")?,
+        let [offsets, post_seq, post_tf, doc_len] = ARRAYS.map(array);
+        let index = Bm25Index {
+            offsets: offsets?,
+            post_seq: post_seq?,
+            post_tf: post_tf?,
+            doc_len: doc_len?,
             corpus_sha256: meta
                 .get("corpus_sha256")
                 .cloned()
@@ -198,7 +250,62 @@ impl Bm25Index {
                 .get("max_len")
                 .and_then(|m| m.parse().ok())
                 .ok_or_else(|| bad("max_len"))?,
-        })
+        };
+        index.validate().map_err(|what| bad(&what))?;
+        Ok(index)
+    }
+
+    /// The structure [`Bm25Index::scores`] relies on, or what breaks it.
+    fn validate(&self) -> std::result::Result<(), String> {
+        let n_postings = self.post_seq.len();
+        if self.post_tf.len() != n_postings {
+            return Err(format!(
+                "{n_postings} posting sequences but {} term counts",
+                self.post_tf.len()
+            ));
+        }
+        if self.offsets.first() != Some(&0) {
+            return Err("`offsets` does not start at 0".into());
+        }
+        if self.offsets.last().map(|&o| o as usize) != Some(n_postings) {
+            return Err(format!(
+                "`offsets` ends at {:?}, not at the {n_postings} postings",
+                self.offsets.last()
+            ));
+        }
+        if let Some(t) = self.offsets.windows(2).position(|w| w[1] < w[0]) {
+            return Err(format!("`offsets` decreases at term {t}"));
+        }
+        let n = self.doc_len.len();
+        let mut lengths = vec![0u64; n];
+        for (t, w) in self.offsets.windows(2).enumerate() {
+            let (s, e) = (w[0] as usize, w[1] as usize);
+            let mut previous: Option<u32> = None;
+            for (&d, &tf) in self.post_seq[s..e].iter().zip(&self.post_tf[s..e]) {
+                if d as usize >= n {
+                    return Err(format!(
+                        "term {t} has a posting for sequence {d}, of {n} sequences"
+                    ));
+                }
+                if previous.is_some_and(|p| p >= d) {
+                    return Err(format!(
+                        "the postings of term {t} are not in increasing sequence order"
+                    ));
+                }
+                if tf == 0 {
+                    return Err(format!("term {t} has a zero count in sequence {d}"));
+                }
+                previous = Some(d);
+                lengths[d as usize] += tf as u64;
+            }
+        }
+        if let Some(d) = (0..n).find(|&d| lengths[d] != self.doc_len[d] as u64) {
+            return Err(format!(
+                "sequence {d} has length {} but its term counts sum to {}",
+                self.doc_len[d], lengths[d]
+            ));
+        }
+        Ok(())
     }
 
     /// Refuses an index built from another corpus or another windowing.
@@ -208,7 +315,7 @@ impl Bm25Index {
             return Err(Error::Mismatch(format!(
                 "the index in {} was built from another corpus (sha256 {}…), not {} (sha256 {}…); rebuild it with `infl index`",
                 dir.display(),
-                &self.corpus_sha256[..12],
+                self.corpus_sha256.get(..12).unwrap_or(&self.corpus_sha256),
                 corpus.display(),
                 &sha[..12]
             )));
@@ -278,6 +385,130 @@ mod tests {
             .save(&OutputDir::open(&out, kind, Shard::WHOLE, true).unwrap())
             .unwrap();
         assert_eq!(Bm25Index::open(&out).unwrap().n_sequences(), 1);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A small index saved in a fresh directory: sequences [1, 2, 3], [4, 4, 5, 6], [7, 8].
+    fn small_index(name: &str) -> (std::path::PathBuf, Bm25Index) {
+        let dir = std::env::temp_dir().join(format!("infl-index-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let corpus = dir.join("c.jsonl");
+        std::fs::write(
+            &corpus,
+            "{\"ids\": [1, 2, 3]}\n{\"ids\": [4, 4, 5, 6]}\n{\"ids\": [7, 8]}\n",
+        )
+        .unwrap();
+        let mut tok = LazyTokenizer::new(&dir);
+        let index = Bm25Index::build(&corpus, &mut tok, 16, 10).unwrap();
+        (dir, index)
+    }
+
+    fn open_err(dir: &Path) -> String {
+        match Bm25Index::open(dir) {
+            Err(e @ Error::Mismatch(_)) => e.to_string(),
+            Err(e) => panic!("not a mismatch: {e}"),
+            Ok(_) => panic!("a corrupt index was opened"),
+        }
+    }
+
+    /// Indexes whose checksums match but whose structure is broken (as a buggy or hostile
+    /// writer would leave them) are refused, naming what is wrong, without a panic.
+    #[test]
+    fn structurally_broken_indexes_are_refused() {
+        let (dir, clean) = small_index("structure");
+        let tampered: Vec<(&str, Box<dyn Fn(&mut Bm25Index)>)> = vec![
+            ("decreases", Box::new(|i| i.offsets.swap(3, 5))),
+            (
+                "not at the",
+                Box::new(|i| *i.offsets.last_mut().unwrap() = 1000),
+            ),
+            (
+                "sequence 1000000000",
+                Box::new(|i| i.post_seq[0] = 1_000_000_000),
+            ),
+            ("has length 0", Box::new(|i| i.doc_len[1] = 0)),
+            (
+                "increasing sequence order",
+                Box::new(|i| {
+                    // Term 4's posting moved onto term 1's: term 1 then lists sequence 1 then 0.
+                    i.offsets = vec![0, 0, 2, 3, 4, 5, 6, 7, 8, 9, 9];
+                    i.post_seq = vec![1, 0, 0, 0, 1, 1, 2, 2, 1];
+                    i.post_tf = vec![2, 1, 1, 1, 1, 1, 1, 1, 1];
+                }),
+            ),
+            ("zero count", Box::new(|i| i.post_tf[0] = 0)),
+            (
+                "term counts",
+                Box::new(|i| {
+                    i.post_tf.pop();
+                }),
+            ),
+        ];
+        for (want, tamper) in tampered {
+            let mut index = Bm25Index {
+                offsets: clean.offsets.clone(),
+                post_seq: clean.post_seq.clone(),
+                post_tf: clean.post_tf.clone(),
+                doc_len: clean.doc_len.clone(),
+                corpus_sha256: clean.corpus_sha256.clone(),
+                max_len: clean.max_len,
+            };
+            tamper(&mut index);
+            index.save(&dir).unwrap();
+            let e = open_err(&dir);
+            assert!(e.contains(want) && e.contains(INDEX_FILE), "{want}: {e}");
+        }
+        clean.save(&dir).unwrap();
+        Bm25Index::open(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_flipped_bit_and_an_index_without_checksums_are_refused() {
+        let (dir, index) = small_index("bits");
+        index.save(&dir).unwrap();
+        let path = dir.join(INDEX_FILE);
+        let clean = std::fs::read(&path).unwrap();
+        // Every bit of the data section (after the 8-byte length and the JSON header).
+        let data_start = 8 + u64::from_le_bytes(clean[..8].try_into().unwrap()) as usize;
+        for byte in data_start..clean.len() {
+            for bit in 0..8 {
+                let mut b = clean.clone();
+                b[byte] ^= 1 << bit;
+                std::fs::write(&path, &b).unwrap();
+                let e = open_err(&dir);
+                assert!(e.contains("does not match its checksum"), "{e}");
+            }
+        }
+        // Every header byte changed: refused one way or another, never a panic.
+        for byte in 8..data_start {
+            let mut b = clean.clone();
+            b[byte] ^= 0x10;
+            std::fs::write(&path, &b).unwrap();
+            if let Ok(i) = Bm25Index::open(&dir) {
+                // Only a change to the version string or a metadata value that changes nothing read.
+                assert_eq!(i.n_sequences(), 3);
+            }
+        }
+        // An index as an infl before format 3 wrote it: no format_version, no sums (the
+        // version is checked before the arrays are read).
+        let old_meta = HashMap::from([
+            ("kind".to_string(), "infl-bm25-index".to_string()),
+            ("corpus_sha256".to_string(), index.corpus_sha256.clone()),
+            ("max_len".to_string(), "16".to_string()),
+        ]);
+        let empty: Vec<(String, TensorView<'_>)> = Vec::new();
+        std::fs::write(
+            &path,
+            safetensors::serialize(empty, Some(old_meta)).unwrap(),
+        )
+        .unwrap();
+        let e = open_err(&dir);
+        assert!(
+            e.contains("without checksums") && e.contains("infl index"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -13,6 +13,7 @@
 //! each approximate strategy against a more exact reference (`infl validate exact`).
 
 pub mod checkpoint;
+pub mod checksum;
 pub mod compare;
 pub mod curvature;
 pub mod data;

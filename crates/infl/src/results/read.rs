@@ -296,7 +296,13 @@ fn in_query_order<T>(
                 file.display()
             ))
         })?;
-        slots[i] = Some(item);
+        if slots[i].replace(item).is_some() {
+            return Err(Error::input(format!(
+                "{}: query `{}` has more than one record",
+                file.display(),
+                ids[i]
+            )));
+        }
     }
     slots
         .into_iter()
@@ -366,4 +372,29 @@ fn read_dense(path: &Path, n_queries: usize) -> Result<Option<Vec<Vec<f64>>>> {
             .map(<[f64]>::to_vec)
             .collect(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_query_records_must_name_each_query_once() {
+        let ids = vec!["a".to_string(), "b".to_string()];
+        let file = Path::new("layers.json");
+        fn id(s: &String) -> &String {
+            s
+        }
+        let ordered = in_query_order(vec!["b".into(), "a".into()], &ids, file, id).unwrap();
+        assert_eq!(ordered, ids);
+        // A second record of `a` used to replace the first without a word.
+        let e = in_query_order(vec!["a".into(), "b".into(), "a".into()], &ids, file, id)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`a` has more than one record"), "{e}");
+        let e = in_query_order(vec!["a".to_string()], &ids, file, id)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no record for query `b`"), "{e}");
+    }
 }
