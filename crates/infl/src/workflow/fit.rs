@@ -97,6 +97,8 @@ pub(super) fn pass_stem(pass: Pass, shard: Shard) -> String {
 
 pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     let started = std::time::Instant::now();
+    job.options.check()?;
+    job.run.check()?;
     let model = open_model(job)?;
     let max_len = job.options.max_len.unwrap_or(model.max_positions());
     check_max_len(max_len, model.as_ref())?;
