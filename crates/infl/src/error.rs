@@ -3,10 +3,16 @@
 
 use std::path::PathBuf;
 
-/// Errors raised by the `infl` library. The binary maps [`Error::Input`] to exit code 3
-/// (bad input the user can fix) and everything else to exit code 1.
+/// Errors raised by the `infl` library. The binary maps [`Error::Usage`] to exit code 2,
+/// [`Error::Input`] (and a missing input file) to 3, [`Error::Mismatch`] to 4,
+/// [`Error::NonFinite`] to 5 and everything else to 1.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// An option out of its range (a zero batch size, a window too short for a loss); the
+    /// message names the option, the value and the range.
+    #[error("{0}")]
+    Usage(String),
+
     /// A user-supplied file is malformed or inconsistent; the message names file, line and field.
     #[error("{0}")]
     Input(String),
@@ -36,6 +42,10 @@ pub enum Error {
 impl Error {
     pub fn input(msg: impl Into<String>) -> Self {
         Error::Input(msg.into())
+    }
+
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Error::Usage(msg.into())
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

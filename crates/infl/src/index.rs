@@ -388,7 +388,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
-    /// A small index saved in a fresh directory: sequences [1, 2, 3], [4, 4, 5, 6], [7, 8].
+    /// A small index, and a fresh directory `index` to save it in (its corpus beside it): sequences [1, 2, 3], [4, 4, 5, 6], [7, 8].
     fn small_index(name: &str) -> (std::path::PathBuf, Bm25Index) {
         let dir = std::env::temp_dir().join(format!("infl-index-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -401,7 +401,14 @@ mod tests {
         .unwrap();
         let mut tok = LazyTokenizer::new(&dir);
         let index = Bm25Index::build(&corpus, &mut tok, 16, 10).unwrap();
-        (dir, index)
+        (dir.join("index"), index)
+    }
+
+    /// Saves `index` into `dir` as `infl index --overwrite` would.
+    fn save_to(index: &Bm25Index, dir: &Path) {
+        use crate::output_dir::{Kind, OutputDir};
+        let out = OutputDir::open(dir, Kind::Index, crate::shard::Shard::WHOLE, true).unwrap();
+        index.save(&out).unwrap();
     }
 
     fn open_err(dir: &Path) -> String {
@@ -455,19 +462,19 @@ mod tests {
                 max_len: clean.max_len,
             };
             tamper(&mut index);
-            index.save(&dir).unwrap();
+            save_to(&index, &dir);
             let e = open_err(&dir);
             assert!(e.contains(want) && e.contains(INDEX_FILE), "{want}: {e}");
         }
-        clean.save(&dir).unwrap();
+        save_to(&clean, &dir);
         Bm25Index::open(&dir).unwrap();
-        std::fs::remove_dir_all(&dir).ok();
+        std::fs::remove_dir_all(dir.parent().unwrap()).ok();
     }
 
     #[test]
     fn a_flipped_bit_and_an_index_without_checksums_are_refused() {
         let (dir, index) = small_index("bits");
-        index.save(&dir).unwrap();
+        save_to(&index, &dir);
         let path = dir.join(INDEX_FILE);
         let clean = std::fs::read(&path).unwrap();
         // Every bit of the data section (after the 8-byte length and the JSON header).
@@ -509,6 +516,6 @@ mod tests {
             e.contains("without checksums") && e.contains("infl index"),
             "{e}"
         );
-        std::fs::remove_dir_all(&dir).ok();
+        std::fs::remove_dir_all(dir.parent().unwrap()).ok();
     }
 }

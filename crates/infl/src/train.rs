@@ -102,13 +102,9 @@ impl Default for TrainOptions {
 
 impl TrainOptions {
     fn check(&self) -> Result<()> {
-        let bad = |msg: &str| Err(Error::input(msg.to_string()));
-        if self.epochs == 0 {
-            return bad("--epochs must be at least 1");
-        }
-        if self.batch_size == 0 {
-            return bad("--batch-size must be at least 1");
-        }
+        let bad = |msg: &str| Err(Error::usage(msg.to_string()));
+        crate::options::EPOCHS.check(self.epochs)?;
+        crate::options::BATCH_SIZE.check(self.batch_size)?;
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("--lr must be a positive number");
         }
@@ -585,9 +581,30 @@ pub struct Trained {
 
 /// Trains (or reads) the tokenizer, cuts the corpus into the windows fit and score will stream,
 /// trains the model and writes the checkpoint to `job.out`.
+/// The model's shape and the training options in their ranges ([`Error::Usage`]), before any
+/// work.
+fn check_job(job: &TrainJob) -> Result<()> {
+    use crate::options::{N_EMBD, N_HEAD, N_LAYER, N_POSITIONS, VOCAB_SIZE};
+    if job.tokenizer.is_none() {
+        VOCAB_SIZE.check(job.vocab_size)?;
+    }
+    N_EMBD.check(job.n_embd)?;
+    N_LAYER.check(job.n_layer)?;
+    N_HEAD.check(job.n_head)?;
+    N_POSITIONS.check(job.n_positions)?;
+    if !job.n_embd.is_multiple_of(job.n_head) {
+        return Err(Error::usage(format!(
+            "--n-embd ({}) must be a multiple of --n-head ({})",
+            job.n_embd, job.n_head
+        )));
+    }
+    job.options.check()
+}
+
 pub fn train(job: &TrainJob, progress: &dyn Progress) -> Result<Trained> {
     use crate::output_dir::{Kind, OutputDir};
     let started = std::time::Instant::now();
+    check_job(job)?;
     let out = OutputDir::open(
         &job.out,
         Kind::Model,
@@ -629,15 +646,6 @@ pub fn train(job: &TrainJob, progress: &dyn Progress) -> Result<Trained> {
         scale_attn_by_inverse_layer_idx: false,
         reorder_and_upcast_attn: false,
     };
-    if job.n_head == 0 || !job.n_embd.is_multiple_of(job.n_head) {
-        return Err(Error::input(format!(
-            "--n-embd ({}) must be a positive multiple of --n-head ({})",
-            job.n_embd, job.n_head
-        )));
-    }
-    if job.n_positions < 2 {
-        return Err(Error::input("--n-positions must be at least 2"));
-    }
     out.claim(
         &serde_json::json!({
             "corpus_sha256": corpus_sha256,

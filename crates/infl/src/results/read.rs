@@ -179,8 +179,9 @@ fn read_meta(dir: &Path) -> Result<(ScoresMetaView, PathBuf)> {
     if let Some(kind) = &meta.kind {
         if kind != "scores" {
             return Err(Error::Mismatch(format!(
-                "{}: holds `{kind}`, not scores; `infl report` reads the output of `infl score`",
-                meta_path.display()
+                "{}: holds `{kind}` (the output of `infl {}`), not scores; `infl report` and `infl compare` read a results directory written by `infl score`",
+                meta_path.display(),
+                if kind == "factors" { "fit" } else { kind.as_str() }
             )));
         }
     }

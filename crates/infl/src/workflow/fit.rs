@@ -98,6 +98,8 @@ pub(super) fn pass_stem(pass: Pass, shard: Shard) -> String {
 
 pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     let started = std::time::Instant::now();
+    job.options.check()?;
+    job.run.check()?;
     let out = OutputDir::open(
         &job.out,
         Kind::Factors,

@@ -84,9 +84,10 @@ pub(super) fn open_work_dir<T: serde::Serialize + serde::de::DeserializeOwned>(
 }
 
 pub(super) fn check_max_len(max_len: usize, model: &dyn TapModel) -> Result<()> {
-    if max_len == 0 || max_len > model.max_positions() {
+    crate::options::MAX_LEN.check(max_len)?;
+    if max_len > model.max_positions() {
         return Err(Error::input(format!(
-            "--max-len {max_len} must be between 1 and the model's context length {}",
+            "--max-len {max_len} must be at most the model's context length {}",
             model.max_positions()
         )));
     }

@@ -65,9 +65,8 @@ impl ScoreJob {
     /// exact.
     fn checked_options(&self) -> Result<ScoreOptions> {
         let o = &self.options;
-        if o.query_rank == QueryRank(Some(0)) {
-            return Err(Error::input("--query-rank must be at least 1 (or `full`)"));
-        }
+        o.check()?;
+        self.run.check()?;
         if o.store && (!self.run.shard.is_whole() || o.per_token) {
             return Err(Error::input(
                 "--store reads the whole stored corpus in one process: it does not go with --shard or --per-token",
@@ -130,6 +129,8 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         model.max_positions(),
         model.vocab_size(),
     )?;
+    // Every corpus line is checked before the first forward pass (and before work/ exists).
+    data::check_corpus(&job.train, &mut tok, model.vocab_size())?;
     let memory = MemoryCheck {
         enabled: job.run.memory_check,
         model,

@@ -36,6 +36,7 @@ pub struct SelfInfluenceJob {
 pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result<ScoreSummary> {
     use std::io::Write;
     let started = std::time::Instant::now();
+    job.options.check()?;
     let out = OutputDir::open(
         &job.out,
         Kind::SelfInfluence,
@@ -56,6 +57,9 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     )?;
     let tracked = model.tracked().to_vec();
     let mut tok = LazyTokenizer::new(&job.model);
+    // Every corpus line is checked before the first forward pass and before any output.
+    data::check_corpus(&job.train, &mut tok, model.vocab_size())?;
+    io::ensure_dir(&job.out)?;
     out.claim(
         &serde_json::json!({
             "stage": "self-influence",
