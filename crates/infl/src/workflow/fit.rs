@@ -98,13 +98,14 @@ pub(super) fn pass_stem(pass: Pass, shard: Shard) -> String {
 
 pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     let started = std::time::Instant::now();
+    // The model first (memory-mapped, quick): a refused device writes no directory.
+    let model = open_model(job)?;
     let out = OutputDir::open(
         &job.out,
         Kind::Factors,
         job.run.shard,
         job.run.output.overwrite,
     )?;
-    let model = open_model(job)?;
     let max_len = job.options.max_len.unwrap_or(model.max_positions());
     check_max_len(max_len, model.as_ref())?;
     let mut tok = LazyTokenizer::new(&job.model);
