@@ -100,15 +100,16 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     let started = std::time::Instant::now();
     job.options.check()?;
     job.run.check()?;
+    // The model first (memory-mapped, quick): a refused device writes no directory.
+    let model = open_model(job)?;
+    let max_len = job.options.max_len.unwrap_or(model.max_positions());
+    check_max_len(max_len, model.as_ref())?;
     let out = OutputDir::open(
         &job.out,
         Kind::Factors,
         job.run.shard,
         job.run.output.overwrite,
     )?;
-    let model = open_model(job)?;
-    let max_len = job.options.max_len.unwrap_or(model.max_positions());
-    check_max_len(max_len, model.as_ref())?;
     let mut tok = LazyTokenizer::new(&job.model);
     let chunk = job.options.batch_size.max(1) * CHUNK_BATCHES;
     let scan = scan_corpus(job, model.as_ref(), &mut tok, max_len, chunk)?;
