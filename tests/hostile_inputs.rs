@@ -209,12 +209,12 @@ fn zero_counts_are_usage_errors() {
         &["--query-counts", "at least 1"],
     );
     usage_error(
-        &["validate", "lds", "--subsets", "2"],
-        &["--subsets", "at least 3"],
+        &["validate", "lds", "--subsets", "1"],
+        &["--subsets", "at least 2"],
     );
     usage_error(
-        &["validate", "lds", "--fraction", "1"],
-        &["--fraction", "between 0 and 1"],
+        &["validate", "lds", "--fraction", "0"],
+        &["--fraction", "above 0"],
     );
     assert!(!out.join("meta.json").exists(), "nothing written");
 }

@@ -414,7 +414,7 @@ pub struct ValidateLdsArgs {
     /// M: how many subsets to retrain on.
     #[arg(long, default_value_t = 50, value_name = "M", value_parser = o::SUBSETS.parser())]
     pub subsets: usize,
-    /// Fraction of the training sequences in each subset (strictly between 0 and 1).
+    /// Fraction of the training sequences in each subset (above 0, at most 1).
     #[arg(long, default_value_t = 0.5, value_name = "F", value_parser = o::parse_fraction)]
     pub fraction: f64,
     /// Seed of the subsets.

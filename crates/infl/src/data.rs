@@ -286,9 +286,27 @@ fn document<'a>(
     match text_field(obj, "text", at)? {
         Some(text) => Ok(Document::Text(text)),
         None => Err(Error::input(format!(
-            "{at}: missing field `text` (or pre-tokenised `ids`)"
+            "{at}: missing field `text` (or pre-tokenised `ids`){}",
+            closest_unknown(obj, CORPUS_FIELDS)
         ))),
     }
+}
+
+/// Where a required field is missing: the unknown field most like a known one, as a hint
+/// (`; found `idz`: did you mean `ids`?`), or nothing.
+fn closest_unknown(obj: &serde_json::Map<String, serde_json::Value>, known: &[&str]) -> String {
+    let mut best: Option<(f64, &str, &str)> = None;
+    for key in obj.keys().filter(|k| !known.contains(&k.as_str())) {
+        for k in known {
+            let sim = strsim::normalized_damerau_levenshtein(k, key);
+            if sim >= 0.5 && best.is_none_or(|(b, _, _)| sim > b) {
+                best = Some((sim, key, k));
+            }
+        }
+    }
+    best.map_or(String::new(), |(_, key, k)| {
+        format!("; found `{key}`: did you mean `{k}`?")
+    })
 }
 
 /// What [`check_corpus`] found.
@@ -482,10 +500,15 @@ pub fn read_queries(
                 )))
             }
             (None, None) => {
-                let prompt = text_field(obj, "prompt", &at)?
-                    .ok_or_else(|| Error::input(format!("{at}: missing field `prompt`")))?;
-                let completion = text_field(obj, "completion", &at)?
-                    .ok_or_else(|| Error::input(format!("{at}: missing field `completion`")))?;
+                let missing = |field: &str| {
+                    Error::input(format!(
+                        "{at}: missing field `{field}`{}",
+                        closest_unknown(obj, QUERY_FIELDS)
+                    ))
+                };
+                let prompt = text_field(obj, "prompt", &at)?.ok_or_else(|| missing("prompt"))?;
+                let completion =
+                    text_field(obj, "completion", &at)?.ok_or_else(|| missing("completion"))?;
                 let p = tokenizer.encode(prompt, &at)?;
                 let c = tokenizer.encode(completion, &at)?;
                 check_vocab(&p, vocab_size, &at)?;

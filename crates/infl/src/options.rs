@@ -172,8 +172,8 @@ pub const EPOCHS: AtLeast = AtLeast {
 /// `validate lds --subsets`.
 pub const SUBSETS: AtLeast = AtLeast {
     flag: "subsets",
-    min: 3,
-    why: "a rank correlation over fewer than 3 retrained models is undefined",
+    min: 2,
+    why: "a rank correlation needs two retrained models",
 };
 
 /// A command-line number that must be finite and above zero (`--lr`).
@@ -192,12 +192,12 @@ pub fn parse_non_negative(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
-/// A command-line fraction strictly between 0 and 1 (`validate lds --fraction`: a subset of
-/// none or of every sequence predicts nothing).
+/// A command-line fraction above 0 and at most 1 (`validate lds --fraction`: a subset of no
+/// sequence trains nothing).
 pub fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(x) if x > 0.0 && x < 1.0 => Ok(x),
-        _ => Err("must be a number strictly between 0 and 1".into()),
+        Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
+        _ => Err("must be a number above 0 and at most 1".into()),
     }
 }
 
@@ -658,7 +658,7 @@ mod range_tests {
         // The command line's parser gives the same range.
         assert_eq!(MAX_LEN.parse("2"), Ok(2));
         assert!(MAX_LEN.parse("-1").unwrap_err().contains("at least 2"));
-        assert!(parse_fraction("1").is_err() && parse_fraction("0.5").is_ok());
+        assert!(parse_fraction("0").is_err() && parse_fraction("1").is_ok());
     }
 }
 

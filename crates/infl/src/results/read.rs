@@ -175,7 +175,20 @@ fn read_meta(dir: &Path) -> Result<(ScoresMetaView, PathBuf)> {
             dir.display()
         )));
     }
-    let meta: ScoresMetaView = io::read_json(&meta_path)?;
+    // The kind first: another kind of output (factors) does not parse as scores at all.
+    let value: serde_json::Value = io::read_json(&meta_path)?;
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .map(str::to_string);
+    let meta: ScoresMetaView = match &kind {
+        Some(k) if k != "scores" => ScoresMetaView {
+            kind,
+            ..Default::default()
+        },
+        _ => serde_json::from_value(value)
+            .map_err(|e| Error::input(format!("{}: {e}", meta_path.display())))?,
+    };
     if let Some(kind) = &meta.kind {
         if kind != "scores" {
             return Err(Error::Mismatch(format!(
