@@ -132,13 +132,14 @@ fn a_changed_value_in_the_gradient_store_is_refused_naming_file_and_chunk() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The arrays of an index file, and its header metadata.
-fn read_index(
-    path: &Path,
-) -> (
+/// An index file's arrays (name, values) and header metadata.
+type IndexParts = (
     Vec<(String, Vec<u32>)>,
     std::collections::HashMap<String, String>,
-) {
+);
+
+/// The arrays of an index file, and its header metadata.
+fn read_index(path: &Path) -> IndexParts {
     let bytes = std::fs::read(path).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = header.metadata().clone().unwrap();
@@ -348,7 +349,7 @@ fn a_bit_flip_in_the_factors_or_a_checkpoint_is_refused() {
 }
 
 /// What verifying the gradient store costs re-scoring: `score --store` end to end on the bundled
-/// model's store (rotated f32, 585 sequences), verified against the same store with its
+/// model's store of the kronfluence fixture (rotated f32, 585 sequences of 48 tokens), verified against the same store with its
 /// checksums removed (read unverified), alternating, best of 7 each. Prints the ratio; run with
 /// `cargo test --release --test stored_data -- --ignored --nocapture`.
 #[test]
@@ -357,8 +358,8 @@ fn verification_cost_of_rescoring_from_the_store() {
     let dir = scratch("cost");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("assets/tiny-gpt2");
-    let corpus = root.join("assets/demo/corpus.jsonl");
-    let queries = root.join("assets/demo/queries.jsonl");
+    let corpus = root.join("tests/fixtures/kronfluence/corpus_ids.jsonl");
+    let queries = root.join("tests/fixtures/kronfluence/queries_ids.jsonl");
     let verified = dir.join("verified");
     ok(&[
         "fit",

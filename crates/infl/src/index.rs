@@ -424,7 +424,8 @@ mod tests {
     #[test]
     fn structurally_broken_indexes_are_refused() {
         let (dir, clean) = small_index("structure");
-        let tampered: Vec<(&str, Box<dyn Fn(&mut Bm25Index)>)> = vec![
+        type Tamper = Box<dyn Fn(&mut Bm25Index)>;
+        let tampered: Vec<(&str, Tamper)> = vec![
             ("decreases", Box::new(|i| i.offsets.swap(3, 5))),
             (
                 "not at the",
