@@ -4,6 +4,13 @@
 //! longer than `max_len` tokens is cut into consecutive windows; each window is one training
 //! sequence with the stable id `LINE:WINDOW` (LINE counts from 1 like an editor, WINDOW from 0).
 //! Blank lines are skipped (they still count for LINE).
+//!
+//! Tables (Parquet, Arrow IPC, a `datasets` directory) are read by [`tabular`], one row as one
+//! line (ROW from 1); conversations (`messages`) are rendered by [`chat`].
+
+pub mod chat;
+pub mod tabular;
+pub use tabular::Columns;
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -16,6 +23,8 @@ pub struct LazyTokenizer {
     /// The tokenizer is built from a GGUF file's metadata rather than read from tokenizer.json.
     gguf: bool,
     loaded: Option<tokenizers::Tokenizer>,
+    /// The chat template, read when the first conversation comes.
+    chat: Option<chat::ChatTemplate>,
 }
 
 impl LazyTokenizer {
@@ -30,6 +39,7 @@ impl LazyTokenizer {
             },
             gguf,
             loaded: None,
+            chat: None,
         }
     }
 
@@ -39,6 +49,7 @@ impl LazyTokenizer {
             path: PathBuf::new(),
             gguf: false,
             loaded: Some(tokenizer),
+            chat: None,
         }
     }
 
@@ -167,6 +178,25 @@ fn for_each_json_line(
     Ok(hex(&hasher.finalize()))
 }
 
+/// Reads a JSONL file or a table (see [`tabular::layout`]) record by record:
+/// `f(number, at, object)` with `at` naming file and line or row. Only the `wanted` columns of
+/// a table are read. Returns the SHA-256 of the input ([`sha256_file`]).
+fn for_each_record(
+    path: &Path,
+    wanted: &[&str],
+    mut f: impl FnMut(usize, &str, &serde_json::Map<String, serde_json::Value>) -> Result<()>,
+) -> Result<String> {
+    match tabular::layout(path)? {
+        Some(layout) => {
+            tabular::for_each_row(path, layout, wanted, f)?;
+            sha256_file(path)
+        }
+        None => for_each_json_line(path, |line, obj| {
+            f(line, &format!("{}:{line}", path.display()), obj)
+        }),
+    }
+}
+
 fn ids_field(
     obj: &serde_json::Map<String, serde_json::Value>,
     field: &str,
@@ -237,6 +267,21 @@ pub fn stream_corpus(
     max_len: usize,
     vocab_size: usize,
     chunk: usize,
+    f: impl FnMut(&[Sequence]) -> Result<()>,
+) -> Result<CorpusStats> {
+    let columns = Columns::default();
+    stream_corpus_columns(path, &columns, tokenizer, max_len, vocab_size, chunk, f)
+}
+
+/// [`stream_corpus`] with the document's text or token ids in the chosen `columns`; a record
+/// with neither but `messages` is a conversation, rendered whole with the chat template.
+pub fn stream_corpus_columns(
+    path: &Path,
+    columns: &Columns,
+    tokenizer: &mut LazyTokenizer,
+    max_len: usize,
+    vocab_size: usize,
+    chunk: usize,
     mut f: impl FnMut(&[Sequence]) -> Result<()>,
 ) -> Result<CorpusStats> {
     if max_len == 0 {
@@ -244,17 +289,25 @@ pub fn stream_corpus(
     }
     let mut pending: Vec<Sequence> = Vec::new();
     let (mut n_documents, mut n_sequences, mut n_tokens) = (0, 0, 0);
-    let sha256 = for_each_json_line(path, |line, obj| {
-        let at = format!("{}:{line}", path.display());
-        let ids = if let Some(ids) = ids_field(obj, "ids", &at, vocab_size)? {
+    let tokens = columns.tokens_column.as_deref().unwrap_or("ids");
+    let text = columns.text_column.as_str();
+    let sha256 = for_each_record(path, &[tokens, text, "messages"], |line, at, obj| {
+        let at = at.to_string();
+        let ids = if let Some(ids) = ids_field(obj, tokens, &at, vocab_size)? {
             ids
-        } else if let Some(text) = text_field(obj, "text", &at)? {
+        } else if columns.tokens_column.is_some() {
+            return Err(Error::input(format!("{at}: missing field `{tokens}`")));
+        } else if let Some(text) = text_field(obj, text, &at)? {
             let ids = tokenizer.encode(text, &at)?;
+            check_vocab(&ids, vocab_size, &at)?;
+            ids
+        } else if let Some(messages) = obj.get("messages") {
+            let ids = tokenizer.encode_conversation(chat::messages(messages, &at)?, &at)?;
             check_vocab(&ids, vocab_size, &at)?;
             ids
         } else {
             return Err(Error::input(format!(
-                "{at}: missing field `text` (or pre-tokenised `ids`)"
+                "{at}: missing field `{text}` (or pre-tokenised `{tokens}`, or a conversation's `messages`)"
             )));
         };
         n_documents += 1;
@@ -293,9 +346,8 @@ pub fn stream_corpus(
 /// Pre-tokenised lines (`ids`) are refused: they carry no text.
 pub fn read_texts(path: &Path) -> Result<(Vec<String>, String)> {
     let mut texts = Vec::new();
-    let sha256 = for_each_json_line(path, |line, obj| {
-        let at = format!("{}:{line}", path.display());
-        match text_field(obj, "text", &at)? {
+    let sha256 = for_each_record(path, &["text"], |_, at, obj| {
+        match text_field(obj, "text", at)? {
             Some(text) => {
                 texts.push(text.to_string());
                 Ok(())
@@ -344,8 +396,16 @@ pub fn read_queries(
 ) -> Result<(Vec<Query>, String)> {
     let mut queries: Vec<Query> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let sha = for_each_json_line(path, |line, obj| {
-        let at = format!("{}:{line}", path.display());
+    let wanted = [
+        "id",
+        "prompt",
+        "completion",
+        "prompt_ids",
+        "completion_ids",
+        "messages",
+    ];
+    let sha = for_each_record(path, &wanted, |line, at, obj| {
+        let at = at.to_string();
         let id = match obj.get("id") {
             None | Some(serde_json::Value::Null) => line.to_string(),
             Some(serde_json::Value::String(s)) => s.clone(),
@@ -368,6 +428,18 @@ pub fn read_queries(
                 return Err(Error::input(format!(
                     "{at}: pre-tokenised queries need both `prompt_ids` and `completion_ids`"
                 )))
+            }
+            (None, None) if obj.contains_key("messages") && !obj.contains_key("prompt") => {
+                let messages = obj.get("messages").unwrap_or(&serde_json::Value::Null);
+                let q = tokenizer.encode_chat_query(chat::messages(messages, &at)?, &at)?;
+                check_vocab(&q.prompt_ids, vocab_size, &at)?;
+                check_vocab(&q.completion_ids, vocab_size, &at)?;
+                (
+                    q.prompt_ids,
+                    q.completion_ids,
+                    Some(q.prompt),
+                    Some(q.completion),
+                )
             }
             (None, None) => {
                 let prompt = text_field(obj, "prompt", &at)?
@@ -417,9 +489,12 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SHA-256 of a file's bytes, streamed.
+/// SHA-256 of a file's bytes, streamed (of a `datasets` directory: its data files', [`tabular::sha256_dir`]).
 pub fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
+    if path.is_dir() {
+        return tabular::sha256_dir(path);
+    }
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -13,6 +13,7 @@
 //!   the models that take it ([`crate::model::load`]).
 
 use crate::curvature::{Fisher, Strategy};
+pub use crate::data::Columns;
 use crate::influence::Damping;
 pub use crate::model::Compute;
 use crate::model::ModuleSelection;
@@ -59,6 +60,10 @@ pub struct FitOptions {
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 0, value_name = "S"))]
     #[serde(default)]
     pub seed: u64,
+    /// Which column (or JSONL field) of the corpus holds each document.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    #[serde(flatten)]
+    pub columns: Columns,
 }
 
 fn default_batch_size() -> usize {
@@ -81,6 +86,7 @@ impl Default for FitOptions {
             max_len: None,
             batch_size: DEFAULT_BATCH_SIZE,
             seed: 0,
+            columns: Columns::default(),
         }
     }
 }
@@ -184,6 +190,15 @@ pub struct ScoreOptions {
     #[cfg_attr(feature = "clap", arg(long, conflicts_with_all = ["per_token", "shard"]))]
     #[serde(default, deserialize_with = "store_flag")]
     pub store: bool,
+    /// Also write top_k.parquet and, with --dense, scores.parquet (a row per training sequence,
+    /// a column per query), with the run's meta.json in each file's metadata.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default)]
+    pub parquet: bool,
+    /// Which column (or JSONL field) of the corpus holds each document.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    #[serde(flatten)]
+    pub columns: Columns,
 }
 
 /// `store` in a results `meta.json`: a flag, or (format 1) the store's path or null.
@@ -217,6 +232,8 @@ impl Default for ScoreOptions {
             normalize: Normalize::None,
             prefilter: None,
             store: false,
+            parquet: false,
+            columns: Columns::default(),
         }
     }
 }
@@ -243,6 +260,10 @@ pub struct SelfInfluenceOptions {
     /// Window length [default: the one the factors were fitted with].
     #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
     pub max_len: Option<usize>,
+    /// Which column (or JSONL field) of the corpus holds each document.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    #[serde(flatten)]
+    pub columns: Columns,
 }
 
 impl Default for SelfInfluenceOptions {
@@ -252,6 +273,7 @@ impl Default for SelfInfluenceOptions {
             top_k: 20,
             batch_size: DEFAULT_BATCH_SIZE,
             max_len: None,
+            columns: Columns::default(),
         }
     }
 }

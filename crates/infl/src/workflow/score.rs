@@ -568,8 +568,9 @@ impl StreamedPass<'_> {
         let mut scored = 0usize;
         let mut last_save = (0usize, std::time::Instant::now());
         let batch_size = run.options.batch_size;
-        data::stream_corpus(
+        data::stream_corpus_columns(
             &job.train,
+            &job.options.columns,
             tok,
             self.max_len,
             self.model.vocab_size(),

@@ -61,8 +61,9 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     progress.begin("self-influence", 0);
     let pass_started = std::time::Instant::now();
     let mut seen = 0usize;
-    let stats = data::stream_corpus(
+    let stats = data::stream_corpus_columns(
         &job.train,
+        &job.options.columns,
         &mut tok,
         max_len,
         model.vocab_size(),
@@ -106,6 +107,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         top_k: job.options.top_k,
         batch_size: job.options.batch_size,
         max_len: job.options.max_len,
+        columns: job.options.columns.clone(),
         ..ScoreOptions::default()
     };
     let meta = ScoresMeta::new(
