@@ -8,6 +8,13 @@
 //! `completion_id`) is refused rather than ignored; other extra fields (metadata) are allowed.
 //! [`check_corpus`] runs those checks over a whole corpus without tokenising it, so that a
 //! job can refuse a bad line before its first forward pass.
+//!
+//! Tables (Parquet, Arrow IPC, a `datasets` directory) are read by [`tabular`], one row as one
+//! line (ROW from 1); conversations (`messages`) are rendered by [`chat`].
+
+pub mod chat;
+pub mod tabular;
+pub use tabular::Columns;
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -20,6 +27,8 @@ pub struct LazyTokenizer {
     /// The tokenizer is built from a GGUF file's metadata rather than read from tokenizer.json.
     gguf: bool,
     loaded: Option<tokenizers::Tokenizer>,
+    /// The chat template, read when the first conversation comes.
+    chat: Option<chat::ChatTemplate>,
 }
 
 impl LazyTokenizer {
@@ -34,6 +43,7 @@ impl LazyTokenizer {
             },
             gguf,
             loaded: None,
+            chat: None,
         }
     }
 
@@ -43,6 +53,7 @@ impl LazyTokenizer {
             path: PathBuf::new(),
             gguf: false,
             loaded: Some(tokenizer),
+            chat: None,
         }
     }
 
@@ -127,9 +138,16 @@ pub struct Query {
 }
 
 /// The fields a corpus line may hold.
-const CORPUS_FIELDS: &[&str] = &["text", "ids"];
+const CORPUS_FIELDS: &[&str] = &["text", "ids", "messages"];
 /// The fields a query line may hold.
-const QUERY_FIELDS: &[&str] = &["id", "prompt", "completion", "prompt_ids", "completion_ids"];
+const QUERY_FIELDS: &[&str] = &[
+    "id",
+    "prompt",
+    "completion",
+    "prompt_ids",
+    "completion_ids",
+    "messages",
+];
 
 /// Refuses a field whose name is a near miss of a known one (same letters in another case, or
 /// at most a quarter of its letters edited): it would be ignored silently, and a query's `Id`
@@ -215,6 +233,25 @@ fn for_each_json_line(
     Ok(hex(&hasher.finalize()))
 }
 
+/// Reads a JSONL file or a table (see [`tabular::layout`]) record by record:
+/// `f(number, at, object)` with `at` naming file and line or row. Only the `wanted` columns of
+/// a table are read. Returns the SHA-256 of the input ([`sha256_file`]).
+fn for_each_record(
+    path: &Path,
+    wanted: &[&str],
+    mut f: impl FnMut(usize, &str, &serde_json::Map<String, serde_json::Value>) -> Result<()>,
+) -> Result<String> {
+    match tabular::layout(path)? {
+        Some(layout) => {
+            tabular::for_each_row(path, layout, wanted, f)?;
+            sha256_file(path)
+        }
+        None => for_each_json_line(path, |line, obj| {
+            f(line, &format!("{}:{line}", path.display()), obj)
+        }),
+    }
+}
+
 fn ids_field(
     obj: &serde_json::Map<String, serde_json::Value>,
     field: &str,
@@ -267,27 +304,39 @@ fn check_vocab(ids: &[u32], vocab_size: usize, at: &str) -> Result<()> {
     }
 }
 
-/// One corpus line: pre-tokenised ids, or text for the tokenizer.
+/// One corpus record: pre-tokenised ids, text for the tokenizer, or a conversation for the
+/// chat template.
 enum Document<'a> {
     Ids(Vec<u32>),
     Text(&'a str),
+    Messages(&'a serde_json::Value),
 }
 
-/// The document of a corpus line, its fields checked.
+/// The document of a corpus record in the chosen `columns`, its fields checked.
 fn document<'a>(
     obj: &'a serde_json::Map<String, serde_json::Value>,
     at: &str,
     vocab_size: usize,
+    columns: &Columns,
 ) -> Result<Document<'a>> {
-    check_field_names(obj, CORPUS_FIELDS, at)?;
-    if let Some(ids) = ids_field(obj, "ids", at, vocab_size)? {
+    let tokens = columns.tokens_column.as_deref().unwrap_or("ids");
+    let text = columns.text_column.as_str();
+    let known = [tokens, text, "messages"];
+    check_field_names(obj, &known, at)?;
+    if let Some(ids) = ids_field(obj, tokens, at, vocab_size)? {
         return Ok(Document::Ids(ids));
     }
-    match text_field(obj, "text", at)? {
-        Some(text) => Ok(Document::Text(text)),
+    if columns.tokens_column.is_some() {
+        return Err(Error::input(format!("{at}: missing field `{tokens}`")));
+    }
+    if let Some(text) = text_field(obj, text, at)? {
+        return Ok(Document::Text(text));
+    }
+    match obj.get("messages") {
+        Some(messages) => Ok(Document::Messages(messages)),
         None => Err(Error::input(format!(
-            "{at}: missing field `text` (or pre-tokenised `ids`){}",
-            closest_unknown(obj, CORPUS_FIELDS)
+            "{at}: missing field `{text}` (or pre-tokenised `{tokens}`, or a conversation's `messages`){}",
+            closest_unknown(obj, &known)
         ))),
     }
 }
@@ -317,22 +366,29 @@ pub struct CorpusCheck {
     pub sha256: String,
 }
 
-/// Checks every line of a JSONL corpus (JSON, fields and their types, token ids in the
+/// Checks every record of a corpus (JSONL or a table) (JSON, fields and their types, token ids in the
 /// vocabulary, the tokenizer present where a line holds text) without tokenising it: what a
 /// job runs before its first forward pass, so a bad line 10 million is found in seconds.
 pub fn check_corpus(
     path: &Path,
+    columns: &Columns,
     tokenizer: &mut LazyTokenizer,
     vocab_size: usize,
 ) -> Result<CorpusCheck> {
     let (mut n_documents, mut with_tokens) = (0usize, 0usize);
-    let sha256 = for_each_json_line(path, |line, obj| {
-        let at = format!("{}:{line}", path.display());
-        let empty = match document(obj, &at, vocab_size)? {
+    let tokens = columns.tokens_column.as_deref().unwrap_or("ids");
+    let text = columns.text_column.as_str();
+    let sha256 = for_each_record(path, &[tokens, text, "messages"], |_, at, obj| {
+        let empty = match document(obj, at, vocab_size, columns)? {
             Document::Ids(ids) => ids.is_empty(),
             Document::Text(text) => {
-                tokenizer.get(&at)?;
+                tokenizer.get(at)?;
                 text.is_empty()
+            }
+            Document::Messages(messages) => {
+                chat::messages(messages, at)?;
+                tokenizer.get(at)?;
+                false
             }
         };
         n_documents += 1;
@@ -373,18 +429,39 @@ pub fn stream_corpus(
     max_len: usize,
     vocab_size: usize,
     chunk: usize,
+    f: impl FnMut(&[Sequence]) -> Result<()>,
+) -> Result<CorpusStats> {
+    let columns = Columns::default();
+    stream_corpus_columns(path, &columns, tokenizer, max_len, vocab_size, chunk, f)
+}
+
+/// [`stream_corpus`] with the document's text or token ids in the chosen `columns`; a record
+/// with neither but `messages` is a conversation, rendered whole with the chat template.
+pub fn stream_corpus_columns(
+    path: &Path,
+    columns: &Columns,
+    tokenizer: &mut LazyTokenizer,
+    max_len: usize,
+    vocab_size: usize,
+    chunk: usize,
     mut f: impl FnMut(&[Sequence]) -> Result<()>,
 ) -> Result<CorpusStats> {
     crate::options::MAX_LEN.check(max_len)?;
     let mut pending: Vec<Sequence> = Vec::new();
     let (mut n_documents, mut n_sequences, mut n_tokens) = (0, 0, 0);
-    let sha256 = for_each_json_line(path, |line, obj| {
-        let at = format!("{}:{line}", path.display());
-        let ids = match document(obj, &at, vocab_size)? {
+    let tokens = columns.tokens_column.as_deref().unwrap_or("ids");
+    let text = columns.text_column.as_str();
+    let sha256 = for_each_record(path, &[tokens, text, "messages"], |line, at, obj| {
+        let ids = match document(obj, at, vocab_size, columns)? {
             Document::Ids(ids) => ids,
             Document::Text(text) => {
-                let ids = tokenizer.encode(text, &at)?;
-                check_vocab(&ids, vocab_size, &at)?;
+                let ids = tokenizer.encode(text, at)?;
+                check_vocab(&ids, vocab_size, at)?;
+                ids
+            }
+            Document::Messages(messages) => {
+                let ids = tokenizer.encode_conversation(chat::messages(messages, at)?, at)?;
+                check_vocab(&ids, vocab_size, at)?;
                 ids
             }
         };
@@ -421,10 +498,9 @@ pub fn stream_corpus(
 /// Pre-tokenised lines (`ids`) are refused: they carry no text.
 pub fn read_texts(path: &Path) -> Result<(Vec<String>, String)> {
     let mut texts = Vec::new();
-    let sha256 = for_each_json_line(path, |line, obj| {
-        let at = format!("{}:{line}", path.display());
-        check_field_names(obj, CORPUS_FIELDS, &at)?;
-        match text_field(obj, "text", &at)? {
+    let sha256 = for_each_record(path, &["text"], |_, at, obj| {
+        check_field_names(obj, CORPUS_FIELDS, at)?;
+        match text_field(obj, "text", at)? {
             Some(text) => {
                 texts.push(text.to_string());
                 Ok(())
@@ -473,8 +549,8 @@ pub fn read_queries(
 ) -> Result<(Vec<Query>, String)> {
     let mut queries: Vec<Query> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let sha = for_each_json_line(path, |line, obj| {
-        let at = format!("{}:{line}", path.display());
+    let sha = for_each_record(path, QUERY_FIELDS, |line, at, obj| {
+        let at = at.to_string();
         check_field_names(obj, QUERY_FIELDS, &at)?;
         let id = match obj.get("id") {
             None | Some(serde_json::Value::Null) => line.to_string(),
@@ -498,6 +574,18 @@ pub fn read_queries(
                 return Err(Error::input(format!(
                     "{at}: pre-tokenised queries need both `prompt_ids` and `completion_ids`"
                 )))
+            }
+            (None, None) if obj.contains_key("messages") && !obj.contains_key("prompt") => {
+                let messages = obj.get("messages").unwrap_or(&serde_json::Value::Null);
+                let q = tokenizer.encode_chat_query(chat::messages(messages, &at)?, &at)?;
+                check_vocab(&q.prompt_ids, vocab_size, &at)?;
+                check_vocab(&q.completion_ids, vocab_size, &at)?;
+                (
+                    q.prompt_ids,
+                    q.completion_ids,
+                    Some(q.prompt),
+                    Some(q.completion),
+                )
             }
             (None, None) => {
                 let missing = |field: &str| {
@@ -552,9 +640,12 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SHA-256 of a file's bytes, streamed.
+/// SHA-256 of a file's bytes, streamed (of a `datasets` directory: its data files', [`tabular::sha256_dir`]).
 pub fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
+    if path.is_dir() {
+        return tabular::sha256_dir(path);
+    }
     let mut f = open_input(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -674,7 +765,7 @@ mod tests {
         let c = read_corpus(&p, &mut no_tokenizer(), 4, 10).unwrap();
         assert_eq!(c.sequences[0].ids, vec![1, 2]);
         assert_eq!(
-            check_corpus(&p, &mut no_tokenizer(), 10)
+            check_corpus(&p, &Columns::default(), &mut no_tokenizer(), 10)
                 .unwrap()
                 .n_documents,
             2
@@ -694,7 +785,7 @@ mod tests {
             "meta.jsonl",
             "{\"ids\": [1], \"id\": 7, \"source\": \"web\"}\n{\"ids\": [2], \"txt\": \"x\"}\n",
         );
-        let e = check_corpus(&p, &mut no_tokenizer(), 10)
+        let e = check_corpus(&p, &Columns::default(), &mut no_tokenizer(), 10)
             .unwrap_err()
             .to_string();
         assert!(
@@ -715,17 +806,22 @@ mod tests {
             "late.jsonl",
             "{\"ids\": [1]}\n{\"ids\": [1]}\n{\"ids\": [1, \"x\"]}\n",
         );
-        let e = check_corpus(&p, &mut no_tokenizer(), 10)
+        let e = check_corpus(&p, &Columns::default(), &mut no_tokenizer(), 10)
             .unwrap_err()
             .to_string();
         assert!(e.contains("late.jsonl:3") && e.contains("`ids`[1]"), "{e}");
         let p = write("text.jsonl", "{\"text\": \"a\"}\n");
-        let e = check_corpus(&p, &mut no_tokenizer(), 10)
+        let e = check_corpus(&p, &Columns::default(), &mut no_tokenizer(), 10)
             .unwrap_err()
             .to_string();
         assert!(e.contains("tokenizer.json"), "{e}");
-        let e =
-            check_corpus(Path::new("/nonexistent/c.jsonl"), &mut no_tokenizer(), 10).unwrap_err();
+        let e = check_corpus(
+            Path::new("/nonexistent/c.jsonl"),
+            &Columns::default(),
+            &mut no_tokenizer(),
+            10,
+        )
+        .unwrap_err();
         assert!(
             matches!(e, Error::Input(_)) && e.to_string().contains("no such file"),
             "{e}"

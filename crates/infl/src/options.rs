@@ -19,6 +19,7 @@
 //! ([`Error::Usage`], exit code 2).
 
 use crate::curvature::{Fisher, Strategy};
+pub use crate::data::Columns;
 use crate::error::{Error, Result};
 use crate::influence::Damping;
 pub use crate::model::Compute;
@@ -250,6 +251,10 @@ pub struct FitOptions {
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 0, value_name = "S"))]
     #[serde(default)]
     pub seed: u64,
+    /// Which column (or JSONL field) of the corpus holds each document.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    #[serde(flatten)]
+    pub columns: Columns,
 }
 
 fn default_batch_size() -> usize {
@@ -280,6 +285,7 @@ impl Default for FitOptions {
             max_len: None,
             batch_size: DEFAULT_BATCH_SIZE,
             seed: 0,
+            columns: Columns::default(),
         }
     }
 }
@@ -383,6 +389,15 @@ pub struct ScoreOptions {
     #[cfg_attr(feature = "clap", arg(long, conflicts_with_all = ["per_token", "shard"]))]
     #[serde(default, deserialize_with = "store_flag")]
     pub store: bool,
+    /// Also write top_k.parquet and, with --dense, scores.parquet (a row per training sequence,
+    /// a column per query), with the run's meta.json in each file's metadata.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default)]
+    pub parquet: bool,
+    /// Which column (or JSONL field) of the corpus holds each document.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    #[serde(flatten)]
+    pub columns: Columns,
 }
 
 /// `store` in a results `meta.json`: a flag, or (format 1) the store's path or null.
@@ -433,6 +448,8 @@ impl Default for ScoreOptions {
             normalize: Normalize::None,
             prefilter: None,
             store: false,
+            parquet: false,
+            columns: Columns::default(),
         }
     }
 }
@@ -459,6 +476,10 @@ pub struct SelfInfluenceOptions {
     /// Window length [default: the one the factors were fitted with].
     #[cfg_attr(feature = "clap", arg(long, value_name = "N", value_parser = MAX_LEN.parser()))]
     pub max_len: Option<usize>,
+    /// Which column (or JSONL field) of the corpus holds each document.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    #[serde(flatten)]
+    pub columns: Columns,
 }
 
 impl SelfInfluenceOptions {
@@ -478,6 +499,7 @@ impl Default for SelfInfluenceOptions {
             top_k: 20,
             batch_size: DEFAULT_BATCH_SIZE,
             max_len: None,
+            columns: Columns::default(),
         }
     }
 }

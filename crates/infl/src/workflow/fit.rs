@@ -208,21 +208,29 @@ fn scan_corpus(
 ) -> Result<Scan> {
     let (mut longest, mut global) = (1usize, 0usize);
     let (mut owned, mut owned_tokens, mut store_bytes) = (0usize, 0u64, 0u64);
-    let stats = data::stream_corpus(&job.train, tok, max_len, model.vocab_size(), chunk, |c| {
-        for s in c {
-            longest = longest.max(s.ids.len());
-            if job.run.shard.owns(global) {
-                owned += 1;
-                owned_tokens += s.ids.len() as u64;
-                if let Some(options) = job.store {
-                    store_bytes +=
-                        crate::store::sequence_bytes(model.tracked(), s.ids.len(), options);
+    let stats = data::stream_corpus_columns(
+        &job.train,
+        &job.options.columns,
+        tok,
+        max_len,
+        model.vocab_size(),
+        chunk,
+        |c| {
+            for s in c {
+                longest = longest.max(s.ids.len());
+                if job.run.shard.owns(global) {
+                    owned += 1;
+                    owned_tokens += s.ids.len() as u64;
+                    if let Some(options) = job.store {
+                        store_bytes +=
+                            crate::store::sequence_bytes(model.tracked(), s.ids.len(), options);
+                    }
                 }
+                global += 1;
             }
-            global += 1;
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     Ok(Scan {
         stats,
         longest,
@@ -446,8 +454,9 @@ impl FitRun<'_> {
         let mut folded_store = self.folded_store.take();
         let mut tok = std::mem::replace(&mut self.tok, LazyTokenizer::new(&job.model));
         let this = &*self;
-        let stats = data::stream_corpus(
+        let stats = data::stream_corpus_columns(
             &job.train,
+            &job.options.columns,
             &mut tok,
             this.max_len,
             this.model.vocab_size(),
@@ -586,8 +595,9 @@ impl FitRun<'_> {
         let (job, model, progress) = (self.job, self.model, self.progress);
         progress.begin("gradient store", self.scan.stats.n_tokens as u64);
         let mut seen = 0usize;
-        data::stream_corpus(
+        data::stream_corpus_columns(
             &job.train,
+            &job.options.columns,
             &mut self.tok,
             self.max_len,
             model.vocab_size(),

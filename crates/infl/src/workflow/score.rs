@@ -130,7 +130,12 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         model.vocab_size(),
     )?;
     // Every corpus line is checked before the first forward pass (and before work/ exists).
-    data::check_corpus(&job.train, &mut tok, model.vocab_size())?;
+    data::check_corpus(
+        &job.train,
+        &job.options.columns,
+        &mut tok,
+        model.vocab_size(),
+    )?;
     let memory = MemoryCheck {
         enabled: job.run.memory_check,
         model,
@@ -577,8 +582,9 @@ impl StreamedPass<'_> {
         let mut scored = 0usize;
         let mut last_save = (0usize, std::time::Instant::now());
         let batch_size = run.options.batch_size;
-        data::stream_corpus(
+        data::stream_corpus_columns(
             &job.train,
+            &job.options.columns,
             tok,
             self.max_len,
             self.model.vocab_size(),

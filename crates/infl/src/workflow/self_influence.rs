@@ -58,7 +58,12 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     let tracked = model.tracked().to_vec();
     let mut tok = LazyTokenizer::new(&job.model);
     // Every corpus line is checked before the first forward pass and before any output.
-    data::check_corpus(&job.train, &mut tok, model.vocab_size())?;
+    data::check_corpus(
+        &job.train,
+        &job.options.columns,
+        &mut tok,
+        model.vocab_size(),
+    )?;
     io::ensure_dir(&job.out)?;
     out.claim(
         &serde_json::json!({
@@ -86,8 +91,9 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     progress.begin("self-influence", 0);
     let pass_started = std::time::Instant::now();
     let mut seen = 0usize;
-    let stats = data::stream_corpus(
+    let stats = data::stream_corpus_columns(
         &job.train,
+        &job.options.columns,
         &mut tok,
         max_len,
         model.vocab_size(),
@@ -131,6 +137,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         top_k: job.options.top_k,
         batch_size: job.options.batch_size,
         max_len: job.options.max_len,
+        columns: job.options.columns.clone(),
         ..ScoreOptions::default()
     };
     let meta = ScoresMeta::new(
