@@ -104,6 +104,11 @@ impl ChunkSums {
 }
 
 impl Sums {
+    /// The chunk length.
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk
+    }
+
     pub fn n_chunks(&self) -> usize {
         self.sums.len()
     }

@@ -15,9 +15,9 @@
 //! bf16: R column-major, the factors row-major).
 //!
 //! `store.json` records xxh3 checksums of both data files per 4 MiB chunk
-//! ([`crate::checksum`]); the reader verifies each chunk of `gradients.bin` as its walk first
-//! enters it, before any column in it is located or rebuilt, and `sequences.jsonl` chunk by
-//! chunk as it is read. A store without checksums (written before format 3) is read unverified,
+//! ([`crate::checksum`]); the reader verifies the chunks of `gradients.bin` that a batch lies in
+//! before the batch is scored ([`StoreReader::ready_batch`], in parallel, while the batch before
+//! is scored), and `sequences.jsonl` chunk by chunk before its lines are parsed. A store without checksums (written before format 3) is read unverified,
 //! with a warning: rewriting a store costs a gradient pass over the corpus.
 
 use crate::checksum::{self, ChunkSums, HashingWriter, Sums, VerifyingReader};
@@ -629,29 +629,8 @@ impl StoreReader {
                 self.read
             )));
         }
-        self.verify_through(range.end)?;
         self.at = range.end;
         Ok(range)
-    }
-
-    /// Verifies the chunks of the gradients file up to the one holding byte `end - 1` (those
-    /// not verified yet): the walk reads the file in order, so each chunk is hashed once, just
-    /// before its first record is used, by the reader thread that runs ahead of the scoring.
-    fn verify_through(&mut self, end: usize) -> Result<()> {
-        let Some(sums) = &self.sums else {
-            return Ok(());
-        };
-        while self.verified_end < end {
-            let i = self.verified_end / sums.range(0).len().max(1);
-            let range = sums.range(i);
-            if range.is_empty() {
-                break;
-            }
-            let path = self.dir.join(GRADIENTS_FILE);
-            sums.verify(i, &self.bytes.map[range.clone()], &path, REMEDY)?;
-            self.verified_end = range.end;
-        }
-        Ok(())
     }
 
     /// Reads `dst.len()` values, decoding them into `dst`.
@@ -712,18 +691,49 @@ impl StoreReader {
         ))
     }
 
-    /// Maps into memory the pages of the batch filled since its first [`Self::next_columns`],
-    /// so that the threads that read its columns next do not stop at a page fault every 64 KiB
-    /// (a tenth of the read, measured). Only a hint: where the kernel cannot, the reads fault.
-    pub fn prefault_batch(&self) {
+    /// Makes the batch filled since its first [`Self::next_columns`] ready to score: maps its
+    /// pages into memory, so that the threads that read its columns next do not stop at a page
+    /// fault every 64 KiB (a tenth of the read, measured; only a hint), and verifies the chunks
+    /// of the gradients file it lies in that are not verified yet, in parallel. Nothing of the
+    /// batch is used before this returns: a chunk that does not match its checksum is an error
+    /// instead of a batch. (The walk that filled the batch read only tags and token counts,
+    /// each checked, and rebuilt columns that are dropped with the batch if it fails.)
+    pub fn ready_batch(&mut self) -> Result<()> {
+        use rayon::prelude::*;
+        let start = match &self.sums {
+            Some(sums) => sums.range(self.verified_end / self.chunk_len()).start,
+            None => self.batch_start,
+        };
+        let end = match &self.sums {
+            Some(sums) if self.at > 0 => sums.range((self.at - 1) / self.chunk_len()).end,
+            _ => self.at,
+        };
         #[cfg(target_os = "linux")]
-        if self.at > self.batch_start {
-            let _ = self.bytes.map.advise_range(
-                memmap2::Advice::PopulateRead,
-                self.batch_start,
-                self.at - self.batch_start,
-            );
+        if end > start {
+            let _ = self
+                .bytes
+                .map
+                .advise_range(memmap2::Advice::PopulateRead, start, end - start);
         }
+        let Some(sums) = &self.sums else {
+            return Ok(());
+        };
+        if end <= self.verified_end {
+            return Ok(());
+        }
+        let path = self.dir.join(GRADIENTS_FILE);
+        let map = &self.bytes.map;
+        let chunks = self.verified_end / self.chunk_len()..(self.at - 1) / self.chunk_len() + 1;
+        chunks
+            .into_par_iter()
+            .try_for_each(|i| sums.verify(i, &map[sums.range(i)], &path, REMEDY))?;
+        self.verified_end = end;
+        Ok(())
+    }
+
+    /// The checksums' chunk length (1 without checksums).
+    fn chunk_len(&self) -> usize {
+        self.sums.as_ref().map_or(1, Sums::chunk_bytes)
     }
 
     /// The next line of sequences.jsonl, or `None` when every sequence has been read.
