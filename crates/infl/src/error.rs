@@ -29,6 +29,11 @@ pub enum Error {
     #[error("tensor engine error: {0}")]
     Candle(#[from] candle_core::Error),
 
+    /// The caller asked the pass to stop ([`crate::pass::Progress::stop_requested`]); any
+    /// resumable state is saved.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
+
     #[error("{0}")]
     Other(String),
 }

@@ -154,8 +154,16 @@ impl Visiting<'_> {
             let chunk = &self.seqs[start..start + batch.len()];
             let taps = taps?;
             finite::check_batch(self.model, chunk, batch, &taps, self.labels, self.what)?;
+            // Read before the visit, which sees the same answer and saves its state on it.
+            let stopping = self.progress.stop_requested();
             visit(start, &taps)?;
             self.progress.advance(batch.n_tokens() as u64);
+            if stopping {
+                return Err(crate::Error::Interrupted(format!(
+                    "{} stopped at a batch boundary; rerunning the same job resumes from its last saved state",
+                    self.what
+                )));
+            }
         }
         Ok(())
     }
