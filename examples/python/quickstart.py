@@ -2,8 +2,7 @@
 taught the model its answer out, as a DataFrame, and the HTML report written.
 
 Runs on the tiny GPT-2 bundled in the repository (assets/tiny-gpt2), trained on the demo corpus
-(Shakespeare plus 40 invented facts): the top source of "the capital of Veloria" should be the
-one sentence that states it.
+(Shakespeare plus 40 invented facts), in a few seconds.
 
     python examples/python/quickstart.py [--out DIR]
 """

@@ -175,7 +175,7 @@ class Results:
     def self_influence(self) -> np.ndarray:
         """Each training sequence's self-influence, in corpus order (self_influence.jsonl)."""
         rows = _read_jsonl(self.dir / "self_influence.jsonl")
-        return np.array([r["score"] for r in rows], dtype=np.float64)
+        return np.array([r["self_influence"] for r in rows], dtype=np.float64)
 
     @property
     def self_influence_ids(self) -> List[str]:

@@ -21,14 +21,14 @@ def test_sigint_stops_the_fit_and_the_rerun_resumes_to_the_same_factors(cli_runs
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        infl.fit(MODEL, CORPUS, out, max_len=32, fisher="empirical", batch_size=4,
+        infl.fit(MODEL, CORPUS, out, max_len=32, fisher="empirical",
                  progress=ctrl_c_once)
     assert not (out / "factors.safetensors").exists()
     # It stopped within a batch of the signal, and saved where it stopped.
     assert len(calls) <= 5
     saved = list((out / "work").rglob("*.json"))
     assert saved, "no state saved"
-    infl.fit(MODEL, CORPUS, out, max_len=32, fisher="empirical", batch_size=4, progress=False)
+    infl.fit(MODEL, CORPUS, out, max_len=32, fisher="empirical", progress=False)
     assert (out / "factors.safetensors").read_bytes() == \
         (cli_factors / "factors.safetensors").read_bytes()
 

@@ -20,14 +20,12 @@ def flags(text):
 
 
 def defaults(text):
-    """{flag: default} of a help text."""
-    out, flag = {}, None
-    for line in text.splitlines():
-        m = re.match(r"^\s+(?:-\w, )?--([a-z][a-z0-9-]*)", line)
-        if m:
-            flag = m.group(1)
-        d = re.search(r"\[default: ([^\]]+)\]", line)
-        if d and flag:
+    """{flag: default} of a help text (whatever width it was wrapped at)."""
+    out = {}
+    blocks = re.split(r"^\s+(?:-\w, )?--([a-z][a-z0-9-]*)", text, flags=re.M)
+    for flag, body in zip(blocks[1::2], blocks[2::2]):
+        d = re.search(r"\[default: ([^\]]+)\]", " ".join(body.split()))
+        if d:
             out[flag] = d.group(1)
     return out
 

@@ -18,7 +18,7 @@ def test_dense_scores_are_a_memory_map_with_the_right_shape_and_ids(cli_runs):
     assert r.query_ids == query_ids
     ids = r.sequence_ids
     assert scores.shape == (len(query_ids), len(ids)) == (8, r.meta["corpus"]["n_sequences"])
-    assert len(set(ids)) == len(ids) and ids[0] == "0:0"
+    assert len(set(ids)) == len(ids) and ids[0] == "1:0"
     # Every top-k entry is its cell of the matrix.
     for row in r.top_k:
         q, k = query_ids.index(row["query_id"]), ids.index(row["sequence_id"])
@@ -50,7 +50,7 @@ def test_self_influence_is_an_array_over_the_corpus(cli_runs, tmp_path):
     values = r.self_influence
     assert values.shape == (infl.Results(results).meta["corpus"]["n_sequences"],)
     assert np.isfinite(values).all() and (values > 0).any()
-    assert r.self_influence_ids[:2] == ["0:0", "1:0"]
+    assert r.self_influence_ids[:2] == ["1:0", "2:0"]
 
 
 def test_per_token_parts_are_listed_with_each_top_entry(cli_runs, tmp_path):

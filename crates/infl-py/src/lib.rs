@@ -204,7 +204,7 @@ fn self_influence(
 #[pyfunction]
 fn index(py: Python<'_>, argv: Vec<String>) -> PyResult<usize> {
     let a = parse::<args::Index>(argv)?;
-    py.detach(|| {
+    py.detach(|| -> infl::Result<usize> {
         let model = infl::model::load(
             &a.model,
             infl::model::ModuleSelection::All,
@@ -226,7 +226,7 @@ fn index(py: Python<'_>, argv: Vec<String>) -> PyResult<usize> {
 fn inspect(py: Python<'_>, argv: Vec<String>, threads: Option<usize>) -> PyResult<String> {
     let a = parse::<args::Inspect>(argv)?;
     configure_threads(threads, a.compute)?;
-    py.detach(|| {
+    py.detach(|| -> infl::Result<String> {
         use infl::inspect;
         let model = infl::model::load(&a.model, a.modules, a.compute)?;
         let max_len = a.max_len.unwrap_or(model.max_positions().min(512));
@@ -281,7 +281,7 @@ fn sequence_ids(
     corpus: PathBuf,
     max_len: usize,
 ) -> PyResult<Vec<String>> {
-    py.detach(|| {
+    py.detach(|| -> infl::Result<Vec<String>> {
         let config = infl::model::load(
             &model,
             infl::model::ModuleSelection::All,
@@ -301,7 +301,7 @@ fn sequence_ids(
 /// The command line's help of a stage's options (`infl NAME --help`), for the docstrings.
 #[pyfunction]
 fn options_help(name: &str) -> PyResult<String> {
-    let mut cmd = match name {
+    let cmd = match name {
         "fit" => Fit::command(),
         "score" => Score::command(),
         "self_influence" => SelfInfluence::command(),
