@@ -52,6 +52,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
                 modules: ModuleSelection::All,
                 layers: None,
                 max_len: Some(48),
+                ..FitOptions::default()
             },
             run: infl::options::RunOptions {
                 memory_check: true,
@@ -83,6 +84,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
                 normalize: infl::options::Normalize::None,
                 prefilter: None,
                 store: false,
+                ..infl::options::ScoreOptions::default()
             },
             run: infl::options::RunOptions {
                 shard: infl::shard::Shard::WHOLE,
@@ -210,6 +212,7 @@ fn factors_match_kronfluence() {
                 modules: ModuleSelection::All,
                 layers: None,
                 max_len: Some(48),
+                ..FitOptions::default()
             },
             run: infl::options::RunOptions {
                 memory_check: true,

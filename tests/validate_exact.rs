@@ -182,6 +182,7 @@ fn fit_and_score(
                 normalize: Normalize::None,
                 prefilter: None,
                 store: false,
+                ..infl::options::ScoreOptions::default()
             },
             run: infl::options::RunOptions {
                 memory_check: false,

@@ -19,7 +19,7 @@ parser.add_argument("--out", default="infl-quickstart", help="where the runs are
 out = Path(parser.parse_args().out)
 
 # Data in memory: a list of documents (strings) and a list of query dicts. A datasets.Dataset
-# works the same way; both are written to OUT/.../inputs/*.jsonl so the run records them.
+# works the same way; both are written to OUT.inputs/*.jsonl beside each output so the run records them.
 documents = [json.loads(line)["text"] for line in open(ROOT / "assets/demo/corpus.jsonl")]
 queries = [
     {"id": "veloria", "prompt": "Q: What is the capital of Veloria? A:", "completion": " Tarn"},

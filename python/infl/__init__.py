@@ -13,7 +13,7 @@ with the same option names (`--max-len` is `max_len=`) and defaults, writing the
 
 Directories written by either front end open with `infl.Factors(dir)` / `infl.Results(dir)`.
 Corpora and queries may be paths or data in memory (a list of strings, an iterable of dicts,
-a `datasets.Dataset`); data in memory is written to `OUT/inputs/NAME.jsonl` first.
+a `datasets.Dataset`); data in memory is written to `OUT.inputs/NAME.jsonl` first.
 
 Long runs release the GIL, show progress (tqdm when installed, else the command line's bars
 on stderr) and stop on Ctrl-C with `KeyboardInterrupt` after saving their state: the same
@@ -254,20 +254,20 @@ _SUMMARIES = {
 
 `train` is a JSONL path or data in memory (a list of strings, an iterable of dicts such as
 {"text": ...} or {"ids": [...]}, a `datasets.Dataset`); data in memory is written to
-`out/inputs/train.jsonl` first, so the run records it and a rerun resumes on it.""",
+`OUT.inputs/train.jsonl` first, so the run records it and a rerun resumes on it.""",
     score: """Score the influence of every training sequence on every query: `infl score`.
 Returns the `Results` written to `out` (top_k.jsonl, meta.json, and scores.safetensors with
 dense=True). `factors` is a `Factors` or its directory.
 
 `train` and `queries` are JSONL paths or data in memory (queries as dicts: {"id": optional,
 "prompt": ..., "completion": ...} or {"prompt_ids": [...], "completion_ids": [...]}), written
-to `out/inputs/{train,queries}.jsonl` first. A score I(q, z) > 0 means training on z lowers
+to `OUT.inputs/{train,queries}.jsonl` first. A score I(q, z) > 0 means training on z lowers
 −log p(completion | prompt): z supports the completion.""",
     self_influence: """Each training sequence's influence on its own loss (outliers, mislabelled
 data): `infl self-influence`. Returns the `Results` (`Results.self_influence` is the array).
-`train` as for `fit` (data in memory goes to `out/inputs/train.jsonl`).""",
+`train` as for `fit` (data in memory goes to `OUT.inputs/train.jsonl`).""",
     index: """Build a BM25 index over a corpus's token ids for `score(prefilter=N, index=...)`:
-`infl index`. Returns the index directory. A corpus in memory goes to `out/inputs/corpus.jsonl`.""",
+`infl index`. Returns the index directory. A corpus in memory goes to `OUT.inputs/corpus.jsonl`.""",
     inspect: """Describe a model (architecture, parameters, tracked layers) and estimate the
 memory and time fit and score will need: `infl inspect`. Returns the text it prints.""",
     report: """Write a self-contained HTML report of a results directory: `infl report`.

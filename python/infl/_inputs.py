@@ -1,7 +1,7 @@
 """Inputs given to the stages: a path is used as it is; data in memory (a list of strings, an
-iterable of dicts, a `datasets.Dataset`) is written once as JSONL inside the output directory
-(`OUT/inputs/NAME.jsonl`), so the run records the data it saw and a rerun resumes on the same
-bytes. Every kind of input goes through `input_path`: new kinds are added there."""
+iterable of dicts, a `datasets.Dataset`) is written once as JSONL beside the output directory
+(`OUT.inputs/NAME.jsonl`; the output directory itself holds only what infl writes), so the run
+records the data it saw and a rerun resumes on the same bytes. Every kind of input goes through `input_path`: new kinds are added there."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _line(item: Any, k: int, name: str, kind: str) -> str:
 
 def input_path(data: InputLike, out: Path, name: str, kind: str) -> Path:
     """The file holding `data`: a path as given, or data in memory written to
-    `out/inputs/NAME.jsonl` (rewritten only when its bytes change).
+    `OUT.inputs/NAME.jsonl` beside the output directory (rewritten only when its bytes change).
 
     `kind` is "corpus" (strings are documents, `{"text": s}`) or "queries" (dicts only).
     A `datasets.Dataset` is read row by row as dicts, without importing `datasets`."""
@@ -59,7 +59,7 @@ def input_path(data: InputLike, out: Path, name: str, kind: str) -> Path:
     text = "".join(_line(item, k, name, kind) + "\n" for k, item in enumerate(data))
     if not text:
         raise InputError(f"{name}: no items")
-    path = Path(out) / "inputs" / f"{name}.jsonl"
+    path = Path(f"{os.fspath(out)}.inputs") / f"{name}.jsonl"
     payload = text.encode("utf-8")
     if path.exists() and path.read_bytes() == payload:
         return path

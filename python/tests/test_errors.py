@@ -80,3 +80,16 @@ def test_a_model_that_computes_nan_is_a_non_finite_error(tmp_path):
 def test_a_missing_results_directory_is_an_input_error(tmp_path):
     with pytest.raises(infl.InputError, match="meta.json"):
         infl.Results(tmp_path / "nothing")
+
+
+def test_a_missing_corpus_and_an_option_out_of_range_raise_the_cli_classes(tmp_path):
+    missing = tmp_path / "no-such-corpus.jsonl"
+    with pytest.raises(infl.InputError) as e:
+        infl.fit(MODEL, missing, tmp_path / "f", max_len=32, progress=False)
+    code, message = cli_error("fit", "--model", MODEL, "--train", missing, "--out", tmp_path / "g",
+                              "--max-len", "32")
+    assert code == 3 and "no-such-corpus.jsonl" in str(e.value)
+    with pytest.raises(infl.UsageError, match="max-len"):
+        infl.fit(MODEL, missing, tmp_path / "h", max_len=1, progress=False)
+    assert cli_error("fit", "--model", MODEL, "--train", missing, "--out", tmp_path / "i",
+                     "--max-len", "1")[0] == 2

@@ -37,7 +37,7 @@ def test_a_corpus_in_memory_fits_the_same_factors_and_is_recorded(cli_runs, tmp_
                        progress=False)
     assert (factors.dir / "factors.safetensors").read_bytes() == \
         (cli_factors / "factors.safetensors").read_bytes()
-    recorded = factors.dir / "inputs" / "train.jsonl"
+    recorded = factors.dir.with_name(factors.dir.name + ".inputs") / "train.jsonl"
     assert [json.loads(x) for x in recorded.read_text().splitlines()] == docs
     # Plain strings are documents too.
     texts = [d["text"] for d in docs]
@@ -69,4 +69,4 @@ def test_a_dataset_of_queries_scores_as_the_file_does(cli_runs, tmp_path):
                          dense=True, per_layer=True, top_k=5, progress=False)
     assert (results.dir / "top_k.jsonl").read_bytes() == \
         (cli_results / "top_k.jsonl").read_bytes()
-    assert (results.dir / "inputs" / "queries.jsonl").exists()
+    assert (results.dir.with_name(results.dir.name + ".inputs") / "queries.jsonl").exists()

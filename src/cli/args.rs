@@ -6,7 +6,7 @@ use clap::Subcommand;
 use infl::curvature::{Fisher, Strategy};
 use infl::influence::Damping;
 use infl::model::ModuleSelection;
-use infl::options::Compute;
+use infl::options::{self as o, Compute, OutputOptions};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -20,8 +20,10 @@ pub struct IndexArgs {
     #[arg(long, value_name = "INDEX")]
     pub out: PathBuf,
     /// Window length, as `score` will use it [default: the model's context length].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = o::MAX_LEN.parser())]
     pub max_len: Option<usize>,
+    #[command(flatten)]
+    pub output: OutputOptions,
 }
 
 #[derive(clap::Args)]
@@ -48,38 +50,40 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// Entries of the BPE tokenizer to train (≥ 257: the 256 bytes and <|endoftext|>).
-    #[arg(long, default_value_t = 2048, value_name = "N")]
+    #[arg(long, default_value_t = 2048, value_name = "N", value_parser = o::VOCAB_SIZE.parser())]
     pub vocab_size: usize,
     /// Width of the residual stream.
-    #[arg(long, default_value_t = 64, value_name = "D")]
+    #[arg(long, default_value_t = 64, value_name = "D", value_parser = o::N_EMBD.parser())]
     pub n_embd: usize,
     /// Transformer blocks.
-    #[arg(long, default_value_t = 2, value_name = "L")]
+    #[arg(long, default_value_t = 2, value_name = "L", value_parser = o::N_LAYER.parser())]
     pub n_layer: usize,
     /// Attention heads (must divide --n-embd).
-    #[arg(long, default_value_t = 4, value_name = "H")]
+    #[arg(long, default_value_t = 4, value_name = "H", value_parser = o::N_HEAD.parser())]
     pub n_head: usize,
     /// Context length; documents are cut into windows of this many tokens.
-    #[arg(long, default_value_t = 64, value_name = "T")]
+    #[arg(long, default_value_t = 64, value_name = "T", value_parser = o::N_POSITIONS.parser())]
     pub n_positions: usize,
     /// Passes over the training sequences.
-    #[arg(long, default_value_t = 10, value_name = "E")]
+    #[arg(long, default_value_t = 10, value_name = "E", value_parser = o::EPOCHS.parser())]
     pub epochs: usize,
     /// Sequences per optimiser step.
-    #[arg(long, default_value_t = 16, value_name = "B")]
+    #[arg(long, default_value_t = 16, value_name = "B", value_parser = o::BATCH_SIZE.parser())]
     pub batch_size: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-3, value_name = "LR")]
+    #[arg(long, default_value_t = 3e-3, value_name = "LR", value_parser = o::parse_positive)]
     pub lr: f64,
     /// Linear warm-up steps (at most a tenth of the run).
     #[arg(long, default_value_t = 50, value_name = "N")]
     pub warmup: usize,
     /// AdamW weight decay (matrices and embeddings only).
-    #[arg(long, default_value_t = 0.01, value_name = "W")]
+    #[arg(long, default_value_t = 0.01, value_name = "W", value_parser = o::parse_non_negative)]
     pub weight_decay: f64,
     /// Seed of the initialisation and of the order of the sequences.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub output: OutputOptions,
 }
 
 impl TrainArgs {
@@ -102,6 +106,7 @@ impl TrainArgs {
                 seed: self.seed,
                 ..Default::default()
             },
+            output: self.output,
         }
     }
 }
@@ -131,7 +136,7 @@ pub struct DemoArgs {
     )]
     pub strategies: Vec<Strategy>,
     /// How many top sequences to print per query.
-    #[arg(long, default_value_t = 3, value_name = "K")]
+    #[arg(long, default_value_t = 3, value_name = "K", value_parser = o::TOP_K.parser())]
     pub top_k: usize,
     /// Train the model again even when DIR/model matches the corpus and settings.
     #[arg(long)]
@@ -144,7 +149,7 @@ pub struct DemoArgs {
 #[derive(clap::Args)]
 pub struct DemoTrainArgs {
     /// Passes over the corpus.
-    #[arg(long, default_value_t = infl::demo::EPOCHS, value_name = "E")]
+    #[arg(long, default_value_t = infl::demo::EPOCHS, value_name = "E", value_parser = o::EPOCHS.parser())]
     pub epochs: usize,
     /// Seed of the initialisation and of the order of the sequences.
     #[arg(long, default_value_t = 0)]
@@ -169,10 +174,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "QUERIES")]
     pub queries: Option<PathBuf>,
     /// Window length [default: the model's context length].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = o::MAX_LEN.parser())]
     pub max_len: Option<usize>,
     /// Sequences per batch.
-    #[arg(long, default_value_t = 8, value_name = "B")]
+    #[arg(long, default_value_t = 8, value_name = "B", value_parser = o::BATCH_SIZE.parser())]
     pub batch_size: usize,
     /// Where the benchmark writes its scratch files.
     #[arg(long, default_value = "infl-bench", value_name = "DIR")]
@@ -183,7 +188,8 @@ pub struct BenchArgs {
         long,
         default_value = "1,10,50",
         value_delimiter = ',',
-        value_name = "N,M,.."
+        value_name = "N,M,..",
+        value_parser = o::N_QUERIES.parser()
     )]
     pub query_counts: Vec<usize>,
     /// Corpus sizes (multiples of the base corpus) at which peak memory of a streamed scoring
@@ -192,7 +198,8 @@ pub struct BenchArgs {
         long,
         default_value = "1,10,100",
         value_delimiter = ',',
-        value_name = "X,Y,.."
+        value_name = "X,Y,..",
+        value_parser = o::RSS_SCALE.parser()
     )]
     pub rss_scales: Vec<usize>,
     /// Internal: run one scoring job on the corpus repeated this many times and print its
@@ -226,17 +233,17 @@ pub struct InspectArgs {
     #[command(flatten)]
     pub compute: Compute,
     /// Sequences per batch the estimate assumes.
-    #[arg(long, default_value_t = 8, value_name = "B")]
+    #[arg(long, default_value_t = 8, value_name = "B", value_parser = o::BATCH_SIZE.parser())]
     pub batch_size: usize,
     /// Window length the estimate assumes [default: min(model context length, 512)].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = o::MAX_LEN.parser())]
     pub max_len: Option<usize>,
     /// Which linear layers to track.
     #[arg(long, value_enum, default_value = "all")]
     pub modules: ModuleSelection,
-    /// Number of queries the score estimate assumes.
-    #[arg(long, default_value_t = 1, value_name = "Q")]
-    pub queries: u64,
+    /// How many queries the score estimate assumes (a count: `inspect` reads no queries file).
+    #[arg(long, default_value_t = 1, value_name = "Q", value_parser = o::N_QUERIES.parser())]
+    pub n_queries: usize,
     /// Skip the one-batch timing probe (memory estimate only).
     #[arg(long)]
     pub no_probe: bool,
@@ -257,7 +264,7 @@ pub struct ReportArgs {
     #[arg(long, default_value_t = 0, value_name = "S")]
     pub seed: u64,
     /// Longer sequences show this many tokens around their largest part.
-    #[arg(long, default_value_t = 400, value_name = "N")]
+    #[arg(long, default_value_t = 400, value_name = "N", value_parser = o::MAX_TOKENS.parser())]
     pub max_tokens: usize,
 }
 
@@ -369,17 +376,17 @@ pub struct ValidateExactArgs {
     #[arg(long, value_enum, default_value = "all")]
     pub modules: ModuleSelection,
     /// Window length [default: the model's context length; 48 for the bundled model].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = o::MAX_LEN.parser())]
     pub max_len: Option<usize>,
     /// Sequences per forward/backward batch (results do not depend on it).
-    #[arg(long, default_value_t = 8, value_name = "B")]
+    #[arg(long, default_value_t = 8, value_name = "B", value_parser = o::BATCH_SIZE.parser())]
     pub batch_size: usize,
     /// Damping: `heuristic` (0.1 × trace(F)/D per layer, = 0.1 × mean(Λ)) or a number (> 0),
     /// used by the exact Fisher and every strategy alike.
     #[arg(long, default_value = "heuristic", value_name = "heuristic|X")]
     pub damping: Damping,
     /// k of the top-k overlap.
-    #[arg(long, default_value_t = 10, value_name = "K")]
+    #[arg(long, default_value_t = 10, value_name = "K", value_parser = o::TOP_K.parser())]
     pub top_k: usize,
     /// Refuse when the exact Fisher would need more than this many MiB [default: MemAvailable].
     #[arg(long, value_name = "MIB")]
@@ -405,10 +412,10 @@ pub struct ValidateLdsArgs {
     #[arg(long, default_value = "infl-validate-lds", value_name = "DIR")]
     pub out: PathBuf,
     /// M: how many subsets to retrain on.
-    #[arg(long, default_value_t = 50, value_name = "M")]
+    #[arg(long, default_value_t = 50, value_name = "M", value_parser = o::SUBSETS.parser())]
     pub subsets: usize,
-    /// Fraction of the training sequences in each subset.
-    #[arg(long, default_value_t = 0.5, value_name = "F")]
+    /// Fraction of the training sequences in each subset (above 0, at most 1).
+    #[arg(long, default_value_t = 0.5, value_name = "F", value_parser = o::parse_fraction)]
     pub fraction: f64,
     /// Seed of the subsets.
     #[arg(long, default_value_t = 0, value_name = "S")]

@@ -2,7 +2,9 @@
 //! library's option types flattened (`infl::options`: each option, its default and its help
 //! are defined there once), with the library jobs they become.
 
-use infl::options::{Compute, FitOptions, RunOptions, ScoreOptions, SelfInfluenceOptions};
+use infl::options::{
+    Compute, FitOptions, OutputOptions, RunOptions, ScoreOptions, SelfInfluenceOptions,
+};
 use infl::workflow::{FitJob, ScoreJob, SelfInfluenceJob};
 use std::path::PathBuf;
 
@@ -14,7 +16,9 @@ pub struct FitArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub compute: Compute,
-    /// Training corpus, JSONL: one document per line, {"text": ...} or {"ids": [...]}.
+    /// Training corpus: JSONL, one document per line, {"text": ...}, {"ids": [...]} or a
+    /// conversation {"messages": [...]}; or a Hugging Face `datasets` file: Parquet, Arrow IPC
+    /// (file or stream) or a save_to_disk directory, one document per row (see --text-column).
     #[arg(long, value_name = "CORPUS")]
     pub train: PathBuf,
     /// Output directory for the factors (factors.safetensors + meta.json).
@@ -51,11 +55,14 @@ pub struct ScoreArgs {
     /// A factors directory written by `infl fit`.
     #[arg(long, value_name = "FACTORS")]
     pub factors: PathBuf,
-    /// Training corpus to score (JSONL, as for fit; it may differ from the fitting corpus).
+    /// Training corpus to score (JSONL or a table, as for fit; it may differ from the fitting
+    /// corpus).
     #[arg(long, value_name = "CORPUS")]
     pub train: PathBuf,
-    /// Queries, JSONL: {"id": optional, "prompt": ..., "completion": ...} or pre-tokenised
-    /// {"prompt_ids": [...], "completion_ids": [...]}.
+    /// Queries, JSONL: {"id": optional, "prompt": ..., "completion": ...}, pre-tokenised
+    /// {"prompt_ids": [...], "completion_ids": [...]}, or {"messages": [...]} rendered with the
+    /// model's chat template (the final assistant turn is the completion); or a table (Parquet,
+    /// Arrow) with the same columns.
     #[arg(long, value_name = "QUERIES")]
     pub queries: PathBuf,
     /// Output directory: top_k.jsonl, meta.json (and scores.safetensors with --dense).
@@ -80,7 +87,7 @@ pub struct SelfInfluenceArgs {
     /// A factors directory written by `infl fit`.
     #[arg(long, value_name = "FACTORS")]
     pub factors: PathBuf,
-    /// Training corpus (JSONL).
+    /// Training corpus (JSONL or a table, as for fit).
     #[arg(long, value_name = "CORPUS")]
     pub train: PathBuf,
     /// Output directory: self_influence.jsonl (every sequence), top_k.jsonl, distribution.json,
@@ -89,6 +96,8 @@ pub struct SelfInfluenceArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub options: SelfInfluenceOptions,
+    #[command(flatten)]
+    pub output: OutputOptions,
 }
 
 impl FitArgs {
@@ -134,6 +143,7 @@ impl SelfInfluenceArgs {
             out: self.out,
             options: self.options,
             compute: self.compute,
+            output: self.output,
         }
     }
 }

@@ -11,8 +11,7 @@ use args::{
     BenchArgs, CompareArgs, DemoArgs, IndexArgs, InspectArgs, MergeArgs, ReportArgs, TrainArgs,
     ValidateArgs, ValidateCommand, ValidateExactArgs, ValidateLdsArgs,
 };
-use clap::{Parser, Subcommand};
-use infl::model::ModuleSelection;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use infl::pass::Progress;
 use infl::workflow;
 use jobs::{FitArgs, ScoreArgs, SelfInfluenceArgs};
@@ -42,7 +41,7 @@ struct Cli {
     /// Cores to use [default: every core]: the engine's threads, or as many batches at once
     /// (data-parallel over sequences) where the engine is not threaded inside. Results do not
     /// depend on it.
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", value_parser = infl::options::THREADS.parser())]
     threads: Option<usize>,
 
     #[command(subcommand)]
@@ -87,7 +86,7 @@ enum Command {
 
 /// Parses the command line and runs its subcommand.
 pub fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let cli = parse();
     configure_threads(&cli)?;
     let (progress, quiet) = (Bars::new(cli.quiet), cli.quiet);
     match cli.command {
@@ -109,6 +108,26 @@ pub fn run() -> Result<()> {
     }
 }
 
+/// The command line, parsed; clap's errors (exit code 2) end the process here.
+fn parse() -> Cli {
+    let matches = negative_numbers_are_values(Cli::command()).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Lets every option's value start with a minus sign followed by a digit, so that `--damping -1`
+/// or `--top-k -3` reaches the option's own range check ("must be at least …") instead of
+/// being read as an unknown flag.
+fn negative_numbers_are_values(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        if a.get_action().takes_values() {
+            a.allow_negative_numbers(true)
+        } else {
+            a
+        }
+    })
+    .mut_subcommands(negative_numbers_are_values)
+}
+
 /// Sets the cores the command uses (`--threads`), before any thread pool starts (they read the
 /// count once).
 fn configure_threads(cli: &Cli) -> Result<()> {
@@ -119,9 +138,6 @@ fn configure_threads(cli: &Cli) -> Result<()> {
         Command::Inspect(a) => Some(a.compute),
         _ => None,
     };
-    if cli.threads == Some(0) {
-        anyhow::bail!(infl::Error::input("--threads must be at least 1"));
-    }
     // Autograd on the CPU runs batches side by side; on a GPU, as the fast engine, one batch
     // uses every core (the statistics).
     infl::shard::set_threads(
@@ -163,11 +179,8 @@ fn score(a: ScoreArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
 
 fn index(a: IndexArgs, quiet: bool) -> Result<()> {
     let started = std::time::Instant::now();
-    let model = infl::model::load(&a.model, ModuleSelection::All, infl::model::Compute::CPU)?;
-    let max_len = a.max_len.unwrap_or(model.max_positions());
-    let mut tok = infl::data::LazyTokenizer::new(&a.model);
-    let index = infl::index::Bm25Index::build(&a.corpus, &mut tok, max_len, model.vocab_size())?;
-    index.save(&a.out)?;
+    let index =
+        infl::index::index_corpus(&a.model, &a.corpus, &a.out, a.max_len, a.output.overwrite)?;
     if !quiet {
         eprintln!(
             "indexed {} sequences in {:.1}s → {}",
@@ -275,9 +288,9 @@ fn inspect(a: InspectArgs, quiet: bool) -> Result<()> {
     use infl::inspect;
     let model = infl::model::load(&a.model, a.modules, a.compute)?;
     let max_len = a.max_len.unwrap_or(model.max_positions().min(512));
-    if max_len == 0 || max_len > model.max_positions() || a.batch_size == 0 {
-        anyhow::bail!(infl::Error::input(format!(
-            "--max-len must be between 1 and {} and --batch-size at least 1",
+    if max_len > model.max_positions() {
+        anyhow::bail!(infl::Error::usage(format!(
+            "--max-len {max_len}: must be at most the model's context length {}",
             model.max_positions()
         )));
     }
@@ -306,7 +319,7 @@ fn inspect(a: InspectArgs, quiet: bool) -> Result<()> {
             model.as_ref(),
             a.batch_size,
             max_len,
-            a.queries,
+            a.n_queries as u64,
             probe.as_ref()
         )
     );

@@ -20,8 +20,11 @@ pub struct Index {
     #[arg(long, value_name = "INDEX")]
     pub out: PathBuf,
     /// Window length, as `score` will use it [default: the model's context length].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = infl::options::MAX_LEN.parser())]
     pub max_len: Option<usize>,
+    /// Replace what a previous run left in --out (every file it wrote; nothing else).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(clap::Parser)]

@@ -55,12 +55,16 @@ create_exception!(
 /// The library's error as the Python exception of its exit code, with the command line's
 /// message.
 fn to_py(e: infl::Error) -> PyErr {
-    match e {
-        infl::Error::Input(m) => InputError::new_err(m),
-        infl::Error::Mismatch(m) => MismatchError::new_err(m),
-        infl::Error::NonFinite(m) => NonFiniteError::new_err(m),
-        infl::Error::Interrupted(m) => PyKeyboardInterrupt::new_err(m),
-        other => InflError::new_err(other.to_string()),
+    if let infl::Error::Interrupted(m) = &e {
+        return PyKeyboardInterrupt::new_err(m.clone());
+    }
+    let message = e.to_string();
+    match e.exit_code() {
+        2 => UsageError::new_err(message),
+        3 => InputError::new_err(message),
+        4 => MismatchError::new_err(message),
+        5 => NonFiniteError::new_err(message),
+        _ => InflError::new_err(message),
     }
 }
 
@@ -205,16 +209,7 @@ fn self_influence(
 fn index(py: Python<'_>, argv: Vec<String>) -> PyResult<usize> {
     let a = parse::<args::Index>(argv)?;
     py.detach(|| -> infl::Result<usize> {
-        let model = infl::model::load(
-            &a.model,
-            infl::model::ModuleSelection::All,
-            infl::model::Compute::CPU,
-        )?;
-        let max_len = a.max_len.unwrap_or(model.max_positions());
-        let mut tok = infl::data::LazyTokenizer::new(&a.model);
-        let index =
-            infl::index::Bm25Index::build(&a.corpus, &mut tok, max_len, model.vocab_size())?;
-        index.save(&a.out)?;
+        let index = infl::index::index_corpus(&a.model, &a.corpus, &a.out, a.max_len, a.overwrite)?;
         Ok(index.n_sequences())
     })
     .map_err(to_py)

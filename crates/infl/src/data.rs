@@ -3,7 +3,18 @@
 //! A corpus line is one document, `{"text": ...}` or pre-tokenised `{"ids": [...]}`. A document
 //! longer than `max_len` tokens is cut into consecutive windows; each window is one training
 //! sequence with the stable id `LINE:WINDOW` (LINE counts from 1 like an editor, WINDOW from 0).
-//! Blank lines are skipped (they still count for LINE).
+//! Blank lines are skipped (they still count for LINE), and so is a UTF-8 byte-order mark at the
+//! start of a file. A field whose name is a near miss of a known one (`txt`, `Text`,
+//! `completion_id`) is refused rather than ignored; other extra fields (metadata) are allowed.
+//! [`check_corpus`] runs those checks over a whole corpus without tokenising it, so that a
+//! job can refuse a bad line before its first forward pass.
+//!
+//! Tables (Parquet, Arrow IPC, a `datasets` directory) are read by [`tabular`], one row as one
+//! line (ROW from 1); conversations (`messages`) are rendered by [`chat`].
+
+pub mod chat;
+pub mod tabular;
+pub use tabular::Columns;
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -16,6 +27,8 @@ pub struct LazyTokenizer {
     /// The tokenizer is built from a GGUF file's metadata rather than read from tokenizer.json.
     gguf: bool,
     loaded: Option<tokenizers::Tokenizer>,
+    /// The chat template, read when the first conversation comes.
+    chat: Option<chat::ChatTemplate>,
 }
 
 impl LazyTokenizer {
@@ -30,6 +43,7 @@ impl LazyTokenizer {
             },
             gguf,
             loaded: None,
+            chat: None,
         }
     }
 
@@ -39,6 +53,7 @@ impl LazyTokenizer {
             path: PathBuf::new(),
             gguf: false,
             loaded: Some(tokenizer),
+            chat: None,
         }
     }
 
@@ -122,6 +137,52 @@ pub struct Query {
     pub completion: Option<String>,
 }
 
+/// The fields a corpus line may hold.
+const CORPUS_FIELDS: &[&str] = &["text", "ids", "messages"];
+/// The fields a query line may hold.
+const QUERY_FIELDS: &[&str] = &[
+    "id",
+    "prompt",
+    "completion",
+    "prompt_ids",
+    "completion_ids",
+    "messages",
+];
+
+/// Refuses a field whose name is a near miss of a known one (same letters in another case, or
+/// at most a quarter of its letters edited): it would be ignored silently, and a query's `Id`
+/// or a document's `txt` would then give a wrong id or a missing text.
+fn check_field_names(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    known: &[&str],
+    at: &str,
+) -> Result<()> {
+    for key in obj.keys().filter(|k| !known.contains(&k.as_str())) {
+        let near = known.iter().find(|k| {
+            k.eq_ignore_ascii_case(key) || strsim::normalized_damerau_levenshtein(k, key) >= 0.75
+        });
+        if let Some(near) = near {
+            return Err(Error::input(format!(
+                "{at}: unknown field `{key}`: did you mean `{near}`? (a line holds {})",
+                known
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Opens an input file; one that does not exist is bad input naming the path.
+fn open_input(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::input(format!("{}: no such file", path.display())),
+        _ => Error::io(path, e),
+    })
+}
+
 /// Reads `path` line by line as JSON objects; `f(line_number, object)` for each non-blank line.
 /// Streams: memory does not grow with the file. Returns the SHA-256 of the file's bytes.
 fn for_each_json_line(
@@ -129,7 +190,7 @@ fn for_each_json_line(
     mut f: impl FnMut(usize, &serde_json::Map<String, serde_json::Value>) -> Result<()>,
 ) -> Result<String> {
     use std::io::BufRead;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = open_input(path)?;
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut hasher = Sha256::new();
     let mut line = Vec::new();
@@ -150,6 +211,11 @@ fn for_each_json_line(
                 path.display()
             ))
         })?;
+        // Editors on Windows start UTF-8 files with a byte-order mark; it is no part of the JSON.
+        let text = match line_no {
+            1 => text.strip_prefix('\u{feff}').unwrap_or(text),
+            _ => text,
+        };
         if text.trim().is_empty() {
             continue;
         }
@@ -165,6 +231,25 @@ fn for_each_json_line(
         f(line_no, obj)?;
     }
     Ok(hex(&hasher.finalize()))
+}
+
+/// Reads a JSONL file or a table (see [`tabular::layout`]) record by record:
+/// `f(number, at, object)` with `at` naming file and line or row. Only the `wanted` columns of
+/// a table are read. Returns the SHA-256 of the input ([`sha256_file`]).
+fn for_each_record(
+    path: &Path,
+    wanted: &[&str],
+    mut f: impl FnMut(usize, &str, &serde_json::Map<String, serde_json::Value>) -> Result<()>,
+) -> Result<String> {
+    match tabular::layout(path)? {
+        Some(layout) => {
+            tabular::for_each_row(path, layout, wanted, f)?;
+            sha256_file(path)
+        }
+        None => for_each_json_line(path, |line, obj| {
+            f(line, &format!("{}:{line}", path.display()), obj)
+        }),
+    }
 }
 
 fn ids_field(
@@ -219,6 +304,113 @@ fn check_vocab(ids: &[u32], vocab_size: usize, at: &str) -> Result<()> {
     }
 }
 
+/// One corpus record: pre-tokenised ids, text for the tokenizer, or a conversation for the
+/// chat template.
+enum Document<'a> {
+    Ids(Vec<u32>),
+    Text(&'a str),
+    Messages(&'a serde_json::Value),
+}
+
+/// The document of a corpus record in the chosen `columns`, its fields checked.
+fn document<'a>(
+    obj: &'a serde_json::Map<String, serde_json::Value>,
+    at: &str,
+    vocab_size: usize,
+    columns: &Columns,
+) -> Result<Document<'a>> {
+    let tokens = columns.tokens_column.as_deref().unwrap_or("ids");
+    let text = columns.text_column.as_str();
+    let known = [tokens, text, "messages"];
+    check_field_names(obj, &known, at)?;
+    if let Some(ids) = ids_field(obj, tokens, at, vocab_size)? {
+        return Ok(Document::Ids(ids));
+    }
+    if columns.tokens_column.is_some() {
+        return Err(Error::input(format!("{at}: missing field `{tokens}`")));
+    }
+    if let Some(text) = text_field(obj, text, at)? {
+        return Ok(Document::Text(text));
+    }
+    match obj.get("messages") {
+        Some(messages) => Ok(Document::Messages(messages)),
+        None => Err(Error::input(format!(
+            "{at}: missing field `{text}` (or pre-tokenised `{tokens}`, or a conversation's `messages`){}",
+            closest_unknown(obj, &known)
+        ))),
+    }
+}
+
+/// Where a required field is missing: the unknown field most like a known one, as a hint
+/// (`; found `idz`: did you mean `ids`?`), or nothing.
+fn closest_unknown(obj: &serde_json::Map<String, serde_json::Value>, known: &[&str]) -> String {
+    let mut best: Option<(f64, &str, &str)> = None;
+    for key in obj.keys().filter(|k| !known.contains(&k.as_str())) {
+        for k in known {
+            let sim = strsim::normalized_damerau_levenshtein(k, key);
+            if sim >= 0.5 && best.is_none_or(|(b, _, _)| sim > b) {
+                best = Some((sim, key, k));
+            }
+        }
+    }
+    best.map_or(String::new(), |(_, key, k)| {
+        format!("; found `{key}`: did you mean `{k}`?")
+    })
+}
+
+/// What [`check_corpus`] found.
+#[derive(Debug, Clone)]
+pub struct CorpusCheck {
+    pub n_documents: usize,
+    /// SHA-256 of the file's bytes.
+    pub sha256: String,
+}
+
+/// Checks every record of a corpus (JSONL or a table) (JSON, fields and their types, token ids in the
+/// vocabulary, the tokenizer present where a line holds text) without tokenising it: what a
+/// job runs before its first forward pass, so a bad line 10 million is found in seconds.
+pub fn check_corpus(
+    path: &Path,
+    columns: &Columns,
+    tokenizer: &mut LazyTokenizer,
+    vocab_size: usize,
+) -> Result<CorpusCheck> {
+    let (mut n_documents, mut with_tokens) = (0usize, 0usize);
+    let tokens = columns.tokens_column.as_deref().unwrap_or("ids");
+    let text = columns.text_column.as_str();
+    let sha256 = for_each_record(path, &[tokens, text, "messages"], |_, at, obj| {
+        let empty = match document(obj, at, vocab_size, columns)? {
+            Document::Ids(ids) => ids.is_empty(),
+            Document::Text(text) => {
+                tokenizer.get(at)?;
+                text.is_empty()
+            }
+            Document::Messages(messages) => {
+                chat::messages(messages, at)?;
+                tokenizer.get(at)?;
+                false
+            }
+        };
+        n_documents += 1;
+        with_tokens += usize::from(!empty);
+        Ok(())
+    })?;
+    if with_tokens == 0 {
+        return Err(no_tokens(path));
+    }
+    Ok(CorpusCheck {
+        n_documents,
+        sha256,
+    })
+}
+
+fn no_tokens(path: &Path) -> Error {
+    Error::input(format!(
+        "{}: the corpus holds no tokens (every line is blank or empty)",
+        path.display()
+    ))
+}
+
 /// What a streamed pass over a corpus saw.
 #[derive(Debug, Clone)]
 pub struct CorpusStats {
@@ -237,25 +429,41 @@ pub fn stream_corpus(
     max_len: usize,
     vocab_size: usize,
     chunk: usize,
+    f: impl FnMut(&[Sequence]) -> Result<()>,
+) -> Result<CorpusStats> {
+    let columns = Columns::default();
+    stream_corpus_columns(path, &columns, tokenizer, max_len, vocab_size, chunk, f)
+}
+
+/// [`stream_corpus`] with the document's text or token ids in the chosen `columns`; a record
+/// with neither but `messages` is a conversation, rendered whole with the chat template.
+pub fn stream_corpus_columns(
+    path: &Path,
+    columns: &Columns,
+    tokenizer: &mut LazyTokenizer,
+    max_len: usize,
+    vocab_size: usize,
+    chunk: usize,
     mut f: impl FnMut(&[Sequence]) -> Result<()>,
 ) -> Result<CorpusStats> {
-    if max_len == 0 {
-        return Err(Error::input("--max-len must be at least 1"));
-    }
+    crate::options::MAX_LEN.check(max_len)?;
     let mut pending: Vec<Sequence> = Vec::new();
     let (mut n_documents, mut n_sequences, mut n_tokens) = (0, 0, 0);
-    let sha256 = for_each_json_line(path, |line, obj| {
-        let at = format!("{}:{line}", path.display());
-        let ids = if let Some(ids) = ids_field(obj, "ids", &at, vocab_size)? {
-            ids
-        } else if let Some(text) = text_field(obj, "text", &at)? {
-            let ids = tokenizer.encode(text, &at)?;
-            check_vocab(&ids, vocab_size, &at)?;
-            ids
-        } else {
-            return Err(Error::input(format!(
-                "{at}: missing field `text` (or pre-tokenised `ids`)"
-            )));
+    let tokens = columns.tokens_column.as_deref().unwrap_or("ids");
+    let text = columns.text_column.as_str();
+    let sha256 = for_each_record(path, &[tokens, text, "messages"], |line, at, obj| {
+        let ids = match document(obj, at, vocab_size, columns)? {
+            Document::Ids(ids) => ids,
+            Document::Text(text) => {
+                let ids = tokenizer.encode(text, at)?;
+                check_vocab(&ids, vocab_size, at)?;
+                ids
+            }
+            Document::Messages(messages) => {
+                let ids = tokenizer.encode_conversation(chat::messages(messages, at)?, at)?;
+                check_vocab(&ids, vocab_size, at)?;
+                ids
+            }
         };
         n_documents += 1;
         n_tokens += ids.len();
@@ -276,10 +484,7 @@ pub fn stream_corpus(
         f(&pending)?;
     }
     if n_sequences == 0 {
-        return Err(Error::input(format!(
-            "{}: the corpus holds no tokens (every line is blank or empty)",
-            path.display()
-        )));
+        return Err(no_tokens(path));
     }
     Ok(CorpusStats {
         n_documents,
@@ -293,9 +498,9 @@ pub fn stream_corpus(
 /// Pre-tokenised lines (`ids`) are refused: they carry no text.
 pub fn read_texts(path: &Path) -> Result<(Vec<String>, String)> {
     let mut texts = Vec::new();
-    let sha256 = for_each_json_line(path, |line, obj| {
-        let at = format!("{}:{line}", path.display());
-        match text_field(obj, "text", &at)? {
+    let sha256 = for_each_record(path, &["text"], |_, at, obj| {
+        check_field_names(obj, CORPUS_FIELDS, at)?;
+        match text_field(obj, "text", at)? {
             Some(text) => {
                 texts.push(text.to_string());
                 Ok(())
@@ -344,8 +549,9 @@ pub fn read_queries(
 ) -> Result<(Vec<Query>, String)> {
     let mut queries: Vec<Query> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let sha = for_each_json_line(path, |line, obj| {
-        let at = format!("{}:{line}", path.display());
+    let sha = for_each_record(path, QUERY_FIELDS, |line, at, obj| {
+        let at = at.to_string();
+        check_field_names(obj, QUERY_FIELDS, &at)?;
         let id = match obj.get("id") {
             None | Some(serde_json::Value::Null) => line.to_string(),
             Some(serde_json::Value::String(s)) => s.clone(),
@@ -369,11 +575,28 @@ pub fn read_queries(
                     "{at}: pre-tokenised queries need both `prompt_ids` and `completion_ids`"
                 )))
             }
+            (None, None) if obj.contains_key("messages") && !obj.contains_key("prompt") => {
+                let messages = obj.get("messages").unwrap_or(&serde_json::Value::Null);
+                let q = tokenizer.encode_chat_query(chat::messages(messages, &at)?, &at)?;
+                check_vocab(&q.prompt_ids, vocab_size, &at)?;
+                check_vocab(&q.completion_ids, vocab_size, &at)?;
+                (
+                    q.prompt_ids,
+                    q.completion_ids,
+                    Some(q.prompt),
+                    Some(q.completion),
+                )
+            }
             (None, None) => {
-                let prompt = text_field(obj, "prompt", &at)?
-                    .ok_or_else(|| Error::input(format!("{at}: missing field `prompt`")))?;
-                let completion = text_field(obj, "completion", &at)?
-                    .ok_or_else(|| Error::input(format!("{at}: missing field `completion`")))?;
+                let missing = |field: &str| {
+                    Error::input(format!(
+                        "{at}: missing field `{field}`{}",
+                        closest_unknown(obj, QUERY_FIELDS)
+                    ))
+                };
+                let prompt = text_field(obj, "prompt", &at)?.ok_or_else(|| missing("prompt"))?;
+                let completion =
+                    text_field(obj, "completion", &at)?.ok_or_else(|| missing("completion"))?;
                 let p = tokenizer.encode(prompt, &at)?;
                 let c = tokenizer.encode(completion, &at)?;
                 check_vocab(&p, vocab_size, &at)?;
@@ -417,10 +640,13 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SHA-256 of a file's bytes, streamed.
+/// SHA-256 of a file's bytes, streamed (of a `datasets` directory: its data files', [`tabular::sha256_dir`]).
 pub fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    if path.is_dir() {
+        return tabular::sha256_dir(path);
+    }
+    let mut f = open_input(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -531,6 +757,75 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no tokens"), "{e}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped_and_near_miss_fields_are_refused() {
+        let p = write("bom.jsonl", "\u{feff}{\"ids\": [1, 2]}\n{\"ids\": [3]}\n");
+        let c = read_corpus(&p, &mut no_tokenizer(), 4, 10).unwrap();
+        assert_eq!(c.sequences[0].ids, vec![1, 2]);
+        assert_eq!(
+            check_corpus(&p, &Columns::default(), &mut no_tokenizer(), 10)
+                .unwrap()
+                .n_documents,
+            2
+        );
+        // Only the first line may start with the mark.
+        let p = write("bom2.jsonl", "{\"ids\": [1]}\n\u{feff}{\"ids\": [3]}\n");
+        let e = read_corpus(&p, &mut no_tokenizer(), 4, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bom2.jsonl:2") && e.contains("malformed JSON"),
+            "{e}"
+        );
+
+        // Metadata fields pass; near misses of known ones do not, wherever they are.
+        let p = write(
+            "meta.jsonl",
+            "{\"ids\": [1], \"id\": 7, \"source\": \"web\"}\n{\"ids\": [2], \"txt\": \"x\"}\n",
+        );
+        let e = check_corpus(&p, &Columns::default(), &mut no_tokenizer(), 10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("meta.jsonl:2") && e.contains("`txt`") && e.contains("`text`"),
+            "{e}"
+        );
+        let p = write(
+            "q5.jsonl",
+            "{\"prompt_ids\": [1], \"completion_ids\": [2], \"Id\": \"x\"}\n",
+        );
+        let e = read_queries(&p, &mut no_tokenizer(), 8, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("q5.jsonl:1") && e.contains("`Id`"), "{e}");
+
+        // The check reads every line without tokenising, and wants a tokenizer for text.
+        let p = write(
+            "late.jsonl",
+            "{\"ids\": [1]}\n{\"ids\": [1]}\n{\"ids\": [1, \"x\"]}\n",
+        );
+        let e = check_corpus(&p, &Columns::default(), &mut no_tokenizer(), 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("late.jsonl:3") && e.contains("`ids`[1]"), "{e}");
+        let p = write("text.jsonl", "{\"text\": \"a\"}\n");
+        let e = check_corpus(&p, &Columns::default(), &mut no_tokenizer(), 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
+        let e = check_corpus(
+            Path::new("/nonexistent/c.jsonl"),
+            &Columns::default(),
+            &mut no_tokenizer(),
+            10,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, Error::Input(_)) && e.to_string().contains("no such file"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub fn training(out: &Path, epochs: usize, seed: u64) -> TrainJob {
             seed,
             ..Default::default()
         },
+        output: crate::options::OutputOptions::REPLACE,
     }
 }
 

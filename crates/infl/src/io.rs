@@ -1,5 +1,7 @@
 //! Files that leave the process: atomic writes (a temporary sibling, then a rename), whole or
-//! streamed, and safetensors.
+//! streamed, and safetensors. A temporary file never outlives a failed write: it is removed on
+//! every error path (and when an [`AtomicFile`] is dropped uncommitted); one left by a killed
+//! process is swept by the next run that opens the directory ([`crate::output_dir`]).
 
 use crate::error::{Error, Result};
 use safetensors::tensor::{Dtype, TensorView};
@@ -9,8 +11,21 @@ use std::path::{Path, PathBuf};
 /// Writes `bytes` to `path` atomically: a crash leaves either the old file or the new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_sibling(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        // A full disk leaves a partial file behind.
+        discard(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
     publish(&tmp, path)
+}
+
+/// Removes a temporary file or folder after a failed write; the error being reported is the
+/// write's, so a failure to remove is not.
+fn discard(tmp: &Path) {
+    let _ = match tmp.is_dir() {
+        true => std::fs::remove_dir_all(tmp),
+        false => std::fs::remove_file(tmp),
+    };
 }
 
 /// The hidden sibling `.NAME.tmp-PID` that a file or directory is built in before
@@ -24,21 +39,29 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
 }
 
 /// Renames the finished `tmp` onto `path`; a directory at `path` is removed first (a rename
-/// does not replace a non-empty directory).
+/// does not replace a non-empty directory). On failure `tmp` is removed.
 pub fn publish(tmp: &Path, path: &Path) -> Result<()> {
-    if tmp.is_dir() && path.exists() {
-        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
-    }
-    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))
+    let renamed = (|| {
+        if tmp.is_dir() && path.exists() {
+            std::fs::remove_dir_all(path)?;
+        }
+        std::fs::rename(tmp, path)
+    })();
+    renamed.map_err(|e| {
+        discard(tmp);
+        Error::io(path, e)
+    })
 }
 
 /// A file streamed through a buffer into its [`temp_sibling`] and renamed into place by
 /// [`AtomicFile::commit`], for outputs too large to hold in memory: a crash leaves either the
-/// old file or the new one. Write errors name [`AtomicFile::tmp_path`].
+/// old file or the new one. Write errors name [`AtomicFile::tmp_path`]; dropped without a
+/// commit (an error on the way), the temporary file is removed.
 pub struct AtomicFile {
     path: PathBuf,
     tmp: PathBuf,
-    out: std::io::BufWriter<std::fs::File>,
+    /// None once committed.
+    out: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl AtomicFile {
@@ -48,7 +71,7 @@ impl AtomicFile {
         Ok(AtomicFile {
             path: path.to_path_buf(),
             tmp,
-            out: std::io::BufWriter::new(f),
+            out: Some(std::io::BufWriter::new(f)),
         })
     }
 
@@ -67,26 +90,52 @@ impl AtomicFile {
         self.finish(true)
     }
 
-    fn finish(self, sync: bool) -> Result<()> {
-        let file = self
-            .out
+    fn finish(mut self, sync: bool) -> Result<()> {
+        let Some(out) = self.out.take() else {
+            return Err(Error::Other(format!(
+                "{}: committed twice",
+                self.tmp.display()
+            )));
+        };
+        // On an error below, the drop of `self` removes the temporary file.
+        let file = out
             .into_inner()
             .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
         if sync {
             file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         }
         drop(file);
-        publish(&self.tmp, &self.path)
+        let published = publish(&self.tmp, &self.path);
+        if published.is_ok() {
+            self.tmp = PathBuf::new();
+        }
+        published
+    }
+
+    fn writer(&mut self) -> std::io::Result<&mut std::io::BufWriter<std::fs::File>> {
+        self.out
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("write after commit"))
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            // Unbuffered first, so no flush recreates the file after its removal.
+            drop(self.out.take().map(std::io::BufWriter::into_parts));
+            discard(&self.tmp);
+        }
     }
 }
 
 impl std::io::Write for AtomicFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.out.write(buf)
+        self.writer()?.write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
+        self.writer()?.flush()
     }
 }
 
@@ -306,6 +355,32 @@ mod tests {
         std::fs::write(tmp.join("fresh"), b"y").unwrap();
         publish(&tmp, &sub).unwrap();
         assert!(sub.join("fresh").exists() && !sub.join("stale").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn failed_writes_leave_no_temporary_file() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("infl-io-failed-{}", std::process::id()));
+        ensure_dir(&dir).unwrap();
+        // Dropped uncommitted (an error on the way): its temporary file goes with it.
+        let path = dir.join("big.jsonl");
+        let mut f = AtomicFile::create(&path).unwrap();
+        f.write_all(b"partial").unwrap();
+        f.flush().unwrap();
+        assert!(temp_sibling(&path).exists());
+        drop(f);
+        assert!(!temp_sibling(&path).exists() && !path.exists());
+        // The rename fails (a non-empty directory is in the way): the temporary file is removed.
+        let blocked = dir.join("blocked");
+        ensure_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("x"), b"x").unwrap();
+        assert!(write_atomic(&blocked, b"new").is_err());
+        assert!(!temp_sibling(&blocked).exists());
+        let mut f = AtomicFile::create(&blocked).unwrap();
+        f.write_all(b"new").unwrap();
+        assert!(f.commit().is_err());
+        assert!(!temp_sibling(&blocked).exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

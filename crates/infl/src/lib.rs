@@ -13,6 +13,7 @@
 //! each approximate strategy against a more exact reference (`infl validate exact`).
 
 pub mod checkpoint;
+pub mod checksum;
 pub mod compare;
 pub mod curvature;
 pub mod data;
@@ -25,6 +26,7 @@ pub mod io;
 pub mod linalg;
 pub mod model;
 pub mod options;
+pub mod output_dir;
 pub mod pass;
 pub mod pass_parts;
 pub mod powerlaw;

@@ -8,11 +8,19 @@
 //! - [`ScoreOptions`]: what `infl score` computes; [`SelfInfluenceOptions`] for
 //!   `infl self-influence`.
 //! - [`RunOptions`]: how a long run is carried out (sharding, checkpoints, resumption, the
-//!   memory check); it changes no number, so no output records it but the shard count.
+//!   memory check, [`OutputOptions`]); it changes no number, so no output records it but
+//!   the shard count.
 //! - [`Compute`]: where the forward and backward passes run (engine, device); defined beside
 //!   the models that take it ([`crate::model::load`]).
+//!
+//! Every numeric option's range is defined here too ([`AtLeast`] and the `parse_*` functions):
+//! each options type's `check()` and the command line's value parsers read the same bounds, so
+//! a library caller and the command line refuse the same values with the same reason
+//! ([`Error::Usage`], exit code 2).
 
 use crate::curvature::{Fisher, Strategy};
+pub use crate::data::Columns;
+use crate::error::{Error, Result};
 use crate::influence::Damping;
 pub use crate::model::Compute;
 use crate::model::ModuleSelection;
@@ -20,6 +28,190 @@ use crate::shard::Shard;
 
 /// Sequences per forward/backward batch, unless told otherwise.
 pub const DEFAULT_BATCH_SIZE: usize = 8;
+
+/// The smallest value a count option takes, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AtLeast {
+    /// The option's command-line name, without the dashes.
+    pub flag: &'static str,
+    pub min: usize,
+    pub why: &'static str,
+}
+
+impl AtLeast {
+    /// Refuses `value` below the minimum, naming the option.
+    pub fn check(&self, value: usize) -> Result<()> {
+        if value >= self.min {
+            return Ok(());
+        }
+        Err(Error::usage(format!(
+            "--{} {value}: {}",
+            self.flag,
+            self.range()
+        )))
+    }
+
+    /// [`AtLeast::check`] of an option that may be absent.
+    pub fn check_some(&self, value: Option<usize>) -> Result<()> {
+        value.map_or(Ok(()), |v| self.check(v))
+    }
+
+    fn range(&self) -> String {
+        format!(
+            "must be a whole number of at least {} ({})",
+            self.min, self.why
+        )
+    }
+
+    /// A command-line value: a whole number no smaller than the minimum (a negative number
+    /// gets the same explanation).
+    pub fn parse(&self, s: &str) -> std::result::Result<usize, String> {
+        match s.trim().parse::<usize>() {
+            Ok(v) if v >= self.min => Ok(v),
+            _ => Err(self.range()),
+        }
+    }
+
+    /// [`AtLeast::parse`] as a clap value parser.
+    pub fn parser(
+        self,
+    ) -> impl Fn(&str) -> std::result::Result<usize, String> + Clone + Send + Sync {
+        move |s| self.parse(s)
+    }
+}
+
+/// `--batch-size` (every command that runs the model, and `train`).
+pub const BATCH_SIZE: AtLeast = AtLeast {
+    flag: "batch-size",
+    min: 1,
+    why: "a batch holds at least one sequence",
+};
+/// `--max-len` (and `train --n-positions`, the same windows).
+pub const MAX_LEN: AtLeast = AtLeast {
+    flag: "max-len",
+    min: 2,
+    why: "a window needs two tokens to have a next-token loss",
+};
+/// `--top-k`.
+pub const TOP_K: AtLeast = AtLeast {
+    flag: "top-k",
+    min: 1,
+    why: "an empty list answers nothing",
+};
+/// `score --prefilter`.
+pub const PREFILTER: AtLeast = AtLeast {
+    flag: "prefilter",
+    min: 1,
+    why: "a query with no candidate has nothing to score",
+};
+/// `--checkpoint-every`.
+pub const CHECKPOINT_EVERY: AtLeast = AtLeast {
+    flag: "checkpoint-every",
+    min: 1,
+    why: "the state is saved after whole sequences",
+};
+/// `--threads`.
+pub const THREADS: AtLeast = AtLeast {
+    flag: "threads",
+    min: 1,
+    why: "a run needs a core",
+};
+/// `inspect --n-queries`, `bench --query-counts`.
+pub const N_QUERIES: AtLeast = AtLeast {
+    flag: "n-queries",
+    min: 1,
+    why: "a score estimate needs a query",
+};
+/// `bench --rss-scales`.
+pub const RSS_SCALE: AtLeast = AtLeast {
+    flag: "rss-scales",
+    min: 1,
+    why: "the corpus is repeated a whole number of times",
+};
+/// `report --max-tokens`.
+pub const MAX_TOKENS: AtLeast = AtLeast {
+    flag: "max-tokens",
+    min: 1,
+    why: "a sequence shown with no token says nothing",
+};
+/// `train --vocab-size`.
+pub const VOCAB_SIZE: AtLeast = AtLeast {
+    flag: "vocab-size",
+    min: 257,
+    why: "the 256 bytes and <|endoftext|>",
+};
+/// `train --n-embd`.
+pub const N_EMBD: AtLeast = AtLeast {
+    flag: "n-embd",
+    min: 1,
+    why: "the residual stream needs a width",
+};
+/// `train --n-layer`.
+pub const N_LAYER: AtLeast = AtLeast {
+    flag: "n-layer",
+    min: 1,
+    why: "a model with no transformer block has no layer to fit",
+};
+/// `train --n-head`.
+pub const N_HEAD: AtLeast = AtLeast {
+    flag: "n-head",
+    min: 1,
+    why: "attention needs a head",
+};
+/// `train --n-positions`: the training windows, as `--max-len`.
+pub const N_POSITIONS: AtLeast = AtLeast {
+    flag: "n-positions",
+    min: 2,
+    why: "a window needs two tokens to have a next-token loss",
+};
+/// `--epochs`.
+pub const EPOCHS: AtLeast = AtLeast {
+    flag: "epochs",
+    min: 1,
+    why: "training needs a pass over the data",
+};
+/// `validate lds --subsets`.
+pub const SUBSETS: AtLeast = AtLeast {
+    flag: "subsets",
+    min: 2,
+    why: "a rank correlation needs two retrained models",
+};
+
+/// A command-line number that must be finite and above zero (`--lr`).
+pub fn parse_positive(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err("must be a number above 0".into()),
+    }
+}
+
+/// A command-line number that must be finite and not negative (`--weight-decay`).
+pub fn parse_non_negative(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err("must be a number of at least 0".into()),
+    }
+}
+
+/// A command-line fraction above 0 and at most 1 (`validate lds --fraction`: a subset of no
+/// sequence trains nothing).
+pub fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
+        _ => Err("must be a number above 0 and at most 1".into()),
+    }
+}
+
+/// A fixed damping must be a finite number of at least 0 (the command line's parser already
+/// refuses others; library callers build the value themselves).
+fn check_damping(damping: Damping) -> Result<()> {
+    match damping {
+        Damping::Fixed(x) if !(x.is_finite() && x >= 0.0) => Err(Error::usage(format!(
+            "--damping {x}: must be `heuristic` or a number of at least 0"
+        ))),
+        _ => Ok(()),
+    }
+}
 
 /// What `infl fit` computes. Recorded in the factors' `meta.json`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -45,13 +237,13 @@ pub struct FitOptions {
     pub layers: Option<Vec<String>>,
     /// Documents longer than this many tokens are cut into consecutive windows
     /// [default: the model's context length].
-    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N", value_parser = MAX_LEN.parser()))]
     #[serde(default)]
     pub max_len: Option<usize>,
     /// Sequences per forward/backward batch (results do not depend on it).
     #[cfg_attr(
         feature = "clap",
-        arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_name = "B")
+        arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_name = "B", value_parser = BATCH_SIZE.parser())
     )]
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -59,10 +251,22 @@ pub struct FitOptions {
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 0, value_name = "S"))]
     #[serde(default)]
     pub seed: u64,
+    /// Which column (or JSONL field) of the corpus holds each document.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    #[serde(flatten)]
+    pub columns: Columns,
 }
 
 fn default_batch_size() -> usize {
     DEFAULT_BATCH_SIZE
+}
+
+impl FitOptions {
+    /// Every option in its range ([`Error::Usage`] naming the first one that is not).
+    pub fn check(&self) -> Result<()> {
+        BATCH_SIZE.check(self.batch_size)?;
+        MAX_LEN.check_some(self.max_len)
+    }
 }
 
 fn all_modules() -> ModuleSelection {
@@ -81,6 +285,7 @@ impl Default for FitOptions {
             max_len: None,
             batch_size: DEFAULT_BATCH_SIZE,
             seed: 0,
+            columns: Columns::default(),
         }
     }
 }
@@ -140,7 +345,7 @@ pub struct ScoreOptions {
     )]
     pub damping: Damping,
     /// How many of the most influential sequences to keep per query.
-    #[cfg_attr(feature = "clap", arg(long, default_value_t = 10, value_name = "K"))]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 10, value_name = "K", value_parser = TOP_K.parser()))]
     pub top_k: usize,
     /// Also write the full [n_queries, n_train] matrix to scores.safetensors.
     #[cfg_attr(feature = "clap", arg(long))]
@@ -148,11 +353,11 @@ pub struct ScoreOptions {
     /// Sequences per forward/backward batch (results do not depend on it).
     #[cfg_attr(
         feature = "clap",
-        arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_name = "B")
+        arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_name = "B", value_parser = BATCH_SIZE.parser())
     )]
     pub batch_size: usize,
     /// Window length for the corpus [default: the one the factors were fitted with].
-    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N", value_parser = MAX_LEN.parser()))]
     #[serde(default)]
     pub max_len: Option<usize>,
     /// Compress each query's preconditioned gradient to rank k per layer (truncated SVD), so
@@ -177,13 +382,22 @@ pub struct ScoreOptions {
     pub normalize: Normalize,
     /// Score only each query's N best BM25 matches (over token ids) from --index: the paper's
     /// TF-IDF pre-filter for corpora too large to score whole.
-    #[cfg_attr(feature = "clap", arg(long, value_name = "N", requires = "index"))]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N", requires = "index", value_parser = PREFILTER.parser()))]
     pub prefilter: Option<usize>,
     /// Read the training gradients from FACTORS/store/ (written by `fit --store` on the same
     /// corpus) instead of running the model over --train; queries are then exact (full rank).
     #[cfg_attr(feature = "clap", arg(long, conflicts_with_all = ["per_token", "shard"]))]
     #[serde(default, deserialize_with = "store_flag")]
     pub store: bool,
+    /// Also write top_k.parquet and, with --dense, scores.parquet (a row per training sequence,
+    /// a column per query), with the run's meta.json in each file's metadata.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default)]
+    pub parquet: bool,
+    /// Which column (or JSONL field) of the corpus holds each document.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    #[serde(flatten)]
+    pub columns: Columns,
 }
 
 /// `store` in a results `meta.json`: a flag, or (format 1) the store's path or null.
@@ -198,6 +412,23 @@ fn store_flag<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<boo
         Stored::Flag(b) => b,
         Stored::Path(p) => p.is_some(),
     })
+}
+
+impl ScoreOptions {
+    /// Every option in its range ([`Error::Usage`] naming the first one that is not).
+    pub fn check(&self) -> Result<()> {
+        check_damping(self.damping)?;
+        TOP_K.check(self.top_k)?;
+        BATCH_SIZE.check(self.batch_size)?;
+        MAX_LEN.check_some(self.max_len)?;
+        PREFILTER.check_some(self.prefilter)?;
+        if self.query_rank == QueryRank(Some(0)) {
+            return Err(Error::usage(
+                "--query-rank 0: must be `full` or a whole number of at least 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for ScoreOptions {
@@ -217,6 +448,8 @@ impl Default for ScoreOptions {
             normalize: Normalize::None,
             prefilter: None,
             store: false,
+            parquet: false,
+            columns: Columns::default(),
         }
     }
 }
@@ -232,17 +465,31 @@ pub struct SelfInfluenceOptions {
     )]
     pub damping: Damping,
     /// How many of the highest and lowest sequences to list.
-    #[cfg_attr(feature = "clap", arg(long, default_value_t = 20, value_name = "K"))]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 20, value_name = "K", value_parser = TOP_K.parser()))]
     pub top_k: usize,
     /// Sequences per forward/backward batch.
     #[cfg_attr(
         feature = "clap",
-        arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_name = "B")
+        arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_name = "B", value_parser = BATCH_SIZE.parser())
     )]
     pub batch_size: usize,
     /// Window length [default: the one the factors were fitted with].
-    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N", value_parser = MAX_LEN.parser()))]
     pub max_len: Option<usize>,
+    /// Which column (or JSONL field) of the corpus holds each document.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    #[serde(flatten)]
+    pub columns: Columns,
+}
+
+impl SelfInfluenceOptions {
+    /// Every option in its range ([`Error::Usage`] naming the first one that is not).
+    pub fn check(&self) -> Result<()> {
+        check_damping(self.damping)?;
+        TOP_K.check(self.top_k)?;
+        BATCH_SIZE.check(self.batch_size)?;
+        MAX_LEN.check_some(self.max_len)
+    }
 }
 
 impl Default for SelfInfluenceOptions {
@@ -252,6 +499,7 @@ impl Default for SelfInfluenceOptions {
             top_k: 20,
             batch_size: DEFAULT_BATCH_SIZE,
             max_len: None,
+            columns: Columns::default(),
         }
     }
 }
@@ -272,13 +520,15 @@ pub struct RunOptions {
             long,
             value_name = "i/N|auto|auto/N",
             default_value = "0/1",
-            hide_default_value = true
+            hide_default_value = true,
+            // `-1/2` reaches the shard's own check instead of reading as a flag.
+            allow_hyphen_values = true
         )
     )]
     pub shard: Shard,
     /// Save the pass's state every M sequences [default: every 15 minutes]; rerunning the same
     /// command after a crash or kill resumes from it, with identical results.
-    #[cfg_attr(feature = "clap", arg(long, value_name = "M"))]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "M", value_parser = CHECKPOINT_EVERY.parser()))]
     pub checkpoint_every: Option<usize>,
     /// Discard saved state in --out instead of resuming from it.
     #[cfg_attr(feature = "clap", arg(long))]
@@ -293,21 +543,49 @@ pub struct RunOptions {
     /// command line, never for library callers ([`RunOptions::ONCE`]).
     #[cfg_attr(feature = "clap", arg(skip = CHECKPOINT_SECONDS))]
     pub checkpoint_seconds: f64,
+    #[cfg_attr(feature = "clap", command(flatten))]
+    pub output: OutputOptions,
+}
+
+/// What a run may do to an output directory that holds another run's output
+/// ([`crate::output_dir`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct OutputOptions {
+    /// Replace what --out holds (another kind of output, or one made with other settings):
+    /// remove every file of the previous run there before writing. Without it such a
+    /// directory is refused. Files infl did not write are never removed.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub overwrite: bool,
+}
+
+impl OutputOptions {
+    /// Replace whatever infl output is there: what library callers that start from scratch use.
+    pub const REPLACE: OutputOptions = OutputOptions { overwrite: true };
 }
 
 /// Seconds between saved states when `checkpoint_every` is not given.
 pub const CHECKPOINT_SECONDS: f64 = 900.0;
 
 impl RunOptions {
-    /// One unsharded run from scratch that never saves its state: what library callers (the
-    /// demo, the validations) use.
+    /// One unsharded run from scratch that never saves its state and replaces the output in
+    /// its directory: what library callers (the demo, the validations) use.
     pub const ONCE: RunOptions = RunOptions {
         shard: Shard::WHOLE,
         checkpoint_every: None,
         fresh: true,
         memory_check: true,
         checkpoint_seconds: f64::INFINITY,
+        output: OutputOptions::REPLACE,
     };
+
+    /// Every option in its range ([`Error::Usage`] naming the first one that is not).
+    pub fn check(&self) -> Result<()> {
+        CHECKPOINT_EVERY.check_some(self.checkpoint_every)?;
+        Shard::new(self.shard.index, self.shard.count)
+            .map(|_| ())
+            .map_err(|e| Error::usage(e.to_string()))
+    }
 
     /// When the passes save their state: every `checkpoint_every` sequences, or else every
     /// `checkpoint_seconds`.
@@ -325,6 +603,84 @@ impl RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions::ONCE
+    }
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    #[test]
+    fn each_options_type_refuses_values_out_of_range_as_usage_errors() {
+        let usage = |r: Result<()>, flag: &str| match r {
+            Err(Error::Usage(m)) => assert!(m.contains(flag), "{m}"),
+            other => panic!("{flag}: {other:?}"),
+        };
+        for max_len in [0, 1] {
+            let fit = FitOptions {
+                max_len: Some(max_len),
+                ..FitOptions::default()
+            };
+            usage(fit.check(), "--max-len");
+        }
+        assert!(FitOptions {
+            max_len: Some(2),
+            ..FitOptions::default()
+        }
+        .check()
+        .is_ok());
+        let score = |o: ScoreOptions| o.check();
+        usage(
+            score(ScoreOptions {
+                top_k: 0,
+                ..ScoreOptions::default()
+            }),
+            "--top-k",
+        );
+        usage(
+            score(ScoreOptions {
+                prefilter: Some(0),
+                ..ScoreOptions::default()
+            }),
+            "--prefilter",
+        );
+        usage(
+            score(ScoreOptions {
+                damping: Damping::Fixed(-1.0),
+                ..ScoreOptions::default()
+            }),
+            "--damping",
+        );
+        usage(
+            SelfInfluenceOptions {
+                batch_size: 0,
+                ..SelfInfluenceOptions::default()
+            }
+            .check(),
+            "--batch-size",
+        );
+        usage(
+            RunOptions {
+                shard: Shard { index: 3, count: 2 },
+                ..RunOptions::ONCE
+            }
+            .check(),
+            "--shard",
+        );
+        usage(
+            RunOptions {
+                checkpoint_every: Some(0),
+                ..RunOptions::ONCE
+            }
+            .check(),
+            "--checkpoint-every",
+        );
+        assert!(ScoreOptions::default().check().is_ok());
+        assert!(RunOptions::ONCE.check().is_ok());
+        // The command line's parser gives the same range.
+        assert_eq!(MAX_LEN.parse("2"), Ok(2));
+        assert!(MAX_LEN.parse("-1").unwrap_err().contains("at least 2"));
+        assert!(parse_fraction("0").is_err() && parse_fraction("1").is_ok());
     }
 }
 
@@ -369,6 +725,7 @@ mod tests {
             RunOptions {
                 fresh: false,
                 checkpoint_seconds: CHECKPOINT_SECONDS,
+                output: OutputOptions::default(),
                 ..RunOptions::ONCE
             }
         );

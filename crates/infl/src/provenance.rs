@@ -10,10 +10,12 @@ use std::path::Path;
 /// Every output directory's provenance file.
 pub const META_FILE: &str = "meta.json";
 
-/// The layout of the `meta.json` files this infl writes. 1: up to infl 0.1.0 (no
-/// `format_version` field); 2: the options of the stage recorded as one flat set of keys
-/// ([`crate::options`]), `store` a flag, `max_len` as asked. This infl reads both.
-pub const FORMAT_VERSION: u32 = 2;
+/// The layout of the files this infl writes. 1: up to infl 0.1.0 (no `format_version` field);
+/// 2: the options of the stage recorded as one flat set of keys ([`crate::options`]), `store` a
+/// flag, `max_len` as asked; 3: the gradient store and the BM25 index carry checksums
+/// ([`crate::checksum`]; `meta.json` is as in 2). This infl reads every format up to its own: a
+/// store of format 1 or 2 unverified with a warning, an index of format 1 or 2 not at all.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The `format_version` of a `meta.json` without one.
 pub fn format_1() -> u32 {

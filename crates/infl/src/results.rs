@@ -11,6 +11,7 @@
 
 mod dense;
 pub mod meta;
+pub mod parquet;
 mod read;
 mod schema;
 mod summary;

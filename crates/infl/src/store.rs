@@ -13,7 +13,14 @@
 //! per sequence, in corpus order) and `gradients.bin` (per sequence and layer: a tag byte
 //! `0` = dense R or `1` = factors, for factors a little-endian u32 T, then the values, in f32 or
 //! bf16: R column-major, the factors row-major).
+//!
+//! `store.json` records xxh3 checksums of both data files per 4 MiB chunk
+//! ([`crate::checksum`]); the reader verifies the chunks of `gradients.bin` that a batch lies in
+//! before the batch is scored ([`StoreReader::ready_batch`], in parallel, while the batch before
+//! is scored), and `sequences.jsonl` chunk by chunk before its lines are parsed. A store without checksums (written before format 3) is read unverified,
+//! with a warning: rewriting a store costs a gradient pass over the corpus.
 
+use crate::checksum::{self, ChunkSums, HashingWriter, Sums, VerifyingReader};
 use crate::curvature::Factors;
 use crate::data::Sequence;
 use crate::error::{Error, Result};
@@ -27,6 +34,8 @@ pub const STORE_DIR: &str = "store";
 const META_FILE: &str = "store.json";
 const SEQUENCES_FILE: &str = "sequences.jsonl";
 const GRADIENTS_FILE: &str = "gradients.bin";
+/// What every corruption message tells the user to do.
+const REMEDY: &str = "rewrite the store with `infl fit --store`";
 
 /// Which form each stored layer gradient takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -70,6 +79,9 @@ impl StoreDtype {
 /// `store.json`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StoreMeta {
+    /// [`crate::provenance::FORMAT_VERSION`] when written (1 for stores without the field).
+    #[serde(default = "crate::provenance::format_1")]
+    pub format_version: u32,
     pub dtype: StoreDtype,
     pub form: StoreForm,
     /// `eigen` (R = Q_Sᵀ G Q_A) or `original` (R = G).
@@ -82,6 +94,16 @@ pub struct StoreMeta {
     pub n_tokens: usize,
     pub n_sequences: usize,
     pub bytes: u64,
+    /// Per-chunk checksums of the data files (from format 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksums: Option<StoreChecksums>,
+}
+
+/// The checksums of a store's data files.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreChecksums {
+    pub gradients: ChunkSums,
+    pub sequences: ChunkSums,
 }
 
 /// What a store is of: the factors (by hash) and the corpus as windowed.
@@ -148,8 +170,8 @@ fn from_bf16(h: u16) -> f32 {
 pub struct StoreWriter {
     dir: PathBuf,
     tmp: PathBuf,
-    gradients: std::io::BufWriter<std::fs::File>,
-    sequences: std::io::BufWriter<std::fs::File>,
+    gradients: HashingWriter<std::io::BufWriter<std::fs::File>>,
+    sequences: HashingWriter<std::io::BufWriter<std::fs::File>>,
     meta: StoreMeta,
     bases: Vec<Option<(Mat<f32>, Mat<f32>)>>,
 }
@@ -166,10 +188,13 @@ impl StoreWriter {
         let tmp = crate::io::temp_sibling(dir);
         let _ = std::fs::remove_dir_all(&tmp);
         crate::io::ensure_dir(&tmp)?;
-        let open = |name: &str| -> Result<std::io::BufWriter<std::fs::File>> {
+        let open = |name: &str| -> Result<HashingWriter<std::io::BufWriter<std::fs::File>>> {
             let p = tmp.join(name);
             let f = std::fs::File::create(&p).map_err(|e| Error::io(&p, e))?;
-            Ok(std::io::BufWriter::with_capacity(1 << 20, f))
+            Ok(HashingWriter::new(
+                std::io::BufWriter::with_capacity(1 << 20, f),
+                checksum::CHUNK_BYTES,
+            ))
         };
         let bases: Vec<Option<(Mat<f32>, Mat<f32>)>> = factors
             .layers
@@ -187,6 +212,7 @@ impl StoreWriter {
             dir: dir.to_path_buf(),
             tmp,
             meta: StoreMeta {
+                format_version: crate::provenance::FORMAT_VERSION,
                 dtype: options.dtype,
                 form: options.form,
                 basis: basis.into(),
@@ -198,6 +224,7 @@ impl StoreWriter {
                 n_tokens: 0,
                 n_sequences: 0,
                 bytes: 0,
+                checksums: None,
             },
             bases: if basis == "eigen" {
                 bases
@@ -337,16 +364,30 @@ impl StoreWriter {
         rotated
     }
 
-    /// Flushes, writes store.json and renames the store into place.
+    /// Flushes, writes store.json (with the files' checksums) and renames the store into place.
     pub fn finish(mut self) -> Result<StoreMeta> {
-        for (w, name) in [
-            (&mut self.gradients, GRADIENTS_FILE),
-            (&mut self.sequences, SEQUENCES_FILE),
+        let mut sums = Vec::with_capacity(2);
+        for (mut w, name) in [
+            (self.gradients, GRADIENTS_FILE),
+            (self.sequences, SEQUENCES_FILE),
         ] {
             let p = self.tmp.join(name);
             w.flush().map_err(|e| Error::io(&p, e))?;
-            w.get_ref().sync_all().map_err(|e| Error::io(&p, e))?;
+            w.get_ref()
+                .get_ref()
+                .sync_all()
+                .map_err(|e| Error::io(&p, e))?;
+            sums.push(w.sums());
         }
+        let sequences = sums.pop();
+        let gradients = sums.pop();
+        self.meta.checksums =
+            gradients
+                .zip(sequences)
+                .map(|(gradients, sequences)| StoreChecksums {
+                    gradients,
+                    sequences,
+                });
         crate::io::write_json(&self.tmp.join(META_FILE), &self.meta)?;
         crate::io::publish(&self.tmp, &self.dir)?;
         Ok(self.meta)
@@ -472,6 +513,13 @@ impl StoreBytes {
     }
 }
 
+/// A line of `sequences.jsonl`.
+#[derive(serde::Deserialize)]
+struct StoredSequence {
+    id: String,
+    ids: Vec<u32>,
+}
+
 /// Walks a store, sequence by sequence. The gradients file is memory-mapped rather than read: the
 /// rotated columns are read by the dot kernel where the page cache holds them. Copying them out
 /// first (`read`) was a fifth of re-scoring's CPU time and tripled its memory traffic.
@@ -482,7 +530,11 @@ pub struct StoreReader {
     /// Byte offset of the next record, and where the batch being filled began.
     at: usize,
     batch_start: usize,
-    sequences: std::io::Lines<std::io::BufReader<std::fs::File>>,
+    /// The gradients' checksums (none for a store without them), and the end of the chunks
+    /// verified so far: every byte below it matched its chunk's sum.
+    sums: Option<Sums>,
+    verified_end: usize,
+    sequences: std::io::Lines<std::io::BufReader<Box<dyn std::io::Read + Send>>>,
     read: usize,
     /// Reused buffers: the per-token factors of one layer.
     scratch_g: Vec<f32>,
@@ -499,6 +551,7 @@ impl StoreReader {
             )));
         }
         let meta: StoreMeta = crate::io::read_json(&meta_path)?;
+        crate::provenance::check_format(meta.format_version, &meta_path)?;
         let open = |name: &str| -> Result<std::fs::File> {
             let p = dir.join(name);
             std::fs::File::open(&p).map_err(|e| Error::io(&p, e))
@@ -519,8 +572,33 @@ impl StoreReader {
         let map = unsafe { memmap2::Mmap::map(&g) }.map_err(|e| Error::io(&gpath, e))?;
         #[cfg(unix)]
         let _ = map.advise(memmap2::Advice::Sequential);
+        let sequences_file = open(SEQUENCES_FILE)?;
+        let (sums, sequences): (Option<Sums>, Box<dyn std::io::Read + Send>) = match &meta.checksums
+        {
+            Some(c) => {
+                let spath = dir.join(SEQUENCES_FILE);
+                let slen = sequences_file
+                    .metadata()
+                    .map_err(|e| Error::io(&spath, e))?
+                    .len();
+                let ssums = c.sequences.parse(slen, &spath, REMEDY)?;
+                (
+                    Some(c.gradients.parse(len, &gpath, REMEDY)?),
+                    Box::new(VerifyingReader::new(sequences_file, ssums, &spath, REMEDY)),
+                )
+            }
+            None => {
+                eprintln!(
+                        "warning: {}: a store without checksums (written by an infl before format 3) is read unverified; rewrite it with `infl fit --store` to have it verified",
+                        dir.display()
+                    );
+                (None, Box::new(sequences_file))
+            }
+        };
         Ok(StoreReader {
-            sequences: std::io::BufReader::new(open(SEQUENCES_FILE)?).lines(),
+            sequences: std::io::BufReader::new(sequences).lines(),
+            sums,
+            verified_end: 0,
             dir: dir.to_path_buf(),
             bytes: std::sync::Arc::new(StoreBytes {
                 map,
@@ -573,12 +651,18 @@ impl StoreReader {
             self.batch_start = self.at;
         }
         let width = self.meta.dtype.bytes() as usize;
+        if batch.len() != self.meta.layers.len() {
+            return Err(self.layers_differ());
+        }
         for (li, l) in self.meta.layers.clone().iter().enumerate() {
             let (d_o, d_i) = (l.d_out, l.d_in_h());
             let dst = &mut batch[li];
+            if d_o.checked_mul(d_i) != Some(dst.d) {
+                return Err(self.layers_differ());
+            }
             match self.tag()? {
                 0 => {
-                    let range = self.take(d_o * d_i * width)?;
+                    let range = self.take(dst.d * width)?;
                     dst.stored_at.push(range.start);
                     dst.stored_cols.push(k);
                 }
@@ -588,7 +672,7 @@ impl StoreReader {
                         dst.rebuilt.resize(at + dst.d, 0.0);
                     }
                     let mut col = std::mem::take(&mut dst.rebuilt);
-                    let rebuilt = self.rebuild(d_o, d_i, &mut col[at..at + d_o * d_i]);
+                    let rebuilt = self.rebuild(d_o, d_i, seq.ids.len(), &mut col[at..at + dst.d]);
                     dst.rebuilt = col;
                     rebuilt?;
                     dst.rebuilt_cols.push(k);
@@ -599,18 +683,57 @@ impl StoreReader {
         Ok(Some(seq))
     }
 
-    /// Maps into memory the pages of the batch filled since its first [`Self::next_columns`],
-    /// so that the threads that read its columns next do not stop at a page fault every 64 KiB
-    /// (a tenth of the read, measured). Only a hint: where the kernel cannot, the reads fault.
-    pub fn prefault_batch(&self) {
+    /// The store's layers are not those being scored.
+    fn layers_differ(&self) -> Error {
+        Error::Mismatch(format!(
+            "{}: its layers differ from the factors' tracked layers; {REMEDY}",
+            self.dir.join(META_FILE).display()
+        ))
+    }
+
+    /// Makes the batch filled since its first [`Self::next_columns`] ready to score: maps its
+    /// pages into memory, so that the threads that read its columns next do not stop at a page
+    /// fault every 64 KiB (a tenth of the read, measured; only a hint), and verifies the chunks
+    /// of the gradients file it lies in that are not verified yet, in parallel. Nothing of the
+    /// batch is used before this returns: a chunk that does not match its checksum is an error
+    /// instead of a batch. (The walk that filled the batch read only tags and token counts,
+    /// each checked, and rebuilt columns that are dropped with the batch if it fails.)
+    pub fn ready_batch(&mut self) -> Result<()> {
+        use rayon::prelude::*;
+        let start = match &self.sums {
+            Some(sums) => sums.range(self.verified_end / self.chunk_len()).start,
+            None => self.batch_start,
+        };
+        let end = match &self.sums {
+            Some(sums) if self.at > 0 => sums.range((self.at - 1) / self.chunk_len()).end,
+            _ => self.at,
+        };
         #[cfg(target_os = "linux")]
-        if self.at > self.batch_start {
-            let _ = self.bytes.map.advise_range(
-                memmap2::Advice::PopulateRead,
-                self.batch_start,
-                self.at - self.batch_start,
-            );
+        if end > start {
+            let _ = self
+                .bytes
+                .map
+                .advise_range(memmap2::Advice::PopulateRead, start, end - start);
         }
+        let Some(sums) = &self.sums else {
+            return Ok(());
+        };
+        if end <= self.verified_end {
+            return Ok(());
+        }
+        let path = self.dir.join(GRADIENTS_FILE);
+        let map = &self.bytes.map;
+        let chunks = self.verified_end / self.chunk_len()..(self.at - 1) / self.chunk_len() + 1;
+        chunks
+            .into_par_iter()
+            .try_for_each(|i| sums.verify(i, &map[sums.range(i)], &path, REMEDY))?;
+        self.verified_end = end;
+        Ok(())
+    }
+
+    /// The checksums' chunk length (1 without checksums).
+    fn chunk_len(&self) -> usize {
+        self.sums.as_ref().map_or(1, Sums::chunk_bytes)
     }
 
     /// The next line of sequences.jsonl, or `None` when every sequence has been read.
@@ -623,20 +746,25 @@ impl StoreReader {
             .sequences
             .next()
             .ok_or_else(|| Error::Mismatch(format!("{}: ends early", path.display())))?
-            .map_err(|e| Error::io(&path, e))?;
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .map_err(|e| Error::Mismatch(format!("{}: {e}", path.display())))?;
+            .map_err(|e| checksum::mismatch_of(e).unwrap_or_else(|e| Error::io(&path, e)))?;
+        let bad = |what: String| {
+            Error::Mismatch(format!(
+                "{}:{}: {what}; the store is corrupt, {REMEDY}",
+                path.display(),
+                self.read + 1
+            ))
+        };
+        let record: StoredSequence = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+        if record.ids.len() > self.meta.max_len {
+            return Err(bad(format!(
+                "{} token ids, more than --max-len {}",
+                record.ids.len(),
+                self.meta.max_len
+            )));
+        }
         Ok(Some(Sequence {
-            id: v["id"].as_str().unwrap_or_default().to_string(),
-            ids: v["ids"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_u64())
-                        .map(|x| x as u32)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            id: record.id,
+            ids: record.ids,
         }))
     }
 
@@ -653,14 +781,21 @@ impl StoreReader {
         }
     }
 
-    /// Reads per-token factors (after their tag) and writes `(g Q_S)ᵀ (ā Q_A)` into `dst`
+    /// Reads per-token factors (after their tag; as many tokens as the sequence, `len`) and writes `(g Q_S)ᵀ (ā Q_A)` into `dst`
     /// (column-major `d_out × d_in_h`).
-    fn rebuild(&mut self, d_o: usize, d_i: usize, dst: &mut [f32]) -> Result<()> {
+    fn rebuild(&mut self, d_o: usize, d_i: usize, len: usize, dst: &mut [f32]) -> Result<()> {
         let t = self.take(4)?;
         let m = &self.bytes.map;
         let tokens =
             u32::from_le_bytes([m[t.start], m[t.start + 1], m[t.start + 2], m[t.start + 3]])
                 as usize;
+        if tokens != len {
+            return Err(Error::Mismatch(format!(
+                "{}: the record of sequence {} holds {tokens} tokens, sequences.jsonl {len}; the store is corrupt, {REMEDY}",
+                self.dir.join(GRADIENTS_FILE).display(),
+                self.read
+            )));
+        }
         let mut g = std::mem::take(&mut self.scratch_g);
         let mut a = std::mem::take(&mut self.scratch_a);
         g.resize(tokens * d_o, 0.0);

@@ -102,13 +102,9 @@ impl Default for TrainOptions {
 
 impl TrainOptions {
     fn check(&self) -> Result<()> {
-        let bad = |msg: &str| Err(Error::input(msg.to_string()));
-        if self.epochs == 0 {
-            return bad("--epochs must be at least 1");
-        }
-        if self.batch_size == 0 {
-            return bad("--batch-size must be at least 1");
-        }
+        let bad = |msg: &str| Err(Error::usage(msg.to_string()));
+        crate::options::EPOCHS.check(self.epochs)?;
+        crate::options::BATCH_SIZE.check(self.batch_size)?;
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("--lr must be a positive number");
         }
@@ -480,27 +476,32 @@ pub struct TrainingRecord {
 /// Writes a trained model as a Hugging Face GPT-2 checkpoint directory: `config.json` (with the
 /// fields transformers needs to load it as `GPT2LMHeadModel`), `model.safetensors` (tied LM head,
 /// so no `lm_head.weight`), `tokenizer.json` and `training.json`. Files are written into a
-/// temporary directory beside `dir` and renamed into place, so a failure leaves no half-written
-/// checkpoint.
+/// temporary folder inside `dir` (removed on any error, swept by the next run after a kill)
+/// and renamed into place, so a failure leaves no half-written file.
 pub fn save_checkpoint(
     dir: &Path,
     tensors: &HashMap<String, Tensor>,
     tokenizer: &tokenizers::Tokenizer,
     record: &TrainingRecord,
 ) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(parent) = parent {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = crate::io::temp_sibling(&dir.join("checkpoint"));
+    let written = write_checkpoint(dir, &tmp, tensors, tokenizer, record);
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let tmp = dir.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    written
+}
+
+/// [`save_checkpoint`]'s files, built in `tmp`.
+fn write_checkpoint(
+    dir: &Path,
+    tmp: &Path,
+    tensors: &HashMap<String, Tensor>,
+    tokenizer: &tokenizers::Tokenizer,
+    record: &TrainingRecord,
+) -> Result<()> {
+    std::fs::create_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
     let c = &record.config;
     let config = serde_json::json!({
         "model_type": "gpt2",
@@ -539,7 +540,6 @@ pub fn save_checkpoint(
         "training.json",
         &serde_json::to_value(record).map_err(|e| Error::Other(e.to_string()))?,
     )?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     for file in [
         "model.safetensors",
         "tokenizer.json",
@@ -549,8 +549,7 @@ pub fn save_checkpoint(
         let (from, to) = (tmp.join(file), dir.join(file));
         std::fs::rename(&from, &to).map_err(|e| Error::io(&to, e))?;
     }
-    std::fs::remove_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    Ok(())
+    std::fs::remove_dir(tmp).map_err(|e| Error::io(tmp, e))
 }
 
 /// Settings of `infl train`.
@@ -569,6 +568,8 @@ pub struct TrainJob {
     /// Context length, and the window length the corpus is cut into.
     pub n_positions: usize,
     pub options: TrainOptions,
+    /// What may be replaced in `out`.
+    pub output: crate::options::OutputOptions,
 }
 
 /// What `train` hands back.
@@ -580,8 +581,36 @@ pub struct Trained {
 
 /// Trains (or reads) the tokenizer, cuts the corpus into the windows fit and score will stream,
 /// trains the model and writes the checkpoint to `job.out`.
+/// The model's shape and the training options in their ranges ([`Error::Usage`]), before any
+/// work.
+fn check_job(job: &TrainJob) -> Result<()> {
+    use crate::options::{N_EMBD, N_HEAD, N_LAYER, N_POSITIONS, VOCAB_SIZE};
+    if job.tokenizer.is_none() {
+        VOCAB_SIZE.check(job.vocab_size)?;
+    }
+    N_EMBD.check(job.n_embd)?;
+    N_LAYER.check(job.n_layer)?;
+    N_HEAD.check(job.n_head)?;
+    N_POSITIONS.check(job.n_positions)?;
+    if !job.n_embd.is_multiple_of(job.n_head) {
+        return Err(Error::usage(format!(
+            "--n-embd ({}) must be a multiple of --n-head ({})",
+            job.n_embd, job.n_head
+        )));
+    }
+    job.options.check()
+}
+
 pub fn train(job: &TrainJob, progress: &dyn Progress) -> Result<Trained> {
+    use crate::output_dir::{Kind, OutputDir};
     let started = std::time::Instant::now();
+    check_job(job)?;
+    let out = OutputDir::open(
+        &job.out,
+        Kind::Model,
+        crate::shard::Shard::WHOLE,
+        job.output.overwrite,
+    )?;
     let (texts, corpus_sha256) = crate::data::read_texts(&job.train)?;
     let (tokenizer, tokenizer_source) = match &job.tokenizer {
         Some(path) => (
@@ -617,15 +646,15 @@ pub fn train(job: &TrainJob, progress: &dyn Progress) -> Result<Trained> {
         scale_attn_by_inverse_layer_idx: false,
         reorder_and_upcast_attn: false,
     };
-    if job.n_head == 0 || !job.n_embd.is_multiple_of(job.n_head) {
-        return Err(Error::input(format!(
-            "--n-embd ({}) must be a positive multiple of --n-head ({})",
-            job.n_embd, job.n_head
-        )));
-    }
-    if job.n_positions < 2 {
-        return Err(Error::input("--n-positions must be at least 2"));
-    }
+    out.claim(
+        &serde_json::json!({
+            "corpus_sha256": corpus_sha256,
+            "config": config,
+            "options": job.options,
+            "tokenizer": tokenizer_source,
+        }),
+        false,
+    )?;
     let mut trainer = Trainer::new(config.clone(), job.options.clone())?;
     let refs: Vec<&[u32]> = sequences.iter().map(|s| s.as_slice()).collect();
     let epoch_losses = trainer.fit(&refs, progress)?;

@@ -175,12 +175,26 @@ fn read_meta(dir: &Path) -> Result<(ScoresMetaView, PathBuf)> {
             dir.display()
         )));
     }
-    let meta: ScoresMetaView = io::read_json(&meta_path)?;
+    // The kind first: another kind of output (factors) does not parse as scores at all.
+    let value: serde_json::Value = io::read_json(&meta_path)?;
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .map(str::to_string);
+    let meta: ScoresMetaView = match &kind {
+        Some(k) if k != "scores" => ScoresMetaView {
+            kind,
+            ..Default::default()
+        },
+        _ => serde_json::from_value(value)
+            .map_err(|e| Error::input(format!("{}: {e}", meta_path.display())))?,
+    };
     if let Some(kind) = &meta.kind {
         if kind != "scores" {
             return Err(Error::Mismatch(format!(
-                "{}: holds `{kind}`, not scores; `infl report` reads the output of `infl score`",
-                meta_path.display()
+                "{}: holds `{kind}` (the output of `infl {}`), not scores; `infl report` and `infl compare` read a results directory written by `infl score`",
+                meta_path.display(),
+                if kind == "factors" { "fit" } else { kind.as_str() }
             )));
         }
     }
@@ -296,7 +310,13 @@ fn in_query_order<T>(
                 file.display()
             ))
         })?;
-        slots[i] = Some(item);
+        if slots[i].replace(item).is_some() {
+            return Err(Error::input(format!(
+                "{}: query `{}` has more than one record",
+                file.display(),
+                ids[i]
+            )));
+        }
     }
     slots
         .into_iter()
@@ -366,4 +386,29 @@ fn read_dense(path: &Path, n_queries: usize) -> Result<Option<Vec<Vec<f64>>>> {
             .map(<[f64]>::to_vec)
             .collect(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_query_records_must_name_each_query_once() {
+        let ids = vec!["a".to_string(), "b".to_string()];
+        let file = Path::new("layers.json");
+        fn id(s: &String) -> &String {
+            s
+        }
+        let ordered = in_query_order(vec!["b".into(), "a".into()], &ids, file, id).unwrap();
+        assert_eq!(ordered, ids);
+        // A second record of `a` used to replace the first without a word.
+        let e = in_query_order(vec!["a".into(), "b".into(), "a".into()], &ids, file, id)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`a` has more than one record"), "{e}");
+        let e = in_query_order(vec!["a".to_string()], &ids, file, id)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no record for query `b`"), "{e}");
+    }
 }

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::io;
 use crate::model::{self, Labels, TapModel, TrackedLayer};
 use crate::options::{Compute, FitOptions, RunOptions};
+use crate::output_dir::{Kind, OutputDir};
 use crate::pass::Progress;
 use crate::provenance::{CorpusInfo, ModelInfo};
 use crate::shard::Shard;
@@ -97,9 +98,18 @@ pub(super) fn pass_stem(pass: Pass, shard: Shard) -> String {
 
 pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     let started = std::time::Instant::now();
+    job.options.check()?;
+    job.run.check()?;
+    // The model first (memory-mapped, quick): a refused device writes no directory.
     let model = open_model(job)?;
     let max_len = job.options.max_len.unwrap_or(model.max_positions());
     check_max_len(max_len, model.as_ref())?;
+    let out = OutputDir::open(
+        &job.out,
+        Kind::Factors,
+        job.run.shard,
+        job.run.output.overwrite,
+    )?;
     let mut tok = LazyTokenizer::new(&job.model);
     let chunk = job.options.batch_size.max(1) * CHUNK_BATCHES;
     let scan = scan_corpus(job, model.as_ref(), &mut tok, max_len, chunk)?;
@@ -125,7 +135,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     };
     let settings = template.settings();
     let work = open_work_dir(
-        &job.out,
+        &out,
         job.run.fresh,
         FIT_TEMPLATE_FILE,
         &settings,
@@ -198,21 +208,29 @@ fn scan_corpus(
 ) -> Result<Scan> {
     let (mut longest, mut global) = (1usize, 0usize);
     let (mut owned, mut owned_tokens, mut store_bytes) = (0usize, 0u64, 0u64);
-    let stats = data::stream_corpus(&job.train, tok, max_len, model.vocab_size(), chunk, |c| {
-        for s in c {
-            longest = longest.max(s.ids.len());
-            if job.run.shard.owns(global) {
-                owned += 1;
-                owned_tokens += s.ids.len() as u64;
-                if let Some(options) = job.store {
-                    store_bytes +=
-                        crate::store::sequence_bytes(model.tracked(), s.ids.len(), options);
+    let stats = data::stream_corpus_columns(
+        &job.train,
+        &job.options.columns,
+        tok,
+        max_len,
+        model.vocab_size(),
+        chunk,
+        |c| {
+            for s in c {
+                longest = longest.max(s.ids.len());
+                if job.run.shard.owns(global) {
+                    owned += 1;
+                    owned_tokens += s.ids.len() as u64;
+                    if let Some(options) = job.store {
+                        store_bytes +=
+                            crate::store::sequence_bytes(model.tracked(), s.ids.len(), options);
+                    }
                 }
+                global += 1;
             }
-            global += 1;
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     Ok(Scan {
         stats,
         longest,
@@ -436,8 +454,9 @@ impl FitRun<'_> {
         let mut folded_store = self.folded_store.take();
         let mut tok = std::mem::replace(&mut self.tok, LazyTokenizer::new(&job.model));
         let this = &*self;
-        let stats = data::stream_corpus(
+        let stats = data::stream_corpus_columns(
             &job.train,
+            &job.options.columns,
             &mut tok,
             this.max_len,
             this.model.vocab_size(),
@@ -578,8 +597,9 @@ impl FitRun<'_> {
         let (job, model, progress) = (self.job, self.model, self.progress);
         progress.begin("gradient store", self.scan.stats.n_tokens as u64);
         let mut seen = 0usize;
-        data::stream_corpus(
+        data::stream_corpus_columns(
             &job.train,
+            &job.options.columns,
             &mut self.tok,
             self.max_len,
             model.vocab_size(),

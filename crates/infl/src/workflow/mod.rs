@@ -27,7 +27,9 @@ use crate::influence::{Damping, Preconditioner};
 use crate::io;
 use crate::model::{self, TapModel};
 use crate::options::Compute;
+use crate::output_dir::OutputDir;
 use crate::provenance::ModelInfo;
+use crate::shard::Shard;
 use std::path::Path;
 
 /// Intermediate state of a fit or score (pass sums, shard results, checkpoints), inside its
@@ -58,17 +60,19 @@ fn check_same_job<T: serde::de::DeserializeOwned>(
     Ok(())
 }
 
-/// The work directory of a fit or score in `out`, started or resumed: fresh when asked,
-/// refused when another job's state is there, with this job's template written.
+/// The work directory of a fit or score in the locked `out`, started or resumed: the run's
+/// settings claimed for the directory ([`OutputDir::claim`]), the work state discarded when
+/// asked, refused when another job's state is there, with this job's template written.
 pub(super) fn open_work_dir<T: serde::Serialize + serde::de::DeserializeOwned>(
-    out: &Path,
+    out: &OutputDir,
     fresh: bool,
     template_file: &str,
     settings: &serde_json::Value,
     template: &T,
     settings_of: impl Fn(T) -> serde_json::Value,
 ) -> Result<std::path::PathBuf> {
-    let work = out.join(WORK_DIR);
+    out.claim(settings, fresh)?;
+    let work = out.path().join(WORK_DIR);
     if fresh && work.exists() {
         std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
     }
@@ -80,9 +84,10 @@ pub(super) fn open_work_dir<T: serde::Serialize + serde::de::DeserializeOwned>(
 }
 
 pub(super) fn check_max_len(max_len: usize, model: &dyn TapModel) -> Result<()> {
-    if max_len == 0 || max_len > model.max_positions() {
+    crate::options::MAX_LEN.check(max_len)?;
+    if max_len > model.max_positions() {
         return Err(Error::input(format!(
-            "--max-len {max_len} must be between 1 and the model's context length {}",
+            "--max-len {max_len} must be at most the model's context length {}",
             model.max_positions()
         )));
     }
@@ -157,8 +162,16 @@ pub struct MergeOutcome {
     pub message: String,
 }
 
-/// `infl merge DIR`: merges the shards of the fit or score whose `--out` was `DIR`.
+/// `infl merge DIR`: merges the shards of the fit or score whose `--out` was `DIR`, holding
+/// the directory's exclusive lock (no shard may still be running).
 pub fn merge(dir: &Path) -> Result<MergeOutcome> {
+    if !dir.is_dir() {
+        return Err(Error::input(format!(
+            "{}: no such directory; give the --out of a sharded `infl fit` or `infl score`",
+            dir.display()
+        )));
+    }
+    let _lock = OutputDir::lock(dir, Shard::WHOLE)?;
     let work = dir.join(WORK_DIR);
     if work.join(FIT_TEMPLATE_FILE).exists() {
         return merge_factors(dir);

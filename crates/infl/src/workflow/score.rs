@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::influence::{self, PreconditionedQueries, Preconditioner};
 use crate::model::{self, Labels, TapBatch, TapModel, TrackedLayer};
 use crate::options::{Compute, Normalize, QueryRank, RunOptions, ScoreOptions};
+use crate::output_dir::{Kind, OutputDir};
 use crate::pass::Progress;
 use crate::provenance::CorpusInfo;
 use crate::results::meta::{Provenance, QueriesInfo, ScoresMeta, SCORE_CONVENTION};
@@ -64,9 +65,8 @@ impl ScoreJob {
     /// exact.
     fn checked_options(&self) -> Result<ScoreOptions> {
         let o = &self.options;
-        if o.query_rank == QueryRank(Some(0)) {
-            return Err(Error::input("--query-rank must be at least 1 (or `full`)"));
-        }
+        o.check()?;
+        self.run.check()?;
         if o.store && (!self.run.shard.is_whole() || o.per_token) {
             return Err(Error::input(
                 "--store reads the whole stored corpus in one process: it does not go with --shard or --per-token",
@@ -109,6 +109,12 @@ pub struct ScoreSummary {
 pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
     let started = std::time::Instant::now();
     let options = job.checked_options()?;
+    let out = OutputDir::open(
+        &job.out,
+        Kind::Scores,
+        job.run.shard,
+        job.run.output.overwrite,
+    )?;
     let prepared = prepare(
         &job.model,
         &job.factors,
@@ -121,6 +127,13 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         &job.queries,
         &mut tok,
         model.max_positions(),
+        model.vocab_size(),
+    )?;
+    // Every corpus line is checked before the first forward pass (and before work/ exists).
+    data::check_corpus(
+        &job.train,
+        &job.options.columns,
+        &mut tok,
         model.vocab_size(),
     )?;
     let memory = MemoryCheck {
@@ -151,7 +164,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         progress,
     )?;
     let candidates = prefilter_candidates(job, &options, &queries, prepared.max_len)?;
-    let (work, settings) = start_work(job, &options, &prepared, &queries_sha)?;
+    let (work, settings) = start_work(&out, job, &options, &prepared, &queries_sha)?;
     let tracked = model.tracked().to_vec();
     let run = ScoreRun {
         job,
@@ -253,6 +266,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
 /// The work directory of this run with its settings fingerprint: the options serialised with
 /// the hashes of the model, factors, corpus and queries.
 fn start_work(
+    out: &OutputDir,
     job: &ScoreJob,
     options: &ScoreOptions,
     prepared: &Prepared,
@@ -275,7 +289,7 @@ fn start_work(
         top_k: options.top_k,
     };
     let work = open_work_dir(
-        &job.out,
+        out,
         job.run.fresh,
         super::score_merge::SCORE_TEMPLATE_FILE,
         &settings,
@@ -568,8 +582,9 @@ impl StreamedPass<'_> {
         let mut scored = 0usize;
         let mut last_save = (0usize, std::time::Instant::now());
         let batch_size = run.options.batch_size;
-        data::stream_corpus(
+        data::stream_corpus_columns(
             &job.train,
+            &job.options.columns,
             tok,
             self.max_len,
             self.model.vocab_size(),

@@ -141,6 +141,9 @@ pub(super) fn write_scores(
             meta.corpus.n_sequences,
         )?;
     }
+    if meta.options.parquet {
+        results::parquet::write_results_parquet(out, meta, &top)?;
+    }
     io::write_json(&out.join(META_FILE), meta)?;
     let work = out.join(WORK_DIR);
     std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;

@@ -123,7 +123,10 @@ fn read_batches(
                 }
             }
         }
-        reader.prefault_batch();
+        if let Err(e) = reader.ready_batch() {
+            let _ = filled_tx.send(Err(e));
+            return;
+        }
         if seqs.is_empty() || filled_tx.send(Ok((columns, seqs))).is_err() {
             return;
         }

@@ -7,11 +7,13 @@ use crate::error::{Error, Result};
 use crate::influence;
 use crate::io;
 use crate::model;
-use crate::options::{Compute, ScoreOptions, SelfInfluenceOptions};
+use crate::options::{Compute, OutputOptions, ScoreOptions, SelfInfluenceOptions};
+use crate::output_dir::{Kind, OutputDir};
 use crate::pass::Progress;
 use crate::provenance::{CorpusInfo, META_FILE};
 use crate::results;
 use crate::results::meta::{Provenance, QueriesInfo, ScoresMeta};
+use crate::shard::Shard;
 use std::path::PathBuf;
 
 /// One `infl self-influence`: its files, what it computes and where.
@@ -23,6 +25,8 @@ pub struct SelfInfluenceJob {
     pub out: PathBuf,
     pub options: SelfInfluenceOptions,
     pub compute: Compute,
+    /// What may be replaced in `out`.
+    pub output: OutputOptions,
 }
 
 /// Each training sequence's influence on its own loss, I(z, z) = ⟨(F+λI)⁻¹∇L_z, ∇L_z⟩: large
@@ -32,6 +36,13 @@ pub struct SelfInfluenceJob {
 pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result<ScoreSummary> {
     use std::io::Write;
     let started = std::time::Instant::now();
+    job.options.check()?;
+    let out = OutputDir::open(
+        &job.out,
+        Kind::SelfInfluence,
+        Shard::WHOLE,
+        job.output.overwrite,
+    )?;
     let Prepared {
         fmeta,
         model,
@@ -46,7 +57,26 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     )?;
     let tracked = model.tracked().to_vec();
     let mut tok = LazyTokenizer::new(&job.model);
+    // Every corpus line is checked before the first forward pass and before any output.
+    data::check_corpus(
+        &job.train,
+        &job.options.columns,
+        &mut tok,
+        model.vocab_size(),
+    )?;
     io::ensure_dir(&job.out)?;
+    out.claim(
+        &serde_json::json!({
+            "stage": "self-influence",
+            "model_config_sha256": model_info.config_sha256,
+            "model_weights_sha256": model_info.weights_sha256,
+            "factors_sha256": fmeta.factors_sha256,
+            "corpus_sha256": data::sha256_file(&job.train)?,
+            "max_len": max_len,
+            "options": job.options,
+        }),
+        false,
+    )?;
     let all_path = job.out.join("self_influence.jsonl");
     let mut all = io::AtomicFile::create(&all_path)?;
     let mut acc = results::ScoreAccumulator::new(1, 1, job.options.top_k, None);
@@ -61,8 +91,9 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     progress.begin("self-influence", 0);
     let pass_started = std::time::Instant::now();
     let mut seen = 0usize;
-    let stats = data::stream_corpus(
+    let stats = data::stream_corpus_columns(
         &job.train,
+        &job.options.columns,
         &mut tok,
         max_len,
         model.vocab_size(),
@@ -106,6 +137,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         top_k: job.options.top_k,
         batch_size: job.options.batch_size,
         max_len: job.options.max_len,
+        columns: job.options.columns.clone(),
         ..ScoreOptions::default()
     };
     let meta = ScoresMeta::new(

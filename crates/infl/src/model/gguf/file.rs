@@ -247,7 +247,8 @@ impl GgufFile {
             metadata.insert(key, v);
         }
         let mut tensors = HashMap::new();
-        let mut order = Vec::with_capacity(n_tensors);
+        // The count is the file's word: reserve no more than a plausible header holds.
+        let mut order = Vec::with_capacity(n_tensors.min(1 << 16));
         for _ in 0..n_tensors {
             let tname = r.string()?;
             let n_dims = r.u32()?;
@@ -332,15 +333,25 @@ impl GgufFile {
                 self.path, info.ggml_type
             ))
         })?;
-        let n: usize = info.shape.iter().product();
+        let too_large = || {
+            Error::input(format!(
+                "{}: tensor `{name}` has shape {:?}, too large to address (corrupt header?)",
+                self.path, info.shape
+            ))
+        };
+        let n = info
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(too_large)?;
         let row = info.shape.last().copied().unwrap_or(1);
-        if row % block != 0 {
+        if block == 0 || row % block != 0 {
             return Err(Error::input(format!(
                 "{}: tensor `{name}` rows of {row} are not a multiple of the {tname} block size {block}",
                 self.path
             )));
         }
-        let size = n / block * bytes;
+        let size = (n / block).checked_mul(bytes).ok_or_else(too_large)?;
         let start = usize::try_from(info.offset)
             .ok()
             .and_then(|o| o.checked_add(self.data_offset));
@@ -396,6 +407,29 @@ mod tests {
         for t in ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k"] {
             assert!(seen.contains(&format!("t_{t}").as_str()), "{t} not tested");
         }
+    }
+
+    /// A header whose four dimensions multiply past `usize`: an error, not an overflow.
+    #[test]
+    fn a_shape_too_large_to_address_is_an_error() {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes()); // tensors
+        b.extend(0u64.to_le_bytes()); // metadata keys
+        b.extend(1u64.to_le_bytes());
+        b.push(b't');
+        b.extend(4u32.to_le_bytes());
+        for _ in 0..4 {
+            b.extend(70_000u64.to_le_bytes());
+        }
+        b.extend(0u32.to_le_bytes()); // F32
+        b.extend(0u64.to_le_bytes());
+        b.resize(70_016, 0); // long enough for each dimension to pass the header's length check
+        let p = std::env::temp_dir().join(format!("infl-gguf-huge-{}.gguf", std::process::id()));
+        std::fs::write(&p, &b).unwrap();
+        let err = GgufFile::open(&p).unwrap().tensor("t").unwrap_err();
+        assert!(err.to_string().contains("too large to address"), "{err}");
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]
