@@ -127,10 +127,13 @@ def fit(
     max_len: Optional[int] = None,
     batch_size: Optional[int] = None,
     seed: Optional[int] = None,
+    text_column: Optional[str] = None,
+    tokens_column: Optional[str] = None,
     shard: Optional[str] = None,
     checkpoint_every: Optional[int] = None,
     fresh: bool = False,
     no_memory_check: bool = False,
+    overwrite: bool = False,
     store: bool = False,
     store_dtype: Optional[str] = None,
     store_form: Optional[str] = None,
@@ -167,10 +170,14 @@ def score(
     normalize: Optional[str] = None,
     prefilter: Optional[int] = None,
     store: bool = False,
+    parquet: bool = False,
+    text_column: Optional[str] = None,
+    tokens_column: Optional[str] = None,
     shard: Optional[str] = None,
     checkpoint_every: Optional[int] = None,
     fresh: bool = False,
     no_memory_check: bool = False,
+    overwrite: bool = False,
     threads: Optional[int] = None,
     progress: Progress = True,
 ) -> Results:
@@ -195,6 +202,9 @@ def self_influence(
     top_k: Optional[int] = None,
     batch_size: Optional[int] = None,
     max_len: Optional[int] = None,
+    text_column: Optional[str] = None,
+    tokens_column: Optional[str] = None,
+    overwrite: bool = False,
     threads: Optional[int] = None,
     progress: Progress = True,
 ) -> Results:
@@ -212,6 +222,7 @@ def index(
     out: PathLike,
     *,
     max_len: Optional[int] = None,
+    overwrite: bool = False,
 ) -> Path:
     out = Path(out)
     corpus = input_path(corpus, out, "corpus", "corpus")
@@ -227,7 +238,7 @@ def inspect(
     batch_size: Optional[int] = None,
     max_len: Optional[int] = None,
     modules: Optional[str] = None,
-    queries: Optional[int] = None,
+    n_queries: Optional[int] = None,
     no_probe: bool = False,
     threads: Optional[int] = None,
 ) -> str:

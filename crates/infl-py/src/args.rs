@@ -36,17 +36,17 @@ pub struct Inspect {
     #[command(flatten)]
     pub compute: Compute,
     /// Sequences per batch the estimate assumes.
-    #[arg(long, default_value_t = infl::options::DEFAULT_BATCH_SIZE, value_name = "B")]
+    #[arg(long, default_value_t = infl::options::DEFAULT_BATCH_SIZE, value_name = "B", value_parser = infl::options::BATCH_SIZE.parser())]
     pub batch_size: usize,
     /// Window length the estimate assumes [default: min(model context length, 512)].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = infl::options::MAX_LEN.parser())]
     pub max_len: Option<usize>,
     /// Which linear layers to track.
     #[arg(long, value_enum, default_value_t = ModuleSelection::All)]
     pub modules: ModuleSelection,
-    /// Number of queries the score estimate assumes.
-    #[arg(long, default_value_t = 1, value_name = "Q")]
-    pub queries: u64,
+    /// How many queries the score estimate assumes (a count: `inspect` reads no queries file).
+    #[arg(long, default_value_t = 1, value_name = "Q", value_parser = infl::options::N_QUERIES.parser())]
+    pub n_queries: usize,
     /// Skip the one-batch timing probe (memory estimate only).
     #[arg(long)]
     pub no_probe: bool,
