@@ -108,7 +108,30 @@ struct Marker {
 pub struct OutputDir {
     dir: PathBuf,
     kind: Kind,
+    /// This (unsharded) run made the directory: if it fails before its first output or state,
+    /// the directory goes with it ([`Drop`]).
+    created: bool,
     _locks: Vec<File>,
+}
+
+impl Drop for OutputDir {
+    /// A directory this run created and leaves holding nothing but its own bookkeeping (the
+    /// lock and the marker: the run failed before its first output or work state) is removed,
+    /// so a failed run leaves nothing behind. Work state that a rerun resumes from is kept.
+    fn drop(&mut self) {
+        if !self.created {
+            return;
+        }
+        let only_bookkeeping = std::fs::read_dir(&self.dir).is_ok_and(|entries| {
+            entries.filter_map(|e| e.ok()).all(|e| {
+                let name = e.file_name();
+                name == LOCK_FILE || name == MARKER_FILE
+            })
+        });
+        if only_bookkeeping {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 /// The `.NAME.tmp-PID` of a temporary file, as (NAME, PID).
@@ -384,8 +407,9 @@ impl OutputDir {
     /// Locks `dir` (created if needed) for the whole-directory work of `infl merge` or of a
     /// shard, without looking at what it holds.
     pub fn lock(dir: &Path, shard: Shard) -> Result<Self> {
-        io::ensure_dir(dir)?;
         let whole = shard.is_whole();
+        let created = whole && !dir.exists();
+        io::ensure_dir(dir)?;
         let mut locks = vec![lock(&dir.join(LOCK_FILE), whole, dir)?];
         if whole {
             for d in [dir.to_path_buf(), dir.join(WORK)] {
@@ -398,6 +422,7 @@ impl OutputDir {
         Ok(OutputDir {
             dir: dir.to_path_buf(),
             kind: Kind::Factors,
+            created,
             _locks: locks,
         })
     }

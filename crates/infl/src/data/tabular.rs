@@ -73,9 +73,8 @@ pub fn layout(path: &Path) -> Result<Option<Layout>> {
         return Ok(Some(Layout::DatasetDir));
     }
     let mut head = [0u8; 6];
-    let n = File::open(path)
-        .and_then(|mut f| read_up_to(&mut f, &mut head))
-        .map_err(|e| Error::io(path, e))?;
+    let mut file = super::open_input(path)?;
+    let n = read_up_to(&mut file, &mut head).map_err(|e| Error::io(path, e))?;
     let head = &head[..n];
     if head.starts_with(PARQUET_MAGIC) {
         return Ok(Some(Layout::Parquet));
