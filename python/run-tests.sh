@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WORK=${INFL_PY_WORK:-target/python}
-rm -rf "$WORK/venv" "$WORK/wheels"
+rm -rf "$WORK/venv" "$WORK/wheels" "$WORK/quickstart"
 mkdir -p "$WORK"
 
 "$PY" -m venv "$WORK/venv"
