@@ -43,17 +43,7 @@ fn message(err: &anyhow::Error) -> String {
 fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<infl::Error>() {
-            return match e {
-                infl::Error::Usage(_) => 2,
-                infl::Error::Input(_) => 3,
-                // A file that is not there is an input the user named wrongly.
-                infl::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                    3
-                }
-                infl::Error::Mismatch(_) => 4,
-                infl::Error::NonFinite(_) => 5,
-                _ => 1,
-            };
+            return e.exit_code();
         }
     }
     1

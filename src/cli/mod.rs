@@ -12,7 +12,6 @@ use args::{
     ValidateArgs, ValidateCommand, ValidateExactArgs, ValidateLdsArgs,
 };
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use infl::model::ModuleSelection;
 use infl::pass::Progress;
 use infl::workflow;
 use jobs::{FitArgs, ScoreArgs, SelfInfluenceArgs};
@@ -180,17 +179,8 @@ fn score(a: ScoreArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
 
 fn index(a: IndexArgs, quiet: bool) -> Result<()> {
     let started = std::time::Instant::now();
-    let out = infl::output_dir::OutputDir::open(
-        &a.out,
-        infl::output_dir::Kind::Index,
-        infl::shard::Shard::WHOLE,
-        a.output.overwrite,
-    )?;
-    let model = infl::model::load(&a.model, ModuleSelection::All, infl::model::Compute::CPU)?;
-    let max_len = a.max_len.unwrap_or(model.max_positions());
-    let mut tok = infl::data::LazyTokenizer::new(&a.model);
-    let index = infl::index::Bm25Index::build(&a.corpus, &mut tok, max_len, model.vocab_size())?;
-    index.save(&out)?;
+    let index =
+        infl::index::index_corpus(&a.model, &a.corpus, &a.out, a.max_len, a.output.overwrite)?;
     if !quiet {
         eprintln!(
             "indexed {} sequences in {:.1}s → {}",

@@ -35,11 +35,31 @@ pub enum Error {
     #[error("tensor engine error: {0}")]
     Candle(#[from] candle_core::Error),
 
+    /// The caller asked the pass to stop ([`crate::pass::Progress::stop_requested`]); any
+    /// resumable state is saved.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
+
     #[error("{0}")]
     Other(String),
 }
 
 impl Error {
+    /// The exit code the command line gives this error, and so the Python exception class:
+    /// 2 an option out of its range, 3 bad input (a file that is not there included), 4 a
+    /// mismatch or corruption, 5 a non-finite loss or gradient, 1 anything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) => 2,
+            Error::Input(_) => 3,
+            // A file that is not there is an input the user named wrongly.
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 3,
+            Error::Mismatch(_) => 4,
+            Error::NonFinite(_) => 5,
+            _ => 1,
+        }
+    }
+
     pub fn input(msg: impl Into<String>) -> Self {
         Error::Input(msg.into())
     }

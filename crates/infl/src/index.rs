@@ -44,6 +44,30 @@ pub struct Bm25Index {
     pub max_len: usize,
 }
 
+/// `infl index`: the index of `corpus` over `model`'s token ids (windows of `max_len`, by
+/// default the model's context length), saved in `out` (owned and locked as every output is;
+/// `overwrite` replaces a previous index there).
+pub fn index_corpus(
+    model_dir: &Path,
+    corpus: &Path,
+    out: &Path,
+    max_len: Option<usize>,
+    overwrite: bool,
+) -> Result<Bm25Index> {
+    use crate::output_dir::{Kind, OutputDir};
+    let out = OutputDir::open(out, Kind::Index, crate::shard::Shard::WHOLE, overwrite)?;
+    let model = crate::model::load(
+        model_dir,
+        crate::model::ModuleSelection::All,
+        crate::model::Compute::CPU,
+    )?;
+    let max_len = max_len.unwrap_or(model.max_positions());
+    let mut tok = LazyTokenizer::new(model_dir);
+    let index = Bm25Index::build(corpus, &mut tok, max_len, model.vocab_size())?;
+    index.save(&out)?;
+    Ok(index)
+}
+
 impl Bm25Index {
     /// Indexes `corpus` exactly as `score` would window it.
     pub fn build(

@@ -154,9 +154,67 @@ impl Visiting<'_> {
             let chunk = &self.seqs[start..start + batch.len()];
             let taps = taps?;
             finite::check_batch(self.model, chunk, batch, &taps, self.labels, self.what)?;
+            // Read before the visit, which sees the same answer and saves its state on it.
+            let stopping = self.progress.stop_requested();
             visit(start, &taps)?;
             self.progress.advance(batch.n_tokens() as u64);
+            if stopping {
+                return Err(crate::Error::Interrupted(format!(
+                    "{} stopped at a batch boundary; rerunning the same job resumes from its last saved state",
+                    self.what
+                )));
+            }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gpt2::{tests::tiny_config, Gpt2};
+    use crate::model::ModuleSelection;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Asks the pass to stop once the first batch is reported.
+    struct StopAfterFirst(AtomicBool);
+
+    impl Progress for StopAfterFirst {
+        fn begin(&self, _: &str, _: u64) {}
+        fn advance(&self, _: u64) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+        fn end(&self) {}
+        fn stop_requested(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn a_stop_requested_ends_the_pass_after_one_more_batch_that_sees_it() {
+        let model = Gpt2::random(tiny_config(), 1, ModuleSelection::Mlp).unwrap();
+        let seqs: Vec<Sequence> = (0..6)
+            .map(|k| Sequence {
+                id: format!("{k}:0"),
+                ids: vec![1, 2, 3, 4 + k],
+            })
+            .collect();
+        // Silent: every batch visited.
+        let mut visited = 0;
+        run_batches(&model, &seqs, 0, 2, Labels::Data, &Silent, "t", |_, _| {
+            visited += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(visited, 3);
+        // Stopped: the first batch, then the one whose visit saw the request (it saves there).
+        let stop = StopAfterFirst(AtomicBool::new(false));
+        let mut seen = Vec::new();
+        let r = run_batches(&model, &seqs, 0, 2, Labels::Data, &stop, "t", |start, _| {
+            seen.push((start, stop.stop_requested()));
+            Ok(())
+        });
+        assert!(matches!(r, Err(crate::Error::Interrupted(_))), "{r:?}");
+        assert_eq!(seen, vec![(0, false), (2, true)]);
     }
 }

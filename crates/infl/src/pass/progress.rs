@@ -9,6 +9,12 @@ pub trait Progress: Sync {
     /// benchmark can measure the machine without disturbing the pass or being disturbed by it.
     fn idle(&self) {}
     fn end(&self);
+    /// Whether the caller asks the pass to stop (Ctrl-C in the Python package). A pass asks
+    /// after each batch; a resumable pass first saves its state as at a checkpoint, then
+    /// stops with [`crate::Error::Interrupted`], so rerunning the job resumes there.
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 /// Progress that reports nothing.

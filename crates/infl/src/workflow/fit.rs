@@ -492,7 +492,9 @@ impl FitRun<'_> {
                             w.add(&seqs[k - taps.seq_lens.len()..k], taps, rotated)?;
                         }
                         let done = before + k;
-                        if done < owned && checkpointer.due(done) {
+                        // A stop asked for is a checkpoint: the rerun resumes here.
+                        let stop = this.progress.stop_requested();
+                        if done < owned && (checkpointer.due(done) || stop) {
                             this.save(stem, sums, done, false)?;
                         }
                         Ok(())

@@ -633,7 +633,9 @@ impl StreamedPass<'_> {
                         let due = policy
                             .every_sequences
                             .is_some_and(|m| scored - last_save.0 >= m)
-                            || last_save.1.elapsed().as_secs_f64() >= policy.every_seconds;
+                            || last_save.1.elapsed().as_secs_f64() >= policy.every_seconds
+                            // A stop asked for is a checkpoint: the rerun resumes here.
+                            || run.progress.stop_requested();
                         if due {
                             saved.acc.flush()?;
                             run.save(saved, indices[start + n - 1] + 1, None)?;
