@@ -129,8 +129,9 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         model.max_positions(),
         model.vocab_size(),
     )?;
-    // Every corpus line is checked before the first forward pass (and before work/ exists).
-    data::check_corpus(
+    // Every corpus line is checked before the first forward pass (and before work/ exists);
+    // the check's hash is the one the settings record.
+    let corpus = data::check_corpus(
         &job.train,
         &job.options.columns,
         &mut tok,
@@ -164,7 +165,13 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         progress,
     )?;
     let candidates = prefilter_candidates(job, &options, &queries, prepared.max_len)?;
-    let (work, settings) = start_work(&out, job, &options, &prepared, &queries_sha)?;
+    let (work, settings) = start_work(
+        &out,
+        job,
+        &options,
+        &prepared,
+        (&corpus.sha256, &queries_sha),
+    )?;
     let tracked = model.tracked().to_vec();
     let run = ScoreRun {
         job,
@@ -270,14 +277,14 @@ fn start_work(
     job: &ScoreJob,
     options: &ScoreOptions,
     prepared: &Prepared,
-    queries_sha: &str,
+    (corpus_sha, queries_sha): (&str, &str),
 ) -> Result<(PathBuf, serde_json::Value)> {
     let settings = serde_json::json!({
         "stage": "score",
         "model_config_sha256": prepared.model_info.config_sha256,
         "model_weights_sha256": prepared.model_info.weights_sha256,
         "factors_sha256": prepared.fmeta.factors_sha256,
-        "corpus_sha256": data::sha256_file(&job.train)?,
+        "corpus_sha256": corpus_sha,
         "queries_sha256": queries_sha,
         "max_len": prepared.max_len,
         "options": options,

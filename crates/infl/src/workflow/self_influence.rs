@@ -58,7 +58,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     let tracked = model.tracked().to_vec();
     let mut tok = LazyTokenizer::new(&job.model);
     // Every corpus line is checked before the first forward pass and before any output.
-    data::check_corpus(
+    let corpus = data::check_corpus(
         &job.train,
         &job.options.columns,
         &mut tok,
@@ -71,7 +71,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
             "model_config_sha256": model_info.config_sha256,
             "model_weights_sha256": model_info.weights_sha256,
             "factors_sha256": fmeta.factors_sha256,
-            "corpus_sha256": data::sha256_file(&job.train)?,
+            "corpus_sha256": corpus.sha256,
             "max_len": max_len,
             "options": job.options,
         }),
