@@ -6,14 +6,16 @@
 
 pub mod device;
 
-use crate::curvature::{Factors, Strategy};
+use crate::curvature::{Factors, LayerFactors, Strategy};
 use crate::data::{Query, Sequence};
 use crate::error::{Error, Result};
+use crate::io::TensorFile;
 use crate::linalg;
 use crate::model::{Labels, TapBatch, TapModel, TokenBatch, TrackedLayer};
 use crate::pass::tasks::largest_first;
 use crate::pass::{for_each_batch, Progress};
 use faer::{Mat, MatRef};
+use std::path::Path;
 
 /// The damping λ added to the eigenvalues.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -63,6 +65,60 @@ enum LayerPreconditioner {
     Identity,
 }
 
+impl LayerPreconditioner {
+    /// Layer `lf`'s damped inverse, taking its eigenbasis (no copy), and the λ used (0 for
+    /// identity).
+    fn new(strategy: Strategy, lf: LayerFactors, damping: Damping) -> Result<(Self, f64)> {
+        let (d_o, d_i) = (lf.layer.d_out, lf.layer.d_in_h());
+        let name = &lf.layer.name;
+        let missing =
+            |what: &str| Error::Mismatch(format!("layer {name}: the factors hold no {what}"));
+        // Λ read in f64, as kronfluence prepares it; the reciprocal is then stored in f32.
+        let lambda: Box<dyn Fn(usize, usize) -> f64 + '_> = match strategy {
+            Strategy::Ekfac | Strategy::Diagonal => {
+                let l = lf.lambda.as_ref().ok_or_else(|| missing("Λ"))?;
+                Box::new(move |i, j| l[(i, j)] as f64)
+            }
+            Strategy::Kfac => {
+                let e = lf.eigen.as_ref().ok_or_else(|| missing("eigenbasis"))?;
+                Box::new(move |i, j| e.eigvals_s[i] * e.eigvals_a[j])
+            }
+            Strategy::Identity => return Ok((LayerPreconditioner::Identity, 0.0)),
+        };
+        let lam = match damping {
+            Damping::Fixed(x) => x,
+            Damping::Heuristic => {
+                let mut sum = 0.0;
+                for j in 0..d_i {
+                    for i in 0..d_o {
+                        sum += lambda(i, j);
+                    }
+                }
+                0.1 * sum / (d_o * d_i) as f64
+            }
+        };
+        let inverse = Mat::from_fn(d_o, d_i, |i, j| (1.0 / (lambda(i, j) + lam)) as f32);
+        drop(lambda);
+        if (0..d_i).any(|j| (0..d_o).any(|i| !inverse[(i, j)].is_finite())) {
+            return Err(Error::NonFinite(format!(
+                "layer {name}: Λ + λ has a zero (λ = {lam}); use a positive --damping"
+            )));
+        }
+        let layer = match strategy {
+            Strategy::Diagonal => LayerPreconditioner::Diagonal { inverse },
+            _ => {
+                let e = lf.eigen.ok_or_else(|| missing("eigenbasis"))?;
+                LayerPreconditioner::Eigen {
+                    q_a: e.q_a,
+                    q_s: e.q_s,
+                    inverse,
+                }
+            }
+        };
+        Ok((layer, lam))
+    }
+}
+
 /// Applies the damped inverse curvature of every layer.
 pub struct Preconditioner {
     layers: Vec<LayerPreconditioner>,
@@ -72,68 +128,47 @@ pub struct Preconditioner {
 
 impl Preconditioner {
     pub fn new(factors: &Factors, damping: Damping) -> Result<Self> {
-        let mut layers = Vec::new();
-        let mut used = Vec::new();
-        for lf in &factors.layers {
-            let (d_o, d_i) = (lf.layer.d_out, lf.layer.d_in_h());
-            let missing = |what: &str| {
-                Error::Mismatch(format!(
-                    "layer {}: the factors hold no {what}",
-                    lf.layer.name
-                ))
-            };
-            // Λ in f64, as kronfluence prepares it; the reciprocal is then stored in f32.
-            let lambda: Option<Mat<f64>> = match factors.strategy {
-                Strategy::Ekfac | Strategy::Diagonal => Some(linalg::to_f64(
-                    lf.lambda.as_ref().ok_or_else(|| missing("Λ"))?.as_ref(),
-                )),
-                Strategy::Kfac => {
-                    let e = lf.eigen.as_ref().ok_or_else(|| missing("eigenbasis"))?;
-                    Some(Mat::from_fn(d_o, d_i, |o, i| {
-                        e.eigvals_s[o] * e.eigvals_a[i]
-                    }))
-                }
-                Strategy::Identity => None,
-            };
-            let Some(lambda) = lambda else {
-                layers.push(LayerPreconditioner::Identity);
-                used.push(0.0);
-                continue;
-            };
-            let lam = match damping {
-                Damping::Fixed(x) => x,
-                Damping::Heuristic => {
-                    let mut sum = 0.0;
-                    for j in 0..d_i {
-                        for i in 0..d_o {
-                            sum += lambda[(i, j)];
-                        }
-                    }
-                    0.1 * sum / (d_o * d_i) as f64
-                }
-            };
-            let inverse = Mat::from_fn(d_o, d_i, |i, j| (1.0 / (lambda[(i, j)] + lam)) as f32);
-            if (0..d_i).any(|j| (0..d_o).any(|i| !inverse[(i, j)].is_finite())) {
-                return Err(Error::NonFinite(format!(
-                    "layer {}: Λ + λ has a zero (λ = {lam}); use a positive --damping",
-                    lf.layer.name
-                )));
-            }
+        let layers = factors.layers.iter().map(|lf| {
+            // A copy of what the inverse needs (never the covariances).
+            Ok(LayerFactors {
+                covariance: None,
+                layer: lf.layer.clone(),
+                eigen: lf.eigen.clone(),
+                lambda: lf.lambda.clone(),
+                ..*lf
+            })
+        });
+        Self::build(factors.strategy, damping, layers)
+    }
+
+    /// [`Preconditioner::new`] straight from a factors file, one layer at a time: the peak is
+    /// the preconditioner plus one layer's Λ, and the covariances are never read.
+    pub fn from_file(
+        path: &Path,
+        strategy: Strategy,
+        tracked: &[TrackedLayer],
+        damping: Damping,
+    ) -> Result<Self> {
+        let mut file = TensorFile::open(path)?;
+        let layers = tracked
+            .iter()
+            .map(|l| LayerFactors::read(&mut file, strategy, l, false));
+        Self::build(strategy, damping, layers)
+    }
+
+    fn build(
+        strategy: Strategy,
+        damping: Damping,
+        layers: impl Iterator<Item = Result<LayerFactors>>,
+    ) -> Result<Self> {
+        let (mut built, mut used) = (Vec::new(), Vec::new());
+        for lf in layers {
+            let (layer, lam) = LayerPreconditioner::new(strategy, lf?, damping)?;
+            built.push(layer);
             used.push(lam);
-            layers.push(match factors.strategy {
-                Strategy::Diagonal => LayerPreconditioner::Diagonal { inverse },
-                _ => {
-                    let e = lf.eigen.as_ref().ok_or_else(|| missing("eigenbasis"))?;
-                    LayerPreconditioner::Eigen {
-                        q_a: e.q_a.clone(),
-                        q_s: e.q_s.clone(),
-                        inverse,
-                    }
-                }
-            });
         }
         Ok(Preconditioner {
-            layers,
+            layers: built,
             damping: used,
         })
     }

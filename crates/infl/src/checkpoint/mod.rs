@@ -59,13 +59,47 @@ pub fn save(
     io::ensure_dir(dir)?;
     let file = format!("{stem}.{position:012}.{ext}");
     io::write_atomic(&dir.join(&file), payload)?;
+    let sha256 = hex(&sha2::Sha256::digest(payload));
+    commit(dir, stem, ext, file, sha256, settings, position, complete)
+}
+
+/// [`save`] of named tensors as a safetensors payload, streamed to the file one tensor at a
+/// time (a pass's sums are the largest thing a fit holds; they are never copied to be saved).
+pub fn save_tensors(
+    dir: &Path,
+    stem: &str,
+    tensors: Vec<(String, io::TensorRef<'_>)>,
+    settings: &serde_json::Value,
+    position: u64,
+    complete: bool,
+) -> Result<()> {
+    io::ensure_dir(dir)?;
+    let ext = "safetensors";
+    let file = format!("{stem}.{position:012}.{ext}");
+    let sha256 = io::write_tensors(&dir.join(&file), tensors, None)?;
+    commit(dir, stem, ext, file, sha256, settings, position, complete)
+}
+
+/// Writes the manifest that makes the payload `file` the state `stem` (the commit point), then
+/// removes older payloads of the state.
+#[allow(clippy::too_many_arguments)]
+fn commit(
+    dir: &Path,
+    stem: &str,
+    ext: &str,
+    file: String,
+    sha256: String,
+    settings: &serde_json::Value,
+    position: u64,
+    complete: bool,
+) -> Result<()> {
     let manifest = Manifest {
         fingerprint: fingerprint(settings),
         settings: settings.clone(),
         position,
         complete,
         file: file.clone(),
-        sha256: hex(&sha2::Sha256::digest(payload)),
+        sha256,
     };
     io::write_json(&manifest_path(dir, stem), &manifest)?;
     // Older payloads of this state, and orphans of interrupted saves.

@@ -4,7 +4,7 @@
 
 use super::Strategy;
 use crate::error::{Error, Result};
-use crate::io::OwnedTensor;
+use crate::io::{TensorFile, TensorRef};
 use crate::linalg;
 use crate::model::TrackedLayer;
 use faer::Mat;
@@ -34,6 +34,51 @@ pub struct Eigenbasis {
     pub q_s: Mat<f32>,
 }
 
+impl LayerFactors {
+    /// Layer `l`'s factors of `strategy` from a factors file; without `covariance`, A and S
+    /// (which scoring never uses) are not read.
+    pub fn read(
+        file: &mut TensorFile,
+        strategy: Strategy,
+        l: &TrackedLayer,
+        covariance: bool,
+    ) -> Result<LayerFactors> {
+        let n = &l.name;
+        let (di, d_o) = (l.d_in_h(), l.d_out);
+        let counts = file.vec_f64(&format!("{n}.counts"), 2)?;
+        let (covariance, eigen) = if strategy.needs_covariance() {
+            let covariance = match covariance {
+                true => Some((
+                    file.mat_f32(&format!("{n}.A"), di, di)?,
+                    file.mat_f32(&format!("{n}.S"), d_o, d_o)?,
+                )),
+                false => None,
+            };
+            let eigen = Eigenbasis {
+                eigvals_a: file.vec_f64(&format!("{n}.eigvals_A"), di)?,
+                q_a: file.mat_f32(&format!("{n}.Q_A"), di, di)?,
+                eigvals_s: file.vec_f64(&format!("{n}.eigvals_S"), d_o)?,
+                q_s: file.mat_f32(&format!("{n}.Q_S"), d_o, d_o)?,
+            };
+            (covariance, Some(eigen))
+        } else {
+            (None, None)
+        };
+        let lambda = match strategy.needs_lambda() {
+            true => Some(file.mat_f32(&format!("{n}.lambda"), d_o, di)?),
+            false => None,
+        };
+        Ok(LayerFactors {
+            layer: l.clone(),
+            n_tokens: counts[0] as u64,
+            n_sequences: counts[1] as u64,
+            covariance,
+            eigen,
+            lambda,
+        })
+    }
+}
+
 /// Fitted factors of every tracked layer.
 #[derive(Debug, Clone)]
 pub struct Factors {
@@ -42,45 +87,48 @@ pub struct Factors {
 }
 
 impl Factors {
-    /// Tensors named `{layer}.{A,S,Q_A,eigvals_A,Q_S,eigvals_S,lambda}` plus per-layer counts.
-    pub fn to_tensors(&self) -> Vec<(String, OwnedTensor)> {
+    /// Tensors named `{layer}.{A,S,Q_A,eigvals_A,Q_S,eigvals_S,lambda}` plus per-layer counts,
+    /// borrowed (written without a copy by [`crate::io::write_tensors`]).
+    pub fn to_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
         let mut out = Vec::new();
-        let mat = |m: &Mat<f32>| {
-            OwnedTensor::F32(vec![m.nrows(), m.ncols()], linalg::to_row_major(m.as_ref()))
-        };
         for lf in &self.layers {
             let n = &lf.layer.name;
             out.push((
                 format!("{n}.counts"),
-                OwnedTensor::F64(vec![2], vec![lf.n_tokens as f64, lf.n_sequences as f64]),
+                TensorRef::f64_owned(vec![2], vec![lf.n_tokens as f64, lf.n_sequences as f64]),
             ));
             if let Some((a, s)) = &lf.covariance {
-                out.push((format!("{n}.A"), mat(a)));
-                out.push((format!("{n}.S"), mat(s)));
+                out.push((format!("{n}.A"), TensorRef::mat_f32(a.as_ref())));
+                out.push((format!("{n}.S"), TensorRef::mat_f32(s.as_ref())));
             }
             if let Some(e) = &lf.eigen {
-                out.push((format!("{n}.Q_A"), mat(&e.q_a)));
+                out.push((format!("{n}.Q_A"), TensorRef::mat_f32(e.q_a.as_ref())));
                 out.push((
                     format!("{n}.eigvals_A"),
-                    OwnedTensor::F64(vec![e.eigvals_a.len()], e.eigvals_a.clone()),
+                    TensorRef::f64(vec![e.eigvals_a.len()], &e.eigvals_a),
                 ));
-                out.push((format!("{n}.Q_S"), mat(&e.q_s)));
+                out.push((format!("{n}.Q_S"), TensorRef::mat_f32(e.q_s.as_ref())));
                 out.push((
                     format!("{n}.eigvals_S"),
-                    OwnedTensor::F64(vec![e.eigvals_s.len()], e.eigvals_s.clone()),
+                    TensorRef::f64(vec![e.eigvals_s.len()], &e.eigvals_s),
                 ));
             }
             if let Some(l) = &lf.lambda {
-                out.push((format!("{n}.lambda"), mat(l)));
+                out.push((format!("{n}.lambda"), TensorRef::mat_f32(l.as_ref())));
             }
         }
         out
     }
 
-    /// Reads factors written by [`Factors::to_tensors`] for the given layers.
+    /// Reads factors written by [`Factors::to_tensors`] for the given layers, one tensor at a
+    /// time.
     pub fn from_file(path: &Path, strategy: Strategy, layers: &[TrackedLayer]) -> Result<Factors> {
-        let t = crate::io::read_safetensors(path)?;
-        Self::from_tensors(t, strategy, layers, &path.display().to_string())
+        let mut file = TensorFile::open(path)?;
+        let layers = layers
+            .iter()
+            .map(|l| LayerFactors::read(&mut file, strategy, l, true))
+            .collect::<Result<_>>()?;
+        Ok(Factors { strategy, layers })
     }
 
     /// [`Factors::from_file`] from tensors already read; `what` names their source in messages.

@@ -4,7 +4,7 @@
 
 use super::{Eigenbasis, Pass};
 use crate::error::{Error, Result};
-use crate::io::OwnedTensor;
+use crate::io::TensorRef;
 use crate::linalg;
 use crate::model::{TapBatch, TrackedLayer};
 use faer::Mat;
@@ -69,21 +69,17 @@ impl PassSums {
     }
 
     /// f64 tensors `{layer}.A_sum`, `{layer}.S_sum` or `{layer}.lambda_sum`, and `counts`
-    /// (`[tokens, sequences]`).
-    pub fn to_tensors(&self, tracked: &[TrackedLayer]) -> Vec<(String, OwnedTensor)> {
-        let mut out: Vec<(String, OwnedTensor)> = Self::names(self.pass, tracked)
+    /// (`[tokens, sequences]`), borrowed (saved without a copy by
+    /// [`crate::checkpoint::save_tensors`]).
+    pub fn to_tensors(&self, tracked: &[TrackedLayer]) -> Vec<(String, TensorRef<'_>)> {
+        let mut out: Vec<(String, TensorRef<'_>)> = Self::names(self.pass, tracked)
             .into_iter()
             .zip(&self.sums)
-            .map(|(n, m)| {
-                (
-                    n,
-                    OwnedTensor::F64(vec![m.nrows(), m.ncols()], linalg::to_row_major(m.as_ref())),
-                )
-            })
+            .map(|(n, m)| (n, TensorRef::mat_f64(m.as_ref())))
             .collect();
         out.push((
             "counts".into(),
-            OwnedTensor::F64(vec![2], vec![self.n_tokens as f64, self.n_sequences as f64]),
+            TensorRef::f64_owned(vec![2], vec![self.n_tokens as f64, self.n_sequences as f64]),
         ));
         out
     }

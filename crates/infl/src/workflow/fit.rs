@@ -19,6 +19,7 @@ use crate::provenance::{CorpusInfo, ModelInfo};
 use crate::shard::Shard;
 use crate::store::{StoreMeta, StoreOptions, StoreProvenance, StoreWriter, STORE_DIR};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// One `infl fit`: its files, what it computes, how it runs and where.
@@ -284,12 +285,12 @@ impl FitRun<'_> {
         let strategy = self.job.options.strategy;
         // A whole fit hands its eigenbases to the eigenvalue pass in memory, not by reading
         // back the state it has just saved (which is there for resuming).
-        let mut handed_bases: Option<Vec<LayerFactors>> = None;
+        let mut handed_bases: Option<Arc<Factors>> = None;
         let mut saving_bases: Option<JoinHandle<Result<()>>> = None;
         loop {
             let bases = match handed_bases.take() {
                 Some(bases) => Some(bases),
-                None => self.saved_bases()?,
+                None => self.saved_bases()?.map(Arc::new),
             };
             let Some(pass) = strategy
                 .passes()
@@ -299,13 +300,13 @@ impl FitRun<'_> {
                 // Nothing left to run over the data (identity).
                 return super::fit_merge::merge_factors(&self.job.out).map(Ended::Factors);
             };
-            let bases = bases.unwrap_or_default();
             let stem = pass_stem(pass, self.job.run.shard);
             let mut state = self.load_state(pass, &stem)?;
             let unsaved = !state.complete;
             if unsaved {
-                self.start_folded_store(pass, &state, &bases)?;
-                self.stream_pass(pass, &stem, &bases, &mut state)?;
+                let layers = bases.as_deref().map_or(&[][..], |b| &b.layers[..]);
+                self.start_folded_store(pass, &state, layers)?;
+                self.stream_pass(pass, &stem, layers, &mut state)?;
             }
             // The pass's complete sums are saved below (a whole fit's covariance sums while the
             // eigendecompositions run).
@@ -322,10 +323,18 @@ impl FitRun<'_> {
                     if !strategy.passes().contains(&Pass::Eigenvalue) {
                         return self.write(layers);
                     }
-                    let (saving, layers) =
-                        save_bases_in_background(&self.work, &self.settings, layers);
-                    saving_bases = Some(saving);
-                    handed_bases = Some(layers);
+                    // The sums are done with: the eigenvalue pass needs only the bases.
+                    drop(state);
+                    let bases = Arc::new(Factors {
+                        strategy: Strategy::Kfac,
+                        layers,
+                    });
+                    saving_bases = Some(save_bases_in_background(
+                        &self.work,
+                        &self.settings,
+                        bases.clone(),
+                    ));
+                    handed_bases = Some(bases);
                 }
                 Pass::Eigenvalue => {
                     if let Some(saving) = saving_bases.take() {
@@ -334,15 +343,18 @@ impl FitRun<'_> {
                     if unsaved {
                         self.save(&stem, &state.sums, self.scan.owned, true)?;
                     }
-                    let mut layers = if bases.is_empty() {
-                        let corpus = &self.template.corpus;
-                        curvature::empty_factors(
-                            self.tracked(),
-                            corpus.n_tokens as u64,
-                            corpus.n_sequences as u64,
-                        )
-                    } else {
-                        bases
+                    // The save has finished, so these bases are the only reference left.
+                    let mut layers = match bases.map(Arc::try_unwrap) {
+                        Some(Ok(bases)) => bases.layers,
+                        Some(Err(shared)) => shared.layers.clone(),
+                        None => {
+                            let corpus = &self.template.corpus;
+                            curvature::empty_factors(
+                                self.tracked(),
+                                corpus.n_tokens as u64,
+                                corpus.n_sequences as u64,
+                            )
+                        }
                     };
                     curvature::set_lambda(&mut layers, &state.sums);
                     return self.write(layers);
@@ -352,13 +364,12 @@ impl FitRun<'_> {
     }
 
     /// The eigenbases a covariance pass left in the work directory, if it did.
-    fn saved_bases(&self) -> Result<Option<Vec<LayerFactors>>> {
+    fn saved_bases(&self) -> Result<Option<Factors>> {
         let Some((_, bytes)) = checkpoint::load(&self.work, EIGEN_STATE, &self.settings)? else {
             return Ok(None);
         };
         let tensors = io::parse_safetensors(&bytes, EIGEN_STATE)?;
-        let kfac = Factors::from_tensors(tensors, Strategy::Kfac, self.tracked(), EIGEN_STATE)?;
-        Ok(Some(kfac.layers))
+        Factors::from_tensors(tensors, Strategy::Kfac, self.tracked(), EIGEN_STATE).map(Some)
     }
 
     /// The saved state of `pass` for this shard, or zeros.
@@ -383,12 +394,10 @@ impl FitRun<'_> {
     }
 
     fn save(&self, stem: &str, sums: &PassSums, done: usize, complete: bool) -> Result<()> {
-        let bytes = io::safetensors_bytes(&sums.to_tensors(self.tracked()))?;
-        checkpoint::save(
+        checkpoint::save_tensors(
             &self.work,
             stem,
-            "safetensors",
-            &bytes,
+            sums.to_tensors(self.tracked()),
             &self.settings,
             done as u64,
             complete,

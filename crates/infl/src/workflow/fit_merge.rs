@@ -105,10 +105,12 @@ pub(super) fn save_bases(
     settings: &serde_json::Value,
     layers: Vec<LayerFactors>,
     shards: usize,
-) -> Result<Vec<LayerFactors>> {
-    let (tensors, layers) = bases_tensors(layers);
-    store_bases(work, settings, &tensors, shards)?;
-    Ok(layers)
+) -> Result<()> {
+    let kfac = Factors {
+        strategy: Strategy::Kfac,
+        layers,
+    };
+    store_bases(work, settings, &kfac, shards)
 }
 
 /// [`save_bases`] for a whole fit, on a thread of its own while the eigenvalue pass runs on
@@ -116,37 +118,24 @@ pub(super) fn save_bases(
 /// 200 sequences of the bench job). Until it lands the covariance sums are kept, so a fit
 /// interrupted before then resumes from them, and their eigendecomposition gives the same
 /// bases. The pass writes only its own state files meanwhile; the handle reports the save, and
-/// is joined when the pass ends, before the fit's last writes remove the work directory.
+/// is joined when the pass ends, before the fit's last writes remove the work directory. The
+/// thread shares the bases (never a copy: they are as large as the factors).
 pub(super) fn save_bases_in_background(
     work: &Path,
     settings: &serde_json::Value,
-    layers: Vec<LayerFactors>,
-) -> (std::thread::JoinHandle<Result<()>>, Vec<LayerFactors>) {
-    let (tensors, layers) = bases_tensors(layers);
+    layers: std::sync::Arc<Factors>,
+) -> std::thread::JoinHandle<Result<()>> {
     let (work, settings) = (work.to_path_buf(), settings.clone());
-    let saving = std::thread::spawn(move || store_bases(&work, &settings, &tensors, 1));
-    (saving, layers)
+    std::thread::spawn(move || store_bases(&work, &settings, &layers, 1))
 }
 
-/// The tensors of the eigenbasis state, and the layers they were copied from.
-pub(super) fn bases_tensors(
-    layers: Vec<LayerFactors>,
-) -> (Vec<(String, io::OwnedTensor)>, Vec<LayerFactors>) {
-    let kfac = Factors {
-        strategy: Strategy::Kfac,
-        layers,
-    };
-    (kfac.to_tensors(), kfac.layers)
-}
-
-pub(super) fn store_bases(
+fn store_bases(
     work: &Path,
     settings: &serde_json::Value,
-    tensors: &[(String, io::OwnedTensor)],
+    bases: &Factors,
     shards: usize,
 ) -> Result<()> {
-    let bytes = io::safetensors_bytes(tensors)?;
-    checkpoint::save(work, EIGEN_STATE, "safetensors", &bytes, settings, 0, true)?;
+    checkpoint::save_tensors(work, EIGEN_STATE, bases.to_tensors(), settings, 0, true)?;
     for i in 0..shards {
         let shard = Shard {
             index: i,
@@ -167,7 +156,7 @@ pub(super) fn write_factors(
     let (strategy, tracked, n) = (factors.strategy, &template.tracked, template.shards);
     let work = out.join(WORK_DIR);
     let st_path = out.join(FACTORS_FILE);
-    let factors_sha256 = io::write_safetensors(&st_path, &factors.to_tensors(), None)?;
+    let factors_sha256 = io::write_tensors(&st_path, factors.to_tensors(), None)?;
     let meta = FactorsMeta::new(
         template.options.clone(),
         template.model.clone(),

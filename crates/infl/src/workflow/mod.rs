@@ -21,7 +21,6 @@ use score_merge::SCORE_TEMPLATE_FILE;
 
 use crate::checkpoint;
 use crate::curvature::format::{open_factors, FactorsMeta, FACTORS_FILE};
-use crate::curvature::Factors;
 use crate::error::{Error, Result};
 use crate::influence::{Damping, Preconditioner};
 use crate::io;
@@ -138,12 +137,12 @@ pub(super) fn prepare(
             "the factors track layers {fitted:?} but the model gives {names:?}"
         )));
     }
-    let factors = Factors::from_file(
+    let preconditioner = Preconditioner::from_file(
         &factors_dir.join(FACTORS_FILE),
         fmeta.options.strategy,
         model.tracked(),
+        damping,
     )?;
-    let preconditioner = Preconditioner::new(&factors, damping)?;
     let max_len = max_len.unwrap_or(fmeta.corpus.max_len);
     check_max_len(max_len, model.as_ref())?;
     Ok(Prepared {
