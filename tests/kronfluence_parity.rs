@@ -44,6 +44,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             train: fixture("corpus_ids.jsonl"),
             out: factors.clone(),
             store: None,
+            partitioning: Default::default(),
             options: FitOptions {
                 strategy,
                 fisher: Fisher::Empirical,
@@ -204,6 +205,7 @@ fn factors_match_kronfluence() {
             train: fixture("corpus_ids.jsonl"),
             out: out.clone(),
             store: None,
+            partitioning: Default::default(),
             options: FitOptions {
                 strategy: Strategy::Ekfac,
                 fisher: Fisher::Empirical,

@@ -4,9 +4,8 @@
 
 mod common;
 
-use common::{bin, ok, run, s};
+use common::{bin, kill_when, max_rel_diff_where, ok, run, s};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 fn scratch(name: &str) -> PathBuf {
     common::scratch("scale", name)
@@ -26,26 +25,6 @@ fn fixture(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 /// Largest |x − y| / max|x| over every tensor of two safetensors files with the same names.
 fn max_rel_diff(a: &Path, b: &Path) -> f64 {
     max_rel_diff_where(a, b, |_| true)
-}
-
-/// [`max_rel_diff`] over the tensors whose name passes `keep`.
-fn max_rel_diff_where(a: &Path, b: &Path, keep: impl Fn(&str) -> bool) -> f64 {
-    let ta = infl::io::read_safetensors(a).unwrap();
-    let tb = infl::io::read_safetensors(b).unwrap();
-    assert_eq!(
-        ta.keys().collect::<std::collections::BTreeSet<_>>(),
-        tb.keys().collect::<std::collections::BTreeSet<_>>()
-    );
-    let mut worst = 0f64;
-    for (name, (shape, x)) in ta.iter().filter(|(n, _)| keep(n)) {
-        let (shape_b, y) = &tb[name];
-        assert_eq!(shape, shape_b, "{name}");
-        let scale = x.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
-        for (u, v) in x.iter().zip(y) {
-            worst = worst.max((u - v).abs() / scale);
-        }
-    }
-    worst
 }
 
 fn top_ids(path: &Path) -> Vec<(String, String, String)> {
@@ -242,29 +221,6 @@ fn merge_refuses_missing_shards_and_mixed_settings() {
     );
     assert!(String::from_utf8_lossy(&r.stderr).contains("other settings"));
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// Starts `args`, waits until `marker` exists (a checkpoint was committed), then SIGKILLs it.
-/// Returns false when the process finished before the marker appeared.
-fn kill_when(args: &[String], marker: &Path) -> bool {
-    let mut child = bin().args(args).spawn().unwrap();
-    let started = Instant::now();
-    loop {
-        if marker.exists() {
-            child.kill().unwrap(); // SIGKILL on Unix
-            child.wait().unwrap();
-            return true;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success());
-            return false;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 fn bundled() -> (PathBuf, PathBuf) {

@@ -145,6 +145,7 @@ fn fit_and_score(
             train: corpus.into(),
             out: factors.clone(),
             store: None,
+            partitioning: Default::default(),
             options: FitOptions {
                 strategy,
                 modules: ModuleSelection::All,

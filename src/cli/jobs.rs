@@ -3,7 +3,8 @@
 //! are defined there once), with the library jobs they become.
 
 use infl::options::{
-    Compute, FitOptions, OutputOptions, RunOptions, ScoreOptions, SelfInfluenceOptions,
+    Compute, FitOptions, OutputOptions, Partitioning, RunOptions, ScoreOptions,
+    SelfInfluenceOptions,
 };
 use infl::workflow::{FitJob, ScoreJob, SelfInfluenceJob};
 use std::path::PathBuf;
@@ -28,6 +29,8 @@ pub struct FitArgs {
     pub options: FitOptions,
     #[command(flatten)]
     pub run: RunOptions,
+    #[command(flatten)]
+    pub partitioning: Partitioning,
     /// Also keep every training sequence's gradient, in the factors' eigenbasis, in
     /// FACTORS/store/: `score --store` then scores new queries with no pass over the training
     /// data. With `--fisher empirical` it is written from the eigenvalue pass's own gradients;
@@ -114,6 +117,7 @@ impl FitArgs {
             run: self.run,
             compute: self.compute,
             store,
+            partitioning: self.partitioning,
         }
     }
 }

@@ -6,6 +6,7 @@ use infl::model::gpt2::{Gpt2, Gpt2Config};
 use infl::model::ModuleSelection;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// A fresh scratch directory for one test.
 pub fn scratch(suite: &str, name: &str) -> PathBuf {
@@ -110,4 +111,48 @@ pub fn rel_diff(x: &[f32], reference: &[f32]) -> f64 {
     } else {
         diff / scale
     }
+}
+
+/// Starts `args`, waits until `marker` exists (a checkpoint was committed), then SIGKILLs it.
+/// Returns false when the process finished before the marker appeared.
+pub fn kill_when(args: &[String], marker: &Path) -> bool {
+    let mut child = bin().args(args).spawn().unwrap();
+    let started = Instant::now();
+    loop {
+        if marker.exists() {
+            child.kill().unwrap(); // SIGKILL on Unix
+            child.wait().unwrap();
+            return true;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success());
+            return false;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The largest difference between the tensors of two safetensors files whose name passes
+/// `keep`, relative to each tensor's largest magnitude.
+pub fn max_rel_diff_where(a: &Path, b: &Path, keep: impl Fn(&str) -> bool) -> f64 {
+    let ta = infl::io::read_safetensors(a).unwrap();
+    let tb = infl::io::read_safetensors(b).unwrap();
+    assert_eq!(
+        ta.keys().collect::<std::collections::BTreeSet<_>>(),
+        tb.keys().collect::<std::collections::BTreeSet<_>>()
+    );
+    let mut worst = 0f64;
+    for (name, (shape, x)) in ta.iter().filter(|(n, _)| keep(n)) {
+        let (shape_b, y) = &tb[name];
+        assert_eq!(shape, shape_b, "{name}");
+        let scale = x.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+        for (u, v) in x.iter().zip(y) {
+            worst = worst.max((u - v).abs() / scale);
+        }
+    }
+    worst
 }

@@ -19,7 +19,7 @@ use crate::curvature::{self, Fisher, Strategy};
 use crate::data::{Query, Sequence};
 use crate::error::{Error, Result};
 use crate::influence::{self, Damping, Preconditioner};
-use crate::model::{TapModel, TokenBatch};
+use crate::model::{TapModel, TokenBatch, TrackedLayer};
 use crate::options::FitOptions;
 use crate::pass::Silent;
 
@@ -53,14 +53,12 @@ impl MemoryEstimate {
     }
 
     /// Peak bytes of `infl score` with `n_queries` queries and `n_train` training sequences.
-    /// Reading factors.safetensors holds its bytes and an f64 copy of every tensor (3× the
-    /// file), and the parsed factors stay alive next to the preconditioner (checked against
-    /// SmolLM2-135M: estimate 11.8 GiB, measured peak 11.6 GiB).
+    /// The preconditioner is read from factors.safetensors a layer at a time (never the
+    /// covariances), so reading adds one layer's Λ, within `score_batch`'s margin.
     pub fn score_total(&self, n_queries: u64, n_train: u64) -> u64 {
         self.weights
             + self.batches_at_once * (self.activations + self.score_batch)
             + self.score_preconditioner
-            + 3 * self.factor_file
             + n_queries * self.per_query
             + n_queries * n_train * 8
     }
@@ -71,11 +69,6 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
     let tracked = model.tracked();
     let sq = |x: usize| (x as u64) * (x as u64);
     let cov: u64 = tracked.iter().map(|l| sq(l.d_in_h()) + sq(l.d_out)).sum();
-    let max_cov: u64 = tracked
-        .iter()
-        .map(|l| sq(l.d_in_h()) + sq(l.d_out))
-        .max()
-        .unwrap_or(0);
     let lam: u64 = tracked.iter().map(|l| (l.d_out * l.d_in_h()) as u64).sum();
     let max_lam: u64 = tracked
         .iter()
@@ -84,12 +77,7 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
         .unwrap_or(0);
     let eigvals: u64 = tracked.iter().map(|l| (l.d_in_h() + l.d_out) as u64).sum();
     let factor_file = 4 * (2 * cov + lam) + 8 * eigvals;
-    // Covariance pass: f64 sums + f32 covariances and eigenvectors + one layer's f64 copies and
-    // eigh workspace. Eigenvalue pass: f32 state + f64 and f32 Λ. End: the tensors to write.
-    let cov_phase = 8 * cov + 8 * cov + 32 * max_cov;
-    let lambda_phase = 8 * cov + 12 * lam;
-    let write_phase = 8 * cov + 4 * lam + factor_file;
-    let fit_factors = cov_phase.max(lambda_phase).max(write_phase);
+    let fit_factors = fit_factor_bytes(tracked);
 
     let tokens = (batch_size * max_len) as u64;
     let widths: u64 = tracked.iter().map(|l| (l.d_in + l.d_out) as u64).sum();
@@ -127,6 +115,46 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
         per_query: 4 * lam,
         score_batch: 4 * batch_size as u64 * max_lam,
     }
+}
+
+/// What `fit` holds for the statistics and factors of `layers` at its peak. Covariance pass:
+/// the f64 sums, the f32 covariances and eigenvectors as they are made, and per layer being
+/// decomposed its normalised f64 copy and the eigensolver's workspace (one layer per thread).
+/// Eigenvalue pass: the f32 bases and the f64 Λ sums, and the f32 Λ made from them. Files are
+/// written one tensor at a time, so writing adds no copy.
+pub fn fit_factor_bytes(layers: &[TrackedLayer]) -> u64 {
+    let sq = |x: usize| (x as u64) * (x as u64);
+    let cov: u64 = layers.iter().map(|l| sq(l.d_in_h()) + sq(l.d_out)).sum();
+    let lam: u64 = layers.iter().map(|l| (l.d_out * l.d_in_h()) as u64).sum();
+    let mut sizes: Vec<u64> = layers
+        .iter()
+        .map(|l| sq(l.d_in_h()).max(sq(l.d_out)))
+        .collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let threads = rayon::current_num_threads().max(1);
+    let decomposing: u64 = sizes.iter().take(threads).sum();
+    let cov_phase = 8 * cov + 8 * cov + 32 * decomposing;
+    let lambda_phase = 8 * cov + 12 * lam;
+    cov_phase.max(lambda_phase)
+}
+
+/// What `fit` holds whatever its layers: the weights and the batches in flight.
+pub fn fit_fixed_bytes(model: &dyn TapModel, batch_size: usize, max_len: usize) -> u64 {
+    let e = estimate(model, batch_size, max_len);
+    e.weights + e.batches_at_once * e.activations
+}
+
+/// The fewest partitions of `model`'s tracked layers whose fits each need at most `budget`
+/// bytes by this estimate ([`crate::partition::count_for_budget`]); `None` if one layer does
+/// not fit.
+pub fn partitions_for(
+    model: &dyn TapModel,
+    batch_size: usize,
+    max_len: usize,
+    budget: u64,
+) -> Option<usize> {
+    let fixed = fit_fixed_bytes(model, batch_size, max_len);
+    crate::partition::count_for_budget(model.tracked(), budget, fixed, fit_factor_bytes)
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes (None where it cannot be read).

@@ -27,6 +27,7 @@ pub mod linalg;
 pub mod model;
 pub mod options;
 pub mod output_dir;
+pub mod partition;
 pub mod pass;
 pub mod pass_parts;
 pub mod powerlaw;

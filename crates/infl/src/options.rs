@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::influence::Damping;
 pub use crate::model::Compute;
 use crate::model::ModuleSelection;
+use crate::partition::Partition;
 use crate::shard::Shard;
 
 /// Sequences per forward/backward batch, unless told otherwise.
@@ -562,6 +563,94 @@ pub struct OutputOptions {
 impl OutputOptions {
     /// Replace whatever infl output is there: what library callers that start from scratch use.
     pub const REPLACE: OutputOptions = OutputOptions { overwrite: true };
+}
+
+/// How `infl fit` splits the tracked layers when their factors do not fit in memory
+/// ([`crate::partition`]): a partition at a time, each with the memory of its own layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct Partitioning {
+    /// Fit only partition i of P of the tracked layers (contiguous, balanced by factor bytes)
+    /// into FACTORS/work/partition-i-of-P/. Run every i, in any order or on other machines
+    /// (each combines with --shard), then `infl merge FACTORS` joins them into the factors an
+    /// unpartitioned fit writes.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "i/P", value_parser = parse_partition, conflicts_with_all = ["partitions", "memory_limit"])
+    )]
+    pub partition: Option<Partition>,
+    /// Fit the tracked layers in P partitions, one after another in this process, then join
+    /// them: the memory of the largest partition, for P passes over the corpus per pass.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "P", value_parser = PARTITIONS.parser(), conflicts_with = "memory_limit")
+    )]
+    pub partitions: Option<usize>,
+    /// As --partitions, with the fewest partitions whose estimated peak (`infl inspect`'s
+    /// estimate) fits in this much memory: bytes, or with a unit (800M, 16G, 1.5T).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "BYTES", value_parser = parse_bytes)
+    )]
+    pub memory_limit: Option<u64>,
+}
+
+/// At least one partition.
+pub const PARTITIONS: AtLeast = AtLeast {
+    flag: "partitions",
+    min: 1,
+    why: "the layers go into at least one partition",
+};
+
+impl Partitioning {
+    pub fn is_none(&self) -> bool {
+        *self == Partitioning::default()
+    }
+
+    pub fn check(&self) -> Result<()> {
+        PARTITIONS.check_some(self.partitions)?;
+        if let Some(p) = self.partition {
+            Partition::parse(&p.to_string())?;
+        }
+        if self.memory_limit == Some(0) {
+            return Err(Error::usage("--memory-limit must be positive"));
+        }
+        Ok(())
+    }
+}
+
+fn parse_partition(s: &str) -> std::result::Result<Partition, String> {
+    Partition::parse(s).map_err(|e| e.to_string())
+}
+
+/// Bytes with an optional binary unit: `123`, `800M`, `16G`, `1.5T` (K, M, G, T are powers of
+/// 1024; a trailing `B` or `iB` is allowed).
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (number, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
+        _ => (t, ' '),
+    };
+    let scale = match unit {
+        ' ' => 1u64,
+        'K' => 1 << 10,
+        'M' => 1 << 20,
+        'G' => 1 << 30,
+        'T' => 1 << 40,
+        _ => return Err(format!("`{s}`: expected bytes, e.g. 800M, 16G")),
+    };
+    let x: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: expected bytes, e.g. 800M, 16G"))?;
+    if !(x.is_finite() && x > 0.0) {
+        return Err(format!("`{s}`: expected a positive size"));
+    }
+    Ok((x * scale as f64) as u64)
 }
 
 /// Seconds between saved states when `checkpoint_every` is not given.

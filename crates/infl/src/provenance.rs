@@ -85,7 +85,7 @@ impl ModelInfo {
     }
 }
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CorpusInfo {
     pub path: String,
     pub sha256: String,

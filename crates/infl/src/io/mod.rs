@@ -5,7 +5,7 @@
 
 mod tensor_file;
 
-pub use tensor_file::TensorFile;
+pub use tensor_file::{MappedTensors, TensorFile};
 
 use crate::error::{Error, Result};
 use safetensors::tensor::{Dtype, TensorView};
@@ -307,7 +307,10 @@ pub fn write_safetensors(
 ) -> Result<String> {
     write_tensors(
         path,
-        tensors.iter().map(|(n, t)| (n.clone(), t.into())).collect(),
+        tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), TensorRef::from(t)))
+            .collect(),
         metadata,
     )
 }
@@ -315,9 +318,9 @@ pub fn write_safetensors(
 /// [`write_safetensors`] from borrowed tensors, streamed to the file one tensor at a time (a
 /// matrix's bytes exist only while it is written), then hashed by reading the file back: the
 /// memory a write takes is one tensor, not the file.
-pub fn write_tensors(
+pub fn write_tensors<V: safetensors::View>(
     path: &Path,
-    tensors: Vec<(String, TensorRef<'_>)>,
+    tensors: Vec<(String, V)>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<String> {
     let tmp = temp_sibling(path);

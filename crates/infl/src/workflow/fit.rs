@@ -12,7 +12,7 @@ use crate::data::{self, CorpusStats, LazyTokenizer};
 use crate::error::{Error, Result};
 use crate::io;
 use crate::model::{self, Labels, TapModel, TrackedLayer};
-use crate::options::{Compute, FitOptions, RunOptions};
+use crate::options::{Compute, FitOptions, Partitioning, RunOptions};
 use crate::output_dir::{Kind, OutputDir};
 use crate::pass::Progress;
 use crate::provenance::{CorpusInfo, ModelInfo};
@@ -34,6 +34,8 @@ pub struct FitJob {
     /// After fitting, keep every training sequence's gradient in the factors' basis on disk
     /// (`OUT/store/`), in this precision, for `score --store`.
     pub store: Option<StoreOptions>,
+    /// Fit the tracked layers a partition at a time ([`crate::partition`]).
+    pub partitioning: Partitioning,
 }
 
 impl FitJob {
@@ -49,6 +51,7 @@ impl FitJob {
             run: RunOptions::ONCE,
             compute: Compute::default(),
             store: None,
+            partitioning: Partitioning::default(),
         }
     }
 }
@@ -98,6 +101,9 @@ pub(super) fn pass_stem(pass: Pass, shard: Shard) -> String {
 }
 
 pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
+    if !job.partitioning.is_none() {
+        return super::fit_partitions::fit_partitioned(job, progress);
+    }
     let started = std::time::Instant::now();
     job.options.check()?;
     job.run.check()?;
@@ -176,7 +182,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
 }
 
 /// The model with the layers the fit tracks.
-fn open_model(job: &FitJob) -> Result<Box<dyn TapModel>> {
+pub(super) fn open_model(job: &FitJob) -> Result<Box<dyn TapModel>> {
     let mut model = model::load(&job.model, job.options.modules, job.compute)?;
     if let Some(names) = &job.options.layers {
         model = model::select_layers(model, names)?;

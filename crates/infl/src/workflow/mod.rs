@@ -5,6 +5,7 @@
 
 mod fit;
 mod fit_merge;
+mod fit_partitions;
 mod score;
 mod score_merge;
 mod score_store;
@@ -172,6 +173,9 @@ pub fn merge(dir: &Path) -> Result<MergeOutcome> {
     }
     let _lock = OutputDir::lock(dir, Shard::WHOLE)?;
     let work = dir.join(WORK_DIR);
+    if work.join(fit_partitions::PLAN_FILE).exists() {
+        return fit_partitions::join_partitions(dir);
+    }
     if work.join(FIT_TEMPLATE_FILE).exists() {
         return merge_factors(dir);
     }
