@@ -31,7 +31,14 @@ fn fixture() -> &'static Fixture {
         std::fs::copy(root.join("assets/demo/queries.jsonl"), &queries).unwrap();
         let factors = dir.join("factors");
         ok(&[
-            "fit", "--model", s(&model), "--train", s(&corpus), "--out", s(&factors), "--store",
+            "fit",
+            "--model",
+            s(&model),
+            "--train",
+            s(&corpus),
+            "--out",
+            s(&factors),
+            "--store",
         ]);
         Fixture {
             dir,
@@ -77,8 +84,8 @@ impl Fixture {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        let meta = serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap())
-            .unwrap();
+        let meta =
+            serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
         (rows, meta)
     }
 
@@ -255,7 +262,10 @@ fn answers_from_the_store_equal_infl_score_and_carry_the_provenance() {
         assert!((r.body["loss"].as_f64().unwrap() - loss).abs() <= 1e-9 * loss.abs());
         let p = &r.body["provenance"];
         assert_eq!(p["factors_sha256"], meta["factors_sha256"]);
-        assert_eq!(p["model"]["weights_sha256"], meta["model"]["weights_sha256"]);
+        assert_eq!(
+            p["model"]["weights_sha256"],
+            meta["model"]["weights_sha256"]
+        );
         assert_eq!(p["corpus_sha256"], meta["corpus"]["sha256"]);
         assert_eq!(r.body["n_sequences"], meta["corpus"]["n_sequences"]);
         // Per-layer parts of each row, and per-layer totals that add up to the scores' sum.
@@ -267,7 +277,10 @@ fn answers_from_the_store_equal_infl_score_and_carry_the_provenance() {
             .map(|x| x.as_f64().unwrap())
             .sum();
         let score = top["score"].as_f64().unwrap();
-        assert!((parts - score).abs() <= 1e-4 * score.abs(), "{parts} vs {score}");
+        assert!(
+            (parts - score).abs() <= 1e-4 * score.abs(),
+            "{parts} vs {score}"
+        );
     }
 }
 
@@ -276,7 +289,15 @@ fn answers_by_streaming_the_corpus_equal_infl_score_with_per_token_parts() {
     let f = fixture();
     let (rows, _) = f.score(
         "scored-streamed",
-        &["--top-k", "3", "--query-rank", "full", "--per-token", "--normalize", "cosine"],
+        &[
+            "--top-k",
+            "3",
+            "--query-rank",
+            "full",
+            "--per-token",
+            "--normalize",
+            "cosine",
+        ],
     );
     let server = f.serve(&["--no-store"]);
     let q = &f.queries()[0];
@@ -290,8 +311,16 @@ fn answers_by_streaming_the_corpus_equal_infl_score_with_per_token_parts() {
     assert_same_rows(&r.body, &rows, id);
     let expected = rows.iter().find(|r| r["query_id"] == id).unwrap();
     let got = &r.body["top"][0]["tokens"];
-    assert_eq!(got.as_array().unwrap().len(), expected["tokens"].as_array().unwrap().len());
-    for (g, e) in got.as_array().unwrap().iter().zip(expected["tokens"].as_array().unwrap()) {
+    assert_eq!(
+        got.as_array().unwrap().len(),
+        expected["tokens"].as_array().unwrap().len()
+    );
+    for (g, e) in got
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(expected["tokens"].as_array().unwrap())
+    {
         assert_eq!(g["text"], e["text"]);
         let (a, b) = (g["score"].as_f64().unwrap(), e["score"].as_f64().unwrap());
         assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-12), "{a} vs {b}");
@@ -320,8 +349,7 @@ fn load_test_eight_clients_two_hundred_requests_each_none_lost_all_correct() {
     let started = Instant::now();
     let clients: Vec<_> = (0..8)
         .map(|c| {
-            let (server, queries, expected) =
-                (server.clone(), queries.clone(), expected.clone());
+            let (server, queries, expected) = (server.clone(), queries.clone(), expected.clone());
             std::thread::spawn(move || {
                 let mut latencies = Vec::with_capacity(200);
                 for i in 0..200 {
@@ -384,14 +412,49 @@ fn bad_and_oversized_requests_get_json_errors_and_the_server_keeps_serving() {
     let q = &f.queries()[0];
     let cases: Vec<(Option<String>, u16, Option<&str>)> = vec![
         (Some("{not json".into()), 400, None),
-        (Some(json!({"prompt": "Q: A:"}).to_string()), 400, Some("completion")),
-        (Some(json!({"prompt": "Q:", "completion": ""}).to_string()), 400, Some("completion")),
-        (Some(json!({"prompt": 3, "completion": "x"}).to_string()), 400, Some("prompt")),
-        (Some(json!({"prompt": "a", "completion": "b", "top_k": 51}).to_string()), 400, Some("top_k")),
-        (Some(json!({"prompt": "a", "completion": "b", "normalize": "l1"}).to_string()), 400, Some("normalize")),
-        (Some(json!({"prompt": "a", "completion": "b", "completon": "b"}).to_string()), 400, Some("completon")),
-        (Some(json!({"prompt_ids": [1, 999999], "completion_ids": [2]}).to_string()), 400, Some("prompt_ids")),
-        (Some(format!("{{\"prompt\": \"{}\", \"completion\": \"x\"}}", "a".repeat(4096))), 413, None),
+        (
+            Some(json!({"prompt": "Q: A:"}).to_string()),
+            400,
+            Some("completion"),
+        ),
+        (
+            Some(json!({"prompt": "Q:", "completion": ""}).to_string()),
+            400,
+            Some("completion"),
+        ),
+        (
+            Some(json!({"prompt": 3, "completion": "x"}).to_string()),
+            400,
+            Some("prompt"),
+        ),
+        (
+            Some(json!({"prompt": "a", "completion": "b", "top_k": 51}).to_string()),
+            400,
+            Some("top_k"),
+        ),
+        (
+            Some(json!({"prompt": "a", "completion": "b", "normalize": "l1"}).to_string()),
+            400,
+            Some("normalize"),
+        ),
+        (
+            Some(json!({"prompt": "a", "completion": "b", "completon": "b"}).to_string()),
+            400,
+            Some("completon"),
+        ),
+        (
+            Some(json!({"prompt_ids": [1, 999999], "completion_ids": [2]}).to_string()),
+            400,
+            Some("prompt_ids"),
+        ),
+        (
+            Some(format!(
+                "{{\"prompt\": \"{}\", \"completion\": \"x\"}}",
+                "a".repeat(4096)
+            )),
+            413,
+            None,
+        ),
     ];
     for (body, status, field) in cases {
         let r = server.request("POST", "/v1/influence", body.as_deref(), None);
@@ -404,8 +467,16 @@ fn bad_and_oversized_requests_get_json_errors_and_the_server_keeps_serving() {
             }
         }
     }
-    assert_eq!(server.post("/v1/generate", &json!({"prompt": ""})).body["error"]["field"], "prompt");
-    assert_eq!(server.post("/v1/generate", &json!({"prompt": "a", "temperature": -1})).body["error"]["field"], "temperature");
+    assert_eq!(
+        server.post("/v1/generate", &json!({"prompt": ""})).body["error"]["field"],
+        "prompt"
+    );
+    assert_eq!(
+        server
+            .post("/v1/generate", &json!({"prompt": "a", "temperature": -1}))
+            .body["error"]["field"],
+        "temperature"
+    );
     assert_eq!(server.get("/v1/sequence/no-such-id").status, 404);
     assert_eq!(server.get("/nowhere").status, 404);
     // Still serving, and right.
@@ -446,10 +517,15 @@ fn generate_sequence_page_and_metrics() {
     assert!(seq.body["self_influence"].as_f64().unwrap() > 0.0);
     let page = server.get("/");
     let html = page.body.as_str().unwrap();
-    assert!(html.contains("/v1/influence") && !html.contains("http://") && !html.contains("https://"));
+    assert!(
+        html.contains("/v1/influence") && !html.contains("http://") && !html.contains("https://")
+    );
     let m = server.get("/metrics").body;
     let m = m.as_str().unwrap();
-    assert!(m.contains("infl_requests_total{route=\"/v1/generate\",status=\"200\"}"), "{m}");
+    assert!(
+        m.contains("infl_requests_total{route=\"/v1/generate\",status=\"200\"}"),
+        "{m}"
+    );
     assert!(m.contains("infl_request_seconds_bucket{le=\"+Inf\"}"));
     assert!(m.contains("infl_queue_length 0"));
 }
@@ -473,7 +549,10 @@ fn a_full_queue_answers_503_with_retry_after_and_drops_nothing_it_accepted() {
     assert_eq!(busy.len() + done, 12, "{replies:?}");
     for r in busy {
         assert_eq!(r.retry_after.as_deref(), Some("1"));
-        assert!(r.body["error"]["message"].as_str().unwrap().contains("queue is full"));
+        assert!(r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue is full"));
     }
 }
 
@@ -481,16 +560,38 @@ fn a_full_queue_answers_503_with_retry_after_and_drops_nothing_it_accepted() {
 fn beyond_loopback_needs_a_token_and_the_token_is_checked() {
     let f = fixture();
     let out = common::run(&[
-        "serve", "--model", s(&f.model), "--factors", s(&f.factors), "--train", s(&f.corpus),
-        "--addr", "0.0.0.0:0",
+        "serve",
+        "--model",
+        s(&f.model),
+        "--factors",
+        s(&f.factors),
+        "--train",
+        s(&f.corpus),
+        "--addr",
+        "0.0.0.0:0",
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
     let server = f.serve(&["--token", "s3cret"]);
     let body = request_for(&f.queries()[0], 1).to_string();
-    assert_eq!(server.request("POST", "/v1/influence", Some(&body), None).status, 401);
-    assert_eq!(server.request("POST", "/v1/influence", Some(&body), Some("wrong")).status, 401);
-    assert_eq!(server.request("POST", "/v1/influence", Some(&body), Some("s3cret")).status, 200);
+    assert_eq!(
+        server
+            .request("POST", "/v1/influence", Some(&body), None)
+            .status,
+        401
+    );
+    assert_eq!(
+        server
+            .request("POST", "/v1/influence", Some(&body), Some("wrong"))
+            .status,
+        401
+    );
+    assert_eq!(
+        server
+            .request("POST", "/v1/influence", Some(&body), Some("s3cret"))
+            .status,
+        200
+    );
     assert_eq!(server.get("/healthz").status, 200);
 }
 
@@ -513,14 +614,21 @@ fn sigterm_lets_the_request_in_flight_finish() {
     });
     std::thread::sleep(Duration::from_millis(300));
     let pid = server.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     assert_eq!(in_flight.join().unwrap(), 200);
     let started = Instant::now();
     let status = loop {
         if let Some(s) = server.child.try_wait().unwrap() {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "still running after SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "still running after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");

@@ -18,7 +18,7 @@ use crate::options::{Compute, Normalize, QueryRank, ScoreOptions};
 use crate::pass::{Progress, Silent};
 use crate::provenance::ModelInfo;
 use crate::results::{self, Direction, ScoreAccumulator, TopEntry};
-use crate::store::STORE_DIR;
+use crate::store::{StoreReader, STORE_DIR};
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 
@@ -262,7 +262,7 @@ impl QueryEngine {
             complete: false,
         };
         let corpus = match has_store {
-            true => store_pass(&run, prepared, &mut saved)?,
+            true => store_pass(&run, prepared, &self.corpus, &mut saved)?,
             false => corpus_pass(&run, prepared, tok, queries, &mut saved)?,
         };
         let summaries = std::mem::take(&mut saved.acc.summaries);
@@ -364,9 +364,25 @@ impl QueryEngine {
     }
 }
 
-/// The store pass ([`score_from_store`]), reading the store from its start.
-fn store_pass(run: &ScoreRun<'_>, prepared: &Prepared, saved: &mut Saved) -> Result<CorpusStats> {
-    let mut reader = open_store(run.job, &prepared.fmeta, prepared.max_len)?;
+/// The store pass ([`score_from_store`]), reading the store from its start. The store was
+/// checked against the corpus when the engine opened; here only that it is still that store
+/// (`fit --store` may have replaced it since), without hashing the corpus again.
+fn store_pass(
+    run: &ScoreRun<'_>,
+    prepared: &Prepared,
+    corpus: &CorpusStats,
+    saved: &mut Saved,
+) -> Result<CorpusStats> {
+    let dir = run.job.factors.join(STORE_DIR);
+    let mut reader = StoreReader::open(&dir)?;
+    if reader.meta.factors_sha256 != prepared.fmeta.factors_sha256
+        || reader.meta.corpus_sha256 != corpus.sha256
+    {
+        return Err(Error::Mismatch(format!(
+            "{}: the gradient store was replaced by one of other factors or another corpus since the server started; restart it",
+            dir.display()
+        )));
+    }
     score_from_store(run, &mut reader, saved)?;
     Ok(stored_corpus(&reader.meta))
 }
