@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod jobs;
+pub mod serve;
 
 use crate::progress::Bars;
 use anyhow::Result;
@@ -73,6 +74,9 @@ enum Command {
     Compare(CompareArgs),
     /// Merge the shards of a sharded `fit` or `score` (`--shard i/N`) exactly into final files.
     Merge(MergeArgs),
+    /// Serve influence over HTTP: an API and a web page over the model, factors and store,
+    /// loaded once (docs/serve.md).
+    Serve(serve::ServeArgs),
     /// Measure how well each curvature strategy reproduces a more exact reference.
     #[command(
         long_about = "Measure how well each curvature strategy (ekfac, kfac, diagonal, identity) reproduces a\n\
@@ -101,6 +105,7 @@ pub fn run() -> Result<()> {
         Command::Compare(a) => compare(a),
         Command::Inspect(a) => inspect(a, quiet),
         Command::Merge(a) => merge(a, quiet),
+        Command::Serve(a) => Ok(infl_serve::run(a.into_config())?),
         Command::Validate(a) => match a.command {
             ValidateCommand::Exact(a) => validate_exact(a, &progress, quiet),
             ValidateCommand::Lds(a) => validate_lds(a, &progress, quiet),
@@ -136,6 +141,7 @@ fn configure_threads(cli: &Cli) -> Result<()> {
         Command::Score(a) => Some(a.compute),
         Command::SelfInfluence(a) => Some(a.compute),
         Command::Inspect(a) => Some(a.compute),
+        Command::Serve(a) => Some(a.compute),
         _ => None,
     };
     // Autograd on the CPU runs batches side by side; on a GPU, as the fast engine, one batch

@@ -551,7 +551,6 @@ pub fn read_queries(
     let mut seen = std::collections::HashSet::new();
     let sha = for_each_record(path, QUERY_FIELDS, |line, at, obj| {
         let at = at.to_string();
-        check_field_names(obj, QUERY_FIELDS, &at)?;
         let id = match obj.get("id") {
             None | Some(serde_json::Value::Null) => line.to_string(),
             Some(serde_json::Value::String(s)) => s.clone(),
@@ -565,74 +564,96 @@ pub fn read_queries(
         if !seen.insert(id.clone()) {
             return Err(Error::input(format!("{at}: duplicate query id `{id}`")));
         }
-        let (prompt_ids, completion_ids, prompt, completion) = match (
-            ids_field(obj, "prompt_ids", &at, vocab_size)?,
-            ids_field(obj, "completion_ids", &at, vocab_size)?,
-        ) {
-            (Some(p), Some(c)) => (p, c, None, None),
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(Error::input(format!(
-                    "{at}: pre-tokenised queries need both `prompt_ids` and `completion_ids`"
-                )))
-            }
-            (None, None) if obj.contains_key("messages") && !obj.contains_key("prompt") => {
-                let messages = obj.get("messages").unwrap_or(&serde_json::Value::Null);
-                let q = tokenizer.encode_chat_query(chat::messages(messages, &at)?, &at)?;
-                check_vocab(&q.prompt_ids, vocab_size, &at)?;
-                check_vocab(&q.completion_ids, vocab_size, &at)?;
-                (
-                    q.prompt_ids,
-                    q.completion_ids,
-                    Some(q.prompt),
-                    Some(q.completion),
-                )
-            }
-            (None, None) => {
-                let missing = |field: &str| {
-                    Error::input(format!(
-                        "{at}: missing field `{field}`{}",
-                        closest_unknown(obj, QUERY_FIELDS)
-                    ))
-                };
-                let prompt = text_field(obj, "prompt", &at)?.ok_or_else(|| missing("prompt"))?;
-                let completion =
-                    text_field(obj, "completion", &at)?.ok_or_else(|| missing("completion"))?;
-                let p = tokenizer.encode(prompt, &at)?;
-                let c = tokenizer.encode(completion, &at)?;
-                check_vocab(&p, vocab_size, &at)?;
-                check_vocab(&c, vocab_size, &at)?;
-                (p, c, Some(prompt.to_string()), Some(completion.to_string()))
-            }
-        };
-        if completion_ids.is_empty() {
-            return Err(Error::input(format!(
-                "{at}: field `completion` is empty: there is nothing to measure"
-            )));
-        }
-        if prompt_ids.is_empty() {
-            return Err(Error::input(format!(
-                "{at}: field `prompt` is empty: the first completion token needs a preceding token"
-            )));
-        }
-        let len = prompt_ids.len() + completion_ids.len();
-        if len > max_positions {
-            return Err(Error::input(format!(
-                "{at}: prompt + completion is {len} tokens, longer than the model's context of {max_positions}"
-            )));
-        }
-        queries.push(Query {
+        queries.push(query_fields(
             id,
-            prompt_ids,
-            completion_ids,
-            prompt,
-            completion,
-        });
+            obj,
+            &at,
+            tokenizer,
+            max_positions,
+            vocab_size,
+        )?);
         Ok(())
     })?;
     if queries.is_empty() {
         return Err(Error::input(format!("{}: no queries", path.display())));
     }
     Ok((queries, sha))
+}
+
+/// One query from its JSON object's fields (`prompt` + `completion`, `messages`, or
+/// `prompt_ids` + `completion_ids`), checked as a query file's line is; `at` names the place
+/// in errors. The server reads its requests' queries with it.
+pub fn query_fields(
+    id: String,
+    obj: &serde_json::Map<String, serde_json::Value>,
+    at: &str,
+    tokenizer: &mut LazyTokenizer,
+    max_positions: usize,
+    vocab_size: usize,
+) -> Result<Query> {
+    check_field_names(obj, QUERY_FIELDS, at)?;
+    let (prompt_ids, completion_ids, prompt, completion) = match (
+        ids_field(obj, "prompt_ids", at, vocab_size)?,
+        ids_field(obj, "completion_ids", at, vocab_size)?,
+    ) {
+        (Some(p), Some(c)) => (p, c, None, None),
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(Error::input(format!(
+                "{at}: pre-tokenised queries need both `prompt_ids` and `completion_ids`"
+            )))
+        }
+        (None, None) if obj.contains_key("messages") && !obj.contains_key("prompt") => {
+            let messages = obj.get("messages").unwrap_or(&serde_json::Value::Null);
+            let q = tokenizer.encode_chat_query(chat::messages(messages, at)?, at)?;
+            check_vocab(&q.prompt_ids, vocab_size, at)?;
+            check_vocab(&q.completion_ids, vocab_size, at)?;
+            (
+                q.prompt_ids,
+                q.completion_ids,
+                Some(q.prompt),
+                Some(q.completion),
+            )
+        }
+        (None, None) => {
+            let missing = |field: &str| {
+                Error::input(format!(
+                    "{at}: missing field `{field}`{}",
+                    closest_unknown(obj, QUERY_FIELDS)
+                ))
+            };
+            let prompt = text_field(obj, "prompt", at)?.ok_or_else(|| missing("prompt"))?;
+            let completion =
+                text_field(obj, "completion", at)?.ok_or_else(|| missing("completion"))?;
+            let p = tokenizer.encode(prompt, at)?;
+            let c = tokenizer.encode(completion, at)?;
+            check_vocab(&p, vocab_size, at)?;
+            check_vocab(&c, vocab_size, at)?;
+            (p, c, Some(prompt.to_string()), Some(completion.to_string()))
+        }
+    };
+    if completion_ids.is_empty() {
+        return Err(Error::input(format!(
+            "{at}: field `completion` is empty: there is nothing to measure"
+        )));
+    }
+    if prompt_ids.is_empty() {
+        return Err(Error::input(format!(
+            "{at}: field `prompt` is empty: the first completion token needs a preceding token"
+        )));
+    }
+    let len = prompt_ids.len() + completion_ids.len();
+    if len > max_positions {
+        return Err(Error::input(format!(
+            "{at}: prompt + completion is {len} tokens, longer than the model's context of {max_positions}"
+        )));
+    }
+    Ok(Query {
+        id,
+        prompt_ids,
+        completion_ids,
+        prompt,
+        completion,
+    })
 }
 
 /// Lower-case hex of a digest.

@@ -6,6 +6,7 @@
 mod fit;
 mod fit_merge;
 mod fit_partitions;
+mod query;
 mod score;
 mod score_merge;
 mod score_store;
@@ -13,6 +14,9 @@ mod self_influence;
 
 pub use fit::{fit, FitJob, FitSummary};
 pub use fit_merge::merge_factors;
+pub use query::{
+    Answer, AnswerProvenance, EngineConfig, QueryEngine, QueryOptions, Sampling, SequenceInfo,
+};
 pub use score::{score, ScoreJob, ScoreSummary};
 pub use score_merge::{merge_scores, ScoresMerged};
 pub use self_influence::{self_influence, SelfInfluenceJob};

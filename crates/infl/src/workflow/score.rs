@@ -307,7 +307,7 @@ fn start_work(
 }
 
 /// The scoring pass over the corpus itself, on the model's device.
-fn streamed_pass(
+pub(super) fn streamed_pass(
     run: &ScoreRun<'_>,
     model: &dyn TapModel,
     memory: &MemoryCheck<'_>,
@@ -373,15 +373,15 @@ fn scores_meta(
 /// The memory estimate of a scoring run, re-checked as longer sequences arrive. Scoring
 /// streams the corpus, so no term of the estimate grows with it (n_train = 0); the activation
 /// term depends on the longest sequence.
-struct MemoryCheck<'a> {
-    enabled: bool,
-    model: &'a dyn TapModel,
-    batch_size: usize,
-    n_queries: usize,
+pub(super) struct MemoryCheck<'a> {
+    pub(super) enabled: bool,
+    pub(super) model: &'a dyn TapModel,
+    pub(super) batch_size: usize,
+    pub(super) n_queries: usize,
 }
 
 impl MemoryCheck<'_> {
-    fn check(&self, longest: usize) -> Result<()> {
+    pub(super) fn check(&self, longest: usize) -> Result<()> {
         if !self.enabled {
             return Ok(());
         }
@@ -440,9 +440,9 @@ pub(super) struct ScoreRun<'a> {
     pub(super) pq: &'a PreconditionedQueries,
     /// Each query's pre-filter candidates (None: every sequence).
     pub(super) candidates: Option<&'a [HashSet<usize>]>,
-    work: &'a Path,
-    stem: String,
-    settings: &'a serde_json::Value,
+    pub(super) work: &'a Path,
+    pub(super) stem: String,
+    pub(super) settings: &'a serde_json::Value,
     pub(super) progress: &'a dyn Progress,
 }
 
@@ -452,7 +452,7 @@ impl ScoreRun<'_> {
     }
 
     /// The cosine normalisers of a batch's sequences, when scores are normalised.
-    fn scale(&self, taps: &TapBatch) -> Option<Vec<Vec<f64>>> {
+    pub(super) fn scale(&self, taps: &TapBatch) -> Option<Vec<Vec<f64>>> {
         self.cosine().then(|| {
             let own = influence::batch_self_influence(self.tracked, self.preconditioner, taps);
             cosine_factors(&self.pq.self_influence, &own)
@@ -680,7 +680,7 @@ pub(super) fn cosine_factors(query_self: &[f64], train_self: &[f64]) -> Vec<Vec<
 /// Second, small pass over the top/bottom sequences of every query: each score split over the
 /// sequence's tokens, `Σ_ℓ g_tᵀ P_{q,ℓ} ā_t` for token t (the position whose output predicts
 /// token t+1). Keyed by (query, corpus index).
-fn token_pass(
+pub(super) fn token_pass(
     model: &dyn TapModel,
     summaries: &[results::QuerySummary],
     pq: &influence::PreconditionedQueries,

@@ -1,0 +1,647 @@
+//! `infl serve` end to end on the bundled tiny model: the API answers what `infl score` writes
+//! (from the gradient store and from a streamed corpus), a loopback load test loses nothing,
+//! bad and oversized requests get JSON errors naming the field while the server keeps serving,
+//! a full queue answers 503 + Retry-After, the token and the bind address are enforced, and
+//! SIGTERM lets the request in flight finish.
+
+mod common;
+
+use common::{ok, s};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The bundled model, corpus and queries, fitted with a gradient store (shared by the tests
+/// of this file: made once).
+fn fixture() -> &'static Fixture {
+    static FIXTURE: std::sync::OnceLock<Fixture> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = common::scratch("serve", "fixture");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let model = dir.join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(root.join("assets/tiny-gpt2").join(f), model.join(f)).unwrap();
+        }
+        let corpus = dir.join("corpus.jsonl");
+        std::fs::copy(root.join("assets/demo/corpus.jsonl"), &corpus).unwrap();
+        let queries = dir.join("queries.jsonl");
+        std::fs::copy(root.join("assets/demo/queries.jsonl"), &queries).unwrap();
+        let factors = dir.join("factors");
+        ok(&[
+            "fit",
+            "--model",
+            s(&model),
+            "--train",
+            s(&corpus),
+            "--out",
+            s(&factors),
+            "--store",
+        ]);
+        Fixture {
+            dir,
+            model,
+            corpus,
+            queries,
+            factors,
+        }
+    })
+}
+
+struct Fixture {
+    dir: PathBuf,
+    model: PathBuf,
+    corpus: PathBuf,
+    queries: PathBuf,
+    factors: PathBuf,
+}
+
+impl Fixture {
+    /// `infl score` of the bundled queries with `extra` options: its top_k.jsonl rows and
+    /// its meta.json.
+    fn score(&self, name: &str, extra: &[&str]) -> (Vec<Value>, Value) {
+        let out = self.dir.join(name);
+        let mut args = vec![
+            "score",
+            "--model",
+            s(&self.model),
+            "--factors",
+            s(&self.factors),
+            "--train",
+            s(&self.corpus),
+            "--queries",
+            s(&self.queries),
+            "--out",
+            s(&out),
+            "--overwrite",
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+        let rows = std::fs::read_to_string(out.join("top_k.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let meta =
+            serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+        (rows, meta)
+    }
+
+    fn queries(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.queries)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn serve(&self, extra: &[&str]) -> Server {
+        let mut args = vec![
+            "serve",
+            "--model",
+            s(&self.model),
+            "--factors",
+            s(&self.factors),
+            "--train",
+            s(&self.corpus),
+            "--addr",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Server::start(&args)
+    }
+}
+
+/// A running `infl serve`, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_infl"))
+            .args(args)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = String::new();
+        let base = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("infl serve: listening on ") {
+                        break url.to_string();
+                    }
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+                _ => panic!("infl serve did not start:\n{seen}"),
+            }
+        };
+        // Keep reading, so that the server never blocks on a full stderr pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        Server { child, base, agent }
+    }
+
+    /// (status, JSON body or the text as a string, Retry-After).
+    fn request(&self, method: &str, path: &str, body: Option<&str>, token: Option<&str>) -> Reply {
+        let url = format!("{}{path}", self.base);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut response = match (method, body) {
+            ("GET", _) => {
+                let mut r = self.agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            (_, body) => {
+                let mut r = self
+                    .agent
+                    .post(&url)
+                    .header("Content-Type", "application/json");
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send(body.unwrap_or(""))
+            }
+        }
+        .unwrap();
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply {
+            status,
+            body,
+            retry_after,
+        }
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Reply {
+        self.request("POST", path, Some(&body.to_string()), None)
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        self.request("GET", path, None, None)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    body: Value,
+    retry_after: Option<String>,
+}
+
+/// The request for a query of the bundled file.
+fn request_for(q: &Value, top_k: usize) -> Value {
+    json!({"id": q["id"], "prompt": q["prompt"], "completion": q["completion"], "top_k": top_k})
+}
+
+/// The answer's rows (top then bottom) against `infl score`'s rows of that query: the same
+/// sequences in the same order, scores within 1e-6 relative.
+fn assert_same_rows(answer: &Value, rows: &[Value], id: &str) {
+    let expected: Vec<&Value> = rows.iter().filter(|r| r["query_id"] == id).collect();
+    let got: Vec<&Value> = ["top", "bottom"]
+        .iter()
+        .flat_map(|d| answer[d].as_array().unwrap())
+        .collect();
+    assert_eq!(got.len(), expected.len(), "{id}: {answer}");
+    assert!(!got.is_empty());
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g["sequence_id"], e["sequence_id"], "{id}");
+        assert_eq!(g["direction"], e["direction"], "{id}");
+        let (a, b) = (g["score"].as_f64().unwrap(), e["score"].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs().max(1e-30),
+            "{id}: {a} vs {b}"
+        );
+    }
+}
+
+#[test]
+fn answers_from_the_store_equal_infl_score_and_carry_the_provenance() {
+    let f = fixture();
+    let (rows, meta) = f.score("scored-store", &["--store", "--top-k", "5", "--per-layer"]);
+    let server = f.serve(&[]);
+    let health = server.get("/healthz");
+    assert_eq!(health.status, 200);
+    assert_eq!(health.body["provenance"]["source"], "store");
+    for (i, q) in f.queries().iter().enumerate() {
+        let r = server.post("/v1/influence", &request_for(q, 5));
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let id = q["id"].as_str().unwrap();
+        assert_same_rows(&r.body, &rows, id);
+        let loss = meta["queries"]["losses"][i].as_f64().unwrap();
+        assert!((r.body["loss"].as_f64().unwrap() - loss).abs() <= 1e-9 * loss.abs());
+        let p = &r.body["provenance"];
+        assert_eq!(p["factors_sha256"], meta["factors"]["factors_sha256"]);
+        assert_eq!(
+            p["model"]["weights_sha256"],
+            meta["model"]["weights_sha256"]
+        );
+        assert_eq!(p["corpus_sha256"], meta["corpus"]["sha256"]);
+        assert_eq!(r.body["n_sequences"], meta["corpus"]["n_sequences"]);
+        // Per-layer parts of each row, and per-layer totals that add up to the scores' sum.
+        let top = &r.body["top"][0];
+        let parts: f64 = top["per_layer"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum();
+        let score = top["score"].as_f64().unwrap();
+        assert!(
+            (parts - score).abs() <= 1e-4 * score.abs(),
+            "{parts} vs {score}"
+        );
+    }
+}
+
+#[test]
+fn answers_by_streaming_the_corpus_equal_infl_score_with_per_token_parts() {
+    let f = fixture();
+    let (rows, _) = f.score(
+        "scored-streamed",
+        &[
+            "--top-k",
+            "3",
+            "--query-rank",
+            "full",
+            "--per-token",
+            "--normalize",
+            "cosine",
+        ],
+    );
+    let server = f.serve(&["--no-store"]);
+    let q = &f.queries()[0];
+    let mut request = request_for(q, 3);
+    request["per_token"] = json!(true);
+    request["normalize"] = json!("cosine");
+    let r = server.post("/v1/influence", &request);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["provenance"]["source"], "streamed");
+    let id = q["id"].as_str().unwrap();
+    assert_same_rows(&r.body, &rows, id);
+    let expected = rows.iter().find(|r| r["query_id"] == id).unwrap();
+    let got = &r.body["top"][0]["tokens"];
+    assert_eq!(
+        got.as_array().unwrap().len(),
+        expected["tokens"].as_array().unwrap().len()
+    );
+    for (g, e) in got
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(expected["tokens"].as_array().unwrap())
+    {
+        assert_eq!(g["text"], e["text"]);
+        let (a, b) = (g["score"].as_f64().unwrap(), e["score"].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-12), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn load_test_eight_clients_two_hundred_requests_each_none_lost_all_correct() {
+    let f = fixture();
+    let server = std::sync::Arc::new(f.serve(&["--queue", "64"]));
+    let queries = f.queries();
+    // The expected answer of each query, asked alone first (and timed: one query, alone).
+    let mut alone = Vec::new();
+    let expected: Vec<Vec<Value>> = queries
+        .iter()
+        .map(|q| {
+            let t = Instant::now();
+            let r = server.post("/v1/influence", &request_for(q, 3));
+            alone.push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(r.status, 200);
+            r.body["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| json!([e["sequence_id"], e["score"]]))
+                .collect()
+        })
+        .collect();
+    alone.sort_by(f64::total_cmp);
+    eprintln!(
+        "one query alone from the store: median {:.1} ms (of {})",
+        alone[alone.len() / 2],
+        alone.len()
+    );
+    let started = Instant::now();
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (server, queries, expected) = (server.clone(), queries.clone(), expected.clone());
+            std::thread::spawn(move || {
+                let mut latencies = Vec::with_capacity(200);
+                for i in 0..200 {
+                    let k = (c * 200 + i) % queries.len();
+                    let t = Instant::now();
+                    let r = server.post("/v1/influence", &request_for(&queries[k], 3));
+                    latencies.push(t.elapsed().as_secs_f64());
+                    assert_eq!(r.status, 200, "client {c} request {i}: {:?}", r.body);
+                    assert_eq!(r.body["id"], queries[k]["id"]);
+                    let top: Vec<Value> = r.body["top"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|e| json!([e["sequence_id"], e["score"]]))
+                        .collect();
+                    assert_eq!(top, expected[k], "client {c} request {i}");
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies: Vec<f64> = clients
+        .into_iter()
+        .flat_map(|c| c.join().expect("a client failed"))
+        .collect();
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(latencies.len(), 1600);
+    latencies.sort_by(f64::total_cmp);
+    let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize] * 1e3;
+    let metrics = server.get("/metrics").body;
+    let text = metrics.as_str().unwrap();
+    let number = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (passes, scored) = (
+        number("infl_scoring_passes_total"),
+        number("infl_scored_queries_total"),
+    );
+    eprintln!(
+        "load test: 1600 requests in {seconds:.2}s ({:.0}/s), latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; {passes} passes for {scored} queries",
+        1600.0 / seconds,
+        p(0.5),
+        p(0.95),
+        p(0.99)
+    );
+    assert_eq!(scored, 1600.0 + queries.len() as f64);
+    assert!(text.contains("infl_requests_total{route=\"/v1/influence\",status=\"200\"} 1608"));
+    // Queries that arrive together share a pass.
+    assert!(passes < scored, "{passes} passes for {scored} queries");
+}
+
+#[test]
+fn bad_and_oversized_requests_get_json_errors_and_the_server_keeps_serving() {
+    let f = fixture();
+    let server = f.serve(&["--max-body", "2048", "--max-top-k", "50"]);
+    let q = &f.queries()[0];
+    let cases: Vec<(Option<String>, u16, Option<&str>)> = vec![
+        (Some("{not json".into()), 400, None),
+        (
+            Some(json!({"prompt": "Q: A:"}).to_string()),
+            400,
+            Some("completion"),
+        ),
+        (
+            Some(json!({"prompt": "Q:", "completion": ""}).to_string()),
+            400,
+            Some("completion"),
+        ),
+        (
+            Some(json!({"prompt": 3, "completion": "x"}).to_string()),
+            400,
+            Some("prompt"),
+        ),
+        (
+            Some(json!({"prompt": "a", "completion": "b", "top_k": 51}).to_string()),
+            400,
+            Some("top_k"),
+        ),
+        (
+            Some(json!({"prompt": "a", "completion": "b", "normalize": "l1"}).to_string()),
+            400,
+            Some("normalize"),
+        ),
+        (
+            Some(json!({"prompt": "a", "completion": "b", "completon": "b"}).to_string()),
+            400,
+            Some("completon"),
+        ),
+        (
+            Some(json!({"prompt_ids": [1, 999999], "completion_ids": [2]}).to_string()),
+            400,
+            Some("prompt_ids"),
+        ),
+        (
+            Some(format!(
+                "{{\"prompt\": \"{}\", \"completion\": \"x\"}}",
+                "a".repeat(4096)
+            )),
+            413,
+            None,
+        ),
+    ];
+    for (body, status, field) in cases {
+        let r = server.request("POST", "/v1/influence", body.as_deref(), None);
+        assert_eq!(r.status, status, "{body:?}: {:?}", r.body);
+        if status == 400 {
+            assert_eq!(r.body["error"]["status"], status);
+            assert!(r.body["error"]["message"].is_string());
+            if let Some(field) = field {
+                assert_eq!(r.body["error"]["field"], field, "{body:?}: {:?}", r.body);
+            }
+        }
+    }
+    assert_eq!(
+        server.post("/v1/generate", &json!({"prompt": ""})).body["error"]["field"],
+        "prompt"
+    );
+    assert_eq!(
+        server
+            .post("/v1/generate", &json!({"prompt": "a", "temperature": -1}))
+            .body["error"]["field"],
+        "temperature"
+    );
+    assert_eq!(server.get("/v1/sequence/no-such-id").status, 404);
+    assert_eq!(server.get("/nowhere").status, 404);
+    // Still serving, and right.
+    let r = server.post("/v1/influence", &request_for(q, 2));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["top"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn generate_sequence_page_and_metrics() {
+    let f = fixture();
+    let server = f.serve(&[]);
+    let prompt = json!({"prompt": "Q: What is the capital of Veloria? A:", "max_tokens": 4});
+    let a = server.post("/v1/generate", &prompt);
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["completion_ids"].as_array().unwrap().len(), 4);
+    // Greedy is deterministic; sampling is reproducible by its seed.
+    assert_eq!(server.post("/v1/generate", &prompt).body, a.body);
+    let sampled = |seed: u64| {
+        server
+            .post(
+                "/v1/generate",
+                &json!({"prompt": "Q:", "max_tokens": 12, "temperature": 1.5, "seed": seed}),
+            )
+            .body["completion_ids"]
+            .clone()
+    };
+    assert_eq!(sampled(7), sampled(7));
+    assert_ne!(sampled(7), sampled(8));
+    // The top source of a query, looked up by id: the same text the answer shows.
+    let q = &f.queries()[0];
+    let answer = server.post("/v1/influence", &request_for(q, 1)).body;
+    let top = &answer["top"][0];
+    let id = top["sequence_id"].as_str().unwrap();
+    let seq = server.get(&format!("/v1/sequence/{id}"));
+    assert_eq!(seq.status, 200, "{:?}", seq.body);
+    assert_eq!(seq.body["text"], top["text"]);
+    assert!(seq.body["self_influence"].as_f64().unwrap() > 0.0);
+    let page = server.get("/");
+    let html = page.body.as_str().unwrap();
+    // Offline: nothing is fetched from elsewhere (the one URL is the SVG namespace's name).
+    assert!(html.contains("/v1/influence") && !html.contains("<link") && !html.contains(" src="));
+    assert_eq!(
+        html.matches("http").count(),
+        html.matches("http://www.w3.org/2000/svg").count()
+    );
+    let m = server.get("/metrics").body;
+    let m = m.as_str().unwrap();
+    assert!(
+        m.contains("infl_requests_total{route=\"/v1/generate\",status=\"200\"}"),
+        "{m}"
+    );
+    assert!(m.contains("infl_request_seconds_bucket{le=\"+Inf\"}"));
+    assert!(m.contains("infl_queue_length 0"));
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_and_drops_nothing_it_accepted() {
+    let f = fixture();
+    // Streaming the corpus for every query keeps the worker busy; one request may wait.
+    let server = std::sync::Arc::new(f.serve(&["--no-store", "--queue", "1", "--max-batch", "1"]));
+    let q = request_for(&f.queries()[0], 1);
+    let clients: Vec<_> = (0..12)
+        .map(|_| {
+            let (server, q) = (server.clone(), q.clone());
+            std::thread::spawn(move || server.post("/v1/influence", &q))
+        })
+        .collect();
+    let replies: Vec<Reply> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let busy: Vec<&Reply> = replies.iter().filter(|r| r.status == 503).collect();
+    let done = replies.iter().filter(|r| r.status == 200).count();
+    assert!(!busy.is_empty() && done >= 1, "{replies:?}");
+    assert_eq!(busy.len() + done, 12, "{replies:?}");
+    for r in busy {
+        assert_eq!(r.retry_after.as_deref(), Some("1"));
+        assert!(r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue is full"));
+    }
+}
+
+#[test]
+fn beyond_loopback_needs_a_token_and_the_token_is_checked() {
+    let f = fixture();
+    let out = common::run(&[
+        "serve",
+        "--model",
+        s(&f.model),
+        "--factors",
+        s(&f.factors),
+        "--train",
+        s(&f.corpus),
+        "--addr",
+        "0.0.0.0:0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
+    let server = f.serve(&["--token", "s3cret"]);
+    let body = request_for(&f.queries()[0], 1).to_string();
+    assert_eq!(
+        server
+            .request("POST", "/v1/influence", Some(&body), None)
+            .status,
+        401
+    );
+    assert_eq!(
+        server
+            .request("POST", "/v1/influence", Some(&body), Some("wrong"))
+            .status,
+        401
+    );
+    assert_eq!(
+        server
+            .request("POST", "/v1/influence", Some(&body), Some("s3cret"))
+            .status,
+        200
+    );
+    assert_eq!(server.get("/healthz").status, 200);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_lets_the_request_in_flight_finish() {
+    let f = fixture();
+    let mut server = f.serve(&["--no-store"]);
+    let body = request_for(&f.queries()[0], 1).to_string();
+    let url = format!("{}/v1/influence", server.base);
+    let agent = server.agent.clone();
+    let in_flight = std::thread::spawn(move || {
+        agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .send(&body)
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(in_flight.join().unwrap(), 200);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
