@@ -319,3 +319,205 @@ fn pair_tensors(
     }
     Ok(modules)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::autograd::testing::*;
+    use crate::model::autograd::Autograd;
+    use crate::model::llama::Llama;
+    use crate::model::{Labels, TapModel};
+
+    fn lora_fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/lora")
+            .join(name)
+    }
+
+    fn adapted(adapter: &Path, modules: ModuleSelection) -> Result<Llama> {
+        let mut m = Llama::load(&fixture("llama"), modules)?;
+        m.attach(&Adapter::open(adapter)?, modules)?;
+        Ok(m)
+    }
+
+    #[test]
+    fn taps_of_adapter_and_base_layers_match_finite_differences() {
+        let m = adapted(&lora_fixture("qvd"), ModuleSelection::All).unwrap();
+        // 7 base layers per block, and q, v, down adapted: 2 more each.
+        assert_eq!(m.tracked().len(), 2 * (7 + 3 * 2));
+        every_probe_receives_a_gradient(&m);
+        taps_do_not_depend_on_padding(&m);
+        taps_match_finite_differences(&m.tracked, |p| m.run(&batch(), Labels::Data, p).unwrap());
+    }
+
+    /// PEFT scales after B: B's input is A x unscaled, and B's output gradient is
+    /// `scaling · ∂L/∂y` (y the adapted layer's output, whose gradient the base layer's tap is).
+    #[test]
+    fn scaling_sits_after_lora_b() {
+        let m = adapted(&lora_fixture("qvd"), ModuleSelection::All).unwrap();
+        let taps = m.taps(&batch(), Labels::Data).unwrap();
+        let index = |name: &str| m.tracked().iter().position(|l| l.name == name).unwrap();
+        let q = "model.layers.1.self_attn.q_proj";
+        let (base, a, b) = (
+            index(q),
+            index(&format!("{q}.lora_A")),
+            index(&format!("{q}.lora_B")),
+        );
+        let scaling = 8.0 / 4.0;
+        for (gb, gy) in taps.layers[b].g.iter().zip(&taps.layers[base].g) {
+            assert!(
+                (gb - scaling * gy).abs() <= 1e-6 * (1.0 + gb.abs()),
+                "{gb} vs {gy}"
+            );
+        }
+        // lora_B's input is lora_A's output: A's input times Aᵀ.
+        let lora = m.blocks[1].q.lora.as_ref().unwrap();
+        let rows = taps.seq_lens.iter().sum::<usize>();
+        let x = Tensor::from_vec(taps.layers[a].a.clone(), (rows, 16), &Device::Cpu).unwrap();
+        let u = x
+            .matmul(&lora.a.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        for (p, q) in u.to_vec1::<f32>().unwrap().iter().zip(&taps.layers[b].a) {
+            assert!((p - q).abs() <= 1e-5 * (1.0 + p.abs()), "{p} vs {q}");
+        }
+        assert_eq!(taps.layers[a].a, taps.layers[base].a);
+    }
+
+    /// Copies the `qvd` adapter into a scratch directory with its config edited by `config`
+    /// and its tensors by `tensors`.
+    fn edited_adapter(
+        name: &str,
+        config: impl FnOnce(&mut serde_json::Value),
+        tensors: impl FnOnce(&mut HashMap<String, Tensor>),
+    ) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("infl-lora-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = lora_fixture("qvd");
+        let text = std::fs::read_to_string(src.join(CONFIG_FILE)).unwrap();
+        let mut c: serde_json::Value = serde_json::from_str(&text).unwrap();
+        config(&mut c);
+        std::fs::write(dir.join(CONFIG_FILE), c.to_string()).unwrap();
+        let mut t = candle_core::safetensors::load(src.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+        tensors(&mut t);
+        candle_core::safetensors::save(&t, dir.join(WEIGHTS_FILE)).unwrap();
+        dir
+    }
+
+    fn refusal(dir: &Path) -> String {
+        let err = match adapted(dir, ModuleSelection::Adapter) {
+            Ok(_) => panic!("{} was accepted", dir.display()),
+            Err(e) => e,
+        };
+        std::fs::remove_dir_all(dir).ok();
+        assert!(matches!(err, Error::Input(_)), "{err:?}");
+        err.to_string()
+    }
+
+    #[test]
+    fn adapters_whose_forward_differs_are_refused() {
+        let q = "base_model.model.model.layers.0.self_attn.q_proj";
+        let cases: Vec<(&str, PathBuf)> = vec![
+            (
+                "use_dora",
+                edited_adapter("dora", |c| c["use_dora"] = true.into(), |_| {}),
+            ),
+            (
+                "alpha_pattern",
+                edited_adapter(
+                    "alpha",
+                    |c| c["alpha_pattern"] = serde_json::json!({"q_proj": 2}),
+                    |_| {},
+                ),
+            ),
+            (
+                "modules_to_save",
+                edited_adapter(
+                    "save",
+                    |c| c["modules_to_save"] = serde_json::json!(["lm_head"]),
+                    |_| {},
+                ),
+            ),
+            (
+                "lm_head.weight",
+                edited_adapter(
+                    "extra",
+                    |_| {},
+                    |t| {
+                        let w = Tensor::zeros((64, 16), DType::F32, &Device::Cpu).unwrap();
+                        t.insert("base_model.model.lm_head.weight".into(), w);
+                    },
+                ),
+            ),
+            (
+                "has a lora_A but no lora_B",
+                edited_adapter(
+                    "unpaired",
+                    |_| {},
+                    |t| {
+                        t.remove(&format!("{q}.lora_B.weight"));
+                    },
+                ),
+            ),
+            (
+                "another model",
+                edited_adapter(
+                    "shape",
+                    |_| {},
+                    |t| {
+                        let a = Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap();
+                        t.insert(format!("{q}.lora_A.weight"), a);
+                    },
+                ),
+            ),
+            (
+                "model.layers.7.self_attn.q_proj",
+                edited_adapter(
+                    "layer",
+                    |_| {},
+                    |t| {
+                        let q7 = q.replace("layers.0", "layers.7");
+                        for side in ["lora_A", "lora_B"] {
+                            let w = t[&format!("{q}.{side}.weight")].clone();
+                            t.insert(format!("{q7}.{side}.weight"), w);
+                        }
+                    },
+                ),
+            ),
+        ];
+        for (says, dir) in cases {
+            let err = refusal(&dir);
+            assert!(err.contains(says), "{says}: {err}");
+        }
+    }
+
+    #[test]
+    fn rank_comes_from_the_tensors_and_rslora_scales_by_its_root() {
+        let m = adapted(&lora_fixture("rslora"), ModuleSelection::Adapter).unwrap();
+        // Block 1 only, all 7 linears, rank 2.
+        assert_eq!(m.tracked().len(), 14);
+        assert!(m.blocks[0].q.lora.is_none());
+        let lora = m.blocks[1].down.lora.as_ref().unwrap();
+        assert_eq!(lora.a.dims(), [2, 24]);
+        assert!((lora.scaling - 3.0 / 2f64.sqrt()).abs() < 1e-12);
+        assert_eq!(
+            m.tracked()[0].name,
+            "model.layers.1.self_attn.q_proj.lora_A"
+        );
+    }
+
+    #[test]
+    fn gpt2_bases_are_refused_with_the_supported_ones_named() {
+        let gpt2 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/tiny-gpt2");
+        let compute = crate::model::Compute {
+            adapter: Some(lora_fixture("qvd")),
+            ..crate::model::Compute::CPU
+        };
+        let err = match crate::model::load(&gpt2, ModuleSelection::Adapter, compute) {
+            Ok(_) => panic!("GPT-2 with an adapter was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("GPT-2") && err.contains("GPT-NeoX"), "{err}");
+    }
+}
