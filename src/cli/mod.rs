@@ -137,11 +137,11 @@ fn negative_numbers_are_values(cmd: clap::Command) -> clap::Command {
 /// count once).
 fn configure_threads(cli: &Cli) -> Result<()> {
     let compute = match &cli.command {
-        Command::Fit(a) => Some(a.compute),
-        Command::Score(a) => Some(a.compute),
-        Command::SelfInfluence(a) => Some(a.compute),
-        Command::Inspect(a) => Some(a.compute),
-        Command::Serve(a) => Some(a.compute),
+        Command::Fit(a) => Some(&a.compute),
+        Command::Score(a) => Some(&a.compute),
+        Command::SelfInfluence(a) => Some(&a.compute),
+        Command::Inspect(a) => Some(&a.compute),
+        Command::Serve(a) => Some(&a.compute),
         _ => None,
     };
     // Autograd on the CPU runs batches side by side; on a GPU, as the fast engine, one batch

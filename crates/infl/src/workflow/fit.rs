@@ -82,7 +82,7 @@ pub(super) struct FitTemplate {
 impl FitTemplate {
     /// What shards and resumed runs must agree on: everything but paths.
     pub(super) fn settings(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut settings = serde_json::json!({
             "stage": "fit",
             "options": self.options,
             "tracked": self.tracked,
@@ -91,7 +91,12 @@ impl FitTemplate {
             "corpus_sha256": self.corpus.sha256,
             "max_len": self.corpus.max_len,
             "shards": self.shards,
-        })
+        });
+        // Only with an adapter, so that the settings of runs without one keep their value.
+        if let Some(adapter) = &self.model.adapter {
+            settings["model_adapter_sha256"] = adapter.sha256.clone().into();
+        }
+        settings
     }
 }
 
@@ -135,7 +140,8 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     }
     let template = FitTemplate {
         options: job.options.clone(),
-        model: ModelInfo::of(&job.model, model.as_ref())?,
+        model: ModelInfo::of(&job.model, model.as_ref())?
+            .with_adapter(job.compute.adapter.as_deref())?,
         corpus: CorpusInfo::streamed(&job.train, &scan.stats, max_len),
         tracked: model.tracked().to_vec(),
         shards: job.run.shard.count,
@@ -183,7 +189,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
 
 /// The model with the layers the fit tracks.
 pub(super) fn open_model(job: &FitJob) -> Result<Box<dyn TapModel>> {
-    let mut model = model::load(&job.model, job.options.modules, job.compute)?;
+    let mut model = model::load(&job.model, job.options.modules, job.compute.clone())?;
     if let Some(names) = &job.options.layers {
         model = model::select_layers(model, names)?;
     }

@@ -119,7 +119,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         &job.model,
         &job.factors,
         (options.damping, options.max_len),
-        job.compute,
+        job.compute.clone(),
     )?;
     let model = prepared.model.as_ref();
     let mut tok = LazyTokenizer::new(&job.model);

@@ -53,7 +53,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         &job.model,
         &job.factors,
         (job.options.damping, job.options.max_len),
-        job.compute,
+        job.compute.clone(),
     )?;
     let tracked = model.tracked().to_vec();
     let mut tok = LazyTokenizer::new(&job.model);
