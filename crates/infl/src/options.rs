@@ -619,6 +619,7 @@ impl Partitioning {
     }
 }
 
+#[cfg(feature = "clap")]
 fn parse_partition(s: &str) -> std::result::Result<Partition, String> {
     Partition::parse(s).map_err(|e| e.to_string())
 }

@@ -127,11 +127,16 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     let scan = scan_corpus(job, model.as_ref(), &mut tok, max_len, chunk)?;
     if job.run.memory_check {
         let e = crate::inspect::estimate(model.as_ref(), job.options.batch_size, scan.longest);
-        crate::inspect::check_memory(
-            "infl fit",
-            e.fit_total(),
-            "use a smaller --batch-size or --max-len, or --modules mlp",
-        )?;
+        let advice = match crate::inspect::mem_available() {
+            Some(a) => crate::inspect::partition_advice(
+                model.as_ref(),
+                job.options.batch_size,
+                scan.longest,
+                a,
+            ),
+            None => "use a smaller --batch-size or --max-len".into(),
+        };
+        crate::inspect::check_memory("infl fit", e.fit_total(), &advice)?;
     }
     if job.store.is_some() && !job.run.shard.is_whole() {
         return Err(Error::input(

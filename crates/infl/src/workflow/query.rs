@@ -132,7 +132,7 @@ impl QueryEngine {
             &job.model,
             &job.factors,
             (job.options.damping, job.options.max_len),
-            job.compute,
+            job.compute.clone(),
         )?;
         let mut tok = LazyTokenizer::new(&job.model);
         let checked = data::check_corpus(

@@ -115,7 +115,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         job.run.shard,
         job.run.output.overwrite,
     )?;
-    let prepared = prepare(
+    let mut prepared = prepare(
         &job.model,
         &job.factors,
         (options.damping, options.max_len),
@@ -164,6 +164,11 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         store.is_some(),
         progress,
     )?;
+    // The pass needs the damped inverse again only for the training sequences' own
+    // influence (cosine normalisation); otherwise its memory goes back before the pass.
+    if options.normalize != Normalize::Cosine {
+        prepared.preconditioner.release();
+    }
     let candidates = prefilter_candidates(job, &options, &queries, prepared.max_len)?;
     let (work, settings) = start_work(
         &out,
