@@ -7,7 +7,8 @@
 //! One typed schema, read and written here: [`schema`] holds the records of the files
 //! (`top_k.jsonl`, `distribution.json`, `layers.json`) and [`meta`] those of `meta.json`;
 //! [`summary`] reduces the scores, [`write`] and [`dense`] write the files and [`read`] reads
-//! a results directory back for `infl report` and `infl compare`.
+//! a results directory back for `infl report` and `infl compare`; [`units`] turns scores into
+//! predicted changes of −log p and percentiles.
 
 mod dense;
 pub mod meta;
@@ -15,6 +16,7 @@ pub mod parquet;
 mod read;
 mod schema;
 mod summary;
+mod units;
 mod write;
 
 pub use dense::{write_dense_from_shards, DenseWriter};
@@ -23,4 +25,5 @@ pub use schema::{Direction, Distribution, LayerTotals, TokenPart, TopEntry, TAIL
 pub use summary::{
     Candidate, MagnitudeSketch, QuerySummary, ScoreAccumulator, SKETCH_BUCKETS_PER_OCTAVE,
 };
+pub use units::{RemovalScale, REMOVAL_CONVENTION};
 pub use write::{entries, write_distribution, write_layers, write_top_k};

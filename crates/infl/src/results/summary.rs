@@ -128,7 +128,7 @@ pub struct MagnitudeSketch {
 }
 
 impl MagnitudeSketch {
-    fn bucket(x: f64) -> i32 {
+    pub(super) fn bucket(x: f64) -> i32 {
         (x.abs().log2() * SKETCH_BUCKETS_PER_OCTAVE).floor() as i32
     }
 

@@ -122,6 +122,7 @@ pub(super) fn write_scores(
         &mut tok,
         meta.options.per_layer,
         token_parts,
+        meta.removal.as_ref(),
     );
     results::write_top_k(&out.join("top_k.jsonl"), &top)?;
     results::write_distribution(&out.join("distribution.json"), &merged.summaries, query_ids)?;
