@@ -1,7 +1,7 @@
 //! The report's HTML: the page (index, one section per query, token highlighting), its
 //! stylesheet, and the number and text formatting shared with the charts and `infl compare`.
 
-use super::charts::{layer_svg, survival_svg};
+use super::charts::{layer_labels, layer_svg, survival_svg};
 use super::TailAnalysis;
 use crate::powerlaw::HalfMass;
 use crate::results::{Direction, Distribution, QueryInfo, Results, TokenPart, TopEntry};
@@ -139,6 +139,31 @@ pub fn token_window(tokens: &[TokenPart], max: usize) -> (usize, usize) {
     (start, start + max)
 }
 
+/// An entry's score in readable units: the predicted change of −log p on removal (alone and
+/// with the ranks above it) and its percentile, where recorded.
+fn units_line(e: &TopEntry) -> String {
+    let mut out = String::new();
+    if let Some(d) = e.removal_change {
+        let _ = write!(
+            out,
+            " &nbsp;· removing it: −log p {} nats",
+            escape(&fmt_score(d))
+        );
+        if let Some(g) = e.group_removal_change.filter(|_| e.rank > 1) {
+            let _ = write!(
+                out,
+                " (ranks 1–{} together: {})",
+                e.rank,
+                escape(&fmt_score(g))
+            );
+        }
+    }
+    if let Some(p) = e.percentile {
+        let _ = write!(out, " &nbsp;· percentile {p:.2}");
+    }
+    out
+}
+
 fn render_entries(
     html: &mut String,
     entries: &[&TopEntry],
@@ -146,6 +171,8 @@ fn render_entries(
     layers: Option<&[String]>,
     max_tokens: usize,
 ) {
+    let labels = layers.map(layer_labels);
+    let layers = labels.as_deref();
     for e in entries {
         let _ = write!(
             html,
@@ -155,6 +182,7 @@ fn render_entries(
             escape(&fmt_score(e.score)),
             escape(&e.sequence_id)
         );
+        html.push_str(&units_line(e));
         if let (Some(parts), Some(names)) = (&e.per_layer, layers) {
             // The layer carrying the largest part, as a one-line summary.
             if let Some((i, v)) = parts
@@ -164,7 +192,7 @@ fn render_entries(
             {
                 let _ = write!(
                     html,
-                    " &nbsp;· largest layer part: <code>{}</code> {}",
+                    " &nbsp;· largest layer part (by magnitude): <code>{}</code> {}",
                     escape(names.get(i).map(String::as_str).unwrap_or("?")),
                     escape(&fmt_score(*v))
                 );
@@ -217,6 +245,9 @@ pub fn render(
     );
     h.push_str(
         "<p class=\"legend\">A score I(q, z) &gt; 0 means training on sequence z lowers −log p(completion | prompt): z supports the completion. \
+         <i>Removing it</i>: the predicted change of −log p(completion | prompt), in nats, if the sequence were removed from training (score / N, \
+         N the training sequences the factors were fitted on, or tokens for KFAC): positive means the completion would become less likely. \
+         <i>Percentile</i>: the share of the query's scored sequences scoring at most this much. \
          Token colours: <span class=\"swatch\" style=\"background:rgba(220,38,38,.85)\"></span> positive part \
          <span class=\"swatch\" style=\"background:rgba(37,99,235,.85)\"></span> negative part (hover a token for its part; \
          the parts of a sequence sum to its score; colour ∝ √|part|, saturating at the 95th percentile of the query's |parts|).</p>",
@@ -230,17 +261,17 @@ pub fn render(
     }
 
     // Index.
-    h.push_str("<div class=\"panel\" id=\"index\"><h2>Queries</h2><table><tr><th>query</th><th>prompt → completion</th><th>−log p</th><th>tail α</th><th>half the positive influence</th></tr>");
+    h.push_str("<div class=\"panel\" id=\"index\"><h2>Queries</h2><table><tr><th>query</th><th>prompt → completion</th><th>−log p</th><th>power-law tail</th><th>half the positive influence</th></tr>");
     for (qi, q) in results.queries.iter().enumerate() {
         let tail = tails.get(qi);
         let _ = write!(
             h,
-            "<tr><td><a href=\"#q{qi}\">{}</a></td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+            "<tr><td><a href=\"#q{qi}\">{}</a></td><td>{}</td><td class=\"num\">{}</td><td class=\"tail\">{}</td><td>{}</td></tr>",
             escape(&q.id),
             escape(&short(&query_line(q), 90)),
             q.loss.map(|l| format!("{l:.3}")).unwrap_or_else(|| "–".into()),
             tail.and_then(|t| t.fit.as_ref().ok())
-                .map(|f| format!("{:.2} ± {:.2}", f.alpha, f.alpha_se))
+                .map(|f| escape(&f.verdict_line()))
                 .unwrap_or_else(|| "–".into()),
             tail.map(|t| half_short(&t.half)).unwrap_or_else(|| "–".into()),
         );
@@ -387,19 +418,13 @@ fn render_tail_stats(h: &mut String, d: &Distribution, t: &TailAnalysis, source:
         Ok(f) => {
             let _ = write!(
                 h,
-                "<div class=\"stat fit\">Power-law tail of the positive scores: <b>α = {:.3} ± {:.3}</b> above x<sub>min</sub> = {} ({} of the {} largest positive scores; KS distance {:.4}); goodness of fit p = {}{}</div>",
-                f.alpha,
-                f.alpha_se,
+                "<div class=\"stat fit\">Power-law tail of the positive scores: <b>{}</b>; above x<sub>min</sub> = {} ({} of the {} largest positive scores; KS distance {:.4}; {} bootstrap samples)</div>",
+                escape(&f.verdict_line()),
                 escape(&fmt_score(f.x_min)),
                 f.n_tail,
                 t.n_fitted_from,
                 f.ks,
-                f.p_value.map(|p| format!("{p:.3}")).unwrap_or_else(|| "not computed".into()),
-                match f.p_value {
-                    Some(p) if p < 0.1 => " (&lt; 0.1: the power law is ruled out)".to_string(),
-                    Some(_) => format!(" ({} bootstrap samples; ≥ 0.1: consistent with a power law)", f.bootstrap),
-                    None => String::new(),
-                }
+                f.bootstrap,
             );
         }
         Err(e) => {
