@@ -172,6 +172,10 @@ fn fit(a: FitArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
 fn score(a: ScoreArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
     let s = workflow::score(&a.into_job(), progress)?;
     if !quiet {
+        print!(
+            "{}",
+            infl::results::top_sources_text(&s.top, &s.meta.queries.ids, 3)
+        );
         eprintln!("{} ({:.1}s)", s.message, s.seconds);
     }
     Ok(())

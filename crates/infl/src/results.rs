@@ -16,6 +16,7 @@ pub mod parquet;
 mod read;
 mod schema;
 mod summary;
+mod text;
 mod units;
 mod write;
 
@@ -25,5 +26,6 @@ pub use schema::{Direction, Distribution, LayerTotals, TokenPart, TopEntry, TAIL
 pub use summary::{
     Candidate, MagnitudeSketch, QuerySummary, ScoreAccumulator, SKETCH_BUCKETS_PER_OCTAVE,
 };
+pub use text::top_sources_text;
 pub use units::{RemovalScale, REMOVAL_CONVENTION};
 pub use write::{entries, write_distribution, write_layers, write_top_k};

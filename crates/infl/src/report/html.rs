@@ -2,7 +2,7 @@
 //! stylesheet, and the number and text formatting shared with the charts and `infl compare`.
 
 use super::charts::{layer_labels, layer_svg, survival_svg};
-use super::TailAnalysis;
+use super::{RunContext, TailAnalysis};
 use crate::powerlaw::HalfMass;
 use crate::results::{Direction, Distribution, QueryInfo, Results, TokenPart, TopEntry};
 use std::fmt::Write as _;
@@ -58,6 +58,7 @@ th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums;
 .swatch{display:inline-block;width:40px;height:10px;vertical-align:middle;border-radius:2px}
 .col .seq{padding:6px 8px;margin:4px 0;border:2px solid transparent;border-radius:6px}.col .seq.shared{border-color:#8250df;background:#fbf8ff}
 .cols{display:grid;gap:12px}.col{min-width:0}
+.own{color:#9a6700;font-weight:600}
 "#;
 
 /// The |part| at which token colours saturate: the 95th percentile of the query's token parts
@@ -167,17 +168,22 @@ fn units_line(e: &TopEntry) -> String {
 fn render_entries(
     html: &mut String,
     entries: &[&TopEntry],
-    scale: f64,
+    (scale, max_tokens): (f64, usize),
     layers: Option<&[String]>,
-    max_tokens: usize,
+    run: &RunContext,
 ) {
     let labels = layers.map(layer_labels);
     let layers = labels.as_deref();
     for e in entries {
         let _ = write!(
             html,
-            "<div class=\"seq\" data-direction=\"{}\"><div class=\"seq-head\">#{} &nbsp;<b>{}</b> &nbsp;sequence <code>{}</code>",
+            "<div class=\"seq\" data-direction=\"{}\"><div class=\"seq-head\">{}#{} &nbsp;<b>{}</b> &nbsp;sequence <code>{}</code>",
             if e.direction == Direction::Top { "top" } else { "bottom" },
+            if run.is_own(&e.query_id, &e.sequence_id) {
+                "<span class=\"own\" title=\"states the query's fact\">★ own sentence</span> "
+            } else {
+                ""
+            },
             e.rank,
             escape(&fmt_score(e.score)),
             escape(&e.sequence_id)
@@ -218,6 +224,7 @@ pub fn render(
     tails: &[TailAnalysis],
     missing: &[String],
     max_tokens: usize,
+    run: &RunContext,
 ) -> String {
     let mut h = String::with_capacity(1 << 16);
     let _ = write!(
@@ -277,9 +284,10 @@ pub fn render(
         );
     }
     h.push_str("</table></div>");
+    run.render_summary(&mut h);
 
     for (qi, q) in results.queries.iter().enumerate() {
-        render_query(&mut h, results, qi, q, tails.get(qi), max_tokens);
+        render_query(&mut h, results, qi, q, tails.get(qi), (max_tokens, run));
     }
     let _ = writeln!(
         h,
@@ -323,7 +331,7 @@ fn render_query(
     qi: usize,
     q: &QueryInfo,
     tail: Option<&TailAnalysis>,
-    max_tokens: usize,
+    (max_tokens, run): (usize, &RunContext),
 ) {
     let _ = write!(
         h,
@@ -360,6 +368,7 @@ fn render_query(
     h.push_str("</div><div class=\"fig\"><h3>Influence per layer</h3>");
     render_layers(h, r, qi, q);
     h.push_str("</div></div>");
+    run.render_query(h, &q.id, 5);
 
     let top = r.entries(&q.id, Direction::Top);
     let bottom = r.entries(&q.id, Direction::Bottom);
@@ -384,7 +393,7 @@ fn render_query(
     if top.is_empty() {
         h.push_str("<div class=\"note\">No top sequences recorded for this query.</div>");
     }
-    render_entries(h, &top, scale, r.layers.as_deref(), max_tokens);
+    render_entries(h, &top, (scale, max_tokens), r.layers.as_deref(), run);
     let _ = write!(
         h,
         "<h3>Most negatively influential sequences (bottom {})</h3>",
@@ -393,7 +402,7 @@ fn render_query(
     if bottom.is_empty() {
         h.push_str("<div class=\"note\">No bottom sequences recorded: rerun `infl score` with this version of infl.</div>");
     }
-    render_entries(h, &bottom, scale, r.layers.as_deref(), max_tokens);
+    render_entries(h, &bottom, (scale, max_tokens), r.layers.as_deref(), run);
     h.push_str("<p class=\"sub\"><a href=\"#index\">↑ index</a></p></section>");
 }
 
