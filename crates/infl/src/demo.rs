@@ -307,7 +307,12 @@ fn run_context(
         per_query: facts
             .iter()
             .zip(lexical)
-            .map(|(f, ids)| (f.id.clone(), ids.iter().map(|i| (i.clone(), None)).collect()))
+            .map(|(f, ids)| {
+                (
+                    f.id.clone(),
+                    ids.iter().map(|i| (i.clone(), None)).collect(),
+                )
+            })
             .collect(),
     });
     RunContext {

@@ -100,7 +100,11 @@ impl RunContext {
                         let _ = write!(
                             h,
                             "<td>{}<code>{}</code>{}</td>",
-                            if self.is_own(query_id, id) { "★ " } else { "" },
+                            if self.is_own(query_id, id) {
+                                "★ "
+                            } else {
+                                ""
+                            },
                             escape(id),
                             score
                                 .map(|s| format!(" {}", escape(&fmt_score(s))))
