@@ -153,6 +153,10 @@ fn removal_change_and_percentile_follow_the_fit_and_the_dense_scores() {
         page.contains("removing it: −log p"),
         "no unit in the report"
     );
+    assert!(
+        page.contains(&format!("Here N = {n} training sequences")),
+        "no N in the report"
+    );
     assert!(page.contains("largest layer part (by magnitude)"));
     assert!(!page.contains("<th>tail α</th>"));
 }

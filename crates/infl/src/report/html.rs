@@ -259,6 +259,16 @@ pub fn render(
          <span class=\"swatch\" style=\"background:rgba(37,99,235,.85)\"></span> negative part (hover a token for its part; \
          the parts of a sequence sum to its score; colour ∝ √|part|, saturating at the 95th percentile of the query's |parts|).</p>",
     );
+    if let Some(r) = &results.removal {
+        let _ = write!(
+            h,
+            "<p class=\"legend\" id=\"units\">Here N = {} training {} (the factors' fit), so a score of {} predicts {} nats on removal.</p>",
+            r.divisor,
+            escape(&r.counts),
+            escape(&fmt_score(r.divisor)),
+            escape(&fmt_score(1.0))
+        );
+    }
     if !missing.is_empty() {
         h.push_str("<div class=\"note\" id=\"missing\"><b>Not in these results:</b><ul>");
         for m in missing {
