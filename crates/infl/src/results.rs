@@ -13,6 +13,7 @@
 mod dense;
 pub mod meta;
 pub mod parquet;
+mod prefilter;
 mod read;
 mod schema;
 mod summary;
@@ -21,10 +22,12 @@ mod units;
 mod write;
 
 pub use dense::{write_dense_from_shards, DenseWriter};
+pub use prefilter::{estimate, sample_rest, write_prefilter, PrefilterRecall};
 pub use read::{QueryInfo, Results};
 pub use schema::{Direction, Distribution, LayerTotals, TokenPart, TopEntry, TAIL_SIZE};
 pub use summary::{
-    Candidate, MagnitudeSketch, QuerySummary, ScoreAccumulator, SKETCH_BUCKETS_PER_OCTAVE,
+    Candidate, MagnitudeSketch, Prefilter, QuerySummary, ScoreAccumulator,
+    SKETCH_BUCKETS_PER_OCTAVE,
 };
 pub use text::top_sources_text;
 pub use units::{RemovalScale, REMOVAL_CONVENTION};

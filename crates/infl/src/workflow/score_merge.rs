@@ -134,6 +134,15 @@ pub(super) fn write_scores(
             &meta.layers,
         )?;
     }
+    if meta.options.prefilter.is_some() && meta.options.prefilter_sample > 0 {
+        results::write_prefilter(
+            &out.join("prefilter.json"),
+            &merged.summaries,
+            query_ids,
+            meta.options.top_k,
+            meta.corpus.n_sequences,
+        )?;
+    }
     if meta.options.dense {
         results::write_dense_from_shards(
             &out.join("scores.safetensors"),
