@@ -398,9 +398,9 @@ impl MemoryCheck<'_> {
     }
 }
 
-/// Pre-filter: each query keeps its N best lexical matches from the index; the pass computes
+/// Pre-filter: each query keeps its N best lexical matches from the index, plus a seeded sample
+/// of the other sequences scored only to estimate the filter's recall; the pass computes
 /// gradients only for their union.
-/// Each query's pre-filter candidates and its seeded sample of the other sequences.
 #[allow(clippy::type_complexity)]
 fn prefilter_candidates(
     job: &ScoreJob,
