@@ -107,7 +107,18 @@ fn wilson(x: usize, m: usize) -> (f64, f64) {
     let z2 = Z95 * Z95;
     let centre = (p + z2 / (2.0 * m)) / (1.0 + z2 / m);
     let half = Z95 * (p * (1.0 - p) / m + z2 / (4.0 * m * m)).sqrt() / (1.0 + z2 / m);
-    ((centre - half).max(0.0), (centre + half).min(1.0))
+    // At x = 0 (x = m) the bound is exactly 0 (1); rounding would leave a hair off it.
+    let low = if x == 0.0 {
+        0.0
+    } else {
+        (centre - half).max(0.0)
+    };
+    let high = if x == m {
+        1.0
+    } else {
+        (centre + half).min(1.0)
+    };
+    (low, high)
 }
 
 /// `prefilter.json`.
