@@ -1,8 +1,8 @@
 //! Whether the BM25 pre-filter dropped the answer: per query, an estimate of the recall of the
 //! exact top-k among its N candidates (`prefilter.json`). A seeded random sample of the other
 //! sequences ([`sample_rest`]) is scored exactly beside the candidates; the share of it scoring
-//! above the candidates' k-th score, scaled to all the other sequences, is how many of them
-//! would enter the exact top-k, with a 95% Wilson interval.
+//! above each kept candidate, scaled to all the other sequences, says whether that candidate
+//! stays in the exact top-k, with a 95% Wilson interval.
 
 use super::QuerySummary;
 use crate::error::{Error, Result};
@@ -59,32 +59,39 @@ pub struct PrefilterRecall {
     pub recall_high: f64,
 }
 
-/// The estimate for one query: with `t` the k-th best candidate score, `x` of the `m` sampled
-/// sequences above it and `R` outside the candidates, about `R·x/m` of them belong in the exact
-/// top-k, which keeps `min(|top|, k − R·x/m)` candidates.
+/// The estimate for one query: the candidate ranked j (from 0) among the candidates stays in
+/// the exact top-k when `j + R·p_j < k`, with R the sequences outside the candidates and p_j the
+/// share of them scoring above it, estimated from the sample (its Wilson bounds give the
+/// interval; exact when the whole rest was sampled).
 pub fn estimate(query_id: &str, s: &QuerySummary, k: usize, n_sequences: usize) -> PrefilterRecall {
     let candidates = s.count as usize;
     let rest = n_sequences.saturating_sub(candidates);
+    let sample = &s.prefilter_sample;
+    let m = sample.len();
+    let above = |score: f64| sample.iter().filter(|v| **v > score).count();
     let threshold = s.top.last().map_or(f64::NEG_INFINITY, |c| c.score);
-    let m = s.prefilter_sample.len();
-    let x = s
-        .prefilter_sample
-        .iter()
-        .filter(|v| **v > threshold)
-        .count();
-    let kept = s.top.len() as f64;
-    let recall_for = |above_share: f64| -> f64 {
-        let entering = rest as f64 * above_share;
-        (kept.min(k as f64 - entering)).max(0.0) / k.max(1) as f64
+    // Candidates kept in the exact top-k when the share of the rest above score is `share`.
+    let recall_with = |share: &dyn Fn(usize) -> f64| -> f64 {
+        let kept = s
+            .top
+            .iter()
+            .enumerate()
+            .filter(|(j, c)| (*j as f64) + rest as f64 * share(above(c.score)) < k as f64)
+            .count();
+        kept as f64 / k.max(1) as f64
     };
-    let (share, low, high) = if m == 0 {
-        (0.0, 0.0, 0.0)
-    } else if m >= rest {
-        let p = x as f64 / m as f64;
-        (p, p, p)
+    let point = |x: usize| if m == 0 { 0.0 } else { x as f64 / m as f64 };
+    let exact = m >= rest;
+    let (recall, recall_low, recall_high) = if exact {
+        let r = recall_with(&point);
+        (r, r, r)
     } else {
-        let (lo, hi) = wilson(x, m);
-        (x as f64 / m as f64, lo, hi)
+        (
+            recall_with(&point),
+            // More of the rest above a candidate, lower recall.
+            recall_with(&|x| wilson(x, m).1),
+            recall_with(&|x| wilson(x, m).0),
+        )
     };
     PrefilterRecall {
         query_id: query_id.to_string(),
@@ -92,11 +99,10 @@ pub fn estimate(query_id: &str, s: &QuerySummary, k: usize, n_sequences: usize) 
         candidates,
         rest,
         sampled: m,
-        sampled_above: x,
-        recall: recall_for(share),
-        // More sequences above the threshold, lower recall.
-        recall_low: recall_for(high),
-        recall_high: recall_for(low),
+        sampled_above: above(threshold),
+        recall,
+        recall_low,
+        recall_high,
     }
 }
 
