@@ -273,7 +273,20 @@ impl QueryEngine {
             false => None,
         };
         let ids: Vec<String> = queries.iter().map(|q| q.id.clone()).collect();
-        let rows = results::entries(&summaries, &ids, tok, true, token_parts.as_ref());
+        // What a score means in nats, as `infl score` records it for these factors.
+        let removal = results::RemovalScale::of(
+            prepared.fmeta.options.strategy,
+            options.normalize,
+            &prepared.fmeta.corpus,
+        );
+        let rows = results::entries(
+            &summaries,
+            &ids,
+            tok,
+            true,
+            token_parts.as_ref(),
+            removal.as_ref(),
+        );
         let out = answers(&summaries, &ids, &pq, rows);
         self.corpus = corpus;
         Ok(out)
