@@ -666,7 +666,7 @@ fn report_command_writes_the_file() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("tail α ="), "{err}");
+    assert!(err.contains("positive tail: α = "), "{err}");
     assert!(std::fs::read_to_string(&out_path)
         .unwrap()
         .starts_with("<!DOCTYPE html>"));
