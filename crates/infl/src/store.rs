@@ -5,8 +5,10 @@
 //! For an eigenbasis (EK-FAC, KFAC) `I(q, z) = ⟨P_q, G_z⟩ = ⟨P̃_q, R_z⟩` with
 //! `R_z = Q_Sᵀ G_z Q_A` and `P̃_q = Q_Sᵀ P_q Q_A = (Q_Sᵀ G_q Q_A) ⊘ (Λ + λ)`; for diagonal and
 //! identity the basis is the original one (R_z = G_z). Per sequence and layer the store keeps
-//! whichever is smaller: the rotated gradient `R_z` (`d_out × d_in_h`), or its per-token factors
-//! `g Q_S` (`T × d_out`) and `ā Q_A` (`T × d_in_h`), from which `R_z = (g Q_S)ᵀ (ā Q_A)`.
+//! the rotated gradient `R_z` (`d_out × d_in_h`), or its per-token factors `g Q_S`
+//! (`T × d_out`) and `ā Q_A` (`T × d_in_h`), from which `R_z = (g Q_S)ᵀ (ā Q_A)`, as
+//! [`StoreForm`] chooses. The reader rebuilds factored records after their bytes are verified,
+//! records of a batch in parallel.
 //! The gradients are those of the training loss (the data's labels), whatever the Fisher's.
 //!
 //! Files in the store directory: `store.json` (what made it), `sequences.jsonl` (id and token ids
@@ -43,8 +45,8 @@ const REMEDY: &str = "rewrite the store with `infl fit --store`";
 #[serde(rename_all = "lowercase")]
 pub enum StoreForm {
     /// Per sequence and layer, the per-token factors where they are smaller on disk and cheap
-    /// to rebuild (at most [`AUTO_MAX_TOKENS`] tokens), else the rotated gradient: as fast to
-    /// re-score as `rotated`, compact where sequences are short.
+    /// to rebuild (at most [`AUTO_MAX_TOKENS`] tokens), else the rotated gradient: the rotated
+    /// form's speed for long sequences, compact where sequences are short.
     Auto,
     /// Per sequence and layer, whichever is smaller on disk: the rotated gradient or its
     /// per-token factors (rebuilding costs 2·T flops per value: slow for long sequences).
@@ -144,8 +146,9 @@ fn sizes(l: &TrackedLayer, len: usize) -> (u64, u64) {
 
 /// Longest sequence `--store-form auto` keeps as per-token factors. Rebuilding a rotated
 /// gradient from T tokens costs 2·T flops per value where reading it stored costs one value's
-/// bytes; the two break even near T = 16–32 (docs/store.md: measured on the bundled model,
-/// and the benchmark job's 6.6× at T = 128), so up to 16 tokens the compact form costs no time.
+/// bytes, so the factored form's cost grows with T while its saving shrinks: at 128 tokens it
+/// re-scored the benchmark job 6.6× slower than the rotated form, at 8–16 tokens the bundled
+/// model 1.5–1.6× slower for 2.5–5× less disk (docs/store.md, "Choosing the form").
 pub const AUTO_MAX_TOKENS: usize = 16;
 
 fn use_factors(l: &TrackedLayer, len: usize, form: StoreForm) -> bool {
