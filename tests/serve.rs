@@ -824,3 +824,46 @@ fn encode(s: &str) -> String {
         })
         .collect()
 }
+
+#[test]
+fn the_store_is_opened_once_and_rewound_for_each_pass() {
+    // A copy of the fixture's factors, whose store is moved away once the server has opened
+    // it: the server keeps answering from the store it holds (a pass does not reopen it).
+    let f = fixture();
+    let factors = f.dir.join("factors-moved");
+    let _ = std::fs::remove_dir_all(&factors);
+    std::fs::create_dir_all(factors.join("store")).unwrap();
+    for entry in std::fs::read_dir(&f.factors).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, factors.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    for entry in std::fs::read_dir(f.factors.join("store")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, factors.join("store").join(p.file_name().unwrap())).unwrap();
+    }
+    let server = Server::start(&[
+        "serve",
+        "--model",
+        s(&f.model),
+        "--factors",
+        s(&factors),
+        "--train",
+        s(&f.corpus),
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let q = &f.queries()[1];
+    let first = server.post("/v1/influence", &request_for(q, 5));
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    std::fs::rename(factors.join("store"), factors.join("store-moved")).unwrap();
+    for _ in 0..3 {
+        let again = server.post("/v1/influence", &request_for(q, 5));
+        assert_eq!(again.status, 200, "{:?}", again.body);
+        assert_eq!(again.body["top"], first.body["top"]);
+        assert_eq!(again.body["bottom"], first.body["bottom"]);
+    }
+    drop(server);
+    std::fs::remove_dir_all(&factors).unwrap();
+}
