@@ -36,7 +36,7 @@ MODULES=${MODULES:-mlp}
 MAXLEN=${MAXLEN:-64}
 BATCH=${BATCH:-8}
 echo "== inspect"
-"$INFL" inspect --model "$GGUF" --modules "$MODULES" --batch-size "$BATCH" --max-len "$MAXLEN" --queries 4
+"$INFL" inspect --model "$GGUF" --modules "$MODULES" --batch-size "$BATCH" --max-len "$MAXLEN" --n-queries 4
 
 echo "== fit"
 ${TIME:+$TIME -v} "$INFL" fit --model "$GGUF" --train examples/facts.jsonl --out "$WORK/factors" \

@@ -94,7 +94,7 @@ fn print_top_sources(outcome: &DemoOutcome, queries: &Path, top_k: usize) -> Res
     let (first, summary) = &outcome.scores[0];
     let texts = query_texts(queries)?;
     println!(
-        "\ntop sources by {} (score > 0: the sequence supports the completion)",
+        "\ntop sources by {} (score > 0: the sequence supports the completion; removed: the predicted change of −log p, in nats, if it were removed from training)",
         first.name()
     );
     for (qi, qid) in summary.meta.queries.ids.iter().enumerate() {
@@ -121,8 +121,12 @@ fn print_top_sources(outcome: &DemoOutcome, queries: &Path, top_k: usize) -> Res
             } else {
                 " "
             };
+            let removed = e
+                .removal_change
+                .map(|d| format!("  removed {d:+.4}"))
+                .unwrap_or_default();
             println!(
-                "  {mark}#{} {:>10.3}  [{}] {}",
+                "  {mark}#{} {:>10.3}{removed}  [{}] {}",
                 e.rank, e.score, e.sequence_id, short
             );
         }

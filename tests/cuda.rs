@@ -21,6 +21,7 @@ fn gpu_taps_equal_cpu_taps(name: &str, dir: &Path) {
             Compute {
                 engine: Some(Engine::Autograd),
                 device: ComputeDevice::Cuda(0),
+                adapter: None,
             },
         )
         .unwrap();

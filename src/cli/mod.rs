@@ -137,11 +137,11 @@ fn negative_numbers_are_values(cmd: clap::Command) -> clap::Command {
 /// count once).
 fn configure_threads(cli: &Cli) -> Result<()> {
     let compute = match &cli.command {
-        Command::Fit(a) => Some(a.compute),
-        Command::Score(a) => Some(a.compute),
-        Command::SelfInfluence(a) => Some(a.compute),
-        Command::Inspect(a) => Some(a.compute),
-        Command::Serve(a) => Some(a.compute),
+        Command::Fit(a) => Some(&a.compute),
+        Command::Score(a) => Some(&a.compute),
+        Command::SelfInfluence(a) => Some(&a.compute),
+        Command::Inspect(a) => Some(&a.compute),
+        Command::Serve(a) => Some(&a.compute),
         _ => None,
     };
     // Autograd on the CPU runs batches side by side; on a GPU, as the fast engine, one batch
@@ -178,6 +178,10 @@ fn fit(a: FitArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
 fn score(a: ScoreArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
     let s = workflow::score(&a.into_job(), progress)?;
     if !quiet {
+        print!(
+            "{}",
+            infl::results::top_sources_text(&s.top, &s.meta.queries.ids, 3)
+        );
         eprintln!("{} ({:.1}s)", s.message, s.seconds);
     }
     Ok(())
@@ -349,15 +353,10 @@ fn report(a: ReportArgs, quiet: bool) -> Result<()> {
         for t in &s.tails {
             match &t.fit {
                 Ok(f) => eprintln!(
-                    "{}: tail α = {:.3} ± {:.3} above x_min = {} ({} values), p = {}; {}",
+                    "{}: positive tail: {} (above x_min = {}); {}",
                     t.query_id,
-                    f.alpha,
-                    f.alpha_se,
+                    f.verdict_line(),
                     infl::report::fmt_score(f.x_min),
-                    f.n_tail,
-                    f.p_value
-                        .map(|p| format!("{p:.3}"))
-                        .unwrap_or_else(|| "–".into()),
                     t.half
                 ),
                 Err(e) => eprintln!("{}: no tail fit ({e}); {}", t.query_id, t.half),

@@ -99,7 +99,7 @@ fn parse<T: Parser>(argv: Vec<String>) -> PyResult<T> {
 
 /// The threads of the process, set before the first job starts its pools (they read the count
 /// once; later values are ignored, as documented).
-fn configure_threads(threads: Option<usize>, compute: infl::options::Compute) -> PyResult<()> {
+fn configure_threads(threads: Option<usize>, compute: &infl::options::Compute) -> PyResult<()> {
     static SET: std::sync::Once = std::sync::Once::new();
     if threads == Some(0) {
         return Err(InputError::new_err("--threads must be at least 1"));
@@ -158,7 +158,7 @@ fn fit(
     threads: Option<usize>,
 ) -> PyResult<(String, bool)> {
     let a = parse::<Fit>(argv)?.args;
-    configure_threads(threads, a.compute)?;
+    configure_threads(threads, &a.compute)?;
     let p = PyProgress::new(sink(progress)?);
     let job = a.into_job();
     let s = run_job(py, &p, |p| infl::workflow::fit(&job, p))?;
@@ -175,7 +175,7 @@ fn score(
     threads: Option<usize>,
 ) -> PyResult<String> {
     let a = parse::<Score>(argv)?.args;
-    configure_threads(threads, a.compute)?;
+    configure_threads(threads, &a.compute)?;
     let p = PyProgress::new(sink(progress)?);
     let job = a.into_job();
     let s = run_job(py, &p, |p| infl::workflow::score(&job, p))?;
@@ -192,7 +192,7 @@ fn self_influence(
     threads: Option<usize>,
 ) -> PyResult<String> {
     let a = parse::<SelfInfluence>(argv)?.args;
-    configure_threads(threads, a.compute)?;
+    configure_threads(threads, &a.compute)?;
     let p = PyProgress::new(sink(progress)?);
     let job = a.into_job();
     let s = run_job(py, &p, |p| infl::workflow::self_influence(&job, p))?;
@@ -220,7 +220,7 @@ fn index(py: Python<'_>, argv: Vec<String>) -> PyResult<usize> {
 #[pyo3(signature = (argv, threads=None))]
 fn inspect(py: Python<'_>, argv: Vec<String>, threads: Option<usize>) -> PyResult<String> {
     let a = parse::<args::Inspect>(argv)?;
-    configure_threads(threads, a.compute)?;
+    configure_threads(threads, &a.compute)?;
     py.detach(|| -> infl::Result<String> {
         use infl::inspect;
         let model = infl::model::load(&a.model, a.modules, a.compute)?;

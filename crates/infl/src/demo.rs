@@ -6,6 +6,8 @@
 //! gradients add over word overlap.
 //!
 //! The library runs the stages and measures; the binary embeds the bundled data and prints.
+//! The report holds the whole run: every strategy's top sources, the recall table and each
+//! fact's own sentence (★), beside the first strategy's full results.
 
 use crate::curvature::{Fisher, Strategy};
 use crate::data::{self, LazyTokenizer};
@@ -13,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::options::FitOptions;
 use crate::options::ScoreOptions;
 use crate::pass::Progress;
+use crate::report::{Ranking, RecallRow, RunContext};
 use crate::train::{TrainJob, TrainingRecord};
 use crate::workflow::{self, FitJob, ScoreJob, ScoreSummary};
 use std::path::{Path, PathBuf};
@@ -248,19 +251,17 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<DemoOutcome> {
         let ranked: Vec<Vec<String>> = facts.iter().map(|f| top_sources(summary, &f.id)).collect();
         recalls.push(recall(strategy.name(), &facts, &ranked));
     }
-    recalls.push(recall(
-        "tf-idf (bm25)",
-        &facts,
-        &lexical_ranking(&model, &job.corpus, &job.queries, max_len, &fact_index)?,
-    ));
+    let lexical = lexical_ranking(&model, &job.corpus, &job.queries, max_len, &fact_index)?;
+    recalls.push(recall(LEXICAL, &facts, &lexical));
 
     let report = match scores.first() {
         Some((strategy, _)) => {
             let html = job.out.join("report.html");
-            crate::report::write_report(
+            crate::report::write_run_report(
                 &job.out.join(format!("results-{}", strategy.name())),
                 &html,
                 &Default::default(),
+                &run_context(&scores, &facts, &lexical, &recalls),
             )?;
             Some(html)
         }
@@ -275,6 +276,61 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<DemoOutcome> {
         recall: recalls,
         report,
     })
+}
+
+/// The lexical baseline's name in the recall table and the report.
+const LEXICAL: &str = "tf-idf (bm25)";
+
+/// What the demo's report shows beside the first strategy's results: every strategy's and the
+/// lexical baseline's top sources, the recall table and each fact's own sentence.
+fn run_context(
+    scores: &[(Strategy, ScoreSummary)],
+    facts: &[FactQuery],
+    lexical: &[Vec<String>],
+    recalls: &[Recall],
+) -> RunContext {
+    let mut rankings: Vec<Ranking> = scores
+        .iter()
+        .map(|(strategy, summary)| Ranking {
+            method: strategy.name().to_string(),
+            per_query: summary
+                .meta
+                .queries
+                .ids
+                .iter()
+                .map(|q| (q.clone(), top_scored(summary, q)))
+                .collect(),
+        })
+        .collect();
+    rankings.push(Ranking {
+        method: LEXICAL.to_string(),
+        per_query: facts
+            .iter()
+            .zip(lexical)
+            .map(|(f, ids)| {
+                (
+                    f.id.clone(),
+                    ids.iter().map(|i| (i.clone(), None)).collect(),
+                )
+            })
+            .collect(),
+    });
+    RunContext {
+        rankings,
+        recall: recalls
+            .iter()
+            .map(|r| RecallRow {
+                method: r.method.clone(),
+                recall_at_1: r.recall_at_1,
+                recall_at_10: r.recall_at_10,
+            })
+            .collect(),
+        n_facts: facts.len(),
+        own_line: facts
+            .iter()
+            .map(|f| (f.id.clone(), f.source_line))
+            .collect(),
+    }
 }
 
 /// Each selected query's sequences ranked by BM25 over the model's token ids (prompt and
@@ -322,11 +378,21 @@ fn lexical_ranking(
 
 /// A query's top sequence ids in a score run, best first.
 pub fn top_sources(summary: &ScoreSummary, query_id: &str) -> Vec<String> {
+    top_scored(summary, query_id)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// A query's top sequence ids with their scores, best first.
+fn top_scored(summary: &ScoreSummary, query_id: &str) -> Vec<(String, Option<f64>)> {
     let mut top: Vec<&crate::results::TopEntry> = summary
         .top
         .iter()
         .filter(|e| e.query_id == query_id && e.direction == crate::results::Direction::Top)
         .collect();
     top.sort_by_key(|e| e.rank);
-    top.iter().map(|e| e.sequence_id.clone()).collect()
+    top.iter()
+        .map(|e| (e.sequence_id.clone(), Some(e.score)))
+        .collect()
 }

@@ -173,6 +173,14 @@ impl Preconditioner {
         })
     }
 
+    /// Returns the memory of the damped inverse (its eigenvectors are about half the factors)
+    /// once the queries are preconditioned, for a scoring pass that needs no training
+    /// sequence's self-influence; the damping used per layer stays, for the record. Nothing of
+    /// the inverse may be applied afterwards.
+    pub fn release(&mut self) {
+        self.layers = Vec::new();
+    }
+
     /// `⟨P_z, G_z⟩` of layer `layer` from the gradient in the store's basis, `r`:
     /// `Σ r² ⊘ (Λ + λ)` (`Σ r²` for identity).
     pub fn self_influence_in_store_basis(&self, layer: usize, r: MatRef<'_, f32>) -> f64 {

@@ -157,6 +157,46 @@ pub fn partitions_for(
     crate::partition::count_for_budget(model.tracked(), budget, fixed, fit_factor_bytes)
 }
 
+/// What to do when a fit needs more than `budget`: how many layer partitions bring each under
+/// it, and what the largest then needs.
+pub fn partition_advice(
+    model: &dyn TapModel,
+    batch_size: usize,
+    max_len: usize,
+    budget: u64,
+) -> String {
+    let fixed = fit_fixed_bytes(model, batch_size, max_len);
+    match partitions_for(model, batch_size, max_len, budget) {
+        Some(p) => {
+            let tracked = model.tracked();
+            let largest = crate::partition::plan(tracked, p)
+                .into_iter()
+                .map(|r| fit_factor_bytes(&tracked[r]))
+                .max()
+                .unwrap_or(0);
+            format!(
+                "the fit fits in {} in {p} layer partitions (largest {}): `infl fit --memory-limit {}` (or --partitions {p})",
+                human(budget),
+                human(fixed + largest),
+                human_flag(budget)
+            )
+        }
+        None => format!(
+            "the fit does not fit in {} even one layer per partition (the weights and one batch alone take {}); use a smaller --batch-size or --max-len",
+            human(budget),
+            human(fixed)
+        ),
+    }
+}
+
+/// A size as `--memory-limit` takes it, rounded down (`15G`, `800M`).
+fn human_flag(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{}G", b >> 30),
+        b => format!("{}M", (b >> 20).max(1)),
+    }
+}
+
 /// `MemAvailable` from /proc/meminfo, in bytes (None where it cannot be read).
 pub fn mem_available() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -402,7 +442,12 @@ pub fn report(
         e.score_total(n_queries, 0),
     );
     match mem_available() {
-        Some(a) => row(&mut s, "available now (MemAvailable)", a),
+        Some(a) => {
+            row(&mut s, "available now (MemAvailable)", a);
+            if e.fit_total() > a {
+                let _ = writeln!(s, "  {}", partition_advice(model, batch_size, max_len, a));
+            }
+        }
         None => {
             let _ = writeln!(s, "  available memory unknown (/proc/meminfo unreadable)");
         }
@@ -499,6 +544,26 @@ mod tests {
             e.activations + e.score_batch
         );
         assert!(e.score_total(3, 10) - e.score_total(0, 10) == 3 * e.per_query + 3 * 10 * 8);
+    }
+
+    #[test]
+    fn partitions_are_proposed_for_a_budget_the_whole_fit_exceeds() {
+        let m = tiny();
+        let (fixed, whole) = (fit_fixed_bytes(&m, 4, 16), fit_factor_bytes(m.tracked()));
+        // Room for everything: one partition.
+        assert_eq!(partitions_for(&m, 4, 16, fixed + whole), Some(1));
+        // Room for about half the layers' state: more than one, each within the budget.
+        let budget = fixed + whole / 2 + 1;
+        let p = partitions_for(&m, 4, 16, budget).unwrap();
+        assert!(p > 1);
+        for r in crate::partition::plan(m.tracked(), p) {
+            assert!(fixed + fit_factor_bytes(&m.tracked()[r]) <= budget);
+        }
+        let advice = partition_advice(&m, 4, 16, budget);
+        assert!(advice.contains(&format!("--partitions {p}")), "{advice}");
+        // Not even the weights: no plan, and it says so.
+        assert_eq!(partitions_for(&m, 4, 16, fixed / 2), None);
+        assert!(partition_advice(&m, 4, 16, fixed / 2).contains("even one layer"));
     }
 
     #[test]

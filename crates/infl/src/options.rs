@@ -385,6 +385,12 @@ pub struct ScoreOptions {
     /// TF-IDF pre-filter for corpora too large to score whole.
     #[cfg_attr(feature = "clap", arg(long, value_name = "N", requires = "index", value_parser = PREFILTER.parser()))]
     pub prefilter: Option<usize>,
+    /// With --prefilter: how many of the other sequences (a seeded random sample per query) are
+    /// scored too, to estimate the recall of the exact top-k among the candidates
+    /// (prefilter.json); 0 estimates nothing.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "M", default_value_t = DEFAULT_PREFILTER_SAMPLE, requires = "prefilter"))]
+    #[serde(default = "default_prefilter_sample")]
+    pub prefilter_sample: usize,
     /// Read the training gradients from FACTORS/store/ (written by `fit --store` on the same
     /// corpus) instead of running the model over --train; queries are then exact (full rank).
     #[cfg_attr(feature = "clap", arg(long, conflicts_with_all = ["per_token", "shard"]))]
@@ -399,6 +405,13 @@ pub struct ScoreOptions {
     #[cfg_attr(feature = "clap", command(flatten))]
     #[serde(flatten)]
     pub columns: Columns,
+}
+
+/// Sequences sampled per query outside the pre-filter's candidates.
+pub const DEFAULT_PREFILTER_SAMPLE: usize = 256;
+
+fn default_prefilter_sample() -> usize {
+    DEFAULT_PREFILTER_SAMPLE
 }
 
 /// `store` in a results `meta.json`: a flag, or (format 1) the store's path or null.
@@ -448,6 +461,7 @@ impl Default for ScoreOptions {
             per_token: false,
             normalize: Normalize::None,
             prefilter: None,
+            prefilter_sample: DEFAULT_PREFILTER_SAMPLE,
             store: false,
             parquet: false,
             columns: Columns::default(),
@@ -619,6 +633,7 @@ impl Partitioning {
     }
 }
 
+#[cfg(feature = "clap")]
 fn parse_partition(s: &str) -> std::result::Result<Partition, String> {
     Partition::parse(s).map_err(|e| e.to_string())
 }

@@ -56,6 +56,56 @@ pub struct PowerLawFit {
     pub bootstrap: usize,
 }
 
+/// Tails with fewer values than this leave the goodness-of-fit test little power: a fit that
+/// is not ruled out may still not be a power law (CSN 2009, §4: with n ≲ 50 the test rarely
+/// rejects even clearly different distributions), so its α is shown with that caveat.
+pub const MIN_TESTABLE_TAIL: usize = 50;
+
+/// What the goodness-of-fit test says about a fit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    /// p < 0.1: the power law is ruled out (α means nothing then).
+    RuledOut(f64),
+    /// p ≥ 0.1: consistent with a power law.
+    Consistent(f64),
+    /// No bootstrap was run.
+    NotTested,
+}
+
+impl PowerLawFit {
+    /// The test's verdict (CSN's threshold p < 0.1 rules the power law out).
+    pub fn verdict(&self) -> Verdict {
+        match self.p_value {
+            Some(p) if p < 0.1 => Verdict::RuledOut(p),
+            Some(p) => Verdict::Consistent(p),
+            None => Verdict::NotTested,
+        }
+    }
+
+    /// Whether the tail is too small for the verdict to mean much ([`MIN_TESTABLE_TAIL`]).
+    pub fn sample_too_small(&self) -> bool {
+        self.n_tail < MIN_TESTABLE_TAIL
+    }
+
+    /// α only with its verdict, and the small-sample caveat where it applies: what the report
+    /// and the terminal show of a fit.
+    pub fn verdict_line(&self) -> String {
+        let alpha = format!("α = {:.2} ± {:.2}", self.alpha, self.alpha_se);
+        let line = match self.verdict() {
+            Verdict::RuledOut(p) => return format!("power law ruled out (p = {p:.3})"),
+            Verdict::Consistent(p) => format!("{alpha}, consistent with a power law (p = {p:.3})"),
+            Verdict::NotTested => format!("{alpha}, goodness of fit not tested"),
+        };
+        match self.sample_too_small() {
+            true => format!(
+                "{line}; sample too small to tell ({} tail values, fewer than {MIN_TESTABLE_TAIL})",
+                self.n_tail
+            ),
+            false => line,
+        }
+    }
+}
+
 /// Fits a continuous power law to the tail of `sample` (positive, finite values; any order).
 pub fn fit(sample: &[f64], opts: &FitOptions) -> Result<PowerLawFit> {
     if let Some(bad) = sample.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
@@ -286,5 +336,42 @@ mod tests {
         assert_eq!(mass_concentration(10.0, &[2.0, 2.0]), HalfMass::MoreThan(2));
         assert_eq!(mass_concentration(0.0, &[]), HalfMass::NoPositive);
         assert!(HalfMass::Exactly(3).to_string().contains("3 sequences"));
+    }
+
+    #[test]
+    fn alpha_is_shown_only_with_its_verdict_and_the_small_sample_caveat() {
+        let fit = |p: Option<f64>, n_tail: usize| PowerLawFit {
+            alpha: 2.5,
+            alpha_se: 0.25,
+            x_min: 1.0,
+            n_tail,
+            n: 100,
+            ks: 0.05,
+            p_value: p,
+            bootstrap: 200,
+        };
+        assert_eq!(
+            fit(Some(0.005), 22).verdict_line(),
+            "power law ruled out (p = 0.005)"
+        );
+        assert_eq!(
+            fit(Some(0.4), 80).verdict_line(),
+            "α = 2.50 ± 0.25, consistent with a power law (p = 0.400)"
+        );
+        assert_eq!(
+            fit(Some(0.4), 22).verdict_line(),
+            "α = 2.50 ± 0.25, consistent with a power law (p = 0.400); sample too small to tell (22 tail values, fewer than 50)"
+        );
+        assert_eq!(fit(None, 80).verdict(), Verdict::NotTested);
+        // A real fit of 22 exact power-law quantiles: not ruled out, but too small to tell.
+        let sample: Vec<f64> = (0..22)
+            .map(|i| (1.0 - (i as f64 + 0.5) / 22.0).powf(-1.0 / 1.5))
+            .collect();
+        let f = fit_with(&sample);
+        assert!(f.sample_too_small() && f.verdict_line().contains("sample too small"));
+    }
+
+    fn fit_with(sample: &[f64]) -> PowerLawFit {
+        fit(sample, &FitOptions::default()).unwrap()
     }
 }

@@ -48,6 +48,40 @@ pub struct ModelInfo {
     pub engine: model::Engine,
     #[serde(default)]
     pub device: String,
+    /// The LoRA adapter applied on top of the checkpoint, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterInfo>,
+}
+
+/// Identity of a PEFT LoRA adapter: its directory and the hash of its two files.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AdapterInfo {
+    pub path: String,
+    /// SHA-256 of `"<sha256 of adapter_config.json>,<sha256 of adapter_model.safetensors>"`.
+    pub sha256: String,
+}
+
+impl AdapterInfo {
+    pub fn of(dir: &Path) -> Result<Self> {
+        let files = [model::lora::CONFIG_FILE, model::lora::WEIGHTS_FILE];
+        if let Some(missing) = files.iter().find(|f| !dir.join(f).is_file()) {
+            return Err(crate::Error::input(format!(
+                "{}: no {missing}; --adapter must be a PEFT adapter directory \
+                 (adapter_config.json + adapter_model.safetensors)",
+                dir.display()
+            )));
+        }
+        let files = files
+            .iter()
+            .map(|f| data::sha256_file(&dir.join(f)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdapterInfo {
+            path: dir.display().to_string(),
+            sha256: data::hex(&<sha2::Sha256 as sha2::Digest>::digest(
+                files.join(",").as_bytes(),
+            )),
+        })
+    }
 }
 
 impl ModelInfo {
@@ -64,6 +98,7 @@ impl ModelInfo {
                 n_parameters: model.n_parameters(),
                 engine: model.engine(),
                 device: model.device().to_string(),
+                adapter: None,
             });
         }
         let (files, _) = model::weight_files(dir)?;
@@ -81,7 +116,40 @@ impl ModelInfo {
             n_parameters: model.n_parameters(),
             engine: model.engine(),
             device: model.device().to_string(),
+            adapter: None,
         })
+    }
+
+    /// The same checkpoint with `adapter` (a PEFT adapter directory) applied, if any.
+    pub fn with_adapter(self, adapter: Option<&Path>) -> Result<Self> {
+        Ok(ModelInfo {
+            adapter: adapter.map(AdapterInfo::of).transpose()?,
+            ..self
+        })
+    }
+}
+
+impl AdapterInfo {
+    /// Refuses outputs made with another adapter than `this` run's (or with one where this run
+    /// has none, or the reverse): `what` names them (`the factors in DIR`).
+    pub fn check(
+        this: &Option<AdapterInfo>,
+        made_with: &Option<AdapterInfo>,
+        what: &str,
+    ) -> Result<()> {
+        if this == made_with {
+            return Ok(());
+        }
+        let describe = |a: &Option<AdapterInfo>| match a {
+            Some(a) => format!("adapter {} (sha256 {}…)", a.path, &a.sha256[..12]),
+            None => "no adapter".to_string(),
+        };
+        Err(crate::Error::Mismatch(format!(
+            "{what} were made with {}, but this run has {}; give the same --adapter, or rerun \
+             `infl fit` with this one",
+            describe(made_with),
+            describe(this)
+        )))
     }
 }
 

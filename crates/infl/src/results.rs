@@ -7,20 +7,28 @@
 //! One typed schema, read and written here: [`schema`] holds the records of the files
 //! (`top_k.jsonl`, `distribution.json`, `layers.json`) and [`meta`] those of `meta.json`;
 //! [`summary`] reduces the scores, [`write`] and [`dense`] write the files and [`read`] reads
-//! a results directory back for `infl report` and `infl compare`.
+//! a results directory back for `infl report` and `infl compare`; [`units`] turns scores into
+//! predicted changes of −log p and percentiles.
 
 mod dense;
 pub mod meta;
 pub mod parquet;
+mod prefilter;
 mod read;
 mod schema;
 mod summary;
+mod text;
+mod units;
 mod write;
 
 pub use dense::{write_dense_from_shards, DenseWriter};
+pub use prefilter::{estimate, sample_rest, write_prefilter, PrefilterRecall};
 pub use read::{QueryInfo, Results};
 pub use schema::{Direction, Distribution, LayerTotals, TokenPart, TopEntry, TAIL_SIZE};
 pub use summary::{
-    Candidate, MagnitudeSketch, QuerySummary, ScoreAccumulator, SKETCH_BUCKETS_PER_OCTAVE,
+    Candidate, MagnitudeSketch, Prefilter, QuerySummary, ScoreAccumulator,
+    SKETCH_BUCKETS_PER_OCTAVE,
 };
+pub use text::top_sources_text;
+pub use units::{RemovalScale, REMOVAL_CONVENTION};
 pub use write::{entries, write_distribution, write_layers, write_top_k};

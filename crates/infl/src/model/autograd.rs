@@ -6,6 +6,7 @@
 //! Everything is composed from elementary candle ops: candle's fused layer_norm / rms_norm /
 //! softmax / rope have no backward and would silently cut the autograd graph.
 
+use super::lora::Lora;
 use super::loss::loss_head;
 use super::weights::Weights;
 use super::{
@@ -15,12 +16,18 @@ use super::{
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 
-/// A linear layer as `nn.Linear` stores it: weight `[out, in]`, `y = a Wᵀ + b`.
+/// A linear layer as `nn.Linear` stores it: weight `[out, in]`, `y = a Wᵀ + b`, plus a LoRA
+/// adapter's `B A a · scaling` when one is attached ([`super::lora`]).
 pub(crate) struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     /// Index among the tracked layers, if tracked.
     pub tap: Option<usize>,
+    /// Checkpoint name (`model.layers.0.self_attn.q_proj`): what an adapter targets.
+    pub name: String,
+    /// Attention or MLP: which `--modules` selects the layer.
+    pub kind: ModuleSelection,
+    pub lora: Option<Lora>,
 }
 
 /// Loads linear layers by checkpoint name and registers the tracked ones.
@@ -80,7 +87,14 @@ impl<'a> LinearLoader<'a> {
             });
             self.tracked.len() - 1
         });
-        Ok(Linear { weight, bias, tap })
+        Ok(Linear {
+            weight,
+            bias,
+            tap,
+            name: name.to_string(),
+            kind,
+            lora: None,
+        })
     }
 }
 
@@ -98,13 +112,24 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    /// `a` is `[rows, d_in]`; returns `[rows, d_out]`.
+    /// `a` is `[rows, d_in]`; returns `[rows, d_out]`. With an adapter, PEFT's
+    /// `base(a) + B(A(a)) · scaling`, A and B tapped as layers of their own.
     pub fn linear(&mut self, layer: &Linear, a: &Tensor) -> candle_core::Result<Tensor> {
         let mut y = a.matmul(&layer.weight.t()?)?;
         if let Some(b) = &layer.bias {
             y = y.broadcast_add(b)?;
         }
-        match layer.tap {
+        if let Some(lora) = &layer.lora {
+            let u = self.tap(lora.tap_a, a, a.matmul(&lora.a.t()?)?)?;
+            let v = self.tap(lora.tap_b, &u, u.matmul(&lora.b.t()?)?)?;
+            y = (y + (v * lora.scaling)?)?;
+        }
+        self.tap(layer.tap, a, y)
+    }
+
+    /// Records `a` as tracked layer `tap`'s input and adds its probe to its output `y`.
+    fn tap(&mut self, tap: Option<usize>, a: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        match tap {
             Some(i) => {
                 self.inputs[i] = Some(a.clone());
                 y + &self.probes[i]

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod llama;
+pub mod lora;
 pub(crate) mod loss;
 pub(crate) mod rope;
 pub mod weights;
@@ -38,9 +39,14 @@ impl TrackedLayer {
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum ModuleSelection {
+    /// Every linear layer of the blocks (with --adapter: the adapter's lora_A/lora_B too).
     All,
+    /// The MLP's linear layers (and the adapters on them).
     Mlp,
+    /// The attention's linear layers (and the adapters on them).
     Attn,
+    /// Only the --adapter's lora_A and lora_B layers: what a LoRA fine-tune learned.
+    Adapter,
 }
 
 /// A batch of token sequences, right-padded to a common length by the model.
@@ -393,15 +399,16 @@ fn cuda_device(n: usize) -> Result<candle_core::Device> {
     )))
 }
 
-/// Where and how the forward and backward passes run (fit, score, self-influence, inspect):
-/// passed to [`load`] explicitly by every caller, recorded in every output's model info.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Where and how the forward and backward passes run (fit, score, self-influence, inspect),
+/// and the LoRA adapter applied to the model: passed to [`load`] explicitly by every caller,
+/// recorded in every output's model info.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct Compute {
     /// Engine of the forward/backward passes: fast (explicit forward, activation-only
     /// backward, fused threaded kernels; CPU only) or autograd (candle autograd, the reference:
-    /// slower on the CPU, and the engine that runs on a GPU) [default: fast on the CPU,
-    /// autograd on a GPU].
+    /// slower on the CPU, and the engine that runs on a GPU; the one that applies --adapter)
+    /// [default: fast on the CPU, autograd on a GPU or with --adapter].
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub engine: Option<Engine>,
     /// Device of the forward/backward passes: cpu, cuda (GPU 0) or cuda:N. A GPU needs a build
@@ -414,6 +421,12 @@ pub struct Compute {
         arg(long, default_value_t = ComputeDevice::Cpu, value_name = "DEVICE")
     )]
     pub device: ComputeDevice,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) applied
+    /// on top of --model: the forward is the adapted model's, and the adapter's lora_A/lora_B
+    /// become tracked layers (`--modules adapter` tracks only them). Its hash is recorded,
+    /// and factors fitted with one adapter refuse another. Needs --engine autograd.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "DIR"))]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 impl Compute {
@@ -421,26 +434,32 @@ impl Compute {
     pub const CPU: Compute = Compute {
         engine: None,
         device: ComputeDevice::Cpu,
+        adapter: None,
     };
 
     /// `engine` on the CPU.
     pub fn cpu(engine: Engine) -> Self {
         Compute {
             engine: Some(engine),
-            device: ComputeDevice::Cpu,
+            ..Compute::CPU
         }
     }
 
-    /// The engine that runs: the one asked for, or the device's default.
+    /// The engine that runs: the one asked for, or the default: autograd with an adapter (the
+    /// engine that applies one), else the device's.
     pub fn engine(&self) -> Engine {
-        self.engine.unwrap_or(self.device.default_engine())
+        match (self.engine, &self.adapter) {
+            (Some(engine), _) => engine,
+            (None, Some(_)) => Engine::Autograd,
+            (None, None) => self.device.default_engine(),
+        }
     }
 }
 
-/// Loads the model at `dir` (a Hugging Face checkpoint directory, or a llama.cpp `.gguf` file),
-/// keeping `modules`, on `compute`'s engine and device (the fast engine runs on the CPU only).
-/// The fast models are built from the autograd models' loaded weights, so every loader
-/// (safetensors, GGUF) serves both.
+/// Loads the model at `dir` (a Hugging Face checkpoint directory, or a llama.cpp `.gguf` file)
+/// with `compute`'s adapter attached, keeping `modules`, on `compute`'s engine and device (the
+/// fast engine runs on the CPU only and applies no adapter). The fast models are built from
+/// the autograd models' loaded weights, so every loader (safetensors, GGUF) serves both.
 pub fn load(dir: &Path, modules: ModuleSelection, compute: Compute) -> Result<Box<dyn TapModel>> {
     let (engine, device) = (compute.engine(), compute.device);
     if engine == Engine::Fast && device != ComputeDevice::Cpu {
@@ -449,7 +468,27 @@ pub fn load(dir: &Path, modules: ModuleSelection, compute: Compute) -> Result<Bo
              (the default there)"
         )));
     }
-    let model = load_autograd(dir, modules, &device.candle()?)?;
+    if engine == Engine::Fast && compute.adapter.is_some() {
+        return Err(Error::usage(
+            "--engine fast does not apply LoRA adapters; use --engine autograd (the default \
+             with --adapter)",
+        ));
+    }
+    if modules == ModuleSelection::Adapter && compute.adapter.is_none() {
+        return Err(Error::usage(
+            "--modules adapter tracks a LoRA adapter's layers: give the adapter with \
+             --adapter DIR",
+        ));
+    }
+    let adapter = compute
+        .adapter
+        .as_deref()
+        .map(lora::Adapter::open)
+        .transpose()?;
+    let mut model = load_autograd(dir, modules, &device.candle()?)?;
+    if let Some(adapter) = &adapter {
+        model.attach(adapter, modules)?;
+    }
     match engine {
         Engine::Autograd => Ok(model.into_dyn()),
         Engine::Fast => fast::from_autograd(model),
@@ -464,6 +503,20 @@ pub enum AnyModel {
 }
 
 impl AnyModel {
+    /// Applies `adapter` to the model's linear layers; the tracked layers become those
+    /// `modules` selects among the base layers and the adapter's.
+    pub fn attach(&mut self, adapter: &lora::Adapter, modules: ModuleSelection) -> Result<()> {
+        match self {
+            AnyModel::Llama(m) => m.attach(adapter, modules),
+            AnyModel::GptNeoX(m) => m.attach(adapter, modules),
+            AnyModel::Gpt2(_) => Err(Error::input(format!(
+                "{}: LoRA adapters on GPT-2 checkpoints are not supported yet (Llama-family, \
+                 Mistral, Qwen2, GPT-NeoX and Llama GGUF bases are)",
+                adapter.dir().display()
+            ))),
+        }
+    }
+
     pub fn into_dyn(self) -> Box<dyn TapModel> {
         match self {
             AnyModel::Gpt2(m) => Box::new(m),

@@ -6,8 +6,10 @@ use crate::powerlaw::PowerLawFit;
 use crate::results::Distribution;
 use std::fmt::Write as _;
 
-/// Drops the dotted prefix every name shares (`transformer.`), for shorter chart labels.
-fn strip_common_prefix(names: &[String]) -> Vec<String> {
+/// The layer names the report shows everywhere (chart rows and sequence rows): the checkpoint
+/// names of meta.json without the dotted prefix they all share (`transformer.`), but never
+/// cutting into the block path (`h.0.mlp.c_fc` stays whole, not `0.mlp.c_fc`).
+pub fn layer_labels(names: &[String]) -> Vec<String> {
     let first = match names.first() {
         Some(f) if names.len() > 1 => f,
         _ => return names.to_vec(),
@@ -15,14 +17,15 @@ fn strip_common_prefix(names: &[String]) -> Vec<String> {
     let mut cut = 0;
     for (i, _) in first.match_indices('.') {
         let prefix = &first[..=i];
-        if names
+        let shared = names
             .iter()
-            .all(|n| n.starts_with(prefix) && n.len() > prefix.len())
-        {
-            cut = i + 1;
-        } else {
+            .all(|n| n.starts_with(prefix) && n.len() > prefix.len());
+        // A block index after the cut would leave `0.mlp…`: keep the component naming it.
+        let index_next = first[i + 1..].starts_with(|c: char| c.is_ascii_digit());
+        if !shared || index_next {
             break;
         }
+        cut = i + 1;
     }
     names.iter().map(|n| n[cut..].to_string()).collect()
 }
@@ -31,7 +34,7 @@ fn strip_common_prefix(names: &[String]) -> Vec<String> {
 /// positive, blue negative) and, when given, `abs` (Σ|part|) as grey bars in a second panel
 /// with its own scale.
 pub fn layer_svg(names: &[String], values: &[f64], abs: Option<&[f64]>) -> String {
-    let labels = strip_common_prefix(names);
+    let labels = layer_labels(names);
     let c = LayerChart::new(values, abs);
     let (label_w, row, top, signed_w, abs_w) = (c.label_w, c.row, c.top, c.signed_w, c.abs_w);
     let w = label_w
@@ -107,7 +110,7 @@ impl LayerChart {
             hi = 1.0;
         }
         LayerChart {
-            label_w: 130.0,
+            label_w: 175.0,
             row: 16.0,
             top: 30.0,
             signed_w: if abs.is_some() { 170.0 } else { 300.0 },
@@ -151,7 +154,7 @@ fn layer_row(
         label_w - 6.0,
         y + row * 0.72,
         escape(name),
-        escape(&short(label, 22))
+        escape(&short(label, 28))
     );
     if v.is_finite() {
         let (x0, x1) = if v >= 0.0 {
@@ -434,18 +437,30 @@ fn survival_legend(s: &mut String, fit: Option<&PowerLawFit>) {
     if let Some(f) = fit {
         let _ = write!(
             s,
-            "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#1f2328\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\">fit α = {:.2} ± {:.2}</text>",
+            "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#1f2328\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
             lx + 5.0,
             t + 46.0,
             lx + 19.0,
             t + 46.0,
             lx + 22.0,
             t + 50.0,
-            f.alpha,
-            f.alpha_se
+            escape(&fit_legend(f))
         );
     }
     s.push_str("</g>");
+}
+
+/// The fit's legend entry: α only with its verdict.
+fn fit_legend(f: &PowerLawFit) -> String {
+    let caveat = if f.sample_too_small() {
+        ", too few values"
+    } else {
+        ""
+    };
+    match f.verdict() {
+        crate::powerlaw::Verdict::RuledOut(_) => "fit: power law ruled out".into(),
+        _ => format!("fit α = {:.2} ± {:.2}{caveat}", f.alpha, f.alpha_se),
+    }
 }
 
 #[cfg(test)]
@@ -453,17 +468,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn labels_drop_the_shared_prefix() {
+    fn labels_drop_the_shared_prefix_but_keep_the_block_path() {
         let names: Vec<String> = ["transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_attn"]
             .map(String::from)
             .to_vec();
         assert_eq!(
-            strip_common_prefix(&names),
-            vec!["0.mlp.c_fc", "1.attn.c_attn"]
+            layer_labels(&names),
+            vec!["h.0.mlp.c_fc", "h.1.attn.c_attn"]
         );
-        assert_eq!(
-            strip_common_prefix(&names[..1]),
-            vec!["transformer.h.0.mlp.c_fc"]
-        );
+        assert_eq!(layer_labels(&names[..1]), vec!["transformer.h.0.mlp.c_fc"]);
+        let gpt2: Vec<String> = ["h.0.mlp.c_fc", "h.0.mlp.c_proj"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(layer_labels(&gpt2), gpt2);
     }
 }

@@ -1,8 +1,8 @@
 //! The report's HTML: the page (index, one section per query, token highlighting), its
 //! stylesheet, and the number and text formatting shared with the charts and `infl compare`.
 
-use super::charts::{layer_svg, survival_svg};
-use super::TailAnalysis;
+use super::charts::{layer_labels, layer_svg, survival_svg};
+use super::{RunContext, TailAnalysis};
 use crate::powerlaw::HalfMass;
 use crate::results::{Direction, Distribution, QueryInfo, Results, TokenPart, TopEntry};
 use std::fmt::Write as _;
@@ -58,6 +58,7 @@ th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums;
 .swatch{display:inline-block;width:40px;height:10px;vertical-align:middle;border-radius:2px}
 .col .seq{padding:6px 8px;margin:4px 0;border:2px solid transparent;border-radius:6px}.col .seq.shared{border-color:#8250df;background:#fbf8ff}
 .cols{display:grid;gap:12px}.col{min-width:0}
+.own{color:#9a6700;font-weight:600}
 "#;
 
 /// The |part| at which token colours saturate: the 95th percentile of the query's token parts
@@ -139,22 +140,55 @@ pub fn token_window(tokens: &[TokenPart], max: usize) -> (usize, usize) {
     (start, start + max)
 }
 
+/// An entry's score in readable units: the predicted change of −log p on removal (alone and
+/// with the ranks above it) and its percentile, where recorded.
+fn units_line(e: &TopEntry) -> String {
+    let mut out = String::new();
+    if let Some(d) = e.removal_change {
+        let _ = write!(
+            out,
+            " &nbsp;· removing it: −log p {} nats",
+            escape(&fmt_score(d))
+        );
+        if let Some(g) = e.group_removal_change.filter(|_| e.rank > 1) {
+            let _ = write!(
+                out,
+                " (ranks 1–{} together: {})",
+                e.rank,
+                escape(&fmt_score(g))
+            );
+        }
+    }
+    if let Some(p) = e.percentile {
+        let _ = write!(out, " &nbsp;· percentile {p:.2}");
+    }
+    out
+}
+
 fn render_entries(
     html: &mut String,
     entries: &[&TopEntry],
-    scale: f64,
+    (scale, max_tokens): (f64, usize),
     layers: Option<&[String]>,
-    max_tokens: usize,
+    run: &RunContext,
 ) {
+    let labels = layers.map(layer_labels);
+    let layers = labels.as_deref();
     for e in entries {
         let _ = write!(
             html,
-            "<div class=\"seq\" data-direction=\"{}\"><div class=\"seq-head\">#{} &nbsp;<b>{}</b> &nbsp;sequence <code>{}</code>",
+            "<div class=\"seq\" data-direction=\"{}\"><div class=\"seq-head\">{}#{} &nbsp;<b>{}</b> &nbsp;sequence <code>{}</code>",
             if e.direction == Direction::Top { "top" } else { "bottom" },
+            if run.is_own(&e.query_id, &e.sequence_id) {
+                "<span class=\"own\" title=\"states the query's fact\">★ own sentence</span> "
+            } else {
+                ""
+            },
             e.rank,
             escape(&fmt_score(e.score)),
             escape(&e.sequence_id)
         );
+        html.push_str(&units_line(e));
         if let (Some(parts), Some(names)) = (&e.per_layer, layers) {
             // The layer carrying the largest part, as a one-line summary.
             if let Some((i, v)) = parts
@@ -164,7 +198,7 @@ fn render_entries(
             {
                 let _ = write!(
                     html,
-                    " &nbsp;· largest layer part: <code>{}</code> {}",
+                    " &nbsp;· largest layer part (by magnitude): <code>{}</code> {}",
                     escape(names.get(i).map(String::as_str).unwrap_or("?")),
                     escape(&fmt_score(*v))
                 );
@@ -190,6 +224,7 @@ pub fn render(
     tails: &[TailAnalysis],
     missing: &[String],
     max_tokens: usize,
+    run: &RunContext,
 ) -> String {
     let mut h = String::with_capacity(1 << 16);
     let _ = write!(
@@ -217,10 +252,23 @@ pub fn render(
     );
     h.push_str(
         "<p class=\"legend\">A score I(q, z) &gt; 0 means training on sequence z lowers −log p(completion | prompt): z supports the completion. \
+         <i>Removing it</i>: the predicted change of −log p(completion | prompt), in nats, if the sequence were removed from training (score / N, \
+         N the training sequences the factors were fitted on, or tokens for KFAC): positive means the completion would become less likely. \
+         <i>Percentile</i>: the share of the query's scored sequences scoring at most this much. \
          Token colours: <span class=\"swatch\" style=\"background:rgba(220,38,38,.85)\"></span> positive part \
          <span class=\"swatch\" style=\"background:rgba(37,99,235,.85)\"></span> negative part (hover a token for its part; \
          the parts of a sequence sum to its score; colour ∝ √|part|, saturating at the 95th percentile of the query's |parts|).</p>",
     );
+    if let Some(r) = &results.removal {
+        let _ = write!(
+            h,
+            "<p class=\"legend\" id=\"units\">Here N = {} training {} (the factors' fit), so a score of {} predicts {} nats on removal.</p>",
+            r.divisor,
+            escape(&r.counts),
+            escape(&fmt_score(r.divisor)),
+            escape(&fmt_score(1.0))
+        );
+    }
     if !missing.is_empty() {
         h.push_str("<div class=\"note\" id=\"missing\"><b>Not in these results:</b><ul>");
         for m in missing {
@@ -230,25 +278,26 @@ pub fn render(
     }
 
     // Index.
-    h.push_str("<div class=\"panel\" id=\"index\"><h2>Queries</h2><table><tr><th>query</th><th>prompt → completion</th><th>−log p</th><th>tail α</th><th>half the positive influence</th></tr>");
+    h.push_str("<div class=\"panel\" id=\"index\"><h2>Queries</h2><table><tr><th>query</th><th>prompt → completion</th><th>−log p</th><th>power-law tail</th><th>half the positive influence</th></tr>");
     for (qi, q) in results.queries.iter().enumerate() {
         let tail = tails.get(qi);
         let _ = write!(
             h,
-            "<tr><td><a href=\"#q{qi}\">{}</a></td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+            "<tr><td><a href=\"#q{qi}\">{}</a></td><td>{}</td><td class=\"num\">{}</td><td class=\"tail\">{}</td><td>{}</td></tr>",
             escape(&q.id),
             escape(&short(&query_line(q), 90)),
             q.loss.map(|l| format!("{l:.3}")).unwrap_or_else(|| "–".into()),
             tail.and_then(|t| t.fit.as_ref().ok())
-                .map(|f| format!("{:.2} ± {:.2}", f.alpha, f.alpha_se))
+                .map(|f| escape(&f.verdict_line()))
                 .unwrap_or_else(|| "–".into()),
             tail.map(|t| half_short(&t.half)).unwrap_or_else(|| "–".into()),
         );
     }
     h.push_str("</table></div>");
+    run.render_summary(&mut h);
 
     for (qi, q) in results.queries.iter().enumerate() {
-        render_query(&mut h, results, qi, q, tails.get(qi), max_tokens);
+        render_query(&mut h, results, qi, q, tails.get(qi), (max_tokens, run));
     }
     let _ = writeln!(
         h,
@@ -292,7 +341,7 @@ fn render_query(
     qi: usize,
     q: &QueryInfo,
     tail: Option<&TailAnalysis>,
-    max_tokens: usize,
+    (max_tokens, run): (usize, &RunContext),
 ) {
     let _ = write!(
         h,
@@ -329,6 +378,7 @@ fn render_query(
     h.push_str("</div><div class=\"fig\"><h3>Influence per layer</h3>");
     render_layers(h, r, qi, q);
     h.push_str("</div></div>");
+    run.render_query(h, &q.id, 5);
 
     let top = r.entries(&q.id, Direction::Top);
     let bottom = r.entries(&q.id, Direction::Bottom);
@@ -353,7 +403,7 @@ fn render_query(
     if top.is_empty() {
         h.push_str("<div class=\"note\">No top sequences recorded for this query.</div>");
     }
-    render_entries(h, &top, scale, r.layers.as_deref(), max_tokens);
+    render_entries(h, &top, (scale, max_tokens), r.layers.as_deref(), run);
     let _ = write!(
         h,
         "<h3>Most negatively influential sequences (bottom {})</h3>",
@@ -362,7 +412,7 @@ fn render_query(
     if bottom.is_empty() {
         h.push_str("<div class=\"note\">No bottom sequences recorded: rerun `infl score` with this version of infl.</div>");
     }
-    render_entries(h, &bottom, scale, r.layers.as_deref(), max_tokens);
+    render_entries(h, &bottom, (scale, max_tokens), r.layers.as_deref(), run);
     h.push_str("<p class=\"sub\"><a href=\"#index\">↑ index</a></p></section>");
 }
 
@@ -387,19 +437,13 @@ fn render_tail_stats(h: &mut String, d: &Distribution, t: &TailAnalysis, source:
         Ok(f) => {
             let _ = write!(
                 h,
-                "<div class=\"stat fit\">Power-law tail of the positive scores: <b>α = {:.3} ± {:.3}</b> above x<sub>min</sub> = {} ({} of the {} largest positive scores; KS distance {:.4}); goodness of fit p = {}{}</div>",
-                f.alpha,
-                f.alpha_se,
+                "<div class=\"stat fit\">Power-law tail of the positive scores: <b>{}</b>; above x<sub>min</sub> = {} ({} of the {} largest positive scores; KS distance {:.4}; {} bootstrap samples)</div>",
+                escape(&f.verdict_line()),
                 escape(&fmt_score(f.x_min)),
                 f.n_tail,
                 t.n_fitted_from,
                 f.ks,
-                f.p_value.map(|p| format!("{p:.3}")).unwrap_or_else(|| "not computed".into()),
-                match f.p_value {
-                    Some(p) if p < 0.1 => " (&lt; 0.1: the power law is ruled out)".to_string(),
-                    Some(_) => format!(" ({} bootstrap samples; ≥ 0.1: consistent with a power law)", f.bootstrap),
-                    None => String::new(),
-                }
+                f.bootstrap,
             );
         }
         Err(e) => {

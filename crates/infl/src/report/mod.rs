@@ -7,11 +7,13 @@
 //! Optional parts of the results directory (per-layer and per-token parts, the distribution
 //! statistics) may be missing; the report then says which `infl score` flag produces them.
 //!
-//! `html` writes the page, `charts` its two SVG charts; the results are read by
+//! `html` writes the page, `charts` its two SVG charts, `run` what a report shows of the rest
+//! of a run (other methods' rankings, a recall table: [`RunContext`]); the results are read by
 //! [`crate::results::Results`].
 
 mod charts;
 mod html;
+mod run;
 
 use crate::error::Result;
 use crate::io;
@@ -22,6 +24,7 @@ pub use crate::results::{Direction, Distribution, LayerTotals, QueryInfo, Result
 pub use charts::{layer_svg, survival_svg};
 pub(crate) use html::CSS;
 pub use html::{colour_scale, escape, fmt_score, render, token_colour, token_window};
+pub use run::{Ranking, RecallRow, RunContext};
 
 /// Settings of the report.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +79,16 @@ pub struct ReportSummary {
 
 /// Reads `results_dir` and writes the HTML report to `out` atomically.
 pub fn write_report(results_dir: &Path, out: &Path, opts: &ReportOptions) -> Result<ReportSummary> {
+    write_run_report(results_dir, out, opts, &RunContext::default())
+}
+
+/// [`write_report`] with the rest of the run shown beside the results ([`RunContext`]).
+pub fn write_run_report(
+    results_dir: &Path,
+    out: &Path,
+    opts: &ReportOptions,
+    run: &RunContext,
+) -> Result<ReportSummary> {
     let results = Results::open(results_dir)?;
     let tails: Vec<TailAnalysis> = results
         .distribution
@@ -84,7 +97,7 @@ pub fn write_report(results_dir: &Path, out: &Path, opts: &ReportOptions) -> Res
         .map(|d| analyse(d, &opts.fit))
         .collect();
     let missing = results.missing();
-    let html = render(&results, &tails, &missing, opts.max_tokens);
+    let html = render(&results, &tails, &missing, opts.max_tokens, run);
     io::write_atomic(out, html.as_bytes())?;
     Ok(ReportSummary {
         tails,

@@ -1,6 +1,7 @@
 //! `meta.json` of a results directory (`infl score`, `infl self-influence`): the settings, the
 //! queries and the provenance of every score in it.
 
+use super::{RemovalScale, REMOVAL_CONVENTION};
 use crate::curvature::format::FactorsMeta;
 use crate::curvature::{Fisher, Strategy};
 use crate::influence::Preconditioner;
@@ -57,6 +58,7 @@ pub struct ScoresMetaView {
     pub model: SourceRef,
     pub corpus: SourceRef,
     pub queries: Option<QueriesInfo>,
+    pub removal: Option<RemovalScale>,
 }
 
 /// The fields of [`ModelInfo`] and [`CorpusInfo`] that readers show.
@@ -94,6 +96,13 @@ pub struct ScoresMeta {
     pub queries: QueriesInfo,
     pub factors: FactorsRef,
     pub score_convention: String,
+    /// What turns a score into nats on removal ([`RemovalScale`]; scores only, absent where
+    /// the score has no such scale and in results of older releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal: Option<RemovalScale>,
+    /// [`super::REMOVAL_CONVENTION`] where `removal` is present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_convention: Option<String>,
 }
 
 /// What every scores-like output's `meta.json` records besides its options and queries.
@@ -115,6 +124,15 @@ impl ScoresMeta {
         from: Provenance<'_>,
     ) -> Self {
         let layers: Vec<String> = from.tracked.iter().map(|l| l.name.clone()).collect();
+        let removal = (kind == "scores")
+            .then(|| {
+                RemovalScale::of(
+                    from.fmeta.options.strategy,
+                    options.normalize,
+                    &from.fmeta.corpus,
+                )
+            })
+            .flatten();
         ScoresMeta {
             format_version: FORMAT_VERSION,
             tool: "infl".into(),
@@ -139,6 +157,8 @@ impl ScoresMeta {
                 fitted_on: from.fmeta.corpus.clone(),
             },
             score_convention: convention.into(),
+            removal_convention: removal.as_ref().map(|_| REMOVAL_CONVENTION.into()),
+            removal,
         }
     }
 

@@ -45,6 +45,8 @@ pub struct Results {
     pub layer_totals: Option<Vec<LayerTotals>>,
     /// Dense scores, one row per query, when scores.safetensors exists.
     pub dense: Option<Vec<Vec<f64>>>,
+    /// What turns a score into nats on removal, when recorded.
+    pub removal: Option<super::RemovalScale>,
 }
 
 impl Results {
@@ -109,6 +111,7 @@ impl Results {
             distribution_source,
             layer_totals,
             dense,
+            removal: meta.removal,
         })
     }
 

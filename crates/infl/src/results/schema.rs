@@ -39,6 +39,18 @@ pub struct TopEntry {
     pub rank: usize,
     pub sequence_id: String,
     pub score: f64,
+    /// The predicted change of −log p(completion | prompt), nats, if this sequence were removed
+    /// from training (`score / N`, [`super::RemovalScale`]); positive: the completion becomes
+    /// less likely. Absent where the score has no such scale (identity, cosine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_change: Option<f64>,
+    /// The same for ranks 1..=rank of this list removed together (the top-k group's total at
+    /// rank k).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_removal_change: Option<f64>,
+    /// 100 × the share of the query's scored sequences scoring at most this score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentile: Option<f64>,
     /// The training sequence's text (decoded window), when a tokenizer is available.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,

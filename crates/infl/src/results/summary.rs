@@ -128,7 +128,7 @@ pub struct MagnitudeSketch {
 }
 
 impl MagnitudeSketch {
-    fn bucket(x: f64) -> i32 {
+    pub(super) fn bucket(x: f64) -> i32 {
         (x.abs().log2() * SKETCH_BUCKETS_PER_OCTAVE).floor() as i32
     }
 
@@ -190,6 +190,18 @@ pub struct QuerySummary {
     tail_pos: Largest,
     tail_neg: Largest,
     pub sketch: MagnitudeSketch,
+    /// With a pre-filter: the scores of the seeded sample of non-candidates (scored to
+    /// estimate the pre-filter's recall, kept out of everything above).
+    #[serde(default)]
+    pub prefilter_sample: Vec<f64>,
+}
+
+/// Which sequences count for each query in a pre-filtered pass: its candidates, and the sample
+/// of the rest whose scores are only recorded ([`QuerySummary::prefilter_sample`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Prefilter<'a> {
+    pub candidates: &'a [std::collections::HashSet<usize>],
+    pub sampled: &'a [std::collections::HashSet<usize>],
 }
 
 /// Inserts into a list kept sorted by `better`, at most `k` long.
@@ -228,6 +240,7 @@ impl QuerySummary {
             tail_pos: Largest::new(TAIL_SIZE),
             tail_neg: Largest::new(TAIL_SIZE),
             sketch: MagnitudeSketch::default(),
+            prefilter_sample: Vec::new(),
         }
     }
 
@@ -254,6 +267,8 @@ impl QuerySummary {
             self.tail_neg.push(x.0 .0);
         }
         self.sketch.merge(&other.sketch);
+        self.prefilter_sample
+            .extend_from_slice(&other.prefilter_sample);
         let combine = |mine: &mut Vec<Candidate>, theirs: &[Candidate], descending: bool| {
             mine.extend(theirs.iter().cloned());
             mine.sort_by(|a, b| {
@@ -318,25 +333,36 @@ impl ScoreAccumulator {
 
     /// Adds one batch: `parts[ℓ]` is layer ℓ's `[n_queries, n_seq]` scores for `seqs`, whose
     /// corpus indices are `indices`; `scale[q][n]` (cosine normalisation) multiplies every part
-    /// when given; with `allowed`, query q only counts the sequences in `allowed[q]` (its
-    /// pre-filtered candidates).
+    /// when given; with `prefilter`, query q only counts its candidates and records the scores
+    /// of its sampled non-candidates apart.
     pub fn add(
         &mut self,
         indices: &[usize],
         seqs: &[Sequence],
         parts: &[Mat<f32>],
         scale: Option<&[Vec<f64>]>,
-        allowed: Option<&[std::collections::HashSet<usize>]>,
+        prefilter: Option<Prefilter<'_>>,
     ) -> Result<()> {
         let mut rows: Vec<Vec<f32>> = vec![Vec::with_capacity(seqs.len()); self.summaries.len()];
         for (q, summary) in self.summaries.iter_mut().enumerate() {
             for (n, seq) in seqs.iter().enumerate() {
-                if allowed.is_some_and(|a| !a[q].contains(&indices[n])) {
+                let (candidate, sampled) = match prefilter {
+                    None => (true, false),
+                    Some(p) => (
+                        p.candidates[q].contains(&indices[n]),
+                        p.sampled[q].contains(&indices[n]),
+                    ),
+                };
+                if !candidate && !sampled {
                     continue;
                 }
                 let factor = scale.map_or(1.0, |s| s[q][n]);
                 let per_layer: Vec<f64> = parts.iter().map(|p| p[(q, n)] as f64 * factor).collect();
                 let score: f64 = per_layer.iter().sum();
+                if !candidate {
+                    summary.prefilter_sample.push(score);
+                    continue;
+                }
                 rows[q].push(score as f32);
                 summary.count += 1;
                 summary.sum += score;

@@ -2,30 +2,42 @@
 //! `top_k.jsonl`, `distribution.json` and `layers.json`, each atomically.
 
 use super::schema::{DistributionFile, LayersFile};
-use super::{Direction, Distribution, LayerTotals, QuerySummary, TokenPart, TopEntry, TAIL_SIZE};
+use super::{
+    Direction, Distribution, LayerTotals, QuerySummary, RemovalScale, TokenPart, TopEntry,
+    TAIL_SIZE,
+};
 use crate::data::LazyTokenizer;
 use crate::error::{Error, Result};
 use crate::io;
 use std::path::Path;
 
-/// `top_k.jsonl` lines for every query: the top block, then the bottom block.
+/// `top_k.jsonl` lines for every query: the top block, then the bottom block; with
+/// `removal`, each line's predicted change of −log p on removal (alone and with the ranks
+/// above it).
 pub fn entries(
     summaries: &[QuerySummary],
     query_ids: &[String],
     tokenizer: &mut LazyTokenizer,
     per_layer: bool,
     tokens: Option<&std::collections::HashMap<(usize, usize), Vec<TokenPart>>>,
+    removal: Option<&RemovalScale>,
 ) -> Vec<TopEntry> {
     let mut out = Vec::new();
+    let dists = distributions(summaries, query_ids);
     for (q, (s, qid)) in summaries.iter().zip(query_ids).enumerate() {
         for (direction, list) in [(Direction::Top, &s.top), (Direction::Bottom, &s.bottom)] {
+            let mut group = 0.0;
             for (rank, c) in list.iter().enumerate() {
+                group += c.score;
                 out.push(TopEntry {
                     query_id: qid.clone(),
                     direction,
                     rank: rank + 1,
                     sequence_id: c.sequence_id.clone(),
                     score: c.score,
+                    removal_change: removal.map(|r| r.removal_change(c.score)),
+                    group_removal_change: removal.map(|r| r.removal_change(group)),
+                    percentile: dists.get(q).and_then(|d| d.percentile(c.score)),
                     text: tokenizer.decode(&c.ids),
                     per_layer: per_layer.then(|| c.per_layer.clone()),
                     tokens: tokens.and_then(|t| t.get(&(q, c.index)).cloned()),
@@ -52,7 +64,16 @@ pub fn write_distribution(
     summaries: &[QuerySummary],
     query_ids: &[String],
 ) -> Result<()> {
-    let queries = summaries
+    let file = DistributionFile {
+        tail_size: TAIL_SIZE,
+        queries: distributions(summaries, query_ids),
+    };
+    write_sorted_json(path, &file)
+}
+
+/// The records of `distribution.json`, one per query.
+fn distributions(summaries: &[QuerySummary], query_ids: &[String]) -> Vec<Distribution> {
+    summaries
         .iter()
         .zip(query_ids)
         .map(|(s, id)| Distribution {
@@ -68,12 +89,7 @@ pub fn write_distribution(
             tail_neg: s.tail_neg(),
             sketch: Some(s.sketch.clone()),
         })
-        .collect();
-    let file = DistributionFile {
-        tail_size: TAIL_SIZE,
-        queries,
-    };
-    write_sorted_json(path, &file)
+        .collect()
 }
 
 /// Writes `layers.json`: per query, each layer's total part over all training sequences.

@@ -82,7 +82,7 @@ pub(super) struct FitTemplate {
 impl FitTemplate {
     /// What shards and resumed runs must agree on: everything but paths.
     pub(super) fn settings(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut settings = serde_json::json!({
             "stage": "fit",
             "options": self.options,
             "tracked": self.tracked,
@@ -91,7 +91,12 @@ impl FitTemplate {
             "corpus_sha256": self.corpus.sha256,
             "max_len": self.corpus.max_len,
             "shards": self.shards,
-        })
+        });
+        // Only with an adapter, so that the settings of runs without one keep their value.
+        if let Some(adapter) = &self.model.adapter {
+            settings["model_adapter_sha256"] = adapter.sha256.clone().into();
+        }
+        settings
     }
 }
 
@@ -122,11 +127,16 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     let scan = scan_corpus(job, model.as_ref(), &mut tok, max_len, chunk)?;
     if job.run.memory_check {
         let e = crate::inspect::estimate(model.as_ref(), job.options.batch_size, scan.longest);
-        crate::inspect::check_memory(
-            "infl fit",
-            e.fit_total(),
-            "use a smaller --batch-size or --max-len, or --modules mlp",
-        )?;
+        let advice = match crate::inspect::mem_available() {
+            Some(a) => crate::inspect::partition_advice(
+                model.as_ref(),
+                job.options.batch_size,
+                scan.longest,
+                a,
+            ),
+            None => "use a smaller --batch-size or --max-len".into(),
+        };
+        crate::inspect::check_memory("infl fit", e.fit_total(), &advice)?;
     }
     if job.store.is_some() && !job.run.shard.is_whole() {
         return Err(Error::input(
@@ -135,7 +145,8 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     }
     let template = FitTemplate {
         options: job.options.clone(),
-        model: ModelInfo::of(&job.model, model.as_ref())?,
+        model: ModelInfo::of(&job.model, model.as_ref())?
+            .with_adapter(job.compute.adapter.as_deref())?,
         corpus: CorpusInfo::streamed(&job.train, &scan.stats, max_len),
         tracked: model.tracked().to_vec(),
         shards: job.run.shard.count,
@@ -183,7 +194,7 @@ pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
 
 /// The model with the layers the fit tracks.
 pub(super) fn open_model(job: &FitJob) -> Result<Box<dyn TapModel>> {
-    let mut model = model::load(&job.model, job.options.modules, job.compute)?;
+    let mut model = model::load(&job.model, job.options.modules, job.compute.clone())?;
     if let Some(names) = &job.options.layers {
         model = model::select_layers(model, names)?;
     }

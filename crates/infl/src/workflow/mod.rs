@@ -32,7 +32,7 @@ use crate::io;
 use crate::model::{self, TapModel};
 use crate::options::Compute;
 use crate::output_dir::OutputDir;
-use crate::provenance::ModelInfo;
+use crate::provenance::{AdapterInfo, ModelInfo};
 use crate::shard::Shard;
 use std::path::Path;
 
@@ -114,11 +114,25 @@ pub(super) fn prepare(
     compute: Compute,
 ) -> Result<Prepared> {
     let fmeta = open_factors(factors_dir)?;
+    // Checked before the model loads: the adapter's files are small, the model may not be.
+    let adapter = compute
+        .adapter
+        .as_deref()
+        .map(AdapterInfo::of)
+        .transpose()?;
+    AdapterInfo::check(
+        &adapter,
+        &fmeta.model.adapter,
+        &format!("the factors in {}", factors_dir.display()),
+    )?;
     let mut model = model::load(model_dir, fmeta.options.modules, compute)?;
     if let Some(names) = &fmeta.options.layers {
         model = model::select_layers(model, names)?;
     }
-    let model_info = ModelInfo::of(model_dir, model.as_ref())?;
+    let model_info = ModelInfo {
+        adapter,
+        ..ModelInfo::of(model_dir, model.as_ref())?
+    };
     if model_info.weights_sha256 != fmeta.model.weights_sha256
         || model_info.config_sha256 != fmeta.model.config_sha256
     {

@@ -20,6 +20,7 @@ use crate::provenance::ModelInfo;
 use crate::results::{self, Direction, ScoreAccumulator, TopEntry};
 use crate::store::{StoreReader, STORE_DIR};
 use rand::{Rng, SeedableRng};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 /// What a query engine loads: the same paths and options as `infl score`.
@@ -105,6 +106,9 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+/// Each query's pre-filter candidates, and the recall sample of the rest (kept empty here).
+type Candidates = (Vec<HashSet<usize>>, Vec<HashSet<usize>>);
+
 /// A model, its factors and optionally its gradient store, loaded once and asked many times.
 /// Not shared between threads: one owner answers every request in turn.
 pub struct QueryEngine {
@@ -143,7 +147,7 @@ impl QueryEngine {
             &job.model,
             &job.factors,
             (job.options.damping, job.options.max_len),
-            job.compute,
+            job.compute.clone(),
         )?;
         let mut tok = LazyTokenizer::new(&job.model);
         let checked = data::check_corpus(
@@ -278,7 +282,11 @@ impl QueryEngine {
             tracked: &tracked,
             preconditioner: &prepared.preconditioner,
             pq: &pq,
-            candidates: candidates.as_deref(),
+            // No recall sample: an answer lists the candidates' scores only.
+            candidates: candidates.as_ref().map(|(c, s)| results::Prefilter {
+                candidates: c,
+                sampled: s,
+            }),
             // Never checkpointed (RunOptions::ONCE): nothing is written.
             work: Path::new(""),
             stem: String::new(),
@@ -307,19 +315,33 @@ impl QueryEngine {
             false => None,
         };
         let ids: Vec<String> = queries.iter().map(|q| q.id.clone()).collect();
-        let rows = results::entries(&summaries, &ids, tok, true, token_parts.as_ref());
+        // What a score means in nats, as `infl score` records it for these factors.
+        let removal = results::RemovalScale::of(
+            prepared.fmeta.options.strategy,
+            options.normalize,
+            &prepared.fmeta.corpus,
+        );
+        let rows = results::entries(
+            &summaries,
+            &ids,
+            tok,
+            true,
+            token_parts.as_ref(),
+            removal.as_ref(),
+        );
         let mut out = answers(&summaries, &ids, &pq, rows);
         out.iter_mut().for_each(|a| a.prefilter = options.prefilter);
         self.corpus = corpus;
         Ok(out)
     }
 
-    /// Each query's pre-filter candidates (`infl score --prefilter`'s), when `prefilter` asks.
+    /// Each query's pre-filter candidates (`infl score --prefilter`'s), when `prefilter` asks,
+    /// and an empty recall sample for each.
     fn candidates(
         &self,
         queries: &[Query],
         prefilter: Option<usize>,
-    ) -> Result<Option<Vec<std::collections::HashSet<usize>>>> {
+    ) -> Result<Option<Candidates>> {
         let Some(n) = prefilter else {
             return Ok(None);
         };
@@ -328,12 +350,11 @@ impl QueryEngine {
                 "field `prefilter`: this server has no BM25 index; start it with --index INDEX (from `infl index`)",
             )
         })?;
-        Ok(Some(
-            queries
-                .iter()
-                .map(|q| index.candidates(q, n).into_iter().collect())
-                .collect(),
-        ))
+        let candidates = queries
+            .iter()
+            .map(|q| index.candidates(q, n).into_iter().collect())
+            .collect();
+        Ok(Some((candidates, vec![HashSet::new(); queries.len()])))
     }
 
     /// The training sequence with id `id` (as `top_k.jsonl` names it), its text and
@@ -443,9 +464,14 @@ fn corpus_pass(
         .unwrap_or(1);
     memory.check(checked_len)?;
     // Pre-filtered: only the union of the queries' candidates is computed.
-    let union = run
-        .candidates
-        .map(|c| c.iter().flatten().copied().collect());
+    let union = run.candidates.map(|p| {
+        p.candidates
+            .iter()
+            .chain(p.sampled)
+            .flatten()
+            .copied()
+            .collect()
+    });
     let window = (prepared.max_len, union);
     streamed_pass(run, model, &memory, window, tok, saved, &mut checked_len)
 }

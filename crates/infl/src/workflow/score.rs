@@ -18,7 +18,7 @@ use crate::output_dir::{Kind, OutputDir};
 use crate::pass::Progress;
 use crate::provenance::CorpusInfo;
 use crate::results::meta::{Provenance, QueriesInfo, ScoresMeta, SCORE_CONVENTION};
-use crate::results::{self, ScoreAccumulator};
+use crate::results::{self, Prefilter, ScoreAccumulator};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -115,11 +115,11 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         job.run.shard,
         job.run.output.overwrite,
     )?;
-    let prepared = prepare(
+    let mut prepared = prepare(
         &job.model,
         &job.factors,
         (options.damping, options.max_len),
-        job.compute,
+        job.compute.clone(),
     )?;
     let model = prepared.model.as_ref();
     let mut tok = LazyTokenizer::new(&job.model);
@@ -164,6 +164,11 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         store.is_some(),
         progress,
     )?;
+    // The pass needs the damped inverse again only for the training sequences' own
+    // influence (cosine normalisation); otherwise its memory goes back before the pass.
+    if options.normalize != Normalize::Cosine {
+        prepared.preconditioner.release();
+    }
     let candidates = prefilter_candidates(job, &options, &queries, prepared.max_len)?;
     let (work, settings) = start_work(
         &out,
@@ -179,7 +184,10 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         tracked: &tracked,
         preconditioner: &prepared.preconditioner,
         pq: &pq,
-        candidates: candidates.as_deref(),
+        candidates: candidates.as_ref().map(|(c, s)| Prefilter {
+            candidates: c,
+            sampled: s,
+        }),
         work: &work,
         stem: format!("score.{}", job.run.shard.tag()),
         settings: &settings,
@@ -202,9 +210,10 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
             super::score_store::stored_corpus(&reader.meta)
         }
         None => {
+            // The candidates and the recall samples: every sequence some query scores.
             let union = candidates
                 .as_ref()
-                .map(|c| c.iter().flatten().copied().collect());
+                .map(|(c, s)| c.iter().chain(s).flatten().copied().collect());
             streamed_pass(
                 &run,
                 model,
@@ -394,14 +403,16 @@ impl MemoryCheck<'_> {
     }
 }
 
-/// Pre-filter: each query keeps its N best lexical matches from the index; the pass computes
+/// Pre-filter: each query keeps its N best lexical matches from the index, plus a seeded sample
+/// of the other sequences scored only to estimate the filter's recall; the pass computes
 /// gradients only for their union.
+#[allow(clippy::type_complexity)]
 fn prefilter_candidates(
     job: &ScoreJob,
     options: &ScoreOptions,
     queries: &[Query],
     max_len: usize,
-) -> Result<Option<Vec<HashSet<usize>>>> {
+) -> Result<Option<(Vec<HashSet<usize>>, Vec<HashSet<usize>>)>> {
     let (Some(n), Some(dir)) = (options.prefilter, &job.index) else {
         return Ok(None);
     };
@@ -413,12 +424,18 @@ fn prefilter_candidates(
             index.n_sequences()
         );
     }
-    Ok(Some(
-        queries
-            .iter()
-            .map(|q| index.candidates(q, n).into_iter().collect())
-            .collect(),
-    ))
+    let candidates: Vec<HashSet<usize>> = queries
+        .iter()
+        .map(|q| index.candidates(q, n).into_iter().collect())
+        .collect();
+    let sampled = candidates
+        .iter()
+        .enumerate()
+        .map(|(qi, c)| {
+            results::sample_rest(index.n_sequences(), c, options.prefilter_sample, 0, qi)
+        })
+        .collect();
+    Ok(Some((candidates, sampled)))
 }
 
 /// A scoring pass's running state: the reduction, the dense columns written, and where it
@@ -438,8 +455,8 @@ pub(super) struct ScoreRun<'a> {
     pub(super) tracked: &'a [TrackedLayer],
     pub(super) preconditioner: &'a Preconditioner,
     pub(super) pq: &'a PreconditionedQueries,
-    /// Each query's pre-filter candidates (None: every sequence).
-    pub(super) candidates: Option<&'a [HashSet<usize>]>,
+    /// Each query's pre-filter candidates and recall sample (None: every sequence).
+    pub(super) candidates: Option<Prefilter<'a>>,
     pub(super) work: &'a Path,
     pub(super) stem: String,
     pub(super) settings: &'a serde_json::Value,

@@ -122,6 +122,7 @@ pub(super) fn write_scores(
         &mut tok,
         meta.options.per_layer,
         token_parts,
+        meta.removal.as_ref(),
     );
     results::write_top_k(&out.join("top_k.jsonl"), &top)?;
     results::write_distribution(&out.join("distribution.json"), &merged.summaries, query_ids)?;
@@ -131,6 +132,15 @@ pub(super) fn write_scores(
             &merged.summaries,
             query_ids,
             &meta.layers,
+        )?;
+    }
+    if meta.options.prefilter.is_some() && meta.options.prefilter_sample > 0 {
+        results::write_prefilter(
+            &out.join("prefilter.json"),
+            &merged.summaries,
+            query_ids,
+            meta.options.top_k,
+            meta.corpus.n_sequences,
         )?;
     }
     if meta.options.dense {

@@ -53,7 +53,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         &job.model,
         &job.factors,
         (job.options.damping, job.options.max_len),
-        job.compute,
+        job.compute.clone(),
     )?;
     let tracked = model.tracked().to_vec();
     let mut tok = LazyTokenizer::new(&job.model);
@@ -129,7 +129,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     progress.end();
     all.sync_and_commit()?;
     let ids = vec!["self".to_string()];
-    let top = results::entries(&acc.summaries, &ids, &mut tok, false, None);
+    let top = results::entries(&acc.summaries, &ids, &mut tok, false, None, None);
     results::write_top_k(&job.out.join("top_k.jsonl"), &top)?;
     results::write_distribution(&job.out.join("distribution.json"), &acc.summaries, &ids)?;
     let options = ScoreOptions {

@@ -12,6 +12,7 @@ mod autograd;
 pub mod fast;
 
 use super::autograd::{supported_activation, LayerNorm, Linear, LinearLoader};
+use super::lora::Adapter;
 use super::rope::RopeParameters;
 use super::weights::Weights;
 use super::{ModuleSelection, TrackedLayer};
@@ -218,6 +219,21 @@ impl GptNeoX {
 
     pub fn config(&self) -> &GptNeoXConfig {
         &self.config
+    }
+}
+
+impl GptNeoX {
+    /// Applies a LoRA adapter to the blocks' linear layers, in load order
+    /// ([`crate::model::lora::Adapter::attach`]).
+    pub fn attach(&mut self, adapter: &Adapter, modules: ModuleSelection) -> Result<()> {
+        let linears = self
+            .blocks
+            .iter_mut()
+            .flat_map(|b| [&mut b.qkv, &mut b.dense, &mut b.h_to_4h, &mut b.four_h_to_h]);
+        let (tracked, n_parameters) = adapter.attach(linears, modules)?;
+        self.tracked = tracked;
+        self.n_parameters += n_parameters;
+        Ok(())
     }
 }
 

@@ -13,6 +13,7 @@ mod autograd;
 pub mod fast;
 
 use super::autograd::{supported_activation, Linear, LinearLoader, RmsNorm};
+use super::lora::Adapter;
 use super::rope::{self, RopeParameters};
 use super::weights::Weights;
 use super::{ModuleSelection, TrackedLayer};
@@ -275,6 +276,28 @@ impl Llama {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+}
+
+impl Llama {
+    /// Applies a LoRA adapter to the blocks' linear layers, in load order
+    /// ([`crate::model::lora::Adapter::attach`]).
+    pub fn attach(&mut self, adapter: &Adapter, modules: ModuleSelection) -> Result<()> {
+        let linears = self.blocks.iter_mut().flat_map(|b| {
+            [
+                &mut b.q,
+                &mut b.k,
+                &mut b.v,
+                &mut b.o,
+                &mut b.gate,
+                &mut b.up,
+                &mut b.down,
+            ]
+        });
+        let (tracked, n_parameters) = adapter.attach(linears, modules)?;
+        self.tracked = tracked;
+        self.n_parameters += n_parameters;
+        Ok(())
     }
 }
 
