@@ -645,3 +645,225 @@ fn sigterm_lets_the_request_in_flight_finish() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// One query's latency from the store, sequential requests (`cargo test --release --test serve
+/// one_query_latency -- --ignored --nocapture`): what docs/serve.md reports.
+#[test]
+#[ignore = "a measurement: run it by name"]
+fn one_query_latency() {
+    let f = fixture();
+    let server = f.serve(&[]);
+    let q = &f.queries()[0];
+    let mut ms: Vec<f64> = (0..31)
+        .map(|_| {
+            let t = Instant::now();
+            let r = server.post("/v1/influence", &request_for(q, 10));
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    eprintln!(
+        "one query from the store, 31 sequential requests: median {:.1} ms, min {:.1} ms, max {:.1} ms",
+        ms[15], ms[0], ms[30]
+    );
+}
+
+#[test]
+fn prefiltered_answers_equal_infl_score_prefilter_from_the_store_and_streamed() {
+    let f = fixture();
+    let index = f.dir.join("index");
+    if !index.exists() {
+        ok(&[
+            "index",
+            s(&f.corpus),
+            "--model",
+            s(&f.model),
+            "--out",
+            s(&index),
+        ]);
+    }
+    // `infl score` as the server scores: from the store, or streamed at full rank.
+    let reference = |store: bool, prefilter: bool| {
+        let mut args = vec!["--top-k", "4"];
+        args.extend_from_slice(match store {
+            true => &["--store"][..],
+            false => &["--query-rank", "full"][..],
+        });
+        if prefilter {
+            args.extend_from_slice(&["--prefilter", "20", "--index", s(&index)]);
+        }
+        f.score(&format!("scored-{store}-{prefilter}"), &args).0
+    };
+    for store in [true, false] {
+        let (rows, unfiltered) = (reference(store, true), reference(store, false));
+        // Without the filter the top sequences differ: the test sees the filter at work.
+        let ids = |rows: &[Value]| {
+            rows.iter()
+                .map(|r| r["sequence_id"].clone())
+                .collect::<Vec<_>>()
+        };
+        assert_ne!(ids(&rows), ids(&unfiltered));
+        let mut args = vec!["--index", s(&index)];
+        if !store {
+            args.push("--no-store");
+        }
+        let server = f.serve(&args);
+        for q in f.queries().iter().take(3) {
+            let mut request = request_for(q, 4);
+            request["prefilter"] = json!(20);
+            let r = server.post("/v1/influence", &request);
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(
+                r.body["prefilter"], 20,
+                "the answer says it was pre-filtered"
+            );
+            assert_same_rows(&r.body, &rows, q["id"].as_str().unwrap());
+            // Unfiltered, the same server answers as before.
+            let r = server.post("/v1/influence", &request_for(q, 4));
+            assert_eq!(r.body["prefilter"], Value::Null);
+            assert_same_rows(&r.body, &unfiltered, q["id"].as_str().unwrap());
+        }
+    }
+    // A server without an index refuses the field, naming it.
+    let server = f.serve(&[]);
+    let mut request = request_for(&f.queries()[0], 4);
+    request["prefilter"] = json!(20);
+    let r = server.post("/v1/influence", &request);
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.body["error"]["field"], "prefilter");
+}
+
+/// A Chromium binary to drive the page with, or `None` (the test then says so and passes).
+fn chromium() -> Option<PathBuf> {
+    [
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ]
+    .iter()
+    .find_map(|name| {
+        std::env::var_os("PATH")?
+            .to_str()?
+            .split(':')
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+#[test]
+fn the_page_in_headless_chromium_asks_and_highlights_the_top_source() {
+    let Some(browser) = chromium() else {
+        eprintln!("SKIPPED: no chromium binary on PATH (apt-get install -y chromium)");
+        return;
+    };
+    let f = fixture();
+    let server = f.serve(&[]);
+    let q = &f.queries()[0];
+    let expected = server.post("/v1/influence", &request_for(q, 10)).body;
+    let top_id = expected["top"][0]["sequence_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!(
+        "{}/?prompt={}&completion={}&run=1",
+        server.base,
+        encode(q["prompt"].as_str().unwrap()),
+        encode(q["completion"].as_str().unwrap())
+    );
+    let profile = f.dir.join(format!("chromium-{}", std::process::id()));
+    let out = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            // Virtual time runs until the page is idle: the query's fetch is answered first.
+            "--virtual-time-budget=60000",
+            &format!("--user-data-dir={}", profile.display()),
+            "--dump-dom",
+            &url,
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&profile);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let scored = format!("scored {} training sequences", expected["n_sequences"]);
+    assert!(dom.contains(&scored), "{dom}");
+    // The first listed source is the top sequence, its tokens shaded by their part of the score.
+    let first = dom
+        .split("<ol class=\"sources\">")
+        .nth(1)
+        .and_then(|s| s.split("</li>").next())
+        .unwrap_or_else(|| panic!("no sources listed:\n{dom}"));
+    assert!(
+        first.contains(&format!(">sequence {top_id}</a>")),
+        "{first}"
+    );
+    // Its token of largest part at full strength (Chromium writes the colour back as
+    // `rgb(…)` then, green or red by sign), the others fainter (`rgba(…, a)`).
+    let compact: String = first.split_whitespace().collect();
+    assert!(
+        compact.contains("background:rgb(46,139,87)")
+            || compact.contains("background:rgb(192,57,43)"),
+        "{first}"
+    );
+    assert!(compact.contains("background:rgba("), "{first}");
+}
+
+/// `s` percent-encoded for a query string.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn the_store_is_opened_once_and_rewound_for_each_pass() {
+    // A copy of the fixture's factors, whose store is moved away once the server has opened
+    // it: the server keeps answering from the store it holds (a pass does not reopen it).
+    let f = fixture();
+    let factors = f.dir.join("factors-moved");
+    let _ = std::fs::remove_dir_all(&factors);
+    std::fs::create_dir_all(factors.join("store")).unwrap();
+    for entry in std::fs::read_dir(&f.factors).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, factors.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    for entry in std::fs::read_dir(f.factors.join("store")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, factors.join("store").join(p.file_name().unwrap())).unwrap();
+    }
+    let server = Server::start(&[
+        "serve",
+        "--model",
+        s(&f.model),
+        "--factors",
+        s(&factors),
+        "--train",
+        s(&f.corpus),
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let q = &f.queries()[1];
+    let first = server.post("/v1/influence", &request_for(q, 5));
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    std::fs::rename(factors.join("store"), factors.join("store-moved")).unwrap();
+    for _ in 0..3 {
+        let again = server.post("/v1/influence", &request_for(q, 5));
+        assert_eq!(again.status, 200, "{:?}", again.body);
+        assert_eq!(again.body["top"], first.body["top"]);
+        assert_eq!(again.body["bottom"], first.body["bottom"]);
+    }
+    drop(server);
+    std::fs::remove_dir_all(&factors).unwrap();
+}

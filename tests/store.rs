@@ -286,3 +286,138 @@ fn bf16_store_costs_little_accuracy_and_mismatches_are_refused() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The bundled model on the kronfluence fixture's corpus cut into windows of `max_len` tokens,
+/// fitted with a store of `form` (f32) in `dir/f-{max_len}-{form}`; the store's bytes.
+fn fit_form(dir: &Path, max_len: usize, form: &str) -> (PathBuf, u64) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let factors = dir.join(format!("f-{max_len}-{form}"));
+    let len = max_len.to_string();
+    ok(&[
+        "fit",
+        "--model",
+        s(&root.join("assets/tiny-gpt2")),
+        "--train",
+        s(&root.join("tests/fixtures/kronfluence/corpus_ids.jsonl")),
+        "--out",
+        s(&factors),
+        "--max-len",
+        &len,
+        "--fisher",
+        "empirical",
+        "--store",
+        "--store-form",
+        form,
+    ]);
+    let bytes = std::fs::metadata(factors.join("store/gradients.bin"))
+        .unwrap()
+        .len();
+    (factors, bytes)
+}
+
+#[test]
+fn every_store_form_scores_alike_and_auto_keeps_only_short_sequences_factored() {
+    // Windows of at most 24 tokens on layers of widths 48/144/192: per-token factors are the
+    // smaller form below ~36 tokens, so `smallest` keeps every window factored, `auto` only
+    // those of at most 16 tokens, `rotated` none.
+    let dir = scratch("forms");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let corpus = root.join("tests/fixtures/kronfluence/corpus_ids.jsonl");
+    let queries = root.join("tests/fixtures/kronfluence/queries_ids.jsonl");
+    let mut scores = Vec::new();
+    let mut sizes = Vec::new();
+    for form in ["auto", "smallest", "rotated"] {
+        let (factors, bytes) = fit_form(&dir, 24, form);
+        let out = dir.join(format!("s-{form}"));
+        ok(&[
+            "score",
+            "--model",
+            s(&root.join("assets/tiny-gpt2")),
+            "--factors",
+            s(&factors),
+            "--train",
+            s(&corpus),
+            "--queries",
+            s(&queries),
+            "--dense",
+            "--store",
+            "--out",
+            s(&out),
+        ]);
+        scores.push(dense(&out));
+        sizes.push(bytes);
+    }
+    eprintln!(
+        "store bytes: auto {}, smallest {}, rotated {}",
+        sizes[0], sizes[1], sizes[2]
+    );
+    assert!(sizes[1] < sizes[0] && sizes[0] < sizes[2], "{sizes:?}");
+    let pass = dir.join("pass");
+    ok(&[
+        "score",
+        "--model",
+        s(&root.join("assets/tiny-gpt2")),
+        "--factors",
+        s(&dir.join("f-24-auto")),
+        "--train",
+        s(&corpus),
+        "--queries",
+        s(&queries),
+        "--dense",
+        "--query-rank",
+        "full",
+        "--out",
+        s(&pass),
+    ]);
+    let exact = dense(&pass);
+    for (form, got) in ["auto", "smallest", "rotated"].iter().zip(&scores) {
+        let (rel, _) = compare(&exact, got);
+        assert!(rel < 1e-5, "{form}: store differs from the pass by {rel:e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// What re-scoring costs in each store form (`cargo test --release --test store
+/// store_forms_cost -- --ignored --nocapture`): the store pass alone, best of 5, 8 queries,
+/// the bundled model, windows of 8 to 48 tokens. docs/store.md reports it.
+#[test]
+#[ignore = "a measurement: run it by name"]
+fn store_forms_cost() {
+    use infl::options::ScoreOptions;
+    use infl::workflow::{score, ScoreJob};
+    let dir = scratch("forms-cost");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for max_len in [8, 16, 24, 32, 48] {
+        let mut line = format!("max-len {max_len}:");
+        let mut base = None;
+        for form in ["rotated", "auto", "smallest"] {
+            let (factors, bytes) = fit_form(&dir, max_len, form);
+            let job = ScoreJob {
+                options: ScoreOptions {
+                    store: true,
+                    max_len: Some(max_len),
+                    ..ScoreOptions::default()
+                },
+                ..ScoreJob::new(
+                    root.join("assets/tiny-gpt2"),
+                    factors,
+                    root.join("tests/fixtures/kronfluence/corpus_ids.jsonl"),
+                    root.join("tests/fixtures/kronfluence/queries_ids.jsonl"),
+                    dir.join("out"),
+                )
+            };
+            let best = (0..5)
+                .map(|_| score(&job, &infl::pass::Silent).unwrap().pass_seconds)
+                .fold(f64::INFINITY, f64::min);
+            let base = *base.get_or_insert(best);
+            line += &format!(
+                " {form} {:.1} MiB {:.1} ms ({:.2}×)",
+                bytes as f64 / (1 << 20) as f64,
+                best * 1e3,
+                best / base
+            );
+        }
+        eprintln!("{line}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -41,10 +41,11 @@ pub struct FitArgs {
     /// Precision of the gradient store.
     #[arg(long, value_enum, default_value = "f32", requires = "store")]
     pub store_dtype: infl::store::StoreDtype,
-    /// Form of each stored gradient: `smallest` on disk (the rotated gradient or its per-token
-    /// factors), or always `rotated` (more disk for sequences shorter than the layers are
-    /// wide; `score --store` reads it with no reconstruction).
-    #[arg(long, value_enum, default_value = "smallest", requires = "store")]
+    /// Form of each stored gradient: `auto` keeps the per-token factors where they are smaller
+    /// and cheap to rebuild (sequences of at most 16 tokens), else the rotated gradient: as
+    /// fast to re-score as `rotated`; `smallest` keeps whichever is smaller on disk (slower to
+    /// re-score long sequences); `rotated` always the rotated gradient (docs/store.md).
+    #[arg(long, value_enum, default_value = "auto", requires = "store")]
     pub store_form: infl::store::StoreForm,
 }
 

@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Stream the corpus for every query even when the factors have a gradient store.
     #[arg(long)]
     pub no_store: bool,
+    /// A BM25 index of the corpus (`infl index`): requests may then ask `"prefilter": N` to
+    /// score only their N best lexical matches.
+    #[arg(long, value_name = "INDEX")]
+    pub index: Option<PathBuf>,
     /// Address to listen on. Anything but loopback needs --token.
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "IP:PORT")]
     pub addr: SocketAddr,
@@ -91,6 +95,7 @@ impl ServeArgs {
                     ..ScoreOptions::default()
                 },
                 compute: self.compute,
+                index: self.index,
             },
             addr: self.addr,
             token: self.token,

@@ -27,7 +27,18 @@ const PAGE: &str = include_str!("page.html");
 const MAX_GENERATE: usize = 256;
 
 /// Fields of an influence request that are options, not the query's own.
-const OPTION_FIELDS: &[&str] = &["id", "top_k", "normalize", "query_rank", "per_token"];
+const OPTION_FIELDS: &[&str] = &[
+    "id",
+    "top_k",
+    "normalize",
+    "query_rank",
+    "per_token",
+    "prefilter",
+];
+
+/// Largest `prefilter` a request may ask for (more candidates than that is the whole corpus of
+/// any store a server answers from in seconds).
+const MAX_PREFILTER: usize = 1 << 24;
 
 #[derive(Clone)]
 struct App {
@@ -294,6 +305,10 @@ fn influence_request(body: Value, max_top_k: usize) -> Result<InfluenceRequest, 
             ))
         }
     };
+    let prefilter = match obj.get("prefilter") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(integer(&obj, "prefilter", 1, 1, MAX_PREFILTER)?),
+    };
     for f in OPTION_FIELDS {
         obj.remove(*f);
     }
@@ -305,6 +320,7 @@ fn influence_request(body: Value, max_top_k: usize) -> Result<InfluenceRequest, 
             normalize,
             query_rank,
             per_token,
+            prefilter,
         },
     })
 }
@@ -462,13 +478,14 @@ mod tests {
     #[test]
     fn options_are_checked_and_named_and_the_query_fields_pass_through() {
         let r = influence_request(
-            json!({"prompt": "a", "completion": "b", "top_k": 3, "normalize": "cosine", "query_rank": 8}),
+            json!({"prompt": "a", "completion": "b", "top_k": 3, "normalize": "cosine", "query_rank": 8, "prefilter": 20}),
             100,
         )
         .unwrap();
         assert_eq!(r.options.top_k, 3);
         assert_eq!(r.options.normalize, Normalize::Cosine);
         assert_eq!(r.options.query_rank, QueryRank(Some(8)));
+        assert_eq!(r.options.prefilter, Some(20));
         assert_eq!(
             r.fields.keys().collect::<Vec<_>>(),
             ["completion", "prompt"]
@@ -480,6 +497,8 @@ mod tests {
             (json!({"normalize": "l2"}), "normalize"),
             (json!({"query_rank": -1}), "query_rank"),
             (json!({"per_token": 1}), "per_token"),
+            (json!({"prefilter": 0}), "prefilter"),
+            (json!({"prefilter": "all"}), "prefilter"),
             (json!({"id": [1]}), "id"),
         ] {
             let e = influence_request(body, 100).unwrap_err();

@@ -5,8 +5,10 @@
 //! For an eigenbasis (EK-FAC, KFAC) `I(q, z) = ⟨P_q, G_z⟩ = ⟨P̃_q, R_z⟩` with
 //! `R_z = Q_Sᵀ G_z Q_A` and `P̃_q = Q_Sᵀ P_q Q_A = (Q_Sᵀ G_q Q_A) ⊘ (Λ + λ)`; for diagonal and
 //! identity the basis is the original one (R_z = G_z). Per sequence and layer the store keeps
-//! whichever is smaller: the rotated gradient `R_z` (`d_out × d_in_h`), or its per-token factors
-//! `g Q_S` (`T × d_out`) and `ā Q_A` (`T × d_in_h`), from which `R_z = (g Q_S)ᵀ (ā Q_A)`.
+//! the rotated gradient `R_z` (`d_out × d_in_h`), or its per-token factors `g Q_S`
+//! (`T × d_out`) and `ā Q_A` (`T × d_in_h`), from which `R_z = (g Q_S)ᵀ (ā Q_A)`, as
+//! [`StoreForm`] chooses. The reader rebuilds factored records after their bytes are verified,
+//! records of a batch in parallel.
 //! The gradients are those of the training loss (the data's labels), whatever the Fisher's.
 //!
 //! Files in the store directory: `store.json` (what made it), `sequences.jsonl` (id and token ids
@@ -42,8 +44,12 @@ const REMEDY: &str = "rewrite the store with `infl fit --store`";
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum StoreForm {
+    /// Per sequence and layer, the per-token factors where they are smaller on disk and cheap
+    /// to rebuild (at most [`AUTO_MAX_TOKENS`] tokens), else the rotated gradient: the rotated
+    /// form's speed for long sequences, compact where sequences are short.
+    Auto,
     /// Per sequence and layer, whichever is smaller on disk: the rotated gradient or its
-    /// per-token factors.
+    /// per-token factors (rebuilding costs 2·T flops per value: slow for long sequences).
     Smallest,
     /// Always the rotated gradient: larger for short sequences; re-scoring reads it with no
     /// reconstruction.
@@ -138,9 +144,20 @@ fn sizes(l: &TrackedLayer, len: usize) -> (u64, u64) {
     )
 }
 
+/// Longest sequence `--store-form auto` keeps as per-token factors. Rebuilding a rotated
+/// gradient from T tokens costs 2·T flops per value where reading it stored costs one value's
+/// bytes, so the factored form's cost grows with T while its saving shrinks: at 128 tokens it
+/// re-scored the benchmark job 6.6× slower than the rotated form, at 8–16 tokens the bundled
+/// model 1.5–1.6× slower for 2.5–5× less disk (docs/store.md, "Choosing the form").
+pub const AUTO_MAX_TOKENS: usize = 16;
+
 fn use_factors(l: &TrackedLayer, len: usize, form: StoreForm) -> bool {
     let (dense, factored) = sizes(l, len);
-    form == StoreForm::Smallest && factored < dense
+    match form {
+        StoreForm::Auto => factored < dense && len <= AUTO_MAX_TOKENS,
+        StoreForm::Smallest => factored < dense,
+        StoreForm::Rotated => false,
+    }
 }
 
 /// Free bytes on the file system holding `dir` (its nearest existing ancestor).
@@ -425,6 +442,18 @@ pub struct LayerBatch {
     /// not zero it again (every rebuilt column is overwritten whole).
     rebuilt: Vec<f32>,
     pub rebuilt_cols: Vec<usize>,
+    /// The per-token factors of each rebuilt column, in `rebuilt_cols` order: located by the
+    /// walk, rebuilt by [`StoreReader::ready_batch`] once their bytes are verified.
+    factored: Vec<Factored>,
+}
+
+/// Where a record of per-token factors lies: its values (`g Q_S` then `ā Q_A`, row-major)
+/// start at byte `at` of the mapping.
+#[derive(Debug, Clone, Copy)]
+struct Factored {
+    at: usize,
+    tokens: usize,
+    d_out: usize,
 }
 
 impl LayerBatch {
@@ -435,6 +464,7 @@ impl LayerBatch {
             stored_cols: Vec::new(),
             rebuilt: Vec::new(),
             rebuilt_cols: Vec::new(),
+            factored: Vec::new(),
         }
     }
 
@@ -443,6 +473,7 @@ impl LayerBatch {
         self.stored_at.clear();
         self.stored_cols.clear();
         self.rebuilt_cols.clear();
+        self.factored.clear();
     }
 
     /// The stored columns, in `stored_cols` order: slices of the store's mapping (`store`, from
@@ -536,9 +567,9 @@ pub struct StoreReader {
     verified_end: usize,
     sequences: std::io::Lines<std::io::BufReader<Box<dyn std::io::Read + Send>>>,
     read: usize,
-    /// Reused buffers: the per-token factors of one layer.
-    scratch_g: Vec<f32>,
-    scratch_a: Vec<f32>,
+    /// The sequences read so far, kept for [`Self::rewind`] when [`Self::keep_sequences`]
+    /// asked (a pass after the first then parses and verifies no line again).
+    kept: Option<Vec<Sequence>>,
 }
 
 impl StoreReader {
@@ -608,9 +639,30 @@ impl StoreReader {
             at: 0,
             batch_start: 0,
             read: 0,
-            scratch_g: Vec::new(),
-            scratch_a: Vec::new(),
+            kept: None,
         })
+    }
+
+    /// Keeps the sequences as they are read, so that [`Self::rewind`] can read the store again
+    /// without parsing sequences.jsonl again (memory: the corpus's token ids).
+    pub fn keep_sequences(mut self) -> Self {
+        self.kept.get_or_insert_with(Vec::new);
+        self
+    }
+
+    /// Back to the first sequence, for another pass: the mapping and the chunks of it already
+    /// verified are kept (the store is replaced by renaming, never rewritten in place, so
+    /// what was verified stays so). Without [`Self::keep_sequences`], an error.
+    pub fn rewind(&mut self) -> Result<()> {
+        if self.kept.is_none() {
+            return Err(Error::Other(
+                "a store reader rewound without keeping its sequences".into(),
+            ));
+        }
+        self.at = 0;
+        self.batch_start = 0;
+        self.read = 0;
+        Ok(())
     }
 
     /// The mapped gradients, for reading the columns of the batches this reader fills.
@@ -633,16 +685,9 @@ impl StoreReader {
         Ok(range)
     }
 
-    /// Reads `dst.len()` values, decoding them into `dst`.
-    fn values_into(&mut self, dst: &mut [f32]) -> Result<()> {
-        let range = self.take(dst.len() * self.meta.dtype.bytes() as usize)?;
-        decode(self.meta.dtype, &self.bytes.map[range], dst);
-        Ok(())
-    }
-
     /// Reads the next sequence as column `k` of `batch` (one [`LayerBatch`] per layer): a rotated
-    /// gradient is located in the mapping, one stored as per-token factors is rebuilt in f32.
-    /// `None` at the end.
+    /// gradient is located in the mapping, one stored as per-token factors is located too and
+    /// rebuilt in f32 by [`Self::ready_batch`]. `None` at the end.
     pub fn next_columns(&mut self, batch: &mut [LayerBatch], k: usize) -> Result<Option<Sequence>> {
         let Some(seq) = self.next_sequence()? else {
             return Ok(None);
@@ -667,14 +712,13 @@ impl StoreReader {
                     dst.stored_cols.push(k);
                 }
                 _ => {
-                    let at = dst.rebuilt_cols.len() * dst.d;
-                    if dst.rebuilt.len() < at + dst.d {
-                        dst.rebuilt.resize(at + dst.d, 0.0);
-                    }
-                    let mut col = std::mem::take(&mut dst.rebuilt);
-                    let rebuilt = self.rebuild(d_o, d_i, seq.ids.len(), &mut col[at..at + dst.d]);
-                    dst.rebuilt = col;
-                    rebuilt?;
+                    let tokens = self.factored_tokens(seq.ids.len())?;
+                    let range = self.take(tokens * (d_o + d_i) * width)?;
+                    dst.factored.push(Factored {
+                        at: range.start,
+                        tokens,
+                        d_out: d_o,
+                    });
                     dst.rebuilt_cols.push(k);
                 }
             }
@@ -691,14 +735,21 @@ impl StoreReader {
         ))
     }
 
-    /// Makes the batch filled since its first [`Self::next_columns`] ready to score: maps its
+    /// Makes `batch`, filled since its first [`Self::next_columns`], ready to score: maps its
     /// pages into memory, so that the threads that read its columns next do not stop at a page
-    /// fault every 64 KiB (a tenth of the read, measured; only a hint), and verifies the chunks
-    /// of the gradients file it lies in that are not verified yet, in parallel. Nothing of the
-    /// batch is used before this returns: a chunk that does not match its checksum is an error
-    /// instead of a batch. (The walk that filled the batch read only tags and token counts,
-    /// each checked, and rebuilt columns that are dropped with the batch if it fails.)
-    pub fn ready_batch(&mut self) -> Result<()> {
+    /// fault every 64 KiB (a tenth of the read, measured; only a hint), verifies the chunks
+    /// of the gradients file it lies in that are not verified yet, in parallel, then rebuilds
+    /// its columns stored as per-token factors, in parallel. Nothing of the batch is used
+    /// before this returns: a chunk that does not match its checksum is an error instead of a
+    /// batch. (The walk that filled the batch read only tags and token counts, each checked.)
+    pub fn ready_batch(&mut self, batch: &mut [LayerBatch]) -> Result<()> {
+        self.verify_batch()?;
+        self.rebuild(batch);
+        Ok(())
+    }
+
+    /// Maps in and verifies the bytes of the batch being filled ([`Self::ready_batch`]).
+    fn verify_batch(&mut self) -> Result<()> {
         use rayon::prelude::*;
         let start = match &self.sums {
             Some(sums) => sums.range(self.verified_end / self.chunk_len()).start,
@@ -736,11 +787,24 @@ impl StoreReader {
         self.sums.as_ref().map_or(1, Sums::chunk_bytes)
     }
 
-    /// The next line of sequences.jsonl, or `None` when every sequence has been read.
+    /// The next sequence (a line of sequences.jsonl, or the kept copy of it after a rewind),
+    /// or `None` when every sequence has been read.
     fn next_sequence(&mut self) -> Result<Option<Sequence>> {
         if self.read == self.meta.n_sequences {
             return Ok(None);
         }
+        if let Some(seq) = self.kept.as_ref().and_then(|k| k.get(self.read)) {
+            return Ok(Some(seq.clone()));
+        }
+        let seq = self.parse_sequence()?;
+        if let Some(kept) = &mut self.kept {
+            kept.push(seq.clone());
+        }
+        Ok(Some(seq))
+    }
+
+    /// The next line of sequences.jsonl, parsed and checked.
+    fn parse_sequence(&mut self) -> Result<Sequence> {
         let path = self.dir.join(SEQUENCES_FILE);
         let line = self
             .sequences
@@ -762,10 +826,10 @@ impl StoreReader {
                 self.meta.max_len
             )));
         }
-        Ok(Some(Sequence {
+        Ok(Sequence {
             id: record.id,
             ids: record.ids,
-        }))
+        })
     }
 
     /// The form tag of the next layer record: 0 rotated gradient, 1 per-token factors.
@@ -781,9 +845,9 @@ impl StoreReader {
         }
     }
 
-    /// Reads per-token factors (after their tag; as many tokens as the sequence, `len`) and writes `(g Q_S)ᵀ (ā Q_A)` into `dst`
-    /// (column-major `d_out × d_in_h`).
-    fn rebuild(&mut self, d_o: usize, d_i: usize, len: usize, dst: &mut [f32]) -> Result<()> {
+    /// The token count of a record of per-token factors (after its tag), checked to be the
+    /// sequence's length `len`.
+    fn factored_tokens(&mut self, len: usize) -> Result<usize> {
         let t = self.take(4)?;
         let m = &self.bytes.map;
         let tokens =
@@ -796,24 +860,42 @@ impl StoreReader {
                 self.read
             )));
         }
-        let mut g = std::mem::take(&mut self.scratch_g);
-        let mut a = std::mem::take(&mut self.scratch_a);
-        g.resize(tokens * d_o, 0.0);
-        a.resize(tokens * d_i, 0.0);
-        let read = self
-            .values_into(&mut g)
-            .and_then(|_| self.values_into(&mut a));
-        if read.is_ok() {
-            linalg::mul_into(
-                faer::MatMut::from_column_major_slice_mut(dst, d_o, d_i),
-                linalg::rows(&g, tokens, d_o).transpose(),
-                linalg::rows(&a, tokens, d_i),
+        Ok(tokens)
+    }
+
+    /// Writes `(g Q_S)ᵀ (ā Q_A)` of every record of per-token factors in `batch` into its
+    /// column (column-major `d_out × d_in_h`): one single-threaded product per record, the
+    /// records of every layer spread over the threads (a threaded product per record left most
+    /// threads idle on these small shapes).
+    fn rebuild(&self, batch: &mut [LayerBatch]) {
+        use rayon::prelude::*;
+        let (dtype, map) = (self.meta.dtype, &self.bytes.map);
+        let mut work = Vec::new();
+        for layer in batch.iter_mut() {
+            let (d, n) = (layer.d, layer.factored.len());
+            if layer.rebuilt.len() < n * d {
+                layer.rebuilt.resize(n * d, 0.0);
+            }
+            work.extend(layer.rebuilt[..n * d].chunks_mut(d).zip(&layer.factored));
+        }
+        work.into_par_iter().for_each(|(col, f)| {
+            let d_in = col.len() / f.d_out;
+            let mut g = vec![0f32; f.tokens * f.d_out];
+            let mut a = vec![0f32; f.tokens * d_in];
+            decode(dtype, &map[f.at..], &mut g);
+            decode(
+                dtype,
+                &map[f.at + g.len() * dtype.bytes() as usize..],
+                &mut a,
+            );
+            linalg::gemm(
+                faer::MatMut::from_column_major_slice_mut(col, f.d_out, d_in),
+                linalg::rows(&g, f.tokens, f.d_out).transpose(),
+                linalg::rows(&a, f.tokens, d_in),
+                false,
                 false,
             );
-        }
-        self.scratch_g = g;
-        self.scratch_a = a;
-        read
+        });
     }
 }
 

@@ -20,6 +20,7 @@ use crate::provenance::ModelInfo;
 use crate::results::{self, Direction, ScoreAccumulator, TopEntry};
 use crate::store::{StoreReader, STORE_DIR};
 use rand::{Rng, SeedableRng};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 /// What a query engine loads: the same paths and options as `infl score`.
@@ -32,6 +33,9 @@ pub struct EngineConfig {
     /// factors' gradient store (an error when it has none).
     pub options: ScoreOptions,
     pub compute: Compute,
+    /// A BM25 index of the corpus (`infl index`), for queries that ask to score only their
+    /// lexical candidates ([`QueryOptions::prefilter`]).
+    pub index: Option<PathBuf>,
 }
 
 /// The options a request may choose; everything else is the engine's.
@@ -43,6 +47,9 @@ pub struct QueryOptions {
     pub query_rank: QueryRank,
     /// Also split each top/bottom score over the training sequence's tokens.
     pub per_token: bool,
+    /// Score only the query's N best BM25 matches (as `infl score --prefilter N`); needs the
+    /// engine's index.
+    pub prefilter: Option<usize>,
 }
 
 /// What produced an answer: the checkpoint, factors and corpus, by hash.
@@ -72,6 +79,8 @@ pub struct Answer {
     pub bottom: Vec<TopEntry>,
     /// Training sequences scored.
     pub n_sequences: u64,
+    /// The BM25 pre-filter the scores were limited to: each query's N best lexical matches.
+    pub prefilter: Option<usize>,
     pub distribution: results::Distribution,
     /// Σ over the corpus of each layer's part of the score, and of its magnitude.
     pub total_per_layer: Vec<f64>,
@@ -97,14 +106,20 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+/// Each query's pre-filter candidates, and the recall sample of the rest (kept empty here).
+type Candidates = (Vec<HashSet<usize>>, Vec<HashSet<usize>>);
+
 /// A model, its factors and optionally its gradient store, loaded once and asked many times.
 /// Not shared between threads: one owner answers every request in turn.
 pub struct QueryEngine {
     job: ScoreJob,
     prepared: Prepared,
     tok: LazyTokenizer,
-    /// Checked once against the factors and corpus; reopened for each pass over it.
-    has_store: bool,
+    /// The gradient store, checked once against the factors and corpus, opened once and
+    /// rewound for each pass: its chunks are verified on the first pass that reads them.
+    store: Option<StoreReader>,
+    /// The BM25 index for pre-filtered queries, checked against the corpus once.
+    index: Option<crate::index::Bm25Index>,
     corpus: CorpusStats,
 }
 
@@ -141,10 +156,22 @@ impl QueryEngine {
             &mut tok,
             prepared.model.vocab_size(),
         )?;
-        let corpus = match job.options.store {
-            true => stored_corpus(&open_store(&job, &prepared.fmeta, prepared.max_len)?.meta),
+        let index = match &config.index {
+            Some(dir) => {
+                let index = crate::index::Bm25Index::open(dir)?;
+                index.check(dir, &job.train, prepared.max_len)?;
+                Some(index)
+            }
+            None => None,
+        };
+        let store = match job.options.store {
+            true => Some(open_store(&job, &prepared.fmeta, prepared.max_len)?.keep_sequences()),
+            false => None,
+        };
+        let corpus = match &store {
+            Some(reader) => stored_corpus(&reader.meta),
             // Counted by the first pass; the hash is known now.
-            false => CorpusStats {
+            None => CorpusStats {
                 n_documents: checked.n_documents,
                 n_sequences: 0,
                 n_tokens: 0,
@@ -152,7 +179,8 @@ impl QueryEngine {
             },
         };
         Ok(QueryEngine {
-            has_store: job.options.store,
+            store,
+            index,
             job,
             prepared,
             tok,
@@ -184,7 +212,11 @@ impl QueryEngine {
             damping: self.job.options.damping,
             corpus: self.job.train.clone(),
             corpus_sha256: self.corpus.sha256.clone(),
-            source: if self.has_store { "store" } else { "streamed" },
+            source: if self.store.is_some() {
+                "store"
+            } else {
+                "streamed"
+            },
             layers: p.model.tracked().iter().map(|l| l.name.clone()).collect(),
         }
     }
@@ -216,7 +248,7 @@ impl QueryEngine {
         let score_options = ScoreOptions {
             top_k: options.top_k,
             normalize: options.normalize,
-            query_rank: match self.has_store {
+            query_rank: match self.store.is_some() {
                 true => QueryRank::FULL,
                 false => options.query_rank,
             },
@@ -229,7 +261,9 @@ impl QueryEngine {
             options: score_options,
             ..self.job.clone()
         };
-        let (prepared, tok, has_store) = (&self.prepared, &mut self.tok, self.has_store);
+        let candidates = self.candidates(queries, options.prefilter)?;
+        let (prepared, tok) = (&self.prepared, &mut self.tok);
+        let has_store = self.store.is_some();
         let model = prepared.model.as_ref();
         let pq = influence::precondition_queries(
             model,
@@ -248,7 +282,11 @@ impl QueryEngine {
             tracked: &tracked,
             preconditioner: &prepared.preconditioner,
             pq: &pq,
-            candidates: None,
+            // No recall sample: an answer lists the candidates' scores only.
+            candidates: candidates.as_ref().map(|(c, s)| results::Prefilter {
+                candidates: c,
+                sampled: s,
+            }),
             // Never checkpointed (RunOptions::ONCE): nothing is written.
             work: Path::new(""),
             stem: String::new(),
@@ -261,9 +299,13 @@ impl QueryEngine {
             position: 0,
             complete: false,
         };
-        let corpus = match has_store {
-            true => store_pass(&run, prepared, &self.corpus, &mut saved)?,
-            false => corpus_pass(&run, prepared, tok, queries, &mut saved)?,
+        let corpus = match &mut self.store {
+            Some(reader) => {
+                reader.rewind()?;
+                score_from_store(&run, reader, &mut saved)?;
+                stored_corpus(&reader.meta)
+            }
+            None => corpus_pass(&run, prepared, tok, queries, &mut saved)?,
         };
         let summaries = std::mem::take(&mut saved.acc.summaries);
         let token_parts = match options.per_token {
@@ -287,9 +329,32 @@ impl QueryEngine {
             token_parts.as_ref(),
             removal.as_ref(),
         );
-        let out = answers(&summaries, &ids, &pq, rows);
+        let mut out = answers(&summaries, &ids, &pq, rows);
+        out.iter_mut().for_each(|a| a.prefilter = options.prefilter);
         self.corpus = corpus;
         Ok(out)
+    }
+
+    /// Each query's pre-filter candidates (`infl score --prefilter`'s), when `prefilter` asks,
+    /// and an empty recall sample for each.
+    fn candidates(
+        &self,
+        queries: &[Query],
+        prefilter: Option<usize>,
+    ) -> Result<Option<Candidates>> {
+        let Some(n) = prefilter else {
+            return Ok(None);
+        };
+        let index = self.index.as_ref().ok_or_else(|| {
+            Error::input(
+                "field `prefilter`: this server has no BM25 index; start it with --index INDEX (from `infl index`)",
+            )
+        })?;
+        let candidates = queries
+            .iter()
+            .map(|q| index.candidates(q, n).into_iter().collect())
+            .collect();
+        Ok(Some((candidates, vec![HashSet::new(); queries.len()])))
     }
 
     /// The training sequence with id `id` (as `top_k.jsonl` names it), its text and
@@ -377,29 +442,6 @@ impl QueryEngine {
     }
 }
 
-/// The store pass ([`score_from_store`]), reading the store from its start. The store was
-/// checked against the corpus when the engine opened; here only that it is still that store
-/// (`fit --store` may have replaced it since), without hashing the corpus again.
-fn store_pass(
-    run: &ScoreRun<'_>,
-    prepared: &Prepared,
-    corpus: &CorpusStats,
-    saved: &mut Saved,
-) -> Result<CorpusStats> {
-    let dir = run.job.factors.join(STORE_DIR);
-    let mut reader = StoreReader::open(&dir)?;
-    if reader.meta.factors_sha256 != prepared.fmeta.factors_sha256
-        || reader.meta.corpus_sha256 != corpus.sha256
-    {
-        return Err(Error::Mismatch(format!(
-            "{}: the gradient store was replaced by one of other factors or another corpus since the server started; restart it",
-            dir.display()
-        )));
-    }
-    score_from_store(run, &mut reader, saved)?;
-    Ok(stored_corpus(&reader.meta))
-}
-
 /// The streamed pass over the corpus ([`streamed_pass`]), with `infl score`'s memory check.
 fn corpus_pass(
     run: &ScoreRun<'_>,
@@ -421,7 +463,16 @@ fn corpus_pass(
         .max()
         .unwrap_or(1);
     memory.check(checked_len)?;
-    let window = (prepared.max_len, None);
+    // Pre-filtered: only the union of the queries' candidates is computed.
+    let union = run.candidates.map(|p| {
+        p.candidates
+            .iter()
+            .chain(p.sampled)
+            .flatten()
+            .copied()
+            .collect()
+    });
+    let window = (prepared.max_len, union);
     streamed_pass(run, model, &memory, window, tok, saved, &mut checked_len)
 }
 
@@ -507,6 +558,7 @@ fn answers(
             top: Vec::new(),
             bottom: Vec::new(),
             n_sequences: s.count,
+            prefilter: None,
             distribution: results::Distribution {
                 query_id: id.clone(),
                 count: s.count as usize,

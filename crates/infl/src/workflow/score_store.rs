@@ -123,7 +123,7 @@ fn read_batches(
                 }
             }
         }
-        if let Err(e) = reader.ready_batch() {
+        if let Err(e) = reader.ready_batch(&mut columns) {
             let _ = filled_tx.send(Err(e));
             return;
         }
