@@ -641,13 +641,13 @@ fn parse_partition(s: &str) -> std::result::Result<Partition, String> {
 /// Bytes with an optional binary unit: `123`, `800M`, `16G`, `1.5T` (K, M, G, T are powers of
 /// 1024; a trailing `B` or `iB` is allowed).
 pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
+    let upper = s.trim().to_ascii_uppercase();
+    let t = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
     let (number, unit) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
         _ => (t, ' '),
     };
     let scale = match unit {
@@ -713,6 +713,19 @@ impl Default for RunOptions {
 #[cfg(test)]
 mod range_tests {
     use super::*;
+
+    #[test]
+    fn memory_limits_parse_with_binary_units() {
+        assert_eq!(parse_bytes("123"), Ok(123));
+        assert_eq!(parse_bytes("800M"), Ok(800 << 20));
+        assert_eq!(parse_bytes("16G"), Ok(16 << 30));
+        assert_eq!(parse_bytes("16GiB"), Ok(16 << 30));
+        assert_eq!(parse_bytes("16gb"), Ok(16 << 30));
+        assert_eq!(parse_bytes("1.5T"), Ok(3 << 39));
+        for bad in ["", "x", "0", "-1G", "16Q", "nanG"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn each_options_type_refuses_values_out_of_range_as_usage_errors() {
@@ -790,6 +803,7 @@ mod range_tests {
 
 #[cfg(all(test, feature = "clap"))]
 mod tests {
+
     use super::*;
     use crate::model::Engine;
     use clap::Parser;
