@@ -624,7 +624,7 @@ impl Partitioning {
     pub fn check(&self) -> Result<()> {
         PARTITIONS.check_some(self.partitions)?;
         if let Some(p) = self.partition {
-            Partition::parse(&p.to_string())?;
+            Partition::new(p.index, p.count)?;
         }
         if self.memory_limit == Some(0) {
             return Err(Error::usage("--memory-limit must be positive"));

@@ -32,6 +32,16 @@ impl Partition {
         format!("{}-of-{}", self.index, self.count)
     }
 
+    /// Partition `index` of `count`, refused unless `0 ≤ index < count`.
+    pub fn new(index: usize, count: usize) -> Result<Self> {
+        if count == 0 || index >= count {
+            return Err(Error::Usage(format!(
+                "--partition {index}/{count}: expected i/P with 0 ≤ i < P (e.g. 0/4)"
+            )));
+        }
+        Ok(Partition { index, count })
+    }
+
     /// Parses `--partition i/P`.
     pub fn parse(spec: &str) -> Result<Self> {
         let bad = || {
@@ -41,11 +51,7 @@ impl Partition {
         };
         let (i, p) = spec.split_once('/').ok_or_else(bad)?;
         let number = |s: &str| s.trim().parse::<usize>().map_err(|_| bad());
-        let (index, count) = (number(i)?, number(p)?);
-        if count == 0 || index >= count {
-            return Err(bad());
-        }
-        Ok(Partition { index, count })
+        Self::new(number(i)?, number(p)?).map_err(|_| bad())
     }
 
     /// This partition's layers, as a range of `tracked` ([`plan`]).

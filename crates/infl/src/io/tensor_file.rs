@@ -63,10 +63,6 @@ impl TensorFile {
         })
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-
     /// The bytes and dtype of tensor `name`, checked to have `shape`.
     fn bytes(&mut self, name: &str, shape: &[usize]) -> Result<(Dtype, Vec<u8>)> {
         let what = self.path.display();
