@@ -867,3 +867,82 @@ fn the_store_is_opened_once_and_rewound_for_each_pass() {
     drop(server);
     std::fs::remove_dir_all(&factors).unwrap();
 }
+
+/// `GET /v1/progress` follows the worker's pass: busy with the streamed scoring pass while a
+/// query is answered (its token count rising), idle after, and the second pass of the corpus
+/// expects the first one's token count.
+#[test]
+fn progress_follows_a_streamed_pass() {
+    let f = fixture();
+    let server = f.serve(&["--no-store", "--batch-size", "1"]);
+    let idle = server.get("/v1/progress");
+    assert_eq!(idle.status, 200, "{:?}", idle.body);
+    assert_eq!(idle.body["busy"], false);
+    let q = &f.queries()[0];
+    assert_eq!(server.post("/v1/influence", &request_for(q, 3)).status, 200);
+    let after = server.get("/v1/progress").body;
+    assert_eq!(after["busy"], false);
+    assert_eq!(after["step"], "scoring pass", "{after}");
+    let corpus_tokens = after["done_tokens"].as_u64().unwrap();
+    assert!(corpus_tokens > 0, "{after}");
+    // A second query, watched from another connection while it runs.
+    let seen: Vec<Value> = std::thread::scope(|scope| {
+        let asked = scope.spawn(|| server.post("/v1/influence", &request_for(q, 3)));
+        let mut seen = Vec::new();
+        while !asked.is_finished() {
+            let view = server.get("/v1/progress").body;
+            if view["busy"] == true && view["step"] == "scoring pass" {
+                seen.push(view);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(asked.join().unwrap().status, 200);
+        seen
+    });
+    assert!(!seen.is_empty(), "the scoring pass was never seen in progress");
+    for view in &seen {
+        assert_eq!(view["total_tokens"].as_u64(), Some(corpus_tokens), "{view}");
+        assert!(view["done_tokens"].as_u64().unwrap() <= corpus_tokens, "{view}");
+    }
+}
+
+/// A client that stops sending its body mid-way gets 408 after `--request-timeout`, and is
+/// counted; the server answers everyone else meanwhile.
+#[test]
+fn a_stalled_request_times_out_and_others_are_served() {
+    use std::io::{Read, Write};
+    let f = fixture();
+    let server = f.serve(&["--request-timeout", "2"]);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    let started = Instant::now();
+    stalled
+        .write_all(
+            b"POST /v1/influence HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 400\r\n\r\n{\"prompt\": \"Q:",
+        )
+        .unwrap();
+    let q = &f.queries()[0];
+    let served = server.post("/v1/influence", &request_for(q, 3));
+    assert_eq!(served.status, 200, "{:?}", served.body);
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut answer = String::new();
+    let mut buf = [0u8; 4096];
+    while !answer.contains("\r\n\r\n") {
+        let n = stalled.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed without an answer: {answer:?}");
+        answer.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    let m = server.get("/metrics").body;
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("infl_requests_total{route=\"/v1/influence\",status=\"408\"} 1"),
+        "{m}"
+    );
+}

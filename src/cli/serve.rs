@@ -18,6 +18,11 @@ const MAX_BATCH: o::AtLeast = o::AtLeast {
     min: 1,
     why: "a pass scores at least one query",
 };
+const REQUEST_TIMEOUT: o::AtLeast = o::AtLeast {
+    flag: "request-timeout",
+    min: 1,
+    why: "a request needs time to be answered",
+};
 const MAX_BODY: o::AtLeast = o::AtLeast {
     flag: "max-body",
     min: 64,
@@ -76,6 +81,11 @@ pub struct ServeArgs {
     /// Largest top_k a request may ask for.
     #[arg(long, default_value_t = 1000, value_name = "K", value_parser = o::TOP_K.parser())]
     pub max_top_k: usize,
+    /// Longest a request may take, in seconds, its wait in the queue included: it is then
+    /// answered 408, and dropped unscored if it was still waiting. Without a store a query
+    /// streams the whole corpus: give this room for that pass.
+    #[arg(long, default_value_t = 600, value_name = "SECONDS", value_parser = REQUEST_TIMEOUT.parser())]
+    pub request_timeout: usize,
 }
 
 impl ServeArgs {
@@ -103,6 +113,7 @@ impl ServeArgs {
             max_batch: self.max_batch,
             max_body: self.max_body,
             max_top_k: self.max_top_k,
+            request_timeout: std::time::Duration::from_secs(self.request_timeout as u64),
         }
     }
 }

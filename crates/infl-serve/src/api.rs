@@ -3,6 +3,7 @@
 //! full), request metrics, and graceful shutdown on SIGTERM or Ctrl-C.
 
 use crate::metrics::Metrics;
+use crate::progress::PassProgress;
 use crate::worker::{InfluenceRequest, Job, Reply};
 use crate::ServeConfig;
 use axum::extract::rejection::JsonRejection;
@@ -44,6 +45,7 @@ const MAX_PREFILTER: usize = 1 << 24;
 struct App {
     queue: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
+    progress: Arc<PassProgress>,
     token: Option<Arc<str>>,
     max_top_k: usize,
     /// The engine's provenance, for `/healthz`.
@@ -55,11 +57,13 @@ pub async fn serve(
     config: &ServeConfig,
     queue: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
+    progress: Arc<PassProgress>,
     about: Value,
 ) -> infl::Result<()> {
     let app = App {
         queue,
         metrics,
+        progress,
         token: config.token.as_deref().map(Arc::from),
         max_top_k: config.max_top_k,
         about: Arc::new(about),
@@ -71,10 +75,16 @@ pub async fn serve(
         .route("/v1/influence", post(influence))
         .route("/v1/generate", post(generate))
         .route("/v1/sequence/{id}", get(sequence))
+        .route("/v1/progress", get(progress_view))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(config.max_body))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             config.max_body,
+        ))
+        // Inside the guard, so that a timed-out request is counted with its 408.
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
         ))
         .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app);
@@ -142,6 +152,7 @@ fn route_label(path: &str) -> &'static str {
         "/metrics" => "/metrics",
         "/v1/influence" => "/v1/influence",
         "/v1/generate" => "/v1/generate",
+        "/v1/progress" => "/v1/progress",
         p if p.starts_with("/v1/sequence/") => "/v1/sequence/{id}",
         _ => "other",
     }
@@ -213,6 +224,11 @@ async fn generate(State(app): State<App>, body: Result<Json<Value>, JsonRejectio
         Err(e) => return e.into_response(),
     };
     submit(&app, |reply| Job::Generate(prompt, sampling, reply)).await
+}
+
+/// How far the worker's current pass has got (the page polls it while a query is scored).
+async fn progress_view(State(app): State<App>) -> Response {
+    Json(json!(app.progress.view())).into_response()
 }
 
 async fn sequence(State(app): State<App>, Path(id): Path<String>) -> Response {

@@ -1,7 +1,7 @@
 //! `infl serve`: an attribution server over the `infl` library. It loads a model, its factors
 //! and (when `fit --store` wrote one) its gradient store once ([`infl::workflow::QueryEngine`])
 //! and answers over HTTP: `POST /v1/influence`, `POST /v1/generate`, `GET /v1/sequence/{id}`,
-//! `GET /healthz`, `GET /metrics`, and a self-contained web page at `/`.
+//! `GET /v1/progress`, `GET /healthz`, `GET /metrics`, and a self-contained web page at `/`.
 //!
 //! One worker thread owns the engine; requests wait in a bounded queue ([`worker`]) and the
 //! influence queries found waiting together are scored in one pass. The HTTP side ([`api`]) is
@@ -9,6 +9,7 @@
 
 mod api;
 mod metrics;
+mod progress;
 mod worker;
 
 use infl::workflow::{EngineConfig, QueryEngine};
@@ -31,6 +32,9 @@ pub struct ServeConfig {
     pub max_body: usize,
     /// Largest `top_k` a request may ask for.
     pub max_top_k: usize,
+    /// Longest a request may take, waiting in the queue included; it then gets 408 and, if it
+    /// is still waiting, is dropped unscored.
+    pub request_timeout: std::time::Duration,
 }
 
 impl ServeConfig {
@@ -42,6 +46,9 @@ impl ServeConfig {
                 "--addr {} listens beyond this machine: give --token SECRET (clients send `Authorization: Bearer SECRET`), or listen on 127.0.0.1",
                 self.addr
             )));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(Error::usage("--request-timeout must be at least 1 second"));
         }
         for (name, v) in [
             ("--queue", self.queue),
@@ -69,8 +76,9 @@ pub fn run(config: ServeConfig) -> Result<()> {
         .build()
         .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))?;
     let about = serde_json::json!(engine.provenance());
-    let (queue, worker) = worker::start(engine, &config, metrics.clone());
-    let served = runtime.block_on(api::serve(&config, queue, metrics, about));
+    let progress = Arc::new(progress::PassProgress::default());
+    let (queue, worker) = worker::start(engine, &config, metrics.clone(), progress.clone());
+    let served = runtime.block_on(api::serve(&config, queue, metrics, progress, about));
     // The queue's last sender went with the server: the worker finishes what it holds and ends.
     let _ = worker.join();
     served

@@ -3,8 +3,8 @@
 //! (grouped by the options a pass shares), each answer cut to its own `top_k`.
 
 use crate::metrics::Metrics;
+use crate::progress::PassProgress;
 use crate::ServeConfig;
-use infl::pass::Silent;
 use infl::workflow::{Answer, QueryEngine, QueryOptions, Sampling};
 use infl::Error;
 use std::collections::VecDeque;
@@ -34,6 +34,7 @@ pub fn start(
     engine: QueryEngine,
     config: &ServeConfig,
     metrics: Arc<Metrics>,
+    progress: Arc<PassProgress>,
 ) -> (mpsc::Sender<Job>, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(config.queue);
     let max_batch = config.max_batch;
@@ -41,6 +42,7 @@ pub fn start(
         Worker {
             engine,
             metrics,
+            progress,
             max_batch,
         }
         .run(rx)
@@ -51,6 +53,7 @@ pub fn start(
 struct Worker {
     engine: QueryEngine,
     metrics: Arc<Metrics>,
+    progress: Arc<PassProgress>,
     max_batch: usize,
 }
 
@@ -68,7 +71,15 @@ impl Worker {
                     None => return,
                 },
             };
-            match first {
+            self.progress.set_busy(true);
+            self.handle(first, &mut rx, &mut held);
+            self.progress.set_busy(false);
+        }
+    }
+
+    /// One job, and the influence queries waiting with it.
+    fn handle(&mut self, first: Job, rx: &mut mpsc::Receiver<Job>, held: &mut VecDeque<Job>) {
+        match first {
                 Job::Influence(request, reply) => {
                     let mut batch = vec![(request, reply)];
                     // Everything already waiting: influence queries join this pass, the rest
@@ -106,14 +117,16 @@ impl Worker {
                     let _ = reply.send(r);
                 }
             }
-        }
     }
 
     /// Scores a batch of influence requests: each parsed on its own (a bad one fails alone),
     /// then one pass per group of requests that share a pass's options.
     fn influence(&mut self, batch: Vec<(InfluenceRequest, oneshot::Sender<Reply>)>) {
         let mut groups: Vec<(QueryOptions, Vec<Parsed>)> = Vec::new();
-        for (i, (request, reply)) in batch.into_iter().enumerate() {
+        // A request whose client has gone (disconnected, or timed out while it waited) is
+        // not scored: nobody would read the answer.
+        let batch = batch.into_iter().filter(|(_, reply)| !reply.is_closed());
+        for (i, (request, reply)) in batch.enumerate() {
             // A batch-unique id: the scoring pass keys its rows by query id.
             let query = match self
                 .engine
@@ -154,7 +167,7 @@ impl Worker {
         };
         let queries: Vec<_> = members.iter().map(|m| m.query.clone()).collect();
         let started = std::time::Instant::now();
-        match self.engine.answer(&queries, options, &Silent) {
+        match self.engine.answer(&queries, options, self.progress.as_ref()) {
             Ok(answers) => {
                 self.metrics.batch(members.len(), started.elapsed());
                 let provenance = serde_json::json!(self.engine.provenance());

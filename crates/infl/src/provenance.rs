@@ -13,9 +13,10 @@ pub const META_FILE: &str = "meta.json";
 /// The layout of the files this infl writes. 1: up to infl 0.1.0 (no `format_version` field);
 /// 2: the options of the stage recorded as one flat set of keys ([`crate::options`]), `store` a
 /// flag, `max_len` as asked; 3: the gradient store and the BM25 index carry checksums
-/// ([`crate::checksum`]; `meta.json` is as in 2). This infl reads every format up to its own: a
-/// store of format 1 or 2 unverified with a warning, an index of format 1 or 2 not at all.
-pub const FORMAT_VERSION: u32 = 3;
+/// ([`crate::checksum`]; `meta.json` is as in 2); 4: a store's `form` may be `auto`, which an
+/// infl of format 3 cannot parse. This infl reads every format up to its own: a store of format
+/// 1 or 2 unverified with a warning, an index of format 1 or 2 not at all.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// The `format_version` of a `meta.json` without one.
 pub fn format_1() -> u32 {

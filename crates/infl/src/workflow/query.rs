@@ -299,6 +299,8 @@ impl QueryEngine {
             position: 0,
             complete: false,
         };
+        // Total unknown in advance: the corpus is streamed (or the store read) as it goes.
+        progress.begin("scoring pass", 0);
         let corpus = match &mut self.store {
             Some(reader) => {
                 reader.rewind()?;
@@ -307,6 +309,7 @@ impl QueryEngine {
             }
             None => corpus_pass(&run, prepared, tok, queries, &mut saved)?,
         };
+        progress.end();
         let summaries = std::mem::take(&mut saved.acc.summaries);
         let token_parts = match options.per_token {
             true => Some(token_parts(
