@@ -95,6 +95,7 @@ fn run(strategy: Strategy, dir: &Path) -> Vec<Vec<f64>> {
             },
             index: None,
             compute: Default::default(),
+            partitioning: Default::default(),
         },
         &Silent,
     )

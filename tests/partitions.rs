@@ -207,3 +207,307 @@ fn a_memory_limit_picks_the_partition_count_or_says_it_cannot() {
     assert!(said.contains("in 1 partitions"), "{said}");
     same_factors(&whole, &roomy);
 }
+
+/// `infl score` on the bundled model and queries with `factors`, into `out`, with `extra`.
+fn score_args(factors: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let (model, corpus) = bundled();
+    let mut a: Vec<String> = [
+        "score",
+        "--model",
+        s(&model),
+        "--factors",
+        s(factors),
+        "--train",
+        s(&corpus),
+        "--queries",
+        s(&corpus.with_file_name("queries_ids.jsonl")),
+        "--out",
+        s(out),
+        "--max-len",
+        "48",
+        "--batch-size",
+        "4",
+        "--top-k",
+        "5",
+        "--per-layer",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+fn score(factors: &Path, out: &Path, extra: &[&str]) -> String {
+    loud(&score_args(factors, out, extra))
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// The files of two results directories are the same bytes (`meta.json` the same but for the
+/// queries' self-influence, summed over the partitions in another grouping: ≤ 1e-12).
+fn same_results(a: &Path, b: &Path, files: &[&str]) {
+    for f in files {
+        let (x, y) = (
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+        );
+        if x != y {
+            let (x, y) = (String::from_utf8_lossy(&x), String::from_utf8_lossy(&y));
+            let first = x.lines().zip(y.lines()).find(|(u, v)| u != v);
+            panic!(
+                "{f} of {} and {} differ, first at: {first:?}",
+                a.display(),
+                b.display()
+            );
+        }
+    }
+    let (mut ma, mut mb) = (
+        read_json(&a.join("meta.json")),
+        read_json(&b.join("meta.json")),
+    );
+    let own = |m: &mut serde_json::Value| -> Vec<f64> {
+        let v = m["queries"]["self_influence"].take();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    for (x, y) in own(&mut ma).iter().zip(own(&mut mb)) {
+        assert!(
+            (x - y).abs() <= 1e-12 * x.abs(),
+            "self-influence {x} vs {y}"
+        );
+    }
+    assert_eq!(ma, mb);
+    assert!(!b.join("work").exists(), "the partitions' work is removed");
+}
+
+/// Factors of the bundled model, fitted once for the scoring tests of this file.
+fn scoring_factors() -> PathBuf {
+    static FACTORS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FACTORS
+        .get_or_init(|| {
+            let out = scratch("score-factors");
+            fit(&out, &[]);
+            out
+        })
+        .clone()
+}
+
+#[test]
+fn partitioned_scores_equal_the_unpartitioned_scores() {
+    let factors = scoring_factors();
+    let dir = scratch("score-equal");
+    let whole = dir.join("whole");
+    score(&factors, &whole, &["--dense"]);
+    let files = [
+        "top_k.jsonl",
+        "distribution.json",
+        "layers.json",
+        "scores.safetensors",
+    ];
+
+    // One process, three partitions in turn, joined as it ends.
+    let three = dir.join("three");
+    let said = score(&factors, &three, &["--dense", "--partitions", "3"]);
+    assert!(said.contains("partition 2/3: "), "{said}");
+    same_results(&whole, &three, &files);
+
+    // Separate processes, one partition sharded, then `infl merge`.
+    let split = dir.join("split");
+    let first = score(&factors, &split, &["--dense", "--partition", "0/3"]);
+    assert!(first.contains("infl merge"), "{first}");
+    score(&factors, &split, &["--dense", "--partition", "2/3"]);
+    let early = run(&["merge", s(&split)]);
+    assert_ne!(early.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("partition 2/3"),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    assert!(!split.join("top_k.jsonl").exists());
+    // The other partitions are not sharded: shard 0/1 is their whole pass. A sharded
+    // partition needs every partition sharded the same way, so shard all three.
+    // Sharded results add the shards' sums in another order than one pass: the reference is
+    // the unpartitioned run sharded the same way.
+    let whole_sharded = dir.join("whole-sharded");
+    for shard in ["0/2", "1/2"] {
+        score(&factors, &whole_sharded, &["--dense", "--shard", shard]);
+    }
+    ok(&["merge", s(&whole_sharded)]);
+    let sharded = dir.join("sharded");
+    for p in ["0/3", "1/3", "2/3"] {
+        for shard in ["0/2", "1/2"] {
+            score(
+                &factors,
+                &sharded,
+                &["--dense", "--partition", p, "--shard", shard],
+            );
+        }
+    }
+    ok(&["merge", s(&sharded)]);
+    same_results(&whole_sharded, &sharded, &files);
+    score(&factors, &split, &["--dense", "--partition", "1/3"]);
+    ok(&["merge", s(&split)]);
+    same_results(&whole, &split, &files);
+
+    // Cosine normalisation divides by self-influences summed over the partitions: equal to
+    // rounding.
+    let cos_whole = dir.join("cos-whole");
+    let cos_parts = dir.join("cos-parts");
+    score(&factors, &cos_whole, &["--dense", "--normalize", "cosine"]);
+    score(
+        &factors,
+        &cos_parts,
+        &["--dense", "--normalize", "cosine", "--partitions", "2"],
+    );
+    let d = max_rel_diff_where(
+        &cos_whole.join("scores.safetensors"),
+        &cos_parts.join("scores.safetensors"),
+        |_| true,
+    );
+    assert!(d < 1e-6, "cosine scores differ by {d:e}");
+    let ids = |d: &Path| -> Vec<String> {
+        std::fs::read_to_string(d.join("top_k.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                read_json_str(l)["sequence_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    assert_eq!(ids(&cos_whole), ids(&cos_parts));
+
+    // A different partition count in the same directory is refused (exit 4); --store and
+    // --per-token need every layer in one pass (exit 2).
+    let r = run(&score_args(
+        &factors,
+        &split.with_extension("other"),
+        &["--partition", "0/2"],
+    )
+    .iter()
+    .map(String::as_str)
+    .collect::<Vec<_>>());
+    assert!(r.status.success());
+    let r = run(&score_args(
+        &factors,
+        &split.with_extension("other"),
+        &["--partition", "1/3"],
+    )
+    .iter()
+    .map(String::as_str)
+    .collect::<Vec<_>>());
+    assert_eq!(
+        r.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let r = run(&score_args(
+        &factors,
+        &dir.join("tok"),
+        &["--per-token", "--partitions", "2"],
+    )
+    .iter()
+    .map(String::as_str)
+    .collect::<Vec<_>>());
+    assert_eq!(
+        r.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
+fn read_json_str(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap()
+}
+
+#[test]
+fn a_prefiltered_partitioned_score_equals_the_unpartitioned_one() {
+    let factors = scoring_factors();
+    let dir = scratch("score-prefilter");
+    let (model, corpus) = bundled();
+    let index = dir.join("index");
+    ok(&[
+        "index",
+        s(&corpus),
+        "--model",
+        s(&model),
+        "--out",
+        s(&index),
+        "--max-len",
+        "48",
+    ]);
+    let extra = [
+        "--index",
+        s(&index),
+        "--prefilter",
+        "12",
+        "--prefilter-sample",
+        "10",
+    ];
+    let whole = dir.join("whole");
+    score(&factors, &whole, &extra);
+    let parts = dir.join("parts");
+    score(
+        &factors,
+        &parts,
+        &[&extra[..], &["--partitions", "2"]].concat(),
+    );
+    same_results(
+        &whole,
+        &parts,
+        &[
+            "top_k.jsonl",
+            "distribution.json",
+            "layers.json",
+            "prefilter.json",
+        ],
+    );
+}
+
+#[test]
+fn a_partition_killed_mid_scoring_resumes_to_the_same_scores() {
+    let factors = scoring_factors();
+    let dir = scratch("score-kill");
+    let whole = dir.join("whole");
+    score(&factors, &whole, &["--dense"]);
+    let killed = dir.join("killed");
+    let a = score_args(
+        &factors,
+        &killed,
+        &[
+            "--dense",
+            "--partitions",
+            "2",
+            "--threads",
+            "1",
+            "--checkpoint-every",
+            "8",
+        ],
+    );
+    // Killed in the second partition's pass, after a checkpoint was committed there.
+    let marker = killed.join("work/partition-1-of-2/work/score.0-of-1.json");
+    assert!(kill_when(&a, &marker));
+    let last = loud(&a);
+    assert!(last.contains("partition 0/2: already scored"), "{last}");
+    assert!(last.contains("resuming the scoring pass"), "{last}");
+    same_results(
+        &whole,
+        &killed,
+        &[
+            "top_k.jsonl",
+            "distribution.json",
+            "layers.json",
+            "scores.safetensors",
+        ],
+    );
+}

@@ -899,10 +899,16 @@ fn progress_follows_a_streamed_pass() {
         assert_eq!(asked.join().unwrap().status, 200);
         seen
     });
-    assert!(!seen.is_empty(), "the scoring pass was never seen in progress");
+    assert!(
+        !seen.is_empty(),
+        "the scoring pass was never seen in progress"
+    );
     for view in &seen {
         assert_eq!(view["total_tokens"].as_u64(), Some(corpus_tokens), "{view}");
-        assert!(view["done_tokens"].as_u64().unwrap() <= corpus_tokens, "{view}");
+        assert!(
+            view["done_tokens"].as_u64().unwrap() <= corpus_tokens,
+            "{view}"
+        );
     }
 }
 

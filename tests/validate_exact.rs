@@ -193,6 +193,7 @@ fn fit_and_score(
             },
             index: None,
             compute: Default::default(),
+            partitioning: Default::default(),
         },
         &Silent,
     )

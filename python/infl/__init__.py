@@ -184,6 +184,9 @@ def score(
     fresh: bool = False,
     no_memory_check: bool = False,
     overwrite: bool = False,
+    partition: Optional[str] = None,
+    partitions: Optional[int] = None,
+    memory_limit: Union[int, str, None] = None,
     threads: Optional[int] = None,
     progress: Progress = True,
 ) -> Results:

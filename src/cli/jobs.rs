@@ -79,6 +79,8 @@ pub struct ScoreArgs {
     pub options: ScoreOptions,
     #[command(flatten)]
     pub run: RunOptions,
+    #[command(flatten)]
+    pub partitioning: Partitioning,
 }
 
 #[derive(clap::Args)]
@@ -135,6 +137,7 @@ impl ScoreArgs {
             options: self.options,
             run: self.run,
             compute: self.compute,
+            partitioning: self.partitioning,
         }
     }
 }

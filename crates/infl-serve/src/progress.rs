@@ -108,7 +108,10 @@ mod tests {
         p.advance(300);
         let first = p.view();
         assert_eq!((first.busy, first.done_tokens), (true, 300));
-        assert_eq!(first.total_tokens, None, "nothing known before the first run");
+        assert_eq!(
+            first.total_tokens, None,
+            "nothing known before the first run"
+        );
         p.advance(200);
         p.end();
         p.begin("query gradients", 40);

@@ -80,43 +80,43 @@ impl Worker {
     /// One job, and the influence queries waiting with it.
     fn handle(&mut self, first: Job, rx: &mut mpsc::Receiver<Job>, held: &mut VecDeque<Job>) {
         match first {
-                Job::Influence(request, reply) => {
-                    let mut batch = vec![(request, reply)];
-                    // Everything already waiting: influence queries join this pass, the rest
-                    // keep their turn.
-                    while batch.len() < self.max_batch {
-                        let next = match held.pop_front() {
-                            Some(job) => job,
-                            None => match rx.try_recv() {
-                                Ok(job) => {
-                                    self.metrics.dequeued(1);
-                                    job
-                                }
-                                Err(_) => break,
-                            },
-                        };
-                        match next {
-                            Job::Influence(r, s) => batch.push((r, s)),
-                            other => held.push_back(other),
-                        }
+            Job::Influence(request, reply) => {
+                let mut batch = vec![(request, reply)];
+                // Everything already waiting: influence queries join this pass, the rest
+                // keep their turn.
+                while batch.len() < self.max_batch {
+                    let next = match held.pop_front() {
+                        Some(job) => job,
+                        None => match rx.try_recv() {
+                            Ok(job) => {
+                                self.metrics.dequeued(1);
+                                job
+                            }
+                            Err(_) => break,
+                        },
+                    };
+                    match next {
+                        Job::Influence(r, s) => batch.push((r, s)),
+                        other => held.push_back(other),
                     }
-                    self.influence(batch);
                 }
-                Job::Generate(prompt, sampling, reply) => {
-                    let r = self.engine.generate(&prompt, sampling).map(|(text, ids)| {
+                self.influence(batch);
+            }
+            Job::Generate(prompt, sampling, reply) => {
+                let r = self.engine.generate(&prompt, sampling).map(|(text, ids)| {
                         serde_json::json!({"prompt": prompt, "completion": text, "completion_ids": ids})
                     });
-                    let _ = reply.send(r);
-                }
-                Job::Sequence(id, reply) => {
-                    // Null: no such sequence (404).
-                    let r = self
-                        .engine
-                        .sequence(&id)
-                        .map(|found| serde_json::json!(found));
-                    let _ = reply.send(r);
-                }
+                let _ = reply.send(r);
             }
+            Job::Sequence(id, reply) => {
+                // Null: no such sequence (404).
+                let r = self
+                    .engine
+                    .sequence(&id)
+                    .map(|found| serde_json::json!(found));
+                let _ = reply.send(r);
+            }
+        }
     }
 
     /// Scores a batch of influence requests: each parsed on its own (a bad one fails alone),
@@ -167,7 +167,10 @@ impl Worker {
         };
         let queries: Vec<_> = members.iter().map(|m| m.query.clone()).collect();
         let started = std::time::Instant::now();
-        match self.engine.answer(&queries, options, self.progress.as_ref()) {
+        match self
+            .engine
+            .answer(&queries, options, self.progress.as_ref())
+        {
             Ok(answers) => {
                 self.metrics.batch(members.len(), started.elapsed());
                 let provenance = serde_json::json!(self.engine.provenance());

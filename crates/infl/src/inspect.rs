@@ -144,6 +144,27 @@ pub fn fit_fixed_bytes(model: &dyn TapModel, batch_size: usize, max_len: usize) 
     e.weights + e.batches_at_once * e.activations
 }
 
+/// What `score` holds for the layers of `layers` at its peak, the queries' preconditioning:
+/// the damped inverse of each layer (eigenvectors and Λ, f32), `n_queries` preconditioned
+/// gradients, and one batch's per-sequence gradients of the largest layer.
+pub fn score_layer_bytes(layers: &[TrackedLayer], n_queries: u64, batch_size: usize) -> u64 {
+    let sq = |x: usize| (x as u64) * (x as u64);
+    let lam = |l: &TrackedLayer| (l.d_out * l.d_in_h()) as u64;
+    let inverse: u64 = layers
+        .iter()
+        .map(|l| 4 * (sq(l.d_in_h()) + sq(l.d_out) + lam(l)))
+        .sum();
+    let queries: u64 = layers.iter().map(|l| 4 * n_queries * lam(l)).sum();
+    let batch = 4 * batch_size as u64 * layers.iter().map(lam).max().unwrap_or(0);
+    inverse + queries + batch
+}
+
+/// What `score` holds whatever its layers: the weights and the batches in flight.
+pub fn score_fixed_bytes(model: &dyn TapModel, batch_size: usize, max_len: usize) -> u64 {
+    let e = estimate(model, batch_size, max_len);
+    e.weights + e.batches_at_once * e.activations
+}
+
 /// The fewest partitions of `model`'s tracked layers whose fits each need at most `budget`
 /// bytes by this estimate ([`crate::partition::count_for_budget`]); `None` if one layer does
 /// not fit.

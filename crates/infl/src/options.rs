@@ -579,22 +579,22 @@ impl OutputOptions {
     pub const REPLACE: OutputOptions = OutputOptions { overwrite: true };
 }
 
-/// How `infl fit` splits the tracked layers when their factors do not fit in memory
+/// How `infl fit` and `infl score` split the tracked layers when they do not fit in memory
 /// ([`crate::partition`]): a partition at a time, each with the memory of its own layers.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct Partitioning {
-    /// Fit only partition i of P of the tracked layers (contiguous, balanced by factor bytes)
-    /// into FACTORS/work/partition-i-of-P/. Run every i, in any order or on other machines
-    /// (each combines with --shard), then `infl merge FACTORS` joins them into the factors an
-    /// unpartitioned fit writes.
+    /// Run only partition i of P of the tracked layers (contiguous, balanced by factor bytes),
+    /// in OUT/work/partition-i-of-P/. Run every i, in any order or on other machines (each
+    /// combines with --shard), then `infl merge OUT` joins them into what an unpartitioned
+    /// run writes: the same factors, or the same scores (a score is a sum over layers).
     #[cfg_attr(
         feature = "clap",
         arg(long, value_name = "i/P", value_parser = parse_partition, conflicts_with_all = ["partitions", "memory_limit"])
     )]
     pub partition: Option<Partition>,
-    /// Fit the tracked layers in P partitions, one after another in this process, then join
-    /// them: the memory of the largest partition, for P passes over the corpus per pass.
+    /// Run the tracked layers in P partitions, one after another in this process, then join
+    /// them: the memory of the largest partition, for P passes over the corpus.
     #[cfg_attr(
         feature = "clap",
         arg(long, value_name = "P", value_parser = PARTITIONS.parser(), conflicts_with = "memory_limit")

@@ -13,6 +13,7 @@
 mod dense;
 pub mod meta;
 pub mod parquet;
+pub mod parts;
 mod prefilter;
 mod read;
 mod schema;

@@ -9,6 +9,7 @@ mod fit_partitions;
 mod query;
 mod score;
 mod score_merge;
+mod score_partitions;
 mod score_store;
 mod self_influence;
 
@@ -113,6 +114,18 @@ pub(super) fn prepare(
     (damping, max_len): (Damping, Option<usize>),
     compute: Compute,
 ) -> Result<Prepared> {
+    prepare_layers(model_dir, factors_dir, (damping, max_len), compute, None)
+}
+
+/// [`prepare`] for `partition` of the factors' layers (a layer partition's scoring pass): the
+/// model tracks, and the preconditioner holds, only those.
+pub(super) fn prepare_layers(
+    model_dir: &Path,
+    factors_dir: &Path,
+    (damping, max_len): (Damping, Option<usize>),
+    compute: Compute,
+    partition: Option<&[String]>,
+) -> Result<Prepared> {
     let fmeta = open_factors(factors_dir)?;
     // Checked before the model loads: the adapter's files are small, the model may not be.
     let adapter = compute
@@ -156,6 +169,9 @@ pub(super) fn prepare(
             "the factors track layers {fitted:?} but the model gives {names:?}"
         )));
     }
+    if let Some(names) = partition {
+        model = model::select_layers(model, names)?;
+    }
     let preconditioner = Preconditioner::from_file(
         &factors_dir.join(FACTORS_FILE),
         fmeta.options.strategy,
@@ -196,6 +212,9 @@ pub fn merge(dir: &Path) -> Result<MergeOutcome> {
     }
     if work.join(FIT_TEMPLATE_FILE).exists() {
         return merge_factors(dir);
+    }
+    if work.join(score_partitions::SCORE_PLAN_FILE).exists() {
+        return score_partitions::join_score_partitions(dir).map(|j| j.outcome);
     }
     if work.join(SCORE_TEMPLATE_FILE).exists() {
         return merge_scores(dir).map(|m| m.outcome);

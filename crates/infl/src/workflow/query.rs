@@ -292,10 +292,12 @@ impl QueryEngine {
             stem: String::new(),
             settings: &settings,
             progress,
+            parts_dir: None,
         };
         let mut saved = Saved {
             acc: ScoreAccumulator::new(queries.len(), tracked.len(), options.top_k, None),
             dense_columns: 0,
+            parts: None,
             position: 0,
             complete: false,
         };

@@ -7,17 +7,18 @@ use super::score_merge::{
     dense_row_paths, gather_scores, parse_score_state, write_scores, ScoreStateRef, ScoreTemplate,
 };
 use super::score_store::{open_store, score_from_store};
-use super::{open_work_dir, prepare, Prepared, CHUNK_BATCHES};
+use super::{open_work_dir, prepare_layers, Prepared, CHUNK_BATCHES};
 use crate::checkpoint;
 use crate::data::{self, CorpusStats, LazyTokenizer, Query, Sequence};
 use crate::error::{Error, Result};
 use crate::influence::{self, PreconditionedQueries, Preconditioner};
 use crate::model::{self, Labels, TapBatch, TapModel, TrackedLayer};
-use crate::options::{Compute, Normalize, QueryRank, RunOptions, ScoreOptions};
+use crate::options::{Compute, Normalize, Partitioning, QueryRank, RunOptions, ScoreOptions};
 use crate::output_dir::{Kind, OutputDir};
 use crate::pass::Progress;
 use crate::provenance::CorpusInfo;
 use crate::results::meta::{Provenance, QueriesInfo, ScoresMeta, SCORE_CONVENTION};
+use crate::results::parts::{self, PartsInfo, PartsWriter};
 use crate::results::{self, Prefilter, ScoreAccumulator};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ pub struct ScoreJob {
     pub options: ScoreOptions,
     pub run: RunOptions,
     pub compute: Compute,
+    /// Score a partition of the tracked layers at a time ([`super::score_partitions`]).
+    pub partitioning: Partitioning,
 }
 
 impl ScoreJob {
@@ -58,12 +61,13 @@ impl ScoreJob {
             options: ScoreOptions::default(),
             run: RunOptions::ONCE,
             compute: Compute::default(),
+            partitioning: Partitioning::default(),
         }
     }
 
     /// The options as they run, once checked to go together: with a store the queries are
     /// exact.
-    fn checked_options(&self) -> Result<ScoreOptions> {
+    pub(super) fn checked_options(&self) -> Result<ScoreOptions> {
         let o = &self.options;
         o.check()?;
         self.run.check()?;
@@ -107,6 +111,20 @@ pub struct ScoreSummary {
 }
 
 pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
+    if !job.partitioning.is_none() {
+        return super::score_partitions::score_partitioned(job, progress);
+    }
+    score_layers(job, progress, None)
+}
+
+/// `infl score` over `partition`'s layers of the factors (all of them: None). A partition's
+/// pass also leaves every sequence's per-layer parts in `parts.SHARD.bin` for the join
+/// ([`results::parts`]).
+pub(super) fn score_layers(
+    job: &ScoreJob,
+    progress: &dyn Progress,
+    partition: Option<&[String]>,
+) -> Result<ScoreSummary> {
     let started = std::time::Instant::now();
     let options = job.checked_options()?;
     let out = OutputDir::open(
@@ -115,11 +133,12 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         job.run.shard,
         job.run.output.overwrite,
     )?;
-    let mut prepared = prepare(
+    let mut prepared = prepare_layers(
         &job.model,
         &job.factors,
         (options.damping, options.max_len),
         job.compute.clone(),
+        partition,
     )?;
     let model = prepared.model.as_ref();
     let mut tok = LazyTokenizer::new(&job.model);
@@ -192,6 +211,7 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
         stem: format!("score.{}", job.run.shard.tag()),
         settings: &settings,
         progress,
+        parts_dir: partition.map(|_| job.out.as_path()),
     };
     let mut saved = run.resume(queries.len())?;
     if saved.position > 0 && !saved.complete {
@@ -243,6 +263,18 @@ pub fn score(job: &ScoreJob, progress: &dyn Progress) -> Result<ScoreSummary> {
             &stats,
         );
         saved.acc.flush()?;
+        // A partition's parts are complete, and say so, before its state does.
+        if let Some(w) = saved.parts.as_mut() {
+            w.flush()?;
+            let info = PartsInfo {
+                records: w.records(),
+                n_queries: queries.len(),
+                layers: tracked.iter().map(|l| l.name.clone()).collect(),
+                vocab_size: model.vocab_size(),
+                meta: meta.clone(),
+            };
+            crate::io::write_json(&parts::info_path(&job.out, &job.run.shard.tag()), &info)?;
+        }
         run.save(&saved, stats.n_sequences, Some(&meta))?;
     }
     let was_complete = saved.complete;
@@ -443,6 +475,8 @@ fn prefilter_candidates(
 pub(super) struct Saved {
     pub(super) acc: ScoreAccumulator,
     pub(super) dense_columns: u64,
+    /// A layer partition's pass: every sequence's per-layer parts, for the join.
+    pub(super) parts: Option<PartsWriter>,
     /// Corpus sequences already scored (resumed from a checkpoint).
     pub(super) position: usize,
     pub(super) complete: bool,
@@ -461,6 +495,8 @@ pub(super) struct ScoreRun<'a> {
     pub(super) stem: String,
     pub(super) settings: &'a serde_json::Value,
     pub(super) progress: &'a dyn Progress,
+    /// Where a layer partition's pass writes its parts (None: not a partition).
+    pub(super) parts_dir: Option<&'a Path>,
 }
 
 impl ScoreRun<'_> {
@@ -470,10 +506,14 @@ impl ScoreRun<'_> {
 
     /// The cosine normalisers of a batch's sequences, when scores are normalised.
     pub(super) fn scale(&self, taps: &TapBatch) -> Option<Vec<Vec<f64>>> {
-        self.cosine().then(|| {
-            let own = influence::batch_self_influence(self.tracked, self.preconditioner, taps);
-            cosine_factors(&self.pq.self_influence, &own)
-        })
+        self.train_self(taps)
+            .map(|own| cosine_factors(&self.pq.self_influence, &own))
+    }
+
+    /// The self-influence of a batch's sequences, when scores are cosine-normalised.
+    pub(super) fn train_self(&self, taps: &TapBatch) -> Option<Vec<f64>> {
+        self.cosine()
+            .then(|| influence::batch_self_influence(self.tracked, self.preconditioner, taps))
     }
 
     /// The saved state of this shard's pass, or a fresh one.
@@ -488,6 +528,15 @@ impl ScoreRun<'_> {
                 None => (None, 0, false),
             };
         let dense_columns = state.as_ref().map_or(0, |s| s.dense_columns);
+        let parts = match self.parts_dir {
+            Some(dir) if !complete => Some(PartsWriter::resume(
+                parts::parts_path(dir, &self.job.run.shard.tag()),
+                state.as_ref().map_or(0, |s| s.parts_records),
+                n_queries,
+                self.tracked.len(),
+            )?),
+            _ => None,
+        };
         let dense = match self.options.dense && !complete {
             true => Some(results::DenseWriter::resume(
                 dense_row_paths(self.work, self.job.run.shard, n_queries),
@@ -503,6 +552,7 @@ impl ScoreRun<'_> {
         Ok(Saved {
             acc,
             dense_columns,
+            parts,
             position,
             complete,
         })
@@ -513,6 +563,7 @@ impl ScoreRun<'_> {
         let state = ScoreStateRef {
             summaries: &saved.acc.summaries,
             dense_columns: saved.dense_columns,
+            parts_records: saved.parts.as_ref().map_or(0, |p| p.records()),
             meta,
         };
         let bytes = serde_json::to_vec(&state).map_err(|e| Error::Other(e.to_string()))?;
@@ -527,18 +578,28 @@ impl ScoreRun<'_> {
         )
     }
 
-    /// Adds a batch's per-layer scores (queries × sequences) to the reduction.
+    /// Adds a batch's per-layer scores (queries × sequences) to the reduction; a partition's
+    /// pass also records them with the sequences' self-influence `own` (cosine only).
     pub(super) fn add(
         &self,
         saved: &mut Saved,
         indices: &[usize],
         seqs: &[Sequence],
         parts: &[faer::Mat<f32>],
-        scale: Option<&[Vec<f64>]>,
+        own: Option<&[f64]>,
     ) -> Result<()> {
+        let scale = own.map(|own| cosine_factors(&self.pq.self_influence, own));
         saved
             .acc
-            .add(indices, seqs, parts, scale, self.candidates)?;
+            .add(indices, seqs, parts, scale.as_deref(), self.candidates)?;
+        if let Some(w) = saved.parts.as_mut() {
+            w.append(indices, parts, own, |q, n| match self.candidates {
+                None => parts::CANDIDATE,
+                Some(p) if p.candidates[q].contains(&indices[n]) => parts::CANDIDATE,
+                Some(p) if p.sampled[q].contains(&indices[n]) => parts::SAMPLED,
+                Some(_) => parts::NOT_SCORED,
+            })?;
+        }
         if self.options.dense {
             saved.dense_columns += seqs.len() as u64;
         }
@@ -651,7 +712,7 @@ impl StreamedPass<'_> {
                             &indices[range.clone()],
                             &kept[range],
                             &parts,
-                            run.scale(taps).as_deref(),
+                            run.train_self(taps).as_deref(),
                         )?;
                         scored += n;
                         let due = policy
@@ -662,6 +723,9 @@ impl StreamedPass<'_> {
                             || run.progress.stop_requested();
                         if due {
                             saved.acc.flush()?;
+                            if let Some(w) = saved.parts.as_mut() {
+                                w.flush()?;
+                            }
                             run.save(saved, indices[start + n - 1] + 1, None)?;
                             last_save = (scored, std::time::Instant::now());
                         }

@@ -26,6 +26,8 @@ pub(super) struct ScoreTemplate {
 pub(super) struct ScoreStateRef<'a> {
     pub(super) summaries: &'a [results::QuerySummary],
     pub(super) dense_columns: u64,
+    /// Records of a layer partition's parts file ([`results::parts`]) at this state.
+    pub(super) parts_records: u64,
     pub(super) meta: Option<&'a ScoresMeta>,
 }
 
@@ -33,6 +35,8 @@ pub(super) struct ScoreStateRef<'a> {
 pub(super) struct ScoreState {
     pub(super) summaries: Vec<results::QuerySummary>,
     pub(super) dense_columns: u64,
+    #[serde(default)]
+    pub(super) parts_records: u64,
     pub(super) meta: Option<ScoresMeta>,
 }
 

@@ -3,7 +3,7 @@
 //! exact (full rank), rotated into the store's basis; a reader thread walks the store while the
 //! batch before is scored.
 
-use super::score::{cosine_factors, Saved, ScoreJob, ScoreRun};
+use super::score::{Saved, ScoreJob, ScoreRun};
 use crate::curvature::format::FactorsMeta;
 use crate::data::{self, CorpusStats, Sequence};
 use crate::error::{Error, Result};
@@ -88,11 +88,9 @@ pub(super) fn score_from_store(
             let (columns, seqs) = filled?;
             let n = seqs.len();
             let (parts, own) = scorer.batch(&columns, n);
-            let factors = run
-                .cosine()
-                .then(|| cosine_factors(&run.pq.self_influence, &own));
             let indices: Vec<usize> = (index..index + n).collect();
-            run.add(saved, &indices, &seqs, &parts, factors.as_deref())?;
+            let own = run.cosine().then_some(own.as_slice());
+            run.add(saved, &indices, &seqs, &parts, own)?;
             run.progress
                 .advance(seqs.iter().map(|s| s.ids.len() as u64).sum());
             index += n;
