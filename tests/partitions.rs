@@ -511,3 +511,32 @@ fn a_partition_killed_mid_scoring_resumes_to_the_same_scores() {
         ],
     );
 }
+
+#[test]
+fn a_scoring_memory_limit_picks_the_partition_count_or_says_it_cannot() {
+    let factors = scoring_factors();
+    let dir = scratch("score-limit");
+    let r = run(
+        &score_args(&factors, &dir.join("tiny"), &["--memory-limit", "1K"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        r.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(String::from_utf8_lossy(&r.stderr).contains("even one layer"));
+    let whole = dir.join("whole");
+    score(&factors, &whole, &[]);
+    let roomy = dir.join("roomy");
+    let said = score(&factors, &roomy, &["--memory-limit", "64G"]);
+    assert!(said.contains("from 1 layer partitions"), "{said}");
+    same_results(
+        &whole,
+        &roomy,
+        &["top_k.jsonl", "distribution.json", "layers.json"],
+    );
+}
