@@ -28,9 +28,11 @@ use crate::pass::Silent;
 pub struct MemoryEstimate {
     pub weights: u64,
     /// What one batch of `batch_size × max_len` tokens holds: its forward and backward (the
-    /// engine's own count, or for autograd a model of its graph) and the taps that the
-    /// statistics consume while the next batch's are computed.
+    /// engine's own count, or for autograd a model of its graph), its taps included.
     pub activations: u64,
+    /// The copies of a batch's taps `fit` hands to its statistics, which consume them while
+    /// the next batch's are computed (scoring consumes the taps where they are).
+    pub taps_handoff: u64,
     /// Batches the passes compute at once, each with its own activations
     /// ([`crate::pass::batches_at_once`]).
     pub batches_at_once: u64,
@@ -44,23 +46,34 @@ pub struct MemoryEstimate {
     pub per_query: u64,
     /// Per-sequence gradients of one batch for the largest layer, during scoring.
     pub score_batch: u64,
+    /// Sequences per batch (what the activations are counted for).
+    pub batch_size: u64,
 }
 
 impl MemoryEstimate {
     /// Peak bytes of `infl fit`.
     pub fn fit_total(&self) -> u64 {
-        self.weights + self.batches_at_once * self.activations + self.fit_factors
+        self.weights
+            + self.batches_at_once * (self.activations + self.taps_handoff)
+            + self.fit_factors
     }
 
-    /// Peak bytes of `infl score` with `n_queries` queries and `n_train` training sequences.
-    /// The preconditioner is read from factors.safetensors a layer at a time (never the
-    /// covariances), so reading adds one layer's Λ, within `score_batch`'s margin.
+    /// Peak bytes of `infl score` with `n_queries` queries and `n_train` training sequences:
+    /// the larger of its two phases, both holding the weights and the queries' preconditioned
+    /// gradients. Preconditioning the queries holds the damped inverse (read from
+    /// factors.safetensors a layer at a time, never the covariances) and one batch of at most
+    /// `n_queries` sequences; the corpus pass, which starts after the inverse is returned,
+    /// holds its batches in flight and their per-sequence gradients. (`--normalize cosine`
+    /// keeps the inverse through the pass: add `score_preconditioner`.)
     pub fn score_total(&self, n_queries: u64, n_train: u64) -> u64 {
+        let queries = n_queries.min(self.batch_size.max(1));
+        let query_batch = self.activations * queries / self.batch_size.max(1);
+        let preconditioning = self.score_preconditioner + query_batch;
+        let pass = self.batches_at_once * (self.activations + self.score_batch);
         self.weights
-            + self.batches_at_once * (self.activations + self.score_batch)
-            + self.score_preconditioner
             + n_queries * self.per_query
             + n_queries * n_train * 8
+            + preconditioning.max(pass)
     }
 }
 
@@ -102,18 +115,20 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
     let activations = match model.taps_peak_bytes(batch_size, max_len) {
         // The fast engine counts what its taps hold (the autograd model above overstated
         // them 12×: 2.38 GiB against 192 MiB measured for 16 × 128 tokens of a 4 × 256 GPT-2).
-        Some(peak) => peak + 4 * tokens * taps,
-        None => 4 * (tokens * (graph + taps) + logits),
+        Some(peak) => peak,
+        None => 4 * (tokens * graph + logits),
     };
     MemoryEstimate {
         weights: 4 * model.n_parameters() as u64,
         activations,
+        taps_handoff: 4 * tokens * taps,
         batches_at_once: crate::pass::batches_at_once(model) as u64,
         fit_factors,
         factor_file,
         score_preconditioner: 4 * (cov + lam),
         per_query: 4 * lam,
         score_batch: 4 * batch_size as u64 * max_lam,
+        batch_size: batch_size as u64,
     }
 }
 
@@ -141,7 +156,7 @@ pub fn fit_factor_bytes(layers: &[TrackedLayer]) -> u64 {
 /// What `fit` holds whatever its layers: the weights and the batches in flight.
 pub fn fit_fixed_bytes(model: &dyn TapModel, batch_size: usize, max_len: usize) -> u64 {
     let e = estimate(model, batch_size, max_len);
-    e.weights + e.batches_at_once * e.activations
+    e.weights + e.batches_at_once * (e.activations + e.taps_handoff)
 }
 
 /// What `score` holds for the layers of `layers` at its peak, the queries' preconditioning:
@@ -439,6 +454,7 @@ pub fn report(
     };
     row(&mut s, "weights (f32)", e.weights);
     row(&mut s, "activations + logits of one batch", e.activations);
+    row(&mut s, "fit: taps handed to the statistics", e.taps_handoff);
     let _ = writeln!(
         s,
         "  {:<44} {:>12}",
@@ -559,11 +575,17 @@ mod tests {
                 ..e.clone()
             },
         );
-        assert_eq!(two.fit_total() - one.fit_total(), e.activations);
         assert_eq!(
-            two.score_total(3, 10) - one.score_total(3, 10),
-            e.activations + e.score_batch
+            two.fit_total() - one.fit_total(),
+            e.activations + e.taps_handoff
         );
+        // Scoring's peak is the larger of preconditioning the queries (the inverse and one
+        // batch of them) and the corpus pass (its batches in flight).
+        let preconditioning = e.score_preconditioner + e.activations * 3 / 4;
+        let pass = |at_once: u64| at_once * (e.activations + e.score_batch);
+        let base = e.weights + 3 * e.per_query + 3 * 10 * 8;
+        assert_eq!(one.score_total(3, 10), base + preconditioning.max(pass(1)));
+        assert_eq!(two.score_total(3, 10), base + preconditioning.max(pass(2)));
         assert!(e.score_total(3, 10) - e.score_total(0, 10) == 3 * e.per_query + 3 * 10 * 8);
     }
 
