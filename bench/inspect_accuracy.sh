@@ -24,8 +24,8 @@ with open(f"{w}/queries.jsonl", "w") as f:
                             "completion_ids": [r.randrange(49152) for _ in range(4)]}) + "\n")
 PY
 gib() { awk '{printf "%.2f", $1 / 1073741824}'; }
-field() { grep "$1" "$2" | awk '{v=$(NF-1); u=$NF; m=(u=="GiB")?1073741824:(u=="MiB")?1048576:1024; printf "%d", v*m}'; }
-peak() { grep 'Maximum resident' "$1" | awk '{printf "%d", $NF * 1024}'; }
+field() { grep "$1" "$2" | awk '{v=$(NF-1); u=$NF; m=(u=="GiB")?1073741824:(u=="MiB")?1048576:1024; printf "%.0f", v*m}'; }
+peak() { grep 'Maximum resident' "$1" | awk '{printf "%.0f", $NF * 1024}'; }
 printf "%-28s %9s %9s %6s %9s %9s %6s\n" model fit_est fit_peak ratio score_est score_pk ratio
 for M in "$@"; do
   name=$(basename "$M"); R=$W/$name; rm -rf "$R"; mkdir -p "$R"
