@@ -10,6 +10,7 @@ pub mod gpt_neox;
 pub mod llama;
 pub mod lora;
 pub(crate) mod loss;
+pub mod moe;
 pub(crate) mod rope;
 pub mod weights;
 
@@ -546,11 +547,11 @@ fn load_autograd(
         "gpt_neox" => Ok(AnyModel::GptNeoX(gpt_neox::GptNeoX::load_on(
             dir, modules, device,
         )?)),
-        "llama" | "mistral" | "qwen2" => Ok(AnyModel::Llama(llama::Llama::load_on(
+        "llama" | "mistral" | "qwen2" | "mixtral" | "qwen2_moe" | "qwen3_moe" => Ok(AnyModel::Llama(llama::Llama::load_on(
             dir, modules, device,
         )?)),
         other => Err(Error::input(format!(
-            "{}: model_type `{other}` is not supported (supported: gpt2, gpt_neox, llama, mistral, qwen2, and llama GGUF files)",
+            "{}: model_type `{other}` is not supported (supported: gpt2, gpt_neox, llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe, and llama GGUF files)",
             config_path.display()
         ))),
     }

@@ -148,6 +148,8 @@ pub fn llama_config(f: &GgufFile) -> Result<LlamaConfig> {
         mlp_bias: f.tensors.contains_key("blk.0.ffn_gate.bias"),
         hidden_act: "silu".into(),
         sliding_window: None,
+        qk_norm: false,
+        moe: None,
     })
 }
 

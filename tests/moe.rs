@@ -1,0 +1,75 @@
+//! Mixture-of-experts checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE) against transformers and an
+//! independent float64 reference.
+//!
+//! The fixtures (tests/fixtures/moe, made by scripts/make_moe_fixture.py) are tiny random
+//! checkpoints of each layout with transformers' logits. The taps against finite differences,
+//! the routing of each token to exactly top-k experts and the expert without tokens are unit
+//! tests of `infl::model::moe`.
+
+mod common;
+
+use infl::model::{Compute, Engine, ModuleSelection};
+use std::path::PathBuf;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/moe")
+        .join(name)
+}
+
+fn autograd() -> Compute {
+    Compute::cpu(Engine::Autograd)
+}
+
+#[test]
+fn logits_match_transformers() {
+    for name in ["mixtral", "qwen2_moe", "qwen3_moe"] {
+        let dir = fixture(name);
+        let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let seqs: Vec<Vec<u32>> = serde_json::from_value(v["sequences"].clone()).unwrap();
+        let want: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+        let m = infl::model::load(&dir, ModuleSelection::All, autograd()).unwrap();
+        let mut worst = 0f32;
+        for (s, want) in seqs.iter().zip(&want) {
+            let got = m.logits(s).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(want) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        eprintln!("{name}: max |logit diff| = {worst:e}");
+        assert!(worst <= 1e-5, "{name}: max |logit diff| {worst}");
+    }
+}
+
+#[test]
+fn experts_and_routers_are_tracked_layers() {
+    let m = infl::model::load(&fixture("qwen2_moe"), ModuleSelection::Mlp, autograd()).unwrap();
+    let names: Vec<&str> = m.tracked().iter().map(|l| l.name.as_str()).collect();
+    // Layer 0: router, 4 experts × 3, the shared expert's 3 and its gate; layer 1 is dense.
+    assert_eq!(names.len(), 1 + 12 + 3 + 1 + 3, "{names:?}");
+    assert_eq!(names[0], "model.layers.0.mlp.gate");
+    assert_eq!(names[12], "model.layers.0.mlp.experts.3.down_proj");
+    assert_eq!(names[16], "model.layers.0.mlp.shared_expert_gate");
+    assert_eq!(names[19], "model.layers.1.mlp.down_proj");
+    let router = &m.tracked()[0];
+    assert_eq!((router.d_in, router.d_out, router.has_bias), (16, 4, false));
+    let m = infl::model::load(&fixture("mixtral"), ModuleSelection::All, autograd()).unwrap();
+    assert!(m
+        .tracked()
+        .iter()
+        .any(|l| l.name == "model.layers.1.block_sparse_moe.experts.2.w2"));
+}
+
+#[test]
+fn the_fast_engine_refuses_experts() {
+    let err = infl::model::load(&fixture("mixtral"), ModuleSelection::All, Compute::CPU)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("--engine autograd") && err.contains("mixtral"),
+        "{err}"
+    );
+}
