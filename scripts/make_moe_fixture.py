@@ -10,7 +10,21 @@ Tiny randomly initialised mixture-of-experts checkpoints, one per layout infl re
     (`mlp_only_layers`);
   * qwen3_moe: no shared expert, renormalised top-k, q/k RMSNorm per head.
 
-Run with /tmp/lora-venv (torch, transformers 5):  python scripts/make_moe_fixture.py
+And `trained/`: a tiny Qwen2-MoE trained on `corpus_ids.jsonl` (so routing is no longer random),
+`queries_ids.jsonl`, and `reference.safetensors`: pairwise EK-FAC and identity scores of the MLP
+modules (router, experts, shared expert and its gate, layer 1's dense MLP) from an independent
+float64 re-implementation: the model's forward written out here (its logits checked against
+transformers), per-sequence gradients by autograd at batch size 1, and EK-FAC with
+kronfluence's conventions (../shared/notes/kronfluence-conventions.md) per module. An expert's
+A and S sum over the tokens routed to it; its per-sequence gradient sums over them too.
+
+kronfluence itself cannot serve here: transformers 5 stores the experts as 3-D parameters
+(`experts.gate_up_proj`), not `nn.Linear` modules, so kronfluence cannot track them at all; and
+with per-expert `nn.Linear` modules the expert's input is the routed tokens flattened
+([n_routed, d]), which kronfluence's per-sample gradient and Λ count read as n_routed separate
+examples instead of summing them per sequence.
+
+Run with /tmp/lora-venv (torch, transformers 5):  python scripts/make_moe_fixture.py [NAME…]
 """
 import json
 import os
@@ -137,11 +151,222 @@ def qwen3_moe(seed=13):
     return m
 
 
+# ---------------------------------------------------------------- the trained reference
+
+def corpus(seed=21, n=24):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 64, (int(torch.randint(6, 13, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+    # A few queries copied from training sequences (their sources should score high).
+    queries = []
+    for i, src in enumerate([seqs[3], seqs[10], seqs[17]]):
+        queries.append((src[:4], src[4:6]))
+    queries.append(([5, 9, 12], [40]))
+    return seqs, queries
+
+
+def train(model, seqs, steps=150):
+    """Full-batch Adam on the mean next-token loss (one right-padded batch, padding masked)."""
+    n = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [0] * (n - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs])
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+    model.eval()
+    return loss.item()
+
+
+class Reference:
+    """Qwen2-MoE's forward in float64 from a state dict in checkpoint names, with every tracked
+    linear computed explicitly so that its (a, g) and per-sequence gradient are at hand."""
+
+    def __init__(self, sd, cfg):
+        self.p = {k: v.double().clone().requires_grad_(True) for k, v in sd.items()}
+        self.c = cfg
+        self.records = {}
+
+    def tracked(self):
+        names = []
+        for i in range(self.c["num_hidden_layers"]):
+            m = f"model.layers.{i}.mlp"
+            if i in self.c["mlp_only_layers"]:
+                names += [f"{m}.gate_proj", f"{m}.up_proj", f"{m}.down_proj"]
+                continue
+            names.append(f"{m}.gate")
+            for e in range(self.c["num_experts"]):
+                names += [f"{m}.experts.{e}.{x}" for x in ["gate_proj", "up_proj", "down_proj"]]
+            names += [f"{m}.shared_expert.{x}" for x in ["gate_proj", "up_proj", "down_proj"]]
+            names.append(f"{m}.shared_expert_gate")
+        return names
+
+    def lin(self, name, x, rows=None):
+        y = x @ self.p[name + ".weight"].T
+        if name + ".bias" in self.p:
+            y = y + self.p[name + ".bias"]
+        if name in self.tracked_set and y.requires_grad:
+            y.retain_grad()
+            self.records.setdefault(name, []).append((x.detach(), y, rows))
+        return y
+
+    def mlp(self, m, x, rows=None):
+        act = torch.nn.functional.silu
+        h = act(self.lin(f"{m}.gate_proj", x, rows)) * self.lin(f"{m}.up_proj", x, rows)
+        return self.lin(f"{m}.down_proj", h, rows)
+
+    def forward(self, ids):
+        c, p = self.c, self.p
+        self.tracked_set = set(self.tracked())
+        self.records = {}
+        T = len(ids)
+        d, h, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+        hd = d // h
+        eps = c["rms_norm_eps"]
+
+        def rms(x, w):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+        theta = c["rope_parameters"]["rope_theta"]
+        inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        f = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
+        cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
+
+        def rope(x):  # [n, T, hd]
+            x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+            return x * cos + torch.cat([-x2, x1], -1) * sin
+
+        x = p["model.embed_tokens.weight"][torch.tensor(ids)]
+        mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+        for i in range(c["num_hidden_layers"]):
+            pre = f"model.layers.{i}"
+            a = rms(x, p[f"{pre}.input_layernorm.weight"])
+            q = self.lin(f"{pre}.self_attn.q_proj", a).view(T, h, hd).transpose(0, 1)
+            k = self.lin(f"{pre}.self_attn.k_proj", a).view(T, kv, hd).transpose(0, 1)
+            v = self.lin(f"{pre}.self_attn.v_proj", a).view(T, kv, hd).transpose(0, 1)
+            q, k = rope(q), rope(k)
+            k, v = k.repeat_interleave(h // kv, 0), v.repeat_interleave(h // kv, 0)
+            att = torch.softmax(q @ k.transpose(1, 2) / hd ** 0.5 + mask, -1) @ v
+            x = x + self.lin(f"{pre}.self_attn.o_proj", att.transpose(0, 1).reshape(T, d))
+            a = rms(x, p[f"{pre}.post_attention_layernorm.weight"])
+            m = f"{pre}.mlp"
+            if i in c["mlp_only_layers"]:
+                x = x + self.mlp(m, a)
+                continue
+            probs = torch.softmax(self.lin(f"{m}.gate", a), -1)
+            top = torch.topk(probs, c["num_experts_per_tok"], -1)
+            w = top.values
+            if c["norm_topk_prob"]:
+                w = w / w.sum(-1, keepdim=True)
+            out = torch.zeros_like(x)
+            for e in range(c["num_experts"]):
+                tok, slot = torch.where(top.indices == e)
+                if len(tok) == 0:
+                    continue
+                y = self.mlp(f"{m}.experts.{e}", a[tok], tok)
+                out = out.index_add(0, tok, y * w[tok, slot, None])
+            shared = self.mlp(f"{m}.shared_expert", a)
+            out = out + torch.sigmoid(self.lin(f"{m}.shared_expert_gate", a)) * shared
+            x = x + out
+        x = rms(x, p["model.norm.weight"])
+        return x @ p["lm_head.weight"].T
+
+    def loss(self, ids, start):
+        """Summed CE of the predictions of positions start.. (targets start+1..)."""
+        logits = self.forward(ids)
+        t = torch.tensor(ids[start + 1:])
+        return torch.nn.functional.cross_entropy(logits[start:-1], t, reduction="sum")
+
+    def per_sequence(self, ids, start=0):
+        """Per tracked module: the sequence's gradient [out, in] and its per-token (a, g) rows."""
+        for t in self.p.values():
+            t.grad = None
+        self.loss(ids, start).backward()
+        grads, taps = {}, {}
+        for name in self.tracked():
+            w = self.p[name + ".weight"]
+            # An expert no token of the sequence reached has no gradient: zero.
+            grads[name] = torch.zeros_like(w) if w.grad is None else w.grad.clone()
+            taps[name] = [(a, y.grad) for a, y, _ in self.records.get(name, [])]
+        return grads, taps
+
+
+def ekfac_scores(ref, seqs, queries):
+    names = ref.tracked()
+    A = {n: 0 for n in names}
+    S = {n: 0 for n in names}
+    train_grads = []
+    for s in seqs:
+        grads, taps = ref.per_sequence(s)
+        train_grads.append(grads)
+        for n in names:
+            for a, g in taps[n]:
+                A[n] = A[n] + a.T @ a
+                S[n] = S[n] + g.T @ g
+    n_tok = sum(len(s) for s in seqs)
+    eig = {}
+    for n in names:
+        _, qa = torch.linalg.eigh(A[n] / n_tok)
+        _, qs = torch.linalg.eigh(S[n] / n_tok)
+        lam = sum((qs.T @ g[n] @ qa) ** 2 for g in train_grads) / len(seqs)
+        eig[n] = (qa, qs, lam, 0.1 * lam.mean())
+    query_grads = [ref.per_sequence(p + c, len(p) - 1)[0] for p, c in queries]
+    ek = torch.zeros(len(queries), len(seqs), dtype=torch.float64)
+    ident = torch.zeros_like(ek)
+    for qi, gq in enumerate(query_grads):
+        for ti, gt in enumerate(train_grads):
+            for n in names:
+                qa, qs, lam, damp = eig[n]
+                pq = qs @ ((qs.T @ gq[n] @ qa) / (lam + damp)) @ qa.T
+                ek[qi, ti] += (pq * gt[n]).sum()
+                ident[qi, ti] += (gq[n] * gt[n]).sum()
+    return ek, ident
+
+
+def trained_fixture():
+    from safetensors.torch import save_file
+
+    seqs, queries = corpus()
+    model = qwen2_moe(seed=31)
+    final = train(model, seqs)
+    d = dump("trained", model)
+    with open(os.path.join(d, "corpus_ids.jsonl"), "w") as f:
+        for s in seqs:
+            f.write(json.dumps({"ids": s}) + "\n")
+    with open(os.path.join(d, "queries_ids.jsonl"), "w") as f:
+        for i, (p, c) in enumerate(queries):
+            f.write(json.dumps({"id": f"q{i}", "prompt_ids": p, "completion_ids": c}) + "\n")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    ref = Reference(legacy_state_dict(model), cfg)
+    with torch.no_grad():
+        for s in SEQS:
+            want = model(torch.tensor([s])).logits[0].double()
+            got = ref.forward(s)
+            assert (got - want).abs().max() < 1e-4, (got - want).abs().max()
+    ek, ident = ekfac_scores(ref, seqs, queries)
+    save_file({"scores.ekfac": ek.contiguous(), "scores.identity": ident.contiguous()},
+              os.path.join(d, "reference.safetensors"))
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump({"generator": "scripts/make_moe_fixture.py", "final_train_loss": final,
+                   "tracked_modules": ref.tracked(), "fisher": "empirical",
+                   "damping": "0.1 * mean(Λ) per module"}, f, indent=1)
+    print("trained: final loss", final, "ekfac scores\n", ek)
+
+
 def main():
+    import sys
+
     os.makedirs(OUT, exist_ok=True)
-    dump("mixtral", mixtral())
-    dump("qwen2_moe", qwen2_moe())
-    dump("qwen3_moe", qwen3_moe())
+    only = sys.argv[1:]
+    for name, make in [("mixtral", mixtral), ("qwen2_moe", qwen2_moe), ("qwen3_moe", qwen3_moe)]:
+        if not only or name in only:
+            dump(name, make())
+    if not only or "trained" in only:
+        trained_fixture()
 
 
 if __name__ == "__main__":

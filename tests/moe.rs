@@ -2,14 +2,21 @@
 //! independent float64 reference.
 //!
 //! The fixtures (tests/fixtures/moe, made by scripts/make_moe_fixture.py) are tiny random
-//! checkpoints of each layout with transformers' logits. The taps against finite differences,
+//! checkpoints of each layout with transformers' logits, and `trained/`: a tiny Qwen2-MoE
+//! trained on its corpus with the scores of an independent float64 EK-FAC reference. The taps against finite differences,
 //! the routing of each token to exactly top-k experts and the expert without tokens are unit
 //! tests of `infl::model::moe`.
 
 mod common;
 
+use common::scratch;
+use infl::curvature::{Fisher, Strategy};
+use infl::io::read_safetensors;
 use infl::model::{Compute, Engine, ModuleSelection};
-use std::path::PathBuf;
+use infl::options::{FitOptions, RunOptions, ScoreOptions};
+use infl::pass::Silent;
+use infl::workflow::{self, FitJob, ScoreJob};
+use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -23,7 +30,7 @@ fn autograd() -> Compute {
 
 #[test]
 fn logits_match_transformers() {
-    for name in ["mixtral", "qwen2_moe", "qwen3_moe"] {
+    for name in ["mixtral", "qwen2_moe", "qwen3_moe", "trained"] {
         let dir = fixture(name);
         let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -72,4 +79,75 @@ fn the_fast_engine_refuses_experts() {
         err.contains("--engine autograd") && err.contains("mixtral"),
         "{err}"
     );
+}
+
+/// `fit` + `score` through the library on the trained fixture's MLP modules (router, experts,
+/// shared expert, the dense layer), with kronfluence's settings.
+fn infl_scores(strategy: Strategy, dir: &Path) -> (Vec<usize>, Vec<f64>) {
+    let trained = fixture("trained");
+    let factors = dir.join(format!("factors-{strategy:?}"));
+    let results = dir.join(format!("results-{strategy:?}"));
+    let options = FitOptions {
+        strategy,
+        fisher: Fisher::Empirical,
+        modules: ModuleSelection::Mlp,
+        batch_size: 4,
+        ..FitOptions::default()
+    };
+    let fit = FitJob {
+        compute: autograd(),
+        ..FitJob::new(
+            trained.clone(),
+            trained.join("corpus_ids.jsonl"),
+            factors.clone(),
+            options,
+        )
+    };
+    workflow::fit(&fit, &Silent).unwrap();
+    let score = ScoreJob {
+        compute: autograd(),
+        options: ScoreOptions {
+            dense: true,
+            query_rank: infl::options::QueryRank(None),
+            batch_size: 4,
+            ..ScoreOptions::default()
+        },
+        run: RunOptions::ONCE,
+        ..ScoreJob::new(
+            trained.clone(),
+            factors,
+            trained.join("corpus_ids.jsonl"),
+            trained.join("queries_ids.jsonl"),
+            results.clone(),
+        )
+    };
+    workflow::score(&score, &Silent).unwrap();
+    let t = read_safetensors(&results.join("scores.safetensors")).unwrap();
+    t["scores"].clone()
+}
+
+#[test]
+fn scores_match_an_independent_float64_reference() {
+    let reference = read_safetensors(&fixture("trained").join("reference.safetensors")).unwrap();
+    let dir = scratch("moe", "reference");
+    for (strategy, key, tol) in [
+        (Strategy::Ekfac, "scores.ekfac", 1e-4),
+        (Strategy::Identity, "scores.identity", 1e-4),
+    ] {
+        let (shape, want) = &reference[key];
+        let (got_shape, got) = infl_scores(strategy, &dir);
+        assert_eq!(&got_shape, shape, "{key}");
+        // Per query, relative to its largest score (the queries' scales differ by 100×).
+        let n = shape[1];
+        let mut worst = 0f64;
+        for (got, want) in got.chunks(n).zip(want.chunks(n)) {
+            let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+            for (a, b) in got.iter().zip(want) {
+                worst = worst.max((a - b).abs() / scale);
+            }
+        }
+        eprintln!("{key}: max |infl − reference| / the query's max |score| = {worst:.2e}");
+        assert!(worst <= tol, "{key}: {worst:.2e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }
