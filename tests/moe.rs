@@ -91,7 +91,8 @@ fn the_fast_engine_refuses_experts() {
 
 /// `fit` + `score` through the library on the trained fixture's MLP modules (router, experts,
 /// shared expert, the dense layer), with kronfluence's settings.
-fn infl_scores(strategy: Strategy, dir: &Path) -> (Vec<usize>, Vec<f64>) {
+/// Returns the results directory.
+fn infl_score(strategy: Strategy, dir: &Path, per_layer: bool) -> PathBuf {
     let trained = fixture("trained");
     let factors = dir.join(format!("factors-{strategy:?}"));
     let results = dir.join(format!("results-{strategy:?}"));
@@ -116,6 +117,7 @@ fn infl_scores(strategy: Strategy, dir: &Path) -> (Vec<usize>, Vec<f64>) {
         compute: autograd(),
         options: ScoreOptions {
             dense: true,
+            per_layer,
             query_rank: infl::options::QueryRank(None),
             batch_size: 4,
             ..ScoreOptions::default()
@@ -130,8 +132,7 @@ fn infl_scores(strategy: Strategy, dir: &Path) -> (Vec<usize>, Vec<f64>) {
         )
     };
     workflow::score(&score, &Silent).unwrap();
-    let t = read_safetensors(&results.join("scores.safetensors")).unwrap();
-    t["scores"].clone()
+    results
 }
 
 #[test]
@@ -143,7 +144,9 @@ fn scores_match_an_independent_float64_reference() {
         (Strategy::Identity, "scores.identity", 1e-4),
     ] {
         let (shape, want) = &reference[key];
-        let (got_shape, got) = infl_scores(strategy, &dir);
+        let results = infl_score(strategy, &dir, false);
+        let (got_shape, got) =
+            read_safetensors(&results.join("scores.safetensors")).unwrap()["scores"].clone();
         assert_eq!(&got_shape, shape, "{key}");
         // Per query, relative to its largest score (the queries' scales differ by 100×).
         let n = shape[1];
@@ -157,5 +160,40 @@ fn scores_match_an_independent_float64_reference() {
         eprintln!("{key}: max |infl − reference| / the query's max |score| = {worst:.2e}");
         assert!(worst <= tol, "{key}: {worst:.2e}");
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `--per-layer` names the expert layers, and the report groups their parts by expert.
+#[test]
+fn the_report_shows_which_experts_carried_the_influence() {
+    let dir = scratch("moe", "report");
+    let results = infl_score(Strategy::Ekfac, &dir, true);
+    let r = infl::results::Results::open(&results).unwrap();
+    let layers = r.layers.clone().unwrap();
+    let expert = layers
+        .iter()
+        .position(|l| l == "model.layers.0.mlp.experts.2.up_proj")
+        .expect("expert layers in the per-layer output");
+    // The per-layer parts of each top entry add up to its score, the experts' included.
+    for e in &r.entries {
+        let parts = e.per_layer.as_ref().unwrap();
+        assert_eq!(parts.len(), layers.len());
+        let sum: f64 = parts.iter().sum();
+        assert!((sum - e.score).abs() <= 1e-3 * e.score.abs().max(1.0));
+    }
+    assert!(r
+        .entries
+        .iter()
+        .any(|e| e.per_layer.as_ref().unwrap()[expert] != 0.0));
+    let html = dir.join("report.html");
+    infl::report::write_report(&results, &html, &infl::report::ReportOptions::default()).unwrap();
+    let text = std::fs::read_to_string(&html).unwrap();
+    assert_eq!(
+        text.matches("<table class=\"experts\">").count(),
+        r.queries.len(),
+        "one experts table per query"
+    );
+    assert!(text.contains("<td><code>model.layers.0.mlp</code></td>"));
+    assert!(text.contains("expert 3: ") && text.contains("shared: "));
     std::fs::remove_dir_all(&dir).ok();
 }
