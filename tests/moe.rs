@@ -78,11 +78,17 @@ fn experts_and_routers_are_tracked_layers() {
 }
 
 #[test]
-fn the_fast_engine_refuses_experts() {
-    let err = infl::model::load(&fixture("mixtral"), ModuleSelection::All, Compute::CPU)
-        .err()
-        .unwrap()
-        .to_string();
+fn experts_run_on_autograd_by_default_and_the_fast_engine_refuses_them() {
+    let m = infl::model::load(&fixture("mixtral"), ModuleSelection::All, Compute::CPU).unwrap();
+    assert_eq!(m.engine(), Engine::Autograd);
+    let err = infl::model::load(
+        &fixture("mixtral"),
+        ModuleSelection::All,
+        Compute::cpu(Engine::Fast),
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(
         err.contains("--engine autograd") && err.contains("mixtral"),
         "{err}"
