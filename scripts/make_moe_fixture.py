@@ -8,7 +8,9 @@ Tiny randomly initialised mixture-of-experts checkpoints, one per layout infl re
   * qwen2_moe: `mlp.gate`, `mlp.experts.{i}.{gate,up,down}_proj`, a shared expert behind a
     sigmoid `shared_expert_gate`, top-k weights not renormalised; layer 1 a dense MLP
     (`mlp_only_layers`);
-  * qwen3_moe: no shared expert, renormalised top-k, q/k RMSNorm per head.
+  * qwen3_moe: no shared expert, renormalised top-k, q/k RMSNorm per head;
+  * mixtral.gguf: the Mixtral fixture as llama.cpp writes it (stacked `ffn_*_exps`), whose
+    logits are mixtral/reference.json's (needs the `gguf` package, gguf==0.19.0).
 
 And `trained/`: a tiny Qwen2-MoE trained on `corpus_ids.jsonl` (so routing is no longer random),
 `queries_ids.jsonl`, and `reference.safetensors`: pairwise EK-FAC and identity scores of the MLP
@@ -30,6 +32,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import torch
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "moe")
@@ -357,6 +360,57 @@ def trained_fixture():
     print("trained: final loss", final, "ekfac scores\n", ek)
 
 
+def mixtral_gguf(model):
+    """The Mixtral fixture as llama.cpp's converter writes it: architecture `llama` with
+    `expert_count` / `expert_used_count`, the router as `ffn_gate_inp`, the experts stacked into
+    `ffn_{gate,up,down}_exps` ([n_expert, …] row-major), q/k rows permuted; F32 throughout, so
+    its logits are the safetensors fixture's (`mixtral/reference.json`)."""
+    import gguf
+
+    cfg = model.config
+    sd = {k: v.detach().float().numpy() for k, v in legacy_state_dict(model).items()}
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def permute(w, n):  # convert_hf_to_gguf.py LlamaModel.permute
+        return (w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2)
+                .reshape(w.shape))
+
+    w = gguf.GGUFWriter(os.path.join(OUT, "mixtral.gguf"), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // n_head)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_expert_count(cfg.num_local_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        m = p + "block_sparse_moe."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], n_head))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], n_kv))
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", sd[m + "gate.weight"])
+        for gg, hf in [("gate", "w1"), ("up", "w3"), ("down", "w2")]:
+            stacked = np.stack([sd[f"{m}experts.{e}.{hf}.weight"]
+                                for e in range(cfg.num_local_experts)])
+            w.add_tensor(f"blk.{i}.ffn_{gg}_exps.weight", stacked)
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def main():
     import sys
 
@@ -364,7 +418,10 @@ def main():
     only = sys.argv[1:]
     for name, make in [("mixtral", mixtral), ("qwen2_moe", qwen2_moe), ("qwen3_moe", qwen3_moe)]:
         if not only or name in only:
-            dump(name, make())
+            model = make()
+            dump(name, model)
+            if name == "mixtral":
+                mixtral_gguf(model)
     if not only or "trained" in only:
         trained_fixture()
 

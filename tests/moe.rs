@@ -58,6 +58,28 @@ fn logits_match_transformers() {
     }
 }
 
+/// llama.cpp's layout (`ffn_gate_inp`, stacked `ffn_*_exps`) loads as the same model: the
+/// GGUF copy of the Mixtral fixture gives transformers' logits, with the same layer names.
+#[test]
+fn gguf_experts_match_the_safetensors_model() {
+    let gguf = fixture("mixtral.gguf");
+    let m = infl::model::load(&gguf, ModuleSelection::All, autograd()).unwrap();
+    let text = std::fs::read_to_string(fixture("mixtral").join("reference.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let seqs: Vec<Vec<u32>> = serde_json::from_value(v["sequences"].clone()).unwrap();
+    let want: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    let mut worst = 0f32;
+    for (s, want) in seqs.iter().zip(&want) {
+        for (a, b) in m.logits(s).unwrap().iter().zip(want) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    eprintln!("mixtral.gguf: max |logit diff| = {worst:e}");
+    assert!(worst <= 1e-5, "{worst}");
+    let st = infl::model::load(&fixture("mixtral"), ModuleSelection::All, autograd()).unwrap();
+    assert_eq!(m.tracked(), st.tracked());
+}
+
 #[test]
 fn experts_and_routers_are_tracked_layers() {
     let m = infl::model::load(&fixture("qwen2_moe"), ModuleSelection::Mlp, autograd()).unwrap();
