@@ -102,6 +102,10 @@ impl<'a> LinearLoader<'a> {
 pub(crate) struct Recorder<'a> {
     probes: &'a [Tensor],
     pub inputs: Vec<Option<Tensor>>,
+    /// While a routed expert runs ([`Recorder::linear_routed`]): the batch rows it runs on.
+    routed: Option<Tensor>,
+    /// Tracked layers of experts that received no rows: see [`Recorder::keep_idle_probes`].
+    idle: Vec<usize>,
 }
 
 impl<'a> Recorder<'a> {
@@ -109,7 +113,37 @@ impl<'a> Recorder<'a> {
         Recorder {
             probes,
             inputs: vec![None; probes.len()],
+            routed: None,
+            idle: Vec::new(),
         }
+    }
+
+    /// `y + 0 · Σ probe` for the probes of experts that ran on no rows: their outputs reach
+    /// nothing, so without this term the backward would not reach their probes at all (a
+    /// cut graph); with it their g is exactly zero.
+    pub fn keep_idle_probes(&mut self, y: Tensor) -> candle_core::Result<Tensor> {
+        let mut y = y;
+        for i in std::mem::take(&mut self.idle) {
+            // A product with a zero tensor, not `* 0.0`: candle prunes affine maps by 0.
+            let sum = self.probes[i].sum_all()?;
+            y = y.broadcast_add(&sum.mul(&sum.zeros_like()?)?)?;
+        }
+        Ok(y)
+    }
+
+    /// [`Recorder::linear`] on some rows of the batch only (a mixture-of-experts expert):
+    /// `a` holds the batch rows `rows`; the tap's input is `a` scattered into zero rows, and
+    /// only the probe's rows `rows` are added, so the other rows' (a, g) stay exactly zero.
+    pub fn linear_routed(
+        &mut self,
+        layer: &Linear,
+        a: &Tensor,
+        rows: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.routed = Some(rows.clone());
+        let y = self.linear(layer, a);
+        self.routed = None;
+        y
     }
 
     /// `a` is `[rows, d_in]`; returns `[rows, d_out]`. With an adapter, PEFT's
@@ -130,10 +164,21 @@ impl<'a> Recorder<'a> {
     /// Records `a` as tracked layer `tap`'s input and adds its probe to its output `y`.
     fn tap(&mut self, tap: Option<usize>, a: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
         match tap {
-            Some(i) => {
-                self.inputs[i] = Some(a.clone());
-                y + &self.probes[i]
-            }
+            Some(i) => match &self.routed {
+                None => {
+                    self.inputs[i] = Some(a.clone());
+                    y + &self.probes[i]
+                }
+                Some(rows) => {
+                    let (n, d_in) = (self.probes[i].dim(0)?, a.dim(1)?);
+                    let zeros = Tensor::zeros((n, d_in), a.dtype(), a.device())?;
+                    self.inputs[i] = Some(zeros.index_add(rows, a, 0)?);
+                    if rows.dim(0)? == 0 {
+                        self.idle.push(i);
+                    }
+                    y + self.probes[i].index_select(rows, 0)?
+                }
+            },
             None => Ok(y),
         }
     }

@@ -498,7 +498,10 @@ mod tests {
         // Block 1 only, all 7 linears, rank 2.
         assert_eq!(m.tracked().len(), 14);
         assert!(m.blocks[0].q.lora.is_none());
-        let lora = m.blocks[1].down.lora.as_ref().unwrap();
+        let crate::model::llama::Mlp::Dense { down, .. } = &m.blocks[1].mlp else {
+            panic!("dense")
+        };
+        let lora = down.lora.as_ref().unwrap();
         assert_eq!(lora.a.dims(), [2, 24]);
         assert!((lora.scaling - 3.0 / 2f64.sqrt()).abs() < 1e-12);
         assert_eq!(

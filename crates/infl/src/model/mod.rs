@@ -10,6 +10,7 @@ pub mod gpt_neox;
 pub mod llama;
 pub mod lora;
 pub(crate) mod loss;
+pub mod moe;
 pub(crate) mod rope;
 pub mod weights;
 
@@ -407,8 +408,9 @@ fn cuda_device(n: usize) -> Result<candle_core::Device> {
 pub struct Compute {
     /// Engine of the forward/backward passes: fast (explicit forward, activation-only
     /// backward, fused threaded kernels; CPU only) or autograd (candle autograd, the reference:
-    /// slower on the CPU, and the engine that runs on a GPU; the one that applies --adapter)
-    /// [default: fast on the CPU, autograd on a GPU or with --adapter].
+    /// slower on the CPU, and the engine that runs on a GPU; the one that applies --adapter
+    /// and runs mixtures of experts) [default: fast on the CPU, autograd on a GPU, with
+    /// --adapter or for a mixture of experts].
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub engine: Option<Engine>,
     /// Device of the forward/backward passes: cpu, cuda (GPU 0) or cuda:N. A GPU needs a build
@@ -489,6 +491,13 @@ pub fn load(dir: &Path, modules: ModuleSelection, compute: Compute) -> Result<Bo
     if let Some(adapter) = &adapter {
         model.attach(adapter, modules)?;
     }
+    // The fast engine has no expert blocks: without --engine such a model runs on autograd.
+    let engine = match (&model, compute.engine) {
+        (AnyModel::Llama(m), None) if m.config().moe.is_some() || m.config().qk_norm => {
+            Engine::Autograd
+        }
+        _ => engine,
+    };
     match engine {
         Engine::Autograd => Ok(model.into_dyn()),
         Engine::Fast => fast::from_autograd(model),
@@ -546,11 +555,11 @@ fn load_autograd(
         "gpt_neox" => Ok(AnyModel::GptNeoX(gpt_neox::GptNeoX::load_on(
             dir, modules, device,
         )?)),
-        "llama" | "mistral" | "qwen2" => Ok(AnyModel::Llama(llama::Llama::load_on(
+        "llama" | "mistral" | "qwen2" | "mixtral" | "qwen2_moe" | "qwen3_moe" => Ok(AnyModel::Llama(llama::Llama::load_on(
             dir, modules, device,
         )?)),
         other => Err(Error::input(format!(
-            "{}: model_type `{other}` is not supported (supported: gpt2, gpt_neox, llama, mistral, qwen2, and llama GGUF files)",
+            "{}: model_type `{other}` is not supported (supported: gpt2, gpt_neox, llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe, and llama GGUF files)",
             config_path.display()
         ))),
     }

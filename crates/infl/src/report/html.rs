@@ -486,6 +486,11 @@ fn render_layers(h: &mut String, r: &Results, qi: usize, q: &QueryInfo) {
             Some(&t.abs_per_layer),
         ));
         h.push_str("<div class=\"legend\">Signed total: each layer's part of the scores summed over all training sequences. Σ |part|: the sum of the parts' magnitudes (own scale), how much each layer moves the scores either way.</div>");
+        h.push_str(&super::experts::experts_table(
+            names,
+            &t.abs_per_layer,
+            "Σ |part| over all training sequences",
+        ));
         return;
     }
     let top = r.entries(&q.id, Direction::Top);
@@ -501,6 +506,11 @@ fn render_layers(h: &mut String, r: &Results, qi: usize, q: &QueryInfo) {
         }
     }
     h.push_str(&layer_svg(names, &sum, None));
+    h.push_str(&super::experts::experts_table(
+        names,
+        &sum,
+        "the parts summed over the top sequences",
+    ));
     let _ = write!(
         h,
         "<div class=\"legend\">Bars: each layer's part summed over the top {} sequences (layers.json with totals over all sequences is missing: run `infl score --per-layer`).</div>",

@@ -7,11 +7,13 @@
 //! Optional parts of the results directory (per-layer and per-token parts, the distribution
 //! statistics) may be missing; the report then says which `infl score` flag produces them.
 //!
-//! `html` writes the page, `charts` its two SVG charts, `run` what a report shows of the rest
+//! `html` writes the page, `charts` its two SVG charts, `experts` the per-expert table of a
+//! mixture of experts, `run` what a report shows of the rest
 //! of a run (other methods' rankings, a recall table: [`RunContext`]); the results are read by
 //! [`crate::results::Results`].
 
 mod charts;
+mod experts;
 mod html;
 mod run;
 

@@ -1,10 +1,13 @@
 //! A GGUF file of the Llama architecture mapped onto [`crate::model::llama`]: the config from
 //! the file's metadata, tensor names from llama.cpp's onto transformers', and llama.cpp's q/k row
 //! permutation undone ([`unpermute_rows`]) so that the HF `rotate_half` RoPE applies unchanged.
+//! A mixture of experts (`llama.expert_count`, as llama.cpp converts Mixtral) has its stacked
+//! `ffn_{gate,up,down}_exps` tensors split into Mixtral's per-expert checkpoint names.
 
 use super::file::{GgufFile, Value};
 use crate::error::{Error, Result};
 use crate::model::llama::{Llama, LlamaConfig, RopeScaling};
+use crate::model::moe::{MoeConfig, MoeLayout};
 use crate::model::weights::Weights;
 use crate::model::ModuleSelection;
 use candle_core::{Device, Tensor};
@@ -22,6 +25,10 @@ pub fn load_on(path: &Path, modules: ModuleSelection, device: &Device) -> Result
     let config = llama_config(&f)?;
     let mut tensors = HashMap::new();
     for name in &f.order {
+        if let Some(experts) = expert_tensors(&f, name)? {
+            tensors.extend(experts);
+            continue;
+        }
         let Some(hf) = hf_name(name) else {
             // rope_freqs and similar helper tensors carry nothing the HF model uses.
             continue;
@@ -129,8 +136,9 @@ pub fn llama_config(f: &GgufFile) -> Result<LlamaConfig> {
             )));
         }
     }
+    let moe = expert_config(f, &k)?;
     Ok(LlamaConfig {
-        model_type: "llama".into(),
+        model_type: if moe.is_some() { "mixtral" } else { "llama" }.into(),
         vocab_size,
         hidden_size: hidden,
         intermediate_size: f.meta_usize(&k("feed_forward_length"))?,
@@ -148,7 +156,89 @@ pub fn llama_config(f: &GgufFile) -> Result<LlamaConfig> {
         mlp_bias: f.tensors.contains_key("blk.0.ffn_gate.bias"),
         hidden_act: "silu".into(),
         sliding_window: None,
+        qk_norm: false,
+        moe,
     })
+}
+
+/// The expert blocks of a GGUF file with `llama.expert_count` > 0: Mixtral's routing
+/// (softmax, top `expert_used_count`, renormalised), experts `feed_forward_length` wide.
+fn expert_config(f: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<Option<MoeConfig>> {
+    let count = |key: &str| -> Result<Option<usize>> {
+        match f.metadata.get(&k(key)) {
+            None => Ok(None),
+            Some(v) => v
+                .as_usize()
+                .map(Some)
+                .ok_or_else(|| Error::input(format!("{}: {} must be an integer", f.path, k(key)))),
+        }
+    };
+    let n = match count("expert_count")? {
+        None | Some(0) => return Ok(None),
+        Some(n) => n,
+    };
+    let used = count("expert_used_count")?.ok_or_else(|| {
+        Error::input(format!(
+            "{}: {} is set but {} is missing",
+            f.path,
+            k("expert_count"),
+            k("expert_used_count")
+        ))
+    })?;
+    if used == 0 || used > n {
+        return Err(Error::input(format!(
+            "{}: expert_used_count {used} must be between 1 and expert_count {n}",
+            f.path
+        )));
+    }
+    Ok(Some(MoeConfig {
+        layout: MoeLayout::Mixtral,
+        num_experts: n,
+        top_k: used,
+        norm_topk_prob: true,
+        expert_intermediate: f.meta_usize(&k("feed_forward_length"))?,
+        shared_intermediate: None,
+        sparse_step: 1,
+        mlp_only_layers: Vec::new(),
+    }))
+}
+
+/// llama.cpp's router and stacked experts of one block (`blk.N.ffn_gate_inp`,
+/// `blk.N.ffn_{gate,up,down}_exps`, `[n_expert, …]`) under Mixtral's checkpoint names, one
+/// tensor per expert; `None` for every other tensor.
+fn expert_tensors(f: &GgufFile, name: &str) -> Result<Option<Vec<(String, Tensor)>>> {
+    let Some((layer, module)) = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(l, r)| Some((l.parse::<usize>().ok()?, r.strip_suffix(".weight")?)))
+    else {
+        return Ok(None);
+    };
+    let block = MoeLayout::Mixtral.prefix(layer);
+    let hf = match module {
+        "ffn_gate_inp" => {
+            return Ok(Some(vec![(
+                format!("{block}.gate.weight"),
+                f.tensor(name)?,
+            )]))
+        }
+        "ffn_gate_exps" => "w1",
+        "ffn_up_exps" => "w3",
+        "ffn_down_exps" => "w2",
+        _ => return Ok(None),
+    };
+    let t = f.tensor(name)?;
+    if t.rank() != 3 {
+        return Err(Error::input(format!(
+            "{}: tensor `{name}` has shape {:?}; stacked experts are [n_expert, rows, cols]",
+            f.path,
+            t.dims()
+        )));
+    }
+    (0..t.dim(0)?)
+        .map(|e| Ok((format!("{block}.experts.{e}.{hf}.weight"), t.get(e)?)))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// GGUF tensor name → transformers name.

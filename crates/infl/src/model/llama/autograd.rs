@@ -2,7 +2,7 @@
 //! layer's output (its gradient is the tap g): pre-norm blocks of grouped-query attention
 //! with RoPE (and Mistral's sliding window) and a SwiGLU MLP.
 
-use super::Llama;
+use super::{Llama, Mlp};
 use crate::model::autograd::{self, Autograd, Forward, Recorder, Rotary, Spec};
 use crate::model::BlockShape;
 use candle_core::Tensor;
@@ -30,16 +30,25 @@ impl Llama {
             let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
                 y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
             };
-            let q = heads(rec.linear(&block.q, &hidden)?, h)?;
-            let k = heads(rec.linear(&block.k, &hidden)?, kv)?;
+            let mut q = heads(rec.linear(&block.q, &hidden)?, h)?;
+            let mut k = heads(rec.linear(&block.k, &hidden)?, kv)?;
+            if let Some([q_norm, k_norm]) = &block.qk_norm {
+                (q, k) = (q_norm.forward(&q)?, k_norm.forward(&k)?);
+            }
             let v = heads(rec.linear(&block.v, &hidden)?, kv)?;
             let (q, k) = (rotary.apply(&q)?, rotary.apply(&k)?);
             let attn = autograd::attention(&q, &k, &v, &mask, scale)?;
             x = (x + rec.linear(&block.o, &attn)?)?;
             let hidden = block.post_attention_layernorm.forward(&x)?;
-            let gate = autograd::activation(&c.hidden_act, &rec.linear(&block.gate, &hidden)?)?;
-            let up = rec.linear(&block.up, &hidden)?;
-            x = (x + rec.linear(&block.down, &(gate * up)?)?)?;
+            let mlp = match &block.mlp {
+                Mlp::Dense { gate, up, down } => {
+                    let gate = autograd::activation(&c.hidden_act, &rec.linear(gate, &hidden)?)?;
+                    let up = rec.linear(up, &hidden)?;
+                    rec.linear(down, &(gate * up)?)?
+                }
+                Mlp::Moe(moe) => moe.forward(&mut rec, &hidden, &c.hidden_act)?,
+            };
+            x = (x + mlp)?;
         }
         let x = self.norm.forward(&x)?;
         let logits = x

@@ -5,7 +5,7 @@
 //! softmax row statistics, the attention output, the fused gate|up (SwiGLU backward) and the
 //! linear inputs (the taps' `a`). RoPE is linear: its backward rotates the gradients back.
 
-use super::Llama;
+use super::{Llama, Mlp};
 use crate::error::{Error, Result};
 use crate::model::fast::kernels::{
     attention_backward, attention_forward, glu_bwd, glu_fwd, rope_apply, Act, QkvLayout, Rope,
@@ -83,12 +83,24 @@ impl FastLlama {
         let act = Act::from_name(&c.hidden_act).ok_or_else(|| {
             Error::input(format!("hidden_act `{}` is not supported", c.hidden_act))
         })?;
+        if c.moe.is_some() || c.qk_norm {
+            return Err(Error::input(format!(
+                "--engine fast does not run `{}` models (mixtures of experts, q/k norms); use \
+                 --engine autograd",
+                c.model_type
+            )));
+        }
         let embed = Arc::new(to_vec(&m.embed)?);
         let norm = |n: &autograd::RmsNorm| Norm::rms(&n.weight, n.eps);
         let blocks = m
             .blocks
             .iter()
             .map(|b| {
+                let Mlp::Dense { gate, up, down } = &b.mlp else {
+                    return Err(Error::Other(
+                        "internal: an expert block in a dense model".into(),
+                    ));
+                };
                 Ok(Block {
                     input_layernorm: norm(&b.input_layernorm)?,
                     qkv: Lin::stack(&[&b.q, &b.k, &b.v])?,
@@ -96,10 +108,10 @@ impl FastLlama {
                     o: Lin::new(&b.o.weight, b.o.bias.as_ref())?,
                     o_tap: b.o.tap,
                     post_attention_layernorm: norm(&b.post_attention_layernorm)?,
-                    gate_up: Lin::stack(&[&b.gate, &b.up])?,
-                    gate_up_taps: [b.gate.tap, b.up.tap],
-                    down: Lin::new(&b.down.weight, b.down.bias.as_ref())?,
-                    down_tap: b.down.tap,
+                    gate_up: Lin::stack(&[gate, up])?,
+                    gate_up_taps: [gate.tap, up.tap],
+                    down: Lin::new(&down.weight, down.bias.as_ref())?,
+                    down_tap: down.tap,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

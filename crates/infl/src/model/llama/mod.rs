@@ -1,10 +1,12 @@
-//! The Llama family (`llama`, `mistral`, `qwen2` checkpoints; also the Llama GGUF files of
-//! [`super::gguf`]): RMSNorm, RoPE (with `rope_scaling` "linear" / "llama3"), SwiGLU MLP,
-//! grouped-query attention, tied or untied embeddings, optional q/k/v(/o) biases, Mistral's
-//! sliding window.
+//! The Llama family (`llama`, `mistral`, `qwen2` checkpoints, the mixtures of experts
+//! `mixtral`, `qwen2_moe`, `qwen3_moe`; also the Llama GGUF files of [`super::gguf`]): RMSNorm,
+//! RoPE (with `rope_scaling` "linear" / "llama3"), SwiGLU MLP or expert block ([`super::moe`]),
+//! grouped-query attention, tied or untied embeddings, optional q/k/v(/o) biases, Qwen3's
+//! per-head q/k RMSNorm, Mistral's sliding window.
 //!
 //! Tracked layers, by checkpoint name: `model.layers.N.self_attn.{q,k,v,o}_proj` (attn) and
-//! `model.layers.N.mlp.{gate,up,down}_proj` (mlp).
+//! `model.layers.N.mlp.{gate,up,down}_proj` (mlp), or an expert block's router and experts
+//! (`model.layers.N.mlp.gate`, `model.layers.N.mlp.experts.E.down_proj`, …; mlp).
 //!
 //! This file holds the config and the mapping of checkpoint names onto the model;
 //! `autograd.rs` the reference forward with taps, `fast.rs` the fast engine's net.
@@ -14,6 +16,7 @@ pub mod fast;
 
 use super::autograd::{supported_activation, Linear, LinearLoader, RmsNorm};
 use super::lora::Adapter;
+use super::moe::{HfMoeFields, MoeBlock, MoeConfig};
 use super::rope::{self, RopeParameters};
 use super::weights::Weights;
 use super::{ModuleSelection, TrackedLayer};
@@ -47,6 +50,10 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     pub hidden_act: String,
     pub sliding_window: Option<usize>,
+    /// Qwen3's RMSNorm over each head of q and k (before RoPE).
+    pub qk_norm: bool,
+    /// The expert blocks of a mixture of experts.
+    pub moe: Option<MoeConfig>,
 }
 
 /// A Llama-family `config.json` as transformers writes it (legacy `rope_theta`/`rope_scaling`
@@ -73,6 +80,9 @@ struct HfLlamaConfig {
     hidden_act: Option<String>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    qkv_bias: Option<bool>,
+    #[serde(flatten)]
+    moe: HfMoeFields,
 }
 
 impl LlamaConfig {
@@ -109,7 +119,8 @@ impl LlamaConfig {
         };
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
-            "mistral" => (false, false),
+            "qwen2_moe" => (c.qkv_bias.unwrap_or(true), false),
+            "mistral" | "mixtral" => (false, false),
             _ => {
                 let b = c.attention_bias.unwrap_or(false);
                 (b, b)
@@ -120,8 +131,8 @@ impl LlamaConfig {
             return bad(format!("hidden_act `{hidden_act}` is not supported"));
         }
         let sliding_window = match model_type.as_str() {
-            "mistral" => c.sliding_window,
-            "qwen2" if c.use_sliding_window.unwrap_or(false) => {
+            "mistral" | "mixtral" => c.sliding_window,
+            "qwen2" | "qwen2_moe" | "qwen3_moe" if c.use_sliding_window.unwrap_or(false) => {
                 return bad(
                     "qwen2 with use_sliding_window = true (per-layer sliding windows) is not supported"
                         .into(),
@@ -129,7 +140,10 @@ impl LlamaConfig {
             }
             _ => None,
         };
+        let moe = MoeConfig::from_hf(&model_type, &c.moe, c.intermediate_size, path)?;
         Ok(LlamaConfig {
+            qk_norm: model_type == "qwen3_moe",
+            moe,
             vocab_size: c.vocab_size,
             hidden_size,
             intermediate_size: c.intermediate_size,
@@ -164,10 +178,32 @@ pub(crate) struct Block {
     pub(crate) k: Linear,
     pub(crate) v: Linear,
     pub(crate) o: Linear,
+    /// Qwen3's per-head norms of q and k.
+    pub(crate) qk_norm: Option<[RmsNorm; 2]>,
     pub(crate) post_attention_layernorm: RmsNorm,
-    pub(crate) gate: Linear,
-    pub(crate) up: Linear,
-    pub(crate) down: Linear,
+    pub(crate) mlp: Mlp,
+}
+
+/// A block's feed-forward: the dense SwiGLU MLP or an expert block.
+// One per block, a few dozen at most: the inline size does not matter.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Mlp {
+    Dense {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    Moe(Box<MoeBlock>),
+}
+
+impl Mlp {
+    /// Every linear layer, in load order.
+    pub(crate) fn linears(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Mlp::Dense { gate, up, down } => vec![gate, up, down],
+            Mlp::Moe(m) => m.linears(),
+        }
+    }
 }
 
 /// A Llama-family causal LM.
@@ -224,20 +260,37 @@ impl Llama {
             let k = l.linear(&format!("{p}.self_attn.k_proj"), d, hk, c.qkv_bias, attn)?;
             let v_ = l.linear(&format!("{p}.self_attn.v_proj"), d, hk, c.qkv_bias, attn)?;
             let o = l.linear(&format!("{p}.self_attn.o_proj"), hq, d, c.o_bias, attn)?;
+            let qk_norm = if c.qk_norm {
+                let head_norm = |l: &mut LinearLoader, name: &str| -> Result<RmsNorm> {
+                    Ok(RmsNorm {
+                        weight: l.tensor(&format!("{p}.self_attn.{name}.weight"), &[c.head_dim])?,
+                        eps: c.rms_norm_eps,
+                    })
+                };
+                Some([head_norm(&mut l, "q_norm")?, head_norm(&mut l, "k_norm")?])
+            } else {
+                None
+            };
             let post_attention_layernorm = norm(&mut l, "post_attention_layernorm")?;
-            let gate = l.linear(&format!("{p}.mlp.gate_proj"), d, di, c.mlp_bias, mlp)?;
-            let up = l.linear(&format!("{p}.mlp.up_proj"), d, di, c.mlp_bias, mlp)?;
-            let down = l.linear(&format!("{p}.mlp.down_proj"), di, d, c.mlp_bias, mlp)?;
+            let mlp = match &c.moe {
+                Some(moe) if moe.is_sparse(i) => {
+                    Mlp::Moe(Box::new(MoeBlock::load(&mut l, moe, i, d)?))
+                }
+                _ => Mlp::Dense {
+                    gate: l.linear(&format!("{p}.mlp.gate_proj"), d, di, c.mlp_bias, mlp)?,
+                    up: l.linear(&format!("{p}.mlp.up_proj"), d, di, c.mlp_bias, mlp)?,
+                    down: l.linear(&format!("{p}.mlp.down_proj"), di, d, c.mlp_bias, mlp)?,
+                },
+            };
             blocks.push(Block {
                 input_layernorm,
                 q,
                 k,
                 v: v_,
                 o,
+                qk_norm,
                 post_attention_layernorm,
-                gate,
-                up,
-                down,
+                mlp,
             });
         }
         let norm = RmsNorm {
@@ -284,15 +337,9 @@ impl Llama {
     /// ([`crate::model::lora::Adapter::attach`]).
     pub fn attach(&mut self, adapter: &Adapter, modules: ModuleSelection) -> Result<()> {
         let linears = self.blocks.iter_mut().flat_map(|b| {
-            [
-                &mut b.q,
-                &mut b.k,
-                &mut b.v,
-                &mut b.o,
-                &mut b.gate,
-                &mut b.up,
-                &mut b.down,
-            ]
+            let mut all = vec![&mut b.q, &mut b.k, &mut b.v, &mut b.o];
+            all.extend(b.mlp.linears());
+            all
         });
         let (tracked, n_parameters) = adapter.attach(linears, modules)?;
         self.tracked = tracked;
