@@ -94,7 +94,13 @@ impl LayerPreconditioner {
                         sum += lambda(i, j);
                     }
                 }
-                0.1 * sum / (d_o * d_i) as f64
+                // A layer the fit never reached (an expert no token was routed to) has Λ = 0:
+                // its training gradients are all zero, so any λ gives it the same (zero) part
+                // of every score; 1 keeps the inverse finite.
+                match 0.1 * sum / (d_o * d_i) as f64 {
+                    0.0 => 1.0,
+                    lam => lam,
+                }
             }
         };
         let inverse = Mat::from_fn(d_o, d_i, |i, j| (1.0 / (lambda(i, j) + lam)) as f32);
@@ -796,4 +802,42 @@ pub fn score_dense(
         },
     )?;
     Ok(scores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curvature::LayerFactors;
+    use crate::model::TrackedLayer;
+
+    fn layer_with(lambda: Mat<f32>) -> LayerFactors {
+        LayerFactors {
+            layer: TrackedLayer {
+                name: "expert".into(),
+                d_in: lambda.ncols(),
+                d_out: lambda.nrows(),
+                has_bias: false,
+            },
+            n_tokens: 0,
+            n_sequences: 0,
+            covariance: None,
+            eigen: None,
+            lambda: Some(lambda),
+        }
+    }
+
+    #[test]
+    fn a_layer_the_fit_never_reached_gets_a_finite_heuristic_damping() {
+        // Λ = 0 (an expert no token was routed to): 0.1 · mean Λ would be 0 and 1/(Λ + λ)
+        // infinite; λ = 1 instead.
+        let zero = layer_with(Mat::zeros(2, 3));
+        let (_, lam) =
+            LayerPreconditioner::new(Strategy::Diagonal, zero, Damping::Heuristic).unwrap();
+        assert_eq!(lam, 1.0);
+        // Any other layer keeps 0.1 · mean Λ.
+        let seen = layer_with(Mat::from_fn(2, 3, |i, j| (i + j) as f32));
+        let (_, lam) =
+            LayerPreconditioner::new(Strategy::Diagonal, seen, Damping::Heuristic).unwrap();
+        assert!((lam - 0.1 * 9.0 / 6.0).abs() < 1e-12);
+    }
 }
