@@ -437,6 +437,16 @@ pub struct ValidateLdsArgs {
     /// Discard the retraining results saved in OUT/work/ instead of resuming from them.
     #[arg(long)]
     pub fresh: bool,
+    /// ekfac-refined: the conjugate-gradient iteration counts to score, each a row of its own
+    /// (0 is EK-FAC).
+    #[arg(long, value_delimiter = ',', default_value = "5", value_name = "K,..")]
+    pub iterations: Vec<usize>,
+    /// ekfac-refined: training sequences the Gauss-Newton products average over.
+    #[arg(long, default_value_t = 32, value_name = "N", value_parser = o::REFINE_BATCH.parser())]
+    pub refine_batch: usize,
+    /// ekfac-refined: relative residual at which a query's iterations stop.
+    #[arg(long, default_value_t = 1e-3, value_name = "TOL")]
+    pub refine_tolerance: f64,
 }
 
 impl ValidateExactArgs {
@@ -489,6 +499,12 @@ impl ValidateLdsArgs {
             damping: self.damping,
             threads,
             fresh: self.fresh,
+            refine: infl::options::RefineOptions {
+                refine_batch: self.refine_batch,
+                refine_tolerance: self.refine_tolerance,
+                ..Default::default()
+            },
+            refine_iterations: self.iterations,
         }
     }
 }
