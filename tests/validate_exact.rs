@@ -327,7 +327,7 @@ fn heuristic_damping_equals_the_ekfac_runs_recorded_damping() {
     // The table and exact.json agree.
     let back: ExactReport =
         serde_json::from_str(&std::fs::read_to_string(out.join("exact.json")).unwrap()).unwrap();
-    assert_eq!(back.strategies.len(), 4);
+    assert_eq!(back.strategies.len(), 5);
     assert_eq!(back.layers.len(), 8);
     assert!(report.table().contains("ekfac"));
 }
