@@ -322,6 +322,9 @@ fn pairs(queries: &[Query]) -> Vec<(&[u32], &[u32])> {
         .collect()
 }
 
+/// A strategy's name, its dense `[query][sequence]` scores and its score's time in seconds.
+type StrategyScores = (String, Vec<Vec<f64>>, f64);
+
 /// Influence from the full model, for each strategy: its dense `[query][sequence]` scores
 /// and the score's time, fitted and scored under `OUT/runs/STRATEGY/` (`ekfac-refined`: one
 /// fit, scored once per iteration count into `results-K/`).
@@ -329,7 +332,7 @@ fn strategy_scores(
     job: &LdsJob,
     max_len: usize,
     progress: &dyn Progress,
-) -> Result<Vec<(String, Vec<Vec<f64>>, f64)>> {
+) -> Result<Vec<StrategyScores>> {
     let mut scores = Vec::new();
     for &strategy in &job.strategies {
         let name = strategy.name().to_string();
@@ -555,7 +558,7 @@ impl<'a> Retraining<'a> {
 
 /// The mean over queries of the measurements' spread over subsets, and each strategy's LDS.
 fn lds_per_strategy(
-    scores: &[(String, Vec<Vec<f64>>, f64)],
+    scores: &[StrategyScores],
     subsets: &[Vec<usize>],
     subset_losses: &[Vec<f64>],
     nq: usize,
