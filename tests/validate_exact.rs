@@ -270,6 +270,7 @@ fn heuristic_damping_equals_the_ekfac_runs_recorded_damping() {
             damping: Damping::Heuristic,
             top_k: 3,
             memory_limit: None,
+            refine: Default::default(),
         },
         &Silent,
     )

@@ -391,6 +391,9 @@ pub struct ValidateExactArgs {
     /// Refuse when the exact Fisher would need more than this many MiB [default: MemAvailable].
     #[arg(long, value_name = "MIB")]
     pub memory_limit: Option<u64>,
+    /// How ekfac-refined (GPT-2 only) refines its queries' inverse.
+    #[command(flatten)]
+    pub refine: o::RefineOptions,
 }
 
 #[derive(clap::Args)]
@@ -479,6 +482,7 @@ impl ValidateExactArgs {
             damping: self.damping,
             top_k: self.top_k,
             memory_limit: self.memory_limit.map(|m| m.saturating_mul(1 << 20)),
+            refine: self.refine,
         })
     }
 }

@@ -25,6 +25,7 @@ use crate::io;
 use crate::linalg;
 use crate::model::{self, Labels, ModuleSelection, TapModel, TrackedLayer};
 use crate::options::FitOptions;
+use crate::options::RefineOptions;
 use crate::options::ScoreOptions;
 use crate::pass::Progress;
 use crate::provenance::{CorpusInfo, ModelInfo};
@@ -410,6 +411,8 @@ pub struct ExactJob {
     pub top_k: usize,
     /// Refuse above this many bytes for the exact Fisher (`None`: MemAvailable).
     pub memory_limit: Option<u64>,
+    /// How `ekfac-refined` refines its queries' inverse.
+    pub refine: RefineOptions,
 }
 
 /// One strategy's agreement with the exact scores.
@@ -692,6 +695,7 @@ fn compare_strategy(
                 dense: true,
                 batch_size: job.batch_size,
                 max_len: Some(inputs.max_len),
+                refine: job.refine,
                 ..ScoreOptions::default()
             },
             ..ScoreJob::new(
