@@ -393,7 +393,10 @@ fn cli_validate_exact_on_the_bundled_model() {
         .iter()
         .map(|s| s["strategy"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["ekfac", "kfac", "diagonal", "identity"]);
+    assert_eq!(
+        names,
+        ["ekfac", "kfac", "diagonal", "identity", "ekfac-refined"]
+    );
     for st in strategies {
         let per_query = st["per_query"].as_array().unwrap();
         assert_eq!(per_query.len(), 8);
