@@ -271,6 +271,7 @@ fn heuristic_damping_equals_the_ekfac_runs_recorded_damping() {
             damping: Damping::Heuristic,
             top_k: 3,
             memory_limit: None,
+            refine: Default::default(),
         },
         &Silent,
     )
@@ -328,7 +329,7 @@ fn heuristic_damping_equals_the_ekfac_runs_recorded_damping() {
     // The table and exact.json agree.
     let back: ExactReport =
         serde_json::from_str(&std::fs::read_to_string(out.join("exact.json")).unwrap()).unwrap();
-    assert_eq!(back.strategies.len(), 4);
+    assert_eq!(back.strategies.len(), 5);
     assert_eq!(back.layers.len(), 8);
     assert!(report.table().contains("ekfac"));
 }
@@ -393,7 +394,10 @@ fn cli_validate_exact_on_the_bundled_model() {
         .iter()
         .map(|s| s["strategy"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["ekfac", "kfac", "diagonal", "identity"]);
+    assert_eq!(
+        names,
+        ["ekfac", "kfac", "diagonal", "identity", "ekfac-refined"]
+    );
     for st in strategies {
         let per_query = st["per_query"].as_array().unwrap();
         assert_eq!(per_query.len(), 8);

@@ -233,3 +233,47 @@ fn lds_retrains_subsets_and_reproduces_the_model_on_the_full_set() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `ekfac-refined` is one row per `--iterations` count; 0 iterations is EK-FAC's row exactly,
+/// and every row records its score time.
+#[test]
+fn lds_scores_the_refined_inverse_at_each_iteration_count() {
+    let dir = scratch("lds", "refined");
+    let (corpus, queries) = small_corpus(&dir, 30);
+    let model = dir.join("model");
+    train(&corpus, &model);
+    let out = dir.join("out");
+    ok(&[
+        "validate",
+        "lds",
+        "--model",
+        s(&model),
+        "--train",
+        s(&corpus),
+        "--queries",
+        s(&queries),
+        "--out",
+        s(&out),
+        "--subsets",
+        "3",
+        "--strategies",
+        "ekfac,ekfac-refined",
+        "--iterations",
+        "0,2",
+        "--refine-batch",
+        "8",
+    ]);
+    let r = read(&out.join("lds.json"));
+    let rows = r["strategies"].as_array().unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|x| x["strategy"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ekfac", "ekfac-refined:0", "ekfac-refined:2"]);
+    assert_eq!(rows[0]["per_query"], rows[1]["per_query"]);
+    assert!(rows
+        .iter()
+        .all(|x| x["score_seconds"].as_f64().unwrap() > 0.0));
+    let meta = read(&out.join("runs/ekfac-refined/results-2/meta.json"));
+    assert_eq!(meta["refine"]["sequences"], 8);
+}

@@ -391,6 +391,9 @@ pub struct ValidateExactArgs {
     /// Refuse when the exact Fisher would need more than this many MiB [default: MemAvailable].
     #[arg(long, value_name = "MIB")]
     pub memory_limit: Option<u64>,
+    /// How ekfac-refined (GPT-2 only) refines its queries' inverse.
+    #[command(flatten)]
+    pub refine: o::RefineOptions,
 }
 
 #[derive(clap::Args)]
@@ -437,6 +440,16 @@ pub struct ValidateLdsArgs {
     /// Discard the retraining results saved in OUT/work/ instead of resuming from them.
     #[arg(long)]
     pub fresh: bool,
+    /// ekfac-refined: the conjugate-gradient iteration counts to score, each a row of its own
+    /// (0 is EK-FAC).
+    #[arg(long, value_delimiter = ',', default_value = "5", value_name = "K,..")]
+    pub iterations: Vec<usize>,
+    /// ekfac-refined: training sequences the Gauss-Newton products average over.
+    #[arg(long, default_value_t = 32, value_name = "N", value_parser = o::REFINE_BATCH.parser())]
+    pub refine_batch: usize,
+    /// ekfac-refined: relative residual at which a query's iterations stop.
+    #[arg(long, default_value_t = 1e-3, value_name = "TOL")]
+    pub refine_tolerance: f64,
 }
 
 impl ValidateExactArgs {
@@ -469,6 +482,7 @@ impl ValidateExactArgs {
             damping: self.damping,
             top_k: self.top_k,
             memory_limit: self.memory_limit.map(|m| m.saturating_mul(1 << 20)),
+            refine: self.refine,
         })
     }
 }
@@ -489,6 +503,12 @@ impl ValidateLdsArgs {
             damping: self.damping,
             threads,
             fresh: self.fresh,
+            refine: infl::options::RefineOptions {
+                refine_batch: self.refine_batch,
+                refine_tolerance: self.refine_tolerance,
+                ..Default::default()
+            },
+            refine_iterations: self.iterations,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! `I(q, z) = Σ_ℓ ⟨P_{q,ℓ}, G_{z,ℓ}⟩`. Positive: up-weighting z lowers −log p(completion | prompt).
 
 pub mod device;
+pub mod refine;
 
 use crate::curvature::{Factors, LayerFactors, Strategy};
 use crate::data::{Query, Sequence};
@@ -75,7 +76,7 @@ impl LayerPreconditioner {
             |what: &str| Error::Mismatch(format!("layer {name}: the factors hold no {what}"));
         // Λ read in f64, as kronfluence prepares it; the reciprocal is then stored in f32.
         let lambda: Box<dyn Fn(usize, usize) -> f64 + '_> = match strategy {
-            Strategy::Ekfac | Strategy::Diagonal => {
+            Strategy::Ekfac | Strategy::EkfacRefined | Strategy::Diagonal => {
                 let l = lf.lambda.as_ref().ok_or_else(|| missing("Λ"))?;
                 Box::new(move |i, j| l[(i, j)] as f64)
             }
@@ -130,6 +131,10 @@ pub struct Preconditioner {
     layers: Vec<LayerPreconditioner>,
     /// The λ used per layer (0 for identity).
     pub damping: Vec<f64>,
+    /// Whether the factors' strategy refines each query's inverse ([`refine`]).
+    refined: bool,
+    /// The refinement, once the scoring job has set it up ([`Preconditioner::refine_with`]).
+    refiner: Option<refine::Refiner>,
 }
 
 impl Preconditioner {
@@ -176,7 +181,20 @@ impl Preconditioner {
         Ok(Preconditioner {
             layers: built,
             damping: used,
+            refined: strategy.is_refined(),
+            refiner: None,
         })
+    }
+
+    /// Whether the factors' strategy refines each query's inverse, so that preconditioning
+    /// queries needs [`Preconditioner::refine_with`] first.
+    pub fn is_refined(&self) -> bool {
+        self.refined
+    }
+
+    /// Refines the queries [`precondition_queries`] preconditions from now on.
+    pub fn refine_with(&mut self, refiner: refine::Refiner) {
+        self.refiner = Some(refiner);
     }
 
     /// Returns the memory of the damped inverse (its eigenvectors are about half the factors)
@@ -329,6 +347,17 @@ impl Preconditioner {
         }
     }
 
+    /// A matrix in the original basis taken into layer `layer`'s: `Q_Sᵀ M Q_A` for an
+    /// eigenbasis, `M` otherwise ([`Self::from_basis`] undoes it).
+    pub fn to_basis(&self, layer: usize, m: MatRef<'_, f32>) -> Mat<f32> {
+        match &self.layers[layer] {
+            LayerPreconditioner::Eigen { q_a, q_s, .. } => {
+                linalg::mul(linalg::mul(q_s.transpose(), m).as_ref(), q_a.as_ref())
+            }
+            _ => m.to_owned(),
+        }
+    }
+
     /// A matrix in layer `layer`'s basis taken back to the original one: `Q_S S Q_Aᵀ` for an
     /// eigenbasis, `S` otherwise.
     pub fn from_basis(&self, layer: usize, s: Mat<f32>) -> Mat<f32> {
@@ -404,6 +433,8 @@ pub struct PreconditionedQueries {
     /// ⟨P_q, G_q⟩ summed over layers: the query's squared norm in the damped inverse-Fisher
     /// metric (before any rank truncation), for cosine normalisation.
     pub self_influence: Vec<f64>,
+    /// How the queries' inverse was refined (`ekfac-refined` factors only).
+    pub refined: Option<refine::RefineReport>,
 }
 
 impl PreconditionedQueries {
@@ -474,6 +505,14 @@ pub fn precondition_queries(
         .collect();
     let mut losses = Vec::with_capacity(n_q);
     let mut self_influence = vec![0f64; n_q];
+    if preconditioner.refined && preconditioner.refiner.is_none() {
+        return Err(Error::input(
+            "ekfac-refined factors: this command does not refine the inverse; score them \
+             with `infl score` (or fit --strategy ekfac for plain EK-FAC)",
+        ));
+    }
+    let mut refined = Vec::new();
+    let refine_started = std::time::Instant::now();
     let total: usize = queries
         .iter()
         .map(|q| q.prompt_ids.len() + q.completion_ids.len())
@@ -500,10 +539,25 @@ pub fn precondition_queries(
             "query gradients",
         )?;
         losses.extend_from_slice(&taps.losses);
+        let rotated: Vec<Mat<f32>> = (0..tracked.len())
+            .map(|index| preconditioner.basis_gradients(index, &tracked[index], &taps))
+            .collect();
+        let mut scaled: Vec<Vec<f32>> = (0..tracked.len())
+            .map(|index| preconditioner.scale_columns(index, &rotated[index]))
+            .collect();
+        if let Some(refiner) = preconditioner.refiner.as_ref() {
+            let dims: Vec<usize> = tracked.iter().map(|l| l.d_out * l.d_in_h()).collect();
+            refined.extend(refine_chunk(
+                refiner,
+                preconditioner,
+                &rotated,
+                &mut scaled,
+                &dims,
+            )?);
+        }
         for (index, l) in tracked.iter().enumerate() {
             let (d_o, d_i) = (l.d_out, l.d_in_h());
-            let rotated = preconditioner.basis_gradients(index, l, &taps);
-            let scaled = preconditioner.scale_columns(index, &rotated);
+            let (rotated, scaled) = (&rotated[index], &scaled[index]);
             for k in 0..chunk.len() {
                 // ⟨P, G⟩ is the same in either basis.
                 let r = rotated
@@ -532,7 +586,7 @@ pub fn precondition_queries(
                             col.copy_from_slice(&scaled[k * d_o * d_i..(k + 1) * d_o * d_i]);
                         }
                     } else {
-                        preconditioner.from_basis_into(index, &scaled, (d_o, d_i), &mut dst);
+                        preconditioner.from_basis_into(index, scaled, (d_o, d_i), &mut dst);
                     }
                 }
                 LayerQueries::LowRank { u, v, rank } => {
@@ -551,11 +605,60 @@ pub fn precondition_queries(
         progress.advance(batch.n_tokens() as u64);
     }
     progress.end();
+    let refined = preconditioner
+        .refiner
+        .as_ref()
+        .map(|r| refine::RefineReport {
+            options: *r.options(),
+            sequences: r.sequences(),
+            seconds: refine_started.elapsed().as_secs_f64(),
+            queries: refined,
+        });
     Ok(PreconditionedQueries {
         per_layer,
         losses,
         self_influence,
+        refined,
     })
+}
+
+/// Each query of a chunk refined in place: `rotated` (per layer, a column per query) are the
+/// gradients in the eigenbasis, `scaled` (per layer, the queries one after the other, `dims`
+/// each) EK-FAC's answers there.
+fn refine_chunk(
+    refiner: &refine::Refiner,
+    preconditioner: &Preconditioner,
+    rotated: &[Mat<f32>],
+    scaled: &mut [Vec<f32>],
+    dims: &[usize],
+) -> Result<Vec<refine::Convergence>> {
+    let n = rotated.first().map_or(0, |m| m.ncols());
+    let mut out = Vec::with_capacity(n);
+    if refiner.options().iterations == 0 {
+        return Ok(out);
+    }
+    for k in 0..n {
+        let b: Vec<Vec<f32>> = rotated
+            .iter()
+            .map(|m| {
+                let col = m
+                    .col(k)
+                    .try_as_col_major()
+                    .expect("owned column is contiguous");
+                col.as_slice().to_vec()
+            })
+            .collect();
+        let mut x: Vec<Vec<f32>> = scaled
+            .iter()
+            .zip(dims)
+            .map(|(s, &d)| s[k * d..(k + 1) * d].to_vec())
+            .collect();
+        out.push(refiner.solve(preconditioner, &b, &mut x)?);
+        for ((s, &d), xl) in scaled.iter_mut().zip(dims).zip(&x) {
+            s[k * d..(k + 1) * d].copy_from_slice(xl);
+        }
+    }
+    Ok(out)
 }
 
 /// FLOPs of the products of a full-rank scoring pass's statistics over `n_tokens` tokens in

@@ -105,6 +105,12 @@ pub const PREFILTER: AtLeast = AtLeast {
     min: 1,
     why: "a query with no candidate has nothing to score",
 };
+/// `score --refine-batch`.
+pub const REFINE_BATCH: AtLeast = AtLeast {
+    flag: "refine-batch",
+    min: 1,
+    why: "the Gauss-Newton products average over at least one training sequence",
+};
 /// `--checkpoint-every`.
 pub const CHECKPOINT_EVERY: AtLeast = AtLeast {
     flag: "checkpoint-every",
@@ -405,6 +411,63 @@ pub struct ScoreOptions {
     #[cfg_attr(feature = "clap", command(flatten))]
     #[serde(flatten)]
     pub columns: Columns,
+    /// The refined inverse of `ekfac-refined` factors.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    #[serde(flatten)]
+    pub refine: RefineOptions,
+}
+
+/// How `ekfac-refined` factors' inverse is refined per query: preconditioned conjugate
+/// gradient on `(G + λI) x = ∇f_q` over exact Gauss-Newton products on a seeded sample of the
+/// corpus, with EK-FAC's damped inverse as the preconditioner and its answer as the start
+/// (docs/math.md). Other strategies' scores ignore these.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[serde(default)]
+pub struct RefineOptions {
+    /// With ekfac-refined factors: conjugate-gradient iterations per query (each one
+    /// Gauss-Newton product over --refine-batch sequences); 0 scores exactly as ekfac.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 5, value_name = "K"))]
+    pub iterations: usize,
+    /// With ekfac-refined factors: training sequences (a seeded sample of --train) the
+    /// Gauss-Newton products average over.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 32, value_name = "N", value_parser = REFINE_BATCH.parser()))]
+    pub refine_batch: usize,
+    /// With ekfac-refined factors: a query's iterations stop once its residual
+    /// ‖∇f_q − (G + λI) x‖ is at most this fraction of ‖∇f_q‖.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, default_value_t = 1e-3, value_name = "TOL")
+    )]
+    pub refine_tolerance: f64,
+    /// With ekfac-refined factors: seed of the sample of --train.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0, value_name = "SEED"))]
+    pub refine_seed: u64,
+}
+
+impl Default for RefineOptions {
+    fn default() -> Self {
+        RefineOptions {
+            iterations: 5,
+            refine_batch: 32,
+            refine_tolerance: 1e-3,
+            refine_seed: 0,
+        }
+    }
+}
+
+impl RefineOptions {
+    /// Every option in its range.
+    pub fn check(&self) -> Result<()> {
+        REFINE_BATCH.check(self.refine_batch)?;
+        if !(self.refine_tolerance.is_finite() && self.refine_tolerance >= 0.0) {
+            return Err(Error::usage(format!(
+                "--refine-tolerance {}: must be a number of at least 0",
+                self.refine_tolerance
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Sequences sampled per query outside the pre-filter's candidates.
@@ -436,6 +499,7 @@ impl ScoreOptions {
         BATCH_SIZE.check(self.batch_size)?;
         MAX_LEN.check_some(self.max_len)?;
         PREFILTER.check_some(self.prefilter)?;
+        self.refine.check()?;
         if self.query_rank == QueryRank(Some(0)) {
             return Err(Error::usage(
                 "--query-rank 0: must be `full` or a whole number of at least 1",
@@ -465,6 +529,7 @@ impl Default for ScoreOptions {
             store: false,
             parquet: false,
             columns: Columns::default(),
+            refine: RefineOptions::default(),
         }
     }
 }
@@ -753,6 +818,26 @@ mod range_tests {
                 ..ScoreOptions::default()
             }),
             "--top-k",
+        );
+        usage(
+            score(ScoreOptions {
+                refine: RefineOptions {
+                    refine_batch: 0,
+                    ..RefineOptions::default()
+                },
+                ..ScoreOptions::default()
+            }),
+            "--refine-batch",
+        );
+        usage(
+            score(ScoreOptions {
+                refine: RefineOptions {
+                    refine_tolerance: -1.0,
+                    ..RefineOptions::default()
+                },
+                ..ScoreOptions::default()
+            }),
+            "--refine-tolerance",
         );
         usage(
             score(ScoreOptions {

@@ -11,12 +11,14 @@
 //! One idea per file: `strategy` (what a fit computes), `statistics` (the sums a pass adds
 //! batches to), `passes` (running them over sequences), `eigen` (sums to factors), `factors`
 //! (the factors and their tensors), [`device`] (the statistics on a GPU) and [`format`] (the
-//! factors directory). The batch loop under every pass is [`crate::pass`]'s.
+//! factors directory); [`gauss_newton`] the exact Gauss-Newton-vector products of the refined
+//! inverse. The batch loop under every pass is [`crate::pass`]'s.
 
 pub mod device;
 mod eigen;
 mod factors;
 pub mod format;
+pub mod gauss_newton;
 mod passes;
 mod statistics;
 mod strategy;

@@ -14,6 +14,11 @@ pub enum Strategy {
     Diagonal,
     /// No curvature: plain gradient dot products, no damping.
     Identity,
+    /// EK-FAC's factors; at scoring time each query's inverse is refined by preconditioned
+    /// conjugate gradient over exact Gauss-Newton products (`score --iterations`).
+    #[serde(rename = "ekfac-refined")]
+    #[cfg_attr(feature = "clap", value(name = "ekfac-refined"))]
+    EkfacRefined,
 }
 
 impl Strategy {
@@ -24,14 +29,26 @@ impl Strategy {
             Strategy::Kfac => "kfac",
             Strategy::Diagonal => "diagonal",
             Strategy::Identity => "identity",
+            Strategy::EkfacRefined => "ekfac-refined",
         }
     }
 
+    /// Whether scores refine the factors' inverse per query (`score --iterations`).
+    pub fn is_refined(self) -> bool {
+        self == Strategy::EkfacRefined
+    }
+
     pub(super) fn needs_covariance(self) -> bool {
-        matches!(self, Strategy::Ekfac | Strategy::Kfac)
+        matches!(
+            self,
+            Strategy::Ekfac | Strategy::EkfacRefined | Strategy::Kfac
+        )
     }
     pub(super) fn needs_lambda(self) -> bool {
-        matches!(self, Strategy::Ekfac | Strategy::Diagonal)
+        matches!(
+            self,
+            Strategy::Ekfac | Strategy::EkfacRefined | Strategy::Diagonal
+        )
     }
 }
 

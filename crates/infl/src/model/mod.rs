@@ -535,7 +535,7 @@ impl AnyModel {
     }
 }
 
-fn load_autograd(
+pub(crate) fn load_autograd(
     dir: &Path,
     modules: ModuleSelection,
     device: &candle_core::Device,

@@ -103,6 +103,9 @@ pub struct ScoresMeta {
     /// [`super::REMOVAL_CONVENTION`] where `removal` is present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removal_convention: Option<String>,
+    /// How each query's inverse was refined (`ekfac-refined` factors; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<crate::influence::refine::RefineReport>,
 }
 
 /// What every scores-like output's `meta.json` records besides its options and queries.
@@ -159,7 +162,13 @@ impl ScoresMeta {
             score_convention: convention.into(),
             removal_convention: removal.as_ref().map(|_| REMOVAL_CONVENTION.into()),
             removal,
+            refine: None,
         }
+    }
+
+    /// The record of how the queries' inverse was refined.
+    pub fn with_refine(self, refine: Option<crate::influence::refine::RefineReport>) -> Self {
+        ScoresMeta { refine, ..self }
     }
 
     /// Reads a results `meta.json` of any format this infl knows.

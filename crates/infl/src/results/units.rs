@@ -30,7 +30,9 @@ impl RemovalScale {
             return None;
         }
         let (n, counts) = match strategy {
-            Strategy::Ekfac | Strategy::Diagonal => (fitted_on.n_sequences, "sequences"),
+            Strategy::Ekfac | Strategy::EkfacRefined | Strategy::Diagonal => {
+                (fitted_on.n_sequences, "sequences")
+            }
             Strategy::Kfac => (fitted_on.n_tokens, "tokens"),
             Strategy::Identity => return None,
         };

@@ -25,6 +25,7 @@ use crate::io;
 use crate::linalg;
 use crate::model::{self, Labels, ModuleSelection, TapModel, TrackedLayer};
 use crate::options::FitOptions;
+use crate::options::RefineOptions;
 use crate::options::ScoreOptions;
 use crate::pass::Progress;
 use crate::provenance::{CorpusInfo, ModelInfo};
@@ -34,12 +35,15 @@ use faer::linalg::solvers::Solve;
 use faer::{Accum, Mat, MatRef, Side};
 use std::path::{Path, PathBuf};
 
-/// The strategies compared against the exact Fisher, in table order.
-pub const STRATEGIES: [Strategy; 4] = [
+/// The strategies compared against the exact Fisher, in table order (`ekfac-refined` with
+/// `score`'s default refinement, on GPT-2 checkpoints only: the Gauss-Newton products it needs
+/// exist for GPT-2 alone).
+pub const STRATEGIES: [Strategy; 5] = [
     Strategy::Ekfac,
     Strategy::Kfac,
     Strategy::Diagonal,
     Strategy::Identity,
+    Strategy::EkfacRefined,
 ];
 
 /// How `(F + λI)⁻¹` is applied for one layer.
@@ -407,6 +411,8 @@ pub struct ExactJob {
     pub top_k: usize,
     /// Refuse above this many bytes for the exact Fisher (`None`: MemAvailable).
     pub memory_limit: Option<u64>,
+    /// How `ekfac-refined` refines its queries' inverse.
+    pub refine: RefineOptions,
 }
 
 /// One strategy's agreement with the exact scores.
@@ -544,8 +550,10 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
     )?;
     let exact_seconds = exact_started.elapsed().as_secs_f64();
 
+    let gpt2 = inputs.model.architecture() == "gpt2";
     let strategies = STRATEGIES
         .into_iter()
+        .filter(|s| gpt2 || !s.is_refined())
         .map(|strategy| compare_strategy(job, &inputs, &options, strategy, &exact, progress))
         .collect::<Result<Vec<_>>>()?;
     let n = inputs.corpus.sequences.len();
@@ -687,6 +695,7 @@ fn compare_strategy(
                 dense: true,
                 batch_size: job.batch_size,
                 max_len: Some(inputs.max_len),
+                refine: job.refine,
                 ..ScoreOptions::default()
             },
             ..ScoreJob::new(

@@ -25,7 +25,7 @@ use crate::io;
 use crate::model::gpt2::{Gpt2, Gpt2Config};
 use crate::model::ModuleSelection;
 use crate::options::FitOptions;
-use crate::options::ScoreOptions;
+use crate::options::{RefineOptions, ScoreOptions};
 use crate::pass::{Progress, Silent};
 use crate::train::{completion_losses, Trainer, TrainingRecord};
 use crate::workflow::{self, FitJob, ScoreJob};
@@ -57,6 +57,10 @@ pub struct LdsJob {
     pub threads: usize,
     /// Discard saved retraining results in `OUT/work/`.
     pub fresh: bool,
+    /// How `ekfac-refined` refines (its `iterations` unused: see `refine_iterations`).
+    pub refine: RefineOptions,
+    /// `ekfac-refined`'s iteration counts, each scored as a row of its own.
+    pub refine_iterations: Vec<usize>,
 }
 
 /// The subsets' indices: `round(fraction · n)` distinct sequences each, sorted, drawn for subset
@@ -101,6 +105,9 @@ pub struct StrategyLds {
     pub max: f64,
     /// Per query, in query-file order.
     pub per_query: Vec<f64>,
+    /// Time of the strategy's `infl score` (queries and the pass over the corpus).
+    #[serde(default)]
+    pub score_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -134,7 +141,7 @@ pub struct LdsReport {
 impl LdsReport {
     pub fn table(&self) -> String {
         let mut s = format!(
-            "LDS: {} retrained models on {:.0}% subsets of {} sequences, {} queries\n{:<10} {:>8} {:>8} {:>8} {:>8}\n",
+            "LDS: {} retrained models on {:.0}% subsets of {} sequences, {} queries\n{:<16} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
             self.subsets,
             self.fraction * 100.0,
             self.n_sequences,
@@ -143,12 +150,18 @@ impl LdsReport {
             "mean",
             "± s.e.",
             "min",
-            "max"
+            "max",
+            "score s"
         );
         for r in &self.strategies {
             s += &format!(
-                "{:<10} {:>8.3} {:>8.3} {:>8.3} {:>8.3}\n",
-                r.strategy, r.mean, r.stderr, r.min, r.max
+                "{:<16} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>9.1}\n",
+                r.strategy,
+                r.mean,
+                r.stderr,
+                r.min,
+                r.max,
+                r.score_seconds.unwrap_or(f64::NAN)
             );
         }
         s
@@ -309,13 +322,17 @@ fn pairs(queries: &[Query]) -> Vec<(&[u32], &[u32])> {
         .collect()
 }
 
-/// Influence from the full model, for each strategy: its dense `[query][sequence]` scores,
-/// fitted and scored under `OUT/runs/STRATEGY/`.
+/// A strategy's name, its dense `[query][sequence]` scores and its score's time in seconds.
+type StrategyScores = (String, Vec<Vec<f64>>, f64);
+
+/// Influence from the full model, for each strategy: its dense `[query][sequence]` scores
+/// and the score's time, fitted and scored under `OUT/runs/STRATEGY/` (`ekfac-refined`: one
+/// fit, scored once per iteration count into `results-K/`).
 fn strategy_scores(
     job: &LdsJob,
     max_len: usize,
     progress: &dyn Progress,
-) -> Result<Vec<(String, Vec<Vec<f64>>)>> {
+) -> Result<Vec<StrategyScores>> {
     let mut scores = Vec::new();
     for &strategy in &job.strategies {
         let name = strategy.name().to_string();
@@ -334,24 +351,42 @@ fn strategy_scores(
             ),
             progress,
         )?;
-        workflow::score(
-            &ScoreJob {
-                options: ScoreOptions {
-                    damping: job.damping,
-                    dense: true,
-                    ..ScoreOptions::default()
+        let runs: Vec<(String, String, RefineOptions)> = match strategy.is_refined() {
+            false => vec![(name, "results".into(), job.refine)],
+            true => job
+                .refine_iterations
+                .iter()
+                .map(|&k| {
+                    let refine = RefineOptions {
+                        iterations: k,
+                        ..job.refine
+                    };
+                    (format!("{name}:{k}"), format!("results-{k}"), refine)
+                })
+                .collect(),
+        };
+        for (name, results, refine) in runs {
+            let summary = workflow::score(
+                &ScoreJob {
+                    options: ScoreOptions {
+                        damping: job.damping,
+                        dense: true,
+                        refine,
+                        ..ScoreOptions::default()
+                    },
+                    ..ScoreJob::new(
+                        job.model.clone(),
+                        dir.join("factors"),
+                        job.train.clone(),
+                        job.queries.clone(),
+                        dir.join(&results),
+                    )
                 },
-                ..ScoreJob::new(
-                    job.model.clone(),
-                    dir.join("factors"),
-                    job.train.clone(),
-                    job.queries.clone(),
-                    dir.join("results"),
-                )
-            },
-            progress,
-        )?;
-        scores.push((name, super::exact::read_dense(&dir.join("results"))?));
+                progress,
+            )?;
+            let dense = super::exact::read_dense(&dir.join(&results))?;
+            scores.push((name, dense, summary.seconds));
+        }
     }
     Ok(scores)
 }
@@ -523,7 +558,7 @@ impl<'a> Retraining<'a> {
 
 /// The mean over queries of the measurements' spread over subsets, and each strategy's LDS.
 fn lds_per_strategy(
-    scores: &[(String, Vec<Vec<f64>>)],
+    scores: &[StrategyScores],
     subsets: &[Vec<usize>],
     subset_losses: &[Vec<f64>],
     nq: usize,
@@ -539,11 +574,14 @@ fn lds_per_strategy(
         / nq.max(1) as f64;
     let strategies = scores
         .iter()
-        .map(|(name, dense)| {
+        .map(|(name, dense, seconds)| {
             let per_query: Vec<f64> = (0..nq)
                 .map(|q| lds(&dense[q], subsets, &column(q)))
                 .collect();
-            summarise(name, per_query)
+            StrategyLds {
+                score_seconds: Some(*seconds),
+                ..summarise(name, per_query)
+            }
         })
         .collect();
     (mean_loss_spread, strategies)
@@ -568,6 +606,7 @@ fn summarise(name: &str, per_query: Vec<f64>) -> StrategyLds {
             min: f64::NAN,
             max: f64::NAN,
             per_query,
+            score_seconds: None,
         };
     }
     let k = finite.len() as f64;
@@ -580,6 +619,7 @@ fn summarise(name: &str, per_query: Vec<f64>) -> StrategyLds {
         min: finite.iter().copied().fold(f64::INFINITY, f64::min),
         max: finite.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         per_query,
+        score_seconds: None,
     }
 }
 

@@ -142,12 +142,12 @@ pub fn table(rows: &[(String, AgreementSummary)], k: usize) -> String {
     let cell = |mean: f64, min: f64, digits: usize| format!("{mean:.digits$} ({min:.digits$})");
     let head_k = format!("top-{k} overlap mean (min)");
     let mut out = format!(
-        "{:<10} {:>22} {:>22} {:>28}\n",
+        "{:<14} {:>22} {:>22} {:>28}\n",
         "strategy", "Spearman mean (min)", "Pearson mean (min)", head_k
     );
     for (name, s) in rows {
         out.push_str(&format!(
-            "{:<10} {:>22} {:>22} {:>28}\n",
+            "{:<14} {:>22} {:>22} {:>28}\n",
             name,
             cell(s.mean.spearman, s.min.spearman, 4),
             cell(s.mean.pearson, s.min.pearson, 4),

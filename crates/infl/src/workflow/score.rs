@@ -9,8 +9,10 @@ use super::score_merge::{
 use super::score_store::{open_store, score_from_store};
 use super::{open_work_dir, prepare_layers, Prepared, CHUNK_BATCHES};
 use crate::checkpoint;
+use crate::curvature::gauss_newton::GaussNewton;
 use crate::data::{self, CorpusStats, LazyTokenizer, Query, Sequence};
 use crate::error::{Error, Result};
+use crate::influence::refine::{self, Refiner};
 use crate::influence::{self, PreconditionedQueries, Preconditioner};
 use crate::model::{self, Labels, TapBatch, TapModel, TrackedLayer};
 use crate::options::{Compute, Normalize, Partitioning, QueryRank, RunOptions, ScoreOptions};
@@ -174,6 +176,11 @@ pub(super) fn score_layers(
         true => Some(open_store(job, &prepared.fmeta, prepared.max_len)?),
         false => None,
     };
+    if prepared.preconditioner.is_refined() {
+        let refiner = refiner(job, &options, &prepared, &mut tok)?;
+        prepared.preconditioner.refine_with(refiner);
+    }
+    let model = prepared.model.as_ref();
     let pq = influence::precondition_queries(
         model,
         &queries,
@@ -409,6 +416,36 @@ fn scores_meta(
             preconditioner: &prepared.preconditioner,
         },
     )
+    .with_refine(pq.refined.clone())
+}
+
+/// The refinement of `ekfac-refined` factors' inverse: the autograd model on the scored layers
+/// and a seeded sample of the corpus (drawn by the factors' sequence count).
+fn refiner(
+    job: &ScoreJob,
+    options: &ScoreOptions,
+    prepared: &Prepared,
+    tok: &mut LazyTokenizer,
+) -> Result<Refiner> {
+    if options.normalize == Normalize::Cosine {
+        return Err(Error::input(
+            "--normalize cosine needs every training sequence's own influence, which the \
+             refined inverse does not compute; score ekfac-refined factors without it",
+        ));
+    }
+    let device = job.compute.device.candle()?;
+    let model = model::load_autograd(&job.model, prepared.fmeta.options.modules, &device)?;
+    let tracked = prepared.model.tracked();
+    let gn = GaussNewton::new(model, tracked)?;
+    let sample = refine::sample_corpus(
+        &job.train,
+        &options.columns,
+        tok,
+        (prepared.max_len, prepared.model.vocab_size()),
+        prepared.fmeta.corpus.n_sequences,
+        &options.refine,
+    )?;
+    Refiner::new(gn, sample, options.refine, options.batch_size)
 }
 
 /// The memory estimate of a scoring run, re-checked as longer sequences arrive. Scoring
