@@ -65,6 +65,12 @@ pub(super) fn score_partitioned(job: &ScoreJob, progress: &dyn Progress) -> Resu
         ));
     }
     let fmeta = open_factors(&job.factors)?;
+    if fmeta.options.strategy == crate::curvature::Strategy::EkfacRefined {
+        // Its Gauss-Newton products couple every layer: a partition's alone would differ.
+        return Err(Error::usage(
+            "ekfac-refined factors refine each query through every layer at once: score them without --partition, --partitions or --memory-limit",
+        ));
+    }
     let tracked = fitted_layers(&fmeta.layers, &job.factors)?;
     let (count, run_here) = partitions_to_run(job, &tracked)?;
     let lock_as = match run_here.as_slice() {
