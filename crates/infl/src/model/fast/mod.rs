@@ -30,9 +30,10 @@ use std::sync::Arc;
 /// The fast counterpart of an autograd model (same weights, tracked layers and taps).
 pub fn from_autograd(model: AnyModel) -> Result<Box<dyn TapModel>> {
     Ok(match model {
-        AnyModel::Gpt2(m) => Box::new(gpt2::fast::FastGpt2::new(&m)?),
-        AnyModel::GptNeoX(m) => Box::new(gpt_neox::fast::FastGptNeoX::new(&m)?),
-        AnyModel::Llama(m) => Box::new(llama::fast::FastLlama::new(&m)?),
+        // Consumed block by block: the weights are never held twice.
+        AnyModel::Gpt2(m) => Box::new(gpt2::fast::FastGpt2::from_owned(m)?),
+        AnyModel::GptNeoX(m) => Box::new(gpt_neox::fast::FastGptNeoX::from_owned(m)?),
+        AnyModel::Llama(m) => Box::new(llama::fast::FastLlama::from_owned(m)?),
     })
 }
 

@@ -49,6 +49,22 @@ pub struct Gpt2Net {
 
 impl FastGpt2 {
     pub fn new(m: &Gpt2) -> Result<Self> {
+        Self::assemble(m, m.blocks.iter())
+    }
+
+    /// [`Self::new`], consuming the autograd model: each block's tensors are freed once
+    /// copied, so the weights are never held twice (at most the model and one block's copy).
+    pub fn from_owned(mut m: Gpt2) -> Result<Self> {
+        let blocks = std::mem::take(&mut m.blocks);
+        Self::assemble(&m, blocks)
+    }
+
+    /// The engine's model from `m`'s configuration and embeddings and `blocks` (`m`'s own,
+    /// borrowed or taken from it).
+    fn assemble<B: std::borrow::Borrow<super::Block>>(
+        m: &Gpt2,
+        blocks: impl IntoIterator<Item = B>,
+    ) -> Result<Self> {
         let c = m.config();
         let act = Act::from_name(&c.activation_function).ok_or_else(|| {
             Error::input(format!(
@@ -60,10 +76,10 @@ impl FastGpt2 {
         let wte = Arc::new(to_vec(&m.wte)?);
         let norm =
             |ln: &crate::model::autograd::LayerNorm| Norm::layer(&ln.weight, &ln.bias, ln.eps);
-        let blocks = m
-            .blocks
-            .iter()
+        let blocks = blocks
+            .into_iter()
             .map(|b| {
+                let b = b.borrow();
                 Ok(Block {
                     ln_1: norm(&b.ln_1)?,
                     c_attn: conv1d(&b.c_attn)?,

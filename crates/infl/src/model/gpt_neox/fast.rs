@@ -43,16 +43,32 @@ pub struct GptNeoXNet {
 
 impl FastGptNeoX {
     pub fn new(m: &GptNeoX) -> Result<Self> {
+        Self::assemble(m, m.blocks.iter())
+    }
+
+    /// [`Self::new`], consuming the autograd model: each block's tensors are freed once
+    /// copied, so the weights are never held twice (at most the model and one block's copy).
+    pub fn from_owned(mut m: GptNeoX) -> Result<Self> {
+        let blocks = std::mem::take(&mut m.blocks);
+        Self::assemble(&m, blocks)
+    }
+
+    /// The engine's model from `m`'s configuration and embeddings and `blocks` (`m`'s own,
+    /// borrowed or taken from it).
+    fn assemble<B: std::borrow::Borrow<super::Block>>(
+        m: &GptNeoX,
+        blocks: impl IntoIterator<Item = B>,
+    ) -> Result<Self> {
         let c = m.config();
         let act = Act::from_name(&c.hidden_act).ok_or_else(|| {
             Error::input(format!("hidden_act `{}` is not supported", c.hidden_act))
         })?;
         let embed = Arc::new(to_vec(&m.embed_in)?);
         let norm = |n: &autograd::LayerNorm| Norm::layer(&n.weight, &n.bias, n.eps);
-        let blocks = m
-            .blocks
-            .iter()
+        let blocks = blocks
+            .into_iter()
             .map(|b| {
+                let b = b.borrow();
                 Ok(Block {
                     input_layernorm: norm(&b.input_layernorm)?,
                     post_attention_layernorm: norm(&b.post_attention_layernorm)?,

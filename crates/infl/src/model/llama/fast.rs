@@ -79,6 +79,22 @@ pub(crate) fn split_cols(m: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
 
 impl FastLlama {
     pub fn new(m: &Llama) -> Result<Self> {
+        Self::assemble(m, m.blocks.iter())
+    }
+
+    /// [`Self::new`], consuming the autograd model: each block's tensors are freed once
+    /// copied, so the weights are never held twice (at most the model and one block's copy).
+    pub fn from_owned(mut m: Llama) -> Result<Self> {
+        let blocks = std::mem::take(&mut m.blocks);
+        Self::assemble(&m, blocks)
+    }
+
+    /// The engine's model from `m`'s configuration and embeddings and `blocks` (`m`'s own,
+    /// borrowed or taken from it).
+    fn assemble<B: std::borrow::Borrow<super::Block>>(
+        m: &Llama,
+        blocks: impl IntoIterator<Item = B>,
+    ) -> Result<Self> {
         let c = m.config();
         let act = Act::from_name(&c.hidden_act).ok_or_else(|| {
             Error::input(format!("hidden_act `{}` is not supported", c.hidden_act))
@@ -92,10 +108,10 @@ impl FastLlama {
         }
         let embed = Arc::new(to_vec(&m.embed)?);
         let norm = |n: &autograd::RmsNorm| Norm::rms(&n.weight, n.eps);
-        let blocks = m
-            .blocks
-            .iter()
+        let blocks = blocks
+            .into_iter()
             .map(|b| {
+                let b = b.borrow();
                 let Mlp::Dense { gate, up, down } = &b.mlp else {
                     return Err(Error::Other(
                         "internal: an expert block in a dense model".into(),
