@@ -130,19 +130,7 @@ pub fn load(
     if !mpath.exists() {
         return Ok(None);
     }
-    let manifest: Manifest = io::read_json(&mpath).map_err(|e| {
-        Error::Mismatch(format!(
-            "{}: unreadable checkpoint manifest ({e}); delete it or rerun with --fresh",
-            mpath.display()
-        ))
-    })?;
-    if manifest.fingerprint != fingerprint(settings) {
-        return Err(Error::Mismatch(format!(
-            "{}: this state was written by a run with other settings ({}); rerun with those settings, or with --fresh to discard it",
-            mpath.display(),
-            differing_keys(&manifest.settings, settings)
-        )));
-    }
+    let manifest = read_manifest(&mpath, settings)?;
     let ppath = dir.join(&manifest.file);
     let payload = std::fs::read(&ppath).map_err(|e| {
         Error::Mismatch(format!(
@@ -159,6 +147,48 @@ pub fn load(
         )));
     }
     Ok(Some((manifest, payload)))
+}
+
+/// [`load`] of a safetensors state, memory-mapped rather than read: for a large state read
+/// once, a tensor at a time (its checksum is still verified, page by page).
+pub fn load_mapped(
+    dir: &Path,
+    stem: &str,
+    settings: &serde_json::Value,
+) -> Result<Option<(Manifest, io::MappedTensors)>> {
+    let mpath = manifest_path(dir, stem);
+    if !mpath.exists() {
+        return Ok(None);
+    }
+    let manifest = read_manifest(&mpath, settings)?;
+    let ppath = dir.join(&manifest.file);
+    let mapped = io::MappedTensors::open(&ppath)?;
+    if hex(&sha2::Sha256::digest(mapped.bytes())) != manifest.sha256 {
+        return Err(Error::Mismatch(format!(
+            "{}: corrupt checkpoint (its SHA-256 does not match {}); rerun with --fresh",
+            ppath.display(),
+            mpath.display()
+        )));
+    }
+    Ok(Some((manifest, mapped)))
+}
+
+/// A state's manifest, checked to be of a run with `settings`.
+fn read_manifest(mpath: &Path, settings: &serde_json::Value) -> Result<Manifest> {
+    let manifest: Manifest = io::read_json(mpath).map_err(|e| {
+        Error::Mismatch(format!(
+            "{}: unreadable checkpoint manifest ({e}); delete it or rerun with --fresh",
+            mpath.display()
+        ))
+    })?;
+    if manifest.fingerprint != fingerprint(settings) {
+        return Err(Error::Mismatch(format!(
+            "{}: this state was written by a run with other settings ({}); rerun with those settings, or with --fresh to discard it",
+            mpath.display(),
+            differing_keys(&manifest.settings, settings)
+        )));
+    }
+    Ok(manifest)
 }
 
 /// Removes the state `stem` (manifest and payloads).

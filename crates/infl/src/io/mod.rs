@@ -204,6 +204,8 @@ enum TensorData<'a> {
     /// Matrices, written row-major.
     F32Mat(faer::MatRef<'a, f32>),
     F64Mat(faer::MatRef<'a, f64>),
+    /// A tensor of another file, as its bytes (a memory map's view).
+    Bytes(Dtype, &'a [u8]),
 }
 
 impl<'a> TensorRef<'a> {
@@ -243,6 +245,16 @@ impl<'a> TensorRef<'a> {
     }
 }
 
+impl<'a> TensorRef<'a> {
+    /// A tensor of a mapped safetensors file, copied into the new file as it is written.
+    pub fn view(v: &safetensors::tensor::TensorView<'a>) -> Self {
+        TensorRef {
+            shape: v.shape().to_vec(),
+            data: TensorData::Bytes(v.dtype(), v.data()),
+        }
+    }
+}
+
 impl<'a> From<&'a OwnedTensor> for TensorRef<'a> {
     fn from(t: &'a OwnedTensor) -> Self {
         match t {
@@ -271,6 +283,7 @@ impl safetensors::View for TensorRef<'_> {
         match self.data {
             TensorData::F32(_) | TensorData::F32Mat(_) => Dtype::F32,
             TensorData::F64(_) | TensorData::F64Owned(_) | TensorData::F64Mat(_) => Dtype::F64,
+            TensorData::Bytes(dtype, _) => dtype,
         }
     }
 
@@ -286,6 +299,7 @@ impl safetensors::View for TensorRef<'_> {
             TensorData::F64Owned(v) => Cow::Borrowed(bytemuck_f64(v)),
             TensorData::F32Mat(m) => Cow::Owned(row_major_bytes(*m, f32::to_le_bytes)),
             TensorData::F64Mat(m) => Cow::Owned(row_major_bytes(*m, f64::to_le_bytes)),
+            TensorData::Bytes(_, b) => Cow::Borrowed(b),
         }
     }
 
@@ -294,6 +308,7 @@ impl safetensors::View for TensorRef<'_> {
         match self.data {
             TensorData::F32(_) | TensorData::F32Mat(_) => 4 * n,
             TensorData::F64(_) | TensorData::F64Owned(_) | TensorData::F64Mat(_) => 8 * n,
+            TensorData::Bytes(_, b) => b.len(),
         }
     }
 }

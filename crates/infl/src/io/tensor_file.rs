@@ -145,6 +145,11 @@ impl MappedTensors {
         })
     }
 
+    /// The file's bytes (for its checksum).
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
     /// Every tensor, by name.
     pub fn views(&self) -> Result<Vec<(String, safetensors::tensor::TensorView<'_>)>> {
         let st = safetensors::SafeTensors::deserialize(&self.map).map_err(|e| {

@@ -317,6 +317,17 @@ impl FitRun<'_> {
                 // Nothing left to run over the data (identity).
                 return super::fit_merge::merge_factors(&self.job.out).map(Ended::Factors);
             };
+            // The eigenvalue pass needs only the eigenvectors: once the bases are saved, A and
+            // S go back, and the factors file takes them from the saved bases at the end.
+            let bases = match (pass, bases) {
+                (Pass::Eigenvalue, Some(b)) if self.job.run.shard.is_whole() => {
+                    if let Some(saving) = saving_bases.take() {
+                        join(saving, "saving the eigenbases")?;
+                    }
+                    Some(Arc::new(without_covariances(b)))
+                }
+                (_, b) => b,
+            };
             let stem = pass_stem(pass, self.job.run.shard);
             let mut state = self.load_state(pass, &stem)?;
             let unsaved = !state.complete;
@@ -562,8 +573,29 @@ impl FitRun<'_> {
 
     fn write(&self, layers: Vec<LayerFactors>) -> Result<Ended> {
         let strategy = self.job.options.strategy;
-        write_factors(&self.job.out, &self.template, Factors { strategy, layers })
-            .map(Ended::Factors)
+        // Covariances returned before the eigenvalue pass come from the saved bases, mapped.
+        let saved = match layers
+            .iter()
+            .any(|l| l.eigen.is_some() && l.covariance.is_none())
+        {
+            true => Some(
+                checkpoint::load_mapped(&self.work, EIGEN_STATE, &self.settings)?
+                    .ok_or_else(|| {
+                        Error::Other(
+                            "the saved eigenbases vanished before the factors were written".into(),
+                        )
+                    })?
+                    .1,
+            ),
+            false => None,
+        };
+        write_factors(
+            &self.job.out,
+            &self.template,
+            Factors { strategy, layers },
+            saved.as_ref(),
+        )
+        .map(Ended::Factors)
     }
 
     fn shard_message(&self, pass: Pass, was_complete: bool) -> String {
@@ -662,6 +694,15 @@ fn store_message(meta: &StoreMeta, options: StoreOptions, job: &FitJob) -> Strin
 }
 
 /// Waits for a background save.
+/// `bases` without their covariances (A and S), which the eigenvalue pass does not need.
+fn without_covariances(bases: Arc<Factors>) -> Factors {
+    let mut bases = Arc::try_unwrap(bases).unwrap_or_else(|shared| (*shared).clone());
+    for layer in &mut bases.layers {
+        layer.covariance = None;
+    }
+    bases
+}
+
 fn join(handle: JoinHandle<Result<()>>, what: &str) -> Result<()> {
     handle
         .join()

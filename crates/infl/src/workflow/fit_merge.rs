@@ -95,7 +95,7 @@ pub fn merge_factors(out: &Path) -> Result<MergeOutcome> {
         let lam = gather(Pass::Eigenvalue)?;
         curvature::set_lambda(&mut layers, &lam);
     }
-    write_factors(out, &template, Factors { strategy, layers })
+    write_factors(out, &template, Factors { strategy, layers }, None)
 }
 
 /// Saves the eigenbases as the fit's eigenbasis state, then discards the covariance sums of
@@ -148,15 +148,33 @@ fn store_bases(
 
 /// Writes the finished factors of the fit in `out` (factors.safetensors, then meta.json, which
 /// vouches for it by hash) and removes its work directory.
+/// Writes the factors; `covariances`, the saved eigenbases, gives the A and S of layers that
+/// no longer hold them (a whole fit returns them before its eigenvalue pass).
 pub(super) fn write_factors(
     out: &Path,
     template: &FitTemplate,
     factors: Factors,
+    covariances: Option<&io::MappedTensors>,
 ) -> Result<MergeOutcome> {
     let (strategy, tracked, n) = (factors.strategy, &template.tracked, template.shards);
     let work = out.join(WORK_DIR);
     let st_path = out.join(FACTORS_FILE);
-    let factors_sha256 = io::write_tensors(&st_path, factors.to_tensors(), None)?;
+    let mut tensors = factors.to_tensors();
+    if let Some(saved) = covariances {
+        let returned: std::collections::HashSet<&str> = factors
+            .layers
+            .iter()
+            .filter(|l| l.covariance.is_none())
+            .map(|l| l.layer.name.as_str())
+            .collect();
+        for (name, view) in saved.views()? {
+            let layer = name.strip_suffix(".A").or_else(|| name.strip_suffix(".S"));
+            if layer.is_some_and(|l| returned.contains(l)) {
+                tensors.push((name, io::TensorRef::view(&view)));
+            }
+        }
+    }
+    let factors_sha256 = io::write_tensors(&st_path, tensors, None)?;
     let meta = FactorsMeta::new(
         template.options.clone(),
         template.model.clone(),
