@@ -149,28 +149,30 @@ pub fn load(
     Ok(Some((manifest, payload)))
 }
 
-/// [`load`] of a safetensors state, memory-mapped rather than read: for a large state read
-/// once, a tensor at a time (its checksum is still verified, page by page).
-pub fn load_mapped(
+/// [`load`] of a safetensors state, opened to be read a tensor at a time rather than read
+/// whole (its checksum is verified by streaming the file).
+pub fn load_tensor_file(
     dir: &Path,
     stem: &str,
     settings: &serde_json::Value,
-) -> Result<Option<(Manifest, io::MappedTensors)>> {
+) -> Result<Option<(Manifest, io::TensorFile)>> {
     let mpath = manifest_path(dir, stem);
     if !mpath.exists() {
         return Ok(None);
     }
     let manifest = read_manifest(&mpath, settings)?;
     let ppath = dir.join(&manifest.file);
-    let mapped = io::MappedTensors::open(&ppath)?;
-    if hex(&sha2::Sha256::digest(mapped.bytes())) != manifest.sha256 {
+    let mut hasher = sha2::Sha256::new();
+    let mut file = std::fs::File::open(&ppath).map_err(|e| Error::io(&ppath, e))?;
+    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(&ppath, e))?;
+    if hex(&hasher.finalize()) != manifest.sha256 {
         return Err(Error::Mismatch(format!(
             "{}: corrupt checkpoint (its SHA-256 does not match {}); rerun with --fresh",
             ppath.display(),
             mpath.display()
         )));
     }
-    Ok(Some((manifest, mapped)))
+    Ok(Some((manifest, io::TensorFile::open(&ppath)?)))
 }
 
 /// A state's manifest, checked to be of a run with `settings`.

@@ -204,8 +204,8 @@ enum TensorData<'a> {
     /// Matrices, written row-major.
     F32Mat(faer::MatRef<'a, f32>),
     F64Mat(faer::MatRef<'a, f64>),
-    /// A tensor of another file, as its bytes (a memory map's view).
-    Bytes(Dtype, &'a [u8]),
+    /// A tensor of another safetensors file, read from it only while it is written.
+    InFile(&'a tensor_file::TensorFile, Dtype, (usize, usize)),
 }
 
 impl<'a> TensorRef<'a> {
@@ -246,12 +246,14 @@ impl<'a> TensorRef<'a> {
 }
 
 impl<'a> TensorRef<'a> {
-    /// A tensor of a mapped safetensors file, copied into the new file as it is written.
-    pub fn view(v: &safetensors::tensor::TensorView<'a>) -> Self {
-        TensorRef {
-            shape: v.shape().to_vec(),
-            data: TensorData::Bytes(v.dtype(), v.data()),
-        }
+    /// Tensor `name` of `file`, read from it only while the new file is written (a failed
+    /// read is kept in `file`: check [`tensor_file::TensorFile::read_error`] after writing).
+    pub fn in_file(file: &'a tensor_file::TensorFile, name: &str) -> Option<Self> {
+        let info = file.info(name)?;
+        Some(TensorRef {
+            shape: info.shape.clone(),
+            data: TensorData::InFile(file, info.dtype, info.data_offsets),
+        })
     }
 }
 
@@ -283,7 +285,7 @@ impl safetensors::View for TensorRef<'_> {
         match self.data {
             TensorData::F32(_) | TensorData::F32Mat(_) => Dtype::F32,
             TensorData::F64(_) | TensorData::F64Owned(_) | TensorData::F64Mat(_) => Dtype::F64,
-            TensorData::Bytes(dtype, _) => dtype,
+            TensorData::InFile(_, dtype, _) => dtype,
         }
     }
 
@@ -299,7 +301,7 @@ impl safetensors::View for TensorRef<'_> {
             TensorData::F64Owned(v) => Cow::Borrowed(bytemuck_f64(v)),
             TensorData::F32Mat(m) => Cow::Owned(row_major_bytes(*m, f32::to_le_bytes)),
             TensorData::F64Mat(m) => Cow::Owned(row_major_bytes(*m, f64::to_le_bytes)),
-            TensorData::Bytes(_, b) => Cow::Borrowed(b),
+            TensorData::InFile(file, _, range) => Cow::Owned(file.read_range(*range)),
         }
     }
 
@@ -308,7 +310,7 @@ impl safetensors::View for TensorRef<'_> {
         match self.data {
             TensorData::F32(_) | TensorData::F32Mat(_) => 4 * n,
             TensorData::F64(_) | TensorData::F64Owned(_) | TensorData::F64Mat(_) => 8 * n,
-            TensorData::Bytes(_, b) => b.len(),
+            TensorData::InFile(_, _, (start, end)) => end - start,
         }
     }
 }

@@ -15,6 +15,8 @@ pub struct TensorFile {
     tensors: HashMap<String, TensorInfo>,
     /// Where the data section starts (after the length and the header).
     data_start: u64,
+    /// The first failed [`TensorFile::read_range`] (a tensor written from this file).
+    failed: std::sync::Mutex<Option<String>>,
 }
 
 impl TensorFile {
@@ -60,7 +62,40 @@ impl TensorFile {
             file,
             tensors,
             data_start: 8 + n,
+            failed: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Every tensor's name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub(super) fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    /// Bytes `start..end` of the data section; on a failed read, zeros, with the failure kept
+    /// for [`TensorFile::read_error`] (a writer's `data()` cannot return an error).
+    pub(super) fn read_range(&self, (start, end): (usize, usize)) -> Vec<u8> {
+        let mut bytes = vec![0u8; end - start];
+        let mut f = &self.file;
+        let read = f
+            .seek(SeekFrom::Start(self.data_start + start as u64))
+            .and_then(|_| f.read_exact(&mut bytes));
+        if let Err(e) = read {
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            failed.get_or_insert_with(|| format!("{}: {e}", self.path.display()));
+        }
+        bytes
+    }
+
+    /// The first read that failed while tensors of this file were written elsewhere.
+    pub fn read_error(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The bytes and dtype of tensor `name`, checked to have `shape`.
@@ -143,11 +178,6 @@ impl MappedTensors {
             path: path.to_path_buf(),
             map,
         })
-    }
-
-    /// The file's bytes (for its checksum).
-    pub fn bytes(&self) -> &[u8] {
-        &self.map
     }
 
     /// Every tensor, by name.

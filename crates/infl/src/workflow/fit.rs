@@ -573,13 +573,14 @@ impl FitRun<'_> {
 
     fn write(&self, layers: Vec<LayerFactors>) -> Result<Ended> {
         let strategy = self.job.options.strategy;
-        // Covariances returned before the eigenvalue pass come from the saved bases, mapped.
+        // Covariances returned before the eigenvalue pass come from the saved bases, a tensor
+        // at a time.
         let saved = match layers
             .iter()
             .any(|l| l.eigen.is_some() && l.covariance.is_none())
         {
             true => Some(
-                checkpoint::load_mapped(&self.work, EIGEN_STATE, &self.settings)?
+                checkpoint::load_tensor_file(&self.work, EIGEN_STATE, &self.settings)?
                     .ok_or_else(|| {
                         Error::Other(
                             "the saved eigenbases vanished before the factors were written".into(),

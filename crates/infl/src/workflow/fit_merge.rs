@@ -154,7 +154,7 @@ pub(super) fn write_factors(
     out: &Path,
     template: &FitTemplate,
     factors: Factors,
-    covariances: Option<&io::MappedTensors>,
+    covariances: Option<&io::TensorFile>,
 ) -> Result<MergeOutcome> {
     let (strategy, tracked, n) = (factors.strategy, &template.tracked, template.shards);
     let work = out.join(WORK_DIR);
@@ -167,14 +167,23 @@ pub(super) fn write_factors(
             .filter(|l| l.covariance.is_none())
             .map(|l| l.layer.name.as_str())
             .collect();
-        for (name, view) in saved.views()? {
+        for name in saved.names() {
             let layer = name.strip_suffix(".A").or_else(|| name.strip_suffix(".S"));
             if layer.is_some_and(|l| returned.contains(l)) {
-                tensors.push((name, io::TensorRef::view(&view)));
+                if let Some(t) = io::TensorRef::in_file(saved, name) {
+                    tensors.push((name.to_string(), t));
+                }
             }
         }
     }
     let factors_sha256 = io::write_tensors(&st_path, tensors, None)?;
+    if let Some(e) = covariances.and_then(io::TensorFile::read_error) {
+        // The file holds zeros where a covariance could not be read: never vouched for.
+        let _ = std::fs::remove_file(&st_path);
+        return Err(Error::Other(format!(
+            "reading the saved covariances for the factors file failed ({e}); rerun the fit to resume"
+        )));
+    }
     let meta = FactorsMeta::new(
         template.options.clone(),
         template.model.clone(),
