@@ -426,11 +426,11 @@ pub struct ScoreOptions {
 #[serde(default)]
 pub struct RefineOptions {
     /// With ekfac-refined factors: conjugate-gradient iterations per query (each one
-    /// Gauss-Newton product over --refine-batch sequences); 0 scores exactly as ekfac.
+    /// Gauss-Newton product over the refine-batch sequences); 0 scores exactly as ekfac.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 5, value_name = "K"))]
     pub iterations: usize,
-    /// With ekfac-refined factors: training sequences (a seeded sample of --train) the
-    /// Gauss-Newton products average over.
+    /// With ekfac-refined factors: training sequences (a seeded sample of the training
+    /// corpus) the Gauss-Newton products average over.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 32, value_name = "N", value_parser = REFINE_BATCH.parser()))]
     pub refine_batch: usize,
     /// With ekfac-refined factors: a query's iterations stop once its residual
@@ -440,7 +440,7 @@ pub struct RefineOptions {
         arg(long, default_value_t = 1e-3, value_name = "TOL")
     )]
     pub refine_tolerance: f64,
-    /// With ekfac-refined factors: seed of the sample of --train.
+    /// With ekfac-refined factors: seed of the sample of the training corpus.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 0, value_name = "SEED"))]
     pub refine_seed: u64,
 }

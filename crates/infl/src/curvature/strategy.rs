@@ -15,7 +15,7 @@ pub enum Strategy {
     /// No curvature: plain gradient dot products, no damping.
     Identity,
     /// EK-FAC's factors; at scoring time each query's inverse is refined by preconditioned
-    /// conjugate gradient over exact Gauss-Newton products (`score --iterations`).
+    /// conjugate gradient over exact Gauss-Newton products (the iterations option of score).
     #[serde(rename = "ekfac-refined")]
     #[cfg_attr(feature = "clap", value(name = "ekfac-refined"))]
     EkfacRefined,
