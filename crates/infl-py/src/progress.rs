@@ -47,6 +47,14 @@ impl PyProgress {
         self.raised.lock().ok().and_then(|mut r| r.take())
     }
 
+    /// Keeps the first exception and stops the job.
+    fn raise(&self, e: PyErr) {
+        if let Ok(mut r) = self.raised.lock() {
+            r.get_or_insert(e);
+        }
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     /// Takes the GIL, reports to the callable and checks signals; the first exception stops the
     /// job.
     fn report(&self, finished: bool) {
@@ -66,10 +74,7 @@ impl PyProgress {
                 _ => Ok(()),
             };
             if let Err(e) = called.and_then(|()| py.check_signals()) {
-                if let Ok(mut r) = self.raised.lock() {
-                    *r = Some(e);
-                }
-                self.stop.store(true, Ordering::Relaxed);
+                self.raise(e);
             }
         });
     }
@@ -104,6 +109,15 @@ impl Progress for PyProgress {
     }
 
     fn stop_requested(&self) -> bool {
+        // Python runs signal handlers only on its main thread, and progress may be reported
+        // from a worker's: the pass also asks here, between batches, on the job's own thread.
+        if !self.stop.load(Ordering::Relaxed) {
+            Python::attach(|py| {
+                if let Err(e) = py.check_signals() {
+                    self.raise(e);
+                }
+            });
+        }
         self.stop.load(Ordering::Relaxed)
     }
 }
