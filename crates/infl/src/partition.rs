@@ -75,6 +75,28 @@ impl std::fmt::Display for Partition {
     }
 }
 
+/// The partition count and the partitions this process runs, as `partitioning` asks: one
+/// partition, P of them, or (`--memory-limit`, or nothing) the count `auto` plans for the budget.
+pub fn to_run(
+    partitioning: &crate::options::Partitioning,
+    tracked: &[TrackedLayer],
+    auto: impl FnOnce(u64) -> Result<usize>,
+) -> Result<(usize, Vec<Partition>)> {
+    if let Some(one) = partitioning.partition {
+        one.layers(tracked)?;
+        return Ok((one.count, vec![one]));
+    }
+    let count = match partitioning.partitions {
+        Some(count) => count,
+        None => auto(partitioning.memory_limit.unwrap_or(u64::MAX))?,
+    };
+    Partition { index: 0, count }.layers(tracked)?;
+    Ok((
+        count,
+        (0..count).map(|index| Partition { index, count }).collect(),
+    ))
+}
+
 /// Bytes of one layer's fitted factors (A, S, their eigenvectors and Λ in f32): the weight
 /// each layer carries in the plan.
 pub fn factor_bytes(l: &TrackedLayer) -> u64 {

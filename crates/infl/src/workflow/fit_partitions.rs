@@ -77,7 +77,7 @@ pub(super) fn fit_partitioned(job: &FitJob, progress: &dyn Progress) -> Result<F
     };
     let settings = serde_json::json!({ "stage": "fit-partitioned", "plan": plan });
     out.claim(&settings, job.run.fresh)?;
-    record_plan(&job.out, &plan)?;
+    super::record_plan(&job.out.join(WORK_DIR).join(PLAN_FILE), &plan)?;
     drop(model);
     let ranges = partition::plan(&tracked, count);
     let (mut n_sequences, mut n_tokens) = (0, 0);
@@ -161,51 +161,18 @@ fn fitted(
 
 /// The partition count and the partitions this process runs.
 fn partitions_to_run(job: &FitJob, model: &dyn TapModel) -> Result<(usize, Vec<Partition>)> {
-    let tracked = model.tracked();
-    let all = |count: usize| -> Result<(usize, Vec<Partition>)> {
-        Partition { index: 0, count }.layers(tracked)?;
-        Ok((
-            count,
-            (0..count).map(|index| Partition { index, count }).collect(),
-        ))
-    };
-    let p = &job.partitioning;
-    if let Some(one) = p.partition {
-        one.layers(tracked)?;
-        return Ok((one.count, vec![one]));
-    }
-    if let Some(count) = p.partitions {
-        return all(count);
-    }
-    let budget = p.memory_limit.unwrap_or(u64::MAX);
     let max_len = job.options.max_len.unwrap_or(model.max_positions());
-    match crate::inspect::partitions_for(model, job.options.batch_size, max_len, budget) {
-        Some(count) => all(count),
-        None => Err(Error::usage(format!(
-            "--memory-limit {:.2} GiB: even one layer per partition needs more (the weights and one batch alone are {:.2} GiB by `infl inspect`'s estimate); use a smaller --batch-size or --max-len",
-            budget as f64 / (1u64 << 30) as f64,
-            crate::inspect::fit_fixed_bytes(model, job.options.batch_size, max_len) as f64
-                / (1u64 << 30) as f64
-        ))),
-    }
-}
-
-/// Writes the plan, or checks that the one already there is the same.
-fn record_plan(out: &Path, plan: &PartitionPlan) -> Result<()> {
-    let path = out.join(WORK_DIR).join(PLAN_FILE);
-    if path.exists() {
-        let theirs: PartitionPlan = io::read_json(&path)?;
-        if &theirs != plan {
-            return Err(Error::Mismatch(format!(
-                "{}: the partitions here were planned for {} partitions of other layers or settings; use the same options, or another --out",
-                path.display(),
-                theirs.count
-            )));
-        }
-        return Ok(());
-    }
-    io::ensure_dir(&out.join(WORK_DIR))?;
-    io::write_json(&path, plan)
+    let batch = job.options.batch_size;
+    partition::to_run(&job.partitioning, model.tracked(), |budget| {
+        crate::inspect::partitions_for(model, batch, max_len, budget).ok_or_else(|| {
+            Error::usage(format!(
+                "--memory-limit {:.2} GiB: even one layer per partition needs more (the weights and one batch alone are {:.2} GiB by `infl inspect`'s estimate); use a smaller --batch-size or --max-len",
+                budget as f64 / (1u64 << 30) as f64,
+                crate::inspect::fit_fixed_bytes(model, batch, max_len) as f64
+                    / (1u64 << 30) as f64
+            ))
+        })
+    })
 }
 
 /// `infl merge FACTORS` of a partitioned fit: merges each partition's shards where they

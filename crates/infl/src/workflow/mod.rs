@@ -189,6 +189,28 @@ pub(super) fn prepare_layers(
     })
 }
 
+/// Writes a partitioned run's plan to `path`, or checks that the one already there is the
+/// same (every partition's process must plan alike).
+fn record_plan<T>(path: &Path, plan: &T) -> Result<()>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq,
+{
+    if path.exists() {
+        let theirs: T = crate::io::read_json(path)?;
+        if &theirs != plan {
+            return Err(Error::Mismatch(format!(
+                "{}: the partitions here were planned with another count, other layers, shards or settings; use the same options, or another --out",
+                path.display()
+            )));
+        }
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        crate::io::ensure_dir(dir)?;
+    }
+    crate::io::write_json(path, plan)
+}
+
 /// What `infl merge` did.
 pub struct MergeOutcome {
     /// The final files are written.

@@ -95,7 +95,7 @@ pub(super) fn score_partitioned(job: &ScoreJob, progress: &dyn Progress) -> Resu
     };
     let settings = serde_json::json!({ "stage": "score-partitioned", "plan": plan });
     out.claim(&settings, job.run.fresh)?;
-    record_plan(&job.out, &plan)?;
+    super::record_plan(&job.out.join(WORK_DIR).join(SCORE_PLAN_FILE), &plan)?;
     let mut last = None;
     for &p in &run_here {
         let dir = partition_dir(&job.out, p);
@@ -185,23 +185,9 @@ fn fitted_layers(
 
 /// The partition count and the partitions this process runs.
 fn partitions_to_run(job: &ScoreJob, tracked: &[TrackedLayer]) -> Result<(usize, Vec<Partition>)> {
-    let all = |count: usize| -> Result<(usize, Vec<Partition>)> {
-        Partition { index: 0, count }.layers(tracked)?;
-        Ok((
-            count,
-            (0..count).map(|index| Partition { index, count }).collect(),
-        ))
-    };
-    let p = &job.partitioning;
-    if let Some(one) = p.partition {
-        one.layers(tracked)?;
-        return Ok((one.count, vec![one]));
-    }
-    if let Some(count) = p.partitions {
-        return all(count);
-    }
-    let budget = p.memory_limit.unwrap_or(u64::MAX);
-    all(score_partitions_for(job, tracked, budget)?)
+    partition::to_run(&job.partitioning, tracked, |budget| {
+        score_partitions_for(job, tracked, budget)
+    })
 }
 
 /// The fewest partitions whose scoring each fits in `budget` by `infl inspect`'s estimate.
@@ -231,24 +217,6 @@ fn score_partitions_for(job: &ScoreJob, tracked: &[TrackedLayer], budget: u64) -
             crate::inspect::human(fixed)
         ))
     })
-}
-
-/// Writes the plan, or checks that the one already there is the same.
-fn record_plan(out: &Path, plan: &ScorePlan) -> Result<()> {
-    let path = out.join(WORK_DIR).join(SCORE_PLAN_FILE);
-    if path.exists() {
-        let theirs: ScorePlan = io::read_json(&path)?;
-        if &theirs != plan {
-            return Err(Error::Mismatch(format!(
-                "{}: the partitions here were planned for {} partitions of other layers, shards or settings; use the same options, or another --out",
-                path.display(),
-                theirs.partitions.len()
-            )));
-        }
-        return Ok(());
-    }
-    io::ensure_dir(&out.join(WORK_DIR))?;
-    io::write_json(&path, plan)
 }
 
 fn read_info(dir: &Path, shard: Shard) -> Result<PartsInfo> {
