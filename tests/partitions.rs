@@ -44,6 +44,11 @@ fn fit_args(out: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 /// Runs `infl fit` (not quiet: the tests read what it says), failing on an error.
+/// [`run`] with owned arguments (what `fit_args` and `score_args` make).
+fn run_owned(args: &[String]) -> std::process::Output {
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn fit(out: &Path, extra: &[&str]) -> String {
     loud(&fit_args(out, extra))
 }
@@ -146,10 +151,7 @@ fn partitions_in_one_process_or_several_write_the_unpartitioned_factors() {
     // Another partition count in the same directory is refused (exit 4).
     let other = dir.join("other");
     fit(&other, &["--partition", "0/2"]);
-    let r = run(&fit_args(&other, &["--partition", "1/3"])
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    let r = run_owned(&fit_args(&other, &["--partition", "1/3"]));
     assert_eq!(
         r.status.code(),
         Some(4),
@@ -188,10 +190,7 @@ fn a_partition_killed_mid_pass_resumes_to_the_same_factors() {
 fn a_memory_limit_picks_the_partition_count_or_says_it_cannot() {
     let dir = scratch("limit");
     // Far too little: even one layer per partition does not fit (usage error, exit 2).
-    let r = run(&fit_args(&dir.join("tiny"), &["--memory-limit", "1K"])
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    let r = run_owned(&fit_args(&dir.join("tiny"), &["--memory-limit", "1K"]));
     assert_eq!(
         r.status.code(),
         Some(2),
@@ -387,37 +386,28 @@ fn partitioned_scores_equal_the_unpartitioned_scores() {
 
     // A different partition count in the same directory is refused (exit 4); --store and
     // --per-token need every layer in one pass (exit 2).
-    let r = run(&score_args(
+    let r = run_owned(&score_args(
         &factors,
         &split.with_extension("other"),
         &["--partition", "0/2"],
-    )
-    .iter()
-    .map(String::as_str)
-    .collect::<Vec<_>>());
+    ));
     assert!(r.status.success());
-    let r = run(&score_args(
+    let r = run_owned(&score_args(
         &factors,
         &split.with_extension("other"),
         &["--partition", "1/3"],
-    )
-    .iter()
-    .map(String::as_str)
-    .collect::<Vec<_>>());
+    ));
     assert_eq!(
         r.status.code(),
         Some(4),
         "{}",
         String::from_utf8_lossy(&r.stderr)
     );
-    let r = run(&score_args(
+    let r = run_owned(&score_args(
         &factors,
         &dir.join("tok"),
         &["--per-token", "--partitions", "2"],
-    )
-    .iter()
-    .map(String::as_str)
-    .collect::<Vec<_>>());
+    ));
     assert_eq!(
         r.status.code(),
         Some(2),
