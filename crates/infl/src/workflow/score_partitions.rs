@@ -11,7 +11,7 @@ use super::score_merge::{
 };
 use super::{MergeOutcome, CHUNK_BATCHES, WORK_DIR};
 use crate::checkpoint;
-use crate::curvature::format::open_factors;
+use crate::curvature::format::{open_factors, FactorsMeta};
 use crate::data::{self, LazyTokenizer, Sequence};
 use crate::error::{Error, Result};
 use crate::io;
@@ -72,7 +72,7 @@ pub(super) fn score_partitioned(job: &ScoreJob, progress: &dyn Progress) -> Resu
         ));
     }
     let tracked = fitted_layers(&fmeta.layers, &job.factors)?;
-    let (count, run_here) = partitions_to_run(job, &tracked)?;
+    let (count, run_here) = partitions_to_run(job, &fmeta, &tracked)?;
     let lock_as = match run_here.as_slice() {
         [one] if count > 1 || !shard.is_whole() => Shard {
             index: one.index * shard.count + shard.index,
@@ -184,15 +184,23 @@ fn fitted_layers(
 }
 
 /// The partition count and the partitions this process runs.
-fn partitions_to_run(job: &ScoreJob, tracked: &[TrackedLayer]) -> Result<(usize, Vec<Partition>)> {
+fn partitions_to_run(
+    job: &ScoreJob,
+    fmeta: &FactorsMeta,
+    tracked: &[TrackedLayer],
+) -> Result<(usize, Vec<Partition>)> {
     partition::to_run(&job.partitioning, tracked, |budget| {
-        score_partitions_for(job, tracked, budget)
+        score_partitions_for(job, fmeta, tracked, budget)
     })
 }
 
 /// The fewest partitions whose scoring each fits in `budget` by `infl inspect`'s estimate.
-fn score_partitions_for(job: &ScoreJob, tracked: &[TrackedLayer], budget: u64) -> Result<usize> {
-    let fmeta = open_factors(&job.factors)?;
+fn score_partitions_for(
+    job: &ScoreJob,
+    fmeta: &FactorsMeta,
+    tracked: &[TrackedLayer],
+    budget: u64,
+) -> Result<usize> {
     let mut model = crate::model::load(&job.model, fmeta.options.modules, job.compute.clone())?;
     if let Some(names) = &fmeta.options.layers {
         model = crate::model::select_layers(model, names)?;
