@@ -4,10 +4,11 @@
 //! estimate against the memory available and refuse to start when it does not fit.
 //!
 //! The memory model follows what the stages actually hold (src/curvature.rs, src/influence.rs):
-//! * fit, covariance pass: A and S sums in f64, then per layer the normalised f64 copy and its
-//!   eigendecomposition, the f32 covariances and eigenvectors kept;
-//! * fit, eigenvalue pass: the f32 eigenvectors and covariances plus Λ sums in f64 (d_out × d_in_h),
-//!   the final f32 Λ, and the copies made to write factors.safetensors;
+//! * fit, three phases, the largest its peak ([`FitPhases`]): the covariance pass (A and S sums
+//!   in f64 beside the batches in flight); the eigendecompositions (each layer's sums
+//!   normalised in place and freed as its f32 covariances and eigenvectors are made, plus the
+//!   eigensolver's workspace); the eigenvalue pass (the f32 eigenvectors and the Λ sums in f64
+//!   beside the batches in flight, then the f32 Λ). Files are written a tensor at a time;
 //! * score: eigenvectors and (Λ+λ)⁻¹ in f32, one preconditioned gradient per query and layer
 //!   (n_queries × Σ d_out·d_in_h × 4 bytes), per-sequence gradients of one batch and layer;
 //! * both: the f32 weights and what one batch's forward and backward hold: for the fast engine
@@ -36,8 +37,8 @@ pub struct MemoryEstimate {
     /// Batches the passes compute at once, each with its own activations
     /// ([`crate::pass::batches_at_once`]).
     pub batches_at_once: u64,
-    /// Factor state held by `fit` at its peak.
-    pub fit_factors: u64,
+    /// What `fit` holds beside the weights in each of its phases.
+    pub fit_phases: FitPhases,
     /// Size of factors.safetensors.
     pub factor_file: u64,
     /// Preconditioner held by `score`.
@@ -51,11 +52,9 @@ pub struct MemoryEstimate {
 }
 
 impl MemoryEstimate {
-    /// Peak bytes of `infl fit`.
+    /// Peak bytes of `infl fit`: the weights and its largest phase.
     pub fn fit_total(&self) -> u64 {
-        self.weights
-            + self.batches_at_once * (self.activations + self.taps_handoff)
-            + self.fit_factors
+        self.weights + self.fit_phases.peak()
     }
 
     /// Peak bytes of `infl score` with `n_queries` queries and `n_train` training sequences:
@@ -90,7 +89,6 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
         .unwrap_or(0);
     let eigvals: u64 = tracked.iter().map(|l| (l.d_in_h() + l.d_out) as u64).sum();
     let factor_file = 4 * (2 * cov + lam) + 8 * eigvals;
-    let fit_factors = fit_factor_bytes(tracked);
 
     let tokens = (batch_size * max_len) as u64;
     let widths: u64 = tracked.iter().map(|l| (l.d_in + l.d_out) as u64).sum();
@@ -107,9 +105,10 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
     } else {
         12 * widths
     };
-    // The (a, g) copies handed to the curvature stage, and those of the next batch, which the
-    // engine computes while the stage consumes this one.
-    let taps = 3 * widths;
+    // The (a, g) of a batch handed to the curvature stage, consumed while the engine computes
+    // the next batch (measured: a llama 30 × 576 fit's pass holds 2 × (the engine's count +
+    // one batch's taps) beside its sums, within 5%).
+    let taps = widths;
     // Logits, their copy, dL/dlogits (vector and tensor), the surrogate product.
     let logits = tokens * model.vocab_size() as u64 * 5;
     let activations = match model.taps_peak_bytes(batch_size, max_len) {
@@ -118,12 +117,14 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
         Some(peak) => peak,
         None => 4 * (tokens * graph + logits),
     };
+    let batches_at_once = crate::pass::batches_at_once(model) as u64;
+    let taps_handoff = 4 * tokens * taps;
     MemoryEstimate {
         weights: 4 * model.n_parameters() as u64,
         activations,
-        taps_handoff: 4 * tokens * taps,
-        batches_at_once: crate::pass::batches_at_once(model) as u64,
-        fit_factors,
+        taps_handoff,
+        batches_at_once,
+        fit_phases: FitPhases::of(tracked, batches_at_once * (activations + taps_handoff)),
         factor_file,
         score_preconditioner: 4 * (cov + lam),
         per_query: 4 * lam,
@@ -132,25 +133,53 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
     }
 }
 
-/// What `fit` holds for the statistics and factors of `layers` at its peak. Covariance pass:
-/// the f64 sums, the f32 covariances and eigenvectors as they are made, and per layer being
-/// decomposed its normalised f64 copy and the eigensolver's workspace (one layer per thread).
-/// Eigenvalue pass: the f32 bases and the f64 Λ sums, and the f32 Λ made from them. Files are
-/// written one tensor at a time, so writing adds no copy.
-pub fn fit_factor_bytes(layers: &[TrackedLayer]) -> u64 {
-    let sq = |x: usize| (x as u64) * (x as u64);
-    let cov: u64 = layers.iter().map(|l| sq(l.d_in_h()) + sq(l.d_out)).sum();
-    let lam: u64 = layers.iter().map(|l| (l.d_out * l.d_in_h()) as u64).sum();
-    let mut sizes: Vec<u64> = layers
-        .iter()
-        .map(|l| sq(l.d_in_h()).max(sq(l.d_out)))
-        .collect();
-    sizes.sort_unstable_by(|a, b| b.cmp(a));
-    let threads = rayon::current_num_threads().max(1);
-    let decomposing: u64 = sizes.iter().take(threads).sum();
-    let cov_phase = 8 * cov + 8 * cov + 32 * decomposing;
-    let lambda_phase = 8 * cov + 12 * lam;
-    cov_phase.max(lambda_phase)
+/// What `fit` holds beside the weights in each of its phases (EK-FAC; KFAC and the diagonal
+/// run a subset of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FitPhases {
+    /// The batches in flight and the f64 sums of A and S.
+    pub covariance_pass: u64,
+    /// The sums, each layer's replaced by its f32 covariances and eigenvectors as it is
+    /// decomposed (equal bytes), plus per layer being decomposed (one per thread) the
+    /// eigensolver's copies and workspace.
+    pub decomposition: u64,
+    /// The batches in flight, the f32 eigenvectors and the f64 Λ sums; at its end the f32 Λ
+    /// beside the sums (the batches gone).
+    pub eigenvalue_pass: u64,
+}
+
+impl FitPhases {
+    /// The phases of a fit of `layers` with `batches` bytes of batches in flight.
+    pub fn of(layers: &[TrackedLayer], batches: u64) -> Self {
+        let sq = |x: usize| (x as u64) * (x as u64);
+        let cov: u64 = layers.iter().map(|l| sq(l.d_in_h()) + sq(l.d_out)).sum();
+        let lam: u64 = layers.iter().map(|l| (l.d_out * l.d_in_h()) as u64).sum();
+        let mut sizes: Vec<u64> = layers
+            .iter()
+            .map(|l| sq(l.d_in_h()).max(sq(l.d_out)))
+            .collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let threads = rayon::current_num_threads().max(1);
+        let decomposing: u64 = sizes.iter().take(threads).sum();
+        FitPhases {
+            covariance_pass: batches + 8 * cov,
+            decomposition: 8 * cov + 32 * decomposing,
+            eigenvalue_pass: (batches + 4 * cov + 8 * lam).max(4 * cov + 12 * lam),
+        }
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.covariance_pass
+            .max(self.decomposition)
+            .max(self.eigenvalue_pass)
+    }
+}
+
+/// What `fit` needs at its peak for the statistics of `layers` (a partition, or all): the
+/// weights and its largest phase.
+pub fn fit_bytes(e: &MemoryEstimate, layers: &[TrackedLayer]) -> u64 {
+    let batches = e.batches_at_once * (e.activations + e.taps_handoff);
+    e.weights + FitPhases::of(layers, batches).peak()
 }
 
 /// What `fit` holds whatever its layers: the weights and the batches in flight.
@@ -189,8 +218,8 @@ pub fn partitions_for(
     max_len: usize,
     budget: u64,
 ) -> Option<usize> {
-    let fixed = fit_fixed_bytes(model, batch_size, max_len);
-    crate::partition::count_for_budget(model.tracked(), budget, fixed, fit_factor_bytes)
+    let e = estimate(model, batch_size, max_len);
+    crate::partition::count_for_budget(model.tracked(), budget, 0, |r| fit_bytes(&e, r))
 }
 
 /// What to do when a fit needs more than `budget`: how many layer partitions bring each under
@@ -204,16 +233,16 @@ pub fn partition_advice(
     let fixed = fit_fixed_bytes(model, batch_size, max_len);
     match partitions_for(model, batch_size, max_len, budget) {
         Some(p) => {
-            let tracked = model.tracked();
+            let (tracked, e) = (model.tracked(), estimate(model, batch_size, max_len));
             let largest = crate::partition::plan(tracked, p)
                 .into_iter()
-                .map(|r| fit_factor_bytes(&tracked[r]))
+                .map(|r| fit_bytes(&e, &tracked[r]))
                 .max()
                 .unwrap_or(0);
             format!(
                 "the fit fits in {} in {p} layer partitions (largest {}): `infl fit --memory-limit {}` (or --partitions {p})",
                 human(budget),
-                human(fixed + largest),
+                human(largest),
                 human_flag(budget)
             )
         }
@@ -460,7 +489,21 @@ pub fn report(
         "  {:<44} {:>12}",
         "batches computed at once (by --threads)", e.batches_at_once
     );
-    row(&mut s, "fit: factor state at its peak", e.fit_factors);
+    row(
+        &mut s,
+        "fit: covariance pass (batches, f64 sums)",
+        e.fit_phases.covariance_pass,
+    );
+    row(
+        &mut s,
+        "fit: eigendecompositions",
+        e.fit_phases.decomposition,
+    );
+    row(
+        &mut s,
+        "fit: eigenvalue pass (batches, bases, Λ)",
+        e.fit_phases.eigenvalue_pass,
+    );
     row(&mut s, "factors.safetensors", e.factor_file);
     row(
         &mut s,
@@ -575,10 +618,12 @@ mod tests {
                 ..e.clone()
             },
         );
-        assert_eq!(
-            two.fit_total() - one.fit_total(),
-            e.activations + e.taps_handoff
-        );
+        // A batch more in flight adds to both passes.
+        let batch = e.activations + e.taps_handoff;
+        let more = FitPhases::of(m.tracked(), 2 * batch);
+        let fewer = FitPhases::of(m.tracked(), batch);
+        assert_eq!(more.covariance_pass - fewer.covariance_pass, batch);
+        assert_eq!(two.fit_total(), e.weights + two.fit_phases.peak());
         // Scoring's peak is the larger of preconditioning the queries (the inverse and one
         // batch of them) and the corpus pass (its batches in flight).
         let preconditioning = e.score_preconditioner + e.activations * 3 / 4;
@@ -590,17 +635,37 @@ mod tests {
     }
 
     #[test]
+    fn fit_phases_by_hand() {
+        // One 2 × 3 layer: A 3×3 and S 2×2 (13 values), Λ 2×3 (6), decomposed alone (9).
+        let l = TrackedLayer {
+            name: "l".into(),
+            d_in: 3,
+            d_out: 2,
+            has_bias: false,
+        };
+        let p = FitPhases::of(&[l], 100);
+        assert_eq!(p.covariance_pass, 100 + 8 * 13);
+        assert_eq!(p.decomposition, 8 * 13 + 32 * 9);
+        assert_eq!(p.eigenvalue_pass, 100 + 4 * 13 + 8 * 6);
+        assert_eq!(p.peak(), p.decomposition);
+        // With large batches the passes dominate, the eigenvalue pass's own end aside.
+        assert_eq!(FitPhases::of(&[], 1000).peak(), 1000);
+    }
+
+    #[test]
     fn partitions_are_proposed_for_a_budget_the_whole_fit_exceeds() {
         let m = tiny();
-        let (fixed, whole) = (fit_fixed_bytes(&m, 4, 16), fit_factor_bytes(m.tracked()));
+        let e = estimate(&m, 4, 16);
+        let (fixed, whole) = (fit_fixed_bytes(&m, 4, 16), fit_bytes(&e, m.tracked()));
+        assert_eq!(whole, e.fit_total());
         // Room for everything: one partition.
-        assert_eq!(partitions_for(&m, 4, 16, fixed + whole), Some(1));
+        assert_eq!(partitions_for(&m, 4, 16, whole), Some(1));
         // Room for about half the layers' state: more than one, each within the budget.
-        let budget = fixed + whole / 2 + 1;
+        let budget = fixed + (whole - fixed) / 2 + 1;
         let p = partitions_for(&m, 4, 16, budget).unwrap();
         assert!(p > 1);
         for r in crate::partition::plan(m.tracked(), p) {
-            assert!(fixed + fit_factor_bytes(&m.tracked()[r]) <= budget);
+            assert!(fit_bytes(&e, &m.tracked()[r]) <= budget);
         }
         let advice = partition_advice(&m, 4, 16, budget);
         assert!(advice.contains(&format!("--partitions {p}")), "{advice}");

@@ -10,20 +10,24 @@ use rayon::prelude::*;
 
 /// Normalised covariances and their eigendecompositions from the (merged) covariance sums:
 /// the factors of a KFAC fit, and the bases of an EK-FAC one. Layers run in parallel, each
-/// decomposition on one thread (the same computation whatever the thread count).
-pub fn eigendecompose(tracked: &[TrackedLayer], cov: &PassSums) -> Result<Vec<LayerFactors>> {
+/// decomposition on one thread (the same computation whatever the thread count). The sums are
+/// consumed: each layer's f64 sums are normalised in place and freed once decomposed, so the
+/// f32 factors replace them rather than join them (the fit's peak would otherwise hold both).
+pub fn eigendecompose(tracked: &[TrackedLayer], cov: PassSums) -> Result<Vec<LayerFactors>> {
     let norm = 1.0 / cov.n_tokens.max(1) as f64;
+    let (n_tokens, n_sequences) = (cov.n_tokens, cov.n_sequences);
+    let mut sums = cov.sums.into_iter();
+    let pairs: Vec<(Mat<f64>, Mat<f64>)> =
+        std::iter::from_fn(|| Some((sums.next()?, sums.next()?))).collect();
     tracked
         .par_iter()
-        .zip(cov.sums.par_chunks(2))
-        .map(|(l, pair)| {
+        .zip(pairs.into_par_iter())
+        .map(|(l, (mut a, mut s))| {
             // The passes accumulate lower triangles only (linalg::add_gram).
-            let scaled = |m: &Mat<f64>| {
-                let mut m = m.clone();
-                linalg::mirror_lower(&mut m);
-                Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] * norm)
-            };
-            let (a, s) = (scaled(&pair[0]), scaled(&pair[1]));
+            for m in [&mut a, &mut s] {
+                linalg::mirror_lower(m);
+                *m *= faer::Scale(norm);
+            }
             let eig = |m: &Mat<f64>, which: &str| {
                 linalg::eigh(m).map_err(|e| Error::Other(format!("layer {} {which}: {e}", l.name)))
             };
@@ -31,8 +35,8 @@ pub fn eigendecompose(tracked: &[TrackedLayer], cov: &PassSums) -> Result<Vec<La
             let ((eigvals_a, q_a), (eigvals_s, q_s)) = (ea?, es?);
             Ok(LayerFactors {
                 layer: l.clone(),
-                n_tokens: cov.n_tokens,
-                n_sequences: cov.n_sequences,
+                n_tokens,
+                n_sequences,
                 covariance: Some((linalg::to_f32(&a), linalg::to_f32(&s))),
                 eigen: Some(Eigenbasis {
                     eigvals_a,

@@ -3,9 +3,8 @@
 //! factors' meta.json.
 
 use super::Strategy;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::{TensorFile, TensorRef};
-use crate::linalg;
 use crate::model::TrackedLayer;
 use faer::Mat;
 use std::collections::HashMap;
@@ -131,66 +130,17 @@ impl Factors {
         Ok(Factors { strategy, layers })
     }
 
-    /// [`Factors::from_file`] from tensors already read; `what` names their source in messages.
-    pub fn from_tensors(
-        mut t: crate::io::TensorMap,
-        strategy: Strategy,
-        layers: &[TrackedLayer],
-        what: &str,
-    ) -> Result<Factors> {
-        let mut take = |name: &str, shape: &[usize]| -> Result<Vec<f64>> {
-            let (s, v) = t
-                .remove(name)
-                .ok_or_else(|| Error::Mismatch(format!("{what}: tensor `{name}` is missing")))?;
-            if s != shape {
-                return Err(Error::Mismatch(format!(
-                    "{what}: tensor `{name}` has shape {s:?}, the model's layer needs {shape:?}"
-                )));
-            }
-            Ok(v)
-        };
-        let mat32 = |v: Vec<f64>, r: usize, c: usize| linalg::f32_from_row_major(&v, r, c);
-        let mut out = Vec::new();
-        for l in layers {
-            let n = &l.name;
-            let (di, d_o) = (l.d_in_h(), l.d_out);
-            let counts = take(&format!("{n}.counts"), &[2])?;
-            let (covariance, eigen) = if strategy.needs_covariance() {
-                let a = mat32(take(&format!("{n}.A"), &[di, di])?, di, di);
-                let s = mat32(take(&format!("{n}.S"), &[d_o, d_o])?, d_o, d_o);
-                let q_a = mat32(take(&format!("{n}.Q_A"), &[di, di])?, di, di);
-                let q_s = mat32(take(&format!("{n}.Q_S"), &[d_o, d_o])?, d_o, d_o);
-                let eigvals_a = take(&format!("{n}.eigvals_A"), &[di])?;
-                let eigvals_s = take(&format!("{n}.eigvals_S"), &[d_o])?;
-                (
-                    Some((a, s)),
-                    Some(Eigenbasis {
-                        eigvals_a,
-                        q_a,
-                        eigvals_s,
-                        q_s,
-                    }),
-                )
-            } else {
-                (None, None)
-            };
-            let lambda = if strategy.needs_lambda() {
-                Some(mat32(take(&format!("{n}.lambda"), &[d_o, di])?, d_o, di))
-            } else {
-                None
-            };
-            out.push(LayerFactors {
-                layer: l.clone(),
-                n_tokens: counts[0] as u64,
-                n_sequences: counts[1] as u64,
-                covariance,
-                eigen,
-                lambda,
-            });
-        }
+    /// The eigenbases saved between a fit's passes (KFAC-shaped tensors), read a layer at a
+    /// time and without A and S: the eigenvalue pass needs only the bases, and the factors
+    /// file takes A and S from the saved file itself.
+    pub fn read_bases(file: &mut TensorFile, layers: &[TrackedLayer]) -> Result<Factors> {
+        let layers = layers
+            .iter()
+            .map(|l| LayerFactors::read(file, Strategy::Kfac, l, false))
+            .collect::<Result<_>>()?;
         Ok(Factors {
-            strategy,
-            layers: out,
+            strategy: Strategy::Kfac,
+            layers,
         })
     }
 }

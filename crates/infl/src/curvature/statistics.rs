@@ -3,8 +3,8 @@
 //! forming them.
 
 use super::{Eigenbasis, Pass};
-use crate::error::{Error, Result};
-use crate::io::TensorRef;
+use crate::error::Result;
+use crate::io::{TensorFile, TensorRef};
 use crate::linalg;
 use crate::model::{TapBatch, TrackedLayer};
 use faer::Mat;
@@ -84,34 +84,45 @@ impl PassSums {
         out
     }
 
-    /// Reads back [`PassSums::to_tensors`]; `what` names the source in messages.
-    pub fn from_tensors(
-        mut t: crate::io::TensorMap,
-        pass: Pass,
-        tracked: &[TrackedLayer],
-        what: &str,
-    ) -> Result<Self> {
-        let mut zero = Self::zeros(pass, tracked);
-        for (name, m) in Self::names(pass, tracked).iter().zip(zero.sums.iter_mut()) {
-            let (shape, v) = t
-                .remove(name)
-                .ok_or_else(|| Error::Mismatch(format!("{what}: tensor `{name}` is missing")))?;
-            if shape != [m.nrows(), m.ncols()] {
-                return Err(Error::Mismatch(format!(
-                    "{what}: tensor `{name}` has shape {shape:?}, expected [{}, {}]",
-                    m.nrows(),
-                    m.ncols()
-                )));
-            }
-            let c = m.ncols();
-            *m = Mat::from_fn(m.nrows(), c, |i, j| v[i * c + j]);
+    /// The shape of each of `pass`'s sums, in [`PassSums::names`]' order.
+    fn shapes(pass: Pass, tracked: &[TrackedLayer]) -> Vec<(usize, usize)> {
+        match pass {
+            Pass::Covariance => tracked
+                .iter()
+                .flat_map(|l| [(l.d_in_h(), l.d_in_h()), (l.d_out, l.d_out)])
+                .collect(),
+            Pass::Eigenvalue => tracked.iter().map(|l| (l.d_out, l.d_in_h())).collect(),
         }
-        let (_, counts) = t
-            .remove("counts")
-            .ok_or_else(|| Error::Mismatch(format!("{what}: tensor `counts` is missing")))?;
-        zero.n_tokens = counts.first().copied().unwrap_or(0.0) as u64;
-        zero.n_sequences = counts.get(1).copied().unwrap_or(0.0) as u64;
-        Ok(zero)
+    }
+
+    /// Reads back [`PassSums::to_tensors`] from a checkpoint, one tensor at a time (never the
+    /// whole file, nor a second copy of the sums, in memory).
+    pub fn read(file: &mut TensorFile, pass: Pass, tracked: &[TrackedLayer]) -> Result<Self> {
+        let names = Self::names(pass, tracked);
+        let sums = names
+            .iter()
+            .zip(Self::shapes(pass, tracked))
+            .map(|(name, (rows, cols))| file.mat_f64(name, rows, cols))
+            .collect::<Result<Vec<_>>>()?;
+        let counts = file.vec_f64("counts", 2)?;
+        Ok(PassSums {
+            pass,
+            sums,
+            n_tokens: counts[0] as u64,
+            n_sequences: counts[1] as u64,
+        })
+    }
+
+    /// Adds the sums saved in `file` (another shard's), one tensor at a time.
+    pub fn add_file(&mut self, file: &mut TensorFile, tracked: &[TrackedLayer]) -> Result<()> {
+        let names = Self::names(self.pass, tracked);
+        for (name, sum) in names.iter().zip(self.sums.iter_mut()) {
+            *sum += file.mat_f64(name, sum.nrows(), sum.ncols())?;
+        }
+        let counts = file.vec_f64("counts", 2)?;
+        self.n_tokens += counts[0] as u64;
+        self.n_sequences += counts[1] as u64;
+        Ok(())
     }
 }
 

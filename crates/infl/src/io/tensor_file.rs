@@ -141,6 +141,21 @@ impl TensorFile {
         Ok(faer::Mat::from_fn(rows, cols, |i, j| at(i * cols + j)))
     }
 
+    /// Tensor `name` (`rows × cols`, f64 on disk, row-major) as a matrix: running sums
+    /// read back one at a time.
+    pub fn mat_f64(&mut self, name: &str, rows: usize, cols: usize) -> Result<faer::Mat<f64>> {
+        let (dtype, bytes) = self.bytes(name, &[rows, cols])?;
+        if dtype != Dtype::F64 {
+            return Err(Error::Mismatch(format!(
+                "{}: tensor `{name}` is {dtype:?}; expected F64",
+                self.path.display()
+            )));
+        }
+        let at =
+            |k: usize| f64::from_le_bytes(bytes[8 * k..8 * k + 8].try_into().expect("8 bytes"));
+        Ok(faer::Mat::from_fn(rows, cols, |i, j| at(i * cols + j)))
+    }
+
     /// Tensor `name` (`len` values, f32 or f64 on disk) as f64.
     pub fn vec_f64(&mut self, name: &str, len: usize) -> Result<Vec<f64>> {
         let (dtype, bytes) = self.bytes(name, &[len])?;

@@ -10,7 +10,6 @@ use crate::curvature::format::{open_factors, FACTORS_FILE};
 use crate::curvature::{self, Factors, LayerFactors, Pass, PassSums, Strategy};
 use crate::data::{self, CorpusStats, LazyTokenizer};
 use crate::error::{Error, Result};
-use crate::io;
 use crate::model::{self, Labels, TapModel, TrackedLayer};
 use crate::options::{Compute, FitOptions, Partitioning, RunOptions};
 use crate::output_dir::{Kind, OutputDir};
@@ -347,12 +346,10 @@ impl FitRun<'_> {
             // What `merge_factors` does for the shards of a sharded fit, from the sums in memory.
             match pass {
                 Pass::Covariance => {
-                    let layers = self.eigendecompose(&stem, &state.sums, unsaved)?;
+                    let layers = self.eigendecompose(&stem, state.sums, unsaved)?;
                     if !strategy.passes().contains(&Pass::Eigenvalue) {
                         return self.write(layers);
                     }
-                    // The sums are done with: the eigenvalue pass needs only the bases.
-                    drop(state);
                     let bases = Arc::new(Factors {
                         strategy: Strategy::Kfac,
                         layers,
@@ -391,34 +388,33 @@ impl FitRun<'_> {
         }
     }
 
-    /// The eigenbases a covariance pass left in the work directory, if it did.
+    /// The eigenbases a covariance pass left in the work directory, if it did (without A and
+    /// S, which the factors file takes from the saved file).
     fn saved_bases(&self) -> Result<Option<Factors>> {
-        let Some((_, bytes)) = checkpoint::load(&self.work, EIGEN_STATE, &self.settings)? else {
+        let Some((_, mut file)) =
+            checkpoint::load_tensor_file(&self.work, EIGEN_STATE, &self.settings)?
+        else {
             return Ok(None);
         };
-        let tensors = io::parse_safetensors(&bytes, EIGEN_STATE)?;
-        Factors::from_tensors(tensors, Strategy::Kfac, self.tracked(), EIGEN_STATE).map(Some)
+        Factors::read_bases(&mut file, self.tracked()).map(Some)
     }
 
     /// The saved state of `pass` for this shard, or zeros.
     fn load_state(&self, pass: Pass, stem: &str) -> Result<PassState> {
-        Ok(match checkpoint::load(&self.work, stem, &self.settings)? {
-            Some((m, bytes)) => PassState {
-                sums: PassSums::from_tensors(
-                    io::parse_safetensors(&bytes, &m.file)?,
-                    pass,
-                    self.tracked(),
-                    &m.file,
-                )?,
-                position: m.position as usize,
-                complete: m.complete,
+        Ok(
+            match checkpoint::load_tensor_file(&self.work, stem, &self.settings)? {
+                Some((m, mut file)) => PassState {
+                    sums: PassSums::read(&mut file, pass, self.tracked())?,
+                    position: m.position as usize,
+                    complete: m.complete,
+                },
+                None => PassState {
+                    sums: PassSums::zeros(pass, self.tracked()),
+                    position: 0,
+                    complete: false,
+                },
             },
-            None => PassState {
-                sums: PassSums::zeros(pass, self.tracked()),
-                position: 0,
-                complete: false,
-            },
-        })
+        )
     }
 
     fn save(&self, stem: &str, sums: &PassSums, done: usize, complete: bool) -> Result<()> {
@@ -552,23 +548,20 @@ impl FitRun<'_> {
     }
 
     /// The eigenbases of the covariance sums, saving the sums meanwhile when they are new.
+    /// Saves the complete covariance sums (unless they were loaded so), then decomposes them,
+    /// consuming them. The save comes first, not beside the decompositions, because each
+    /// layer's sums are freed as it is decomposed: holding them all to the end for a
+    /// concurrent save would double the fit's peak.
     fn eigendecompose(
         &self,
         stem: &str,
-        sums: &PassSums,
+        sums: PassSums,
         unsaved: bool,
     ) -> Result<Vec<LayerFactors>> {
-        std::thread::scope(|scope| {
-            let saving =
-                unsaved.then(|| scope.spawn(|| self.save(stem, sums, self.scan.owned, true)));
-            let layers = curvature::eigendecompose(self.tracked(), sums);
-            if let Some(saving) = saving {
-                saving.join().map_err(|_| {
-                    Error::Other("saving the covariance sums: the thread panicked".into())
-                })??;
-            }
-            layers
-        })
+        if unsaved {
+            self.save(stem, &sums, self.scan.owned, true)?;
+        }
+        curvature::eigendecompose(self.tracked(), sums)
     }
 
     fn write(&self, layers: Vec<LayerFactors>) -> Result<Ended> {

@@ -38,13 +38,8 @@ pub fn merge_factors(out: &Path) -> Result<MergeOutcome> {
         let mut missing = Vec::new();
         for i in 0..n {
             let stem = pass_stem(pass, Shard { index: i, count: n });
-            match checkpoint::load(&work, &stem, &settings)? {
-                Some((m, bytes)) if m.complete => total.add(&PassSums::from_tensors(
-                    io::parse_safetensors(&bytes, &m.file)?,
-                    pass,
-                    tracked,
-                    &m.file,
-                )?),
+            match checkpoint::load_tensor_file(&work, &stem, &settings)? {
+                Some((m, mut file)) if m.complete => total.add_file(&mut file, tracked)?,
                 Some((m, _)) => missing.push(format!("{i} (at sequence {})", m.position)),
                 None => missing.push(format!("{i} (not started)")),
             }
@@ -60,18 +55,10 @@ pub fn merge_factors(out: &Path) -> Result<MergeOutcome> {
         Ok(total)
     };
     let strategy = template.options.strategy;
-    let eigen = checkpoint::load(&work, EIGEN_STATE, &settings)?;
+    let mut eigen = checkpoint::load_tensor_file(&work, EIGEN_STATE, &settings)?;
     let passes = strategy.passes();
-    let mut layers = match &eigen {
-        Some((_, bytes)) => {
-            Factors::from_tensors(
-                io::parse_safetensors(bytes, EIGEN_STATE)?,
-                Strategy::Kfac,
-                tracked,
-                EIGEN_STATE,
-            )?
-            .layers
-        }
+    let mut layers = match &mut eigen {
+        Some((_, file)) => Factors::read_bases(file, tracked)?.layers,
         None => curvature::empty_factors(
             tracked,
             template.corpus.n_tokens as u64,
@@ -80,7 +67,7 @@ pub fn merge_factors(out: &Path) -> Result<MergeOutcome> {
     };
     if passes.contains(&Pass::Covariance) && eigen.is_none() {
         let cov = gather(Pass::Covariance)?;
-        layers = curvature::eigendecompose(tracked, &cov)?;
+        layers = curvature::eigendecompose(tracked, cov)?;
         if passes.contains(&Pass::Eigenvalue) {
             save_bases(&work, &settings, layers, n)?;
             return Ok(MergeOutcome {
@@ -95,7 +82,9 @@ pub fn merge_factors(out: &Path) -> Result<MergeOutcome> {
         let lam = gather(Pass::Eigenvalue)?;
         curvature::set_lambda(&mut layers, &lam);
     }
-    write_factors(out, &template, Factors { strategy, layers }, None)
+    // A and S of saved bases come from their file, a tensor at a time.
+    let saved = eigen.as_ref().map(|(_, file)| file);
+    write_factors(out, &template, Factors { strategy, layers }, saved)
 }
 
 /// Saves the eigenbases as the fit's eigenbasis state, then discards the covariance sums of
