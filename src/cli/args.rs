@@ -350,6 +350,30 @@ pub enum ValidateCommand {
     holds every measurement, every query's LDS and the provenance."
     )]
     Lds(ValidateLdsArgs),
+    /// Against the proximal Bregman response function: optimised responses to down-weighting.
+    #[command(
+        long_about = "Compare every strategy with the proximal Bregman response function (PBRF; Bae et al. 2022,
+    the ground truth of Grosse et al. 2023).
+
+    For each of --sample training sequences z_m (drawn from --seed), with θ^s the checkpoint:
+      r(ε) = argmin over the tracked layers' weights θ (every other weight frozen) of
+             (1/N) Σ_z Σ_t KL(p_t(θ^s) ‖ p_t(θ)) − ε L(z_m, θ) + ½ Σ_l λ_l ‖θ_l − θ^s_l‖²
+      PBRF(q, z_m) = (f_q(r(ε)) − f_q(r(−ε))) / 2ε   with f_q = −log p(completion | prompt)
+    KL is the Bregman divergence of the softmax cross-entropy, L the training loss (summed over
+    tokens, averaged over the N sequences), λ_l the damping EK-FAC's scoring uses on layer l, and
+    ε defaults to 1/N (removing one sequence). To first order r(ε) − θ^s = ε (G + λ)⁻¹ ∇L(z_m), G
+    the Gauss-Newton: the thing EK-FAC approximates; PBRF has `infl score`'s sign and scale.
+    Each r(±ε) is found by L-BFGS from θ^s over the whole corpus (one forward and backward per
+    step), stopped after --steps or when the gradient norm has fallen by --tolerance.
+
+    Each strategy is fitted and scored as by `infl validate exact` (OUT/runs/STRATEGY/), and per
+    query its scores of the sampled sequences are correlated with the PBRF's (Spearman, Pearson,
+    top-k overlap: mean and worst query), then over every (query, sequence) pair at once (pooled).
+    Each sequence's PBRF is saved in OUT/work/ as it finishes, so rerunning an interrupted command
+    resumes it (--fresh starts over). OUT/pbrf.json holds every number, each optimisation's
+    convergence, the λ of each layer and the provenance. GPT-2 checkpoints only."
+    )]
+    Pbrf(ValidatePbrfArgs),
 }
 
 #[derive(clap::Args)]
@@ -452,21 +476,113 @@ pub struct ValidateLdsArgs {
     pub refine_tolerance: f64,
 }
 
+#[derive(clap::Args)]
+pub struct ValidatePbrfArgs {
+    /// Checkpoint directory (GPT-2) [default: the bundled tiny model, with its 48-token windows].
+    #[arg(long, value_name = "DIR", requires = "train", requires = "queries")]
+    pub model: Option<PathBuf>,
+    /// Training corpus (JSONL) [default: the bundled demo corpus].
+    #[arg(long, value_name = "CORPUS")]
+    pub train: Option<PathBuf>,
+    /// Queries (JSONL) [default: the bundled demo queries].
+    #[arg(long, value_name = "QUERIES")]
+    pub queries: Option<PathBuf>,
+    /// Output directory: pbrf.json, the strategies' runs (runs/), saved PBRF results (work/).
+    #[arg(long, default_value = "infl-validate-pbrf", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Training sequences sampled (at least 3; all of them when the corpus has fewer).
+    #[arg(long, default_value_t = 32, value_name = "K")]
+    pub sample: usize,
+    /// ε of the central difference [default: 1/N, the weight of one sequence].
+    #[arg(long, value_name = "EPS")]
+    pub epsilon: Option<f64>,
+    /// At most this many L-BFGS steps per optimisation.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub steps: usize,
+    /// Stop once the objective's gradient norm has fallen to this fraction of its start.
+    #[arg(long, default_value_t = 1e-4, value_name = "TOL")]
+    pub tolerance: f64,
+    /// Seed of the sample and of the Fisher's sampled labels.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+    /// Labels of the strategies' Fisher: sampled from the model, or the data's.
+    #[arg(long, value_enum, default_value = "sampled")]
+    pub fisher: Fisher,
+    /// Which linear layers of the blocks to track (and optimise).
+    #[arg(long, value_enum, default_value = "all")]
+    pub modules: ModuleSelection,
+    /// Window length [default: the model's context length; 48 for the bundled model].
+    #[arg(long, value_name = "N", value_parser = o::MAX_LEN.parser())]
+    pub max_len: Option<usize>,
+    /// Sequences per forward/backward batch.
+    #[arg(long, default_value_t = 8, value_name = "B", value_parser = o::BATCH_SIZE.parser())]
+    pub batch_size: usize,
+    /// Damping: `heuristic` (0.1 × mean(Λ) per layer) or a number (> 0); EK-FAC's is the PBRF's λ.
+    #[arg(long, default_value = "heuristic", value_name = "heuristic|X")]
+    pub damping: Damping,
+    /// k of the top-k overlap.
+    #[arg(long, default_value_t = 10, value_name = "K", value_parser = o::TOP_K.parser())]
+    pub top_k: usize,
+    /// Discard the PBRF results saved in OUT/work/ instead of resuming from them.
+    #[arg(long)]
+    pub fresh: bool,
+}
+
+impl ValidatePbrfArgs {
+    /// The comparison these arguments ask for; the bundled model, corpus and queries are
+    /// unpacked under OUT/bundled when no --model is given.
+    pub fn into_job(self) -> Result<infl::validate::pbrf::PbrfJob> {
+        let bundled = self.model.is_none();
+        let (model, train, queries) = bundled_or(self.model, self.train, self.queries, &self.out)?;
+        Ok(infl::validate::pbrf::PbrfJob {
+            model,
+            train,
+            queries,
+            out: self.out,
+            sample: self.sample,
+            epsilon: self.epsilon,
+            solve: infl::validate::pbrf::solve::SolveOptions {
+                max_steps: self.steps,
+                tolerance: self.tolerance,
+                ..Default::default()
+            },
+            seed: self.seed,
+            fisher: self.fisher,
+            modules: self.modules,
+            max_len: self
+                .max_len
+                .or(bundled.then_some(crate::demo::BUNDLED_WINDOW)),
+            batch_size: self.batch_size,
+            damping: self.damping,
+            top_k: self.top_k,
+            fresh: self.fresh,
+        })
+    }
+}
+
+/// The given model, corpus and queries, or the bundled ones unpacked under `OUT/bundled` when
+/// no model is given (a given corpus or query file replaces the bundled one).
+fn bundled_or(
+    model: Option<PathBuf>,
+    train: Option<PathBuf>,
+    queries: Option<PathBuf>,
+    out: &std::path::Path,
+) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    Ok(match model {
+        None => {
+            let (m, t, q) = crate::demo::unpack_bundled(&out.join("bundled"))?;
+            (m, train.unwrap_or(t), queries.unwrap_or(q))
+        }
+        Some(m) => (m, train.unwrap_or_default(), queries.unwrap_or_default()),
+    })
+}
+
 impl ValidateExactArgs {
     /// The comparison these arguments ask for; the bundled model, corpus and queries are
     /// unpacked under OUT/bundled when no --model is given.
     pub fn into_job(self) -> Result<infl::validate::exact::ExactJob> {
         let bundled = self.model.is_none();
-        let (model, train, queries) = if bundled {
-            let (m, t, q) = crate::demo::unpack_bundled(&self.out.join("bundled"))?;
-            (m, self.train.unwrap_or(t), self.queries.unwrap_or(q))
-        } else {
-            (
-                self.model.unwrap_or_default(),
-                self.train.unwrap_or_default(),
-                self.queries.unwrap_or_default(),
-            )
-        };
+        let (model, train, queries) = bundled_or(self.model, self.train, self.queries, &self.out)?;
         Ok(infl::validate::exact::ExactJob {
             model,
             train,

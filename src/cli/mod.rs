@@ -10,7 +10,7 @@ use crate::progress::Bars;
 use anyhow::Result;
 use args::{
     BenchArgs, CompareArgs, DemoArgs, IndexArgs, InspectArgs, MergeArgs, ReportArgs, TrainArgs,
-    ValidateArgs, ValidateCommand, ValidateExactArgs, ValidateLdsArgs,
+    ValidateArgs, ValidateCommand, ValidateExactArgs, ValidateLdsArgs, ValidatePbrfArgs,
 };
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use infl::pass::Progress;
@@ -31,8 +31,9 @@ A score I(q, z) > 0 means training on z lowers −log p(completion | prompt) of 
 the completion. Scores are sums over tracked layers and are not divided by the corpus size.\n\n\
 Try `infl demo` first: it trains a tiny GPT-2 on a corpus bundled in the binary (Shakespeare\n\
 and 40 invented facts), runs both stages and measures how often each fact's sentence is found.\n\
-`infl validate exact` measures each strategy against the exact damped per-layer Fisher, and\n\
-`infl validate lds` against retraining (the linear datamodeling score)."
+`infl validate exact` measures each strategy against the exact damped per-layer Fisher,\n\
+`infl validate lds` against retraining (the linear datamodeling score), `infl validate pbrf`\n\
+against the proximal Bregman response function."
 )]
 struct Cli {
     /// No progress bars or summaries on stderr (results still go to files / stdout).
@@ -83,7 +84,8 @@ enum Command {
     more exact reference, query by query, on a model small enough to compute the reference.\n\n\
     Subcommands:\n  \
     exact   against influence under the exact damped per-layer (block-diagonal) Fisher\n  \
-    lds     against retraining: the linear datamodeling score over M models trained on subsets"
+    lds     against retraining: the linear datamodeling score over M models trained on subsets\n  \
+    pbrf    against the proximal Bregman response function, optimised per sampled sequence"
     )]
     Validate(ValidateArgs),
 }
@@ -109,6 +111,7 @@ pub fn run() -> Result<()> {
         Command::Validate(a) => match a.command {
             ValidateCommand::Exact(a) => validate_exact(a, &progress, quiet),
             ValidateCommand::Lds(a) => validate_lds(a, &progress, quiet),
+            ValidateCommand::Pbrf(a) => validate_pbrf(a, &progress, quiet),
         },
     }
 }
@@ -158,7 +161,10 @@ fn configure_threads(cli: &Cli) -> Result<()> {
     // the rayon pool.
     let trains = match &cli.command {
         Command::Train(_) | Command::Demo(_) => true,
-        Command::Validate(v) => matches!(v.command, ValidateCommand::Lds(_)),
+        Command::Validate(v) => matches!(
+            v.command,
+            ValidateCommand::Lds(_) | ValidateCommand::Pbrf(_)
+        ),
         _ => false,
     };
     if trains && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
@@ -289,6 +295,21 @@ fn validate_lds(a: ValidateLdsArgs, progress: &dyn Progress, quiet: bool) -> Res
             r.seconds,
             r.mean_loss_spread,
             job.out.join(infl::validate::lds::LDS_FILE).display()
+        );
+    }
+    Ok(())
+}
+
+fn validate_pbrf(a: ValidatePbrfArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
+    let job = a.into_job()?;
+    let r = infl::validate::pbrf::run(&job, progress)?;
+    print!("{}", r.table());
+    if !quiet {
+        eprintln!(
+            "PBRF in {:.0}s, all in {:.0}s → {}",
+            r.pbrf_seconds,
+            r.seconds,
+            job.out.join(infl::validate::pbrf::PBRF_FILE).display()
         );
     }
     Ok(())

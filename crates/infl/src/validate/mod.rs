@@ -9,9 +9,52 @@
 //!   Woodbury identity on the per-sequence gradients (`infl validate exact`).
 //! - [`lds`]: the linear datamodeling score: retrain on random subsets and correlate the
 //!   measured losses with the influence-predicted ones (`infl validate lds`).
+//! - [`pbrf`]: the proximal Bregman response function, optimised on a sample of training
+//!   sequences (`infl validate pbrf`).
 
 pub mod exact;
 pub mod lds;
+pub mod pbrf;
+
+use crate::error::Result;
+use crate::options::{FitOptions, ScoreOptions};
+use crate::pass::Progress;
+use crate::workflow::{self, FitJob, ScoreJob, ScoreSummary};
+use std::path::Path;
+
+/// Fits `fit` into `DIR/factors` and scores the queries densely into `DIR/results` (full-rank
+/// queries); returns the `[query][sequence]` scores and the score's summary.
+pub(crate) fn fit_and_score(
+    (model, train, queries): (&Path, &Path, &Path),
+    dir: &Path,
+    fit: FitOptions,
+    score: ScoreOptions,
+    progress: &dyn Progress,
+) -> Result<(Vec<Vec<f64>>, ScoreSummary)> {
+    let (factors, results) = (dir.join("factors"), dir.join("results"));
+    workflow::fit(
+        &FitJob::new(model.into(), train.into(), factors.clone(), fit),
+        progress,
+    )?;
+    let summary = workflow::score(
+        &ScoreJob {
+            options: ScoreOptions {
+                dense: true,
+                query_rank: crate::options::QueryRank(None),
+                ..score
+            },
+            ..ScoreJob::new(
+                model.into(),
+                factors,
+                train.into(),
+                queries.into(),
+                results.clone(),
+            )
+        },
+        progress,
+    )?;
+    Ok((exact::read_dense(&results)?, summary))
+}
 
 /// Ranks of `x` (1-based), ties sharing their average rank. NaNs rank last.
 pub fn ranks(x: &[f64]) -> Vec<f64> {
