@@ -160,7 +160,7 @@ fn wilson(x: usize, m: usize) -> (f64, f64) {
 }
 
 /// `prefilter.json`.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PrefilterFile {
     /// The confidence of every interval.
     pub confidence: f64,

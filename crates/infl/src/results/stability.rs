@@ -288,10 +288,10 @@ pub fn write_stability(path: &Path, file: &StabilityFile) -> Result<()> {
 /// Reads `stability.json` when the results have one.
 pub fn read_stability(dir: &Path) -> Result<Option<StabilityFile>> {
     let path = dir.join("stability.json");
-    if !path.exists() {
-        return Ok(None);
+    match path.exists() {
+        true => crate::io::read_json(&path).map(Some),
+        false => Ok(None),
     }
-    crate::io::read_json(&path).map(Some)
 }
 
 #[cfg(test)]
