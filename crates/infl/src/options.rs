@@ -430,6 +430,14 @@ pub struct ScoreOptions {
     #[cfg_attr(feature = "clap", arg(long, value_name = "N", requires = "target_recall", value_parser = PREFILTER.parser()))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefilter_max: Option<usize>,
+    /// With factors of `fit --seeds K`: a query whose top-k overlaps less than this across the
+    /// fits (mean pairwise Jaccard index) is flagged as not stable (stability.json, the report).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = DEFAULT_STABLE_OVERLAP, value_name = "J"))]
+    #[serde(
+        default = "default_stable_overlap",
+        skip_serializing_if = "is_default_stable_overlap"
+    )]
+    pub stable_overlap: f64,
     /// Read the training gradients from FACTORS/store/ (written by `fit --store` on the same
     /// corpus) instead of running the model over --train; queries are then exact (full rank).
     #[cfg_attr(feature = "clap", arg(long, conflicts_with_all = ["per_token", "shard"]))]
@@ -506,6 +514,17 @@ impl RefineOptions {
 /// Sequences sampled per query outside the pre-filter's candidates.
 pub const DEFAULT_PREFILTER_SAMPLE: usize = 256;
 
+/// `--stable-overlap`: for k = 10, two fits share fewer than about 6.7 sequences on average.
+pub const DEFAULT_STABLE_OVERLAP: f64 = 0.5;
+
+fn default_stable_overlap() -> f64 {
+    DEFAULT_STABLE_OVERLAP
+}
+
+fn is_default_stable_overlap(x: &f64) -> bool {
+    *x == DEFAULT_STABLE_OVERLAP
+}
+
 fn default_prefilter_sample() -> usize {
     DEFAULT_PREFILTER_SAMPLE
 }
@@ -533,6 +552,12 @@ impl ScoreOptions {
         MAX_LEN.check_some(self.max_len)?;
         PREFILTER.check_some(self.prefilter)?;
         self.check_target_recall()?;
+        if !(0.0..=1.0).contains(&self.stable_overlap) {
+            return Err(Error::usage(format!(
+                "--stable-overlap {}: must be a Jaccard index, from 0 to 1",
+                self.stable_overlap
+            )));
+        }
         self.refine.check()?;
         if self.query_rank == QueryRank(Some(0)) {
             return Err(Error::usage(
@@ -598,6 +623,7 @@ impl Default for ScoreOptions {
             prefilter_sample: DEFAULT_PREFILTER_SAMPLE,
             target_recall: None,
             prefilter_max: None,
+            stable_overlap: DEFAULT_STABLE_OVERLAP,
             store: false,
             parquet: false,
             columns: Columns::default(),

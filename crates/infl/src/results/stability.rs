@@ -4,7 +4,8 @@
 //! every other fit's own ranking to [`DEPTH`]. From them: the overlap of the fits' top-k (mean
 //! pairwise Jaccard, and the share in all of them), each top sequence's rank in every fit
 //! (min–max) and its score's spread (standard deviation over the fits, and relative to the
-//! mean's magnitude). A query whose overlap is below [`STABLE_OVERLAP`] is flagged.
+//! mean's magnitude). A query whose overlap is below `score --stable-overlap` (default
+//! [`crate::options::DEFAULT_STABLE_OVERLAP`]) is flagged.
 
 use super::{Prefilter, QuerySummary, TopEntry};
 use crate::error::{Error, Result};
@@ -14,11 +15,6 @@ use std::path::Path;
 /// How deep each other fit's ranking is kept: a top sequence of the seed fit ranked below this
 /// in another fit has its rank there reported as null (beyond [`DEPTH`]).
 pub const DEPTH: usize = 1000;
-
-/// A query's ranking is flagged as not stable when the mean pairwise Jaccard index of the
-/// fits' top-k sets is below this (for k = 10: fewer than about 6.7 sequences shared by two
-/// fits on average).
-pub const STABLE_OVERLAP: f64 = 0.5;
 
 /// One sequence and its score in every fit (the seed fit's first).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -129,7 +125,7 @@ pub struct QueryStability {
     pub overlap: f64,
     /// Share of the seed fit's top-k that is in every fit's top-k.
     pub shared: f64,
-    /// `overlap` ≥ [`STABLE_OVERLAP`].
+    /// `overlap` ≥ the file's `stable_overlap`.
     pub stable: bool,
     /// The seed fit's top-k, best first.
     pub top: Vec<TopStability>,
@@ -157,7 +153,12 @@ pub struct StabilityFile {
 }
 
 /// A query's stability from its track, the seed fit's top list naming the sequences.
-fn query_stability(query_id: &str, summary: &QuerySummary, track: &Track) -> QueryStability {
+fn query_stability(
+    query_id: &str,
+    summary: &QuerySummary,
+    track: &Track,
+    threshold: f64,
+) -> QueryStability {
     let k = track.k;
     let main: Vec<usize> = track.top.iter().map(|t| t.index).collect();
     let mut sets: Vec<Vec<usize>> = vec![main.clone()];
@@ -214,7 +215,7 @@ fn query_stability(query_id: &str, summary: &QuerySummary, track: &Track) -> Que
         query_id: query_id.to_string(),
         overlap,
         shared: in_all as f64 / main.len().max(1) as f64,
-        stable: overlap >= STABLE_OVERLAP,
+        stable: overlap >= threshold,
         top,
     }
 }
@@ -247,18 +248,22 @@ pub fn stability(
     summaries: &[QuerySummary],
     query_ids: &[String],
     seeds: &[u64],
-    top_k: usize,
+    (top_k, threshold): (usize, f64),
 ) -> Option<StabilityFile> {
     let queries: Option<Vec<QueryStability>> = summaries
         .iter()
         .zip(query_ids)
-        .map(|(s, id)| s.stability.as_ref().map(|t| query_stability(id, s, t)))
+        .map(|(s, id)| {
+            s.stability
+                .as_ref()
+                .map(|t| query_stability(id, s, t, threshold))
+        })
         .collect();
     Some(StabilityFile {
         seeds: seeds.to_vec(),
         top_k,
         depth: DEPTH,
-        stable_overlap: STABLE_OVERLAP,
+        stable_overlap: threshold,
         queries: queries.filter(|q| !q.is_empty())?,
     })
 }
@@ -308,7 +313,7 @@ mod tests {
         // Ties keep the earlier sequence first.
         assert_eq!(t.top.iter().map(|x| x.index).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(t.fits[0], [(3, 9.0), (0, 5.0), (2, 4.0), (1, 1.0)]);
-        let q = query_stability("q", &QuerySummary::new(0), &t);
+        let q = query_stability("q", &QuerySummary::new(0), &t, 0.5);
         // Top-2 sets {1, 2} and {3, 0}: no overlap.
         assert_eq!((q.overlap, q.shared, q.stable), (0.0, 0.0, false));
         assert_eq!(q.top[1].spread.ranks, [Some(2), Some(3)]);
@@ -333,7 +338,7 @@ mod tests {
         ] {
             t.push(i, &s);
         }
-        let q = query_stability("q", &QuerySummary::new(0), &t);
+        let q = query_stability("q", &QuerySummary::new(0), &t, 0.5);
         assert!((q.overlap - 5.0 / 9.0).abs() < 1e-12, "{}", q.overlap);
         assert_eq!((q.shared, q.stable), (0.5, true));
     }

@@ -138,7 +138,7 @@ pub(super) fn write_scores(
         &merged.summaries,
         query_ids,
         &merged.seeds,
-        meta.options.top_k,
+        (meta.options.top_k, meta.options.stable_overlap),
     );
     if let Some(file) = &stability {
         results::stability::annotate(&mut top, file);
