@@ -81,6 +81,29 @@ fn seeds_stability_matches_three_plain_runs() {
     let seeds = [5u64, 6, 7];
     let three = dir.join("three");
     fit(&three, &["--seed", "5", "--seeds", "3"]);
+    // Scoring refuses what does not compose with the fits' one pass, naming a fit to score alone.
+    for extra in [&["--normalize", "cosine"][..], &["--shard", "0/2"]] {
+        let mut a = vec![
+            "score",
+            "--model",
+            s(&model),
+            "--factors",
+            s(&three),
+            "--train",
+            s(&corpus),
+            "--queries",
+            s(&queries),
+            "--out",
+        ];
+        let refused = dir.join("refused");
+        a.push(s(&refused));
+        a.extend(common);
+        a.extend(extra);
+        let out = common::run(&a);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{extra:?}: {stderr}");
+        assert!(stderr.contains("seeds/6"), "{stderr}");
+    }
     let stable_out = dir.join("stable");
     // A strict threshold, so that the demo model's rather stable rankings flag some queries.
     score(
@@ -102,6 +125,19 @@ fn seeds_stability_matches_three_plain_runs() {
     assert!(bytes(&three.join("seeds/7")) == bytes(&dir.join("f7")));
 
     let got = lines(&stable_out);
+    // Every line of top_k.jsonl but the stability fields is the plain seed-5 run's, bottom
+    // lines included.
+    let plain5 = dir.join("p5-top10");
+    score(&dir.join("f5"), &plain5, &["--top-k", "10"]);
+    let stripped: Vec<Value> = got
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            e.as_object_mut().unwrap().remove("stability");
+            e
+        })
+        .collect();
+    assert_eq!(stripped, lines(&plain5));
     let file: Value =
         serde_json::from_str(&std::fs::read_to_string(stable_out.join("stability.json")).unwrap())
             .unwrap();
