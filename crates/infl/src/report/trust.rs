@@ -89,9 +89,10 @@ fn render_stability(h: &mut String, s: &StabilityFile) {
             .filter_map(|t| t.spread.score_rel_std)
             .collect();
         rel.sort_by(f64::total_cmp);
-        let median = rel
-            .get(rel.len() / 2)
-            .map_or("–".into(), |m| format!("{:.1}%", m * 100.0));
+        let median = match rel.len() {
+            0 => "–".to_string(),
+            n => format!("{:.1}%", (rel[(n - 1) / 2] + rel[n / 2]) / 2.0 * 100.0),
+        };
         let _ = write!(
             h,
             "<tr><td>{}</td><td class=\"num\">{:.2}</td><td class=\"num\">{:.2}</td><td>{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
