@@ -105,6 +105,12 @@ pub const PREFILTER: AtLeast = AtLeast {
     min: 1,
     why: "a query with no candidate has nothing to score",
 };
+/// `fit --seeds`.
+pub const SEEDS: AtLeast = AtLeast {
+    flag: "seeds",
+    min: 1,
+    why: "one fit is the seed's own",
+};
 /// `score --refine-batch`.
 pub const REFINE_BATCH: AtLeast = AtLeast {
     flag: "refine-batch",
@@ -258,10 +264,24 @@ pub struct FitOptions {
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 0, value_name = "S"))]
     #[serde(default)]
     pub seed: u64,
+    /// Also fit K − 1 more times with seeds S+1..S+K−1 (sampled Fisher), into OUT/seeds/SEED/:
+    /// `score` then measures how stable each query's top-k is across the K fits
+    /// (stability.json); OUT itself holds the seed-S fit.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1, value_name = "K", value_parser = SEEDS.parser()))]
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub seeds: usize,
     /// Which column (or JSONL field) of the corpus holds each document.
     #[cfg_attr(feature = "clap", command(flatten))]
     #[serde(flatten)]
     pub columns: Columns,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 fn default_batch_size() -> usize {
@@ -272,7 +292,8 @@ impl FitOptions {
     /// Every option in its range ([`Error::Usage`] naming the first one that is not).
     pub fn check(&self) -> Result<()> {
         BATCH_SIZE.check(self.batch_size)?;
-        MAX_LEN.check_some(self.max_len)
+        MAX_LEN.check_some(self.max_len)?;
+        SEEDS.check(self.seeds)
     }
 }
 
@@ -292,6 +313,7 @@ impl Default for FitOptions {
             max_len: None,
             batch_size: DEFAULT_BATCH_SIZE,
             seed: 0,
+            seeds: 1,
             columns: Columns::default(),
         }
     }
@@ -397,6 +419,25 @@ pub struct ScoreOptions {
     #[cfg_attr(feature = "clap", arg(long, value_name = "M", default_value_t = DEFAULT_PREFILTER_SAMPLE, requires = "prefilter"))]
     #[serde(default = "default_prefilter_sample")]
     pub prefilter_sample: usize,
+    /// With --prefilter: widen a query's N (doubling, up to --prefilter-max) until the lower
+    /// end of the 95% interval of its estimated recall reaches R; only the new candidates (and
+    /// a recall sample redrawn outside them) are scored. Says per query which N it used and
+    /// whether R was reached (prefilter.json, the terminal, the report).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "R", requires = "prefilter"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_recall: Option<f64>,
+    /// With --target-recall: the largest N a query is widened to [default: 8 × --prefilter].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N", requires = "target_recall", value_parser = PREFILTER.parser()))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefilter_max: Option<usize>,
+    /// With factors of `fit --seeds K`: a query whose top-k overlaps less than this across the
+    /// fits (mean pairwise Jaccard index) is flagged as not stable (stability.json, the report).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = DEFAULT_STABLE_OVERLAP, value_name = "J"))]
+    #[serde(
+        default = "default_stable_overlap",
+        skip_serializing_if = "is_default_stable_overlap"
+    )]
+    pub stable_overlap: f64,
     /// Read the training gradients from FACTORS/store/ (written by `fit --store` on the same
     /// corpus) instead of running the model over --train; queries are then exact (full rank).
     #[cfg_attr(feature = "clap", arg(long, conflicts_with_all = ["per_token", "shard"]))]
@@ -473,6 +514,17 @@ impl RefineOptions {
 /// Sequences sampled per query outside the pre-filter's candidates.
 pub const DEFAULT_PREFILTER_SAMPLE: usize = 256;
 
+/// `--stable-overlap`: for k = 10, two fits share fewer than about 6.7 sequences on average.
+pub const DEFAULT_STABLE_OVERLAP: f64 = 0.5;
+
+fn default_stable_overlap() -> f64 {
+    DEFAULT_STABLE_OVERLAP
+}
+
+fn is_default_stable_overlap(x: &f64) -> bool {
+    *x == DEFAULT_STABLE_OVERLAP
+}
+
 fn default_prefilter_sample() -> usize {
     DEFAULT_PREFILTER_SAMPLE
 }
@@ -499,6 +551,13 @@ impl ScoreOptions {
         BATCH_SIZE.check(self.batch_size)?;
         MAX_LEN.check_some(self.max_len)?;
         PREFILTER.check_some(self.prefilter)?;
+        self.check_target_recall()?;
+        if !(0.0..=1.0).contains(&self.stable_overlap) {
+            return Err(Error::usage(format!(
+                "--stable-overlap {}: must be a Jaccard index, from 0 to 1",
+                self.stable_overlap
+            )));
+        }
         self.refine.check()?;
         if self.query_rank == QueryRank(Some(0)) {
             return Err(Error::usage(
@@ -506,6 +565,42 @@ impl ScoreOptions {
             ));
         }
         Ok(())
+    }
+}
+
+impl ScoreOptions {
+    /// The largest N `--target-recall` widens a query's candidates to.
+    pub fn prefilter_budget(&self) -> Option<usize> {
+        let n = self.prefilter?;
+        Some(self.prefilter_max.unwrap_or(n.saturating_mul(8)))
+    }
+
+    fn check_target_recall(&self) -> Result<()> {
+        let Some(r) = self.target_recall else {
+            return match self.prefilter_max {
+                Some(_) => Err(Error::usage("--prefilter-max goes with --target-recall")),
+                None => Ok(()),
+            };
+        };
+        if !(r > 0.0 && r <= 1.0) {
+            return Err(Error::usage(format!(
+                "--target-recall {r}: must be a recall above 0 and at most 1"
+            )));
+        }
+        let Some(n) = self.prefilter else {
+            return Err(Error::usage("--target-recall goes with --prefilter N"));
+        };
+        if self.prefilter_sample == 0 {
+            return Err(Error::usage(
+                "--target-recall needs the recall estimate: --prefilter-sample must be at least 1",
+            ));
+        }
+        match self.prefilter_max {
+            Some(max) if max < n => Err(Error::usage(format!(
+                "--prefilter-max {max}: must be at least --prefilter {n}"
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -526,6 +621,9 @@ impl Default for ScoreOptions {
             normalize: Normalize::None,
             prefilter: None,
             prefilter_sample: DEFAULT_PREFILTER_SAMPLE,
+            target_recall: None,
+            prefilter_max: None,
+            stable_overlap: DEFAULT_STABLE_OVERLAP,
             store: false,
             parquet: false,
             columns: Columns::default(),

@@ -17,15 +17,19 @@ pub mod parts;
 mod prefilter;
 mod read;
 mod schema;
+pub mod stability;
 mod summary;
 mod text;
 mod units;
 mod write;
 
 pub use dense::{write_dense_from_shards, DenseWriter};
-pub use prefilter::{estimate, sample_rest, write_prefilter, PrefilterRecall};
+pub use prefilter::{
+    estimate, estimates, sample_rest, write_prefilter, PrefilterFile, PrefilterRecall, Widening,
+};
 pub use read::{QueryInfo, Results};
 pub use schema::{Direction, Distribution, LayerTotals, TokenPart, TopEntry, TAIL_SIZE};
+pub use stability::{SequenceStability, StabilityFile};
 pub use summary::{
     Candidate, MagnitudeSketch, Prefilter, QuerySummary, ScoreAccumulator,
     SKETCH_BUCKETS_PER_OCTAVE,

@@ -295,6 +295,7 @@ pub fn render(
     }
     h.push_str("</table></div>");
     run.render_summary(&mut h);
+    super::trust::render(&mut h, results);
 
     for (qi, q) in results.queries.iter().enumerate() {
         render_query(&mut h, results, qi, q, tails.get(qi), (max_tokens, run));

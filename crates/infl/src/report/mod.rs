@@ -9,13 +9,15 @@
 //!
 //! `html` writes the page, `charts` its two SVG charts, `experts` the per-expert table of a
 //! mixture of experts, `run` what a report shows of the rest
-//! of a run (other methods' rankings, a recall table: [`RunContext`]); the results are read by
+//! of a run (other methods' rankings, a recall table: [`RunContext`]), `trust` the pre-filter's
+//! recall and the ranking's stability across fits; the results are read by
 //! [`crate::results::Results`].
 
 mod charts;
 mod experts;
 mod html;
 mod run;
+mod trust;
 
 use crate::error::Result;
 use crate::io;

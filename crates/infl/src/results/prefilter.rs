@@ -57,6 +57,36 @@ pub struct PrefilterRecall {
     pub recall: f64,
     pub recall_low: f64,
     pub recall_high: f64,
+    /// The N this query's candidates were taken with (wider than `--prefilter` when
+    /// `--target-recall` widened it).
+    #[serde(default)]
+    pub prefilter: usize,
+    /// With `--target-recall`: whether `recall_low` reached the target within the budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reached: Option<bool>,
+}
+
+/// What `--target-recall` did: the target, the budget, and each query's N in the end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Widening {
+    pub target: f64,
+    pub max: usize,
+    pub used: Vec<usize>,
+}
+
+impl Widening {
+    /// Whether an estimate meets the target: its interval's lower end does (the honest reading
+    /// of a sampled estimate).
+    pub fn meets(&self, e: &PrefilterRecall) -> bool {
+        e.recall_low >= self.target
+    }
+
+    /// The next N of a query that misses the target with `used` candidates of a corpus of
+    /// `n_sequences`: twice as many, within the budget; None when it cannot widen.
+    pub fn next(&self, used: usize, n_sequences: usize) -> Option<usize> {
+        let next = used.saturating_mul(2).min(self.max).min(n_sequences);
+        (next > used).then_some(next)
+    }
 }
 
 /// The estimate for one query: the candidate ranked j (from 0) among the candidates stays in
@@ -103,6 +133,8 @@ pub fn estimate(query_id: &str, s: &QuerySummary, k: usize, n_sequences: usize) 
         recall,
         recall_low,
         recall_high,
+        prefilter: candidates,
+        reached: None,
     }
 }
 
@@ -128,28 +160,54 @@ fn wilson(x: usize, m: usize) -> (f64, f64) {
 }
 
 /// `prefilter.json`.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PrefilterFile {
     /// The confidence of every interval.
     pub confidence: f64,
+    /// With `--target-recall`: the target and the largest N a query could be widened to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_recall: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefilter_max: Option<usize>,
     pub queries: Vec<PrefilterRecall>,
 }
 
-/// Writes `prefilter.json`: every query's recall estimate.
+/// Every query's recall estimate, with what `--target-recall` did when it ran: `n` is the N
+/// asked for (each query's own when widened).
+pub fn estimates(
+    summaries: &[QuerySummary],
+    query_ids: &[String],
+    (k, n_sequences): (usize, usize),
+    n: usize,
+    widening: Option<&Widening>,
+) -> Vec<PrefilterRecall> {
+    summaries
+        .iter()
+        .zip(query_ids)
+        .enumerate()
+        .map(|(q, (s, id))| {
+            let mut e = estimate(id, s, k, n_sequences);
+            e.prefilter = widening.and_then(|w| w.used.get(q).copied()).unwrap_or(n);
+            e.reached = widening.map(|w| w.meets(&e));
+            e
+        })
+        .collect()
+}
+
+/// Writes `prefilter.json`: every query's recall estimate (see [`estimates`]).
 pub fn write_prefilter(
     path: &Path,
     summaries: &[QuerySummary],
     query_ids: &[String],
-    k: usize,
-    n_sequences: usize,
+    (k, n_sequences): (usize, usize),
+    n: usize,
+    widening: Option<&Widening>,
 ) -> Result<()> {
     let file = PrefilterFile {
         confidence: 0.95,
-        queries: summaries
-            .iter()
-            .zip(query_ids)
-            .map(|(s, id)| estimate(id, s, k, n_sequences))
-            .collect(),
+        target_recall: widening.map(|w| w.target),
+        prefilter_max: widening.map(|w| w.max),
+        queries: estimates(summaries, query_ids, (k, n_sequences), n, widening),
     };
     let value = serde_json::to_value(&file).map_err(|e| Error::Other(e.to_string()))?;
     crate::io::write_json(path, &value)

@@ -47,6 +47,18 @@ pub struct Results {
     pub dense: Option<Vec<Vec<f64>>>,
     /// What turns a score into nats on removal, when recorded.
     pub removal: Option<super::RemovalScale>,
+    /// The pre-filter's recall estimates (prefilter.json), when the run was pre-filtered.
+    pub prefilter: Option<super::PrefilterFile>,
+    /// The ranking's stability across the fits of `fit --seeds` (stability.json).
+    pub stability: Option<super::StabilityFile>,
+}
+
+/// A JSON file of the results read when present.
+fn read_optional<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match path.exists() {
+        true => io::read_json(path).map(Some),
+        false => Ok(None),
+    }
 }
 
 impl Results {
@@ -112,6 +124,8 @@ impl Results {
             layer_totals,
             dense,
             removal: meta.removal,
+            prefilter: read_optional(&dir.join("prefilter.json"))?,
+            stability: super::stability::read_stability(dir)?,
         })
     }
 

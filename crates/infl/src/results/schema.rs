@@ -60,6 +60,10 @@ pub struct TopEntry {
     /// The score's parts, one per token of the sequence (with `--per-token`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<Vec<TokenPart>>,
+    /// Across the fits of `fit --seeds K` (top entries only): this sequence's rank and score
+    /// in each ([`super::stability`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stability: Option<super::SequenceStability>,
 }
 
 /// Streamed statistics of one query's scores over all training sequences (`distribution.json`).

@@ -194,6 +194,9 @@ pub struct QuerySummary {
     /// estimate the pre-filter's recall, kept out of everything above).
     #[serde(default)]
     pub prefilter_sample: Vec<f64>,
+    /// With the fits of `fit --seeds K`: what the query's stability is computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stability: Option<super::stability::Track>,
 }
 
 /// Which sequences count for each query in a pre-filtered pass: its candidates, and the sample
@@ -224,7 +227,7 @@ fn offer(
 }
 
 impl QuerySummary {
-    fn new(n_layers: usize) -> Self {
+    pub(crate) fn new(n_layers: usize) -> Self {
         QuerySummary {
             count: 0,
             sum: 0.0,
@@ -241,6 +244,7 @@ impl QuerySummary {
             tail_neg: Largest::new(TAIL_SIZE),
             sketch: MagnitudeSketch::default(),
             prefilter_sample: Vec::new(),
+            stability: None,
         }
     }
 
@@ -312,6 +316,14 @@ impl ScoreAccumulator {
             k,
             dense,
         }
+    }
+
+    /// Tracks every query's stability across `n_fits` fits ([`super::stability`]).
+    pub fn with_stability(mut self, n_fits: usize) -> Self {
+        for s in &mut self.summaries {
+            s.stability = Some(super::stability::Track::new(n_fits, self.k));
+        }
+        self
     }
 
     /// Continues from saved summaries (a resumed pass).

@@ -65,6 +65,7 @@ mod tests {
             text: Some("a\nb".into()),
             per_layer: None,
             tokens: None,
+            stability: None,
         };
         let entries = vec![
             entry("q", Direction::Top, 2, 1.0),

@@ -41,6 +41,7 @@ pub fn entries(
                     text: tokenizer.decode(&c.ids),
                     per_layer: per_layer.then(|| c.per_layer.clone()),
                     tokens: tokens.and_then(|t| t.get(&(q, c.index)).cloned()),
+                    stability: None,
                 });
             }
         }

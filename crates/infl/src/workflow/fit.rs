@@ -105,6 +105,14 @@ pub(super) fn pass_stem(pass: Pass, shard: Shard) -> String {
 }
 
 pub fn fit(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
+    if job.options.seeds > 1 {
+        return super::fit_seeds::fit_seeds(job, progress);
+    }
+    fit_one(job, progress)
+}
+
+/// One fit (the seed's own, of a `--seeds` fit).
+pub(super) fn fit_one(job: &FitJob, progress: &dyn Progress) -> Result<FitSummary> {
     if !job.partitioning.is_none() {
         return super::fit_partitions::fit_partitioned(job, progress);
     }

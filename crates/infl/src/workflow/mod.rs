@@ -6,11 +6,14 @@
 mod fit;
 mod fit_merge;
 mod fit_partitions;
+mod fit_seeds;
 mod query;
 mod score;
 mod score_merge;
 mod score_partitions;
+mod score_seeds;
 mod score_store;
+mod score_widen;
 mod self_influence;
 
 pub use fit::{fit, FitJob, FitSummary};

@@ -277,6 +277,7 @@ impl QueryEngine {
         let tracked = model.tracked().to_vec();
         let settings = serde_json::Value::Null;
         let run = ScoreRun {
+            fits: &[],
             job: &job,
             options: &job.options,
             tracked: &tracked,

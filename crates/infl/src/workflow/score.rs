@@ -88,6 +88,13 @@ impl ScoreJob {
                 "--prefilter N and --index DIR go together: the index gives the candidates",
             ));
         }
+        if o.target_recall.is_some()
+            && (!self.run.shard.is_whole() || o.store || !self.partitioning.is_none())
+        {
+            return Err(Error::input(
+                "--target-recall widens the candidates after the merged estimate, in one process over the corpus: it does not go with --shard, --store or layer partitions",
+            ));
+        }
         if o.per_token && !self.run.shard.is_whole() {
             return Err(Error::input(
                 "--per-token does not go with --shard: the per-token pass needs the merged top-k; run it unsharded (it reads only the top and bottom sequences)",
@@ -190,6 +197,8 @@ pub(super) fn score_layers(
         store.is_some(),
         progress,
     )?;
+    let (fits, seeds) =
+        super::score_seeds::other_fits(job, &options, &prepared, &queries, progress)?;
     // The pass needs the damped inverse again only for the training sequences' own
     // influence (cosine normalisation); otherwise its memory goes back before the pass.
     if options.normalize != Normalize::Cosine {
@@ -210,6 +219,7 @@ pub(super) fn score_layers(
         tracked: &tracked,
         preconditioner: &prepared.preconditioner,
         pq: &pq,
+        fits: &fits,
         candidates: candidates.as_ref().map(|(c, s)| Prefilter {
             candidates: c,
             sampled: s,
@@ -289,7 +299,29 @@ pub(super) fn score_layers(
     if !job.run.shard.is_whole() {
         return run.shard_summary(started, pass_seconds, was_complete);
     }
-    let merged = gather_scores(&job.out)?;
+    let mut merged = gather_scores(&job.out)?;
+    let widened = match options.target_recall {
+        Some(_) => {
+            let w = super::score_widen::Widen {
+                run: &run,
+                model,
+                memory: &memory,
+                max_len: prepared.max_len,
+                queries: &queries,
+            };
+            Some(super::score_widen::widen(
+                &w,
+                &mut merged,
+                &mut tok,
+                &mut checked_len,
+            )?)
+        }
+        None => None,
+    };
+    merged.widening = widened.clone();
+    if !fits.is_empty() {
+        merged.seeds = seeds;
+    }
     let token_parts = match options.per_token {
         true => Some(token_pass(
             model,
@@ -302,12 +334,27 @@ pub(super) fn score_layers(
         false => None,
     };
     let top = write_scores(&job.out, &merged, token_parts.as_ref())?;
-    let message = format!(
+    let mut message = String::new();
+    if let Some(w) = &widened {
+        let ests = results::estimates(
+            &merged.summaries,
+            &merged.meta.queries.ids,
+            (options.top_k, stats.n_sequences),
+            options.prefilter.unwrap_or(0),
+            Some(w),
+        );
+        let (lines, warning) = super::score_widen::widening_text(&ests, w);
+        message.push_str(&lines);
+        if let Some(warning) = warning {
+            eprintln!("{warning}");
+        }
+    }
+    message.push_str(&format!(
         "scored {} queries × {} training sequences → {}",
         queries.len(),
         stats.n_sequences,
         job.out.display()
-    );
+    ));
     Ok(ScoreSummary {
         summaries: merged.summaries,
         top,
@@ -526,6 +573,9 @@ pub(super) struct ScoreRun<'a> {
     pub(super) tracked: &'a [TrackedLayer],
     pub(super) preconditioner: &'a Preconditioner,
     pub(super) pq: &'a PreconditionedQueries,
+    /// The queries preconditioned by the other fits of `fit --seeds` (none: one fit), scored
+    /// beside `pq` for each query's stability.
+    pub(super) fits: &'a [PreconditionedQueries],
     /// Each query's pre-filter candidates and recall sample (None: every sequence).
     pub(super) candidates: Option<Prefilter<'a>>,
     pub(super) work: &'a Path,
@@ -554,7 +604,7 @@ impl ScoreRun<'_> {
     }
 
     /// The saved state of this shard's pass, or a fresh one.
-    fn resume(&self, n_queries: usize) -> Result<Saved> {
+    pub(super) fn resume(&self, n_queries: usize) -> Result<Saved> {
         let (state, position, complete) =
             match checkpoint::load(self.work, &self.stem, self.settings)? {
                 Some((m, bytes)) => (
@@ -586,6 +636,10 @@ impl ScoreRun<'_> {
             Some(s) => ScoreAccumulator::resume(s.summaries, k, dense),
             None => ScoreAccumulator::new(n_queries, self.tracked.len(), k, dense),
         };
+        let acc = match self.fits.is_empty() || saved_tracks(&acc) {
+            true => acc,
+            false => acc.with_stability(self.fits.len() + 1),
+        };
         Ok(Saved {
             acc,
             dense_columns,
@@ -596,7 +650,7 @@ impl ScoreRun<'_> {
     }
 
     /// Saves the pass's state at corpus sequence `done`; with `meta`, as complete.
-    fn save(&self, saved: &Saved, done: usize, meta: Option<&ScoresMeta>) -> Result<()> {
+    pub(super) fn save(&self, saved: &Saved, done: usize, meta: Option<&ScoresMeta>) -> Result<()> {
         let state = ScoreStateRef {
             summaries: &saved.acc.summaries,
             dense_columns: saved.dense_columns,
@@ -641,6 +695,29 @@ impl ScoreRun<'_> {
             saved.dense_columns += seqs.len() as u64;
         }
         Ok(())
+    }
+
+    /// Adds a batch's scores under the other fits (`parts` is the seed fit's) to each query's
+    /// stability track; nothing without other fits.
+    pub(super) fn track(
+        &self,
+        saved: &mut Saved,
+        indices: &[usize],
+        taps: &TapBatch,
+        parts: &[faer::Mat<f32>],
+    ) {
+        if self.fits.is_empty() {
+            return;
+        }
+        let others: Vec<Vec<faer::Mat<f32>>> = self
+            .fits
+            .iter()
+            .map(|pq| influence::batch_scores(self.tracked, &pq.per_layer, taps))
+            .collect();
+        let all: Vec<&[faer::Mat<f32>]> = std::iter::once(parts)
+            .chain(others.iter().map(Vec::as_slice))
+            .collect();
+        results::stability::track_batch(&mut saved.acc.summaries, indices, &all, self.candidates);
     }
 
     /// The summary of a shard's finished pass, read back from its saved state.
@@ -747,10 +824,11 @@ impl StreamedPass<'_> {
                         run.add(
                             saved,
                             &indices[range.clone()],
-                            &kept[range],
+                            &kept[range.clone()],
                             &parts,
                             run.train_self(taps).as_deref(),
                         )?;
+                        run.track(saved, &indices[range], taps, &parts);
                         scored += n;
                         let due = policy
                             .every_sequences
@@ -772,6 +850,11 @@ impl StreamedPass<'_> {
             },
         )
     }
+}
+
+/// Whether a resumed reduction already carries its stability tracks.
+fn saved_tracks(acc: &ScoreAccumulator) -> bool {
+    acc.summaries.iter().all(|s| s.stability.is_some())
 }
 
 /// The cosine normalisers `1 / sqrt(self(q) · self(z))` of each query (rows) and training

@@ -60,6 +60,10 @@ pub(super) struct MergedScores {
     pub(super) meta: ScoresMeta,
     pub(super) dense_rows: Vec<Vec<PathBuf>>,
     pub(super) shards: usize,
+    /// What `--target-recall` did to the pre-filter, when it ran.
+    pub(super) widening: Option<results::Widening>,
+    /// The seeds of `fit --seeds` fits whose stability the summaries track (empty: one fit).
+    pub(super) seeds: Vec<u64>,
 }
 
 pub(super) fn gather_scores(out: &Path) -> Result<MergedScores> {
@@ -107,6 +111,8 @@ pub(super) fn gather_scores(out: &Path) -> Result<MergedScores> {
         summaries,
         meta,
         shards: n,
+        widening: None,
+        seeds: Vec::new(),
     })
 }
 
@@ -120,7 +126,7 @@ pub(super) fn write_scores(
     let meta = &merged.meta;
     let query_ids = &meta.queries.ids;
     let mut tok = LazyTokenizer::new(Path::new(&meta.model.path));
-    let top = results::entries(
+    let mut top = results::entries(
         &merged.summaries,
         query_ids,
         &mut tok,
@@ -128,6 +134,16 @@ pub(super) fn write_scores(
         token_parts,
         meta.removal.as_ref(),
     );
+    let stability = results::stability::stability(
+        &merged.summaries,
+        query_ids,
+        &merged.seeds,
+        (meta.options.top_k, meta.options.stable_overlap),
+    );
+    if let Some(file) = &stability {
+        results::stability::annotate(&mut top, file);
+        results::stability::write_stability(&out.join("stability.json"), file)?;
+    }
     results::write_top_k(&out.join("top_k.jsonl"), &top)?;
     results::write_distribution(&out.join("distribution.json"), &merged.summaries, query_ids)?;
     if meta.options.per_layer {
@@ -143,8 +159,9 @@ pub(super) fn write_scores(
             &out.join("prefilter.json"),
             &merged.summaries,
             query_ids,
-            meta.options.top_k,
-            meta.corpus.n_sequences,
+            (meta.options.top_k, meta.corpus.n_sequences),
+            meta.options.prefilter.unwrap_or(0),
+            merged.widening.as_ref(),
         )?;
     }
     if meta.options.dense {
