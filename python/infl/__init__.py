@@ -258,6 +258,7 @@ def inspect(
     max_len: Optional[int] = None,
     modules: Optional[str] = None,
     n_queries: Optional[int] = None,
+    query_rank: Optional[str] = None,
     no_probe: bool = False,
     threads: Optional[int] = None,
 ) -> str:

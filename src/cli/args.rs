@@ -244,6 +244,10 @@ pub struct InspectArgs {
     /// How many queries the score estimate assumes (a count: `inspect` reads no queries file).
     #[arg(long, default_value_t = 1, value_name = "Q", value_parser = o::N_QUERIES.parser())]
     pub n_queries: usize,
+    /// How score stores each query's preconditioned gradients, as its own option of this name
+    /// takes it: rank k, or `full`.
+    #[arg(long, default_value_t = o::QueryRank(Some(32)), value_name = "k|full")]
+    pub query_rank: o::QueryRank,
     /// Skip the one-batch timing probe (memory estimate only).
     #[arg(long)]
     pub no_probe: bool,

@@ -350,7 +350,7 @@ fn inspect(a: InspectArgs, quiet: bool) -> Result<()> {
             model.as_ref(),
             a.batch_size,
             max_len,
-            a.n_queries as u64,
+            (a.n_queries as u64, a.query_rank.0),
             probe.as_ref()
         )
     );

@@ -47,6 +47,9 @@ pub struct Inspect {
     /// How many queries the score estimate assumes (a count: `inspect` reads no queries file).
     #[arg(long, default_value_t = 1, value_name = "Q", value_parser = infl::options::N_QUERIES.parser())]
     pub n_queries: usize,
+    /// How score stores each query's preconditioned gradients: rank k, or `full`.
+    #[arg(long, default_value_t = infl::options::QueryRank(Some(32)), value_name = "k|full")]
+    pub query_rank: infl::options::QueryRank,
     /// Skip the one-batch timing probe (memory estimate only).
     #[arg(long)]
     pub no_probe: bool,

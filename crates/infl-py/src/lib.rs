@@ -243,7 +243,7 @@ fn inspect(py: Python<'_>, argv: Vec<String>, threads: Option<usize>) -> PyResul
             m,
             a.batch_size,
             max_len,
-            a.n_queries as u64,
+            (a.n_queries as u64, a.query_rank.0),
             probe.as_ref(),
         ))
     })

@@ -43,7 +43,8 @@ pub struct MemoryEstimate {
     pub factor_file: u64,
     /// Preconditioner held by `score`.
     pub score_preconditioner: u64,
-    /// Preconditioned gradients of one query (all tracked layers).
+    /// Preconditioned gradients of one query (all tracked layers), as stored (full unless
+    /// [`MemoryEstimate::at_query_rank`] says otherwise).
     pub per_query: u64,
     /// Per-sequence gradients of one batch for the largest layer, during scoring.
     pub score_batch: u64,
@@ -73,6 +74,31 @@ impl MemoryEstimate {
             + n_queries * self.per_query
             + n_queries * n_train * 8
             + preconditioning.max(pass)
+    }
+}
+
+/// Bytes of one query's preconditioned gradients over `layers` as scoring stores them: whole
+/// (`d_out × d_in_h` per layer), or at `--query-rank k` as rank-k factors (`k (d_out + d_in_h)`)
+/// wherever k is below some layer's rank (then every layer is stored so).
+pub fn query_bytes(layers: &[TrackedLayer], rank: Option<usize>) -> u64 {
+    let low = rank.filter(|&k| layers.iter().any(|l| k < l.d_out.min(l.d_in_h())));
+    layers
+        .iter()
+        .map(|l| match low {
+            Some(k) => 4 * (k * (l.d_out + l.d_in_h())) as u64,
+            None => 4 * (l.d_out * l.d_in_h()) as u64,
+        })
+        .sum()
+}
+
+impl MemoryEstimate {
+    /// The estimate with the queries stored at `--query-rank` `rank` (None: full) for
+    /// `layers`, the model's tracked layers.
+    pub fn at_query_rank(self, layers: &[TrackedLayer], rank: Option<usize>) -> Self {
+        MemoryEstimate {
+            per_query: query_bytes(layers, rank),
+            ..self
+        }
     }
 }
 
@@ -191,14 +217,19 @@ pub fn fit_fixed_bytes(model: &dyn TapModel, batch_size: usize, max_len: usize) 
 /// What `score` holds for the layers of `layers` at its peak, the queries' preconditioning:
 /// the damped inverse of each layer (eigenvectors and Λ, f32), `n_queries` preconditioned
 /// gradients, and one batch's per-sequence gradients of the largest layer.
-pub fn score_layer_bytes(layers: &[TrackedLayer], n_queries: u64, batch_size: usize) -> u64 {
+pub fn score_layer_bytes(
+    layers: &[TrackedLayer],
+    n_queries: u64,
+    rank: Option<usize>,
+    batch_size: usize,
+) -> u64 {
     let sq = |x: usize| (x as u64) * (x as u64);
     let lam = |l: &TrackedLayer| (l.d_out * l.d_in_h()) as u64;
     let inverse: u64 = layers
         .iter()
         .map(|l| 4 * (sq(l.d_in_h()) + sq(l.d_out) + lam(l)))
         .sum();
-    let queries: u64 = layers.iter().map(|l| 4 * n_queries * lam(l)).sum();
+    let queries = n_queries * query_bytes(layers, rank);
     let batch = 4 * batch_size as u64 * layers.iter().map(lam).max().unwrap_or(0);
     inverse + queries + batch
 }
@@ -435,7 +466,7 @@ pub fn report(
     model: &dyn TapModel,
     batch_size: usize,
     max_len: usize,
-    n_queries: u64,
+    (n_queries, query_rank): (u64, Option<usize>),
     probe_result: Option<&Probe>,
 ) -> String {
     use std::fmt::Write;
@@ -473,7 +504,7 @@ pub fn report(
             if l.has_bias { " + bias" } else { "" },
         );
     }
-    let e = estimate(model, batch_size, max_len);
+    let e = estimate(model, batch_size, max_len).at_query_rank(tracked, query_rank);
     let _ = writeln!(
         s,
         "\nmemory estimate (batch {batch_size} × {max_len} tokens):"
@@ -635,6 +666,19 @@ mod tests {
     }
 
     #[test]
+    fn queries_are_counted_as_score_stores_them() {
+        let m = tiny();
+        let e = estimate(&m, 4, 16);
+        // Per block: c_attn 24×9, c_proj 8×9, c_fc 32×9, c_proj 8×33 (d_out × d_in_h).
+        assert_eq!(query_bytes(m.tracked(), None), e.per_query);
+        let low: u64 = 2 * 4 * 2 * ((24 + 9) + (8 + 9) + (32 + 9) + (8 + 33));
+        assert_eq!(query_bytes(m.tracked(), Some(2)), low);
+        assert_eq!(e.clone().at_query_rank(m.tracked(), Some(2)).per_query, low);
+        // k = 9 is below no layer's rank (the smaller dimensions are 8 and 9): stored whole.
+        assert_eq!(query_bytes(m.tracked(), Some(9)), e.per_query);
+    }
+
+    #[test]
     fn fit_phases_by_hand() {
         // One 2 × 3 layer: A 3×3 and S 2×2 (13 values), Λ 2×3 (6), decomposed alone (9).
         let l = TrackedLayer {
@@ -696,7 +740,7 @@ mod tests {
         let (one, ten) = (p.tokens as u64, 10 * p.tokens as u64);
         assert!(p.fit_estimate(ten) > p.fit_estimate(one), "{p:?}");
         assert!((p.fit_estimate(one) - p.fit_seconds).abs() < 1e-9, "{p:?}");
-        let text = report(std::path::Path::new("tiny"), &m, 2, 8, 1, Some(&p));
+        let text = report(std::path::Path::new("tiny"), &m, 2, 8, (1, None), Some(&p));
         assert!(
             text.contains("h.1.mlp.c_proj") && text.contains("FIT TOTAL"),
             "{text}"

@@ -462,6 +462,7 @@ fn corpus_pass(
         model,
         batch_size: run.options.batch_size,
         n_queries: queries.len(),
+        query_rank: run.options.query_rank.0,
     };
     let mut checked_len = queries
         .iter()

@@ -170,6 +170,7 @@ pub(super) fn score_layers(
         model,
         batch_size: options.batch_size,
         n_queries: queries.len(),
+        query_rank: options.query_rank.0,
     };
     let mut checked_len = queries
         .iter()
@@ -503,6 +504,8 @@ pub(super) struct MemoryCheck<'a> {
     pub(super) model: &'a dyn TapModel,
     pub(super) batch_size: usize,
     pub(super) n_queries: usize,
+    /// `--query-rank`: how the queries' gradients are stored.
+    pub(super) query_rank: Option<usize>,
 }
 
 impl MemoryCheck<'_> {
@@ -510,7 +513,8 @@ impl MemoryCheck<'_> {
         if !self.enabled {
             return Ok(());
         }
-        let e = crate::inspect::estimate(self.model, self.batch_size, longest);
+        let e = crate::inspect::estimate(self.model, self.batch_size, longest)
+            .at_query_rank(self.model.tracked(), self.query_rank);
         crate::inspect::check_memory(
             "infl score",
             e.score_total(self.n_queries as u64, 0),

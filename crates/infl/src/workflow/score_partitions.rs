@@ -216,7 +216,8 @@ fn score_partitions_for(
     let fixed = crate::inspect::score_fixed_bytes(model.as_ref(), job.options.batch_size, max_len);
     let n = queries.len() as u64;
     partition::count_for_budget(tracked, budget, fixed, |layers| {
-        crate::inspect::score_layer_bytes(layers, n, job.options.batch_size)
+        let rank = job.options.query_rank.0;
+        crate::inspect::score_layer_bytes(layers, n, rank, job.options.batch_size)
     })
     .ok_or_else(|| {
         Error::usage(format!(
