@@ -10,7 +10,7 @@ use crate::progress::Bars;
 use anyhow::Result;
 use args::{
     BenchArgs, CompareArgs, DemoArgs, IndexArgs, InspectArgs, MergeArgs, ReportArgs, TrainArgs,
-    ValidateArgs, ValidateCommand, ValidateExactArgs, ValidateLdsArgs,
+    ValidateArgs, ValidateCommand, ValidateExactArgs, ValidateLdsArgs, ValidateRemovalArgs,
 };
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use infl::pass::Progress;
@@ -32,7 +32,8 @@ the completion. Scores are sums over tracked layers and are not divided by the c
 Try `infl demo` first: it trains a tiny GPT-2 on a corpus bundled in the binary (Shakespeare\n\
 and 40 invented facts), runs both stages and measures how often each fact's sentence is found.\n\
 `infl validate exact` measures each strategy against the exact damped per-layer Fisher, and\n\
-`infl validate lds` against retraining (the linear datamodeling score)."
+`infl validate lds` against retraining (the linear datamodeling score); `infl validate removal`\n\
+calibrates the predicted change of −log p on removal against retraining without the group."
 )]
 struct Cli {
     /// No progress bars or summaries on stderr (results still go to files / stdout).
@@ -83,7 +84,8 @@ enum Command {
     more exact reference, query by query, on a model small enough to compute the reference.\n\n\
     Subcommands:\n  \
     exact   against influence under the exact damped per-layer (block-diagonal) Fisher\n  \
-    lds     against retraining: the linear datamodeling score over M models trained on subsets"
+    lds     against retraining: the linear datamodeling score over M models trained on subsets\n  \
+    removal the removal units against retraining without each query's top-k and bottom-k groups"
     )]
     Validate(ValidateArgs),
 }
@@ -109,6 +111,7 @@ pub fn run() -> Result<()> {
         Command::Validate(a) => match a.command {
             ValidateCommand::Exact(a) => validate_exact(a, &progress, quiet),
             ValidateCommand::Lds(a) => validate_lds(a, &progress, quiet),
+            ValidateCommand::Removal(a) => validate_removal(a, &progress, quiet),
         },
     }
 }
@@ -158,7 +161,10 @@ fn configure_threads(cli: &Cli) -> Result<()> {
     // the rayon pool.
     let trains = match &cli.command {
         Command::Train(_) | Command::Demo(_) => true,
-        Command::Validate(v) => matches!(v.command, ValidateCommand::Lds(_)),
+        Command::Validate(v) => matches!(
+            v.command,
+            ValidateCommand::Lds(_) | ValidateCommand::Removal(_)
+        ),
         _ => false,
     };
     if trains && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
@@ -289,6 +295,26 @@ fn validate_lds(a: ValidateLdsArgs, progress: &dyn Progress, quiet: bool) -> Res
             r.seconds,
             r.mean_loss_spread,
             job.out.join(infl::validate::lds::LDS_FILE).display()
+        );
+    }
+    Ok(())
+}
+
+fn validate_removal(a: ValidateRemovalArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
+    let job = a.into_job(infl::shard::threads());
+    let r = infl::validate::removal::run(&job, progress)?;
+    print!("{}", r.table());
+    if !quiet {
+        eprintln!(
+            "retraining took {:.0}s of {:.0}s; wrote {} and {}",
+            r.retrain_seconds,
+            r.seconds,
+            job.out
+                .join(infl::validate::removal::REMOVAL_FILE)
+                .display(),
+            job.out
+                .join(infl::validate::removal::REMOVAL_HTML)
+                .display()
         );
     }
     Ok(())

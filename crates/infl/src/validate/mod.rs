@@ -9,9 +9,16 @@
 //!   Woodbury identity on the per-sequence gradients (`infl validate exact`).
 //! - [`lds`]: the linear datamodeling score: retrain on random subsets and correlate the
 //!   measured losses with the influence-predicted ones (`infl validate lds`).
+//! - [`removal`]: the calibration of `group_removal_change`: retrain without each query's
+//!   top-k (and bottom-k) group and set the measured change of −log p beside the predicted one
+//!   (`infl validate removal`).
+//! - [`retrain`]: retraining a model on chosen training sets with its recorded recipe,
+//!   resumably, for `lds` and `removal`.
 
 pub mod exact;
 pub mod lds;
+pub mod removal;
+pub mod retrain;
 
 /// Ranks of `x` (1-based), ties sharing their average rank. NaNs rank last.
 pub fn ranks(x: &[f64]) -> Vec<f64> {
