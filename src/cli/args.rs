@@ -378,6 +378,25 @@ pub enum ValidateCommand {
     convergence, the λ of each layer and the provenance. GPT-2 checkpoints only."
     )]
     Pbrf(ValidatePbrfArgs),
+    /// Calibrate the removal units: retrain without each query's top-k (and bottom-k) group and
+    /// compare the measured change of −log p with group_removal_change.
+    #[command(
+        long_about = "Calibrate the removal units: does group_removal_change predict what retraining measures?\n\n\
+    The model (it must come from `infl train` or `infl demo`: MODEL/training.json is its recipe)\n\
+    is fitted and scored with --strategy (OUT/run/). Then, for each query and each group size k,\n\
+    it is retrained from scratch with exactly that recipe on the corpus without the query's top-k\n\
+    sequences, and again without its bottom-k sequences (a control whose prediction is negative).\n\
+    measured = −log p(completion | prompt) under the retrained model minus under the model;\n\
+    predicted = group_removal_change at rank k (the group's summed scores / N), both in nats.\n\
+    Per k the table fits measured on predicted over both sides and each side: least-squares slope\n\
+    and intercept, the slope through the origin (1: the scale is calibrated), Pearson and\n\
+    Spearman correlation, n.\n\n\
+    It costs one training per query, k and side (2 · queries · groups); they run --threads at a\n\
+    time and each finished one is saved in OUT/work/, so rerunning an interrupted command resumes\n\
+    it. OUT/removal.json holds every removal and fit and the provenance; OUT/removal.html plots\n\
+    measured against predicted per k with the line y = x."
+    )]
+    Removal(ValidateRemovalArgs),
 }
 
 #[derive(clap::Args)]
@@ -532,6 +551,41 @@ pub struct ValidatePbrfArgs {
     pub fresh: bool,
 }
 
+#[derive(clap::Args)]
+pub struct ValidateRemovalArgs {
+    /// A checkpoint made by `infl train` or `infl demo` (its training.json is retrained).
+    #[arg(long, default_value = "infl-demo/model", value_name = "DIR")]
+    pub model: PathBuf,
+    /// The corpus it was trained on (checked against training.json's hash).
+    #[arg(long, default_value = "infl-demo/corpus.jsonl", value_name = "CORPUS")]
+    pub train: PathBuf,
+    /// Queries (JSONL); each costs two retrainings per group size.
+    #[arg(
+        long,
+        default_value = "infl-demo/queries.jsonl",
+        value_name = "QUERIES"
+    )]
+    pub queries: PathBuf,
+    /// Output directory: removal.json, removal.html, the fit and score (run/), saved
+    /// retraining results (work/).
+    #[arg(long, default_value = "infl-validate-removal", value_name = "DIR")]
+    pub out: PathBuf,
+    /// The group sizes k: each query's top-k and bottom-k sequences are removed.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10,50",
+        value_name = "K,.."
+    )]
+    pub groups: Vec<usize>,
+    /// The strategy whose predictions are calibrated (identity has no removal scale).
+    #[arg(long, value_enum, default_value = "ekfac")]
+    pub strategy: Strategy,
+    /// Discard the retraining results saved in OUT/work/ instead of resuming from them.
+    #[arg(long)]
+    pub fresh: bool,
+}
+
 impl ValidatePbrfArgs {
     /// The comparison these arguments ask for; the bundled model, corpus and queries are
     /// unpacked under OUT/bundled when no --model is given.
@@ -629,6 +683,22 @@ impl ValidateLdsArgs {
                 ..Default::default()
             },
             refine_iterations: self.iterations,
+        }
+    }
+}
+
+impl ValidateRemovalArgs {
+    /// The calibration these arguments ask for, `threads` trainings at a time.
+    pub fn into_job(self, threads: usize) -> infl::validate::removal::RemovalJob {
+        infl::validate::removal::RemovalJob {
+            model: self.model,
+            train: self.train,
+            queries: self.queries,
+            out: self.out,
+            groups: self.groups,
+            strategy: self.strategy,
+            threads,
+            fresh: self.fresh,
         }
     }
 }

@@ -11,6 +11,7 @@ use anyhow::Result;
 use args::{
     BenchArgs, CompareArgs, DemoArgs, IndexArgs, InspectArgs, MergeArgs, ReportArgs, TrainArgs,
     ValidateArgs, ValidateCommand, ValidateExactArgs, ValidateLdsArgs, ValidatePbrfArgs,
+    ValidateRemovalArgs,
 };
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use infl::pass::Progress;
@@ -33,7 +34,8 @@ Try `infl demo` first: it trains a tiny GPT-2 on a corpus bundled in the binary 
 and 40 invented facts), runs both stages and measures how often each fact's sentence is found.\n\
 `infl validate exact` measures each strategy against the exact damped per-layer Fisher,\n\
 `infl validate lds` against retraining (the linear datamodeling score), `infl validate pbrf`\n\
-against the proximal Bregman response function."
+against the proximal Bregman response function; `infl validate removal` calibrates the\n\
+predicted change of −log p on removal against retraining without the group."
 )]
 struct Cli {
     /// No progress bars or summaries on stderr (results still go to files / stdout).
@@ -85,7 +87,8 @@ enum Command {
     Subcommands:\n  \
     exact   against influence under the exact damped per-layer (block-diagonal) Fisher\n  \
     lds     against retraining: the linear datamodeling score over M models trained on subsets\n  \
-    pbrf    against the proximal Bregman response function, optimised per sampled sequence"
+    pbrf    against the proximal Bregman response function, optimised per sampled sequence\n  \
+    removal the removal units against retraining without each query's top-k and bottom-k groups"
     )]
     Validate(ValidateArgs),
 }
@@ -112,6 +115,7 @@ pub fn run() -> Result<()> {
             ValidateCommand::Exact(a) => validate_exact(a, &progress, quiet),
             ValidateCommand::Lds(a) => validate_lds(a, &progress, quiet),
             ValidateCommand::Pbrf(a) => validate_pbrf(a, &progress, quiet),
+            ValidateCommand::Removal(a) => validate_removal(a, &progress, quiet),
         },
     }
 }
@@ -163,7 +167,7 @@ fn configure_threads(cli: &Cli) -> Result<()> {
         Command::Train(_) | Command::Demo(_) => true,
         Command::Validate(v) => matches!(
             v.command,
-            ValidateCommand::Lds(_) | ValidateCommand::Pbrf(_)
+            ValidateCommand::Lds(_) | ValidateCommand::Pbrf(_) | ValidateCommand::Removal(_)
         ),
         _ => false,
     };
@@ -310,6 +314,26 @@ fn validate_pbrf(a: ValidatePbrfArgs, progress: &dyn Progress, quiet: bool) -> R
             r.pbrf_seconds,
             r.seconds,
             job.out.join(infl::validate::pbrf::PBRF_FILE).display()
+        );
+    }
+    Ok(())
+}
+
+fn validate_removal(a: ValidateRemovalArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
+    let job = a.into_job(infl::shard::threads());
+    let r = infl::validate::removal::run(&job, progress)?;
+    print!("{}", r.table());
+    if !quiet {
+        eprintln!(
+            "retraining took {:.0}s of {:.0}s; wrote {} and {}",
+            r.retrain_seconds,
+            r.seconds,
+            job.out
+                .join(infl::validate::removal::REMOVAL_FILE)
+                .display(),
+            job.out
+                .join(infl::validate::removal::REMOVAL_HTML)
+                .display()
         );
     }
     Ok(())

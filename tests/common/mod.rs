@@ -156,3 +156,31 @@ pub fn max_rel_diff_where(a: &Path, b: &Path, keep: impl Fn(&str) -> bool) -> f6
     }
     worst
 }
+
+/// The first `lines` documents of the bundled demo corpus and their fact queries, written to
+/// `dir/corpus.jsonl` and `dir/queries.jsonl`: a corpus a tiny `infl train` model learns in
+/// seconds.
+pub fn demo_subset(dir: &Path, lines: usize) -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare-facts");
+    let corpus: String = std::fs::read_to_string(root.join("corpus.jsonl"))
+        .unwrap()
+        .lines()
+        .take(lines)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let queries: String = std::fs::read_to_string(root.join("queries.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let q: serde_json::Value = serde_json::from_str(l).unwrap();
+            q["source_line"]
+                .as_u64()
+                .is_some_and(|n| n as usize <= lines)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let (c, q) = (dir.join("corpus.jsonl"), dir.join("queries.jsonl"));
+    std::fs::write(&c, corpus).unwrap();
+    std::fs::write(&q, queries).unwrap();
+    (c, q)
+}

@@ -377,10 +377,22 @@ impl Trainer {
             let (mut sum, mut count) = (0.0f64, 0usize);
             for chunk in order.chunks(o.batch_size) {
                 let batch: Vec<&[u32]> = chunk.iter().map(|&i| sequences[i]).collect();
+                // A batch of one-token sequences predicts nothing and has no gradient: no
+                // step. A corpus's own training rarely draws one, a retraining on part of it
+                // (`infl validate removal`) can.
+                if batch.iter().all(|s| s.len() < 2) {
+                    progress.advance(batch.iter().map(|s| s.len() as u64).sum());
+                    continue;
+                }
                 let loss = self.step(&batch, total)?;
                 sum += loss as f64;
                 count += 1;
                 progress.advance(batch.iter().map(|s| s.len() as u64).sum());
+            }
+            if count == 0 {
+                return Err(Error::input(
+                    "no training sequence is longer than one token: nothing to predict",
+                ));
             }
             epoch_losses.push(sum / count as f64);
         }
@@ -909,5 +921,30 @@ mod tests {
         let common = a.encode("The capital of Veloria", false).unwrap();
         assert!(common.get_ids().len() < 8, "{:?}", common.get_ids());
         assert!(train_tokenizer(&texts, 100).is_err());
+    }
+
+    /// A batch of one-token sequences is skipped, not an error: with batches of one, the two
+    /// one-token sequences are batches of their own every epoch.
+    #[test]
+    fn batches_with_nothing_to_predict_are_skipped() {
+        let d: Vec<Vec<u32>> = vec![vec![1], vec![2, 3, 4, 5], vec![6]];
+        let options = TrainOptions {
+            batch_size: 1,
+            epochs: 2,
+            ..TrainOptions::default()
+        };
+        let mut t = Trainer::new(tiny(), options.clone()).unwrap();
+        let before = value(&t.tensors().unwrap()["h.0.mlp.c_fc.weight"], 3);
+        let losses = t.fit(&refs(&d), &Silent).unwrap();
+        assert!(
+            losses.len() == 2 && losses.iter().all(|l| l.is_finite()),
+            "{losses:?}"
+        );
+        assert_ne!(
+            value(&t.tensors().unwrap()["h.0.mlp.c_fc.weight"], 3),
+            before
+        );
+        let mut t = Trainer::new(tiny(), options).unwrap();
+        assert!(t.fit(&refs(&[vec![1], vec![2]]), &Silent).is_err());
     }
 }

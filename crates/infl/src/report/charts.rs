@@ -1,5 +1,6 @@
-//! The report's two SVG charts: influence per layer (bars) and the log-log survival function
-//! of a query's scores with its fitted power-law tail.
+//! The report's SVG charts: influence per layer (bars), the log-log survival function of a
+//! query's scores with its fitted power-law tail, and the calibration scatter plot of `infl
+//! validate removal` (measured against predicted, with y = x).
 
 use super::html::{escape, fmt_score, short};
 use crate::powerlaw::PowerLawFit;
@@ -463,6 +464,171 @@ fn fit_legend(f: &PowerLawFit) -> String {
     }
 }
 
+/// One series of [`scatter_svg`]: its legend name, colour and (x, y) points.
+pub struct Series<'a> {
+    pub name: String,
+    pub colour: &'static str,
+    pub points: &'a [(f64, f64)],
+}
+
+/// [`scatter_svg`]'s size and margins: width, height, left, right, top, bottom.
+const SCATTER_BOX: (f64, f64, f64, f64, f64, f64) = (480.0, 400.0, 62.0, 16.0, 14.0, 44.0);
+
+/// A scatter plot of `series` on linear axes that include 0, with the line y = x (dashed)
+/// where it crosses the frame: a calibration plot, measured (y) against predicted (x).
+pub fn scatter_svg(series: &[Series], x_title: &str, y_title: &str) -> String {
+    let (w, h, l, r, t, b) = SCATTER_BOX;
+    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().filter(finite).copied())
+        .collect();
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "<svg class=\"chart scatter\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"system-ui,sans-serif\" font-size=\"11\" role=\"img\" aria-label=\"{}\">",
+        escape(&format!("{y_title} against {x_title}"))
+    );
+    if all.is_empty() {
+        s.push_str("<text x=\"20\" y=\"40\">no points</text></svg>");
+        return s;
+    }
+    let xs = Ticks::around(all.iter().map(|p| p.0));
+    let ys = Ticks::around(all.iter().map(|p| p.1));
+    let px = |v: f64| l + (v - xs.lo) / (xs.hi - xs.lo) * (w - l - r);
+    let py = |v: f64| t + (ys.hi - v) / (ys.hi - ys.lo) * (h - t - b);
+    let _ = write!(
+        s,
+        "<rect x=\"{l}\" y=\"{t}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"none\" stroke=\"#8c959f\"/>",
+        w - l - r,
+        h - t - b
+    );
+    for v in xs.values() {
+        let _ = write!(
+            s,
+            "<line x1=\"{0:.1}\" y1=\"{t}\" x2=\"{0:.1}\" y2=\"{1:.1}\" stroke=\"{2}\"/><text x=\"{0:.1}\" y=\"{3:.1}\" text-anchor=\"middle\" fill=\"#57606a\">{4}</text>",
+            px(v),
+            h - b,
+            if v == 0.0 { "#8c959f" } else { "#eaeef2" },
+            h - b + 16.0,
+            tick_label(v)
+        );
+    }
+    for v in ys.values() {
+        let _ = write!(
+            s,
+            "<line x1=\"{l}\" y1=\"{0:.1}\" x2=\"{1:.1}\" y2=\"{0:.1}\" stroke=\"{2}\"/><text x=\"{3:.1}\" y=\"{4:.1}\" text-anchor=\"end\" fill=\"#57606a\">{5}</text>",
+            py(v),
+            w - r,
+            if v == 0.0 { "#8c959f" } else { "#eaeef2" },
+            l - 6.0,
+            py(v) + 4.0,
+            tick_label(v)
+        );
+    }
+    // y = x over the part of the frame where both coordinates are in range.
+    let (a, z) = (xs.lo.max(ys.lo), xs.hi.min(ys.hi));
+    if a < z {
+        let _ = write!(
+            s,
+            "<line class=\"identity\" x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#1f2328\" stroke-width=\"1.2\" stroke-dasharray=\"6 4\"/>",
+            px(a),
+            py(a),
+            px(z),
+            py(z)
+        );
+    }
+    for (i, se) in series.iter().enumerate() {
+        let _ = write!(
+            s,
+            "<g class=\"series\" fill=\"{}\" fill-opacity=\"0.8\">",
+            se.colour
+        );
+        for (x, y) in se.points.iter().filter(finite) {
+            let _ = write!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\"/>",
+                px(*x),
+                py(*y)
+            );
+        }
+        let ly = t + 16.0 + 16.0 * i as f64;
+        let _ = write!(
+            s,
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"#1f2328\">{}</text></g>",
+            l + 12.0,
+            ly - 4.0,
+            l + 22.0,
+            ly,
+            escape(&se.name)
+        );
+    }
+    let _ = write!(
+        s,
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#1f2328\">{}</text><text transform=\"translate(14 {:.1}) rotate(-90)\" text-anchor=\"middle\" fill=\"#1f2328\">{}</text></svg>",
+        l + (w - l - r) / 2.0,
+        h - 8.0,
+        escape(x_title),
+        t + (h - t - b) / 2.0,
+        escape(y_title)
+    );
+    s
+}
+
+/// A linear axis: from `lo` to `hi` (both multiples of `step`, the range including 0) in
+/// steps of 1, 2 or 5 × 10^n, about six of them.
+struct Ticks {
+    lo: f64,
+    hi: f64,
+    step: f64,
+}
+
+impl Ticks {
+    fn around(values: impl Iterator<Item = f64>) -> Self {
+        let (min, max) = values.fold((0.0f64, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
+        let span = if max > min { max - min } else { 1.0 };
+        let raw = span / 6.0;
+        let decade = 10f64.powf(raw.log10().floor());
+        let step = [1.0, 2.0, 5.0, 10.0]
+            .iter()
+            .map(|m| m * decade)
+            .find(|s| *s >= raw)
+            .unwrap_or(10.0 * decade);
+        let lo = (min / step).floor() * step;
+        let mut hi = (max / step).ceil() * step;
+        if hi <= lo {
+            hi = lo + step;
+        }
+        Ticks { lo, hi, step }
+    }
+
+    fn values(&self) -> Vec<f64> {
+        let n = ((self.hi - self.lo) / self.step).round() as i64;
+        (0..=n)
+            .map(|i| {
+                let v = self.lo + i as f64 * self.step;
+                // No "-0" and no 0.30000000000000004.
+                if v.abs() < self.step * 1e-9 {
+                    0.0
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+}
+
+/// A tick's label: a plain number with no more digits than the step needs.
+fn tick_label(v: f64) -> String {
+    let s = format!("{v:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,5 +647,41 @@ mod tests {
             .map(String::from)
             .to_vec();
         assert_eq!(layer_labels(&gpt2), gpt2);
+    }
+
+    /// x in [−2, 1] and y in [−1, 0.5] get steps of 0.5; the frame is 402 × 342 px from
+    /// (62, 14), so y = x runs from (−1, −1) at (196, 356) to (0.5, 0.5) at (397, 14).
+    #[test]
+    fn scatter_places_points_and_the_identity_line_by_hand() {
+        let top = [(1.0, 0.5)];
+        let bottom = [(-2.0, -1.0), (f64::NAN, 3.0)];
+        let svg = scatter_svg(
+            &[
+                Series {
+                    name: "top".into(),
+                    colour: "#dc2626",
+                    points: &top,
+                },
+                Series {
+                    name: "bottom <k>".into(),
+                    colour: "#2563eb",
+                    points: &bottom,
+                },
+            ],
+            "predicted",
+            "measured",
+        );
+        assert!(
+            svg.contains("class=\"identity\" x1=\"196.0\" y1=\"356.0\" x2=\"397.0\" y2=\"14.0\"")
+        );
+        assert!(svg.contains("<circle cx=\"464.0\" cy=\"14.0\" r=\"3.5\"/>"));
+        assert!(svg.contains("<circle cx=\"62.0\" cy=\"356.0\" r=\"3.5\"/>"));
+        // The NaN point is left out: two data circles and two legend circles.
+        assert_eq!(svg.matches("<circle").count(), 4);
+        for label in [">-2<", ">-1.5<", ">0<", ">0.5<", ">1<"] {
+            assert!(svg.contains(label), "{label}");
+        }
+        assert!(svg.contains("bottom &lt;k&gt;"));
+        assert!(scatter_svg(&[], "x", "y").contains("no points"));
     }
 }

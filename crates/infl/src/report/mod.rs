@@ -25,7 +25,7 @@ use crate::powerlaw::{self, HalfMass, PowerLawFit};
 use std::path::Path;
 
 pub use crate::results::{Direction, Distribution, LayerTotals, QueryInfo, Results, TokenPart};
-pub use charts::{layer_svg, survival_svg};
+pub use charts::{layer_svg, scatter_svg, survival_svg, Series};
 pub(crate) use html::CSS;
 pub use html::{colour_scale, escape, fmt_score, render, token_colour, token_window};
 pub use run::{Ranking, RecallRow, RunContext};

@@ -14,26 +14,21 @@
 //! f_q(θ_{S_m}). The score of a strategy is the mean over queries.
 //!
 //! Retraining dominates the cost (M models); each finished subset's measurements are saved in
-//! `OUT/work/`, so an interrupted run resumes where it stopped.
+//! `OUT/work/`, so an interrupted run resumes where it stopped ([`super::retrain`]).
 
+use super::retrain::{Recipe, Retraining, TrainingSet};
 use super::spearman;
 use crate::curvature::{Fisher, Strategy};
-use crate::data::{self, Corpus, LazyTokenizer, Query};
 use crate::error::{Error, Result};
 use crate::influence::Damping;
 use crate::io;
-use crate::model::gpt2::{Gpt2, Gpt2Config};
-use crate::model::ModuleSelection;
 use crate::options::FitOptions;
 use crate::options::{RefineOptions, ScoreOptions};
-use crate::pass::{Progress, Silent};
-use crate::train::{completion_losses, Trainer, TrainingRecord};
+use crate::pass::Progress;
+use crate::train::TrainingRecord;
 use crate::workflow::{self, FitJob, ScoreJob};
 use rand::{Rng, SeedableRng};
-use sha2::{Digest, Sha256};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 /// Settings of `infl validate lds`.
 #[derive(Debug, Clone)]
@@ -171,30 +166,30 @@ impl LdsReport {
 pub const LDS_FILE: &str = "lds.json";
 const DEFINITION: &str = "For M random subsets S_m (fixed fraction of the training sequences, seeded), the model is retrained from scratch on S_m with the recipe in training.json (same init seed, optimiser, schedule, epochs) and f_q = -log p(completion | prompt) is measured. LDS(q) = Spearman over m of (-sum_{z in S_m} I(q,z)) against f_q(theta_{S_m}), with I from the full model (positive I: up-weighting z lowers f_q). A strategy's LDS is the mean over queries.";
 
-/// Saved result of one retrained subset.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SubsetResult {
-    fingerprint: String,
-    subset: usize,
-    losses: Vec<f64>,
-    seconds: f64,
-}
-
 pub fn run(job: &LdsJob, progress: &dyn Progress) -> Result<LdsReport> {
     let started = std::time::Instant::now();
     check(job)?;
-    let inputs = Inputs::read(job)?;
+    let inputs = Recipe::read(&job.model, &job.train, &job.queries)?;
     io::ensure_dir(&job.out)?;
     let scores = strategy_scores(job, inputs.config.n_positions, progress)?;
 
     let n = inputs.corpus.sequences.len();
     let subsets = subsets(n, job.fraction, job.subsets, job.seed);
-    let retraining = Retraining::prepare(job, &inputs, &subsets)?;
-    let (subset_losses, retrain_seconds) = retraining.run(job, progress)?;
+    let sets: Vec<TrainingSet> = subsets
+        .iter()
+        .enumerate()
+        .map(|(m, keep)| TrainingSet {
+            name: format!("subset-{m:04}"),
+            keep: keep.clone(),
+        })
+        .collect();
+    let retraining = Retraining::prepare(&inputs, job.out.join("work"), job.fresh)?;
+    let (retrained, retrain_seconds) = retraining.run(&sets, job.threads, progress)?;
+    let subset_losses: Vec<Vec<f64>> = retrained.into_iter().map(|r| r.losses).collect();
 
     let (mean_loss_spread, strategies) =
         lds_per_strategy(&scores, &subsets, &subset_losses, inputs.queries.len());
-    let Inputs {
+    let Recipe {
         training,
         corpus_sha256,
         queries,
@@ -241,85 +236,6 @@ fn check(job: &LdsJob) -> Result<()> {
         return Err(Error::input("--fraction must lie in (0, 1]"));
     }
     Ok(())
-}
-
-/// What the LDS is computed from, read and checked before any work: the recipe, the corpus it
-/// was trained on, the queries, and their measurements under the full model.
-struct Inputs {
-    training: TrainingRecord,
-    corpus_sha256: String,
-    config: Gpt2Config,
-    corpus: Corpus,
-    queries: Vec<Query>,
-    queries_sha256: String,
-    full_model_losses: Vec<f64>,
-    weights_sha256: String,
-}
-
-impl Inputs {
-    fn read(job: &LdsJob) -> Result<Self> {
-        let record_path = job.model.join("training.json");
-        let training: TrainingRecord = io::read_json(&record_path).map_err(|_| {
-            Error::input(format!(
-                "{}: missing or unreadable; LDS retrains the model, so it needs a checkpoint made by `infl train` (or `infl demo`), which records its recipe there",
-                record_path.display()
-            ))
-        })?;
-        let corpus_sha256 = data::sha256_file(&job.train)?;
-        if corpus_sha256 != training.corpus_sha256 {
-            return Err(Error::Mismatch(format!(
-                "{} (sha256 {}…) is not the corpus {} was trained on ({}, sha256 {}…)",
-                job.train.display(),
-                &corpus_sha256[..12],
-                job.model.display(),
-                training.corpus,
-                &training.corpus_sha256[..12]
-            )));
-        }
-        let full = Gpt2::load(&job.model, ModuleSelection::All)?;
-        let config = full.config().clone();
-        let mut tokenizer = LazyTokenizer::new(&job.model);
-        let corpus = data::read_corpus(
-            &job.train,
-            &mut tokenizer,
-            config.n_positions,
-            config.vocab_size,
-        )?;
-        let n = corpus.sequences.len();
-        if n != training.n_sequences {
-            return Err(Error::Mismatch(format!(
-                "{} cuts into {n} sequences but training.json records {}",
-                job.train.display(),
-                training.n_sequences
-            )));
-        }
-        let (queries, queries_sha256) = data::read_queries(
-            &job.queries,
-            &mut tokenizer,
-            config.n_positions,
-            config.vocab_size,
-        )?;
-        let full_model_losses = completion_losses(&full, &pairs(&queries))?;
-        let weights_sha256 = crate::provenance::ModelInfo::of(&job.model, &full)?.weights_sha256;
-        Ok(Inputs {
-            training,
-            corpus_sha256,
-            config,
-            corpus,
-            queries,
-            queries_sha256,
-            full_model_losses,
-            weights_sha256,
-        })
-    }
-}
-
-/// Each query as (prompt, completion) token ids, as [`completion_losses`] measures them.
-fn pairs(queries: &[Query]) -> Vec<(&[u32], &[u32])> {
-    queries
-        .iter()
-        .map(|q| (q.prompt_ids.as_slice(), q.completion_ids.as_slice()))
-        .collect()
 }
 
 /// A strategy's name, its dense `[query][sequence]` scores and its score's time in seconds.
@@ -391,171 +307,6 @@ fn strategy_scores(
     Ok(scores)
 }
 
-/// The retraining of every subset on the recipe, resumable: each finished subset is saved in
-/// `OUT/work/subset-MMMM.json` under a fingerprint of everything its measurements depend on.
-struct Retraining<'a> {
-    inputs: &'a Inputs,
-    subsets: &'a [Vec<usize>],
-    pairs: Vec<(&'a [u32], &'a [u32])>,
-    fingerprint: String,
-    work: PathBuf,
-}
-
-impl<'a> Retraining<'a> {
-    /// Fingerprints the run and readies `OUT/work/` (emptied first with `--fresh`).
-    fn prepare(job: &LdsJob, inputs: &'a Inputs, subsets: &'a [Vec<usize>]) -> Result<Self> {
-        let fingerprint = {
-            let mut h = Sha256::new();
-            h.update(
-                serde_json::json!({
-                    "weights": inputs.weights_sha256,
-                    "corpus": inputs.corpus_sha256,
-                    "queries": inputs.queries_sha256,
-                    "fraction": job.fraction,
-                    "seed": job.seed,
-                    "options": inputs.training.options,
-                })
-                .to_string(),
-            );
-            data::hex(&h.finalize())
-        };
-        let work = job.out.join("work");
-        if job.fresh && work.exists() {
-            std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-        }
-        io::ensure_dir(&work)?;
-        Ok(Retraining {
-            inputs,
-            subsets,
-            pairs: pairs(&inputs.queries),
-            fingerprint,
-            work,
-        })
-    }
-
-    fn saved(&self, m: usize) -> PathBuf {
-        self.work.join(format!("subset-{m:04}.json"))
-    }
-
-    /// Tokens trained on for subset m (the progress unit).
-    fn tokens(&self, m: usize) -> u64 {
-        self.subsets[m]
-            .iter()
-            .map(|&i| self.inputs.corpus.sequences[i].ids.len() as u64)
-            .sum::<u64>()
-            * self.inputs.training.options.epochs as u64
-    }
-
-    /// The saved subsets first, then the rest, `threads` at a time. Returns the measurements
-    /// `[subset][query]` and the seconds spent retraining.
-    fn run(&self, job: &LdsJob, progress: &dyn Progress) -> Result<(Vec<Vec<f64>>, f64)> {
-        let results = Mutex::new(self.resume(job.subsets));
-        let todo: Vec<usize> = {
-            let r = results.lock().map_err(|_| poisoned())?;
-            (0..job.subsets).filter(|&m| r[m].is_none()).collect()
-        };
-        progress.begin(
-            &format!("retrain {} of {} subsets", todo.len(), job.subsets),
-            todo.iter().map(|&m| self.tokens(m)).sum(),
-        );
-        let retrain_started = std::time::Instant::now();
-        let next = AtomicUsize::new(0);
-        let failure: Mutex<Option<Error>> = Mutex::new(None);
-        std::thread::scope(|scope| {
-            for _ in 0..job.threads.max(1).min(todo.len().max(1)) {
-                scope.spawn(|| self.worker(&todo, &next, &failure, &results, progress));
-            }
-        });
-        progress.end();
-        if let Some(e) = failure.into_inner().map_err(|_| poisoned())? {
-            return Err(e);
-        }
-        let retrain_seconds = retrain_started.elapsed().as_secs_f64();
-        let subset_losses: Vec<Vec<f64>> = results
-            .into_inner()
-            .map_err(|_| poisoned())?
-            .into_iter()
-            .map(|r| {
-                r.map(|r| r.losses)
-                    .ok_or_else(|| Error::Other("a subset was not retrained".into()))
-            })
-            .collect::<Result<_>>()?;
-        Ok((subset_losses, retrain_seconds))
-    }
-
-    /// The saved results that belong to this run (same fingerprint, subset and query count).
-    fn resume(&self, count: usize) -> Vec<Option<SubsetResult>> {
-        let mut results: Vec<Option<SubsetResult>> = (0..count).map(|_| None).collect();
-        for (m, slot) in results.iter_mut().enumerate() {
-            if let Ok(r) = io::read_json::<SubsetResult>(&self.saved(m)) {
-                if r.fingerprint == self.fingerprint
-                    && r.subset == m
-                    && r.losses.len() == self.pairs.len()
-                {
-                    *slot = Some(r);
-                }
-            }
-        }
-        results
-    }
-
-    /// One retraining thread: takes the next subset to do until none is left or one failed.
-    fn worker(
-        &self,
-        todo: &[usize],
-        next: &AtomicUsize,
-        failure: &Mutex<Option<Error>>,
-        results: &Mutex<Vec<Option<SubsetResult>>>,
-        progress: &dyn Progress,
-    ) {
-        crate::linalg::flush_subnormals_on_this_thread();
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&m) = todo.get(i) else { break };
-            if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
-                break;
-            }
-            match self.retrain(m) {
-                Ok(r) => {
-                    progress.advance(self.tokens(m));
-                    if let Ok(mut all) = results.lock() {
-                        all[m] = Some(r);
-                    }
-                }
-                Err(e) => {
-                    if let Ok(mut f) = failure.lock() {
-                        f.get_or_insert(e);
-                    }
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Retrains from scratch on subset m, measures the queries, and saves the result.
-    fn retrain(&self, m: usize) -> Result<SubsetResult> {
-        let t0 = std::time::Instant::now();
-        let seqs: Vec<&[u32]> = self.subsets[m]
-            .iter()
-            .map(|&i| self.inputs.corpus.sequences[i].ids.as_slice())
-            .collect();
-        let mut trainer = Trainer::new(
-            self.inputs.config.clone(),
-            self.inputs.training.options.clone(),
-        )?;
-        trainer.fit(&seqs, &Silent)?;
-        let losses = completion_losses(trainer.model(), &self.pairs)?;
-        let r = SubsetResult {
-            fingerprint: self.fingerprint.clone(),
-            subset: m,
-            losses,
-            seconds: t0.elapsed().as_secs_f64(),
-        };
-        io::write_json(&self.saved(m), &r)?;
-        Ok(r)
-    }
-}
-
 /// The mean over queries of the measurements' spread over subsets, and each strategy's LDS.
 fn lds_per_strategy(
     scores: &[StrategyScores],
@@ -585,10 +336,6 @@ fn lds_per_strategy(
         })
         .collect();
     (mean_loss_spread, strategies)
-}
-
-fn poisoned() -> Error {
-    Error::Other("a retraining thread panicked".into())
 }
 
 fn summarise(name: &str, per_query: Vec<f64>) -> StrategyLds {

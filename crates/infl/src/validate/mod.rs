@@ -11,10 +11,17 @@
 //!   measured losses with the influence-predicted ones (`infl validate lds`).
 //! - [`pbrf`]: the proximal Bregman response function, optimised on a sample of training
 //!   sequences (`infl validate pbrf`).
+//! - [`removal`]: the calibration of `group_removal_change`: retrain without each query's
+//!   top-k (and bottom-k) group and set the measured change of −log p beside the predicted one
+//!   (`infl validate removal`).
+//! - [`retrain`]: retraining a model on chosen training sets with its recorded recipe,
+//!   resumably, for `lds` and `removal`.
 
 pub mod exact;
 pub mod lds;
 pub mod pbrf;
+pub mod removal;
+pub mod retrain;
 
 use crate::error::Result;
 use crate::options::{FitOptions, ScoreOptions};
