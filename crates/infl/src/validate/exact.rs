@@ -605,18 +605,7 @@ struct Inputs {
 impl Inputs {
     fn read(job: &ExactJob) -> Result<Self> {
         let model = model::load(&job.model, job.modules, model::Compute::CPU)?;
-        if model.tracked().is_empty() {
-            return Err(Error::input(
-                "no tracked layers: --modules selected nothing",
-            ));
-        }
-        let max_len = job.max_len.unwrap_or(model.max_positions());
-        if max_len == 0 || max_len > model.max_positions() {
-            return Err(Error::input(format!(
-                "--max-len {max_len} must be between 1 and the model's context length {}",
-                model.max_positions()
-            )));
-        }
+        let max_len = super::window(model.as_ref(), job.max_len)?;
         let mut tok = LazyTokenizer::new(&job.model);
         let corpus = data::read_corpus(&job.train, &mut tok, max_len, model.vocab_size())?;
         let (queries, queries_sha) = data::read_queries(

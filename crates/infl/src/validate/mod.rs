@@ -29,6 +29,24 @@ use crate::pass::Progress;
 use crate::workflow::{self, FitJob, ScoreJob, ScoreSummary};
 use std::path::Path;
 
+/// The window length of a validation run on `model` (`max_len`, or the model's context),
+/// checked, once the model is known to track some layer.
+pub(crate) fn window(model: &dyn crate::model::TapModel, max_len: Option<usize>) -> Result<usize> {
+    if model.tracked().is_empty() {
+        return Err(crate::Error::input(
+            "no tracked layers: --modules selected nothing",
+        ));
+    }
+    let max_len = max_len.unwrap_or(model.max_positions());
+    if max_len == 0 || max_len > model.max_positions() {
+        return Err(crate::Error::input(format!(
+            "--max-len {max_len} must be between 1 and the model's context length {}",
+            model.max_positions()
+        )));
+    }
+    Ok(max_len)
+}
+
 /// Fits `fit` into `DIR/factors` and scores the queries densely into `DIR/results` (full-rank
 /// queries); returns the `[query][sequence]` scores and the score's summary.
 pub(crate) fn fit_and_score(

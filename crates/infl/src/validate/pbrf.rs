@@ -204,18 +204,7 @@ impl Inputs {
                 job.model.display()
             )));
         };
-        if model.tracked().is_empty() {
-            return Err(Error::input(
-                "no tracked layers: --modules selected nothing",
-            ));
-        }
-        let max_len = job.max_len.unwrap_or(model.max_positions());
-        if max_len == 0 || max_len > model.max_positions() {
-            return Err(Error::input(format!(
-                "--max-len {max_len} must be between 1 and the model's context length {}",
-                model.max_positions()
-            )));
-        }
+        let max_len = super::window(&model, job.max_len)?;
         let mut tok = LazyTokenizer::new(&job.model);
         let corpus = data::read_corpus(&job.train, &mut tok, max_len, model.vocab_size())?;
         if corpus.sequences.len() < 3 {
