@@ -6,16 +6,7 @@ mod common;
 use common::{ok, s, scratch};
 use serde_json::Value;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-
-fn bundled() -> (PathBuf, PathBuf, PathBuf) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    (
-        root.join("assets/tiny-gpt2"),
-        root.join("assets/demo/corpus.jsonl"),
-        root.join("assets/demo/queries.jsonl"),
-    )
-}
+use std::path::Path;
 
 fn top_ids(dir: &Path) -> Vec<(String, String)> {
     std::fs::read_to_string(dir.join("top_k.jsonl"))
@@ -35,30 +26,8 @@ fn top_ids(dir: &Path) -> Vec<(String, String)> {
 #[test]
 fn prefilter_recall_estimate_covers_the_exact_recall() {
     let dir = scratch("readable", "prefilter");
-    let (model, corpus, queries) = bundled();
-    let (factors, index) = (dir.join("factors"), dir.join("index"));
-    let common = ["--max-len", "48", "--batch-size", "8"];
-    let mut fit = vec![
-        "fit",
-        "--model",
-        s(&model),
-        "--train",
-        s(&corpus),
-        "--out",
-        s(&factors),
-    ];
-    fit.extend(common);
-    ok(&fit);
-    ok(&[
-        "index",
-        s(&corpus),
-        "--model",
-        s(&model),
-        "--out",
-        s(&index),
-        "--max-len",
-        "48",
-    ]);
+    let (model, corpus, queries, factors, index) = common::fitted_and_indexed(&dir);
+    let common = common::BUNDLED_WINDOWS;
     let score = |out: &Path, extra: &[&str]| {
         let mut a = vec![
             "score",

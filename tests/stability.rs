@@ -7,16 +7,7 @@ mod common;
 
 use common::{ok, s, scratch};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn bundled() -> (PathBuf, PathBuf, PathBuf) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    (
-        root.join("assets/tiny-gpt2"),
-        root.join("assets/demo/corpus.jsonl"),
-        root.join("assets/demo/queries.jsonl"),
-    )
-}
+use std::path::Path;
 
 fn lines(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("top_k.jsonl"))
@@ -43,7 +34,7 @@ fn ranking(entries: &[Value], query: &str) -> Vec<(String, f64)> {
 #[test]
 fn seeds_stability_matches_three_plain_runs() {
     let dir = scratch("stability", "seeds");
-    let (model, corpus, queries) = bundled();
+    let (model, corpus, queries) = common::bundled();
     let common = ["--max-len", "48", "--batch-size", "8"];
     let fit = |out: &Path, extra: &[&str]| {
         let mut a = vec![
@@ -237,7 +228,7 @@ fn seeds_stability_matches_three_plain_runs() {
 #[test]
 fn seeds_refuse_what_they_do_not_support() {
     let dir = scratch("stability", "refusals");
-    let (model, corpus, _) = bundled();
+    let (model, corpus, _) = common::bundled();
     let fit = |extra: &[&str]| {
         let mut a = vec!["fit", "--model", s(&model), "--train", s(&corpus), "--out"];
         let out = dir.join("f");

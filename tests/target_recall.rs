@@ -7,16 +7,7 @@ mod common;
 use common::{ok, s, scratch};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-
-fn bundled() -> (PathBuf, PathBuf, PathBuf) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    (
-        root.join("assets/tiny-gpt2"),
-        root.join("assets/demo/corpus.jsonl"),
-        root.join("assets/demo/queries.jsonl"),
-    )
-}
+use std::path::Path;
 
 /// (query id → sequence id → score) of the top entries.
 fn top(dir: &Path) -> HashMap<String, HashMap<String, f64>> {
@@ -45,30 +36,8 @@ fn prefilter_json(dir: &Path) -> Value {
 #[test]
 fn target_recall_widens_until_reached_and_warns_on_a_small_budget() {
     let dir = scratch("target-recall", "bundled");
-    let (model, corpus, queries) = bundled();
-    let (factors, index) = (dir.join("factors"), dir.join("index"));
-    let common = ["--max-len", "48", "--batch-size", "8"];
-    let mut fit = vec![
-        "fit",
-        "--model",
-        s(&model),
-        "--train",
-        s(&corpus),
-        "--out",
-        s(&factors),
-    ];
-    fit.extend(common);
-    ok(&fit);
-    ok(&[
-        "index",
-        s(&corpus),
-        "--model",
-        s(&model),
-        "--out",
-        s(&index),
-        "--max-len",
-        "48",
-    ]);
+    let (model, corpus, queries, factors, index) = common::fitted_and_indexed(&dir);
+    let common = common::BUNDLED_WINDOWS;
     let score = |out: &Path, extra: &[&str]| {
         let mut a = vec![
             "score",
@@ -185,7 +154,7 @@ fn target_recall_widens_until_reached_and_warns_on_a_small_budget() {
 
 #[test]
 fn target_recall_is_refused_where_it_cannot_run() {
-    let (model, corpus, queries) = bundled();
+    let (model, corpus, queries) = common::bundled();
     let base = [
         "score",
         "--model",

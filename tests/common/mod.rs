@@ -184,3 +184,45 @@ pub fn demo_subset(dir: &Path, lines: usize) -> (PathBuf, PathBuf) {
     std::fs::write(&q, queries).unwrap();
     (c, q)
 }
+
+/// The bundled model with the demo corpus and queries: (model, corpus, queries).
+pub fn bundled() -> (PathBuf, PathBuf, PathBuf) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    (
+        root.join("assets/tiny-gpt2"),
+        root.join("assets/demo/corpus.jsonl"),
+        root.join("assets/demo/queries.jsonl"),
+    )
+}
+
+/// The window and batch options the bundled model's pre-filter tests fit, index and score with.
+pub const BUNDLED_WINDOWS: [&str; 4] = ["--max-len", "48", "--batch-size", "8"];
+
+/// The bundled model fitted into `DIR/factors` and its demo corpus indexed into `DIR/index`
+/// (48-token windows): (model, corpus, queries, factors, index).
+pub fn fitted_and_indexed(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
+    let (model, corpus, queries) = bundled();
+    let (factors, index) = (dir.join("factors"), dir.join("index"));
+    let mut fit = vec![
+        "fit",
+        "--model",
+        s(&model),
+        "--train",
+        s(&corpus),
+        "--out",
+        s(&factors),
+    ];
+    fit.extend(BUNDLED_WINDOWS);
+    ok(&fit);
+    ok(&[
+        "index",
+        s(&corpus),
+        "--model",
+        s(&model),
+        "--out",
+        s(&index),
+        "--max-len",
+        "48",
+    ]);
+    (model, corpus, queries, factors, index)
+}
