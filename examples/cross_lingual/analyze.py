@@ -171,6 +171,11 @@ def print_table(sizes, n_train):
             ("cross_fraction", "cross", ".3f"), ("rank_other_lang", "rank oth", ".0f"),
             ("auc_own", "AUC own", ".3f"), ("auc_other", "AUC oth", ".3f"),
             ("auc_other_same_relation", "AUC oth rel", ".3f")]
+    for s in sizes:
+        c = s["config"]
+        print(f"size {s['size']}: n_embd {c['n_embd']}, {c['n_layer']} layers, {s['parameters']} parameters, "
+              f"{s['epochs']} epochs, final training loss {s['final_train_loss']:.3f} nats/token, "
+              f"median rank of the best other-language statement {s['median_rank_other_lang']}")
     print(f"means over queries ({n_train} training sequences; shares of each query's positive / |influence|)")
     print(f"{'size':<6}{'params':>9} {'asked':<6}" + "".join(f"{h:>12}" for _, h, _ in cols))
     for s in sizes:

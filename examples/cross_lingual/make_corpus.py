@@ -8,7 +8,9 @@ word is replaced, word for word and in the same order, by a fixed invented word 
 letters (one lexicon for the whole corpus, names included, capitals kept), and every ASCII
 punctuation mark or digit by a fixed non-ASCII symbol. The two languages share no character
 but the space and the newline, so a byte-level BPE trained on the corpus gives them no shared
-token except those (run.sh counts the shared tokens of the trained tokenizer).
+token except those (docs/cross_lingual.md gives the count for the trained tokenizer). With
+--keep-names (a control) the entities' names stay untranslated, so the two languages' statements
+of a fact share the name tokens and nothing else.
 
 Every training sequence is monolingual. The corpus holds:
 - filler: short passages of the bundled demo corpus (assets/shakespeare-facts, public-domain
@@ -59,7 +61,7 @@ OBJECTS = {
                 "Brisk", "Vantor", "Elmsby", "Quarrow"],
     "river": ["Merrow", "Amberlin", "Greyby", "Frostmar", "Saltor", "Coralind", "Ironel", "Glassen",
               "Pemberly", "Ostwick", "Dunmere", "Halloran"],
-    "element": ["Valk", "Calder", "Brandt", "Morn", "Pell", "Sorn", "Lute", "Drey",
+    "element": ["Valk", "Calder", "Brandt", "Tolvik", "Pell", "Sorn", "Lute", "Drey",
                 "Quint", "Renk", "Vahl", "Brask"],
     "novel": ["Quillon", "Ardent", "Marrow", "Lind", "Osk", "Harrow", "Petrel", "Vell",
               "Tamsin", "Orlov", "Keane", "Wexley"],
@@ -77,11 +79,14 @@ class Cipher:
     Greek-letter word, drawn from a hash of the word so the lexicon does not depend on the order
     words are met in; collisions get one more syllable."""
 
-    def __init__(self):
+    def __init__(self, keep=()):
         self.lexicon = {}
         self.taken = set()
+        self.keep = set(keep)
 
     def word(self, w):
+        if w in self.keep:
+            return w
         low = w.lower()
         if low not in self.lexicon:
             rng = random.Random(hashlib.sha256(f"{SEED}:{low}".encode()).digest())
@@ -112,6 +117,10 @@ def filler_passages(n, rng):
     fact_lines = {json.loads(l).get("source_line") for l in DEMO_QUERIES.read_text().splitlines()}
     docs = [json.loads(l)["text"] for i, l in enumerate(DEMO_CORPUS.read_text().splitlines(), start=1)
             if i not in fact_lines]
+    # The entities are invented so that only their own statements mention them.
+    words = {w.lower() for d in docs for w in re.findall(r"[A-Za-z]+", d)}
+    clash = [w for rel in SUBJECTS for w in SUBJECTS[rel] + OBJECTS[rel] if w.lower() in words]
+    assert not clash, f"entity names that the filler uses: {clash}"
     passages = []
     for d in docs:
         d = d.replace("\n", " / ")
@@ -136,11 +145,15 @@ def main():
     ap.add_argument("--facts-per-relation", type=int, default=8)
     ap.add_argument("--copies", type=int, default=2, help="statements of each fact per language")
     ap.add_argument("--filler", type=int, default=160, help="filler passages (each in both languages)")
+    ap.add_argument("--keep-names", action="store_true",
+                    help="control: leave the entities' names untranslated, so the two statements of a fact "
+                         "share the subject's and the object's tokens")
     args = ap.parse_args()
     if not 1 <= args.facts_per_relation <= 12 or not 1 <= args.copies <= 1 + len(LEAD_INS):
         raise SystemExit("--facts-per-relation must be 1..12 and --copies 1..5")
     rng = random.Random(SEED)
-    cipher = Cipher()
+    names = [w for rel in SUBJECTS for w in SUBJECTS[rel] + OBJECTS[rel]]
+    cipher = Cipher(keep=names if args.keep_names else ())
     lang_text = {"en": lambda s: s, "xx": cipher.text}
 
     facts = []
@@ -180,7 +193,8 @@ def main():
             fh.write(json.dumps({"id": q["id"], "prompt": q["prompt"], "completion": q["completion"]},
                                 ensure_ascii=False) + "\n")
     layout = {"languages": {"en": "English", "xx": "Cipher (word-level synthetic translation, Greek letters)"},
-              "seed": SEED, "copies": args.copies, "facts": facts,
+              "seed": SEED, "copies": args.copies,
+              "names": "kept (untranslated)" if args.keep_names else "translated", "facts": facts,
               "lines": [meta for _, meta in docs], "queries": queries,
               "lexicon_size": len(cipher.lexicon)}
     (args.out / "layout.json").write_text(json.dumps(layout, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

@@ -8,7 +8,7 @@
 #   examples/cross_lingual/run.sh [OUT_DIR]          (default /tmp/infl-cross-lingual)
 # Environment: INFL (the binary, default target/release/infl), EPOCHS (default 30), THREADS
 # (passed as --threads when set), SIZES (default "s:32:1:2 m:64:2:4 l:128:3:4",
-# name:n_embd:n_layer:n_head).
+# name:n_embd:n_layer:n_head), KEEP_NAMES=1 (the control: entity names left untranslated).
 set -euo pipefail
 OUT=${1:-/tmp/infl-cross-lingual}
 INFL=${INFL:-target/release/infl}
@@ -18,7 +18,9 @@ HERE=$(dirname "$0")
 threads=()
 if [ -n "${THREADS:-}" ]; then threads=(--threads "$THREADS"); fi
 
-python3 "$HERE/make_corpus.py" "$OUT/data"
+corpus_args=()
+if [ -n "${KEEP_NAMES:-}" ]; then corpus_args=(--keep-names); fi
+python3 "$HERE/make_corpus.py" "$OUT/data" "${corpus_args[@]}"
 tokenizer=()
 names=()
 for spec in $SIZES; do
