@@ -101,7 +101,7 @@ def measure_query(row, q, layout, by_fact_lang):
     }
 
 
-def mean_of(records, path):
+def values_of(records, path):
     vals = []
     for r in records:
         v = r
@@ -109,7 +109,31 @@ def mean_of(records, path):
             v = v[k]
         if v is not None:
             vals.append(v)
+    return vals
+
+
+def mean_of(records, path):
+    vals = values_of(records, path)
     return statistics.fmean(vals) if vals else None
+
+
+def ci95(records, path):
+    """Half-width of the normal 95% interval of the mean over queries (the two languages' queries
+    of a fact are not independent, so read it as a rough scale)."""
+    vals = values_of(records, path)
+    return 1.96 * statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else None
+
+
+def group_means(records):
+    m = {k: mean_of(records, p) for k, p in SUMMARY_FIELDS.items()}
+    # A ratio of means: the mean of per-query ratios is dominated by the queries whose baseline
+    # share is near zero.
+    base = m["baseline_pos_same_relation"]
+    m["lift_pooled"] = m["share_pos_other_lang"] / base if base else None
+    m["median_rank_other_lang"] = statistics.median(values_of(records, ("rank_other_lang",)))
+    for k in ("auc_other", "auc_other_same_relation"):
+        m[k + "_ci95"] = ci95(records, SUMMARY_FIELDS[k])
+    return m
 
 
 SUMMARY_FIELDS = {
@@ -153,8 +177,8 @@ def analyse_size(out, size, layout, by_fact_lang):
         "epochs": training["options"]["epochs"],
         "final_train_loss": training["epoch_losses"][-1],
         "strategy": meta.get("strategy"),
-        "means": {g: {k: mean_of(rs, p) for k, p in SUMMARY_FIELDS.items()} for g, rs in groups.items()},
-        "median_rank_other_lang": statistics.median(r["rank_other_lang"] for r in per_query),
+        "names": layout.get("names", "translated"),
+        "means": {g: group_means(rs) for g, rs in groups.items()},
         "queries": per_query,
     }
 
@@ -166,22 +190,23 @@ def fmt(v, spec):
 def print_table(sizes, n_train):
     cols = [("loss", "−log p", ".2f"), ("p_answer", "p(ans)", ".3f"),
             ("share_pos_own_lang", "pos own", ".3f"), ("share_pos_other_lang", "pos other", ".4f"),
-            ("baseline_pos_same_relation", "base rel", ".4f"), ("lift", "lift", ".2f"),
+            ("baseline_pos_same_relation", "base rel", ".4f"), ("lift_pooled", "lift", ".2f"),
             ("share_abs_own_lang", "abs own", ".3f"), ("share_abs_other_lang", "abs other", ".4f"),
-            ("cross_fraction", "cross", ".3f"), ("rank_other_lang", "rank oth", ".0f"),
-            ("auc_own", "AUC own", ".3f"), ("auc_other", "AUC oth", ".3f"),
-            ("auc_other_same_relation", "AUC oth rel", ".3f")]
+            ("cross_fraction", "cross", ".3f"), ("median_rank_other_lang", "rank oth", ".1f"),
+            ("auc_own", "AUC own", ".3f"), ("auc_other", "AUC oth", ".3f"), ("auc_other_ci95", "±", ".3f"),
+            ("auc_other_same_relation", "AUC oth rel", ".3f"), ("auc_other_same_relation_ci95", "±", ".3f")]
     for s in sizes:
         c = s["config"]
         print(f"size {s['size']}: n_embd {c['n_embd']}, {c['n_layer']} layers, {s['parameters']} parameters, "
               f"{s['epochs']} epochs, final training loss {s['final_train_loss']:.3f} nats/token, "
-              f"median rank of the best other-language statement {s['median_rank_other_lang']}")
+              f"names {s['names']}")
     print(f"means over queries ({n_train} training sequences; shares of each query's positive / |influence|)")
-    print(f"{'size':<6}{'params':>9} {'asked':<6}" + "".join(f"{h:>12}" for _, h, _ in cols))
+    print("(lift: pos other / base rel; rank oth: median; ±: 95% interval of the mean)")
+    print(f"{'size':<6}{'params':>9} {'asked':<6}" + "".join(f"{h:>{8 if h == '±' else 11}}" for _, h, _ in cols))
     for s in sizes:
         for g, m in s["means"].items():
             label = "all" if g == "all" else g.removeprefix("asked_in_")
-            print(f"{s['size']:<6}{s['parameters']:>9} {label:<6}" + "".join(f"{fmt(m[k], f):>12}" for k, _, f in cols))
+            print(f"{s['size']:<6}{s['parameters']:>9} {label:<6}" + "".join(f"{fmt(m[k], f):>{8 if h == '±' else 11}}" for k, h, f in cols))
 
 
 def main():
