@@ -13,7 +13,8 @@ Reads OUT_DIR/data/layout.json (from make_corpus.py) and, for each SIZE, OUT_DIR
   (`other_lang`); `cross_fraction`: other_lang / (own_lang + other_lang) of the positive shares;
 - baseline: the mean share_pos of another fact's statements in Y (all other facts, and other
   facts of the same relation, which share the statement's template); `lift`: other_lang's
-  share_pos over the same-relation baseline (1 = no more than a statement of another fact);
+  share_pos over the same-relation baseline (1 = no more than a statement of another fact; the
+  summary's `lift_pooled`, the table's lift, is the ratio of the two means over queries);
 - rank_other_lang: rank (1 = most positive) of f's best statement in Y among all training
   sequences, and among Y's fact statements only (`rank_other_lang_among_facts`);
 - auc_*: the probability that a statement of f outscores a statement of another fact in the
