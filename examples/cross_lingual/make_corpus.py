@@ -149,8 +149,9 @@ def main():
                     help="control: leave the entities' names untranslated, so the two statements of a fact "
                          "share the subject's and the object's tokens")
     args = ap.parse_args()
-    if not 1 <= args.facts_per_relation <= 12 or not 1 <= args.copies <= 1 + len(LEAD_INS):
-        raise SystemExit("--facts-per-relation must be 1..12 and --copies 1..5")
+    # Two facts per relation at least: the analysis compares a fact with its relation's others.
+    if not 2 <= args.facts_per_relation <= 12 or not 1 <= args.copies <= 1 + len(LEAD_INS):
+        raise SystemExit("--facts-per-relation must be 2..12 and --copies 1..5")
     rng = random.Random(SEED)
     names = [w for rel in SUBJECTS for w in SUBJECTS[rel] + OBJECTS[rel]]
     cipher = Cipher(keep=names if args.keep_names else ())
