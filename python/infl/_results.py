@@ -77,7 +77,8 @@ class Results:
     - `self_influence`: each training sequence's self-influence (self_influence.jsonl) as an
       array, `self_influence_ids` their ids.
     - `layers`: layers.json (per-layer totals, with `per_layer=True`); `distribution`:
-      distribution.json; `meta`: meta.json.
+      distribution.json; `prefilter`: prefilter.json (`prefilter=N`); `stability`:
+      stability.json (factors of `fit(seeds=K)`); `meta`: meta.json.
     """
 
     def __init__(self, dir: PathLike):
@@ -192,6 +193,20 @@ class Results:
     def distribution(self) -> Optional[Dict[str, Any]]:
         """distribution.json (each query's score statistics and tails), or None."""
         p = self.dir / "distribution.json"
+        return _read_json(p) if p.exists() else None
+
+    @property
+    def prefilter(self) -> Optional[Dict[str, Any]]:
+        """prefilter.json (per query: the BM25 candidates' estimated recall of the exact top-k,
+        with its interval, and the candidates used), or None without a sampled `prefilter`."""
+        p = self.dir / "prefilter.json"
+        return _read_json(p) if p.exists() else None
+
+    @property
+    def stability(self) -> Optional[Dict[str, Any]]:
+        """stability.json (per query: the top-k's overlap across the fits of `fit(seeds=K)`,
+        each top sequence's rank range and score spread), or None with one fit."""
+        p = self.dir / "stability.json"
         return _read_json(p) if p.exists() else None
 
     def report(self, out: PathLike = "report.html", **options: Any) -> Path:

@@ -61,3 +61,22 @@ def test_per_token_parts_are_listed_with_each_top_entry(cli_runs, tmp_path):
     entry = r.top_k[0]
     assert entry["tokens"] and sum(t["score"] for t in entry["tokens"]) == \
         pytest.approx(entry["score"], rel=1e-3, abs=1e-4)
+
+
+def test_prefilter_and_stability_are_read_from_their_files(cli_runs, tmp_path):
+    """`prefilter` and `stability` hold what the command wrote (None when it wrote none), for
+    a pre-filtered score and a score of `fit(seeds=2)`'s factors."""
+    from conftest import CORPUS, MODEL
+
+    index = infl.index(CORPUS, MODEL, tmp_path / "index", max_len=32)
+    factors = infl.fit(MODEL, CORPUS, tmp_path / "f", max_len=32, seeds=2, progress=False)
+    r = infl.score(MODEL, factors, CORPUS, QUERIES, tmp_path / "r", top_k=3, prefilter=40,
+                   index=index, progress=False)
+    on_disk = json.loads((tmp_path / "r" / "prefilter.json").read_text())
+    assert r.prefilter == on_disk and len(r.prefilter["queries"]) == 8
+    assert all(q["candidates"] == 40 and 0 <= q["recall"] <= 1 for q in r.prefilter["queries"])
+    assert r.stability == json.loads((tmp_path / "r" / "stability.json").read_text())
+    assert r.stability["seeds"] == [0, 1] and len(r.stability["queries"]) == 8
+    assert all(0 <= q["overlap"] <= 1 for q in r.stability["queries"])
+    plain = infl.Results(cli_runs[1])
+    assert plain.prefilter is None and plain.stability is None

@@ -5,9 +5,9 @@
 //!
 //! The memory model follows what the stages actually hold (src/curvature.rs, src/influence.rs):
 //! * fit, three phases, the largest its peak ([`FitPhases`]): the covariance pass (A and S sums
-//!   in f64 beside the batches in flight); the eigendecompositions (each layer's sums
-//!   normalised in place and freed as its f32 covariances and eigenvectors are made, plus the
-//!   eigensolver's workspace); the eigenvalue pass (the f32 eigenvectors and the Λ sums in f64
+//!   in f64, packed lower triangles, beside the batches in flight); the eigendecompositions
+//!   (each layer's sums expanded and freed as its f32 covariances and eigenvectors are made,
+//!   plus the eigensolver's workspace); the eigenvalue pass (the f32 eigenvectors and the Λ sums in f64
 //!   beside the batches in flight, then the f32 Λ). Files are written a tensor at a time;
 //! * score: eigenvectors and (Λ+λ)⁻¹ in f32, one preconditioned gradient per query and layer
 //!   (n_queries × Σ d_out·d_in_h × 4 bytes), per-sequence gradients of one batch and layer;
@@ -20,6 +20,7 @@ use crate::curvature::{self, Fisher, Strategy};
 use crate::data::{Query, Sequence};
 use crate::error::{Error, Result};
 use crate::influence::{self, Damping, Preconditioner};
+use crate::linalg::Lower;
 use crate::model::{TapModel, TokenBatch, TrackedLayer};
 use crate::options::FitOptions;
 use crate::pass::Silent;
@@ -163,7 +164,7 @@ pub fn estimate(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Memo
 /// run a subset of them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FitPhases {
-    /// The batches in flight and the f64 sums of A and S.
+    /// The batches in flight and the f64 sums of A and S (packed lower triangles).
     pub covariance_pass: u64,
     /// The sums, each layer's replaced by its f32 covariances and eigenvectors as it is
     /// decomposed (equal bytes), plus per layer being decomposed (one per thread) the
@@ -179,6 +180,10 @@ impl FitPhases {
     pub fn of(layers: &[TrackedLayer], batches: u64) -> Self {
         let sq = |x: usize| (x as u64) * (x as u64);
         let cov: u64 = layers.iter().map(|l| sq(l.d_in_h()) + sq(l.d_out)).sum();
+        let packed: u64 = layers
+            .iter()
+            .map(|l| (Lower::packed_len(l.d_in_h()) + Lower::packed_len(l.d_out)) as u64)
+            .sum();
         let lam: u64 = layers.iter().map(|l| (l.d_out * l.d_in_h()) as u64).sum();
         let mut sizes: Vec<u64> = layers
             .iter()
@@ -188,7 +193,7 @@ impl FitPhases {
         let threads = rayon::current_num_threads().max(1);
         let decomposing: u64 = sizes.iter().take(threads).sum();
         FitPhases {
-            covariance_pass: batches + 8 * cov,
+            covariance_pass: batches + 8 * packed,
             decomposition: 8 * cov + 32 * decomposing,
             eigenvalue_pass: (batches + 4 * cov + 8 * lam).max(4 * cov + 12 * lam),
         }
@@ -680,7 +685,8 @@ mod tests {
 
     #[test]
     fn fit_phases_by_hand() {
-        // One 2 × 3 layer: A 3×3 and S 2×2 (13 values), Λ 2×3 (6), decomposed alone (9).
+        // One 2 × 3 layer: A 3×3 and S 2×2 (13 values; lower triangles 6 + 3), Λ 2×3 (6),
+        // decomposed alone (9).
         let l = TrackedLayer {
             name: "l".into(),
             d_in: 3,
@@ -688,7 +694,7 @@ mod tests {
             has_bias: false,
         };
         let p = FitPhases::of(&[l], 100);
-        assert_eq!(p.covariance_pass, 100 + 8 * 13);
+        assert_eq!(p.covariance_pass, 100 + 8 * 9);
         assert_eq!(p.decomposition, 8 * 13 + 32 * 9);
         assert_eq!(p.eigenvalue_pass, 100 + 4 * 13 + 8 * 6);
         assert_eq!(p.peak(), p.decomposition);

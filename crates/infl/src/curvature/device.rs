@@ -11,8 +11,9 @@
 //!
 //! The same code runs on candle's CPU device, which is how it is tested against the CPU path.
 
-use super::{Eigenbasis, Pass, PassSums};
+use super::{Eigenbasis, PassSums, Sums};
 use crate::error::Result;
+use crate::linalg::Lower;
 use crate::model::{TapBatch, TrackedLayer};
 use candle_core::{DType, Device, Tensor};
 use faer::Mat;
@@ -34,12 +35,11 @@ pub(crate) fn upload(m: &Mat<f32>, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (r, c), device)?)
 }
 
-/// Adds the lower triangle of the row-major `d × d` `gram` to `acc` (the CPU path fills the
-/// upper one in at eigendecomposition).
-fn add_lower(acc: &mut Mat<f64>, gram: &[f32], d: usize) {
-    for i in 0..d {
-        for j in 0..=i {
-            acc[(i, j)] += gram[i * d + j] as f64;
+/// Adds the lower triangle of the row-major `d × d` `gram` to the packed `acc`.
+fn add_lower(acc: &mut Lower, gram: &[f32], d: usize) {
+    for j in 0..d {
+        for (k, o) in acc.col_mut(j).iter_mut().enumerate() {
+            *o += gram[(j + k) * d + j] as f64;
         }
     }
 }
@@ -73,17 +73,17 @@ impl DeviceStatistics {
         for (k, (l, tap)) in tracked.iter().zip(&taps.layers).enumerate() {
             let a = tokens(&tap.a, (n, l.d_in), l.has_bias, &self.device)?;
             let g = tokens(&tap.g, (n, l.d_out), false, &self.device)?;
-            match state.pass {
-                Pass::Covariance => {
+            match &mut state.sums {
+                Sums::Covariance(sums) => {
                     for (x, sum) in [(&a, 2 * k), (&g, 2 * k + 1)] {
                         let d = x.dim(1)?;
                         // Transposed operands made contiguous: every backend's product takes them.
                         let xt = x.t()?.contiguous()?;
                         let gram = xt.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
-                        add_lower(&mut state.sums[sum], &gram, d);
+                        add_lower(&mut sums[sum], &gram, d);
                     }
                 }
-                Pass::Eigenvalue => {
+                Sums::Eigenvalue(sums) => {
                     let basis = self.bases.get(k).and_then(Option::as_ref);
                     let (g, a) = rotate(g, a, basis)?;
                     let squares = sequence_products(&g, &a, &taps.seq_lens)?
@@ -92,7 +92,7 @@ impl DeviceStatistics {
                         .sum(0)?
                         .flatten_all()?
                         .to_vec1::<f64>()?;
-                    let (i, sum) = (l.d_in_h(), &mut state.sums[k]);
+                    let (i, sum) = (l.d_in_h(), &mut sums[k]);
                     for (idx, v) in squares.iter().enumerate() {
                         sum[(idx / i, idx % i)] += v;
                     }
@@ -155,7 +155,7 @@ pub(crate) fn rotate(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::curvature::{accumulate, eigendecompose};
+    use crate::curvature::{accumulate, eigendecompose, Pass};
     use crate::model::LayerTap;
     use rand::{Rng, SeedableRng};
 
@@ -197,7 +197,13 @@ pub(crate) mod tests {
     fn assert_close(host: &PassSums, device: &PassSums) {
         assert_eq!(host.n_tokens, device.n_tokens);
         assert_eq!(host.n_sequences, device.n_sequences);
-        for (x, y) in host.sums.iter().zip(&device.sums) {
+        let whole = |s: &PassSums| -> Vec<Mat<f64>> {
+            match &s.sums {
+                Sums::Covariance(s) => s.iter().map(|l| l.to_full_scaled(1.0)).collect(),
+                Sums::Eigenvalue(s) => s.clone(),
+            }
+        };
+        for (x, y) in whole(host).iter().zip(&whole(device)) {
             let scale = (0..x.nrows())
                 .flat_map(|i| (0..x.ncols()).map(move |j| (i, j)))
                 .fold(0f64, |m, (i, j)| m.max(x[(i, j)].abs()));

@@ -1,9 +1,9 @@
 //! From a pass's sums to factors: the covariances normalised and eigendecomposed (after the
 //! covariance pass), Λ normalised (after the eigenvalue pass), and factors with neither.
 
-use super::{Eigenbasis, LayerFactors, PassSums};
+use super::{Eigenbasis, LayerFactors, PassSums, Sums};
 use crate::error::{Error, Result};
-use crate::linalg;
+use crate::linalg::{self, Lower};
 use crate::model::TrackedLayer;
 use faer::Mat;
 use rayon::prelude::*;
@@ -16,24 +16,28 @@ use rayon::prelude::*;
 pub fn eigendecompose(tracked: &[TrackedLayer], cov: PassSums) -> Result<Vec<LayerFactors>> {
     let norm = 1.0 / cov.n_tokens.max(1) as f64;
     let (n_tokens, n_sequences) = (cov.n_tokens, cov.n_sequences);
-    let mut sums = cov.sums.into_iter();
-    let pairs: Vec<(Mat<f64>, Mat<f64>)> =
-        std::iter::from_fn(|| Some((sums.next()?, sums.next()?))).collect();
+    let Sums::Covariance(grams) = cov.sums else {
+        return Err(Error::Other(
+            "eigendecompose takes the covariance pass's sums".into(),
+        ));
+    };
+    let mut grams = grams.into_iter();
+    let pairs: Vec<(Lower, Lower)> =
+        std::iter::from_fn(|| Some((grams.next()?, grams.next()?))).collect();
     tracked
         .par_iter()
         .zip(pairs.into_par_iter())
-        .map(|(l, (mut a, mut s))| {
-            // The passes accumulate lower triangles only (linalg::add_gram).
-            for m in [&mut a, &mut s] {
-                linalg::mirror_lower(m);
-                *m *= faer::Scale(norm);
-            }
+        .map(|(l, (a, s))| {
+            // The packed triangles (linalg::add_gram) become whole normalised matrices, one
+            // at a time so that a layer never holds both forms of both.
+            let a = expand(a, norm);
+            let s = expand(s, norm);
             let eig = |m: &Mat<f64>, which: &str| {
                 linalg::eigh(m).map_err(|e| Error::Other(format!("layer {} {which}: {e}", l.name)))
             };
             let (ea, es) = rayon::join(|| eig(&a, "A"), || eig(&s, "S"));
             let ((eigvals_a, q_a), (eigvals_s, q_s)) = (ea?, es?);
-            Ok(LayerFactors {
+            let factors = LayerFactors {
                 layer: l.clone(),
                 n_tokens,
                 n_sequences,
@@ -45,15 +49,31 @@ pub fn eigendecompose(tracked: &[TrackedLayer], cov: PassSums) -> Result<Vec<Lay
                     q_s: linalg::to_f32(&q_s),
                 }),
                 lambda: None,
-            })
+            };
+            // The layer's f64 sums and the solver's workspaces, freed here, are sizes the
+            // next layers' f32 factors do not reuse: return them rather than let the heap grow.
+            drop((a, s, q_a, q_s));
+            crate::io::release_freed_memory();
+            Ok(factors)
         })
         .collect()
 }
 
+/// The symmetric matrix of a packed triangle, times `norm`; the triangle is freed.
+fn expand(sum: Lower, norm: f64) -> Mat<f64> {
+    sum.to_full_scaled(norm)
+}
+
 /// Sets Λ of each layer from the (merged) eigenvalue sums, normalised per sequence.
+///
+/// # Panics
+/// If `lam` holds the covariance pass's sums.
 pub fn set_lambda(layers: &mut [LayerFactors], lam: &PassSums) {
     let norm = 1.0 / lam.n_sequences.max(1) as f64;
-    for (lf, sum) in layers.iter_mut().zip(&lam.sums) {
+    let Sums::Eigenvalue(sums) = &lam.sums else {
+        panic!("set_lambda takes the eigenvalue pass's sums");
+    };
+    for (lf, sum) in layers.iter_mut().zip(sums) {
         lf.n_tokens = lam.n_tokens;
         lf.n_sequences = lam.n_sequences;
         lf.lambda = Some(Mat::from_fn(sum.nrows(), sum.ncols(), |i, j| {

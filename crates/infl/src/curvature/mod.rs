@@ -26,5 +26,7 @@ mod strategy;
 pub use eigen::{eigendecompose, empty_factors, set_lambda};
 pub use factors::{layer_summary, Eigenbasis, Factors, LayerFactors};
 pub use passes::{accumulate_sequences, fit, pass_labels, run_pass};
-pub use statistics::{accumulate, accumulate_keeping, statistics_flops, PassSums, RotatedTokens};
+pub use statistics::{
+    accumulate, accumulate_keeping, statistics_flops, PassSums, RotatedTokens, Sums,
+};
 pub use strategy::{Fisher, Pass, Strategy};

@@ -5,7 +5,7 @@
 use super::{Eigenbasis, Pass};
 use crate::error::Result;
 use crate::io::{TensorFile, TensorRef};
-use crate::linalg;
+use crate::linalg::{self, Lower};
 use crate::model::{TapBatch, TrackedLayer};
 use faer::Mat;
 
@@ -13,30 +13,36 @@ use faer::Mat;
 #[derive(Debug, Clone)]
 pub struct PassSums {
     pub pass: Pass,
-    /// Covariance: `[Σāāᵀ, Σggᵀ]` per tracked layer, in order (lower triangles: the upper ones
-    /// are filled in by [`super::eigendecompose`]); eigenvalue: one `Σ (Q_Sᵀ G Q_A)^∘2`
-    /// (or `Σ G^∘2`) per tracked layer.
-    pub sums: Vec<Mat<f64>>,
+    pub sums: Sums,
     pub n_tokens: u64,
     pub n_sequences: u64,
+}
+
+/// A pass's sums, per tracked layer in order.
+#[derive(Debug, Clone)]
+pub enum Sums {
+    /// The covariance pass's `[Σāāᵀ, Σggᵀ]` per layer: symmetric, so kept as their packed
+    /// lower triangles (half the state of whole matrices, the same f64 sums).
+    Covariance(Vec<Lower>),
+    /// The eigenvalue pass's `Σ (Q_Sᵀ G Q_A)^∘2` (or `Σ G^∘2`) per layer.
+    Eigenvalue(Vec<Mat<f64>>),
 }
 
 impl PassSums {
     pub fn zeros(pass: Pass, tracked: &[TrackedLayer]) -> Self {
         let sums = match pass {
-            Pass::Covariance => tracked
-                .iter()
-                .flat_map(|l| {
-                    [
-                        Mat::zeros(l.d_in_h(), l.d_in_h()),
-                        Mat::zeros(l.d_out, l.d_out),
-                    ]
-                })
-                .collect(),
-            Pass::Eigenvalue => tracked
-                .iter()
-                .map(|l| Mat::zeros(l.d_out, l.d_in_h()))
-                .collect(),
+            Pass::Covariance => Sums::Covariance(
+                tracked
+                    .iter()
+                    .flat_map(|l| [Lower::zeros(l.d_in_h()), Lower::zeros(l.d_out)])
+                    .collect(),
+            ),
+            Pass::Eigenvalue => Sums::Eigenvalue(
+                tracked
+                    .iter()
+                    .map(|l| Mat::zeros(l.d_out, l.d_in_h()))
+                    .collect(),
+            ),
         };
         PassSums {
             pass,
@@ -46,13 +52,30 @@ impl PassSums {
         }
     }
 
-    /// Adds another shard's sums.
+    /// Adds another shard's sums of the same pass.
+    ///
+    /// # Panics
+    /// If `other` holds another pass's sums.
     pub fn add(&mut self, other: &PassSums) {
-        for (a, b) in self.sums.iter_mut().zip(&other.sums) {
-            *a += b;
+        match (&mut self.sums, &other.sums) {
+            (Sums::Covariance(a), Sums::Covariance(b)) => {
+                a.iter_mut().zip(b).for_each(|(a, b)| a.add(b))
+            }
+            (Sums::Eigenvalue(a), Sums::Eigenvalue(b)) => {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b)
+            }
+            _ => panic!("sums of two different passes"),
         }
         self.n_tokens += other.n_tokens;
         self.n_sequences += other.n_sequences;
+    }
+
+    /// The bytes the sums hold.
+    pub fn bytes(&self) -> usize {
+        match &self.sums {
+            Sums::Covariance(s) => s.iter().map(|l| 8 * l.as_slice().len()).sum(),
+            Sums::Eigenvalue(s) => s.iter().map(|m| 8 * m.nrows() * m.ncols()).sum(),
+        }
     }
 
     fn names(pass: Pass, tracked: &[TrackedLayer]) -> Vec<String> {
@@ -68,15 +91,22 @@ impl PassSums {
         }
     }
 
-    /// f64 tensors `{layer}.A_sum`, `{layer}.S_sum` or `{layer}.lambda_sum`, and `counts`
+    /// f64 tensors `{layer}.A_sum`, `{layer}.S_sum` (each the packed lower triangle, column
+    /// by column: `d(d+1)/2` values) or `{layer}.lambda_sum` (`d_out × d_in`), and `counts`
     /// (`[tokens, sequences]`), borrowed (saved without a copy by
     /// [`crate::checkpoint::save_tensors`]).
     pub fn to_tensors(&self, tracked: &[TrackedLayer]) -> Vec<(String, TensorRef<'_>)> {
-        let mut out: Vec<(String, TensorRef<'_>)> = Self::names(self.pass, tracked)
-            .into_iter()
-            .zip(&self.sums)
-            .map(|(n, m)| (n, TensorRef::mat_f64(m.as_ref())))
-            .collect();
+        let names = Self::names(self.pass, tracked).into_iter();
+        let mut out: Vec<(String, TensorRef<'_>)> = match &self.sums {
+            Sums::Covariance(s) => names
+                .zip(s)
+                .map(|(n, l)| (n, TensorRef::f64(vec![l.as_slice().len()], l.as_slice())))
+                .collect(),
+            Sums::Eigenvalue(s) => names
+                .zip(s)
+                .map(|(n, m)| (n, TensorRef::mat_f64(m.as_ref())))
+                .collect(),
+        };
         out.push((
             "counts".into(),
             TensorRef::f64_owned(vec![2], vec![self.n_tokens as f64, self.n_sequences as f64]),
@@ -84,40 +114,31 @@ impl PassSums {
         out
     }
 
-    /// The shape of each of `pass`'s sums, in [`PassSums::names`]' order.
-    fn shapes(pass: Pass, tracked: &[TrackedLayer]) -> Vec<(usize, usize)> {
-        match pass {
-            Pass::Covariance => tracked
-                .iter()
-                .flat_map(|l| [(l.d_in_h(), l.d_in_h()), (l.d_out, l.d_out)])
-                .collect(),
-            Pass::Eigenvalue => tracked.iter().map(|l| (l.d_out, l.d_in_h())).collect(),
-        }
-    }
-
     /// Reads back [`PassSums::to_tensors`] from a checkpoint, one tensor at a time (never the
     /// whole file, nor a second copy of the sums, in memory).
     pub fn read(file: &mut TensorFile, pass: Pass, tracked: &[TrackedLayer]) -> Result<Self> {
-        let names = Self::names(pass, tracked);
-        let sums = names
-            .iter()
-            .zip(Self::shapes(pass, tracked))
-            .map(|(name, (rows, cols))| file.mat_f64(name, rows, cols))
-            .collect::<Result<Vec<_>>>()?;
-        let counts = file.vec_f64("counts", 2)?;
-        Ok(PassSums {
-            pass,
-            sums,
-            n_tokens: counts[0] as u64,
-            n_sequences: counts[1] as u64,
-        })
+        let mut sums = PassSums::zeros(pass, tracked);
+        sums.add_file(file, tracked)?;
+        Ok(sums)
     }
 
     /// Adds the sums saved in `file` (another shard's), one tensor at a time.
     pub fn add_file(&mut self, file: &mut TensorFile, tracked: &[TrackedLayer]) -> Result<()> {
         let names = Self::names(self.pass, tracked);
-        for (name, sum) in names.iter().zip(self.sums.iter_mut()) {
-            *sum += file.mat_f64(name, sum.nrows(), sum.ncols())?;
+        match &mut self.sums {
+            Sums::Covariance(s) => {
+                for (name, sum) in names.iter().zip(s.iter_mut()) {
+                    let d = sum.dim();
+                    let saved = file.vec_f64(name, Lower::packed_len(d))?;
+                    let saved = Lower::from_packed(d, saved).expect("read at the packed length");
+                    sum.add(&saved);
+                }
+            }
+            Sums::Eigenvalue(s) => {
+                for (name, sum) in names.iter().zip(s.iter_mut()) {
+                    *sum += file.mat_f64(name, sum.nrows(), sum.ncols())?;
+                }
+            }
         }
         let counts = file.vec_f64("counts", 2)?;
         self.n_tokens += counts[0] as u64;
@@ -177,11 +198,14 @@ pub fn accumulate_keeping(
     // One task per statistic (two per layer in the covariance pass, one in the eigenvalue
     // pass), each product on one thread; with fewer statistics than that keeps busy, the
     // products split over the cores instead. Each sum is formed the same way either way.
-    let tasks = state.sums.len();
+    let tasks = match &state.sums {
+        Sums::Covariance(s) => s.len(),
+        Sums::Eigenvalue(s) => s.len(),
+    };
     let inner = tasks < 4 * rayon::current_num_threads();
-    match state.pass {
-        Pass::Covariance => {
-            let grams: Vec<(usize, &mut Mat<f64>)> = state.sums.iter_mut().enumerate().collect();
+    match &mut state.sums {
+        Sums::Covariance(sums) => {
+            let grams: Vec<(usize, &mut Lower)> = sums.iter_mut().enumerate().collect();
             crate::pass::tasks::largest_first(
                 grams,
                 |(k, _)| {
@@ -201,8 +225,8 @@ pub fn accumulate_keeping(
             );
             None
         }
-        Pass::Eigenvalue => {
-            let layers: Vec<(usize, &mut Mat<f64>)> = state.sums.iter_mut().enumerate().collect();
+        Sums::Eigenvalue(sums) => {
+            let layers: Vec<(usize, &mut Mat<f64>)> = sums.iter_mut().enumerate().collect();
             let rotated: RotatedTokens = crate::pass::tasks::largest_first(
                 layers,
                 |(k, _)| {

@@ -452,6 +452,19 @@ pub fn keep_freed_memory() {
     });
 }
 
+/// Returns the freed memory the allocator keeps ([`keep_freed_memory`]) to the system, at the
+/// boundary between two phases of a job: a phase's freed buffers are not the next phase's
+/// sizes, so keeping them only adds to the peak the next phase reaches (about 0.2 GiB on a
+/// 6-block 512-wide fit, against the 1 GiB it holds live), and `infl inspect`'s estimate of
+/// that peak counts what is live.
+pub fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free pages of the allocator's heap to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,23 +54,20 @@ pub fn available() -> bool {
 }
 
 /// The lower triangle (`i ≥ j`) of `xᵀ x` for the `n × d` row-major `x` (row stride `ld`),
-/// added into the f64 sums `acc(i, j)` (the leading `d × d` block of `acc`); the upper
-/// triangle and anything past `d` are not touched. With `parallel`,
+/// added into the f64 sums `acc(i, j)` (the leading `d × d` triangle of `acc`); anything
+/// past `d` is not touched. With `parallel`,
 /// the output's column blocks are split over the current pool (the same sums, bit for bit).
 ///
 /// # Panics
 /// If [`available`] is false, or `x` is shorter than `n` rows of stride `ld` need.
 pub fn add_gram_rows(
-    acc: &mut faer::Mat<f64>,
+    acc: &mut super::Lower,
     x: &[f32],
     (n, d, ld): (usize, usize, usize),
     parallel: bool,
 ) {
     assert!(available(), "the AVX2 Gram kernel needs AVX2 and FMA");
-    assert!(
-        acc.nrows() >= d && acc.ncols() >= d,
-        "acc is at least d × d"
-    );
+    assert!(acc.dim() >= d, "acc is at least d × d");
     assert!(
         d <= ld && (n == 0 || x.len() >= (n - 1) * ld + d),
         "x is n rows of stride ld"
@@ -116,13 +113,8 @@ pub fn add_gram_rows(
         }
     }
     for j in 0..d {
-        let out = acc
-            .as_mut()
-            .col_mut(j)
-            .try_as_col_major_mut()
-            .expect("owned column")
-            .as_slice_mut();
-        for (o, &s) in out[j..d].iter_mut().zip(&sums[j * ldc + j..j * ldc + d]) {
+        let out = &mut acc.col_mut(j)[..d - j];
+        for (o, &s) in out.iter_mut().zip(&sums[j * ldc + j..j * ldc + d]) {
             *o += s as f64;
         }
     }
@@ -237,13 +229,20 @@ mod tests {
                 .map(|k| ((k * 7 + k / ld * 3) % 11) as f32 * 0.25 - 1.0)
                 .collect();
             let start = |i: usize, j: usize| (i * 3 + j) as f64;
-            let mut acc = faer::Mat::<f64>::from_fn(d, d, start);
+            // One row and column wider than the Gram: the kernel keeps to the leading d.
+            let mut acc = super::super::Lower::zeros(d + 1);
+            for j in 0..=d {
+                for (k, v) in acc.col_mut(j).iter_mut().enumerate() {
+                    *v = start(j + k, j);
+                }
+            }
+            let mut split = acc.clone();
             add_gram_rows(&mut acc, &x, (n, d, ld), false);
-            let mut split = faer::Mat::<f64>::from_fn(d, d, start);
             add_gram_rows(&mut split, &x, (n, d, ld), true);
-            for j in 0..d {
-                for i in 0..d {
-                    let want = if i >= j {
+            for j in 0..=d {
+                for k in 0..=d - j {
+                    let i = j + k;
+                    let want = if i < d {
                         start(i, j)
                             + (0..n)
                                 .map(|t| x[t * ld + i] as f64 * x[t * ld + j] as f64)
@@ -251,8 +250,8 @@ mod tests {
                     } else {
                         start(i, j)
                     };
-                    assert_eq!(acc[(i, j)], want, "width {d}, ({i}, {j})");
-                    assert_eq!(split[(i, j)], want, "width {d}, ({i}, {j}), split");
+                    assert_eq!(acc.col(j)[k], want, "width {d}, ({i}, {j})");
+                    assert_eq!(split.col(j)[k], want, "width {d}, ({i}, {j}), split");
                 }
             }
         }
@@ -266,13 +265,13 @@ mod tests {
         }
         let (n, d) = (3 * 512 + 5, 70);
         let x: Vec<f32> = (0..n * d).map(|k| ((k as f32) * 0.377).sin()).collect();
-        let mut serial = faer::Mat::<f64>::zeros(d, d);
+        let mut serial = super::super::Lower::zeros(d);
         add_gram_rows(&mut serial, &x, (n, d, d), false);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
             .unwrap();
-        let mut split = faer::Mat::<f64>::zeros(d, d);
+        let mut split = super::super::Lower::zeros(d);
         pool.install(|| add_gram_rows(&mut split, &x, (n, d, d), true));
         assert_eq!(serial, split);
         // And they are the Gram to f32 accuracy.
@@ -281,7 +280,8 @@ mod tests {
                 let exact: f64 = (0..n)
                     .map(|t| x[t * d + i] as f64 * x[t * d + j] as f64)
                     .sum();
-                assert!((serial[(i, j)] - exact).abs() < 1e-4 * (1.0 + exact.abs()));
+                let got = serial.col(j)[i - j];
+                assert!((got - exact).abs() < 1e-4 * (1.0 + exact.abs()));
             }
         }
     }

@@ -4,6 +4,7 @@ use super::dots::dots;
 use super::gemm::mul;
 use super::gram::{add_gram, add_gram_general, add_gram_recursive};
 use super::layout::rows;
+use super::lower::Lower;
 use faer::{Mat, MatRef};
 
 /// The fastest of three runs of `f`, in seconds (the machines are shared: the minimum is the
@@ -44,12 +45,12 @@ pub fn gram_benchmark(shapes: &[(usize, usize)]) -> Vec<GramTiming> {
                 .map(|k| ((k / d * 31 + k % d * 17) % 97) as f32 / 97.0)
                 .collect();
             let x = rows(&data, t, d);
-            let mut acc = Mat::<f64>::zeros(d, d);
+            let mut acc = Lower::zeros(d);
             let general = best_of_3(&mut || add_gram_general(&mut acc, x));
             let split = best_of_3(&mut || add_gram(&mut acc, x, true));
             let cores = rayon::current_num_threads().max(1);
-            let mut accs: Vec<Mat<f64>> = (0..cores).map(|_| Mat::zeros(d, d)).collect();
-            let mut per_core = |gram: fn(&mut Mat<f64>, MatRef<'_, f32>, bool)| {
+            let mut accs: Vec<Lower> = (0..cores).map(|_| Lower::zeros(d)).collect();
+            let mut per_core = |gram: fn(&mut Lower, MatRef<'_, f32>, bool)| {
                 best_of_3(&mut || accs.par_iter_mut().for_each(|acc| gram(acc, x, false)))
                     / cores as f64
             };

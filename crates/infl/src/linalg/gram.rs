@@ -1,14 +1,15 @@
-//! Symmetric Grams `xᵀ x` of a layer's taps, added into f64 accumulators: the covariance
-//! pass's A and S. The lower triangle is built ([`add_gram`]) and [`mirror_lower`] completes it.
+//! Symmetric Grams `xᵀ x` of a layer's taps, added into packed f64 triangles ([`Lower`]):
+//! the covariance pass's A and S. Only the lower triangle is formed ([`add_gram`]).
 
 #[cfg(target_arch = "x86_64")]
 use super::avx2;
 use super::gemm::{gemm, mul};
 use super::layout::rows;
+use super::lower::Lower;
 use faer::{Mat, MatRef};
 
-/// The lower triangle (diagonal included) of `xᵀ x`, computed in f32 and added into an f64
-/// accumulator whose upper triangle is left untouched; [`mirror_lower`] completes the sum. A
+/// The lower triangle (diagonal included) of `xᵀ x`, computed in f32 and added into the
+/// leading `d × d` triangle of the f64 accumulator `acc` (`d` = `x`'s columns). A
 /// symmetric rank-k update done as a recursion on the triangle ([`add_lower`]): split in two,
 /// the block below the diagonal is one general product and each diagonal half recurses, down
 /// to leaves of [`GRAM_LEAF`]. The products are large and few, and the work is 52–58% of a
@@ -25,7 +26,7 @@ use faer::{Mat, MatRef};
 ///
 /// On x86-64 with AVX2 and no AVX-512, a row-major `x` (the passes' taps) takes [`avx2`]'s
 /// kernel instead, which packs each block of tokens once for the whole triangle.
-pub fn add_gram(acc: &mut Mat<f64>, x: MatRef<'_, f32>, parallel: bool) {
+pub fn add_gram(acc: &mut Lower, x: MatRef<'_, f32>, parallel: bool) {
     #[cfg(target_arch = "x86_64")]
     if avx2::available()
         && x.nrows() > 0
@@ -43,7 +44,7 @@ pub fn add_gram(acc: &mut Mat<f64>, x: MatRef<'_, f32>, parallel: bool) {
 
 /// [`add_gram`] as a recursion of `gemm` crate products, on any machine and layout (and the
 /// baseline the AVX2 kernel is benchmarked against).
-pub fn add_gram_recursive(acc: &mut Mat<f64>, x: MatRef<'_, f32>, parallel: bool) {
+pub fn add_gram_recursive(acc: &mut Lower, x: MatRef<'_, f32>, parallel: bool) {
     let d = x.ncols();
     // Room for the largest product: the first split's block below the diagonal, or a leaf.
     let mut part = Mat::<f32>::zeros(d, gram_split(d).max(GRAM_LEAF / 2).min(d.max(1)));
@@ -58,17 +59,13 @@ pub fn add_gram_recursive(acc: &mut Mat<f64>, x: MatRef<'_, f32>, parallel: bool
 ///
 /// `a` holds the `n × d` row-major taps.
 pub fn add_gram_homogeneous(
-    acc: &mut Mat<f64>,
+    acc: &mut Lower,
     a: &[f32],
     (n, d): (usize, usize),
     bias: bool,
     parallel: bool,
 ) {
-    assert_eq!(
-        acc.nrows(),
-        d + usize::from(bias),
-        "acc is the Gram's width"
-    );
+    assert_eq!(acc.dim(), d + usize::from(bias), "acc is the Gram's width");
     add_gram(acc, rows(a, n, d), parallel);
     if bias {
         let mut sums = vec![0f64; d];
@@ -77,10 +74,11 @@ pub fn add_gram_homogeneous(
                 *s += x as f64;
             }
         }
+        // Row d of each column j sits d − j below that column's diagonal.
         for (j, s) in sums.into_iter().enumerate() {
-            acc[(d, j)] += s;
+            acc.col_mut(j)[d - j] += s;
         }
-        acc[(d, d)] += n as f64;
+        acc.col_mut(d)[0] += n as f64;
     }
 }
 
@@ -91,14 +89,15 @@ const GRAM_LEAF: usize = 64;
 /// The lower triangle of the diagonal block `[off, off + size)²` of `xᵀ x`, added into `acc`,
 /// with `part` as the products' f32 scratch.
 fn add_lower(
-    acc: &mut Mat<f64>,
+    acc: &mut Lower,
     x: MatRef<'_, f32>,
     (off, size): (usize, usize),
     part: &mut Mat<f32>,
     parallel: bool,
 ) {
     // `xᵀ x` over rows `[r0, r0 + rows)` and columns `[c0, c0 + cols)`, added into the same
-    // block of `acc` from row `r0 + skip(c)` of each column c on (the triangle's edge).
+    // block of `acc` from row `r0 + skip(c)` of each column c on (the triangle's edge), which
+    // is on or below the diagonal: packed column `c0 + c` starts at its diagonal.
     let mut product = |(r0, rows): (usize, usize), (c0, cols): (usize, usize), diagonal: bool| {
         let mut dst = part.as_mut().submatrix_mut(0, 0, rows, cols);
         gemm(
@@ -115,16 +114,9 @@ fn add_lower(
                 .col(c)
                 .try_as_col_major()
                 .expect("owned column");
-            let out = acc
-                .as_mut()
-                .col_mut(c0 + c)
-                .try_as_col_major_mut()
-                .expect("owned column")
-                .as_slice_mut();
-            for (o, v) in out[r0 + skip..r0 + rows]
-                .iter_mut()
-                .zip(&src.as_slice()[skip..])
-            {
+            let top = r0 + skip - (c0 + c);
+            let out = &mut acc.col_mut(c0 + c)[top..top + rows - skip];
+            for (o, v) in out.iter_mut().zip(&src.as_slice()[skip..]) {
                 *o += *v as f64;
             }
         }
@@ -149,21 +141,13 @@ fn gram_split(size: usize) -> usize {
     (size / 2).div_ceil(16) * 16
 }
 
-/// Copies the lower triangle onto the upper one (completes sums built by [`add_gram`]).
-pub fn mirror_lower(m: &mut Mat<f64>) {
-    for j in 0..m.ncols() {
-        for i in j + 1..m.nrows() {
-            m[(j, i)] = m[(i, j)];
-        }
-    }
-}
-
-/// The general-product `xᵀ x` that [`add_gram`] replaces, for its test and benchmark.
-pub fn add_gram_general(acc: &mut Mat<f64>, x: MatRef<'_, f32>) {
+/// The general-product `xᵀ x` that [`add_gram`] replaces, for its benchmark: the whole
+/// product is formed, and its lower triangle added into `acc`.
+pub fn add_gram_general(acc: &mut Lower, x: MatRef<'_, f32>) {
     let gram = mul(x.transpose(), x);
     for j in 0..gram.ncols() {
-        for i in 0..gram.nrows() {
-            acc[(i, j)] += gram[(i, j)] as f64;
+        for (k, o) in acc.col_mut(j).iter_mut().enumerate() {
+            *o += gram[(j + k, j)] as f64;
         }
     }
 }
@@ -178,27 +162,24 @@ mod tests {
         // odd halves (65, 200, 257).
         for d in [9, 40, 65, 200, 257] {
             let x = Mat::from_fn(37, d, |i, j| ((i * 7 + j * 3) % 11) as f32 * 0.25 - 1.0);
-            let mut acc = Mat::<f64>::zeros(d, d);
+            let mut acc = Lower::zeros(d);
             add_gram(&mut acc, x.as_ref(), false);
             add_gram(&mut acc, x.as_ref(), true);
-            for j in 1..d {
-                assert_eq!(
-                    acc[(0, j)],
-                    0.0,
-                    "the upper triangle is left to mirror_lower"
-                );
-            }
-            mirror_lower(&mut acc);
+            let full = acc.to_full_scaled(1.0);
             for i in 0..d {
                 for j in 0..d {
                     let exact: f64 = (0..37)
                         .map(|t| 2.0 * x[(t, i)] as f64 * x[(t, j)] as f64)
                         .sum();
                     // Quarter-integer inputs: every product and partial sum is exact in f32.
-                    assert_eq!(acc[(i, j)], exact, "width {d}, ({i}, {j})");
-                    assert_eq!(acc[(i, j)], acc[(j, i)]);
+                    assert_eq!(full[(i, j)], exact, "width {d}, ({i}, {j})");
                 }
             }
+            // The recursion on any layout forms the same sums as the row-major kernel.
+            let mut recursive = Lower::zeros(d);
+            add_gram_recursive(&mut recursive, x.as_ref(), false);
+            add_gram_recursive(&mut recursive, x.as_ref(), false);
+            assert_eq!(recursive, acc, "width {d}");
         }
     }
 
@@ -210,17 +191,22 @@ mod tests {
                 .map(|k| ((k * 5 + k / d) % 13) as f32 * 0.25 - 1.5)
                 .collect();
             let w = d + usize::from(bias);
-            let mut acc = Mat::<f64>::from_fn(w, w, |i, j| (i + 2 * j) as f64);
+            let start = |i: usize, j: usize| (i + 2 * j) as f64;
+            let mut acc = Lower::zeros(w);
+            for j in 0..w {
+                for (k, v) in acc.col_mut(j).iter_mut().enumerate() {
+                    *v = start(j + k, j);
+                }
+            }
             add_gram_homogeneous(&mut acc, &a, (n, d), bias, false);
-            mirror_lower(&mut acc);
+            let full = acc.to_full_scaled(1.0);
             let x = |t: usize, j: usize| if j == d { 1.0 } else { a[t * d + j] as f64 };
             for i in 0..w {
                 for j in 0..=i {
                     let exact: f64 = (0..n).map(|t| x(t, i) * x(t, j)).sum();
-                    // Added onto the lower triangle's starting values, exactly (quarter
-                    // integers); mirror_lower copied them up.
-                    assert_eq!(acc[(i, j)], exact + (i + 2 * j) as f64, "{d}: ({i}, {j})");
-                    assert_eq!(acc[(j, i)], acc[(i, j)]);
+                    // Added onto the triangle's starting values, exactly (quarter integers).
+                    assert_eq!(full[(i, j)], exact + start(i, j), "{d}: ({i}, {j})");
+                    assert_eq!(full[(j, i)], full[(i, j)]);
                 }
             }
         }

@@ -1,5 +1,5 @@
 //! Small dense helpers over faer shared by the curvature and influence stages: GEMM through
-//! the `gemm` crate ([`gemm`]), symmetric Grams ([`gram`]), the per-sequence products of the
+//! the `gemm` crate ([`gemm`]), symmetric Grams ([`gram`]) into packed triangles ([`lower`]), the per-sequence products of the
 //! eigenvalue and scoring passes ([`sequence`]), the scoring dot kernels ([`dots`]),
 //! eigendecomposition ([`eigh`]), layouts and precision conversions ([`layout`]) and the
 //! timings behind `infl bench` ([`bench`]). This file holds the process-wide float mode
@@ -15,18 +15,18 @@ mod eigh;
 mod gemm;
 mod gram;
 mod layout;
+mod lower;
 mod sequence;
 
 pub use bench::{dots_benchmark, gram_benchmark, GramTiming};
 pub use dots::{columns, dots, dots_into, Columns};
 pub use eigh::eigh;
 pub use gemm::{gemm, mul, mul_into, RowMajor};
-pub use gram::{
-    add_gram, add_gram_general, add_gram_homogeneous, add_gram_recursive, mirror_lower,
-};
+pub use gram::{add_gram, add_gram_general, add_gram_homogeneous, add_gram_recursive};
 pub use layout::{
     f32_from_row_major, homogeneous, rows, to_f32, to_f64, to_row_major, Homogeneous,
 };
+pub use lower::Lower;
 pub use sequence::{
     add_squared_sequence_products, rotate_tokens, sequence_block_dots, sequence_products,
 };

@@ -90,6 +90,8 @@ impl FitTemplate {
             "corpus_sha256": self.corpus.sha256,
             "max_len": self.corpus.max_len,
             "shards": self.shards,
+            // 2: the covariance sums are saved as packed lower triangles (1: whole matrices).
+            "state_format": 2,
         });
         // Only with an adapter, so that the settings of runs without one keep their value.
         if let Some(adapter) = &self.model.adapter {
@@ -484,6 +486,9 @@ impl FitRun<'_> {
                 job.run.shard,
             );
         }
+        // The previous phase's freed buffers (the eigendecompositions', the scan's) go back
+        // before this pass allocates its own.
+        crate::io::release_freed_memory();
         let basis_refs: Vec<Option<&curvature::Eigenbasis>> = (0..self.tracked().len())
             .map(|i| bases.get(i).and_then(|l| l.eigen.as_ref()))
             .collect();
@@ -569,6 +574,9 @@ impl FitRun<'_> {
         if unsaved {
             self.save(stem, &sums, self.scan.owned, true)?;
         }
+        // The covariance pass's batches are freed: their pages go back before the
+        // decompositions allocate theirs.
+        crate::io::release_freed_memory();
         curvature::eigendecompose(self.tracked(), sums)
     }
 

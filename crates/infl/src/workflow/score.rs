@@ -205,6 +205,8 @@ pub(super) fn score_layers(
     if options.normalize != Normalize::Cosine {
         prepared.preconditioner.release();
     }
+    // The queries' gradients and rotations are freed: their pages go back before the pass.
+    crate::io::release_freed_memory();
     let candidates = prefilter_candidates(job, &options, &queries, prepared.max_len)?;
     let (work, settings) = start_work(
         &out,
