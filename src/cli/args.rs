@@ -438,7 +438,7 @@ pub struct ValidateExactArgs {
     /// Refuse when the exact Fisher would need more than this many MiB [default: MemAvailable].
     #[arg(long, value_name = "MIB")]
     pub memory_limit: Option<u64>,
-    /// How ekfac-refined (GPT-2 only) refines its queries' inverse.
+    /// How ekfac-refined (not on mixtures of experts) refines its queries' inverse.
     #[command(flatten)]
     pub refine: o::RefineOptions,
 }

@@ -61,6 +61,9 @@ enum Command {
     /// Build a BM25 index over a corpus's token ids for `score --prefilter`.
     Index(IndexArgs),
     /// Each training sequence's influence on its own loss (outliers, mislabelled data).
+    ///
+    /// ekfac-refined factors are refused (exit 3): their inverse is refined by a solve per
+    /// query, and one solve per training sequence is not run; fit --strategy ekfac instead.
     SelfInfluence(SelfInfluenceArgs),
     /// Train a small GPT-2 (and its byte-level BPE tokenizer) from scratch on a corpus.
     Train(TrainArgs),

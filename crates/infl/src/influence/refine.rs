@@ -286,18 +286,34 @@ mod tests {
         }
     }
 
+    /// A tiny GPT-2's MLP layers, or a LoRA adapter's layers on a tiny Llama (GQA, scaled RoPE).
+    fn load(case: &str) -> (AnyModel, ModuleSelection) {
+        if case == "gpt2" {
+            let m = Gpt2::random(tiny_config(), 21, ModuleSelection::Mlp).unwrap();
+            return (AnyModel::Gpt2(m), ModuleSelection::Mlp);
+        }
+        let modules = ModuleSelection::Adapter;
+        let fixture = crate::model::autograd::testing::fixture;
+        let mut m =
+            crate::model::load_autograd(&fixture("llama"), modules, &candle_core::Device::Cpu)
+                .unwrap();
+        let adapter = crate::model::lora::Adapter::open(&fixture("../lora/qvd")).unwrap();
+        m.attach(&adapter, modules).unwrap();
+        (m, modules)
+    }
+
     /// (model, preconditioner of ekfac-refined factors, refiner with `iterations`).
-    fn setup(iterations: usize, tol: f64) -> (Gpt2, Preconditioner) {
-        let model = Gpt2::random(tiny_config(), 21, ModuleSelection::Mlp).unwrap();
+    fn setup(case: &str, iterations: usize, tol: f64) -> (Box<dyn TapModel>, Preconditioner) {
+        let (model, modules) = load(case);
+        let model = model.into_dyn();
         let options = FitOptions {
             strategy: Strategy::EkfacRefined,
-            modules: ModuleSelection::Mlp,
+            modules,
             ..FitOptions::default()
         };
-        let factors = fit(&model, &training(), &options, &NoProgress).unwrap();
+        let factors = fit(model.as_ref(), &training(), &options, &NoProgress).unwrap();
         let mut pre = Preconditioner::new(&factors, Damping::Heuristic).unwrap();
-        let twin = Gpt2::random(tiny_config(), 21, ModuleSelection::Mlp).unwrap();
-        let gn = GaussNewton::new(AnyModel::Gpt2(twin), model.tracked()).unwrap();
+        let gn = GaussNewton::new(load(case).0, model.tracked()).unwrap();
         let refine = RefineOptions {
             iterations,
             refine_tolerance: tol,
@@ -324,9 +340,16 @@ mod tests {
     /// sequence mean) and λ EK-FAC's damping per layer; 0 iterations is EK-FAC bit for bit.
     #[test]
     fn converges_to_the_dense_solve_and_starts_at_ekfac() {
-        let (model, pre) = setup(300, 1e-6);
+        for case in ["gpt2", "llama + lora"] {
+            converges_on(case);
+        }
+    }
+
+    fn converges_on(case: &str) {
+        let (model, pre) = setup(case, 300, 1e-6);
+        let model = model.as_ref();
         let pq =
-            precondition_queries(&model, &[query()], &pre, 4, None, false, &NoProgress).unwrap();
+            precondition_queries(model, &[query()], &pre, 4, None, false, &NoProgress).unwrap();
         let refined = full(&pq);
         let report = pq.refined.as_ref().unwrap();
         assert_eq!(report.sequences, 24);
@@ -338,17 +361,17 @@ mod tests {
         assert!(c.residual <= 1e-5, "{c:?}");
 
         // EK-FAC's answer: the same factors with 0 iterations, and plain ekfac factors.
-        let (_, pre0) = setup(0, 1e-7);
+        let (_, pre0) = setup(case, 0, 1e-7);
         let pq0 =
-            precondition_queries(&model, &[query()], &pre0, 4, None, false, &NoProgress).unwrap();
+            precondition_queries(model, &[query()], &pre0, 4, None, false, &NoProgress).unwrap();
         let options = FitOptions {
-            modules: ModuleSelection::Mlp,
+            modules: load(case).1,
             ..FitOptions::default()
         };
-        let ekfac = fit(&model, &training(), &options, &NoProgress).unwrap();
+        let ekfac = fit(model, &training(), &options, &NoProgress).unwrap();
         let plain = Preconditioner::new(&ekfac, Damping::Heuristic).unwrap();
         let pq_ekfac =
-            precondition_queries(&model, &[query()], &plain, 4, None, false, &NoProgress).unwrap();
+            precondition_queries(model, &[query()], &plain, 4, None, false, &NoProgress).unwrap();
         assert_eq!(
             full(&pq0),
             full(&pq_ekfac),

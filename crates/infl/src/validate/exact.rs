@@ -36,8 +36,8 @@ use faer::{Accum, Mat, MatRef, Side};
 use std::path::{Path, PathBuf};
 
 /// The strategies compared against the exact Fisher, in table order (`ekfac-refined` with
-/// `score`'s default refinement, on GPT-2 checkpoints only: the Gauss-Newton products it needs
-/// exist for GPT-2 alone).
+/// `score`'s default refinement, on every architecture the Gauss-Newton products cover: not
+/// the mixtures of experts).
 pub const STRATEGIES: [Strategy; 5] = [
     Strategy::Ekfac,
     Strategy::Kfac,
@@ -550,10 +550,10 @@ pub fn run(job: &ExactJob, progress: &dyn Progress) -> Result<ExactReport> {
     )?;
     let exact_seconds = exact_started.elapsed().as_secs_f64();
 
-    let gpt2 = inputs.model.architecture() == "gpt2";
+    let refinable = crate::curvature::gauss_newton::covers(inputs.model.architecture());
     let strategies = STRATEGIES
         .into_iter()
-        .filter(|s| gpt2 || !s.is_refined())
+        .filter(|s| refinable || !s.is_refined())
         .map(|strategy| compare_strategy(job, &inputs, &options, strategy, &exact, progress))
         .collect::<Result<Vec<_>>>()?;
     let n = inputs.corpus.sequences.len();

@@ -484,7 +484,11 @@ fn refiner(
         ));
     }
     let device = job.compute.device.candle()?;
-    let model = model::load_autograd(&job.model, prepared.fmeta.options.modules, &device)?;
+    let modules = prepared.fmeta.options.modules;
+    let mut model = model::load_autograd(&job.model, modules, &device)?;
+    if let Some(dir) = &job.compute.adapter {
+        model.attach(&model::lora::Adapter::open(dir)?, modules)?;
+    }
     let tracked = prepared.model.tracked();
     let gn = GaussNewton::new(model, tracked)?;
     let sample = refine::sample_corpus(

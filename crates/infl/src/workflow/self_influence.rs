@@ -37,6 +37,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
     use std::io::Write;
     let started = std::time::Instant::now();
     job.options.check()?;
+    refuse_refined(&job.factors)?;
     let out = OutputDir::open(
         &job.out,
         Kind::SelfInfluence,
@@ -163,4 +164,22 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
         pass_seconds: pass_started.elapsed().as_secs_f64(),
         message: String::new(),
     })
+}
+
+/// A training sequence's refined self-influence would take a conjugate-gradient solve of its
+/// own (iterations × Gauss-Newton products over the refinement sample, per sequence), so
+/// `ekfac-refined` factors are refused rather than scored with plain EK-FAC's inverse under
+/// the refined name. Checked before the output directory is touched.
+fn refuse_refined(factors: &std::path::Path) -> Result<()> {
+    let fmeta = crate::curvature::format::open_factors(factors)?;
+    if fmeta.options.strategy.is_refined() {
+        return Err(Error::input(format!(
+            "{}: ekfac-refined factors refine each query's inverse with a solve of its own; \
+             self-influence would need one per training sequence and is not computed for \
+             them. Fit the same model with --strategy ekfac (the factors are the same) for \
+             EK-FAC self-influence",
+            factors.display()
+        )));
+    }
+    Ok(())
 }

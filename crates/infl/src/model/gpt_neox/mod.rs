@@ -120,7 +120,7 @@ impl GptNeoXConfig {
         })
     }
 
-    fn head_dim(&self) -> usize {
+    pub(crate) fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
 
