@@ -74,6 +74,22 @@ impl FactorsMeta {
 
 /// Reads a factors directory, checking it is complete and belongs to `model_dir`'s checkpoint.
 pub fn open_factors(dir: &Path) -> Result<FactorsMeta> {
+    let meta = factors_meta(dir)?;
+    let st = dir.join(FACTORS_FILE);
+    let sha = data::sha256_file(&st)?;
+    if sha != meta.factors_sha256 {
+        return Err(Error::Mismatch(format!(
+            "{}: its hash does not match meta.json (a fit was interrupted or the file was replaced); rerun `infl fit`",
+            st.display()
+        )));
+    }
+    Ok(meta)
+}
+
+/// The meta.json of the factors directory `dir`, checked to be a factors directory's, without
+/// reading the factors (for a refusal that needs only the fit's options; [`open_factors`]
+/// checks the file too).
+pub fn factors_meta(dir: &Path) -> Result<FactorsMeta> {
     let meta_path = dir.join(META_FILE);
     if !meta_path.exists() {
         return Err(Error::input(format!(
@@ -87,14 +103,6 @@ pub fn open_factors(dir: &Path) -> Result<FactorsMeta> {
             "{}: holds `{}`, not factors",
             meta_path.display(),
             meta.kind
-        )));
-    }
-    let st = dir.join(FACTORS_FILE);
-    let sha = data::sha256_file(&st)?;
-    if sha != meta.factors_sha256 {
-        return Err(Error::Mismatch(format!(
-            "{}: its hash does not match meta.json (a fit was interrupted or the file was replaced); rerun `infl fit`",
-            st.display()
         )));
     }
     Ok(meta)

@@ -171,7 +171,7 @@ pub fn self_influence(job: &SelfInfluenceJob, progress: &dyn Progress) -> Result
 /// `ekfac-refined` factors are refused rather than scored with plain EK-FAC's inverse under
 /// the refined name. Checked before the output directory is touched.
 fn refuse_refined(factors: &std::path::Path) -> Result<()> {
-    let fmeta = crate::curvature::format::open_factors(factors)?;
+    let fmeta = crate::curvature::format::factors_meta(factors)?;
     if fmeta.options.strategy.is_refined() {
         return Err(Error::input(format!(
             "{}: ekfac-refined factors refine each query's inverse with a solve of its own; \

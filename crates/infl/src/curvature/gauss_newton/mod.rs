@@ -50,7 +50,9 @@ impl GaussNewton {
         if let AnyModel::Llama(m) = &model {
             if m.blocks.iter().any(|b| matches!(b.mlp, Mlp::Moe(_))) {
                 return Err(Error::input(format!(
-                    "ekfac-refined: the exact Gauss-Newton products do not cover                      mixture-of-experts blocks (model_type `{}`); fit these layers with                      --strategy ekfac",
+                    "ekfac-refined: the exact Gauss-Newton products do not cover \
+                     mixture-of-experts blocks (model_type `{}`); fit these layers with \
+                     --strategy ekfac",
                     m.config.model_type
                 )));
             }
@@ -186,7 +188,8 @@ fn check_logits(tangent: &[f32], reference: &[f32]) -> Result<()> {
         .fold(0f32, |m, d| if d.is_nan() || d > m { d } else { m });
     if tangent.len() != reference.len() || worst.is_nan() || worst > 1e-3 * scale {
         return Err(Error::Other(format!(
-            "internal: the tangent pass's logits differ from the model's by {worst}              (it does not mirror this model's forward)"
+            "internal: the tangent pass's logits differ from the model's by {worst} \
+             (it does not mirror this model's forward)"
         )));
     }
     Ok(())
