@@ -38,11 +38,9 @@ pub fn load_on(path: &Path, modules: ModuleSelection, device: &Device) -> Result
     let layout = config.moe.as_ref().map(|m| m.layout);
     let mut tensors = HashMap::new();
     for name in &f.order {
-        if let Some(experts) = layout.map(|l| expert_tensors(&f, name, l)).transpose()? {
-            if let Some(experts) = experts {
-                tensors.extend(experts);
-                continue;
-            }
+        if let Some(experts) = expert_tensors(&f, name, layout)? {
+            tensors.extend(experts);
+            continue;
         }
         let Some(hf) = hf_name(name) else {
             // rope_freqs and similar helper tensors carry nothing the HF model uses.
@@ -311,12 +309,15 @@ fn check_routing(f: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<()> {
 /// llama.cpp's router, stacked experts and shared expert of one block (`blk.N.ffn_gate_inp`,
 /// `blk.N.ffn_{gate,up,down}_exps` `[n_expert, …]`, `blk.N.ffn_{gate,up,down}_shexp`,
 /// `blk.N.ffn_gate_inp_shexp`) under `layout`'s checkpoint names, one tensor per expert;
-/// `None` for every other tensor.
+/// `None` for every other tensor, and for every tensor of a model without experts.
 fn expert_tensors(
     f: &GgufFile,
     name: &str,
-    layout: MoeLayout,
+    layout: Option<MoeLayout>,
 ) -> Result<Option<Vec<(String, Tensor)>>> {
+    let Some(layout) = layout else {
+        return Ok(None);
+    };
     let Some((layer, module)) = name
         .strip_prefix("blk.")
         .and_then(|r| r.split_once('.'))
