@@ -364,3 +364,53 @@ fn adapter_options_that_cannot_apply_are_usage_errors() {
         assert!(err.contains(says), "{extra:?}: {err}");
     }
 }
+
+/// The refined inverse's Gauss-Newton products run the base model: factors of an adapted
+/// GPT-2 (the one family both apply to) are refused by name rather than refined with the
+/// wrong model, whichever layers `--layers` kept.
+#[test]
+fn refined_inverse_refuses_an_adapter() {
+    let dir = scratch("lora", "refined");
+    let (model, corpus, queries) = (
+        tiny_gpt2(),
+        fixture("corpus_ids.jsonl"),
+        fixture("queries_ids.jsonl"),
+    );
+    let factors = dir.join("factors");
+    let gpt2 = fixture("gpt2");
+    ok(&[
+        "fit",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&gpt2),
+        "--train",
+        s(&corpus),
+        "--out",
+        s(&factors),
+        "--strategy",
+        "ekfac-refined",
+        "--layers",
+        "transformer.h.1.mlp.c_fc",
+    ]);
+    let out = dir.join("scores");
+    let refused = run(&[
+        "score",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&gpt2),
+        "--factors",
+        s(&factors),
+        "--train",
+        s(&corpus),
+        "--queries",
+        s(&queries),
+        "--out",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(3), "{err}");
+    assert!(err.contains("--adapter"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
