@@ -10,7 +10,11 @@ Tiny randomly initialised mixture-of-experts checkpoints, one per layout infl re
     (`mlp_only_layers`);
   * qwen3_moe: no shared expert, renormalised top-k, q/k RMSNorm per head;
   * mixtral.gguf: the Mixtral fixture as llama.cpp writes it (stacked `ffn_*_exps`), whose
-    logits are mixtral/reference.json's (needs the `gguf` package, gguf==0.19.0).
+    logits are mixtral/reference.json's (needs the `gguf` package, gguf==0.19.0);
+  * qwen2_moe.gguf, qwen3_moe.gguf: the checked-in qwen2_moe / qwen3_moe fixtures as
+    llama.cpp's convert_hf_to_gguf.py writes them (architectures `qwen2moe` / `qwen3moe`),
+    whose logits are their reference.json's (`python scripts/make_moe_fixture.py gguf` writes
+    only these two, from the files already in tests/fixtures/moe).
 
 And `trained/`: a tiny Qwen2-MoE trained on `corpus_ids.jsonl` (so routing is no longer random),
 `queries_ids.jsonl`, and `reference.safetensors`: pairwise EK-FAC and identity scores of the MLP
@@ -411,6 +415,80 @@ def mixtral_gguf(model):
     w.close()
 
 
+def qwen_gguf(name):
+    """The checked-in `name` fixture (qwen2_moe or qwen3_moe) as convert_hf_to_gguf.py's
+    Qwen2MoeModel / Qwen3MoeModel write it: the metadata of TextModel.set_gguf_parameters plus
+    `expert_feed_forward_length` and `expert_shared_feed_forward_length`; no q/k permutation
+    (these architectures use NeoX-style RoPE, i.e. transformers' rotate_half); the router as
+    `ffn_gate_inp`, experts stacked into `ffn_{gate,up,down}_exps` ([n_expert, out, in]
+    row-major), the shared expert as `ffn_{gate,up,down}_shexp` and its gate as
+    `ffn_gate_inp_shexp` with llama.cpp's shape {n_embd}; Qwen3's `attn_{q,k}_norm`. F32
+    throughout. One departure: layer 1 of qwen2_moe is a dense MLP (`mlp_only_layers`), written
+    as `ffn_{gate,up,down}` — llama.cpp's qwen2moe has no dense layers (its converter refuses
+    such a checkpoint), infl reads a block by the tensors it holds."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    d = os.path.join(OUT, name)
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    sd = load_file(os.path.join(d, "model.safetensors"))
+    arch = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[name]
+    w = gguf.GGUFWriter(os.path.join(OUT, f"{name}.gguf"), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_expert_count(cfg["num_experts"])
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if "head_dim" in cfg:
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if "shared_expert_intermediate_size" in cfg:
+        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        m = p + "mlp."
+
+        def put(gg, hf):
+            if hf in sd:
+                w.add_tensor(f"blk.{i}.{gg}", sd[hf])
+
+        put("attn_norm.weight", p + "input_layernorm.weight")
+        for gg, hf in [("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")]:
+            for kind in ["weight", "bias"]:
+                put(f"attn_{gg}.{kind}", f"{p}self_attn.{hf}_proj.{kind}")
+        put("attn_q_norm.weight", p + "self_attn.q_norm.weight")
+        put("attn_k_norm.weight", p + "self_attn.k_norm.weight")
+        put("ffn_norm.weight", p + "post_attention_layernorm.weight")
+        if m + "gate.weight" not in sd:
+            for gg in ["gate", "up", "down"]:
+                put(f"ffn_{gg}.weight", f"{m}{gg}_proj.weight")
+            continue
+        put("ffn_gate_inp.weight", m + "gate.weight")
+        for gg in ["gate", "up", "down"]:
+            stacked = np.stack([sd[f"{m}experts.{e}.{gg}_proj.weight"]
+                                for e in range(cfg["num_experts"])])
+            w.add_tensor(f"blk.{i}.ffn_{gg}_exps.weight", stacked)
+            put(f"ffn_{gg}_shexp.weight", f"{m}shared_expert.{gg}_proj.weight")
+        if m + "shared_expert_gate.weight" in sd:
+            w.add_tensor(f"blk.{i}.ffn_gate_inp_shexp.weight",
+                         sd[m + "shared_expert_gate.weight"].reshape(-1))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def main():
     import sys
 
@@ -422,6 +500,9 @@ def main():
             dump(name, model)
             if name == "mixtral":
                 mixtral_gguf(model)
+    if not only or "gguf" in only:
+        qwen_gguf("qwen2_moe")
+        qwen_gguf("qwen3_moe")
     if not only or "trained" in only:
         trained_fixture()
 

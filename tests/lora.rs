@@ -4,7 +4,9 @@
 //! of the tiny random Llama of tests/fixtures/families/llama with random (non-zero) A and B:
 //! `qvd` (r 4, alpha 8, q/v/down) and `rslora` (r 2, alpha 3, rsLoRA, every linear of block 1);
 //! the logits of the merged models from PEFT's `merge_and_unload`; and kronfluence 1.0.1's
-//! EK-FAC and identity pairwise scores with `qvd`'s lora_A/lora_B modules tracked.
+//! EK-FAC and identity pairwise scores with `qvd`'s lora_A/lora_B modules tracked. The same for
+//! GPT-2 (scripts/make_lora_gpt2_fixture.py): adapter `gpt2` (r 4, alpha 6, every Conv1D) on
+//! the bundled assets/tiny-gpt2, its merged logits and kronfluence scores (`gpt2_*` files).
 //! The taps against finite differences are unit tests of `infl::model::lora`.
 
 mod common;
@@ -32,14 +34,30 @@ fn with_adapter(name: &str) -> Compute {
 }
 
 fn reference() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    json(&fixture("reference.json"))
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn tiny_gpt2() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-gpt2")
 }
 
 /// Max |infl − PEFT| over the logits of the reference sequences, and max |adapted − base| (so
 /// that a parity that ignores the adapter cannot pass).
 fn logit_diffs(base: &Path, adapter: &str, want: &serde_json::Value) -> (f32, f32) {
     let seqs: Vec<Vec<u32>> = serde_json::from_value(reference()["sequences"].clone()).unwrap();
+    logit_diffs_on(&seqs, base, adapter, want)
+}
+
+fn logit_diffs_on(
+    seqs: &[Vec<u32>],
+    base: &Path,
+    adapter: &str,
+    want: &serde_json::Value,
+) -> (f32, f32) {
     let want: Vec<Vec<f32>> = serde_json::from_value(want.clone()).unwrap();
     let adapted = infl::model::load(base, ModuleSelection::Adapter, with_adapter(adapter)).unwrap();
     let plain = infl::model::load(base, ModuleSelection::All, Compute::CPU).unwrap();
@@ -80,17 +98,26 @@ fn logits_match_peft_merged_model() {
     }
 }
 
+/// GPT-2's Conv1D layers with PEFT's `fan_in_fan_out` adapter, against the merged model's
+/// logits computed in float64 (float32 rounding alone is ~9e-6 on this base's logits, which
+/// reach ~18: PEFT's own float32 merged model is that far from them).
 #[test]
-fn adapter_layers_are_tracked_as_kronfluence_names_them() {
-    let model = infl::model::load(
-        &family_fixture("llama"),
-        ModuleSelection::Adapter,
-        with_adapter("qvd"),
-    )
-    .unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("meta.json")).unwrap()).unwrap();
-    let mut kronfluence: Vec<String> = meta["kronfluence"]["tracked_modules"]
+fn gpt2_logits_match_peft_merged_model() {
+    let r = json(&fixture("gpt2_reference.json"));
+    let seqs: Vec<Vec<u32>> = serde_json::from_value(r["sequences"].clone()).unwrap();
+    let (vs_peft, vs_base) = logit_diffs_on(&seqs, &tiny_gpt2(), "gpt2", &r["logits"]);
+    eprintln!(
+        "tiny-gpt2 + gpt2: max |logit − PEFT| = {vs_peft:e} (PEFT's float32: {}), adapter \
+         moved logits by {vs_base}",
+        r["peft_float32_error"]
+    );
+    assert!(vs_peft <= 1e-5, "{vs_peft}");
+    assert!(vs_base > 0.1, "the adapter changes nothing");
+}
+
+/// kronfluence's tracked-module names (`base_model.model.NAME.lora_A.default`) against ours.
+fn kronfluence_names(meta: &str) -> Vec<String> {
+    let mut names: Vec<String> = json(&fixture(meta))["kronfluence"]["tracked_modules"]
         .as_array()
         .unwrap()
         .iter()
@@ -100,10 +127,42 @@ fn adapter_layers_are_tracked_as_kronfluence_names_them() {
             n.strip_suffix(".default").unwrap().to_string()
         })
         .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn gpt2_adapter_layers_are_tracked_as_kronfluence_names_them() {
+    let model =
+        infl::model::load(&tiny_gpt2(), ModuleSelection::Adapter, with_adapter("gpt2")).unwrap();
     let mut ours: Vec<String> = model.tracked().iter().map(|l| l.name.clone()).collect();
     ours.sort();
-    kronfluence.sort();
-    assert_eq!(ours, kronfluence);
+    assert_eq!(ours, kronfluence_names("gpt2_meta.json"));
+    let b = &model.tracked()[1];
+    assert_eq!(
+        (b.name.as_str(), b.d_in, b.d_out, b.has_bias),
+        ("transformer.h.0.attn.c_attn.lora_B", 4, 144, false)
+    );
+    // --modules mlp: the MLP's Conv1Ds and the adapters on them.
+    let mlp = infl::model::load(&tiny_gpt2(), ModuleSelection::Mlp, with_adapter("gpt2")).unwrap();
+    let names: Vec<&str> = mlp.tracked().iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names.len(), 2 * 2 * 3, "{names:?}");
+    assert!(names.contains(&"transformer.h.1.mlp.c_proj"));
+    assert!(names.contains(&"transformer.h.1.mlp.c_proj.lora_A"));
+    assert!(!names.iter().any(|n| n.contains("attn")));
+}
+
+#[test]
+fn adapter_layers_are_tracked_as_kronfluence_names_them() {
+    let model = infl::model::load(
+        &family_fixture("llama"),
+        ModuleSelection::Adapter,
+        with_adapter("qvd"),
+    )
+    .unwrap();
+    let mut ours: Vec<String> = model.tracked().iter().map(|l| l.name.clone()).collect();
+    ours.sort();
+    assert_eq!(ours, kronfluence_names("meta.json"));
     let a = &model.tracked()[0];
     assert_eq!(
         (a.name.as_str(), a.d_in, a.d_out, a.has_bias),
@@ -123,9 +182,14 @@ fn adapter_layers_are_tracked_as_kronfluence_names_them() {
     assert!(!names.iter().any(|n| n.contains("down_proj")));
 }
 
-/// `fit` + `score` through the library on the adapter's modules, with kronfluence's settings.
-fn infl_scores(strategy: Strategy, dir: &Path) -> (Vec<usize>, Vec<f64>) {
-    let model = family_fixture("llama");
+/// `fit` + `score` through the library on the adapter's modules of `model` + `adapter`, with
+/// kronfluence's settings.
+fn infl_scores(
+    model: PathBuf,
+    adapter: &str,
+    strategy: Strategy,
+    dir: &Path,
+) -> (Vec<usize>, Vec<f64>) {
     let factors = dir.join(format!("factors-{strategy:?}"));
     let results = dir.join(format!("results-{strategy:?}"));
     let options = FitOptions {
@@ -136,7 +200,7 @@ fn infl_scores(strategy: Strategy, dir: &Path) -> (Vec<usize>, Vec<f64>) {
         ..FitOptions::default()
     };
     let fit = FitJob {
-        compute: with_adapter("qvd"),
+        compute: with_adapter(adapter),
         ..FitJob::new(
             model.clone(),
             fixture("corpus_ids.jsonl"),
@@ -146,7 +210,7 @@ fn infl_scores(strategy: Strategy, dir: &Path) -> (Vec<usize>, Vec<f64>) {
     };
     workflow::fit(&fit, &Silent).unwrap();
     let score = ScoreJob {
-        compute: with_adapter("qvd"),
+        compute: with_adapter(adapter),
         options: ScoreOptions {
             dense: true,
             query_rank: infl::options::QueryRank(None),
@@ -167,26 +231,37 @@ fn infl_scores(strategy: Strategy, dir: &Path) -> (Vec<usize>, Vec<f64>) {
     t["scores"].clone()
 }
 
-#[test]
-fn scores_on_adapter_modules_match_kronfluence() {
-    let reference = read_safetensors(&fixture("reference.safetensors")).unwrap();
-    let dir = scratch("lora", "kronfluence");
+/// infl's EK-FAC and identity scores on `adapter`'s modules against kronfluence's in
+/// `reference`.
+fn check_kronfluence_parity(model: PathBuf, adapter: &str, reference: &str) {
+    let reference = read_safetensors(&fixture(reference)).unwrap();
+    let dir = scratch("lora", &format!("kronfluence-{adapter}"));
     for (strategy, key) in [
         (Strategy::Ekfac, "scores.ekfac"),
         (Strategy::Identity, "scores.identity"),
     ] {
         let (shape, want) = &reference[key];
-        let (got_shape, got) = infl_scores(strategy, &dir);
+        let (got_shape, got) = infl_scores(model.clone(), adapter, strategy, &dir);
         assert_eq!(&got_shape, shape, "{key}");
         let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
         let worst = got
             .iter()
             .zip(want)
             .fold(0f64, |m, (a, b)| m.max((a - b).abs() / scale));
-        eprintln!("{key}: max |infl − kronfluence| / max |score| = {worst:.2e}");
-        assert!(worst <= 1e-4, "{key}: {worst:.2e}");
+        eprintln!("{adapter} {key}: max |infl − kronfluence| / max |score| = {worst:.2e}");
+        assert!(worst <= 1e-4, "{adapter} {key}: {worst:.2e}");
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn scores_on_adapter_modules_match_kronfluence() {
+    check_kronfluence_parity(family_fixture("llama"), "qvd", "reference.safetensors");
+}
+
+#[test]
+fn gpt2_scores_on_adapter_modules_match_kronfluence() {
+    check_kronfluence_parity(tiny_gpt2(), "gpt2", "gpt2_reference.safetensors");
 }
 
 /// The adapter is part of the model's identity: recorded in meta.json, and factors fitted
@@ -288,4 +363,54 @@ fn adapter_options_that_cannot_apply_are_usage_errors() {
         assert_eq!(out.status.code(), Some(code), "{extra:?}: {err}");
         assert!(err.contains(says), "{extra:?}: {err}");
     }
+}
+
+/// The refined inverse's Gauss-Newton products run the base model: factors of an adapted
+/// GPT-2 (the one family both apply to) are refused by name rather than refined with the
+/// wrong model, whichever layers `--layers` kept.
+#[test]
+fn refined_inverse_refuses_an_adapter() {
+    let dir = scratch("lora", "refined");
+    let (model, corpus, queries) = (
+        tiny_gpt2(),
+        fixture("corpus_ids.jsonl"),
+        fixture("queries_ids.jsonl"),
+    );
+    let factors = dir.join("factors");
+    let gpt2 = fixture("gpt2");
+    ok(&[
+        "fit",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&gpt2),
+        "--train",
+        s(&corpus),
+        "--out",
+        s(&factors),
+        "--strategy",
+        "ekfac-refined",
+        "--layers",
+        "transformer.h.1.mlp.c_fc",
+    ]);
+    let out = dir.join("scores");
+    let refused = run(&[
+        "score",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&gpt2),
+        "--factors",
+        s(&factors),
+        "--train",
+        s(&corpus),
+        "--queries",
+        s(&queries),
+        "--out",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(3), "{err}");
+    assert!(err.contains("--adapter"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -58,26 +58,46 @@ fn logits_match_transformers() {
     }
 }
 
-/// llama.cpp's layout (`ffn_gate_inp`, stacked `ffn_*_exps`) loads as the same model: the
-/// GGUF copy of the Mixtral fixture gives transformers' logits, with the same layer names.
+/// llama.cpp's layouts load as the same models: the GGUF copies of the Mixtral (`llama` with
+/// `ffn_gate_inp` and stacked `ffn_*_exps`), Qwen2-MoE (`qwen2moe`, with the shared expert
+/// `ffn_*_shexp` and its gate `ffn_gate_inp_shexp`) and Qwen3-MoE (`qwen3moe`, with
+/// `attn_{q,k}_norm` and renormalised top-k) fixtures give transformers' logits, with the
+/// safetensors load's tracked layers (names and shapes).
 #[test]
 fn gguf_experts_match_the_safetensors_model() {
-    let gguf = fixture("mixtral.gguf");
-    let m = infl::model::load(&gguf, ModuleSelection::All, autograd()).unwrap();
-    let text = std::fs::read_to_string(fixture("mixtral").join("reference.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let seqs: Vec<Vec<u32>> = serde_json::from_value(v["sequences"].clone()).unwrap();
-    let want: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
-    let mut worst = 0f32;
-    for (s, want) in seqs.iter().zip(&want) {
-        for (a, b) in m.logits(s).unwrap().iter().zip(want) {
-            worst = worst.max((a - b).abs());
+    for name in ["mixtral", "qwen2_moe", "qwen3_moe"] {
+        let gguf = fixture(&format!("{name}.gguf"));
+        let m = infl::model::load(&gguf, ModuleSelection::All, autograd()).unwrap();
+        let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let seqs: Vec<Vec<u32>> = serde_json::from_value(v["sequences"].clone()).unwrap();
+        let want: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+        let mut worst = 0f32;
+        for (s, want) in seqs.iter().zip(&want) {
+            let got = m.logits(s).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(want) {
+                worst = worst.max((a - b).abs());
+            }
         }
+        eprintln!("{name}.gguf: max |logit diff| = {worst:e}");
+        assert!(worst <= 1e-5, "{name}: {worst}");
+        let st = infl::model::load(&fixture(name), ModuleSelection::All, autograd()).unwrap();
+        assert_eq!(m.tracked(), st.tracked(), "{name}");
+        assert_eq!(m.architecture(), st.architecture(), "{name}");
     }
-    eprintln!("mixtral.gguf: max |logit diff| = {worst:e}");
-    assert!(worst <= 1e-5, "{worst}");
-    let st = infl::model::load(&fixture("mixtral"), ModuleSelection::All, autograd()).unwrap();
-    assert_eq!(m.tracked(), st.tracked());
+    let m =
+        infl::model::load(&fixture("qwen2_moe.gguf"), ModuleSelection::Mlp, autograd()).unwrap();
+    let names: Vec<&str> = m.tracked().iter().map(|l| l.name.as_str()).collect();
+    for want in [
+        "model.layers.0.mlp.gate",
+        "model.layers.0.mlp.experts.3.up_proj",
+        "model.layers.0.mlp.shared_expert.down_proj",
+        "model.layers.0.mlp.shared_expert_gate",
+        "model.layers.1.mlp.gate_proj",
+    ] {
+        assert!(names.contains(&want), "{want}: {names:?}");
+    }
 }
 
 #[test]

@@ -7,7 +7,14 @@
 //! `scaling = lora_alpha / r` (or `lora_alpha / √r` with `use_rslora`). A and B are linear
 //! layers of their own, as kronfluence sees PEFT's `lora_A`/`lora_B` modules: A's input is x,
 //! B's input is `A x` (unscaled), and the scaling comes after B, so B's output gradient g is
-//! `scaling · ∂L/∂y`. The taps are taken by [`super::autograd::Recorder::linear`].
+//! `scaling · ∂L/∂y`. The taps are taken by [`super::autograd::Recorder::linear`] (GPT-2's
+//! forward takes its own).
+//!
+//! GPT-2's Conv1D layers (weight stored `[in, out]`) are adapted the same way: PEFT sets
+//! `fan_in_fan_out` for them, which only transposes the delta when merging; its forward is
+//! the one above, with A `[r, in]` and B `[out, r]`. PEFT names them by the module tree
+//! (`transformer.h.N.attn.c_attn`), whether or not the checkpoint's tensor names carry
+//! `transformer.` ([`Target::key`]).
 //!
 //! Which modules are adapted is decided by the tensors in the file (PEFT writes exactly the
 //! modules its `target_modules` and `layers_to_transform` matched); a tensor that targets no
@@ -122,14 +129,14 @@ impl Adapter {
         }
     }
 
-    /// Attaches the adapter to the model's `linears` (all of them, in the model's order) and
-    /// returns the tracked layers renumbered in that order: each linear's own layer if it was
-    /// tracked, then its adapter's `lora_A` and `lora_B` when `modules` selects them
+    /// Attaches the adapter to the model's linear `layers` (all of them, in the model's order)
+    /// and returns the tracked layers renumbered in that order: each layer's own tracked layer
+    /// if it was tracked, then its adapter's `lora_A` and `lora_B` when `modules` selects them
     /// ([`ModuleSelection::Adapter`], `All`, or the base layer's kind); and the adapter's
     /// parameter count.
-    pub(crate) fn attach<'a>(
+    pub(crate) fn attach<'a, L: Adaptable + 'a>(
         &self,
-        linears: impl IntoIterator<Item = &'a mut Linear>,
+        layers: impl IntoIterator<Item = &'a mut L>,
         modules: ModuleSelection,
     ) -> Result<(Vec<TrackedLayer>, usize)> {
         let mut tracked = Vec::new();
@@ -139,20 +146,21 @@ impl Adapter {
             tracked.push(layer);
             tracked.len() - 1
         };
-        for linear in linears {
-            let (d_out, d_in) = linear.weight.dims2()?;
-            if linear.tap.is_some() {
-                linear.tap = Some(register(TrackedLayer {
-                    name: linear.name.clone(),
+        for layer in layers {
+            let t = layer.target()?;
+            let (d_out, d_in) = (t.d_out, t.d_in);
+            if t.tap.is_some() {
+                *t.tap = Some(register(TrackedLayer {
+                    name: t.name.to_string(),
                     d_in,
                     d_out,
-                    has_bias: linear.bias.is_some(),
+                    has_bias: t.has_bias,
                 }));
             }
-            let Some((a, b)) = self.modules.get(&linear.name) else {
+            let Some((a, b)) = self.modules.get(&t.key) else {
                 continue;
             };
-            unused.remove(linear.name.as_str());
+            unused.remove(t.key.as_str());
             let r = a.dim(0)?;
             if a.dims() != [r, d_in] || b.dims() != [d_out, r] {
                 return Err(Error::input(format!(
@@ -160,18 +168,18 @@ impl Adapter {
                      layer is [{d_out}, {d_in}] (expected [r, {d_in}] and [{d_out}, r]): the \
                      adapter was trained on another model",
                     self.dir.display(),
-                    linear.name,
+                    t.key,
                     a.dims(),
                     b.dims()
                 )));
             }
             n_parameters += a.elem_count() + b.elem_count();
             let keep = matches!(modules, ModuleSelection::All | ModuleSelection::Adapter)
-                || modules == linear.kind;
+                || modules == t.kind;
             let mut tap = |part: &str, d_in: usize, d_out: usize| {
                 keep.then(|| {
                     register(TrackedLayer {
-                        name: format!("{}.{part}", linear.name),
+                        name: format!("{}.{part}", t.name),
                         d_in,
                         d_out,
                         has_bias: false,
@@ -179,10 +187,9 @@ impl Adapter {
                 })
             };
             let (tap_a, tap_b) = (tap("lora_A", d_in, r), tap("lora_B", r, d_out));
-            let device = linear.weight.device();
-            linear.lora = Some(Lora {
-                a: a.to_device(device)?,
-                b: b.to_device(device)?,
+            *t.lora = Some(Lora {
+                a: a.to_device(t.device)?,
+                b: b.to_device(t.device)?,
                 scaling: self.scaling(r),
                 tap_a,
                 tap_b,
@@ -197,6 +204,47 @@ impl Adapter {
             )));
         }
         Ok((tracked, n_parameters))
+    }
+}
+
+/// A base layer as [`Adapter::attach`] sees it: the names it goes by, its shape, and the
+/// slots (its tap, its adapter) an attachment fills.
+pub(crate) struct Target<'a> {
+    /// The module's name in PEFT's keys (after `base_model.model.`): the name of the module
+    /// in the transformers model, which a checkpoint's tensor names need not carry.
+    pub key: String,
+    /// The base layer's tracked-layer name; its lora_A and lora_B are named after it.
+    pub name: &'a str,
+    /// Attention or MLP: which `--modules` selects the layer and its adapter.
+    pub kind: ModuleSelection,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub has_bias: bool,
+    pub device: &'a Device,
+    pub tap: &'a mut Option<usize>,
+    pub lora: &'a mut Option<Lora>,
+}
+
+/// A linear layer of some storage layout that a LoRA adapter can modify.
+pub(crate) trait Adaptable {
+    fn target(&mut self) -> Result<Target<'_>>;
+}
+
+impl Adaptable for Linear {
+    /// `nn.Linear`: weight `[out, in]`, named in PEFT's keys as in the checkpoint.
+    fn target(&mut self) -> Result<Target<'_>> {
+        let (d_out, d_in) = self.weight.dims2()?;
+        Ok(Target {
+            key: self.name.clone(),
+            name: &self.name,
+            kind: self.kind,
+            d_in,
+            d_out,
+            has_bias: self.bias.is_some(),
+            device: self.weight.device(),
+            tap: &mut self.tap,
+            lora: &mut self.lora,
+        })
     }
 }
 
@@ -325,6 +373,7 @@ mod tests {
     use super::*;
     use crate::model::autograd::testing::*;
     use crate::model::autograd::Autograd;
+    use crate::model::gpt2::Gpt2;
     use crate::model::llama::Llama;
     use crate::model::{Labels, TapModel};
 
@@ -510,17 +559,123 @@ mod tests {
         );
     }
 
+    fn tiny_gpt2() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/tiny-gpt2")
+    }
+
+    fn adapted_gpt2(dir: &Path, modules: ModuleSelection) -> Result<Gpt2> {
+        let mut m = Gpt2::load(dir, modules)?;
+        m.attach(&Adapter::open(&lora_fixture("gpt2"))?, modules)?;
+        Ok(m)
+    }
+
+    /// A PEFT-style adapter directory (rank 2, alpha 3) on every Conv1D of
+    /// `Gpt2::random(tiny_config())`, with deterministic non-zero A and B: small enough for
+    /// finite differences in f32 (the bundled model's loss is too large for them).
+    fn tiny_gpt2_adapter() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("infl-lora-tiny-gpt2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 3,
+            "fan_in_fan_out": true, "target_modules": ["c_attn", "c_proj", "c_fc"]});
+        std::fs::write(dir.join(CONFIG_FILE), config.to_string()).unwrap();
+        let mut tensors = HashMap::new();
+        let mut k = 0usize;
+        let mut values = |shape: (usize, usize)| {
+            let v: Vec<f32> = (0..shape.0 * shape.1)
+                .map(|_| {
+                    k += 1;
+                    ((k * 7919) % 23) as f32 / 23.0 - 0.5
+                })
+                .collect();
+            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        };
+        for i in 0..2 {
+            for (name, d_in, d_out) in [
+                ("attn.c_attn", 8, 24),
+                ("attn.c_proj", 8, 8),
+                ("mlp.c_fc", 8, 32),
+                ("mlp.c_proj", 32, 8),
+            ] {
+                let key = format!("{KEY_PREFIX}transformer.h.{i}.{name}");
+                tensors.insert(format!("{key}.lora_A.weight"), values((2, d_in)));
+                tensors.insert(format!("{key}.lora_B.weight"), values((d_out, 2)));
+            }
+        }
+        candle_core::safetensors::save(&tensors, dir.join(WEIGHTS_FILE)).unwrap();
+        dir
+    }
+
+    /// GPT-2's Conv1D layers with an adapter on all four of each block: the base layers'
+    /// taps and lora_A/lora_B's, against finite differences; lora_B's g is
+    /// `scaling · ∂L/∂y` (y the Conv1D's output, whose g the base layer's tap is).
     #[test]
-    fn gpt2_bases_are_refused_with_the_supported_ones_named() {
-        let gpt2 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/tiny-gpt2");
-        let compute = crate::model::Compute {
-            adapter: Some(lora_fixture("qvd")),
-            ..crate::model::Compute::CPU
-        };
-        let err = match crate::model::load(&gpt2, ModuleSelection::Adapter, compute) {
-            Ok(_) => panic!("GPT-2 with an adapter was accepted"),
-            Err(e) => e.to_string(),
-        };
-        assert!(err.contains("GPT-2") && err.contains("GPT-NeoX"), "{err}");
+    fn gpt2_taps_of_adapter_and_base_layers_match_finite_differences() {
+        let dir = tiny_gpt2_adapter();
+        let mut m = Gpt2::random(
+            crate::model::gpt2::tests::tiny_config(),
+            7,
+            ModuleSelection::All,
+        )
+        .unwrap();
+        m.attach(&Adapter::open(&dir).unwrap(), ModuleSelection::All)
+            .unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(m.tracked().len(), 2 * (4 + 4 * 2));
+        assert_eq!(
+            m.tracked()[1],
+            TrackedLayer {
+                name: "h.0.attn.c_attn.lora_A".into(),
+                d_in: 8,
+                d_out: 2,
+                has_bias: false
+            }
+        );
+        every_probe_receives_a_gradient(&m);
+        taps_do_not_depend_on_padding(&m);
+        taps_match_finite_differences(&m.tracked, |p| m.run(&batch(), Labels::Data, p).unwrap());
+        let taps = m.taps(&batch(), Labels::Data).unwrap();
+        for (gb, gy) in taps.layers[2].g.iter().zip(&taps.layers[0].g) {
+            assert!(
+                (gb - 1.5 * gy).abs() <= 1e-6 * (1.0 + gb.abs()),
+                "{gb} vs {gy}"
+            );
+        }
+    }
+
+    /// PEFT names GPT-2's layers `transformer.h.N…` whatever the checkpoint's tensor names:
+    /// the adapter applies to a checkpoint saved without the prefix (as openai-community/gpt2
+    /// is), and the tracked layers keep the checkpoint's names.
+    #[test]
+    fn gpt2_adapter_applies_to_checkpoints_without_the_transformer_prefix() {
+        let with = adapted_gpt2(&tiny_gpt2(), ModuleSelection::Adapter).unwrap();
+        let dir = std::env::temp_dir().join(format!("infl-lora-gpt2-{}", std::process::id()));
+        Gpt2::load(&tiny_gpt2(), ModuleSelection::All)
+            .unwrap()
+            .save(&dir)
+            .unwrap();
+        let without = adapted_gpt2(&dir, ModuleSelection::Adapter).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(without.tracked()[0].name, "h.0.attn.c_attn.lora_A");
+        assert_eq!(without.tracked().len(), 16);
+        let ids = [3u32, 1, 4, 1, 5];
+        assert_eq!(with.logits(&ids).unwrap(), without.logits(&ids).unwrap());
+    }
+
+    #[test]
+    fn adapters_of_other_architectures_are_refused_on_gpt2() {
+        let mut m = Gpt2::load(&tiny_gpt2(), ModuleSelection::Adapter).unwrap();
+        let err = m
+            .attach(
+                &Adapter::open(&lora_fixture("qvd")).unwrap(),
+                ModuleSelection::Adapter,
+            )
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::Input(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("modifies `model.layers.0.mlp.down_proj`"),
+            "{err}"
+        );
     }
 }

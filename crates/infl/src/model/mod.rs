@@ -518,11 +518,7 @@ impl AnyModel {
         match self {
             AnyModel::Llama(m) => m.attach(adapter, modules),
             AnyModel::GptNeoX(m) => m.attach(adapter, modules),
-            AnyModel::Gpt2(_) => Err(Error::input(format!(
-                "{}: LoRA adapters on GPT-2 checkpoints are not supported yet (Llama-family, \
-                 Mistral, Qwen2, GPT-NeoX and Llama GGUF bases are)",
-                adapter.dir().display()
-            ))),
+            AnyModel::Gpt2(m) => m.attach(adapter, modules),
         }
     }
 

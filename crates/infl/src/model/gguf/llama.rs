@@ -1,8 +1,15 @@
-//! A GGUF file of the Llama architecture mapped onto [`crate::model::llama`]: the config from
-//! the file's metadata, tensor names from llama.cpp's onto transformers', and llama.cpp's q/k row
-//! permutation undone ([`unpermute_rows`]) so that the HF `rotate_half` RoPE applies unchanged.
-//! A mixture of experts (`llama.expert_count`, as llama.cpp converts Mixtral) has its stacked
-//! `ffn_{gate,up,down}_exps` tensors split into Mixtral's per-expert checkpoint names.
+//! A GGUF file of the llama.cpp architectures `llama`, `qwen2moe` and `qwen3moe` mapped onto
+//! [`crate::model::llama`]: the config from the file's metadata, tensor names from llama.cpp's
+//! onto transformers', and (`llama` only) llama.cpp's q/k row permutation undone
+//! ([`unpermute_rows`]) so that the HF `rotate_half` RoPE applies unchanged; the Qwen
+//! architectures use NeoX-style RoPE, which is `rotate_half`, and are stored unpermuted.
+//!
+//! Mixtures of experts have their stacked `ffn_{gate,up,down}_exps` tensors split into the
+//! per-expert checkpoint names of the safetensors layout (so the tracked layers are named
+//! alike): Mixtral's for `llama` with `llama.expert_count` (as llama.cpp converts Mixtral),
+//! Qwen's for `qwen2moe` / `qwen3moe`, with the shared expert (`ffn_*_shexp`) and its gate
+//! (`ffn_gate_inp_shexp`) under `mlp.shared_expert*` and Qwen3's `attn_{q,k}_norm` under
+//! `self_attn.{q,k}_norm`.
 
 use super::file::{GgufFile, Value};
 use crate::error::{Error, Result};
@@ -23,9 +30,15 @@ pub fn load(path: &Path, modules: ModuleSelection) -> Result<Llama> {
 pub fn load_on(path: &Path, modules: ModuleSelection, device: &Device) -> Result<Llama> {
     let f = GgufFile::open(path)?;
     let config = llama_config(&f)?;
+    // Only llama.cpp's `llama` architecture permutes q/k (its RoPE rotates adjacent pairs).
+    let permuted = config
+        .moe
+        .as_ref()
+        .is_none_or(|m| m.layout == MoeLayout::Mixtral);
+    let layout = config.moe.as_ref().map(|m| m.layout);
     let mut tensors = HashMap::new();
     for name in &f.order {
-        if let Some(experts) = expert_tensors(&f, name)? {
+        if let Some(experts) = expert_tensors(&f, name, layout)? {
             tensors.extend(experts);
             continue;
         }
@@ -34,9 +47,9 @@ pub fn load_on(path: &Path, modules: ModuleSelection, device: &Device) -> Result
             continue;
         };
         let mut t = f.tensor(name)?;
-        if name.contains(".attn_q.") {
+        if permuted && name.contains(".attn_q.") {
             t = unpermute_gguf(&t, config.num_attention_heads, name, &f.path)?;
-        } else if name.contains(".attn_k.") {
+        } else if permuted && name.contains(".attn_k.") {
             t = unpermute_gguf(&t, config.num_key_value_heads, name, &f.path)?;
         }
         tensors.insert(hf, t);
@@ -66,31 +79,49 @@ pub fn permute_rows(w: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
         .reshape((rows, cols))
 }
 
-/// The Llama config a GGUF file's metadata describes.
+/// The llama.cpp architectures read, and the transformers `model_type` each becomes.
+const ARCHITECTURES: [(&str, &str); 3] = [
+    ("llama", "llama"),
+    ("qwen2moe", "qwen2_moe"),
+    ("qwen3moe", "qwen3_moe"),
+];
+
+/// The Llama-family config a GGUF file's metadata describes.
 pub fn llama_config(f: &GgufFile) -> Result<LlamaConfig> {
     let arch = f.meta_str("general.architecture")?;
-    if arch != "llama" {
+    let Some(&(arch, model_type)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
         return Err(Error::input(format!(
-            "{}: GGUF architecture `{arch}` is not supported (supported: llama)",
+            "{}: GGUF architecture `{arch}` is not supported (supported: llama, qwen2moe, \
+             qwen3moe)",
             f.path
         )));
-    }
-    let k = |s: &str| format!("llama.{s}");
+    };
+    let k = |s: &str| format!("{arch}.{s}");
     let hidden = f.meta_usize(&k("embedding_length"))?;
     let heads = f.meta_usize(&k("attention.head_count"))?;
-    let kv = match f.metadata.get(&k("attention.head_count_kv")) {
-        Some(v) => v
-            .as_usize()
-            .ok_or_else(|| Error::input(format!("{}: head_count_kv must be an integer", f.path)))?,
-        None => heads,
-    };
-    if heads == 0 || kv == 0 || hidden % heads != 0 || heads % kv != 0 {
+    let kv = optional_usize(f, &k("attention.head_count_kv"))?.unwrap_or(heads);
+    // Qwen3 sets head_dim apart from hidden / heads; the converter writes it as key_length.
+    let key_length = optional_usize(f, &k("attention.key_length"))?;
+    if heads == 0
+        || kv == 0
+        || heads % kv != 0
+        || (key_length.is_none() && hidden % heads != 0)
+        || key_length == Some(0)
+    {
         return Err(Error::input(format!(
             "{}: inconsistent attention shape: embedding_length {hidden}, head_count {heads}, head_count_kv {kv}",
             f.path
         )));
     }
-    let head_dim = hidden / heads;
+    let head_dim = key_length.unwrap_or(hidden / heads);
+    let value_length = optional_usize(f, &k("attention.value_length"))?;
+    if value_length.is_some_and(|v| v != head_dim) {
+        return Err(Error::input(format!(
+            "{}: {} ({value_length:?}) differs from the key length {head_dim} (not supported)",
+            f.path,
+            k("attention.value_length")
+        )));
+    }
     if let Some(rd) = f.metadata.get(&k("rope.dimension_count")) {
         if rd.as_usize() != Some(head_dim) {
             return Err(Error::input(format!(
@@ -136,9 +167,13 @@ pub fn llama_config(f: &GgufFile) -> Result<LlamaConfig> {
             )));
         }
     }
-    let moe = expert_config(f, &k)?;
+    let moe = expert_config(f, arch, &k)?;
+    let model_type = match (&moe, model_type) {
+        (Some(_), "llama") => "mixtral",
+        _ => model_type,
+    };
     Ok(LlamaConfig {
-        model_type: if moe.is_some() { "mixtral" } else { "llama" }.into(),
+        model_type: model_type.into(),
         vocab_size,
         hidden_size: hidden,
         intermediate_size: f.meta_usize(&k("feed_forward_length"))?,
@@ -156,28 +191,40 @@ pub fn llama_config(f: &GgufFile) -> Result<LlamaConfig> {
         mlp_bias: f.tensors.contains_key("blk.0.ffn_gate.bias"),
         hidden_act: "silu".into(),
         sliding_window: None,
-        qk_norm: false,
+        qk_norm: arch == "qwen3moe",
         moe,
     })
 }
 
-/// The expert blocks of a GGUF file with `llama.expert_count` > 0: Mixtral's routing
-/// (softmax, top `expert_used_count`, renormalised), experts `feed_forward_length` wide.
-fn expert_config(f: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<Option<MoeConfig>> {
-    let count = |key: &str| -> Result<Option<usize>> {
-        match f.metadata.get(&k(key)) {
-            None => Ok(None),
-            Some(v) => v
-                .as_usize()
-                .map(Some)
-                .ok_or_else(|| Error::input(format!("{}: {} must be an integer", f.path, k(key)))),
-        }
-    };
-    let n = match count("expert_count")? {
+/// An integer metadata value that may be absent.
+fn optional_usize(f: &GgufFile, key: &str) -> Result<Option<usize>> {
+    match f.metadata.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_usize()
+            .map(Some)
+            .ok_or_else(|| Error::input(format!("{}: {key} must be an integer", f.path))),
+    }
+}
+
+/// The expert blocks of a GGUF file with `{arch}.expert_count` > 0, routed as llama.cpp's
+/// graph for the architecture routes them: softmax, top `expert_used_count`; the top-k weights
+/// renormalised for `llama` (Mixtral) and `qwen3moe`, not for `qwen2moe`, unless the file says
+/// otherwise in `{arch}.expert_weights_norm` (transformers' `norm_topk_prob`, which llama.cpp
+/// hard-codes per architecture). Experts are `feed_forward_length` wide for `llama`,
+/// `expert_feed_forward_length` for the Qwen architectures, whose shared expert (`qwen2moe`)
+/// is `expert_shared_feed_forward_length` wide. A Qwen block without a router
+/// (`ffn_gate_inp`) is a dense MLP of `feed_forward_length` (transformers' `mlp_only_layers`).
+fn expert_config(
+    f: &GgufFile,
+    arch: &str,
+    k: &dyn Fn(&str) -> String,
+) -> Result<Option<MoeConfig>> {
+    let n = match optional_usize(f, &k("expert_count"))? {
         None | Some(0) => return Ok(None),
         Some(n) => n,
     };
-    let used = count("expert_used_count")?.ok_or_else(|| {
+    let used = optional_usize(f, &k("expert_used_count"))?.ok_or_else(|| {
         Error::input(format!(
             "{}: {} is set but {} is missing",
             f.path,
@@ -191,22 +238,86 @@ fn expert_config(f: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<Option<MoeC
             f.path
         )));
     }
+    check_routing(f, k)?;
+    let norm_topk_prob = match f.metadata.get(&k("expert_weights_norm")) {
+        None => arch != "qwen2moe",
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(Error::input(format!(
+                "{}: {} must be a boolean, not {v:?}",
+                f.path,
+                k("expert_weights_norm")
+            )))
+        }
+    };
+    let ff = f.meta_usize(&k("feed_forward_length"))?;
+    if arch == "llama" {
+        return Ok(Some(MoeConfig {
+            layout: MoeLayout::Mixtral,
+            num_experts: n,
+            top_k: used,
+            norm_topk_prob,
+            expert_intermediate: ff,
+            shared_intermediate: None,
+            sparse_step: 1,
+            mlp_only_layers: Vec::new(),
+        }));
+    }
+    let layers = f.meta_usize(&k("block_count"))?;
+    let has = |name: String| f.tensors.contains_key(&name);
     Ok(Some(MoeConfig {
-        layout: MoeLayout::Mixtral,
+        layout: MoeLayout::Qwen,
         num_experts: n,
         top_k: used,
-        norm_topk_prob: true,
-        expert_intermediate: f.meta_usize(&k("feed_forward_length"))?,
-        shared_intermediate: None,
+        norm_topk_prob,
+        // llama.cpp's fallbacks when the converter wrote no width.
+        expert_intermediate: optional_usize(f, &k("expert_feed_forward_length"))?
+            .unwrap_or(ff / used),
+        shared_intermediate: (arch == "qwen2moe")
+            .then_some(optional_usize(f, &k("expert_shared_feed_forward_length"))?.unwrap_or(ff)),
         sparse_step: 1,
-        mlp_only_layers: Vec::new(),
+        mlp_only_layers: (0..layers)
+            .filter(|i| !has(format!("blk.{i}.ffn_gate_inp.weight")))
+            .collect(),
     }))
 }
 
-/// llama.cpp's router and stacked experts of one block (`blk.N.ffn_gate_inp`,
-/// `blk.N.ffn_{gate,up,down}_exps`, `[n_expert, …]`) under Mixtral's checkpoint names, one
-/// tensor per expert; `None` for every other tensor.
-fn expert_tensors(f: &GgufFile, name: &str) -> Result<Option<Vec<(String, Tensor)>>> {
+/// Refuses routing settings llama.cpp applies that the expert blocks do not compute: a gating
+/// function other than softmax, and a scale on the routing weights.
+fn check_routing(f: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<()> {
+    // llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX.
+    const SOFTMAX: usize = 1;
+    let gating = k("expert_gating_func");
+    if let Some(g) = optional_usize(f, &gating)?.filter(|g| *g != SOFTMAX) {
+        return Err(Error::input(format!(
+            "{}: {gating} = {g} is not supported (only softmax routing, 1)",
+            f.path
+        )));
+    }
+    let scale = k("expert_weights_scale");
+    match f.metadata.get(&scale).map(|v| v.as_f64()) {
+        None => Ok(()),
+        // llama.cpp scales only by a factor other than 0 and 1.
+        Some(Some(s)) if s == 0.0 || s == 1.0 => Ok(()),
+        Some(s) => Err(Error::input(format!(
+            "{}: {scale} = {s:?} is not supported (routing weights are not scaled)",
+            f.path
+        ))),
+    }
+}
+
+/// llama.cpp's router, stacked experts and shared expert of one block (`blk.N.ffn_gate_inp`,
+/// `blk.N.ffn_{gate,up,down}_exps` `[n_expert, …]`, `blk.N.ffn_{gate,up,down}_shexp`,
+/// `blk.N.ffn_gate_inp_shexp`) under `layout`'s checkpoint names, one tensor per expert;
+/// `None` for every other tensor, and for every tensor of a model without experts.
+fn expert_tensors(
+    f: &GgufFile,
+    name: &str,
+    layout: Option<MoeLayout>,
+) -> Result<Option<Vec<(String, Tensor)>>> {
+    let Some(layout) = layout else {
+        return Ok(None);
+    };
     let Some((layer, module)) = name
         .strip_prefix("blk.")
         .and_then(|r| r.split_once('.'))
@@ -214,17 +325,35 @@ fn expert_tensors(f: &GgufFile, name: &str) -> Result<Option<Vec<(String, Tensor
     else {
         return Ok(None);
     };
-    let block = MoeLayout::Mixtral.prefix(layer);
-    let hf = match module {
-        "ffn_gate_inp" => {
-            return Ok(Some(vec![(
-                format!("{block}.gate.weight"),
-                f.tensor(name)?,
-            )]))
+    let block = layout.prefix(layer);
+    let [gate, up, down] = layout.expert_linears();
+    let one = |hf: String, t: Tensor| Ok(Some(vec![(hf, t)]));
+    let stacked = match module {
+        "ffn_gate_inp" => return one(format!("{block}.gate.weight"), f.tensor(name)?),
+        "ffn_gate_exps" => gate,
+        "ffn_up_exps" => up,
+        "ffn_down_exps" => down,
+        "ffn_gate_shexp" | "ffn_up_shexp" | "ffn_down_shexp" if layout == MoeLayout::Qwen => {
+            let part = module.trim_start_matches("ffn_").trim_end_matches("_shexp");
+            let hf = format!("{block}.shared_expert.{part}_proj.weight");
+            return one(hf, f.tensor(name)?);
         }
-        "ffn_gate_exps" => "w1",
-        "ffn_up_exps" => "w3",
-        "ffn_down_exps" => "w2",
+        "ffn_gate_inp_shexp" if layout == MoeLayout::Qwen => {
+            // llama.cpp declares it {n_embd}; the converter may keep transformers' [1, n_embd].
+            let t = f.tensor(name)?;
+            let n = t.elem_count();
+            if !matches!(t.dims(), [_] | [1, _]) {
+                return Err(Error::input(format!(
+                    "{}: tensor `{name}` has shape {:?}; the shared expert's gate is [n_embd]",
+                    f.path,
+                    t.dims()
+                )));
+            }
+            return one(
+                format!("{block}.shared_expert_gate.weight"),
+                t.reshape((1, n))?,
+            );
+        }
         _ => return Ok(None),
     };
     let t = f.tensor(name)?;
@@ -236,7 +365,7 @@ fn expert_tensors(f: &GgufFile, name: &str) -> Result<Option<Vec<(String, Tensor
         )));
     }
     (0..t.dim(0)?)
-        .map(|e| Ok((format!("{block}.experts.{e}.{hf}.weight"), t.get(e)?)))
+        .map(|e| Ok((format!("{block}.experts.{e}.{stacked}.weight"), t.get(e)?)))
         .collect::<Result<Vec<_>>>()
         .map(Some)
 }
@@ -263,6 +392,8 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -335,5 +466,66 @@ mod tests {
         .unwrap();
         let diff = max_logit_diff(&m, &fixture("tiny_llama_gguf_reference.json"));
         assert!(diff > 1e-2, "{diff}");
+    }
+
+    fn moe_fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/moe")
+            .join(name)
+    }
+
+    /// The Qwen architectures: experts and shared expert widths from their own keys, the dense
+    /// layer found by its missing router, no q/k permutation, and llama.cpp's per-architecture
+    /// renormalisation unless `expert_weights_norm` says otherwise.
+    #[test]
+    fn qwen_expert_settings_come_from_their_keys() {
+        let mut f = GgufFile::open(&moe_fixture("qwen2_moe.gguf")).unwrap();
+        let c = llama_config(&f).unwrap();
+        assert_eq!(c.model_type, "qwen2_moe");
+        let moe = c.moe.clone().unwrap();
+        assert_eq!(
+            (moe.layout, moe.num_experts, moe.top_k, moe.norm_topk_prob),
+            (MoeLayout::Qwen, 4, 2, false)
+        );
+        assert_eq!(
+            (moe.expert_intermediate, moe.shared_intermediate),
+            (12, Some(20))
+        );
+        assert_eq!(moe.mlp_only_layers, vec![1]);
+        assert!(c.qkv_bias && !c.qk_norm);
+        f.metadata
+            .insert("qwen2moe.expert_weights_norm".into(), Value::Bool(true));
+        assert!(llama_config(&f).unwrap().moe.unwrap().norm_topk_prob);
+
+        let f = GgufFile::open(&moe_fixture("qwen3_moe.gguf")).unwrap();
+        let c = llama_config(&f).unwrap();
+        let moe = c.moe.unwrap();
+        assert_eq!(c.model_type, "qwen3_moe");
+        assert_eq!(
+            (c.head_dim, c.hidden_size, c.num_attention_heads),
+            (8, 16, 4)
+        );
+        assert!(c.qk_norm && moe.norm_topk_prob && moe.shared_intermediate.is_none());
+        assert!(moe.mlp_only_layers.is_empty());
+    }
+
+    #[test]
+    fn routing_llama_cpp_computes_otherwise_is_refused_by_key() {
+        for (key, value) in [
+            ("qwen3moe.expert_gating_func", Value::Int(2)),
+            ("qwen3moe.expert_weights_scale", Value::Float(2.5)),
+            ("qwen3moe.expert_weights_norm", Value::Int(1)),
+            ("qwen3moe.attention.value_length", Value::Int(4)),
+        ] {
+            let mut f = GgufFile::open(&moe_fixture("qwen3_moe.gguf")).unwrap();
+            f.metadata.insert(key.into(), value);
+            let err = llama_config(&f).err().unwrap();
+            assert!(matches!(err, Error::Input(_)), "{err:?}");
+            assert!(err.to_string().contains(key), "{key}: {err}");
+        }
+        let mut f = GgufFile::open(&moe_fixture("qwen3_moe.gguf")).unwrap();
+        f.metadata
+            .insert("qwen3moe.expert_weights_scale".into(), Value::Float(1.0));
+        assert!(llama_config(&f).is_ok());
     }
 }

@@ -1,4 +1,5 @@
-//! llama.cpp GGUF files (`--model file.gguf`) of the Llama architecture: config and tokenizer
+//! llama.cpp GGUF files (`--model file.gguf`) of the architectures `llama` (with Mixtral's
+//! experts when `llama.expert_count` is set), `qwen2moe` and `qwen3moe`: config and tokenizer
 //! from the file's metadata, weights memory-mapped and dequantised to f32 once at load, then the
 //! model runs as [`super::llama::Llama`] (docs/gguf.md has the rules followed).
 //!
@@ -6,9 +7,10 @@
 //!   gguf-py in the tests), and the other types candle's ggml kernels read (Q5_0, Q5_1, Q2_K,
 //!   Q3_K, Q5_K). Any other type is an error naming the tensor and its type.
 //! * The mapping onto the Llama folder ([`llama`]): llama.cpp's converter permutes the rows of
-//!   `attn_q` / `attn_k` inside each head so that its RoPE can rotate adjacent pairs;
-//!   [`unpermute_rows`] undoes it so that the HF `rotate_half` RoPE of the Llama model applies
-//!   unchanged.
+//!   `attn_q` / `attn_k` inside each head of a `llama` file so that its RoPE can rotate
+//!   adjacent pairs; [`unpermute_rows`] undoes it so that the HF `rotate_half` RoPE of the
+//!   Llama model applies unchanged (the Qwen architectures are stored unpermuted). Stacked
+//!   experts are split into the safetensors checkpoints' per-expert names.
 //! * No `output.weight` → tied embeddings.
 
 mod file;

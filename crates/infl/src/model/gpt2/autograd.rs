@@ -33,18 +33,26 @@ impl Gpt2 {
         };
 
         let mut inputs = vec![None; self.tracked.len()];
-        let mut linear = |layer: &Conv1D, a: &Tensor| -> candle_core::Result<Tensor> {
-            let y = a.matmul(&layer.weight)?.broadcast_add(&layer.bias)?;
-            match layer.tap {
-                Some(i) => {
-                    inputs[i] = Some(a.clone());
-                    match probes.get(i) {
-                        Some(probe) => y + probe,
-                        None => Ok(y),
-                    }
+        // Records `a` as tracked layer `tap`'s input and adds its probe (if any) to `y`.
+        let mut record = |tap: Option<usize>, a: &Tensor, y: Tensor| match tap {
+            Some(i) => {
+                inputs[i] = Some(a.clone());
+                match probes.get(i) {
+                    Some(probe) => y + probe,
+                    None => Ok(y),
                 }
-                None => Ok(y),
             }
+            None => Ok(y),
+        };
+        // With an adapter, PEFT's `base(a) + B(A(a)) · scaling`, A and B tapped as layers.
+        let mut linear = |layer: &Conv1D, a: &Tensor| -> candle_core::Result<Tensor> {
+            let mut y = a.matmul(&layer.weight)?.broadcast_add(&layer.bias)?;
+            if let Some(lora) = &layer.lora {
+                let u = record(lora.tap_a, a, a.matmul(&lora.a.t()?)?)?;
+                let v = record(lora.tap_b, &u, u.matmul(&lora.b.t()?)?)?;
+                y = (y + (v * lora.scaling)?)?;
+            }
+            record(layer.tap, a, y)
         };
         for block in &self.blocks {
             let hidden = block.ln_1.forward(&x)?;

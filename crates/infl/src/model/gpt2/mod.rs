@@ -13,6 +13,7 @@ mod autograd;
 pub mod fast;
 
 use super::autograd::LayerNorm;
+use super::lora::{Adaptable, Adapter, Lora, Target};
 use super::weights::Weights;
 use super::{ModuleSelection, TrackedLayer};
 use crate::error::{Error, Result};
@@ -84,12 +85,38 @@ impl Gpt2Config {
     }
 }
 
-/// A Conv1D layer as GPT-2 stores it: weight `[in, out]`, `y = x W + b`.
+/// A Conv1D layer as GPT-2 stores it: weight `[in, out]`, `y = x W + b`, plus a LoRA
+/// adapter's `B A x · scaling` when one is attached ([`super::lora`]).
 pub(crate) struct Conv1D {
     pub(crate) weight: Tensor,
     pub(crate) bias: Tensor,
     /// Index among the tracked layers, if tracked.
     pub(crate) tap: Option<usize>,
+    /// Tracked-layer name (the checkpoint's: `transformer.h.0.attn.c_attn` or `h.0.…`).
+    pub(crate) name: String,
+    /// Attention or MLP: which `--modules` selects the layer.
+    pub(crate) kind: ModuleSelection,
+    pub(crate) lora: Option<Lora>,
+}
+
+impl Adaptable for Conv1D {
+    /// PEFT names the layer by the module tree of `GPT2LMHeadModel`, always under
+    /// `transformer.`, and reads its in/out features from the `[in, out]` weight.
+    fn target(&mut self) -> Result<Target<'_>> {
+        let (d_in, d_out) = self.weight.dims2()?;
+        let bare = self.name.strip_prefix("transformer.").unwrap_or(&self.name);
+        Ok(Target {
+            key: format!("transformer.{bare}"),
+            name: &self.name,
+            kind: self.kind,
+            d_in,
+            d_out,
+            has_bias: true,
+            device: self.weight.device(),
+            tap: &mut self.tap,
+            lora: &mut self.lora,
+        })
+    }
 }
 
 pub(crate) struct Block {
@@ -168,11 +195,11 @@ impl Gpt2 {
             let ln_2 = ln(&format!("h.{i}.ln_2"))?;
             let mut conv =
                 |local: &str, d_in: usize, d_out: usize, kind: ModuleSelection| -> Result<Conv1D> {
-                    let name = format!("h.{i}.{local}");
                     let keep = modules == ModuleSelection::All || modules == kind;
+                    let name = format!("{prefix}h.{i}.{local}");
                     let tap = keep.then(|| {
                         tracked.push(TrackedLayer {
-                            name: format!("{prefix}{name}"),
+                            name: name.clone(),
                             d_in,
                             d_out,
                             has_bias: true,
@@ -180,9 +207,12 @@ impl Gpt2 {
                         tracked.len() - 1
                     });
                     Ok(Conv1D {
-                        weight: get(&format!("{name}.weight"), &[d_in, d_out])?,
-                        bias: get(&format!("{name}.bias"), &[d_out])?,
+                        weight: get(&format!("h.{i}.{local}.weight"), &[d_in, d_out])?,
+                        bias: get(&format!("h.{i}.{local}.bias"), &[d_out])?,
                         tap,
+                        name,
+                        kind,
+                        lora: None,
                     })
                 };
             let c_attn = conv("attn.c_attn", d, 3 * d, ModuleSelection::Attn)?;
@@ -219,6 +249,19 @@ impl Gpt2 {
 
     pub fn config(&self) -> &Gpt2Config {
         &self.config
+    }
+
+    /// Applies a LoRA adapter to the blocks' Conv1D layers, in load order
+    /// ([`crate::model::lora::Adapter::attach`]).
+    pub fn attach(&mut self, adapter: &Adapter, modules: ModuleSelection) -> Result<()> {
+        let convs = self
+            .blocks
+            .iter_mut()
+            .flat_map(|b| [&mut b.c_attn, &mut b.c_proj, &mut b.c_fc, &mut b.mlp_proj]);
+        let (tracked, n_parameters) = adapter.attach(convs, modules)?;
+        self.tracked = tracked;
+        self.n_parameters += n_parameters;
+        Ok(())
     }
 
     /// A randomly initialised model (GPT-2's N(0, 0.02) init, layer norms at identity plus
