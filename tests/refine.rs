@@ -171,8 +171,8 @@ fn convergence(results: &Path) -> Vec<(u64, f64, f64)> {
         .collect()
 }
 
-/// GPT-NeoX (parallel residual, partial rotary), Llama (GQA, llama3 RoPE, tied head) and a
-/// LoRA adapter on Llama (its layers only): 0 iterations is EK-FAC bit for bit, and run long
+/// GPT-NeoX (parallel residual, partial rotary), Llama (GQA, llama3 RoPE, tied head), a LoRA
+/// adapter on Llama (its layers only) and one on GPT-2 (beside a base layer): 0 iterations is EK-FAC bit for bit, and run long
 /// enough, every query's residual falls by over 100× (the solve converges; that it converges
 /// to the dense solve is `influence::refine`'s unit test).
 #[test]
@@ -181,13 +181,26 @@ fn refined_scores_on_gpt_neox_llama_and_an_adapter() {
     let corpus = lora.join("corpus_ids.jsonl");
     let queries = lora.join("queries_ids.jsonl");
     let adapter = lora.join("qvd");
-    let cases: [(&str, &str, Vec<&str>); 3] = [
+    let gpt2_adapter = lora.join("gpt2");
+    let cases: [(&str, &str, Vec<&str>); 4] = [
         ("neox", "gpt_neox_parallel", vec![]),
         ("llama", "llama", vec![]),
         (
             "lora",
             "llama",
             vec!["--adapter", s(&adapter), "--modules", "adapter"],
+        ),
+        // The bundled GPT-2 with an adapter on every Conv1D; one base layer tracked beside
+        // the adapter's, so the products must run the adapted model, not the base.
+        (
+            "gpt2 lora",
+            "../../../assets/tiny-gpt2",
+            vec![
+                "--adapter",
+                s(&gpt2_adapter),
+                "--layers",
+                "transformer.h.1.mlp.c_fc,transformer.h.1.mlp.c_fc.lora_A,transformer.h.1.mlp.c_fc.lora_B",
+            ],
         ),
     ];
     for (name, fixture, fit_extra) in cases {

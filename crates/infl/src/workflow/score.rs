@@ -483,14 +483,6 @@ fn refiner(
              refined inverse does not compute; score ekfac-refined factors without it",
         ));
     }
-    // The Gauss-Newton products run the base model: with an adapter they would not be the
-    // adapted model's (and --layers may have kept only base layers, which match by name).
-    if job.compute.adapter.is_some() {
-        return Err(Error::input(
-            "the refined inverse (ekfac-refined) does not apply --adapter: its Gauss-Newton \
-             products run the base model; fit ekfac factors for an adapted model",
-        ));
-    }
     let device = job.compute.device.candle()?;
     let modules = prepared.fmeta.options.modules;
     let mut model = model::load_autograd(&job.model, modules, &device)?;

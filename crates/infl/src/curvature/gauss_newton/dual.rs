@@ -5,6 +5,7 @@
 //! exactly as the autograd op does, so the tangent pass's logits are the model's.
 
 use crate::model::autograd::{LayerNorm, Linear, RmsNorm, Rotary};
+use crate::model::lora::Lora;
 use candle_core::{Result, Tensor, D};
 use std::cell::Cell;
 
@@ -118,11 +119,17 @@ impl Dual {
             dirs.take(layer.tap),
         )?;
         if let Some(lora) = &layer.lora {
-            let u = self.affine(&lora.a.t()?, None, dirs.take(lora.tap_a))?;
-            let v = u.affine(&lora.b.t()?, None, dirs.take(lora.tap_b))?;
-            y = y.add(&v.map(|t| t * lora.scaling)?)?;
+            y = y.add(&self.lora(lora, dirs)?)?;
         }
         Ok(y)
+    }
+
+    /// A LoRA adapter's `B(A x) · scaling` on `x` = `self` (A and B move along their own
+    /// directions when tracked), for any base layer it is attached to.
+    pub fn lora(&self, lora: &Lora, dirs: &Directions) -> Result<Dual> {
+        let u = self.affine(&lora.a.t()?, None, dirs.take(lora.tap_a))?;
+        let v = u.affine(&lora.b.t()?, None, dirs.take(lora.tap_b))?;
+        v.map(|t| t * lora.scaling)
     }
 
     /// `y = (x − μ)/σ · w + b`: `dy = (dc − n·mean(n ⊙ dc))/σ · w` with `c = x − μ`, `n = c/σ`.

@@ -1,5 +1,6 @@
 //! GPT-2's tangent pass: [`Gpt2`]'s autograd forward (`model/gpt2/autograd.rs`) op for op on
-//! [`Dual`]s, its Conv1D layers (`y = x W + b`, W `[in, out]`) moving along their directions.
+//! [`Dual`]s, its Conv1D layers (`y = x W + b`, W `[in, out]`, plus a LoRA adapter's term)
+//! moving along their directions.
 
 use super::dual::{attention, Directions, Dual};
 use crate::model::autograd;
@@ -28,8 +29,14 @@ pub(super) fn tangent(
     } else {
         1.0
     };
-    let linear =
-        |layer: &Conv1D, a: &Dual| a.affine(&layer.weight, Some(&layer.bias), dirs.take(layer.tap));
+    // The Conv1D and, when an adapter is attached, its `B(A x) · scaling`.
+    let linear = |layer: &Conv1D, a: &Dual| -> candle_core::Result<Dual> {
+        let y = a.affine(&layer.weight, Some(&layer.bias), dirs.take(layer.tap))?;
+        match &layer.lora {
+            Some(lora) => y.add(&a.lora(lora, dirs)?),
+            None => Ok(y),
+        }
+    };
     for block in &model.blocks {
         let hidden = x.layer_norm(&block.ln_1)?;
         let qkv = linear(&block.c_attn, &hidden)?;

@@ -145,11 +145,17 @@ mod tests {
         let tok = build(&["a".into()], vec![], &[1], (normalizer, pre_tokenizer)).unwrap();
         let mut pts = tokenizers::PreTokenizedString::from(text);
         use tokenizers::PreTokenizer;
-        tok.get_pre_tokenizer().unwrap().pre_tokenize(&mut pts).unwrap();
-        pts.get_splits(tokenizers::OffsetReferential::Original, tokenizers::OffsetType::Byte)
-            .into_iter()
-            .map(|(s, _, _)| s.to_string())
-            .collect()
+        tok.get_pre_tokenizer()
+            .unwrap()
+            .pre_tokenize(&mut pts)
+            .unwrap();
+        pts.get_splits(
+            tokenizers::OffsetReferential::Original,
+            tokenizers::OffsetType::Byte,
+        )
+        .into_iter()
+        .map(|(s, _, _)| s.to_string())
+        .collect()
     }
 
     #[test]
@@ -165,7 +171,10 @@ mod tests {
         assert_eq!(splits("llama-bpe", "\n\n1"), ["ĊĊ", "1"]);
         assert_eq!(splits("llama-bpe", "x  2024"), ["x", "Ġ", "Ġ", "202", "4"]);
         // Qwen2: digits one by one; a letter run takes one leading non-letter.
-        assert_eq!(splits("qwen2", "x  2024"), ["x", "Ġ", "Ġ", "2", "0", "2", "4"]);
+        assert_eq!(
+            splits("qwen2", "x  2024"),
+            ["x", "Ġ", "Ġ", "2", "0", "2", "4"]
+        );
         assert_eq!(splits("qwen2", "(Hello"), ["(Hello"]);
         assert_eq!(splits("gpt2", "(Hello"), ["(", "Hello"]);
     }
@@ -174,8 +183,13 @@ mod tests {
     fn smollm_ids_keep_a_newline_run_before_a_digit_whole() {
         let tokens: Vec<String> = ["Ċ", "1", "ĊĊ"].map(String::from).to_vec();
         let ids = |pre| {
-            let tok = build(&tokens, vec!["Ċ Ċ".into()], &[1, 1, 1], pre_tokenizer(pre).unwrap())
-                .unwrap();
+            let tok = build(
+                &tokens,
+                vec!["Ċ Ċ".into()],
+                &[1, 1, 1],
+                pre_tokenizer(pre).unwrap(),
+            )
+            .unwrap();
             tok.encode("\n\n1", false).unwrap().get_ids().to_vec()
         };
         assert_eq!(ids(Some("smollm")), [2, 1]);
