@@ -150,6 +150,7 @@ fn refined_scores_start_at_ekfac_converge_and_rescore_from_a_store() {
     ]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cosine"));
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Each query's `(iterations, initial_residual, residual)` from a refined run's meta.json.
