@@ -101,7 +101,9 @@ def merged_logits(adapter_dir, default_rope=False):
         return [merged(torch.tensor([s])).logits[0].flatten().tolist() for s in SEQS]
 
 
-def kronfluence_scores(model, train, queries, workdir):
+def kronfluence_scores(model, train, queries, workdir, analysis_name="infl_lora"):
+    """kronfluence's EK-FAC and identity pairwise scores on `model`'s lora_A/lora_B modules
+    (empirical Fisher, heuristic damping): (the module names, {"scores.STRATEGY": tensor})."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
@@ -110,7 +112,7 @@ def kronfluence_scores(model, train, queries, workdir):
              if isinstance(m, torch.nn.Linear) and (".lora_A." in n or ".lora_B." in n)]
     task = make_task(names)
     model = prepare_model(model, task)
-    analyzer = Analyzer(analysis_name="infl_lora", model=model, task=task, cpu=True,
+    analyzer = Analyzer(analysis_name=analysis_name, model=model, task=task, cpu=True,
                         disable_tqdm=True, output_dir=workdir, disable_model_save=True)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0, collate_fn=collate))
     train_ds = SeqDataset([(s, None) for s in train])

@@ -31,8 +31,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_fixture import SeqDataset, collate, make_task  # noqa: E402
-from make_lora_fixture import OUT, ROOT, TRAIN_BATCH, QUERY_BATCH  # noqa: E402
+from make_lora_fixture import OUT, QUERY_BATCH, ROOT, TRAIN_BATCH, kronfluence_scores  # noqa: E402
 
 BASE = os.path.join(ROOT, "assets", "tiny-gpt2")
 ADAPTER = dict(r=4, lora_alpha=6, target_modules=["c_attn", "c_proj", "c_fc"])
@@ -102,38 +101,6 @@ def read_jsonl(name):
         return [json.loads(line) for line in f]
 
 
-def kronfluence_scores(model, train, queries, workdir):
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.utils.dataset import DataLoaderKwargs
-
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and (".lora_A." in n or ".lora_B." in n)]
-    task = make_task(names)
-    model = prepare_model(model, task)
-    analyzer = Analyzer(analysis_name="infl_lora_gpt2", model=model, task=task, cpu=True,
-                        disable_tqdm=True, output_dir=workdir, disable_model_save=True)
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0, collate_fn=collate))
-    train_ds = SeqDataset([(s, None) for s in train])
-    query_ds = SeqDataset([(p + c, [False] * len(p) + [True] * len(c)) for p, c in queries])
-    scores = {}
-    for strat in ["ekfac", "identity"]:
-        analyzer.fit_all_factors(factors_name=strat, dataset=train_ds,
-                                 factor_args=FactorArguments(strategy=strat,
-                                                             use_empirical_fisher=True),
-                                 per_device_batch_size=TRAIN_BATCH, overwrite_output_dir=True)
-        analyzer.compute_pairwise_scores(
-            scores_name=strat, factors_name=strat, query_dataset=query_ds,
-            train_dataset=train_ds, per_device_query_batch_size=QUERY_BATCH,
-            per_device_train_batch_size=TRAIN_BATCH,
-            score_args=ScoreArguments(damping_factor=None), overwrite_output_dir=True)
-        sc = analyzer.load_pairwise_scores(strat)["all_modules"]
-        scores[f"scores.{strat}"] = sc.detach().to(torch.float32).contiguous()
-        print(f"kronfluence {strat}: {tuple(sc.shape)}, range "
-              f"[{float(sc.min()):.4g}, {float(sc.max()):.4g}]")
-    return names, scores
-
-
 def main():
     import kronfluence
     import peft
@@ -150,7 +117,7 @@ def main():
     queries = [(r["prompt_ids"], r["completion_ids"]) for r in read_jsonl("queries_ids.jsonl")]
     workdir = tempfile.mkdtemp(prefix="infl-lora-gpt2-kf-")
     try:
-        names, scores = kronfluence_scores(model, train, queries, workdir)
+        names, scores = kronfluence_scores(model, train, queries, workdir, "infl_lora_gpt2")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     save_file(scores, os.path.join(OUT, "gpt2_reference.safetensors"))
