@@ -27,25 +27,14 @@ fn top_ids(dir: &Path) -> Vec<(String, String)> {
 fn prefilter_recall_estimate_covers_the_exact_recall() {
     let dir = scratch("readable", "prefilter");
     let (model, corpus, queries, factors, index) = common::fitted_and_indexed(&dir);
-    let common = common::BUNDLED_WINDOWS;
+    let paths = (
+        model.as_path(),
+        corpus.as_path(),
+        queries.as_path(),
+        factors.as_path(),
+    );
     let score = |out: &Path, extra: &[&str]| {
-        let mut a = vec![
-            "score",
-            "--model",
-            s(&model),
-            "--factors",
-            s(&factors),
-            "--train",
-            s(&corpus),
-            "--queries",
-            s(&queries),
-            "--out",
-            s(out),
-            "--top-k",
-            "10",
-        ];
-        a.extend(common);
-        a.extend(extra);
+        let a = common::bundled_score_args(paths, out, extra);
         ok(&a);
     };
     let exact = dir.join("exact");

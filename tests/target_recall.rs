@@ -37,25 +37,14 @@ fn prefilter_json(dir: &Path) -> Value {
 fn target_recall_widens_until_reached_and_warns_on_a_small_budget() {
     let dir = scratch("target-recall", "bundled");
     let (model, corpus, queries, factors, index) = common::fitted_and_indexed(&dir);
-    let common = common::BUNDLED_WINDOWS;
+    let paths = (
+        model.as_path(),
+        corpus.as_path(),
+        queries.as_path(),
+        factors.as_path(),
+    );
     let score = |out: &Path, extra: &[&str]| {
-        let mut a = vec![
-            "score",
-            "--model",
-            s(&model),
-            "--factors",
-            s(&factors),
-            "--train",
-            s(&corpus),
-            "--queries",
-            s(&queries),
-            "--out",
-            s(out),
-            "--top-k",
-            "10",
-        ];
-        a.extend(common);
-        a.extend(extra);
+        let a = common::bundled_score_args(paths, out, extra);
         common::run(&a)
     };
     let exact_dir = dir.join("exact");

@@ -198,6 +198,33 @@ pub fn bundled() -> (PathBuf, PathBuf, PathBuf) {
 /// The window and batch options the bundled model's pre-filter tests fit, index and score with.
 pub const BUNDLED_WINDOWS: [&str; 4] = ["--max-len", "48", "--batch-size", "8"];
 
+/// `infl score` of the queries against the corpus with `fitted_and_indexed`'s paths (model,
+/// corpus, queries, factors), top 10, in its 48-token windows, into `out`, with `extra` flags.
+pub fn bundled_score_args<'a>(
+    (model, corpus, queries, factors): (&'a Path, &'a Path, &'a Path, &'a Path),
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec![
+        "score",
+        "--model",
+        s(model),
+        "--factors",
+        s(factors),
+        "--train",
+        s(corpus),
+        "--queries",
+        s(queries),
+        "--out",
+        s(out),
+        "--top-k",
+        "10",
+    ];
+    a.extend(BUNDLED_WINDOWS);
+    a.extend(extra);
+    a
+}
+
 /// The bundled model fitted into `DIR/factors` and its demo corpus indexed into `DIR/index`
 /// (48-token windows): (model, corpus, queries, factors, index).
 pub fn fitted_and_indexed(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
