@@ -35,41 +35,13 @@ fn small_corpus(dir: &Path, lines: usize) -> (PathBuf, PathBuf) {
     (c, q)
 }
 
-fn train(corpus: &Path, model: &Path) {
-    ok(&[
-        "train",
-        "--train",
-        s(corpus),
-        "--out",
-        s(model),
-        "--vocab-size",
-        "300",
-        "--n-embd",
-        "16",
-        "--n-head",
-        "2",
-        "--n-layer",
-        "1",
-        "--n-positions",
-        "64",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-    ]);
-}
-
-fn read(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 #[test]
 fn train_writes_a_reproducible_checkpoint_that_fit_and_score_read() {
     let dir = scratch("lds", "train");
     let (corpus, queries) = small_corpus(&dir, 60);
     let (a, b) = (dir.join("a"), dir.join("b"));
-    train(&corpus, &a);
-    train(&corpus, &b);
+    common::train_tiny(&corpus, &a, "2");
+    common::train_tiny(&corpus, &b, "2");
     for f in ["model.safetensors", "tokenizer.json", "config.json"] {
         assert_eq!(
             std::fs::read(a.join(f)).unwrap(),
@@ -77,13 +49,13 @@ fn train_writes_a_reproducible_checkpoint_that_fit_and_score_read() {
             "{f} differs between two runs with the same seed"
         );
     }
-    let record = read(&a.join("training.json"));
+    let record = common::read_json(&a.join("training.json"));
     let losses = record["epoch_losses"].as_array().unwrap();
     assert!(
         losses[1].as_f64().unwrap() < losses[0].as_f64().unwrap(),
         "{record}"
     );
-    let config = read(&a.join("config.json"));
+    let config = common::read_json(&a.join("config.json"));
     assert_eq!(config["model_type"], "gpt2");
     assert_eq!(config["n_positions"], 64);
     assert!(config["vocab_size"].as_u64().unwrap() <= 300);
@@ -111,7 +83,7 @@ fn train_writes_a_reproducible_checkpoint_that_fit_and_score_read() {
         "--out",
         s(&results),
     ]);
-    let meta = read(&results.join("meta.json"));
+    let meta = common::read_json(&results.join("meta.json"));
     assert_eq!(meta["corpus"]["n_sequences"], record["n_sequences"]);
     // A corpus line that is not JSON is named with its line.
     let bad = dir.join("bad.jsonl");
@@ -131,7 +103,7 @@ fn lds_retrains_subsets_and_reproduces_the_model_on_the_full_set() {
     let dir = scratch("lds", "lds");
     let (corpus, queries) = small_corpus(&dir, 60);
     let model = dir.join("model");
-    train(&corpus, &model);
+    common::train_tiny(&corpus, &model, "2");
     let out = dir.join("out");
     let run = |extra: &[&str], out: &Path| {
         let mut args = vec![
@@ -148,7 +120,7 @@ fn lds_retrains_subsets_and_reproduces_the_model_on_the_full_set() {
         ];
         args.extend_from_slice(extra);
         ok(&args);
-        read(&out.join("lds.json"))
+        common::read_json(&out.join("lds.json"))
     };
     let r = run(&["--subsets", "4"], &out);
     let nq = r["query_ids"].as_array().unwrap().len();
@@ -177,7 +149,7 @@ fn lds_retrains_subsets_and_reproduces_the_model_on_the_full_set() {
     );
     // The measurement is the one `score` differentiates: same −log p from two code paths
     // (candle autograd here, the fast engine's loss head there).
-    let meta = read(&out.join("runs/ekfac/results/meta.json"));
+    let meta = common::read_json(&out.join("runs/ekfac/results/meta.json"));
     for (a, b) in r["full_model_losses"]
         .as_array()
         .unwrap()
@@ -241,7 +213,7 @@ fn lds_scores_the_refined_inverse_at_each_iteration_count() {
     let dir = scratch("lds", "refined");
     let (corpus, queries) = small_corpus(&dir, 30);
     let model = dir.join("model");
-    train(&corpus, &model);
+    common::train_tiny(&corpus, &model, "2");
     let out = dir.join("out");
     ok(&[
         "validate",
@@ -263,7 +235,7 @@ fn lds_scores_the_refined_inverse_at_each_iteration_count() {
         "--refine-batch",
         "8",
     ]);
-    let r = read(&out.join("lds.json"));
+    let r = common::read_json(&out.join("lds.json"));
     let rows = r["strategies"].as_array().unwrap();
     let names: Vec<&str> = rows
         .iter()
@@ -274,6 +246,6 @@ fn lds_scores_the_refined_inverse_at_each_iteration_count() {
     assert!(rows
         .iter()
         .all(|x| x["score_seconds"].as_f64().unwrap() > 0.0));
-    let meta = read(&out.join("runs/ekfac-refined/results-2/meta.json"));
+    let meta = common::read_json(&out.join("runs/ekfac-refined/results-2/meta.json"));
     assert_eq!(meta["refine"]["sequences"], 8);
 }

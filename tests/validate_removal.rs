@@ -8,34 +8,6 @@ use common::{ok, s, scratch};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn train(corpus: &Path, model: &Path) {
-    ok(&[
-        "train",
-        "--train",
-        s(corpus),
-        "--out",
-        s(model),
-        "--vocab-size",
-        "300",
-        "--n-embd",
-        "16",
-        "--n-head",
-        "2",
-        "--n-layer",
-        "1",
-        "--n-positions",
-        "64",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "8",
-    ]);
-}
-
-fn read(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 fn args(model: &Path, corpus: &Path, queries: &Path, out: &Path) -> Vec<String> {
     [
         "--threads",
@@ -88,7 +60,7 @@ fn close(a: f64, b: f64, what: &str) {
 /// measurement the retrained model's −log p minus the model's; every fit is the one computed
 /// here by hand from those pairs.
 fn check_against_own_records(out: &Path) -> Value {
-    let r = read(&out.join("removal.json"));
+    let r = common::read_json(&out.join("removal.json"));
     let qids: Vec<&str> = r["query_ids"]
         .as_array()
         .unwrap()
@@ -123,7 +95,8 @@ fn check_against_own_records(out: &Path) -> Value {
             scores / f(&r["removal"]["divisor"]),
             "predicted",
         );
-        let saved = read(&out.join(format!("work/{}.json", x["retrained"].as_str().unwrap())));
+        let saved =
+            common::read_json(&out.join(format!("work/{}.json", x["retrained"].as_str().unwrap())));
         let after = f(&saved["losses"][qi]);
         assert_eq!(f(&x["loss_after"]), after);
         assert_eq!(
@@ -174,7 +147,7 @@ fn removal_predictions_beside_retraining_resume_and_recompute() {
     let dir = scratch("removal", "run");
     let (corpus, queries) = common::demo_subset(&dir, 80);
     let model = dir.join("model");
-    train(&corpus, &model);
+    common::train_tiny(&corpus, &model, "3");
 
     let out = dir.join("out");
     let run = ok(&args(&model, &corpus, &queries, &out)
@@ -223,7 +196,7 @@ fn removal_refuses_what_it_cannot_retrain_or_calibrate() {
     let dir = scratch("removal", "refusals");
     let (corpus, queries) = common::demo_subset(&dir, 80);
     let model = dir.join("model");
-    train(&corpus, &model);
+    common::train_tiny(&corpus, &model, "3");
     let code = |extra: &[&str], model: &Path, corpus: &Path| {
         let mut a = vec![
             "validate",

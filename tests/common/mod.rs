@@ -253,3 +253,34 @@ pub fn fitted_and_indexed(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, Pa
     ]);
     (model, corpus, queries, factors, index)
 }
+
+/// A file's JSON.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// `infl train` of a one-block, 16-wide GPT-2 (vocabulary 300, 64 positions, batch 8) on
+/// `corpus` for `epochs`, into `model`: the validate tests' retrainable model.
+pub fn train_tiny(corpus: &Path, model: &Path, epochs: &str) {
+    ok(&[
+        "train",
+        "--train",
+        s(corpus),
+        "--out",
+        s(model),
+        "--vocab-size",
+        "300",
+        "--n-embd",
+        "16",
+        "--n-head",
+        "2",
+        "--n-layer",
+        "1",
+        "--n-positions",
+        "64",
+        "--epochs",
+        epochs,
+        "--batch-size",
+        "8",
+    ]);
+}
