@@ -13,38 +13,11 @@ use infl::model::gpt2::Gpt2;
 use infl::model::ModuleSelection;
 use infl::train::{completion_losses, Trainer, TrainingRecord};
 use serde_json::Value;
-use std::path::Path;
-
-/// The first `lines` documents of the bundled demo corpus and their fact queries.
-fn small_corpus(dir: &Path, lines: usize) -> (std::path::PathBuf, std::path::PathBuf) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare-facts");
-    let corpus: String = std::fs::read_to_string(root.join("corpus.jsonl"))
-        .unwrap()
-        .lines()
-        .take(lines)
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let queries: String = std::fs::read_to_string(root.join("queries.jsonl"))
-        .unwrap()
-        .lines()
-        .filter(|l| {
-            let q: Value = serde_json::from_str(l).unwrap();
-            q["source_line"]
-                .as_u64()
-                .is_some_and(|n| n as usize <= lines)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let (c, q) = (dir.join("corpus.jsonl"), dir.join("queries.jsonl"));
-    std::fs::write(&c, corpus).unwrap();
-    std::fs::write(&q, queries).unwrap();
-    (c, q)
-}
 
 #[test]
 fn group_removal_change_against_retraining_without_the_group() {
     let dir = scratch("readable", "removal");
-    let (corpus, queries) = small_corpus(&dir, 60);
+    let (corpus, queries) = common::demo_subset(&dir, 60);
     let model = dir.join("model");
     ok(&[
         "train",
