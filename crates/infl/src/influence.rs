@@ -683,24 +683,33 @@ fn refine_chunk(
     if refiner.options().iterations == 0 {
         return Ok(out);
     }
-    for k in 0..n {
-        let b: Vec<Vec<f32>> = rotated
-            .iter()
-            .map(|m| {
-                let col = m
-                    .col(k)
-                    .try_as_col_major()
-                    .expect("owned column is contiguous");
-                col.as_slice().to_vec()
-            })
-            .collect();
-        let mut x: Vec<Vec<f32>> = scaled
-            .iter()
-            .zip(dims)
-            .map(|(s, &d)| s[k * d..(k + 1) * d].to_vec())
-            .collect();
-        out.push(refiner.solve(preconditioner, &b, &mut x)?);
-        for ((s, &d), xl) in scaled.iter_mut().zip(dims).zip(&x) {
+    // Per query, its gradient (the right-hand side) and EK-FAC's answer (the start), per layer.
+    let b: Vec<Vec<Vec<f32>>> = (0..n)
+        .map(|k| {
+            rotated
+                .iter()
+                .map(|m| {
+                    let col = m
+                        .col(k)
+                        .try_as_col_major()
+                        .expect("owned column is contiguous");
+                    col.as_slice().to_vec()
+                })
+                .collect()
+        })
+        .collect();
+    let mut x: Vec<Vec<Vec<f32>>> = (0..n)
+        .map(|k| {
+            scaled
+                .iter()
+                .zip(dims)
+                .map(|(s, &d)| s[k * d..(k + 1) * d].to_vec())
+                .collect()
+        })
+        .collect();
+    out.extend(refiner.solve_many(preconditioner, &b, &mut x)?);
+    for (k, xk) in x.iter().enumerate() {
+        for ((s, &d), xl) in scaled.iter_mut().zip(dims).zip(xk) {
             s[k * d..(k + 1) * d].copy_from_slice(xl);
         }
     }

@@ -3,6 +3,8 @@
 //! Gauss-Newton of a seeded sample of training sequences ([`GaussNewton`], averaged per
 //! sequence as EK-FAC's Λ is) and `Λ_damp` is each layer's damping λ_ℓ. EK-FAC's damped inverse
 //! is the preconditioner and its answer the starting point, so 0 iterations is EK-FAC exactly.
+//! A batch of queries iterates together: each iteration is one pass over the sample carrying
+//! every still-iterating query's direction ([`GaussNewton::products`]).
 //!
 //! The solve runs in the factors' eigenbasis (the basis the store keeps gradients in), where
 //! the preconditioner is an element-wise division; the Gauss-Newton products rotate back to the
@@ -83,20 +85,32 @@ impl Refiner {
         self.gn.tracked()
     }
 
-    /// `(G + λ) v`, both in the eigenbasis, per layer (column-major `d_out × d_in_h`).
-    fn apply(&self, pre: &Preconditioner, v: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+    /// `(G + λ) v_k` for each direction `v_k`, all in the eigenbasis, per layer
+    /// (column-major `d_out × d_in_h`). Every direction shares each batch's Gauss-Newton pass.
+    fn apply(&self, pre: &Preconditioner, vs: &[&[Vec<f32>]]) -> Result<Vec<Vec<Vec<f32>>>> {
         let tracked = self.gn.tracked();
-        let direction: Vec<Mat<f32>> = tracked
+        let directions: Vec<Vec<Mat<f32>>> = vs
             .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let m = MatRef::from_column_major_slice(&v[i], l.d_out, l.d_in_h());
-                pre.from_basis(i, m.to_owned())
+            .map(|v| {
+                tracked
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        let m = MatRef::from_column_major_slice(&v[i], l.d_out, l.d_in_h());
+                        pre.from_basis(i, m.to_owned())
+                    })
+                    .collect()
             })
             .collect();
-        let mut sum: Vec<Mat<f32>> = tracked
+        let refs: Vec<&[Mat<f32>]> = directions.iter().map(|d| d.as_slice()).collect();
+        let mut sums: Vec<Vec<Mat<f32>>> = vs
             .iter()
-            .map(|l| Mat::zeros(l.d_out, l.d_in_h()))
+            .map(|_| {
+                tracked
+                    .iter()
+                    .map(|l| Mat::zeros(l.d_out, l.d_in_h()))
+                    .collect()
+            })
             .collect();
         for chunk in self.sample.chunks(self.batch_size) {
             let seqs: Vec<(u64, &[u32])> = chunk
@@ -104,49 +118,68 @@ impl Refiner {
                 .enumerate()
                 .map(|(k, s)| (k as u64, s.ids.as_slice()))
                 .collect();
-            let part = self.gn.product(&TokenBatch::training(&seqs), &direction)?;
-            for (s, p) in sum.iter_mut().zip(&part) {
-                *s += p;
+            let parts = self.gn.products(&TokenBatch::training(&seqs), &refs)?;
+            for (sum, part) in sums.iter_mut().zip(&parts) {
+                for (s, p) in sum.iter_mut().zip(part) {
+                    *s += p;
+                }
             }
         }
         let n = self.sample.len() as f32;
-        Ok(tracked
+        Ok(vs
             .iter()
-            .enumerate()
-            .map(|(i, _)| {
-                let g = pre.to_basis(i, sum[i].as_ref());
-                let lam = pre.damping[i] as f32;
-                let g = g.as_ref();
-                let d_o = g.nrows();
-                v[i].iter()
-                    .enumerate()
-                    .map(|(k, x)| g[(k % d_o, k / d_o)] / n + lam * x)
+            .zip(&sums)
+            .map(|(v, sum)| {
+                (0..tracked.len())
+                    .map(|i| {
+                        let g = pre.to_basis(i, sum[i].as_ref());
+                        let lam = pre.damping[i] as f32;
+                        let d_o = g.nrows();
+                        v[i].iter()
+                            .enumerate()
+                            .map(|(k, x)| g[(k % d_o, k / d_o)] / n + lam * x)
+                            .collect()
+                    })
                     .collect()
             })
             .collect())
     }
 
-    /// Refines query k's preconditioned gradient: `b` is its gradient in the eigenbasis per
-    /// layer, `x` EK-FAC's answer there, replaced by the refined one.
-    pub(crate) fn solve(
+    /// Refines a batch of queries' preconditioned gradients at once: one conjugate gradient
+    /// per query (`b[q]` its gradient in the eigenbasis per layer, `x[q]` EK-FAC's answer there,
+    /// replaced by the refined one), run in lockstep so that each
+    /// iteration's Gauss-Newton products of every query still iterating share one pass over
+    /// the sample. A query leaves the batch when its residual reaches the tolerance; the
+    /// others go on.
+    pub(crate) fn solve_many(
         &self,
         pre: &Preconditioner,
-        b: &[Vec<f32>],
-        x: &mut [Vec<f32>],
-    ) -> Result<Convergence> {
+        b: &[Vec<Vec<f32>>],
+        x: &mut [Vec<Vec<f32>>],
+    ) -> Result<Vec<Convergence>> {
         let (k_max, tol) = (self.options.iterations, self.options.refine_tolerance);
-        let b_norm = dot(b, b).sqrt();
-        let ax = self.apply(pre, x)?;
-        let mut r: Vec<Vec<f32>> = zip_with(b, &ax, |p, q| p - q);
-        let initial = dot(&r, &r).sqrt() / b_norm;
-        let mut out = Convergence {
-            iterations: 0,
-            initial_residual: initial,
-            residual: initial,
-        };
-        if !initial.is_finite() || initial <= tol {
-            return Ok(out);
-        }
+        let b_norm: Vec<f64> = b.iter().map(|b| dot(b, b).sqrt()).collect();
+        let ax = self.apply(pre, &x.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?;
+        let mut r: Vec<Vec<Vec<f32>>> = b
+            .iter()
+            .zip(&ax)
+            .map(|(b, ax)| zip_with(b, ax, |p, q| p - q))
+            .collect();
+        let mut out: Vec<Convergence> = r
+            .iter()
+            .zip(&b_norm)
+            .map(|(r, norm)| {
+                let initial = dot(r, r).sqrt() / norm;
+                Convergence {
+                    iterations: 0,
+                    initial_residual: initial,
+                    residual: initial,
+                }
+            })
+            .collect();
+        let mut active: Vec<usize> = (0..b.len())
+            .filter(|&q| out[q].initial_residual.is_finite() && out[q].initial_residual > tol)
+            .collect();
         let precondition = |r: &[Vec<f32>]| -> Vec<Vec<f32>> {
             r.iter()
                 .enumerate()
@@ -156,33 +189,43 @@ impl Refiner {
                 })
                 .collect()
         };
-        let mut z = precondition(&r);
-        let mut p = z.clone();
-        let mut rz = dot(&r, &z);
+        let mut p: Vec<Vec<Vec<f32>>> = r.iter().map(|r| precondition(r)).collect();
+        let mut rz: Vec<f64> = r.iter().zip(&p).map(|(r, z)| dot(r, z)).collect();
         for it in 1..=k_max {
-            let ap = self.apply(pre, &p)?;
-            let pap = dot(&p, &ap);
-            if pap.is_nan() || pap <= 0.0 {
-                // G + λ is positive definite; a non-positive curvature is rounding at the end.
+            if active.is_empty() {
                 break;
             }
-            let alpha = rz / pap;
-            axpy(x, alpha, &p);
-            axpy(&mut r, -alpha, &ap);
-            out.iterations = it;
-            out.residual = dot(&r, &r).sqrt() / b_norm;
-            if out.residual <= tol || it == k_max {
-                break;
-            }
-            z = precondition(&r);
-            let rz_next = dot(&r, &z);
-            let beta = rz_next / rz;
-            rz = rz_next;
-            for (pl, zl) in p.iter_mut().zip(&z) {
-                for (pv, zv) in pl.iter_mut().zip(zl) {
-                    *pv = zv + (beta as f32) * *pv;
+            let ap = self.apply(
+                pre,
+                &active.iter().map(|&q| p[q].as_slice()).collect::<Vec<_>>(),
+            )?;
+            let mut going_on = Vec::with_capacity(active.len());
+            for (&q, ap) in active.iter().zip(&ap) {
+                let pap = dot(&p[q], ap);
+                if pap.is_nan() || pap <= 0.0 {
+                    // G + λ is positive definite; a non-positive curvature is rounding at the end.
+                    continue;
                 }
+                let alpha = rz[q] / pap;
+                axpy(&mut x[q], alpha, &p[q]);
+                axpy(&mut r[q], -alpha, ap);
+                out[q].iterations = it;
+                out[q].residual = dot(&r[q], &r[q]).sqrt() / b_norm[q];
+                if out[q].residual <= tol || it == k_max {
+                    continue;
+                }
+                let z = precondition(&r[q]);
+                let rz_next = dot(&r[q], &z);
+                let beta = rz_next / rz[q];
+                rz[q] = rz_next;
+                for (pl, zl) in p[q].iter_mut().zip(&z) {
+                    for (pv, zv) in pl.iter_mut().zip(zl) {
+                        *pv = zv + (beta as f32) * *pv;
+                    }
+                }
+                going_on.push(q);
             }
+            active = going_on;
         }
         Ok(out)
     }
@@ -333,6 +376,59 @@ mod tests {
                 _ => panic!("full rank asked"),
             })
             .collect()
+    }
+
+    /// Queries refined together in one batch get the answers and iteration counts they get
+    /// alone: the lockstep solves share the products' passes, not their arithmetic.
+    #[test]
+    fn a_batch_of_queries_is_refined_as_each_query_alone() {
+        let (model, pre) = setup("gpt2", 4, 1e-9);
+        let queries: Vec<data::Query> = [[5u32, 7], [2, 9], [11, 3]]
+            .iter()
+            .map(|p| data::Query {
+                id: format!("q{}", p[0]),
+                prompt_ids: p.to_vec(),
+                completion_ids: vec![p[1] + 1, 4],
+                ..query()
+            })
+            .collect();
+        let together =
+            precondition_queries(model.as_ref(), &queries, &pre, 3, None, false, &NoProgress)
+                .unwrap();
+        let alone =
+            precondition_queries(model.as_ref(), &queries, &pre, 1, None, false, &NoProgress)
+                .unwrap();
+        let (t, a) = (
+            together.refined.as_ref().unwrap(),
+            alone.refined.as_ref().unwrap(),
+        );
+        assert_eq!(t.queries.len(), 3);
+        for (ct, ca) in t.queries.iter().zip(&a.queries) {
+            assert_eq!(ct.iterations, 4, "{ct:?}");
+            assert_eq!(ct.iterations, ca.iterations);
+            assert!(
+                (ct.residual - ca.residual).abs() < 1e-4 * ca.residual,
+                "{ct:?} {ca:?}"
+            );
+        }
+        let columns = |pq: &crate::influence::PreconditionedQueries| -> Vec<f32> {
+            pq.per_layer
+                .iter()
+                .flat_map(|l| match l {
+                    crate::influence::LayerQueries::Full(m) => (0..m.ncols())
+                        .flat_map(|j| (0..m.nrows()).map(move |i| m[(i, j)]))
+                        .collect::<Vec<_>>(),
+                    _ => panic!("full rank asked"),
+                })
+                .collect()
+        };
+        let (ct, ca) = (columns(&together), columns(&alone));
+        let scale = ca.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = ct
+            .iter()
+            .zip(&ca)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst < 1e-4 * scale, "max |Δ| {worst} of {scale}");
     }
 
     /// Run to convergence, the refined answer is the dense solve of `(G + λ) x = ∇f_q` with G

@@ -7,7 +7,7 @@ use crate::model::autograd;
 use crate::model::gpt2::{Conv1D, Gpt2};
 use candle_core::Tensor;
 
-/// The logits `[b, t, vocab]` and their tangent `J v`.
+/// The logits `[b, t, vocab]` and their tangents `J v_k`, stacked `[n·b, t, vocab]`.
 pub(super) fn tangent(
     model: &Gpt2,
     ids: &[Vec<u32>],
@@ -21,8 +21,10 @@ pub(super) fn tangent(
     let ids_t = autograd::padded_ids(ids, t, device)?;
     let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
     let pos_t = Tensor::from_vec(pos, b * t, device)?;
-    let mut x =
-        Dual::constant((model.wte.index_select(&ids_t, 0)? + model.wpe.index_select(&pos_t, 0)?)?)?;
+    let mut x = Dual::constant(
+        (model.wte.index_select(&ids_t, 0)? + model.wpe.index_select(&pos_t, 0)?)?,
+        dirs.n(),
+    )?;
     let mask = autograd::causal_mask(t, None, device)?;
     let scale = if cfg.scale_attn_weights {
         1.0 / (hd as f64).sqrt()
@@ -41,8 +43,8 @@ pub(super) fn tangent(
         let hidden = x.layer_norm(&block.ln_1)?;
         let qkv = linear(&block.c_attn, &hidden)?;
         let part = |k: usize| {
-            qkv.map(|m| {
-                m.reshape((b, t, 3, h, hd))?
+            qkv.map(|m, copies| {
+                m.reshape((copies * b, t, 3, h, hd))?
                     .narrow(2, k, 1)?
                     .squeeze(2)?
                     .transpose(1, 2)?
@@ -57,5 +59,5 @@ pub(super) fn tangent(
     }
     let head = model.lm_head.t()?;
     x.layer_norm(&model.ln_f)?
-        .map(|y| y.matmul(&head)?.reshape((b, t, cfg.vocab_size)))
+        .map(|y, copies| y.matmul(&head)?.reshape((copies * b, t, cfg.vocab_size)))
 }

@@ -7,7 +7,7 @@ use crate::model::autograd::{self, Rotary};
 use crate::model::gpt_neox::GptNeoX;
 use crate::model::rope;
 
-/// The logits `[b, t, vocab]` and their tangent `J v`.
+/// The logits `[b, t, vocab]` and their tangents `J v_k`, stacked `[n·b, t, vocab]`.
 pub(super) fn tangent(
     model: &GptNeoX,
     ids: &[Vec<u32>],
@@ -22,6 +22,7 @@ pub(super) fn tangent(
         model
             .embed_in
             .index_select(&autograd::padded_ids(ids, t, &dev)?, 0)?,
+        dirs.n(),
     )?;
     let mask = autograd::causal_mask(t, None, &dev)?;
     let rotary_dims = c.rotary_dims();
@@ -33,8 +34,8 @@ pub(super) fn tangent(
         let hidden = x.layer_norm(&block.input_layernorm)?;
         let qkv = hidden.linear(&block.qkv, dirs)?;
         let part = |k: usize| {
-            qkv.map(|m| {
-                m.reshape((b, t, h, 3, hd))?
+            qkv.map(|m, copies| {
+                m.reshape((copies * b, t, h, 3, hd))?
                     .narrow(3, k, 1)?
                     .squeeze(3)?
                     .transpose(1, 2)?
@@ -63,5 +64,5 @@ pub(super) fn tangent(
     }
     let head = model.embed_out.t()?;
     x.layer_norm(&model.final_layer_norm)?
-        .map(|y| y.matmul(&head)?.reshape((b, t, c.vocab_size)))
+        .map(|y, copies| y.matmul(&head)?.reshape((copies * b, t, c.vocab_size)))
 }

@@ -8,7 +8,7 @@ use super::dual::{attention, Directions, Dual};
 use crate::model::autograd::{self, Rotary};
 use crate::model::llama::{Llama, Mlp};
 
-/// The logits `[b, t, vocab]` and their tangent `J v`.
+/// The logits `[b, t, vocab]` and their tangents `J v_k`, stacked `[n·b, t, vocab]`.
 pub(super) fn tangent(
     model: &Llama,
     ids: &[Vec<u32>],
@@ -23,14 +23,20 @@ pub(super) fn tangent(
         model
             .embed
             .index_select(&autograd::padded_ids(ids, t, &dev)?, 0)?,
+        dirs.n(),
     )?;
     let mask = autograd::causal_mask(t, c.sliding_window, &dev)?;
     let rotary = Rotary::new(&c.inv_freq(), t, &dev)?;
     let scale = 1.0 / (hd as f64).sqrt();
     for block in &model.blocks {
         let hidden = x.rms_norm(&block.input_layernorm)?;
-        let heads =
-            |y: Dual, n: usize| y.map(|m| m.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous());
+        let heads = |y: Dual, n: usize| {
+            y.map(|m, copies| {
+                m.reshape((copies * b, t, n, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            })
+        };
         let mut q = heads(hidden.linear(&block.q, dirs)?, h)?;
         let mut k = heads(hidden.linear(&block.k, dirs)?, kv)?;
         if let Some([q_norm, k_norm]) = &block.qk_norm {
@@ -54,5 +60,5 @@ pub(super) fn tangent(
     }
     let head = model.lm_head.t()?;
     x.rms_norm(&model.norm)?
-        .map(|y| y.matmul(&head)?.reshape((b, t, c.vocab_size)))
+        .map(|y, copies| y.matmul(&head)?.reshape((copies * b, t, c.vocab_size)))
 }

@@ -89,21 +89,58 @@ impl GaussNewton {
     /// `Σ_{z ∈ batch} Σ_{t: loss position} J_tᵀ (diag p_t − p_t p_tᵀ) J_t v`, per layer
     /// (`d_out × d_in_h`, bias last). `v` holds one matrix per caller's layer.
     pub fn product(&self, batch: &TokenBatch, v: &[Mat<f32>]) -> Result<Vec<Mat<f32>>> {
-        let (logits, dlogits) = self.jvp(batch, v)?;
-        let u = output_hessian(&logits, &dlogits, batch, self.autograd().spec().vocab);
-        let (jt_u, reference) = self.backward(batch, u)?;
-        check_logits(&logits, &reference)?;
-        Ok(jt_u)
+        let mut out = self.products(batch, &[v])?;
+        out.pop()
+            .ok_or_else(|| Error::Other("internal: no product returned".into()))
+    }
+
+    /// [`Self::product`] for several directions at once (`directions[k]`: one matrix per
+    /// caller's layer), in direction order. One tangent pass carries every direction and one
+    /// reference forward serves every backward, so n directions cost less than n products.
+    pub fn products(
+        &self,
+        batch: &TokenBatch,
+        directions: &[&[Mat<f32>]],
+    ) -> Result<Vec<Vec<Mat<f32>>>> {
+        let (logits, dlogits) = self.jvp_many(batch, directions)?;
+        let vocab = self.autograd().spec().vocab;
+        let reference = self.reference(batch)?;
+        check_logits(&logits, &reference.logits()?)?;
+        // One backward per direction through the one forward: a backward over copies of the
+        // batch (one per direction) was measured slower, its forward growing with the copies.
+        output_hessian(&logits, &dlogits, batch, vocab)
+            .into_iter()
+            .map(|u| self.pullback(&reference, u))
+            .collect()
     }
 
     /// The logits `[b, t, vocab]` and their tangent `J v`, flattened row-major.
+    #[cfg(test)]
     pub(crate) fn jvp(&self, batch: &TokenBatch, v: &[Mat<f32>]) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.jvp_many(batch, &[v])
+    }
+
+    /// The logits `[b, t, vocab]` and the tangents `J v_k` of every direction after one
+    /// another, flattened row-major.
+    fn jvp_many(
+        &self,
+        batch: &TokenBatch,
+        directions: &[&[Mat<f32>]],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let spec = self.autograd().spec();
         let mut by_tap: Vec<Option<Direction>> = spec.tracked.iter().map(|_| None).collect();
-        for ((l, &own), m) in self.tracked.iter().zip(&self.layers).zip(v) {
-            by_tap[own] = Some(direction(l, m, spec.device)?);
+        for (i, (l, &own)) in self.tracked.iter().zip(&self.layers).enumerate() {
+            let per_direction = directions
+                .iter()
+                .map(|v| {
+                    v.get(i).ok_or_else(|| {
+                        Error::Other(format!("internal: no direction for layer {}", l.name))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            by_tap[own] = Some(direction(l, &per_direction, spec.device)?);
         }
-        let dirs = Directions::new(by_tap);
+        let dirs = Directions::new(by_tap, directions.len());
         let (ids, t) = (&batch.ids, batch.max_len());
         let z = match &self.model {
             AnyModel::Gpt2(m) => gpt2::tangent(m, ids, t, &dirs)?,
@@ -116,7 +153,7 @@ impl GaussNewton {
                 spec.tracked.get(i).map_or("?", |l| l.name.as_str())
             )));
         }
-        let Dual { x, dx } = z;
+        let Dual { x, dx, .. } = z;
         Ok((
             x.flatten_all()?.to_vec1::<f32>()?,
             dx.flatten_all()?.to_vec1::<f32>()?,
@@ -127,22 +164,28 @@ impl GaussNewton {
     /// backward of `Σ logits ⊙ u`, summed over the batch's positions.
     #[cfg(test)]
     pub(crate) fn vjp(&self, batch: &TokenBatch, u: Vec<f32>) -> Result<Vec<Mat<f32>>> {
-        Ok(self.backward(batch, u)?.0)
+        self.pullback(&self.reference(batch)?, u)
     }
 
-    /// [`Self::vjp`] and the reference forward's logits it ran through.
-    fn backward(&self, batch: &TokenBatch, u: Vec<f32>) -> Result<(Vec<Mat<f32>>, Vec<f32>)> {
+    /// The reference forward through zero probes on every tracked layer, whose graph each
+    /// [`Self::pullback`] runs backward through.
+    fn reference(&self, batch: &TokenBatch) -> Result<Reference> {
         let model = self.autograd();
         let t = batch.max_len();
-        let rows = batch.len() * t;
-        let probes = model.zero_probes(rows)?;
+        let probes = model.zero_probes(batch.len() * t)?;
         let probe_tensors: Vec<Tensor> = probes.iter().map(|p| p.as_tensor().clone()).collect();
-        let fwd = model.tapped_forward(&batch.ids, t, &probe_tensors)?;
+        let forward = model.tapped_forward(&batch.ids, t, &probe_tensors)?;
+        Ok(Reference { probes, forward })
+    }
+
+    /// `Jᵀ u` per caller's layer through `reference`'s graph.
+    fn pullback(&self, reference: &Reference, u: Vec<f32>) -> Result<Vec<Mat<f32>>> {
+        let fwd = &reference.forward;
         let u = Tensor::from_vec(u, fwd.logits.shape(), fwd.logits.device())?;
         let grads = (&fwd.logits * &u)?.sum_all()?.backward()?;
         let mut out = Vec::with_capacity(self.layers.len());
         for (l, &own) in self.tracked.iter().zip(&self.layers) {
-            let g = grads.get(&probes[own]).ok_or_else(|| {
+            let g = grads.get(&reference.probes[own]).ok_or_else(|| {
                 Error::Other(format!("internal: no gradient reached layer {}", l.name))
             })?;
             let a = &fwd.inputs[own];
@@ -157,7 +200,19 @@ impl GaussNewton {
             let d_i = l.d_in_h();
             out.push(Mat::from_fn(l.d_out, d_i, |i, j| flat[i * d_i + j]));
         }
-        Ok((out, fwd.logits.flatten_all()?.to_vec1::<f32>()?))
+        Ok(out)
+    }
+}
+
+/// A tapped forward kept for its graph, and the probes its backwards read gradients from.
+struct Reference {
+    probes: Vec<candle_core::Var>,
+    forward: crate::model::autograd::Forward,
+}
+
+impl Reference {
+    fn logits(&self) -> Result<Vec<f32>> {
+        Ok(self.forward.logits.flatten_all()?.to_vec1::<f32>()?)
     }
 }
 
@@ -195,29 +250,52 @@ fn check_logits(tangent: &[f32], reference: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// `u_t = H_t dz_t = p_t ⊙ (dz_t − p_tᵀ dz_t)` at every loss position, 0 elsewhere; in f64.
-fn output_hessian(logits: &[f32], dlogits: &[f32], batch: &TokenBatch, vocab: usize) -> Vec<f32> {
+/// `u_t = H_t dz_t = p_t ⊙ (dz_t − p_tᵀ dz_t)` at every loss position, 0 elsewhere, in f64,
+/// for each direction's tangent `dz` (`dlogits` holds them one after another); the softmax
+/// `p_t` is formed once for all of them.
+fn output_hessian(
+    logits: &[f32],
+    dlogits: &[f32],
+    batch: &TokenBatch,
+    vocab: usize,
+) -> Vec<Vec<f32>> {
     let t_max = batch.max_len();
-    let mut u = vec![0f32; logits.len()];
+    let tangents: Vec<&[f32]> = dlogits.chunks(logits.len().max(1)).collect();
+    let mut u = vec![vec![0f32; logits.len()]; tangents.len()];
+    let mut p = vec![0f64; vocab];
     for (b, positions) in batch.loss_positions.iter().enumerate() {
         for (t, _) in positions.iter().enumerate().filter(|(_, on)| **on) {
             let at = (b * t_max + t) * vocab;
-            let (z, dz) = (&logits[at..at + vocab], &dlogits[at..at + vocab]);
+            let z = &logits[at..at + vocab];
             let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-            let e: Vec<f64> = z.iter().map(|&x| (x as f64 - max).exp()).collect();
-            let sum: f64 = e.iter().sum();
-            let pdz: f64 = e.iter().zip(dz).map(|(p, d)| p / sum * *d as f64).sum();
-            for ((out, p), d) in u[at..at + vocab].iter_mut().zip(&e).zip(dz) {
-                *out = (p / sum * (*d as f64 - pdz)) as f32;
+            for (p, &x) in p.iter_mut().zip(z) {
+                *p = (x as f64 - max).exp();
+            }
+            let sum: f64 = p.iter().sum();
+            p.iter_mut().for_each(|p| *p /= sum);
+            for (dz, u) in tangents.iter().zip(u.iter_mut()) {
+                let dz = &dz[at..at + vocab];
+                let pdz: f64 = p.iter().zip(dz).map(|(p, d)| p * *d as f64).sum();
+                for ((out, p), d) in u[at..at + vocab].iter_mut().zip(&p).zip(dz) {
+                    *out = (p * (*d as f64 - pdz)) as f32;
+                }
             }
         }
     }
     u
 }
 
-/// Layer `l`'s direction `m` (`d_out × d_in_h`) as tensors on `device`.
-fn direction(l: &TrackedLayer, m: &Mat<f32>, device: &candle_core::Device) -> Result<Direction> {
-    if m.nrows() != l.d_out || m.ncols() != l.d_in_h() {
+/// Layer `l`'s directions `m_k` (each `d_out × d_in_h`) as the stacked tensors of a
+/// [`Direction`] on `device`.
+fn direction(
+    l: &TrackedLayer,
+    per_direction: &[&Mat<f32>],
+    device: &candle_core::Device,
+) -> Result<Direction> {
+    if let Some(m) = per_direction
+        .iter()
+        .find(|m| m.nrows() != l.d_out || m.ncols() != l.d_in_h())
+    {
         return Err(Error::Other(format!(
             "internal: direction of layer {} is {}×{}, not {}×{}",
             l.name,
@@ -227,18 +305,23 @@ fn direction(l: &TrackedLayer, m: &Mat<f32>, device: &candle_core::Device) -> Re
             l.d_in_h()
         )));
     }
-    let w: Vec<f32> = (0..l.d_out)
-        .flat_map(|i| (0..l.d_in).map(move |j| m[(i, j)]))
+    let n = per_direction.len();
+    let w: Vec<f32> = per_direction
+        .iter()
+        .flat_map(|m| (0..l.d_out).flat_map(move |i| (0..l.d_in).map(move |j| m[(i, j)])))
         .collect();
     let b = l
         .has_bias
         .then(|| {
-            let col: Vec<f32> = (0..l.d_out).map(|i| m[(i, l.d_in)]).collect();
-            Tensor::from_vec(col, l.d_out, device)
+            let cols: Vec<f32> = per_direction
+                .iter()
+                .flat_map(|m| (0..l.d_out).map(move |i| m[(i, l.d_in)]))
+                .collect();
+            Tensor::from_vec(cols, (n, l.d_out), device)
         })
         .transpose()?;
     Ok(Direction {
-        w: Tensor::from_vec(w, (l.d_out, l.d_in), device)?,
+        w: Tensor::from_vec(w, (n * l.d_out, l.d_in), device)?,
         b,
     })
 }
@@ -405,7 +488,7 @@ mod tests {
             let logits_at = |eps: f64| -> Vec<f64> {
                 let mut probes = zero.clone();
                 for ((l, m), &own) in gn.tracked().iter().zip(&v).zip(&gn.layers) {
-                    let dir = direction(l, m, &Device::Cpu).unwrap();
+                    let dir = direction(l, &[m], &Device::Cpu).unwrap();
                     let mut y = inputs[own].matmul(&dir.w.t().unwrap()).unwrap();
                     if let Some(bias) = &dir.b {
                         y = y.broadcast_add(bias).unwrap();
@@ -513,6 +596,32 @@ mod tests {
             );
             // vᵀ G v ≥ 0: the Gauss-Newton is positive semi-definite.
             assert!(dot(&got, &v) > 0.0, "{name}");
+        }
+    }
+
+    /// Several directions in one pass give each direction's own product: the tangents of a
+    /// batch of directions do not mix (each against the one-direction product, itself checked
+    /// against the dense Gauss-Newton above).
+    #[test]
+    fn products_of_several_directions_are_each_directions_product() {
+        for (name, _, gn) in cases() {
+            let b = batch();
+            let vs: Vec<Vec<Mat<f32>>> = (10..13)
+                .map(|seed| random_direction(gn.tracked(), seed))
+                .collect();
+            let refs: Vec<&[Mat<f32>]> = vs.iter().map(|v| v.as_slice()).collect();
+            let together = gn.products(&b, &refs).unwrap();
+            assert_eq!(together.len(), 3, "{name}");
+            for (k, (got, v)) in together.iter().zip(&vs).enumerate() {
+                let alone = gn.product(&b, v).unwrap();
+                let diff: Vec<Mat<f32>> = got.iter().zip(&alone).map(|(a, b)| a - b).collect();
+                let (err, norm) = (dot(&diff, &diff).sqrt(), dot(&alone, &alone).sqrt());
+                assert!(norm > 1e-3, "{name}: direction {k}'s product is zero");
+                assert!(
+                    err < 1e-5 * norm,
+                    "{name}: direction {k}: ‖together − alone‖ = {err}, ‖alone‖ = {norm}"
+                );
+            }
         }
     }
 
