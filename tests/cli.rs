@@ -1,16 +1,15 @@
 //! End-to-end runs of the `infl` binary: batch-size invariance of fit + score, outputs, and the
 //! error messages and exit codes for bad input.
 
+mod common;
+
 use infl::model::gpt2::{Gpt2, Gpt2Config};
 use infl::model::ModuleSelection;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("infl-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("cli", name)
 }
 
 fn config(n_embd: usize) -> Gpt2Config {

@@ -8,12 +8,39 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// A fresh scratch directory for one test.
+/// A fresh scratch directory for one test. The suite's directories that earlier test
+/// processes left (a test's output is kept for inspection when it fails, and a process-wide
+/// fixture is never dropped) are removed once their process has exited.
 pub fn scratch(suite: &str, name: &str) -> PathBuf {
+    sweep_exited(suite);
     let dir = std::env::temp_dir().join(format!("infl-{suite}-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Removes `infl-{suite}-{pid}-*` scratch directories whose process no longer runs (Linux,
+/// where /proc says so; elsewhere nothing is removed).
+fn sweep_exited(suite: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!("infl-{suite}-");
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 /// The `infl` binary, quiet.
