@@ -398,13 +398,15 @@ pub enum ValidateCommand {
     The model (it must come from `infl train` or `infl demo`: MODEL/training.json is its recipe)\n\
     is fitted and scored with --strategy (OUT/run/). Then, for each query and each group size k,\n\
     it is retrained from scratch with exactly that recipe on the corpus without the query's top-k\n\
-    sequences, and again without its bottom-k sequences (a control whose prediction is negative).\n\
+    sequences, again without its bottom-k sequences (its prediction is negative), and without\n\
+    --random-groups groups of k drawn at random (seeded by --random-seed, the query, k and the\n\
+    group): the control, whose measured changes are the noise floor a top-k change stands out from.\n\
     measured = −log p(completion | prompt) under the retrained model minus under the model;\n\
-    predicted = group_removal_change at rank k (the group's summed scores / N), both in nats.\n\
-    Per k the table fits measured on predicted over both sides and each side: least-squares slope\n\
-    and intercept, the slope through the origin (1: the scale is calibrated), Pearson and\n\
-    Spearman correlation, n.\n\n\
-    It costs one training per query, k and side (2 · queries · groups); they run --threads at a\n\
+    predicted = the group's summed scores / N (group_removal_change at rank k), both in nats.\n\
+    Per k the table fits measured on predicted over top and bottom together (both) and each side\n\
+    (top, bottom, random): least-squares slope and intercept, the slope through the origin (1: the\n\
+    scale is calibrated), Pearson and Spearman correlation, n, the means and the measured s.d.\n\n\
+    It costs one training per query, k and group ((2 + random groups) · queries · groups); they run --threads at a\n\
     time and each finished one is saved in OUT/work/, so rerunning an interrupted command resumes\n\
     it. OUT/removal.json holds every removal and fit and the provenance; OUT/removal.html plots\n\
     measured against predicted per k with the line y = x."
@@ -610,6 +612,13 @@ pub struct ValidateRemovalArgs {
     /// The strategy whose predictions are calibrated (identity has no removal scale).
     #[arg(long, value_enum, default_value = "ekfac")]
     pub strategy: Strategy,
+    /// Random groups of each size k removed per query (the control: the noise floor of the
+    /// measured change); 0: none. Each is one more retraining.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub random_groups: usize,
+    /// Seed of the random groups.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub random_seed: u64,
     /// Discard the retraining results saved in OUT/work/ instead of resuming from them.
     #[arg(long)]
     pub fresh: bool,
@@ -732,6 +741,8 @@ impl ValidateRemovalArgs {
             out: self.out,
             groups: self.groups,
             strategy: self.strategy,
+            random_groups: self.random_groups,
+            random_seed: self.random_seed,
             threads,
             fresh: self.fresh,
         }

@@ -220,7 +220,11 @@ impl PbrfReport {
 fn linear_header(l: &LinearReference, n_queries: usize) -> String {
     let worst = l.per_query.iter().map(|q| q.residual).fold(0f64, f64::max);
     let iterations = |f: fn(usize, usize) -> usize| {
-        l.per_query.iter().map(|q| q.iterations).reduce(f).unwrap_or(0)
+        l.per_query
+            .iter()
+            .map(|q| q.iterations)
+            .reduce(f)
+            .unwrap_or(0)
     };
     let mut out = format!(
         "Against the linearised PBRF ∇f_qᵀ (G + λ)⁻¹ ∇L(z_m), G over all {} sequences: {} of {} queries solved to residual ≤ {:.0e} (worst {:.1e}; {}–{} CG iterations): {} queries × {} training sequences\n",
@@ -372,7 +376,11 @@ fn check(job: &PbrfJob) -> Result<()> {
 type Scored = (Strategy, Vec<Vec<f64>>, Vec<(String, f64)>);
 
 /// Step 1: every strategy fitted and scored densely under `OUT/runs/STRATEGY/`.
-fn score_strategies(job: &PbrfJob, inputs: &Inputs, progress: &dyn Progress) -> Result<Vec<Scored>> {
+fn score_strategies(
+    job: &PbrfJob,
+    inputs: &Inputs,
+    progress: &dyn Progress,
+) -> Result<Vec<Scored>> {
     let n = inputs.corpus.sequences.len();
     let fit = FitOptions {
         fisher: job.fisher,
@@ -464,7 +472,9 @@ fn nonlinear_reference(
     progress: &dyn Progress,
 ) -> Result<Reference> {
     let AnyModel::Gpt2(model) = model else {
-        return Err(Error::Other("internal: the nonlinear PBRF got no GPT-2".into()));
+        return Err(Error::Other(
+            "internal: the nonlinear PBRF got no GPT-2".into(),
+        ));
     };
     let n = inputs.corpus.sequences.len();
     let picked = sample(n, job.sample, job.seed);
