@@ -534,7 +534,7 @@ pub struct ValidatePbrfArgs {
     #[arg(long, value_enum, default_value = "linear")]
     pub response: infl::validate::pbrf::ResponseKind,
     /// Linear: conjugate-gradient iterations per query at most.
-    #[arg(long, default_value_t = 200, value_name = "N")]
+    #[arg(long, default_value_t = 500, value_name = "N")]
     pub cg_iterations: usize,
     /// Linear: a query has converged once its residual is at most this fraction of ‖∇f_q‖.
     #[arg(long, default_value_t = 1e-5, value_name = "TOL")]

@@ -28,7 +28,7 @@ pub struct LinearOptions {
 impl Default for LinearOptions {
     fn default() -> Self {
         LinearOptions {
-            max_iterations: 200,
+            max_iterations: 500,
             tolerance: 1e-5,
         }
     }
@@ -208,7 +208,7 @@ mod tests {
             out: dir.join("out"),
             response: ResponseKind::Linear,
             linear: super::LinearOptions {
-                max_iterations: 300,
+                max_iterations: 1000,
                 tolerance: 1e-5,
             },
             refine: RefineOptions::default(),
@@ -227,8 +227,6 @@ mod tests {
         let report = run(&job, &crate::pass::Silent).unwrap();
         let linear = report.linear.as_ref().unwrap();
         assert_eq!(linear.sequences, 10);
-        assert_eq!(linear.converged(), 2, "{:?}", linear.per_query);
-        assert!(linear.per_query.iter().all(|q| q.iterations > 0));
 
         // The dense system in f64 on the same layers.
         let m = model::load_autograd(&model_dir, modules, &candle_core::Device::Cpu).unwrap();
@@ -305,6 +303,8 @@ mod tests {
                 .fold(0f64, |e, (w, g)| e.max((w - g).abs()))
         };
         let truth = error(&linear.scores);
+        assert_eq!(linear.converged(), 2, "{:?}", linear.per_query);
+        assert!(linear.per_query.iter().all(|q| q.iterations > 0));
         assert!(
             truth < 1e-4 * scale,
             "{case}: reference off by {truth} of {scale}: {want:?} vs {:?}",
