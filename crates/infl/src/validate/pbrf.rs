@@ -5,9 +5,8 @@
 //! Two responses. **Linear** (the default, [`linear`]): the PBRF to first order in ε,
 //! `∇f_qᵀ (G + λ)⁻¹ ∇L(z_m)` with G the exact Gauss-Newton over the whole corpus, one
 //! conjugate-gradient solve per query, compared on every training sequence; every family the
-//! Gauss-Newton products cover (not mixtures of experts). **Nonlinear** (GPT-2 only):
-//!
-//! for a seeded sample of training sequences z_m, with θ^s the checkpoint's tracked weights,
+//! Gauss-Newton products cover (not mixtures of experts). **Nonlinear** (GPT-2 only): for a
+//! seeded sample of training sequences z_m, with θ^s the checkpoint's tracked weights,
 //! `r(ε) = argmin_θ (1/N) Σ_z Σ_t KL(p_t(θ^s) ‖ p_t(θ)) − ε L(z_m, θ) + ½ Σ_ℓ λ_ℓ ‖θ_ℓ − θ^s_ℓ‖²`
 //! over the tracked layers (the rest frozen), and the PBRF influence on query q is
 //! `(f_q(r(ε)) − f_q(r(−ε))) / 2ε`. λ_ℓ is the damping EK-FAC's scoring used on layer ℓ: the
@@ -15,8 +14,8 @@
 //! loss, which is exactly what EK-FAC approximates, so the comparison measures the
 //! approximation and nothing else. [`solve`] optimises, [`gpt2`] is the model's side.
 //!
-//! Each nonlinear sampled sequence's result is saved in `OUT/work/` under a fingerprint of everything it
-//! depends on, so an interrupted run resumes.
+//! Each nonlinear sampled sequence's result is saved in `OUT/work/` under a fingerprint of
+//! everything it depends on, so an interrupted run resumes.
 
 pub mod gpt2;
 pub mod linear;
