@@ -372,8 +372,9 @@ pub enum ValidateCommand {
     G the exact Gauss-Newton over all N sequences: the thing EK-FAC approximates. Per query,
     x_q = (G + λ)⁻¹ ∇f_q is solved by conjugate gradient on exact Gauss-Newton products (EK-FAC's
     damped inverse as preconditioner and start) until the residual ‖∇f_q − (G + λ) x‖ falls to
-    --cg-tolerance of ‖∇f_q‖ or --cg-iterations run out (each iteration costs about one forward and
-    two backward passes over the corpus); a query that stops above the tolerance is named
+    --cg-tolerance of ‖∇f_q‖ or --cg-iterations run out (each iteration costs a tangent forward
+    and a backward pass over the corpus: 0.7 s over 113 sequences of the bundled model on 2 cores,
+    and that model needs several hundred); a query that stops above the tolerance is named
     NOT CONVERGED in the table. Every training sequence is compared. Every architecture but the
     mixtures of experts.
 
