@@ -1,6 +1,7 @@
 //! `infl validate pbrf`: the optimiser against the closed-form PBRF of a linear model with
-//! squared-error loss, and the command end to end (outputs, resuming, bad input).
-//! The GPT-2 side against the dense damped Gauss-Newton is a unit test of `validate::pbrf::gpt2`.
+//! squared-error loss, the nonlinear command end to end (outputs, resuming, bad input), and the
+//! linear response end to end on a Llama fixture (convergence recorded, MoE refused).
+//! Both responses against the dense damped Gauss-Newton are unit tests of `validate::pbrf`.
 
 mod common;
 
@@ -196,6 +197,8 @@ fn command_writes_correlations_resumes_and_refuses_bad_input() {
             s(&corpus),
             "--queries",
             s(&queries),
+            "--response",
+            "nonlinear",
             "--sample",
             "5",
             "--steps",
@@ -232,7 +235,12 @@ fn command_writes_correlations_resumes_and_refuses_bad_input() {
         .iter()
         .map(|s| s["strategy"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["ekfac", "kfac", "diagonal", "identity"]);
+    assert_eq!(
+        names,
+        ["ekfac", "ekfac-refined", "kfac", "diagonal", "identity"]
+    );
+    assert_eq!(report["response"], "nonlinear");
+    assert!(report["linear"].is_null());
     // The PBRF's λ is EK-FAC's.
     assert_eq!(
         report["lambda_per_layer"],
@@ -304,6 +312,8 @@ fn command_writes_correlations_resumes_and_refuses_bad_input() {
             s(&queries),
             "--out",
             s(&dir.join("bad3")),
+            "--response",
+            "nonlinear",
         ]);
         assert_eq!(
             r.status.code(),
@@ -313,4 +323,122 @@ fn command_writes_correlations_resumes_and_refuses_bad_input() {
         );
         assert!(String::from_utf8_lossy(&r.stderr).contains("GPT-2"));
     }
+}
+
+/// A corpus of 10 id sequences and two queries for the 64-token fixtures.
+fn fixture_data(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let mut corpus = String::new();
+    for d in 0..10u32 {
+        let ids: Vec<u32> = (0..4 + d % 5)
+            .map(|t| (d * 5 + t * 3 + t * t) % 64)
+            .collect();
+        corpus.push_str(&format!("{{\"ids\": {ids:?}}}\n"));
+    }
+    let (c, q) = (dir.join("corpus.jsonl"), dir.join("queries.jsonl"));
+    std::fs::write(&c, corpus).unwrap();
+    std::fs::write(
+        &q,
+        "{\"id\": \"a\", \"prompt_ids\": [1, 2, 3], \"completion_ids\": [4, 5]}\n\
+         {\"id\": \"b\", \"prompt_ids\": [9], \"completion_ids\": [10, 11, 12]}\n",
+    )
+    .unwrap();
+    (c, q)
+}
+
+#[test]
+fn linear_response_on_a_llama_records_its_solves_and_refuses_experts() {
+    let dir = common::scratch("validate-pbrf", "linear");
+    let (corpus, queries) = fixture_data(&dir);
+    let llama = common::family_fixture("llama");
+    let args = |model: &std::path::Path, out: &str, extra: &[&str]| {
+        let mut a: Vec<String> = [
+            "validate",
+            "pbrf",
+            "--model",
+            s(model),
+            "--train",
+            s(&corpus),
+            "--queries",
+            s(&queries),
+            "--modules",
+            "attn",
+            "--out",
+            s(&dir.join(out)),
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let a = args(&llama, "out", &[]);
+    let printed =
+        String::from_utf8(ok(&a.iter().map(String::as_str).collect::<Vec<_>>()).stdout).unwrap();
+    assert!(
+        printed.contains("linearised PBRF") && !printed.contains("NOT CONVERGED"),
+        "{printed}"
+    );
+    let report = pbrf_json(&dir.join("out"));
+    assert_eq!(report["response"], "linear");
+    assert!(report["epsilon"].is_null() && report["samples"].as_array().unwrap().is_empty());
+    let linear = &report["linear"];
+    assert_eq!(linear["sequences"], 10);
+    assert_eq!(linear["options"]["tolerance"], 1e-5);
+    for q in linear["per_query"].as_array().unwrap() {
+        assert_eq!(q["converged"], true, "{q}");
+        assert!(q["residual"].as_f64().unwrap() <= 1e-5, "{q}");
+        assert!(q["iterations"].as_u64().unwrap() >= 1, "{q}");
+    }
+    assert_eq!(linear["scores"].as_array().unwrap().len(), 2);
+    let strategies = report["strategies"].as_array().unwrap();
+    assert_eq!(strategies.len(), 5);
+    for st in strategies {
+        for row in st["scores"].as_array().unwrap() {
+            assert_eq!(row.as_array().unwrap().len(), 10, "every sequence compared");
+        }
+    }
+    assert_eq!(
+        report["lambda_per_layer"],
+        strategies[0]["damping_per_layer"]
+    );
+    assert_eq!(report["lambda_per_layer"], linear["damping_per_layer"]);
+    // ekfac-refined's products average over the same 10 sequences (--refine-batch 32 ≥ N):
+    // its 5 iterations from EK-FAC's answer bring it at least as close as EK-FAC.
+    let pooled = |i: usize| strategies[i]["pooled_pearson"].as_f64().unwrap();
+    assert_eq!(strategies[1]["strategy"], "ekfac-refined");
+    assert!(
+        pooled(1) >= pooled(0) - 1e-9,
+        "{} vs {}",
+        pooled(1),
+        pooled(0)
+    );
+
+    // One iteration cannot reach 1e-9: the table says so and the JSON records it.
+    let a = args(
+        &llama,
+        "short",
+        &["--cg-iterations", "1", "--cg-tolerance", "1e-9"],
+    );
+    let printed =
+        String::from_utf8(ok(&a.iter().map(String::as_str).collect::<Vec<_>>()).stdout).unwrap();
+    assert!(printed.contains("NOT CONVERGED: a, b"), "{printed}");
+    let short = pbrf_json(&dir.join("short"));
+    for q in short["linear"]["per_query"].as_array().unwrap() {
+        assert_eq!(
+            (q["converged"].as_bool(), q["iterations"].as_u64()),
+            (Some(false), Some(1))
+        );
+    }
+
+    // Refused: the nonlinear response on a Llama, the linear one on a mixture of experts.
+    let a = args(&llama, "bad", &["--response", "nonlinear"]);
+    let r = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(r.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("GPT-2"));
+    let moe = common::family_fixture("../moe/mixtral");
+    let a = args(&moe, "bad2", &[]);
+    let r = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(3), "{err}");
+    assert!(err.contains("mixture-of-experts"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

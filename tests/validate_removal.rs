@@ -58,8 +58,9 @@ fn close(a: f64, b: f64, what: &str) {
 
 /// Every removal's prediction is `group_removal_change` at rank k of the score's list and its
 /// measurement the retrained model's −log p minus the model's; every fit is the one computed
-/// here by hand from those pairs.
-fn check_against_own_records(out: &Path) -> Value {
+/// here by hand from those pairs. The random groups (one per query and k, seed 0) are the
+/// seeded draws, of size k, predicted from the dense scores through the same scale.
+fn check_against_own_records(out: &Path, model: &Path, corpus: &Path) -> Value {
     let r = common::read_json(&out.join("removal.json"));
     let qids: Vec<&str> = r["query_ids"]
         .as_array()
@@ -68,7 +69,8 @@ fn check_against_own_records(out: &Path) -> Value {
         .map(|q| q.as_str().unwrap())
         .collect();
     let removals = r["removals"].as_array().unwrap();
-    assert_eq!(removals.len(), qids.len() * 2 * 2);
+    assert_eq!(removals.len(), qids.len() * 2 * 3);
+    check_random_groups(&r, model, corpus, out);
     let top_k: Vec<Value> = std::fs::read_to_string(out.join("run/results/top_k.jsonl"))
         .unwrap()
         .lines()
@@ -76,6 +78,18 @@ fn check_against_own_records(out: &Path) -> Value {
         .collect();
     for x in removals {
         let qi = qids.iter().position(|q| *q == x["query_id"]).unwrap();
+        let saved =
+            common::read_json(&out.join(format!("work/{}.json", x["retrained"].as_str().unwrap())));
+        let after = f(&saved["losses"][qi]);
+        assert_eq!(f(&x["loss_after"]), after);
+        assert_eq!(
+            f(&x["measured"]),
+            after - f(&r["full_model_losses"][qi]),
+            "{x}"
+        );
+        if x["side"] == "random" {
+            continue;
+        }
         let k = x["k"].as_u64().unwrap();
         let list: Vec<&Value> = top_k
             .iter()
@@ -95,25 +109,22 @@ fn check_against_own_records(out: &Path) -> Value {
             scores / f(&r["removal"]["divisor"]),
             "predicted",
         );
-        let saved =
-            common::read_json(&out.join(format!("work/{}.json", x["retrained"].as_str().unwrap())));
-        let after = f(&saved["losses"][qi]);
-        assert_eq!(f(&x["loss_after"]), after);
-        assert_eq!(
-            f(&x["measured"]),
-            after - f(&r["full_model_losses"][qi]),
-            "{x}"
-        );
     }
     // Removing the top group of 5 sequences measurably moves −log p: retraining happened.
     assert!(removals.iter().any(|x| f(&x["measured"]).abs() > 1e-3));
 
     let cal = r["calibration"].as_array().unwrap();
-    assert_eq!(cal.len(), 2 * 3);
+    assert_eq!(cal.len(), 2 * 4);
     for c in cal {
         let pairs: Vec<(f64, f64)> = removals
             .iter()
-            .filter(|x| x["k"] == c["k"] && (c["side"].is_null() || x["side"] == c["side"]))
+            .filter(|x| {
+                x["k"] == c["k"]
+                    && match c["side"].is_null() {
+                        true => x["side"] != "random",
+                        false => x["side"] == c["side"],
+                    }
+            })
             .map(|x| (f(&x["predicted"]), f(&x["measured"])))
             .collect();
         let (p, m): (Vec<f64>, Vec<f64>) = pairs.iter().copied().unzip();
@@ -135,11 +146,60 @@ fn check_against_own_records(out: &Path) -> Value {
         );
     }
     // The top groups are predicted to hurt the completion, the bottom groups to help it.
-    for x in removals {
+    for x in removals.iter().filter(|x| x["side"] != "random") {
         let p = f(&x["predicted"]);
         assert!(if x["side"] == "top" { p > 0.0 } else { p < 0.0 }, "{x}");
     }
     r
+}
+
+/// Each query's random group of each k: `random_group(N, k, (seed 0, query, 0))` as sequence
+/// ids, its prediction the dense scores of those sequences summed over the divisor.
+fn check_random_groups(r: &Value, model: &Path, corpus: &Path, out: &Path) {
+    let config = common::read_json(&model.join("config.json"));
+    let (n_positions, vocab) = (
+        config["n_positions"].as_u64().unwrap() as usize,
+        config["vocab_size"].as_u64().unwrap() as usize,
+    );
+    let mut tok = infl::data::LazyTokenizer::new(model);
+    let seqs = infl::data::read_corpus(corpus, &mut tok, n_positions, vocab)
+        .unwrap()
+        .sequences;
+    let dense = infl::validate::exact::read_dense(&out.join("run/results")).unwrap();
+    assert_eq!(
+        (r["random_groups"].as_u64(), r["random_seed"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let mut seen = 0;
+    for (qi, q) in r["query_ids"].as_array().unwrap().iter().enumerate() {
+        for k in [2usize, 5] {
+            let x: Vec<&Value> = r["removals"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| x["query_id"] == *q && x["k"] == k && x["side"] == "random")
+                .collect();
+            assert_eq!(x.len(), 1, "one random group per query and k");
+            let want = infl::validate::removal::random_group(seqs.len(), k, (0, qi, 0));
+            assert_eq!(want.len(), k);
+            let ids: Vec<&str> = want.iter().map(|&i| seqs[i].id.as_str()).collect();
+            let removed: Vec<&str> = x[0]["removed"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert_eq!(removed, ids);
+            let sum: f64 = want.iter().map(|&i| dense[qi][i]).sum();
+            close(
+                f(&x[0]["predicted"]),
+                sum / f(&r["removal"]["divisor"]),
+                "random predicted",
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen > 0);
 }
 
 #[test]
@@ -156,10 +216,10 @@ fn removal_predictions_beside_retraining_resume_and_recompute() {
         .collect::<Vec<_>>());
     let table = String::from_utf8_lossy(&run.stdout);
     assert!(
-        table.contains("slope via 0") && table.contains("bottom"),
+        table.contains("slope via 0") && table.contains("bottom") && table.contains("random"),
         "{table}"
     );
-    let first = check_against_own_records(&out);
+    let first = check_against_own_records(&out, &model, &corpus);
     let html = std::fs::read_to_string(out.join("removal.html")).unwrap();
     assert_eq!(html.matches("<svg").count(), 2, "one plot per k");
     assert!(html.contains("class=\"identity\"") && html.contains("y = x"));
@@ -185,7 +245,7 @@ fn removal_predictions_beside_retraining_resume_and_recompute() {
         saved,
         "a saved model was retrained"
     );
-    let second = check_against_own_records(&resumed);
+    let second = check_against_own_records(&resumed, &model, &corpus);
     for key in ["removals", "calibration", "full_model_losses", "query_ids"] {
         assert_eq!(first[key], second[key], "{key}");
     }

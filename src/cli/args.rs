@@ -354,28 +354,42 @@ pub enum ValidateCommand {
     holds every measurement, every query's LDS and the provenance."
     )]
     Lds(ValidateLdsArgs),
-    /// Against the proximal Bregman response function: optimised responses to down-weighting.
+    /// Against the proximal Bregman response function: the linearised response of every
+    /// training sequence (or the optimised one of a sample, GPT-2 only).
     #[command(
         long_about = "Compare every strategy with the proximal Bregman response function (PBRF; Bae et al. 2022,
     the ground truth of Grosse et al. 2023).
 
-    For each of --sample training sequences z_m (drawn from --seed), with θ^s the checkpoint:
+    With θ^s the checkpoint, the PBRF of training sequence z_m is the response
       r(ε) = argmin over the tracked layers' weights θ (every other weight frozen) of
              (1/N) Σ_z Σ_t KL(p_t(θ^s) ‖ p_t(θ)) − ε L(z_m, θ) + ½ Σ_l λ_l ‖θ_l − θ^s_l‖²
       PBRF(q, z_m) = (f_q(r(ε)) − f_q(r(−ε))) / 2ε   with f_q = −log p(completion | prompt)
     KL is the Bregman divergence of the softmax cross-entropy, L the training loss (summed over
-    tokens, averaged over the N sequences), λ_l the damping EK-FAC's scoring uses on layer l, and
-    ε defaults to 1/N (removing one sequence). To first order r(ε) − θ^s = ε (G + λ)⁻¹ ∇L(z_m), G
-    the Gauss-Newton: the thing EK-FAC approximates; PBRF has `infl score`'s sign and scale.
-    Each r(±ε) is found by L-BFGS from θ^s over the whole corpus (one forward and backward per
-    step), stopped after --steps or when the gradient norm has fallen by --tolerance.
+    tokens, averaged over the N sequences) and λ_l the damping EK-FAC's scoring uses on layer l.
+    PBRF has `infl score`'s sign and scale.
 
-    Each strategy is fitted and scored as by `infl validate exact` (OUT/runs/STRATEGY/), and per
-    query its scores of the sampled sequences are correlated with the PBRF's (Spearman, Pearson,
-    top-k overlap: mean and worst query), then over every (query, sequence) pair at once (pooled).
-    Each sequence's PBRF is saved in OUT/work/ as it finishes, so rerunning an interrupted command
-    resumes it (--fresh starts over). OUT/pbrf.json holds every number, each optimisation's
-    convergence, the λ of each layer and the provenance. GPT-2 checkpoints only."
+    --response linear (the default): to first order in ε, PBRF(q, z_m) = ∇f_qᵀ (G + λ)⁻¹ ∇L(z_m),
+    G the exact Gauss-Newton over all N sequences: the thing EK-FAC approximates. Per query,
+    x_q = (G + λ)⁻¹ ∇f_q is solved by conjugate gradient on exact Gauss-Newton products (EK-FAC's
+    damped inverse as preconditioner and start) until the residual ‖∇f_q − (G + λ) x‖ falls to
+    --cg-tolerance of ‖∇f_q‖ or --cg-iterations run out (each iteration costs a tangent forward
+    and a backward pass over the corpus: 0.7 s over 113 sequences of the bundled model on 2 cores,
+    and that model needs several hundred); a query that stops above the tolerance is named
+    NOT CONVERGED in the table. Every training sequence is compared. Every architecture but the
+    mixtures of experts.
+
+    --response nonlinear (GPT-2 only): for each of --sample training sequences (drawn from
+    --seed), r(±ε) is found by L-BFGS from θ^s over the whole corpus (one forward and backward per
+    step), stopped after --steps or when the gradient norm has fallen by --tolerance; ε defaults
+    to 1/N. Each sequence's result is saved in OUT/work/ as it finishes, so rerunning an
+    interrupted command resumes it (--fresh starts over).
+
+    Each strategy (ekfac, ekfac-refined with --iterations and --refine-batch, kfac, diagonal,
+    identity) is fitted and scored as by `infl validate exact` (OUT/runs/STRATEGY/), and per query
+    its scores of the compared sequences are correlated with the PBRF's (Spearman, Pearson, top-k
+    overlap: mean and worst query), then over every (query, sequence) pair at once (pooled).
+    OUT/pbrf.json holds every number, each solve's iterations and residual (or each
+    optimisation's convergence), the λ of each layer and the provenance."
     )]
     Pbrf(ValidatePbrfArgs),
     /// Calibrate the removal units: retrain without each query's top-k (and bottom-k) group and
@@ -385,13 +399,15 @@ pub enum ValidateCommand {
     The model (it must come from `infl train` or `infl demo`: MODEL/training.json is its recipe)\n\
     is fitted and scored with --strategy (OUT/run/). Then, for each query and each group size k,\n\
     it is retrained from scratch with exactly that recipe on the corpus without the query's top-k\n\
-    sequences, and again without its bottom-k sequences (a control whose prediction is negative).\n\
+    sequences, again without its bottom-k sequences (its prediction is negative), and without\n\
+    --random-groups groups of k drawn at random (seeded by --random-seed, the query, k and the\n\
+    group): the control, whose measured changes are the noise floor a top-k change stands out from.\n\
     measured = −log p(completion | prompt) under the retrained model minus under the model;\n\
-    predicted = group_removal_change at rank k (the group's summed scores / N), both in nats.\n\
-    Per k the table fits measured on predicted over both sides and each side: least-squares slope\n\
-    and intercept, the slope through the origin (1: the scale is calibrated), Pearson and\n\
-    Spearman correlation, n.\n\n\
-    It costs one training per query, k and side (2 · queries · groups); they run --threads at a\n\
+    predicted = the group's summed scores / N (group_removal_change at rank k), both in nats.\n\
+    Per k the table fits measured on predicted over top and bottom together (both) and each side\n\
+    (top, bottom, random): least-squares slope and intercept, the slope through the origin (1: the\n\
+    scale is calibrated), Pearson and Spearman correlation, n, the means and the measured s.d.\n\n\
+    It costs one training per query, k and group ((2 + random groups) · queries · groups); they run --threads at a\n\
     time and each finished one is saved in OUT/work/, so rerunning an interrupted command resumes\n\
     it. OUT/removal.json holds every removal and fit and the provenance; OUT/removal.html plots\n\
     measured against predicted per k with the line y = x."
@@ -501,7 +517,8 @@ pub struct ValidateLdsArgs {
 
 #[derive(clap::Args)]
 pub struct ValidatePbrfArgs {
-    /// Checkpoint directory (GPT-2) [default: the bundled tiny model, with its 48-token windows].
+    /// Checkpoint directory or GGUF file [default: the bundled tiny model, with its 48-token
+    /// windows].
     #[arg(long, value_name = "DIR", requires = "train", requires = "queries")]
     pub model: Option<PathBuf>,
     /// Training corpus (JSONL) [default: the bundled demo corpus].
@@ -510,19 +527,34 @@ pub struct ValidatePbrfArgs {
     /// Queries (JSONL) [default: the bundled demo queries].
     #[arg(long, value_name = "QUERIES")]
     pub queries: Option<PathBuf>,
-    /// Output directory: pbrf.json, the strategies' runs (runs/), saved PBRF results (work/).
+    /// Output directory: pbrf.json, the strategies' runs (runs/), the linear reference's
+    /// scores (reference/), saved nonlinear PBRF results (work/).
     #[arg(long, default_value = "infl-validate-pbrf", value_name = "DIR")]
     pub out: PathBuf,
-    /// Training sequences sampled (at least 3; all of them when the corpus has fewer).
+    /// The PBRF compared with: its first order in ε on every sequence, or L-BFGS on a sample.
+    #[arg(long, value_enum, default_value = "linear")]
+    pub response: infl::validate::pbrf::ResponseKind,
+    /// Linear: conjugate-gradient iterations per query at most.
+    #[arg(long, default_value_t = 500, value_name = "N")]
+    pub cg_iterations: usize,
+    /// Linear: a query has converged once its residual is at most this fraction of ‖∇f_q‖.
+    #[arg(long, default_value_t = 1e-5, value_name = "TOL")]
+    pub cg_tolerance: f64,
+    /// The ekfac-refined strategy compared (not the reference).
+    #[command(flatten)]
+    pub refine: o::RefineOptions,
+    /// Nonlinear: training sequences sampled (at least 3; all of them when the corpus has
+    /// fewer).
     #[arg(long, default_value_t = 32, value_name = "K")]
     pub sample: usize,
-    /// ε of the central difference [default: 1/N, the weight of one sequence].
+    /// Nonlinear: ε of the central difference [default: 1/N, the weight of one sequence].
     #[arg(long, value_name = "EPS")]
     pub epsilon: Option<f64>,
-    /// At most this many L-BFGS steps per optimisation.
+    /// Nonlinear: at most this many L-BFGS steps per optimisation.
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub steps: usize,
-    /// Stop once the objective's gradient norm has fallen to this fraction of its start.
+    /// Nonlinear: stop once the objective's gradient norm has fallen to this fraction of its
+    /// start.
     #[arg(long, default_value_t = 1e-4, value_name = "TOL")]
     pub tolerance: f64,
     /// Seed of the sample and of the Fisher's sampled labels.
@@ -546,7 +578,7 @@ pub struct ValidatePbrfArgs {
     /// k of the top-k overlap.
     #[arg(long, default_value_t = 10, value_name = "K", value_parser = o::TOP_K.parser())]
     pub top_k: usize,
-    /// Discard the PBRF results saved in OUT/work/ instead of resuming from them.
+    /// Nonlinear: discard the PBRF results saved in OUT/work/ instead of resuming from them.
     #[arg(long)]
     pub fresh: bool,
 }
@@ -581,6 +613,13 @@ pub struct ValidateRemovalArgs {
     /// The strategy whose predictions are calibrated (identity has no removal scale).
     #[arg(long, value_enum, default_value = "ekfac")]
     pub strategy: Strategy,
+    /// Random groups of each size k removed per query (the control: the noise floor of the
+    /// measured change); 0: none. Each is one more retraining.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub random_groups: usize,
+    /// Seed of the random groups.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub random_seed: u64,
     /// Discard the retraining results saved in OUT/work/ instead of resuming from them.
     #[arg(long)]
     pub fresh: bool,
@@ -597,6 +636,12 @@ impl ValidatePbrfArgs {
             train,
             queries,
             out: self.out,
+            response: self.response,
+            linear: infl::validate::pbrf::linear::LinearOptions {
+                max_iterations: self.cg_iterations,
+                tolerance: self.cg_tolerance,
+            },
+            refine: self.refine,
             sample: self.sample,
             epsilon: self.epsilon,
             solve: infl::validate::pbrf::solve::SolveOptions {
@@ -697,6 +742,8 @@ impl ValidateRemovalArgs {
             out: self.out,
             groups: self.groups,
             strategy: self.strategy,
+            random_groups: self.random_groups,
+            random_seed: self.random_seed,
             threads,
             fresh: self.fresh,
         }

@@ -90,8 +90,8 @@ enum Command {
     Subcommands:\n  \
     exact   against influence under the exact damped per-layer (block-diagonal) Fisher\n  \
     lds     against retraining: the linear datamodeling score over M models trained on subsets\n  \
-    pbrf    against the proximal Bregman response function, optimised per sampled sequence\n  \
-    removal the removal units against retraining without each query's top-k and bottom-k groups"
+    pbrf    against the proximal Bregman response function: linearised on every training sequence\n  \
+    removal the removal units against retraining without each query's top-k, bottom-k and random groups"
     )]
     Validate(ValidateArgs),
 }

@@ -6,9 +6,10 @@
 //! On a model made by `infl train` (its `training.json` is the recipe), the model is fitted and
 //! scored with one strategy under `OUT/run/`; then for each query and each group size k the
 //! model is retrained from scratch with exactly the recipe on the corpus without the query's
-//! top-k group, and without its bottom-k group (the control: its prediction is negative), and
-//! the measured change f_q(retrained) − f_q(model) is set beside the prediction at rank k. Per
-//! k the module fits measured on predicted ([`Calibration`]: least-squares slope and
+//! top-k group, and without its bottom-k group (its prediction is negative), and without
+//! seeded random groups of k (the noise floor: what removing k sequences the scores did not
+//! pick does to f_q, retraining's own variation included), and the measured change
+//! f_q(retrained) − f_q(model) is set beside the prediction. Per k the module fits measured on predicted ([`Calibration`]: least-squares slope and
 //! intercept, the slope through the origin, Pearson and Spearman) and writes `removal.json`,
 //! `removal.html` (a scatter plot per k with the line y = x) and the terminal table.
 //!
@@ -26,6 +27,8 @@ use crate::report::{escape, scatter_svg, Series, CSS};
 use crate::results::{Direction, RemovalScale, TopEntry};
 use crate::train::TrainingRecord;
 use crate::workflow::{self, FitJob, ScoreJob};
+use rand::SeedableRng;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -43,25 +46,52 @@ pub struct RemovalJob {
     pub groups: Vec<usize>,
     /// The strategy whose predictions are calibrated (one with a removal scale).
     pub strategy: Strategy,
+    /// Random groups of each size k per query (the control), each retrained like the others.
+    pub random_groups: usize,
+    /// Seeds the random groups.
+    pub random_seed: u64,
     /// Models retrained at once (each single-threaded inside).
     pub threads: usize,
     /// Discard saved retraining results in `OUT/work/`.
     pub fresh: bool,
 }
 
-/// One retrained model: a query's top or bottom k sequences removed.
+/// Which k sequences a removal takes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The query's k most positive scores.
+    Top,
+    /// Its k most negative.
+    Bottom,
+    /// k sequences drawn at random (seeded per query, k and group): the control.
+    Random,
+}
+
+impl From<Direction> for Side {
+    fn from(d: Direction) -> Self {
+        match d {
+            Direction::Top => Side::Top,
+            Direction::Bottom => Side::Bottom,
+        }
+    }
+}
+
+/// One retrained model: a query's top, bottom or a random k sequences removed.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Removal {
     pub query_id: String,
     pub k: usize,
-    pub side: Direction,
-    /// `group_removal_change` at rank k of the side's list, nats.
+    pub side: Side,
+    /// The group's summed scores in nats: `group_removal_change` at rank k of the side's list,
+    /// or the random group's scores through the same scale.
     pub predicted: f64,
     /// f_q(retrained without the group) − f_q(model), nats.
     pub measured: f64,
     /// f_q under the retrained model.
     pub loss_after: f64,
-    /// The removed sequences' ids (`LINE:WINDOW`), rank order.
+    /// The removed sequences' ids (`LINE:WINDOW`): rank order, or corpus order for a random
+    /// group.
     pub removed: Vec<String>,
     /// The retrained model's record, `OUT/work/NAME.json`.
     pub retrained: String,
@@ -71,8 +101,8 @@ pub struct Removal {
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Calibration {
     pub k: usize,
-    /// The side the removals come from; None: both.
-    pub side: Option<Direction>,
+    /// The side the removals come from; None: top and bottom together.
+    pub side: Option<Side>,
     pub n: usize,
     /// Least squares measured ≈ slope · predicted + intercept.
     pub slope: f64,
@@ -83,13 +113,17 @@ pub struct Calibration {
     pub spearman: f64,
     pub mean_predicted: f64,
     pub mean_measured: f64,
+    /// Standard deviation of the measured changes (n − 1): for the random side, the noise
+    /// floor a top-k measurement stands out from.
+    #[serde(default)]
+    pub sd_measured: f64,
 }
 
 impl Calibration {
     /// The fit of `measured` on `predicted` (paired, same length). Undefined numbers are NaN
     /// (written as null): a slope with fewer than two distinct predictions, a correlation of
     /// a constant.
-    pub fn of(k: usize, side: Option<Direction>, predicted: &[f64], measured: &[f64]) -> Self {
+    pub fn of(k: usize, side: Option<Side>, predicted: &[f64], measured: &[f64]) -> Self {
         let (slope, intercept) = least_squares(predicted, measured);
         Calibration {
             k,
@@ -102,6 +136,7 @@ impl Calibration {
             spearman: spearman(predicted, measured),
             mean_predicted: mean(predicted),
             mean_measured: mean(measured),
+            sd_measured: sd(measured),
         }
     }
 }
@@ -111,6 +146,15 @@ fn mean(x: &[f64]) -> f64 {
         return f64::NAN;
     }
     x.iter().sum::<f64>() / x.len() as f64
+}
+
+/// Sample standard deviation; NaN for fewer than two values.
+fn sd(x: &[f64]) -> f64 {
+    if x.len() < 2 {
+        return f64::NAN;
+    }
+    let m = mean(x);
+    (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64).sqrt()
 }
 
 /// Ordinary least squares y ≈ a·x + b: (a, b). NaN for fewer than two distinct x.
@@ -153,12 +197,18 @@ pub struct RemovalReport {
     /// What turned the scores into nats.
     pub removal: RemovalScale,
     pub groups: Vec<usize>,
+    /// Random groups per query and k, and their seed.
+    #[serde(default)]
+    pub random_groups: usize,
+    #[serde(default)]
+    pub random_seed: u64,
     pub training: TrainingRecord,
     /// Each query's f_q under the model, in query-file order.
     pub full_model_losses: Vec<f64>,
-    /// Query by query, then k, top before bottom.
+    /// Query by query, then k: top, bottom, then the random groups.
     pub removals: Vec<Removal>,
-    /// Per k: both sides together, then the top side, then the bottom side.
+    /// Per k: top and bottom together, then the top side, the bottom side, and (with random
+    /// groups) the random side.
     pub calibration: Vec<Calibration>,
     pub retrain_seconds: f64,
     pub seconds: f64,
@@ -166,7 +216,7 @@ pub struct RemovalReport {
 
 pub const REMOVAL_FILE: &str = "removal.json";
 pub const REMOVAL_HTML: &str = "removal.html";
-const DEFINITION: &str = "For each query q and group size k, the model is retrained from scratch with the recipe in training.json (same init seed, optimiser, schedule, epochs) on the corpus without q's top-k sequences (side top), and without its bottom-k (side bottom). measured = f_q(retrained) - f_q(model), f_q = -log p(completion | prompt) in nats; predicted = group_removal_change at rank k = (sum of the group's scores) / N. Per k: least squares of measured on predicted (slope, intercept; and through the origin), Pearson and Spearman correlation, over both sides and per side. A calibrated scale has slope 1.";
+const DEFINITION: &str = "For each query q and group size k, the model is retrained from scratch with the recipe in training.json (same init seed, optimiser, schedule, epochs) on the corpus without q's top-k sequences (side top), without its bottom-k (side bottom), and without random groups of k drawn from random_seed (side random, the control: the noise floor of the measurement). measured = f_q(retrained) - f_q(model), f_q = -log p(completion | prompt) in nats; predicted = (sum of the group's scores) / N (group_removal_change at rank k for top and bottom). Per k: least squares of measured on predicted (slope, intercept; and through the origin), Pearson and Spearman correlation, over top and bottom together and per side. A calibrated scale has slope 1.";
 
 pub fn run(job: &RemovalJob, progress: &dyn Progress) -> Result<RemovalReport> {
     let started = std::time::Instant::now();
@@ -181,8 +231,11 @@ pub fn run(job: &RemovalJob, progress: &dyn Progress) -> Result<RemovalReport> {
         )));
     }
     io::ensure_dir(&job.out)?;
-    let (top, removal) = predictions(job, recipe.config.n_positions, progress)?;
-    let planned = plan(&recipe, &top, &job.groups)?;
+    let (top, dense, removal) = predictions(job, recipe.config.n_positions, progress)?;
+    let mut planned = plan(&recipe, &top, &job.groups)?;
+    planned.extend(plan_random(&recipe, &dense, &removal, job)?);
+    // Query by query, then k: top, bottom, then the random groups.
+    planned.sort_by_key(|p| (p.query, p.row.k, p.row.side as u8));
     let sets: Vec<TrainingSet> = planned.iter().map(|p| p.set.clone()).collect();
     let retraining = Retraining::prepare(&recipe, job.out.join("work"), job.fresh)?;
     let (retrained, retrain_seconds) = retraining.run(&sets, job.threads, progress)?;
@@ -201,9 +254,11 @@ pub fn run(job: &RemovalJob, progress: &dyn Progress) -> Result<RemovalReport> {
         strategy: job.strategy,
         removal,
         groups: job.groups.clone(),
+        random_groups: job.random_groups,
+        random_seed: job.random_seed,
         full_model_losses: recipe.full_model_losses.clone(),
         training: recipe.training,
-        calibration: calibrate(&removals, &job.groups),
+        calibration: calibrate(&removals, &job.groups, job.random_groups > 0),
         removals,
         retrain_seconds,
         seconds: started.elapsed().as_secs_f64(),
@@ -229,13 +284,14 @@ fn check(job: &RemovalJob) -> Result<()> {
 }
 
 /// Fits and scores the model with the job's strategy under `OUT/run/` (full-rank queries,
-/// top and bottom lists as long as the largest group). Returns `top_k.jsonl`'s entries and the
-/// scale that turned the scores into nats.
+/// top and bottom lists as long as the largest group, dense scores for the random groups).
+/// Returns `top_k.jsonl`'s entries, the `[query][sequence]` scores and the scale that turned
+/// the scores into nats.
 fn predictions(
     job: &RemovalJob,
     max_len: usize,
     progress: &dyn Progress,
-) -> Result<(Vec<TopEntry>, RemovalScale)> {
+) -> Result<(Vec<TopEntry>, Vec<Vec<f64>>, RemovalScale)> {
     let dir = job.out.join("run");
     let options = FitOptions {
         strategy: job.strategy,
@@ -255,6 +311,7 @@ fn predictions(
         &ScoreJob {
             options: ScoreOptions {
                 top_k: job.groups.iter().copied().max().unwrap_or(1),
+                dense: job.random_groups > 0,
                 query_rank: QueryRank::FULL,
                 normalize: Normalize::None,
                 ..ScoreOptions::default()
@@ -275,7 +332,11 @@ fn predictions(
             dir.join("results").display()
         ))
     })?;
-    Ok((summary.top, removal))
+    let dense = match job.random_groups {
+        0 => Vec::new(),
+        _ => super::exact::read_dense(&dir.join("results"))?,
+    };
+    Ok((summary.top, dense, removal))
 }
 
 /// A removal to retrain: its row (measurement pending) and its training set.
@@ -334,7 +395,7 @@ fn plan(recipe: &Recipe, top: &[TopEntry], groups: &[usize]) -> Result<Vec<Plann
                     row: Removal {
                         query_id: q.id.clone(),
                         k,
-                        side,
+                        side: side.into(),
                         predicted,
                         measured: f64::NAN,
                         loss_after: f64::NAN,
@@ -346,6 +407,68 @@ fn plan(recipe: &Recipe, top: &[TopEntry], groups: &[usize]) -> Result<Vec<Plann
                         name,
                         keep: (0..recipe.corpus.sequences.len())
                             .filter(|i| !removed.contains(i))
+                            .collect(),
+                    },
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `k` distinct corpus indices of `0..n`, sorted, drawn from the seed, the query, k and the
+/// group alone (so adding a query or a group size does not change the others' groups).
+pub fn random_group(n: usize, k: usize, (seed, query, group): (u64, usize, usize)) -> Vec<usize> {
+    let mut h = Sha256::new();
+    h.update(format!("infl-removal-random:{seed}:{query}:{k}:{group}"));
+    let digest = h.finalize();
+    let mut bytes = [0u8; 32];
+    bytes.copy_from_slice(&digest);
+    let mut rng = rand_chacha::ChaCha8Rng::from_seed(bytes);
+    let mut out = rand::seq::index::sample(&mut rng, n, k.min(n)).into_vec();
+    out.sort_unstable();
+    out
+}
+
+/// The random groups: `job.random_groups` per query and k, predicted through the same scale
+/// as the top and bottom groups from the dense scores.
+fn plan_random(
+    recipe: &Recipe,
+    dense: &[Vec<f64>],
+    removal: &RemovalScale,
+    job: &RemovalJob,
+) -> Result<Vec<Planned>> {
+    let n = recipe.corpus.sequences.len();
+    let mut out = Vec::new();
+    for (qi, q) in recipe.queries.iter().enumerate() {
+        let row = dense.get(qi).filter(|r| r.len() == n);
+        for &k in &job.groups {
+            for g in 0..job.random_groups {
+                let row = row.ok_or_else(|| {
+                    Error::Other(format!("query {}: the dense scores are not 1 × {n}", q.id))
+                })?;
+                let removed = random_group(n, k, (job.random_seed, qi, g));
+                let score: f64 = removed.iter().map(|&i| row[i]).sum();
+                let name = format!("q{qi:04}-k{k}-random{g}");
+                out.push(Planned {
+                    row: Removal {
+                        query_id: q.id.clone(),
+                        k,
+                        side: Side::Random,
+                        predicted: removal.removal_change(score),
+                        measured: f64::NAN,
+                        loss_after: f64::NAN,
+                        removed: removed
+                            .iter()
+                            .map(|&i| recipe.corpus.sequences[i].id.clone())
+                            .collect(),
+                        retrained: name.clone(),
+                    },
+                    query: qi,
+                    set: TrainingSet {
+                        name,
+                        keep: (0..n)
+                            .filter(|i| removed.binary_search(i).is_err())
                             .collect(),
                     },
                 });
@@ -377,14 +500,25 @@ fn measure(recipe: &Recipe, planned: Vec<Planned>, retrained: &[Retrained]) -> V
         .collect()
 }
 
-/// Per k: both sides together, then the top side, then the bottom side.
-pub fn calibrate(removals: &[Removal], groups: &[usize]) -> Vec<Calibration> {
+/// Per k: top and bottom together, then the top side, the bottom side and (`random`) the
+/// random side.
+pub fn calibrate(removals: &[Removal], groups: &[usize], random: bool) -> Vec<Calibration> {
     let mut out = Vec::new();
+    let mut sides = vec![None, Some(Side::Top), Some(Side::Bottom)];
+    if random {
+        sides.push(Some(Side::Random));
+    }
     for &k in groups {
-        for side in [None, Some(Direction::Top), Some(Direction::Bottom)] {
+        for &side in &sides {
             let (p, m): (Vec<f64>, Vec<f64>) = removals
                 .iter()
-                .filter(|r| r.k == k && side.is_none_or(|s| r.side == s))
+                .filter(|r| {
+                    r.k == k
+                        && match side {
+                            None => r.side != Side::Random,
+                            Some(s) => r.side == s,
+                        }
+                })
                 .map(|r| (r.predicted, r.measured))
                 .unzip();
             out.push(Calibration::of(k, side, &p, &m));
@@ -393,11 +527,12 @@ pub fn calibrate(removals: &[Removal], groups: &[usize]) -> Vec<Calibration> {
     out
 }
 
-fn side_name(side: Option<Direction>) -> &'static str {
+fn side_name(side: Option<Side>) -> &'static str {
     match side {
         None => "both",
-        Some(Direction::Top) => "top",
-        Some(Direction::Bottom) => "bottom",
+        Some(Side::Top) => "top",
+        Some(Side::Bottom) => "bottom",
+        Some(Side::Random) => "random",
     }
 }
 
@@ -405,7 +540,7 @@ impl RemovalReport {
     /// The terminal table: one row per k and side.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "removal calibration ({}): {} queries, {} training sequences; predicted = group_removal_change, measured = change of −log p after retraining without the group (nats)\n{:>4} {:<7} {:>4} {:>9} {:>10} {:>13} {:>8} {:>9} {:>10} {:>10}\n",
+            "removal calibration ({}): {} queries, {} training sequences; predicted = group_removal_change, measured = change of −log p after retraining without the group (nats); both = top and bottom; random = seeded random groups (the noise floor)\n{:>4} {:<7} {:>4} {:>9} {:>10} {:>13} {:>8} {:>9} {:>10} {:>10} {:>8}\n",
             self.strategy.name(),
             self.query_ids.len(),
             self.n_sequences,
@@ -418,12 +553,13 @@ impl RemovalReport {
             "Pearson",
             "Spearman",
             "mean pred",
-            "mean meas"
+            "mean meas",
+            "sd meas"
         );
         for c in &self.calibration {
             let _ = writeln!(
                 s,
-                "{:>4} {:<7} {:>4} {:>9.3} {:>10.3} {:>13.3} {:>8.3} {:>9.3} {:>+10.3} {:>+10.3}",
+                "{:>4} {:<7} {:>4} {:>9.3} {:>10.3} {:>13.3} {:>8.3} {:>9.3} {:>+10.3} {:>+10.3} {:>8.3}",
                 c.k,
                 side_name(c.side),
                 c.n,
@@ -433,7 +569,8 @@ impl RemovalReport {
                 c.pearson,
                 c.spearman,
                 c.mean_predicted,
-                c.mean_measured
+                c.mean_measured,
+                c.sd_measured
             );
         }
         s
@@ -478,14 +615,18 @@ impl RemovalReport {
 
     /// One k's panel: the scatter plot and the fit per side.
     fn html_group(&self, h: &mut String, k: usize) {
-        let points = |side: Direction| -> Vec<(f64, f64)> {
+        let points = |side: Side| -> Vec<(f64, f64)> {
             self.removals
                 .iter()
                 .filter(|r| r.k == k && r.side == side)
                 .map(|r| (r.predicted, r.measured))
                 .collect()
         };
-        let (top, bottom) = (points(Direction::Top), points(Direction::Bottom));
+        let (top, bottom, random) = (
+            points(Side::Top),
+            points(Side::Bottom),
+            points(Side::Random),
+        );
         let svg = scatter_svg(
             &[
                 Series {
@@ -497,6 +638,11 @@ impl RemovalReport {
                     name: format!("bottom-{k} removed"),
                     colour: "#2563eb",
                     points: &bottom,
+                },
+                Series {
+                    name: format!("random {k} removed"),
+                    colour: "#6b7280",
+                    points: &random,
                 },
             ],
             "predicted change of −log p (nats)",
@@ -547,7 +693,7 @@ mod tests {
         assert!(slope_through_origin(&[0.0, 0.0], &[1.0, 2.0]).is_nan());
     }
 
-    fn row(k: usize, side: Direction, predicted: f64, measured: f64) -> Removal {
+    fn row(k: usize, side: Side, predicted: f64, measured: f64) -> Removal {
         Removal {
             query_id: "q".into(),
             k,
@@ -562,7 +708,7 @@ mod tests {
 
     #[test]
     fn calibration_is_per_k_over_both_sides_and_each_side() {
-        let (t, b) = (Direction::Top, Direction::Bottom);
+        let (t, b) = (Side::Top, Side::Bottom);
         // k = 10: measured = 0.5 · predicted exactly; k = 50: one point per side.
         let rows = [
             row(10, t, 2.0, 1.0),
@@ -572,7 +718,7 @@ mod tests {
             row(50, t, 1.0, 3.0),
             row(50, b, -1.0, 1.0),
         ];
-        let c = calibrate(&rows, &[10, 50]);
+        let c = calibrate(&rows, &[10, 50], false);
         assert_eq!(c.len(), 6);
         assert_eq!((c[0].k, c[0].side, c[0].n), (10, None, 4));
         assert!((c[0].slope - 0.5).abs() < 1e-12 && c[0].intercept.abs() < 1e-12);
@@ -586,5 +732,35 @@ mod tests {
         // One point per side: no slope, no correlation.
         assert!(c[4].slope.is_nan() && c[4].pearson.is_nan());
         assert_eq!(c[4].slope_through_origin, 3.0);
+    }
+
+    #[test]
+    fn random_groups_are_seeded_distinct_and_of_size_k() {
+        let a = random_group(80, 5, (3, 0, 0));
+        assert_eq!(a, random_group(80, 5, (3, 0, 0)), "same seed, same group");
+        assert_eq!(a.len(), 5);
+        assert!(a.windows(2).all(|w| w[0] < w[1]) && a.iter().all(|&i| i < 80));
+        // Another seed, query or group draws another group.
+        for other in [(4, 0, 0), (3, 1, 0), (3, 0, 1)] {
+            assert_ne!(a, random_group(80, 5, other), "{other:?}");
+        }
+        assert_eq!(random_group(4, 9, (0, 0, 0)), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn the_random_side_has_its_own_row_and_stays_out_of_both() {
+        let rows = [
+            row(10, Side::Top, 2.0, 1.0),
+            row(10, Side::Bottom, -2.0, -1.0),
+            row(10, Side::Random, 0.1, 0.3),
+            row(10, Side::Random, -0.1, -0.1),
+        ];
+        let c = calibrate(&rows, &[10], true);
+        assert_eq!(c.len(), 4);
+        assert_eq!((c[0].side, c[0].n), (None, 2));
+        assert_eq!((c[3].side, c[3].n), (Some(Side::Random), 2));
+        // measured 0.3, −0.1: mean 0.1, s.d. √((0.04 + 0.04) / 1).
+        assert!((c[3].mean_measured - 0.1).abs() < 1e-12);
+        assert!((c[3].sd_measured - 0.08f64.sqrt()).abs() < 1e-12);
     }
 }

@@ -263,7 +263,7 @@ impl Problem for Gpt2Problem {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::curvature::gauss_newton::GaussNewton;
     use crate::model::gpt2::tests::tiny_config;
@@ -286,7 +286,7 @@ mod tests {
     }
 
     /// Per-layer `d_out × d_in_h` matrices as one f64 vector (layer by layer, column-major).
-    fn flat(ms: &[Mat<f32>]) -> Vec<f64> {
+    pub(crate) fn flat(ms: &[Mat<f32>]) -> Vec<f64> {
         ms.iter()
             .flat_map(|m| {
                 (0..m.ncols()).flat_map(move |j| (0..m.nrows()).map(move |i| m[(i, j)] as f64))
@@ -294,7 +294,7 @@ mod tests {
             .collect()
     }
 
-    fn unflat(v: &[f64], tracked: &[TrackedLayer]) -> Vec<Mat<f32>> {
+    pub(crate) fn unflat(v: &[f64], tracked: &[TrackedLayer]) -> Vec<Mat<f32>> {
         let mut at = 0;
         tracked
             .iter()
@@ -307,7 +307,7 @@ mod tests {
     }
 
     /// The gradient of the cross-entropy at `batch`'s loss positions: `Jᵀ (p − onehot(y))`.
-    fn loss_gradient(gn: &GaussNewton, batch: &TokenBatch, vocab: usize) -> Vec<f64> {
+    pub(crate) fn loss_gradient(gn: &GaussNewton, batch: &TokenBatch, vocab: usize) -> Vec<f64> {
         let zero: Vec<Mat<f32>> = gn
             .tracked()
             .iter()
