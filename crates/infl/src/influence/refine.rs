@@ -27,7 +27,8 @@ pub struct Convergence {
     pub iterations: usize,
     /// `‖∇f_q − (G + λ) x‖ / ‖∇f_q‖` at EK-FAC's answer, the start.
     pub initial_residual: f64,
-    /// The same at the answer returned.
+    /// The same at the answer returned: recomputed from a fresh product where the solve
+    /// reached the tolerance, else conjugate gradient's recursively updated value.
     pub residual: f64,
 }
 
@@ -199,7 +200,7 @@ impl Refiner {
                 pre,
                 &active.iter().map(|&q| p[q].as_slice()).collect::<Vec<_>>(),
             )?;
-            let mut going_on = Vec::with_capacity(active.len());
+            let (mut going_on, mut reached) = (Vec::with_capacity(active.len()), Vec::new());
             for (&q, ap) in active.iter().zip(&ap) {
                 let pap = dot(&p[q], ap);
                 if pap.is_nan() || pap <= 0.0 {
@@ -211,7 +212,11 @@ impl Refiner {
                 axpy(&mut r[q], -alpha, ap);
                 out[q].iterations = it;
                 out[q].residual = dot(&r[q], &r[q]).sqrt() / b_norm[q];
-                if out[q].residual <= tol || it == k_max {
+                if out[q].residual <= tol {
+                    reached.push(q);
+                    continue;
+                }
+                if it == k_max {
                     continue;
                 }
                 let z = precondition(&r[q]);
@@ -224,6 +229,25 @@ impl Refiner {
                     }
                 }
                 going_on.push(q);
+            }
+            // The recursively updated residual drifts from `b − (G + λ) x` with the f32 rounding
+            // of many updates: a query that reached the tolerance has its residual recomputed
+            // (one more pass for all of them), stops only if that one is below it too, and
+            // otherwise restarts from it.
+            if !reached.is_empty() {
+                let ax = self.apply(
+                    pre,
+                    &reached.iter().map(|&q| x[q].as_slice()).collect::<Vec<_>>(),
+                )?;
+                for (&q, ax) in reached.iter().zip(&ax) {
+                    r[q] = zip_with(&b[q], ax, |p, q| p - q);
+                    out[q].residual = dot(&r[q], &r[q]).sqrt() / b_norm[q];
+                    if out[q].residual > tol && it < k_max {
+                        p[q] = precondition(&r[q]);
+                        rz[q] = dot(&r[q], &p[q]);
+                        going_on.push(q);
+                    }
+                }
             }
             active = going_on;
         }
