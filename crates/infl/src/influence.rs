@@ -517,7 +517,19 @@ pub fn precondition_queries(
         .iter()
         .map(|q| q.prompt_ids.len() + q.completion_ids.len())
         .sum();
-    progress.begin("query gradients", total as u64);
+    // A refinement's passes count their sample's tokens once per query they carry:
+    // `--iterations` + 1 passes per query (fewer for a query that converges early, and one
+    // more where a converged residual is rechecked).
+    match preconditioner.refiner.as_ref() {
+        Some(r) if r.options().iterations > 0 => {
+            let passes = (r.options().iterations as u64 + 1) * queries.len() as u64;
+            progress.begin(
+                "query gradients and refinement",
+                total as u64 + passes * r.pass_tokens(),
+            );
+        }
+        _ => progress.begin("query gradients", total as u64),
+    }
     for (chunk_no, chunk) in queries.chunks(batch_size.max(1)).enumerate() {
         let start = chunk_no * batch_size.max(1);
         let refs: Vec<(u64, &[u32], &[u32])> = chunk
@@ -552,11 +564,11 @@ pub fn precondition_queries(
                     .collect();
                 let dims: Vec<usize> = tracked.iter().map(|l| l.d_out * l.d_in_h()).collect();
                 refined.extend(refine_chunk(
-                    refiner,
-                    preconditioner,
+                    (refiner, preconditioner),
                     &rotated,
                     &mut scaled,
                     &dims,
+                    progress,
                 )?);
                 for (index, l) in tracked.iter().enumerate() {
                     let layer = (index, l, &rotated[index], &scaled[index][..]);
@@ -672,11 +684,11 @@ fn store_layer_queries(
 /// gradients in the eigenbasis, `scaled` (per layer, the queries one after the other, `dims`
 /// each) EK-FAC's answers there.
 fn refine_chunk(
-    refiner: &refine::Refiner,
-    preconditioner: &Preconditioner,
+    (refiner, preconditioner): (&refine::Refiner, &Preconditioner),
     rotated: &[Mat<f32>],
     scaled: &mut [Vec<f32>],
     dims: &[usize],
+    progress: &dyn Progress,
 ) -> Result<Vec<refine::Convergence>> {
     let n = rotated.first().map_or(0, |m| m.ncols());
     let mut out = Vec::with_capacity(n);
@@ -707,7 +719,7 @@ fn refine_chunk(
                 .collect()
         })
         .collect();
-    out.extend(refiner.solve_many(preconditioner, &b, &mut x)?);
+    out.extend(refiner.solve_many(preconditioner, &b, &mut x, progress)?);
     for (k, xk) in x.iter().enumerate() {
         for ((s, &d), xl) in scaled.iter_mut().zip(dims).zip(xk) {
             s[k * d..(k + 1) * d].copy_from_slice(xl);

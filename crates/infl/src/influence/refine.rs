@@ -17,6 +17,7 @@ use crate::data::{self, LazyTokenizer, Sequence};
 use crate::error::{Error, Result};
 use crate::model::{TokenBatch, TrackedLayer};
 use crate::options::{Columns, RefineOptions};
+use crate::pass::Progress;
 use faer::{Mat, MatRef};
 use std::path::Path;
 
@@ -86,9 +87,20 @@ impl Refiner {
         self.gn.tracked()
     }
 
+    /// Tokens of the sample: one direction's pass over it, in the unit progress counts.
+    pub fn pass_tokens(&self) -> u64 {
+        self.sample.iter().map(|s| s.ids.len() as u64).sum()
+    }
+
     /// `(G + λ) v_k` for each direction `v_k`, all in the eigenbasis, per layer
-    /// (column-major `d_out × d_in_h`). Every direction shares each batch's Gauss-Newton pass.
-    fn apply(&self, pre: &Preconditioner, vs: &[&[Vec<f32>]]) -> Result<Vec<Vec<Vec<f32>>>> {
+    /// (column-major `d_out × d_in_h`). Every direction shares each batch's Gauss-Newton pass;
+    /// `progress` counts each batch's tokens once per direction it carried.
+    fn apply(
+        &self,
+        pre: &Preconditioner,
+        vs: &[&[Vec<f32>]],
+        progress: &dyn Progress,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
         let tracked = self.gn.tracked();
         let directions: Vec<Vec<Mat<f32>>> = vs
             .iter()
@@ -120,6 +132,8 @@ impl Refiner {
                 .map(|(k, s)| (k as u64, s.ids.as_slice()))
                 .collect();
             let parts = self.gn.products(&TokenBatch::training(&seqs), &refs)?;
+            let tokens: usize = chunk.iter().map(|s| s.ids.len()).sum();
+            progress.advance((tokens * refs.len()) as u64);
             for (sum, part) in sums.iter_mut().zip(&parts) {
                 for (s, p) in sum.iter_mut().zip(part) {
                     *s += p;
@@ -157,10 +171,15 @@ impl Refiner {
         pre: &Preconditioner,
         b: &[Vec<Vec<f32>>],
         x: &mut [Vec<Vec<f32>>],
+        progress: &dyn Progress,
     ) -> Result<Vec<Convergence>> {
         let (k_max, tol) = (self.options.iterations, self.options.refine_tolerance);
         let b_norm: Vec<f64> = b.iter().map(|b| dot(b, b).sqrt()).collect();
-        let ax = self.apply(pre, &x.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?;
+        let ax = self.apply(
+            pre,
+            &x.iter().map(|v| v.as_slice()).collect::<Vec<_>>(),
+            progress,
+        )?;
         let mut r: Vec<Vec<Vec<f32>>> = b
             .iter()
             .zip(&ax)
@@ -199,6 +218,7 @@ impl Refiner {
             let ap = self.apply(
                 pre,
                 &active.iter().map(|&q| p[q].as_slice()).collect::<Vec<_>>(),
+                progress,
             )?;
             let (mut going_on, mut reached) = (Vec::with_capacity(active.len()), Vec::new());
             for (&q, ap) in active.iter().zip(&ap) {
@@ -238,6 +258,7 @@ impl Refiner {
                 let ax = self.apply(
                     pre,
                     &reached.iter().map(|&q| x[q].as_slice()).collect::<Vec<_>>(),
+                    progress,
                 )?;
                 for (&q, ax) in reached.iter().zip(&ax) {
                     r[q] = zip_with(&b[q], ax, |p, q| p - q);
@@ -453,6 +474,30 @@ mod tests {
             .zip(&ca)
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(worst < 1e-4 * scale, "max |Δ| {worst} of {scale}");
+    }
+
+    /// The refinement reports its passes: with no early convergence, the sample's tokens once
+    /// per query and pass (the start's residual and each iteration), after the queries' own.
+    #[test]
+    fn progress_counts_every_pass_over_the_sample() {
+        struct Count(std::sync::Mutex<(u64, u64)>);
+        impl crate::pass::Progress for Count {
+            fn begin(&self, _: &str, total: u64) {
+                self.0.lock().unwrap().0 += total;
+            }
+            fn advance(&self, tokens: u64) {
+                self.0.lock().unwrap().1 += tokens;
+            }
+            fn end(&self) {}
+        }
+        let (model, pre) = setup("gpt2", 2, 1e-12);
+        let count = Count(std::sync::Mutex::new((0, 0)));
+        let queries = [query(), query()];
+        precondition_queries(model.as_ref(), &queries, &pre, 4, None, false, &count).unwrap();
+        let sample: u64 = training().iter().map(|s| s.ids.len() as u64).sum();
+        let (begun, advanced) = *count.0.lock().unwrap();
+        assert_eq!(advanced, 2 * 4 + 3 * 2 * sample);
+        assert_eq!(begun, advanced);
     }
 
     /// Run to convergence, the refined answer is the dense solve of `(G + λ) x = ∇f_q` with G
