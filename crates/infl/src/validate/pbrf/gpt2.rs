@@ -306,6 +306,23 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// The mean Gauss-Newton `(1/n) Σ_z Jᵀ H J` of `train` (n sequences) on `gn`'s layers,
+    /// built densely column by column from products, in f64.
+    pub(crate) fn dense_gauss_newton(gn: &GaussNewton, train: &TokenBatch, n: usize) -> Mat<f64> {
+        let tracked = gn.tracked();
+        let d: usize = tracked.iter().map(|l| l.d_out * l.d_in_h()).sum();
+        let mut g = Mat::<f64>::zeros(d, d);
+        for j in 0..d {
+            let mut e = vec![0.0; d];
+            e[j] = 1.0;
+            let col = flat(&gn.product(train, &unflat(&e, tracked)).unwrap());
+            for (i, x) in col.iter().enumerate() {
+                g[(i, j)] = x / n as f64;
+            }
+        }
+        g
+    }
+
     /// The gradient of the cross-entropy at `batch`'s loss positions: `Jᵀ (p − onehot(y))`.
     pub(crate) fn loss_gradient(gn: &GaussNewton, batch: &TokenBatch, vocab: usize) -> Vec<f64> {
         let zero: Vec<Mat<f32>> = gn
@@ -352,15 +369,7 @@ pub(super) mod tests {
         // The dense damped Gauss-Newton, λ_ℓ = 0.1·trace(G_ℓℓ)/D_ℓ (the heuristic's scale).
         let dims: Vec<usize> = tracked.iter().map(|l| l.d_out * l.d_in_h()).collect();
         let d: usize = dims.iter().sum();
-        let mut g = Mat::<f64>::zeros(d, d);
-        for j in 0..d {
-            let mut e = vec![0.0; d];
-            e[j] = 1.0;
-            let col = flat(&gn.product(&train, &unflat(&e, &tracked)).unwrap());
-            for (i, x) in col.iter().enumerate() {
-                g[(i, j)] = x / n as f64;
-            }
-        }
+        let mut g = dense_gauss_newton(&gn, &train, n);
         let mut lambdas = Vec::new();
         let mut at = 0;
         for &dl in &dims {

@@ -141,7 +141,7 @@ pub fn solve(
 
 #[cfg(test)]
 mod tests {
-    use super::super::gpt2::tests::{flat, loss_gradient, unflat};
+    use super::super::gpt2::tests::{dense_gauss_newton, loss_gradient};
     use super::super::{run, PbrfJob, ResponseKind, SolveOptions};
     use crate::curvature::gauss_newton::GaussNewton;
     use crate::curvature::Fisher;
@@ -257,15 +257,7 @@ mod tests {
         let train = TokenBatch::training(&refs);
         let dims: Vec<usize> = tracked.iter().map(|l| l.d_out * l.d_in_h()).collect();
         let d: usize = dims.iter().sum();
-        let mut g = Mat::<f64>::zeros(d, d);
-        for j in 0..d {
-            let mut e = vec![0.0; d];
-            e[j] = 1.0;
-            let col = flat(&gn.product(&train, &unflat(&e, &tracked)).unwrap());
-            for (i, x) in col.iter().enumerate() {
-                g[(i, j)] = x / seqs.len() as f64;
-            }
-        }
+        let mut g = dense_gauss_newton(&gn, &train, seqs.len());
         let mut at = 0;
         for (l, &dl) in tracked.iter().zip(&dims) {
             let (_, lam) = report
