@@ -379,7 +379,8 @@ pub struct ScoreOptions {
     /// Also write the full [n_queries, n_train] matrix to scores.safetensors.
     #[cfg_attr(feature = "clap", arg(long))]
     pub dense: bool,
-    /// Sequences per forward/backward batch (results do not depend on it).
+    /// Sequences per forward/backward batch (results do not depend on it; with ekfac-refined
+    /// factors, also the queries refined together, whose answers then differ in rounding).
     #[cfg_attr(
         feature = "clap",
         arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_name = "B", value_parser = BATCH_SIZE.parser())
