@@ -74,12 +74,8 @@ impl Dual {
     /// A value that does not depend on the tracked weights (the embeddings), with `n` zero
     /// tangents.
     pub fn constant(x: Tensor, n: usize) -> Result<Dual> {
-        let mut dims = x.dims().to_vec();
-        if let Some(first) = dims.first_mut() {
-            *first *= n;
-        }
         Ok(Dual {
-            dx: Tensor::zeros(dims, x.dtype(), x.device())?,
+            dx: Tensor::zeros(stacked(&x, n), x.dtype(), x.device())?,
             x,
             n,
         })
@@ -104,12 +100,9 @@ impl Dual {
 
     /// A value and tangents laid out as [`Dual::tangents`] returns them.
     fn with_tangents(&self, x: Tensor, per_direction: Tensor) -> Result<Dual> {
-        let dims = per_direction.dims();
-        let mut stacked = vec![dims[0] * dims.get(1).copied().unwrap_or(1)];
-        stacked.extend_from_slice(dims.get(2..).unwrap_or(&[]));
         Ok(Dual {
+            dx: per_direction.reshape(stacked(&x, self.n))?,
             x,
-            dx: per_direction.reshape(stacked)?,
             n: self.n,
         })
     }
@@ -289,6 +282,15 @@ pub(super) fn attention(q: &Dual, k: &Dual, v: &Dual, mask: &Tensor, scale: f64)
             .contiguous()?
             .reshape((c * b * t, h * hd))
     })
+}
+
+/// The shape of `n` tangents of `x` stacked along its first axis.
+fn stacked(x: &Tensor, n: usize) -> Vec<usize> {
+    let mut dims = x.dims().to_vec();
+    if let Some(first) = dims.first_mut() {
+        *first *= n;
+    }
+    dims
 }
 
 /// A batched matrix product whose operands' batch axes broadcast (a value's `[b, h, …]`
