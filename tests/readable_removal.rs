@@ -19,27 +19,7 @@ fn group_removal_change_against_retraining_without_the_group() {
     let dir = scratch("readable", "removal");
     let (corpus, queries) = common::demo_subset(&dir, 60);
     let model = dir.join("model");
-    ok(&[
-        "train",
-        "--train",
-        s(&corpus),
-        "--out",
-        s(&model),
-        "--vocab-size",
-        "300",
-        "--n-embd",
-        "16",
-        "--n-head",
-        "2",
-        "--n-layer",
-        "1",
-        "--n-positions",
-        "64",
-        "--epochs",
-        "4",
-        "--batch-size",
-        "8",
-    ]);
+    common::train_tiny(&corpus, &model, "4");
     let factors = dir.join("factors");
     ok(&[
         "fit",
