@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 /// of a known total).
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Progress on stderr, in tokens, with rate and ETA.
+/// Progress on stderr, in tokens (or the unit of [`Progress::begin_in`]), with rate and ETA.
 pub struct Bars {
     quiet: bool,
     terminal: bool,
@@ -32,28 +32,37 @@ impl Bars {
 
 impl Progress for Bars {
     fn begin(&self, what: &str, total_tokens: u64) {
+        self.begin_in(what, total_tokens, "tokens");
+    }
+
+    fn begin_in(&self, what: &str, total: u64, unit: &'static str) {
         if self.quiet {
             return;
         }
         if !self.terminal {
             if let Ok(mut l) = self.log.lock() {
-                *l = Some(LogLines::new(what, total_tokens));
+                *l = Some(LogLines::new(what, total, unit));
             }
             return;
         }
         // A streamed pass does not know its length up front (total 0): count without a bar.
-        let (len, template) = if total_tokens == 0 {
-            (None, "{msg:>16} {pos} tokens  {per_sec}  {elapsed}")
+        let (len, template) = if total == 0 {
+            (
+                None,
+                format!("{{msg:>16}} {{pos}} {unit}  {{per_sec}}  {{elapsed}}"),
+            )
         } else {
             (
-                Some(total_tokens),
-                "{msg:>16} [{bar:30}] {pos}/{len} tokens  {per_sec}  ETA {eta}",
+                Some(total),
+                format!(
+                    "{{msg:>16}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  ETA {{eta}}"
+                ),
             )
         };
         let bar =
             indicatif::ProgressBar::with_draw_target(len, indicatif::ProgressDrawTarget::stderr());
         bar.set_style(
-            indicatif::ProgressStyle::with_template(template)
+            indicatif::ProgressStyle::with_template(&template)
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
@@ -93,6 +102,7 @@ impl Progress for Bars {
 /// One piece of work reported as log lines: what, done/total, rate, ETA.
 struct LogLines {
     what: String,
+    unit: &'static str,
     total: u64,
     done: u64,
     started: Instant,
@@ -102,10 +112,11 @@ struct LogLines {
 }
 
 impl LogLines {
-    fn new(what: &str, total: u64) -> Self {
+    fn new(what: &str, total: u64, unit: &'static str) -> Self {
         let now = Instant::now();
         LogLines {
             what: what.to_string(),
+            unit,
             total,
             done: 0,
             started: now,
@@ -114,9 +125,9 @@ impl LogLines {
         }
     }
 
-    /// Counts `tokens`; the line to print when a tenth is passed or `LOG_EVERY` has gone by.
-    fn advance(&mut self, tokens: u64) -> Option<String> {
-        self.done += tokens;
+    /// Counts `n` units; the line to print when a tenth is passed or `LOG_EVERY` has gone by.
+    fn advance(&mut self, n: u64) -> Option<String> {
+        self.done += n;
         let tenth = self.total > 0 && self.done * 10 >= self.next_tenth * self.total;
         if !tenth && self.last.elapsed() < LOG_EVERY {
             return None;
@@ -132,20 +143,31 @@ impl LogLines {
         self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
     }
 
-    fn line(&self) -> String {
+    /// The rate in `unit`/s, to two significant figures where it is below 10 (an
+    /// eigendecomposition of a large layer takes many seconds).
+    fn rate_text(&self) -> String {
         let rate = self.rate();
+        let decimals = match rate {
+            r if r >= 10.0 => 0,
+            r if r >= 1.0 => 1,
+            r if r >= 0.1 => 2,
+            _ => 3,
+        };
+        format!("{rate:.decimals$} {}/s", self.unit)
+    }
+
+    fn line(&self) -> String {
+        let (what, unit, rate) = (&self.what, self.unit, self.rate_text());
         if self.total == 0 {
             return format!(
-                "{}: {} tokens, {rate:.0} tokens/s, {} elapsed",
-                self.what,
+                "{what}: {} {unit}, {rate}, {} elapsed",
                 self.done,
                 clock(self.started.elapsed().as_secs_f64())
             );
         }
-        let left = self.total.saturating_sub(self.done) as f64 / rate.max(1e-9);
+        let left = self.total.saturating_sub(self.done) as f64 / self.rate().max(1e-9);
         format!(
-            "{}: {}/{} tokens ({:.0}%), {rate:.0} tokens/s, ETA {}",
-            self.what,
+            "{what}: {}/{} {unit} ({:.0}%), {rate}, ETA {}",
             self.done,
             self.total,
             100.0 * self.done as f64 / self.total as f64,
@@ -155,11 +177,12 @@ impl LogLines {
 
     fn finished(&self) -> String {
         format!(
-            "{}: done, {} tokens in {} ({:.0} tokens/s)",
+            "{}: done, {} {} in {} ({})",
             self.what,
             self.done,
+            self.unit,
             clock(self.started.elapsed().as_secs_f64()),
-            self.rate()
+            self.rate_text()
         )
     }
 }
@@ -183,7 +206,7 @@ mod tests {
 
     #[test]
     fn a_line_marks_each_tenth_of_a_known_total() {
-        let mut log = LogLines::new("covariance pass", 100);
+        let mut log = LogLines::new("covariance pass", 100, "tokens");
         let lines: Vec<String> = (0..20).filter_map(|_| log.advance(5)).collect();
         assert_eq!(lines.len(), 10, "{lines:?}");
         assert!(lines[0].starts_with("covariance pass: 10/100 tokens (10%)"));
@@ -193,5 +216,20 @@ mod tests {
             .starts_with("covariance pass: done, 100 tokens in"));
         assert_eq!(clock(3727.0), "1h02m");
         assert_eq!(clock(187.0), "3m07s");
+    }
+
+    #[test]
+    fn other_units_are_named_and_slow_rates_keep_their_figures() {
+        let mut log = LogLines::new("eigendecompositions", 4, "layers");
+        log.started -= Duration::from_secs(40);
+        let line = log.advance(1).unwrap_or_default();
+        // One layer in 40 s: 0.025 layers/s, and the three left at that rate take 2 minutes.
+        assert!(
+            line.starts_with("eigendecompositions: 1/4 layers (25%), 0.025 layers/s, ETA 2m0"),
+            "{line}"
+        );
+        assert!(log
+            .finished()
+            .starts_with("eigendecompositions: done, 1 layers in 40"));
     }
 }

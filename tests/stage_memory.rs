@@ -82,9 +82,9 @@ fn the_stages_between_passes_hold_one_layer_of_working_copies() {
         .num_threads(threads)
         .build()
         .unwrap();
-    drop(pool.install(|| curvature::eigendecompose(&tracked, cov.clone()).unwrap()));
+    drop(pool.install(|| curvature::eigendecompose(&tracked, cov.clone(), &Silent).unwrap()));
     let (layers, growth) =
-        peak_growth(|| pool.install(|| curvature::eigendecompose(&tracked, cov).unwrap()));
+        peak_growth(|| pool.install(|| curvature::eigendecompose(&tracked, cov, &Silent).unwrap()));
     // Per layer being decomposed (one per thread, A and S at once), the eigensolver's copies.
     let workspace = threads * 2 * 40 * largest;
     // The factors replace the sums, which go as each layer is decomposed: the heap grows by

@@ -72,7 +72,8 @@ def _argv(options: Dict[str, Any]) -> List[str]:
 
 
 class _Tqdm:
-    """Progress reports drawn as tqdm bars, one per pass, in tokens."""
+    """Progress reports drawn as tqdm bars, one per pass, in tokens (the eigendecompositions
+    in layers)."""
 
     def __init__(self, tqdm: Any):
         self.tqdm, self.bar, self.stage = tqdm, None, None
@@ -81,7 +82,8 @@ class _Tqdm:
         if self.bar is None or stage != self.stage:
             self.close()
             self.stage = stage
-            self.bar = self.tqdm(desc=stage, total=total or None, unit="tok", unit_scale=True)
+            unit = "layer" if stage == "eigendecompositions" else "tok"
+            self.bar = self.tqdm(desc=stage, total=total or None, unit=unit, unit_scale=True)
         self.bar.update(done - self.bar.n)
         if finished:
             self.close()

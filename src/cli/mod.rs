@@ -112,7 +112,7 @@ pub fn run() -> Result<()> {
         Command::Report(a) => report(a, quiet),
         Command::Compare(a) => compare(a),
         Command::Inspect(a) => inspect(a, quiet),
-        Command::Merge(a) => merge(a, quiet),
+        Command::Merge(a) => merge(a, &progress, quiet),
         Command::Serve(a) => Ok(infl_serve::run(a.into_config())?),
         Command::Validate(a) => match a.command {
             ValidateCommand::Exact(a) => validate_exact(a, &progress, quiet),
@@ -268,8 +268,8 @@ fn compare(a: CompareArgs) -> Result<()> {
     Ok(())
 }
 
-fn merge(a: MergeArgs, quiet: bool) -> Result<()> {
-    let out = workflow::merge(&a.dir)?;
+fn merge(a: MergeArgs, progress: &dyn Progress, quiet: bool) -> Result<()> {
+    let out = workflow::merge(&a.dir, progress)?;
     if !quiet {
         eprintln!("{}", out.message);
     }

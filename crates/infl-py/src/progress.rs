@@ -82,13 +82,19 @@ impl PyProgress {
 
 impl Progress for PyProgress {
     fn begin(&self, what: &str, total_tokens: u64) {
+        self.begin_in(what, total_tokens, "tokens");
+    }
+
+    /// The callable hears the stage, done and total as for tokens (the package's tqdm adapter
+    /// names the unit from the stage).
+    fn begin_in(&self, what: &str, total: u64, unit: &'static str) {
         if let Ok(mut s) = self.stage.lock() {
             *s = what.to_string();
         }
-        self.total.store(total_tokens, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
         self.done.store(0, Ordering::Relaxed);
         if let Sink::Bars(b) = &self.sink {
-            b.begin(what, total_tokens);
+            b.begin_in(what, total, unit);
         }
         self.report(false);
     }

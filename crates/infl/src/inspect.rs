@@ -298,12 +298,23 @@ fn human_flag(bytes: u64) -> String {
     }
 }
 
-/// `MemAvailable` from /proc/meminfo, in bytes (None where it cannot be read).
+/// The memory this job can use, in bytes (None where /proc cannot be read): what the system
+/// has available (`MemAvailable`) plus what this process already holds (`RssAnon`). The
+/// estimates count a whole job, weights and factors included, and a job checks them after
+/// loading some of it: MemAvailable alone counted a 1B model's loaded weights and
+/// preconditioner twice and refused a score that fit.
 pub fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    // What this process has freed and its allocator keeps ([`crate::io::keep_freed_memory`])
+    // goes back first, so that the next stage's own pages are not stacked on it.
+    crate::io::release_freed_memory();
+    let kib = |file: &str, field: &str| -> Option<u64> {
+        let text = std::fs::read_to_string(file).ok()?;
+        let line = text.lines().find(|l| l.starts_with(field))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    };
+    let available = kib("/proc/meminfo", "MemAvailable:")?;
+    let held = kib("/proc/self/status", "RssAnon:").unwrap_or(0);
+    Some(1024 * (available + held))
 }
 
 /// Refuses to start `what` when `need` bytes exceed the memory available.
@@ -311,7 +322,7 @@ pub fn check_memory(what: &str, need: u64, hint: &str) -> Result<()> {
     if let Some(avail) = mem_available() {
         if need > avail {
             return Err(Error::input(format!(
-                "{what} would need about {} but only {} is available (MemAvailable); {hint}, or pass --no-memory-check to try anyway (`infl inspect` shows the breakdown)",
+                "{what} would need about {} but only {} is available (MemAvailable and what it holds); {hint}, or pass --no-memory-check to try anyway (`infl inspect` shows the breakdown)",
                 human(need),
                 human(avail)
             )));
@@ -408,10 +419,10 @@ pub fn probe(model: &dyn TapModel, batch_size: usize, max_len: usize) -> Result<
     let started = std::time::Instant::now();
     curvature::fit(model, &seqs, &options, &passes)?;
     let fit_seconds = started.elapsed().as_secs_f64();
-    // What the fit spent outside its passes, as it ran them: the eigendecompositions (timed
-    // apart, on other matrices and one after another, they took longer than the whole fit on
-    // a fast machine, which left nothing per token and a flat estimate).
-    let eigh_seconds = (fit_seconds - passes.total().wall).max(0.0);
+    // The eigendecompositions as the fit ran them, a phase of their own (timed apart, on
+    // other matrices and one after another, they took longer than the whole fit on a fast
+    // machine, which left nothing per token and a flat estimate).
+    let eigh_seconds = passes.seconds("eigendecompositions").wall;
 
     let identity = curvature::Factors {
         strategy: Strategy::Identity,
@@ -559,7 +570,7 @@ pub fn report(
     );
     match mem_available() {
         Some(a) => {
-            row(&mut s, "available now (MemAvailable)", a);
+            row(&mut s, "available (MemAvailable + held now)", a);
             if e.fit_total() > a {
                 let _ = writeln!(s, "  {}", partition_advice(model, batch_size, max_len, a));
             }

@@ -240,7 +240,7 @@ pub(crate) mod tests {
         }
         assert_close(&host, &dev);
 
-        let factors = eigendecompose(&tracked, host.clone()).unwrap();
+        let factors = eigendecompose(&tracked, host.clone(), &crate::pass::Silent).unwrap();
         let bases: Vec<Option<&Eigenbasis>> = factors.iter().map(|f| f.eigen.as_ref()).collect();
         for bases in [bases, vec![None, None]] {
             let mut host = PassSums::zeros(Pass::Eigenvalue, &tracked);

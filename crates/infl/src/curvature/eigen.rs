@@ -5,6 +5,7 @@ use super::{Eigenbasis, LayerFactors, PassSums, Sums};
 use crate::error::{Error, Result};
 use crate::linalg::{self, Lower};
 use crate::model::TrackedLayer;
+use crate::pass::Progress;
 use faer::Mat;
 use rayon::prelude::*;
 
@@ -13,7 +14,12 @@ use rayon::prelude::*;
 /// decomposition on one thread (the same computation whatever the thread count). The sums are
 /// consumed: each layer's f64 sums are normalised in place and freed once decomposed, so the
 /// f32 factors replace them rather than join them (the fit's peak would otherwise hold both).
-pub fn eigendecompose(tracked: &[TrackedLayer], cov: PassSums) -> Result<Vec<LayerFactors>> {
+/// `progress` counts the layers decomposed (a 1B model's take tens of minutes).
+pub fn eigendecompose(
+    tracked: &[TrackedLayer],
+    cov: PassSums,
+    progress: &dyn Progress,
+) -> Result<Vec<LayerFactors>> {
     let norm = 1.0 / cov.n_tokens.max(1) as f64;
     let (n_tokens, n_sequences) = (cov.n_tokens, cov.n_sequences);
     let Sums::Covariance(grams) = cov.sums else {
@@ -24,7 +30,8 @@ pub fn eigendecompose(tracked: &[TrackedLayer], cov: PassSums) -> Result<Vec<Lay
     let mut grams = grams.into_iter();
     let pairs: Vec<(Lower, Lower)> =
         std::iter::from_fn(|| Some((grams.next()?, grams.next()?))).collect();
-    tracked
+    progress.begin_in("eigendecompositions", tracked.len() as u64, "layers");
+    let layers = tracked
         .par_iter()
         .zip(pairs.into_par_iter())
         .map(|(l, (a, s))| {
@@ -54,9 +61,12 @@ pub fn eigendecompose(tracked: &[TrackedLayer], cov: PassSums) -> Result<Vec<Lay
             // next layers' f32 factors do not reuse: return them rather than let the heap grow.
             drop((a, s, q_a, q_s));
             crate::io::release_freed_memory();
+            progress.advance(1);
             Ok(factors)
         })
-        .collect()
+        .collect();
+    progress.end();
+    layers
 }
 
 /// The symmetric matrix of a packed triangle, times `norm`; the triangle is freed.
@@ -99,4 +109,54 @@ pub fn empty_factors(
             lambda: None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curvature::Pass;
+    use std::sync::Mutex;
+
+    /// One `begin_in`: what, total, unit.
+    type Begun = (String, u64, &'static str);
+
+    /// What a reporter was told: each begin, the units advanced, the ends.
+    #[derive(Default)]
+    struct Record(Mutex<(Vec<Begun>, u64, usize)>);
+
+    impl Progress for Record {
+        fn begin(&self, what: &str, total: u64) {
+            self.begin_in(what, total, "tokens");
+        }
+        fn begin_in(&self, what: &str, total: u64, unit: &'static str) {
+            let mut r = self.0.lock().unwrap();
+            r.0.push((what.to_string(), total, unit));
+        }
+        fn advance(&self, n: u64) {
+            self.0.lock().unwrap().1 += n;
+        }
+        fn end(&self) {
+            self.0.lock().unwrap().2 += 1;
+        }
+    }
+
+    /// Each layer's decomposition is counted once it is done, in layers, within one begin/end.
+    #[test]
+    fn the_decompositions_report_their_layers() {
+        let layer = |name: &str, d_in, d_out| TrackedLayer {
+            name: name.into(),
+            d_in,
+            d_out,
+            has_bias: false,
+        };
+        let tracked = [layer("a", 3, 2), layer("b", 2, 4), layer("c", 5, 1)];
+        let mut cov = PassSums::zeros(Pass::Covariance, &tracked);
+        cov.n_tokens = 4;
+        let record = Record::default();
+        let factors = eigendecompose(&tracked, cov, &record).unwrap();
+        assert_eq!(factors.len(), 3);
+        let (begun, advanced, ended) = &*record.0.lock().unwrap();
+        assert_eq!(begun, &[("eigendecompositions".to_string(), 3, "layers")]);
+        assert_eq!((*advanced, *ended), (3, 1));
+    }
 }

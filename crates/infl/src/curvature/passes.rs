@@ -150,7 +150,7 @@ pub fn fit(
             |_, _| Ok(()),
         )?;
         match pass {
-            Pass::Covariance => layers = eigendecompose(&tracked, state)?,
+            Pass::Covariance => layers = eigendecompose(&tracked, state, progress)?,
             Pass::Eigenvalue => set_lambda(&mut layers, &state),
         }
     }

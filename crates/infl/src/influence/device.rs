@@ -243,7 +243,7 @@ mod tests {
         let fit = random_taps(&tracked, &[7, 3, 9, 5], 8);
         let mut cov = PassSums::zeros(Pass::Covariance, &tracked);
         accumulate(&mut cov, &tracked, &[], &fit);
-        let eigen = eigendecompose(&tracked, cov).unwrap();
+        let eigen = eigendecompose(&tracked, cov, &crate::pass::Silent).unwrap();
         let lambda = |bases: &[Option<&crate::curvature::Eigenbasis>]| {
             let mut sums = PassSums::zeros(Pass::Eigenvalue, &tracked);
             accumulate(&mut sums, &tracked, bases, &fit);

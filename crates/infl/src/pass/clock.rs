@@ -125,11 +125,6 @@ impl<'a> PhaseClock<'a> {
         self.sum(|n| n == name)
     }
 
-    /// Wall and CPU seconds of every phase.
-    pub fn total(&self) -> Elapsed {
-        self.sum(|_| true)
-    }
-
     /// The readings taken in the phases called `name`, in order.
     pub fn readings(&self, name: &str) -> Vec<f64> {
         lock(&self.phases)
@@ -154,13 +149,16 @@ impl<'a> PhaseClock<'a> {
 
 impl Progress for PhaseClock<'_> {
     fn begin(&self, what: &str, total_tokens: u64) {
+        self.begin_in(what, total_tokens, "tokens");
+    }
+    fn begin_in(&self, what: &str, total: u64, unit: &'static str) {
         *lock(&self.running) = Some(Running {
             name: what.to_string(),
             watch: Stopwatch::start(),
             paused: Elapsed::ZERO,
             readings: Vec::new(),
         });
-        self.inner.begin(what, total_tokens);
+        self.inner.begin_in(what, total, unit);
     }
     fn advance(&self, tokens: u64) {
         self.inner.advance(tokens);

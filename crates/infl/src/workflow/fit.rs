@@ -324,7 +324,8 @@ impl FitRun<'_> {
                 .find(|p| *p == Pass::Eigenvalue || bases.is_none())
             else {
                 // Nothing left to run over the data (identity).
-                return super::fit_merge::merge_factors(&self.job.out).map(Ended::Factors);
+                return super::fit_merge::merge_factors(&self.job.out, self.progress)
+                    .map(Ended::Factors);
             };
             // The eigenvalue pass needs only the eigenvectors: once the bases are saved, A and
             // S go back, and the factors file takes them from the saved bases at the end.
@@ -577,7 +578,7 @@ impl FitRun<'_> {
         // The covariance pass's batches are freed: their pages go back before the
         // decompositions allocate theirs.
         crate::io::release_freed_memory();
-        curvature::eigendecompose(self.tracked(), sums)
+        curvature::eigendecompose(self.tracked(), sums, self.progress)
     }
 
     fn write(&self, layers: Vec<LayerFactors>) -> Result<Ended> {

@@ -9,6 +9,7 @@ use crate::curvature::format::{FactorsMeta, FACTORS_FILE};
 use crate::curvature::{self, Factors, LayerFactors, Pass, PassSums, Strategy};
 use crate::error::{Error, Result};
 use crate::io;
+use crate::pass::Progress;
 use crate::provenance::META_FILE;
 use crate::shard::Shard;
 use std::path::Path;
@@ -19,7 +20,7 @@ pub(super) const EIGEN_STATE: &str = "eigenbasis";
 /// Adds the shards' sums of the pending pass of the fit in `out` exactly: after the covariance
 /// pass, the eigendecompositions (once, for every shard of the next pass); after the last
 /// pass, factors.safetensors and meta.json. Refuses missing, unfinished or mismatched shards.
-pub fn merge_factors(out: &Path) -> Result<MergeOutcome> {
+pub fn merge_factors(out: &Path, progress: &dyn Progress) -> Result<MergeOutcome> {
     let work = out.join(WORK_DIR);
     let template_path = work.join(FIT_TEMPLATE_FILE);
     if !template_path.exists() {
@@ -67,7 +68,7 @@ pub fn merge_factors(out: &Path) -> Result<MergeOutcome> {
     };
     if passes.contains(&Pass::Covariance) && eigen.is_none() {
         let cov = gather(Pass::Covariance)?;
-        layers = curvature::eigendecompose(tracked, cov)?;
+        layers = curvature::eigendecompose(tracked, cov, progress)?;
         if passes.contains(&Pass::Eigenvalue) {
             save_bases(&work, &settings, layers, n)?;
             return Ok(MergeOutcome {

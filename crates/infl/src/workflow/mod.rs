@@ -36,6 +36,7 @@ use crate::io;
 use crate::model::{self, TapModel};
 use crate::options::Compute;
 use crate::output_dir::OutputDir;
+use crate::pass::Progress;
 use crate::provenance::{AdapterInfo, ModelInfo};
 use crate::shard::Shard;
 use std::path::Path;
@@ -222,8 +223,9 @@ pub struct MergeOutcome {
 }
 
 /// `infl merge DIR`: merges the shards of the fit or score whose `--out` was `DIR`, holding
-/// the directory's exclusive lock (no shard may still be running).
-pub fn merge(dir: &Path) -> Result<MergeOutcome> {
+/// the directory's exclusive lock (no shard may still be running). `progress` reports the
+/// eigendecompositions a merged covariance pass needs.
+pub fn merge(dir: &Path, progress: &dyn Progress) -> Result<MergeOutcome> {
     if !dir.is_dir() {
         return Err(Error::input(format!(
             "{}: no such directory; give the --out of a sharded `infl fit` or `infl score`",
@@ -233,10 +235,10 @@ pub fn merge(dir: &Path) -> Result<MergeOutcome> {
     let _lock = OutputDir::lock(dir, Shard::WHOLE)?;
     let work = dir.join(WORK_DIR);
     if work.join(fit_partitions::PLAN_FILE).exists() {
-        return fit_partitions::join_partitions(dir);
+        return fit_partitions::join_partitions(dir, progress);
     }
     if work.join(FIT_TEMPLATE_FILE).exists() {
-        return merge_factors(dir);
+        return merge_factors(dir, progress);
     }
     if work.join(score_partitions::SCORE_PLAN_FILE).exists() {
         return score_partitions::join_score_partitions(dir).map(|j| j.outcome);
