@@ -69,7 +69,7 @@ def gemm_rate(tables):
     rates = []
     for t in tables:
         for line in open(t):
-            m = re.match(r"(gpt2|gpt-neox|llama|neox)\S*\s+([\d.]+)\s", line)
+            m = re.match(r"(gpt2|gpt_neox|llama)\S*\s+([\d.]+)\s", line)
             if m:
                 rates.append(float(m.group(2)) * 1e9)
     return max(rates)
@@ -88,6 +88,8 @@ def main(config, fit_log, score_log, *tables):
             layers_in = tracked[names.index(part[0]):names.index(part[1]) + 1] if part else tracked
             flops = model_flops(c, n // seq_len, seq_len)
             kind = what.split()[0]
+            if kind not in ("covariance", "eigenvalue", "scoring"):
+                continue  # the queries' preconditioning is O(d³) per layer, not counted here
             if kind in ("covariance", "eigenvalue"):
                 flops += statistics_flops(kind, layers_in, n)
             label = f"{what} ({len(layers_in)} layers)"
