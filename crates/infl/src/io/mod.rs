@@ -5,7 +5,7 @@
 
 mod tensor_file;
 
-pub use tensor_file::{MappedTensors, TensorFile};
+pub use tensor_file::TensorFile;
 
 use crate::error::{Error, Result};
 use safetensors::tensor::{Dtype, TensorView};

@@ -1,7 +1,6 @@
 //! A safetensors file read one tensor at a time: the header is parsed once, and each tensor's
 //! bytes are read from the file when it is asked for, so reading large factors layer by layer
-//! holds one tensor (not the file) in memory; [`MappedTensors`] maps a file to copy its
-//! tensors into another without reading them into memory.
+//! holds one tensor (not the file) in memory.
 
 use crate::error::{Error, Result};
 use safetensors::tensor::{Dtype, TensorInfo};
@@ -173,36 +172,5 @@ impl TensorFile {
                 self.path.display()
             ))),
         }
-    }
-}
-
-/// A safetensors file memory-mapped, its tensors borrowed as they are (to be copied into
-/// another file by [`super::write_tensors`] without a copy in memory).
-pub struct MappedTensors {
-    path: PathBuf,
-    map: memmap2::Mmap,
-}
-
-impl MappedTensors {
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: infl's output files are written whole and renamed into place, never
-        // modified; the caller has verified this one's hash (`open_factors`).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Ok(MappedTensors {
-            path: path.to_path_buf(),
-            map,
-        })
-    }
-
-    /// Every tensor, by name.
-    pub fn views(&self) -> Result<Vec<(String, safetensors::tensor::TensorView<'_>)>> {
-        let st = safetensors::SafeTensors::deserialize(&self.map).map_err(|e| {
-            Error::input(format!(
-                "{}: not a safetensors file: {e}",
-                self.path.display()
-            ))
-        })?;
-        Ok(st.tensors())
     }
 }

@@ -105,10 +105,6 @@ pub(super) fn fit_partitioned(job: &FitJob, progress: &dyn Progress) -> Result<F
             ..job.clone()
         };
         let done = fit(&sub, progress)?;
-        // The partition's freed buffers go back before the next partition loads the model
-        // again: kept, they stood under its load (21.9 GiB for a 1B model's two 18.5 GiB
-        // partitions under a 20 GiB limit).
-        crate::io::release_freed_memory();
         (n_sequences, n_tokens) = (done.n_sequences, done.n_tokens);
         if !done.finished {
             return Ok(FitSummary {

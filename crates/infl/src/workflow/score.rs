@@ -136,6 +136,8 @@ pub(super) fn score_layers(
 ) -> Result<ScoreSummary> {
     let started = std::time::Instant::now();
     let options = job.checked_options()?;
+    // Earlier work's freed buffers go back before the model loads (see `fit_one`).
+    crate::io::release_freed_memory();
     let out = OutputDir::open(
         &job.out,
         Kind::Scores,

@@ -124,8 +124,6 @@ pub(super) fn score_partitioned(job: &ScoreJob, progress: &dyn Progress) -> Resu
             ..job.clone()
         };
         last = Some(score_layers(&sub, progress, Some(layers))?);
-        // Freed buffers go back before the next partition loads the model (see fit's).
-        crate::io::release_freed_memory();
     }
     if run_here.len() == count && shard.is_whole() {
         // This process holds the directory's exclusive lock.
